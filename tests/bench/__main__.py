@@ -1,0 +1,49 @@
+"""``python -m tests.bench install|up|down [--purge]|status|env``: drive the bench fleet."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tests.bench import fleet
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help="install Debian packages and busybox, register QEMU")
+    sub.add_parser("up", help="bring every bench host up (idempotent)")
+    down = sub.add_parser("down", help="stop every host, remove namespaces and links")
+    down.add_argument("--purge", action="store_true", help="also delete the bench's state")
+    sub.add_parser("status", help="say which hosts are up")
+    sub.add_parser("env", help="print shell exports for using the bench by hand")
+    args = parser.parse_args(argv)
+
+    if args.command == "install":
+        fleet.install()
+    elif args.command == "up":
+        fleet.up()
+        _print_status()
+    elif args.command == "down":
+        fleet.down(purge=args.purge)
+        left = fleet.leftovers()
+        for item in left:
+            print(f"left behind: {item}")
+        return 1 if left else 0
+    elif args.command == "status":
+        return _print_status()
+    elif args.command == "env":
+        print(f"export NIXPUSH_BENCH_DIR={fleet.BENCH_DIR}")
+        print(f"export NIX_SSHOPTS='-F {fleet.BENCH_DIR / 'ssh_config'}'")
+    return 0
+
+
+def _print_status() -> int:
+    states = fleet.status()
+    for name, state in states.items():
+        print(f"{name}: {state}")
+    return 0 if all(s.startswith("up") for s in states.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""How tests (and the benchmark) drive the bench: the pyinfra CLI, ssh and testinfra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.bench import fleet
+
+REPO = fleet.REPO
+BENCH_INVENTORY = "tests/bench/inventory.py"
+
+
+def pyinfra(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the pyinfra CLI from the repo root exactly as a user would."""
+    exe = Path(sys.executable).with_name("pyinfra")
+    return subprocess.run(
+        [str(exe), *args],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        check=check,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def ssh(host_name: str, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a shell command on a bench host over ssh, with the bench's strict host keys."""
+    return subprocess.run(
+        ["ssh", "-F", str(fleet.BENCH_DIR / "ssh_config"), host_name, command],
+        text=True,
+        capture_output=True,
+        check=check,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def on_host(host_name: str) -> Any:
+    import testinfra  # imported late: only the end-to-end layer needs it
+
+    h = fleet.host(host_name)
+    return testinfra.get_host(
+        f"ssh://{h.name}?sudo={'false' if h.user == 'root' else 'true'}",
+        ssh_config=str(fleet.BENCH_DIR / "ssh_config"),
+    )

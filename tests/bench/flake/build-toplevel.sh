@@ -1,0 +1,16 @@
+# Builds a stand-in NixOS toplevel. Runs under the target system's busybox,
+# so build-arch records the machine the build really ran as.
+set -e
+bb="$builder"
+$bb mkdir -p "$out/bin"
+$bb uname -m > "$out/build-arch"
+echo "$version" > "$out/nixos-version"
+echo "$hostName" > "$out/hostname"
+{
+  echo "#!$bb sh"
+  echo "bb=$bb"
+  echo "top=$out"
+  echo "fail_activation=$failActivation"
+  $bb cat "$switchScript"
+} > "$out/bin/switch-to-configuration"
+$bb chmod 0555 "$out/bin/switch-to-configuration"

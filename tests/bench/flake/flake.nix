@@ -1,0 +1,29 @@
+{
+  description = "nixpush bench: stand-in NixOS systems, built from a static busybox";
+
+  # No inputs: the bench is offline. hosts.nix (written by the bench) says which
+  # configurations exist, their system and a version that tests bump to make a change.
+  outputs = { self }:
+    let
+      hosts = import ./hosts.nix;
+      busybox = {
+        "aarch64-linux" = ./bb/aarch64;
+        "armv7l-linux" = ./bb/armv7l;
+      };
+      toplevel = name: cfg: derivation {
+        name = "nixos-system-${name}-${cfg.version}";
+        system = cfg.system;
+        # Debian's busybox only runs when argv[0]'s basename is "busybox".
+        builder = "${busybox.${cfg.system}}/busybox";
+        args = [ "sh" ./build-toplevel.sh ];
+        hostName = name;
+        version = cfg.version;
+        failActivation = if cfg.failActivation or false then "1" else "";
+        switchScript = ./switch-to-configuration.sh;
+      };
+    in {
+      nixosConfigurations = builtins.mapAttrs
+        (name: cfg: { config.system.build.toplevel = toplevel name cfg; })
+        hosts;
+    };
+}

@@ -1,0 +1,40 @@
+"""The bench fleet as a nixpush inventory: the same data contract as the repo's inventory.py.
+
+Run from the repository root, e.g. ``pyinfra tests/bench/inventory.py deploys/pi.py``.
+The bench must be up (``python -m tests.bench up``).
+"""
+
+# Module-level lists are groups to pyinfra: keep helpers behind underscores.
+from tests.bench import fleet as _fleet
+
+
+def _data(h):
+    data = {
+        "ssh_hostname": h.ip,
+        "ssh_port": h.port,
+        "ssh_user": h.user,
+        "ssh_key": str(_fleet.BENCH_DIR / "id_ed25519"),
+        "ssh_known_hosts_file": str(_fleet.BENCH_DIR / "known_hosts"),
+        "ssh_strict_host_key_checking": "yes",
+        "nix_system": h.system,
+        "flake": _fleet.flake_ref(),
+    }
+    if h.user != "root":
+        data["_sudo"] = True
+    if h.system != "x86_64-linux":
+        data.update(builder_host="nas", builder_user="nix-ssh", builder_port=22)
+    host_key = h.dir / "ssh" / "ssh_host_ed25519_key.pub"
+    if host_key.exists():
+        data["ssh_host_key"] = " ".join(host_key.read_text().split()[:2])
+    return data
+
+
+def _members(root):
+    return [(h.name, _data(h)) for h in _fleet.HOSTS if root in h.roots]
+
+
+minimal = _members("minimal")
+common = _members("common")
+network = _members("network")
+main = _members("main")
+server = _members("server")
