@@ -1,0 +1,1 @@
+"""gaming root: games and GPU bits on the desktop. No data yet."""

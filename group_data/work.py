@@ -1,0 +1,1 @@
+"""work root: work tooling on the desktop and laptop. No data yet."""

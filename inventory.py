@@ -1,0 +1,93 @@
+"""
+The owner's fleet. ``_FLEET`` is the one table to edit: each host's roots and data. The root
+groups below are derived from it, so a host's roots are written once. Names starting with ``_``
+are not pyinfra groups.
+
+Root data lives in ``group_data/<root>.py``; the keys are described in the README's data contract.
+"""
+
+# The owner's flake checkout, as the builder (nas) resolves it.
+_FLAKE = "path:/home/beau/nixos-config"
+# The sops-encrypted secrets file, as the controller (where pyinfra runs) finds it.
+_SOPS_FILE = "/home/beau/nixos-config/secrets.yaml"
+
+# Data every host gets. Kept here rather than in group_data/all.py, which would also apply to
+# every other inventory run from this directory (the bench fleet's, for one).
+_FLEET_WIDE = {
+    "flake": _FLAKE,
+    "sops_file": _SOPS_FILE,
+    # pyinfra defaults to accept-new and ignores ssh_config's StrictHostKeyChecking.
+    "ssh_strict_host_key_checking": "yes",
+}
+
+# Host name -> roots and data. The owner edits addresses here.
+_FLEET = {
+    # desktop
+    "grill": {
+        "roots": ["minimal", "common", "network", "main", "work", "gaming"],
+        "data": {
+            "nix_system": "x86_64-linux",
+            "ssh_hostname": "grill.lan",
+            "ssh_user": "beau",
+            "_sudo": True,
+        },
+    },
+    "laptop": {
+        "roots": ["minimal", "common", "network", "main", "work"],
+        "data": {
+            "nix_system": "x86_64-linux",
+            "ssh_hostname": "laptop.lan",
+            "ssh_user": "beau",
+            "_sudo": True,
+        },
+    },
+    # server: the builder (QEMU binfmt and max-jobs come from group_data/server.py)
+    "nas": {
+        "roots": ["minimal", "common", "network", "main", "server"],
+        "data": {
+            "nix_system": "x86_64-linux",
+            "ssh_hostname": "nas.lan",
+            "ssh_user": "beau",
+            "_sudo": True,
+        },
+    },
+    # Raspberry Pi 4: built on nas, pushed over SSH
+    "pi4": {
+        "roots": ["minimal", "common", "network"],
+        "data": {
+            "nix_system": "aarch64-linux",
+            "ssh_hostname": "192.168.1.122",
+            "ssh_port": 8023,
+            "ssh_user": "beau",
+            "_sudo": True,
+            "builder_host": "nas",
+            "builder_user": "nix-ssh",
+            "builder_port": 22,
+        },
+    },
+}
+
+# Built but never connected to, so not a pyinfra host.
+_IMAGES = {
+    "iso": {
+        "roots": ["minimal"],
+        "data": {"nix_system": "x86_64-linux", "flake": _FLAKE},
+    },
+}
+
+
+def _members(root):
+    return [
+        (name, {**_FLEET_WIDE, **host["data"]})
+        for name, host in _FLEET.items()
+        if root in host["roots"]
+    ]
+
+
+minimal = _members("minimal")
+common = _members("common")
+network = _members("network")
+main = _members("main")
+work = _members("work")
+gaming = _members("gaming")
+server = _members("server")

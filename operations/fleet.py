@@ -1,0 +1,339 @@
+"""
+The nixpush data contract: inventory data parsed into typed host specs, and the checks that
+make a broken fleet fail before anything connects to a builder or a target.
+
+Deploy files start with:
+
+.. code:: python
+
+    from pyinfra import host, state
+    from operations.fleet import check_fleet
+
+    specs = check_fleet(state.inventory)
+    spec = specs[host.name]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyinfra.api.exceptions import PyinfraError
+
+from operations.systems import KNOWN_SYSTEMS, natively_built
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+    from pyinfra.api.inventory import Inventory
+
+ROOTS: tuple[str, ...] = ("minimal", "common", "network", "main", "work", "gaming", "server")
+DEPLOY_ACTIONS: tuple[str, ...] = ("switch", "boot", "test", "dry-activate", "build")
+
+_MAX_PORT = 65535
+
+
+class FleetError(PyinfraError):
+    """
+    The inventory breaks the nixpush data contract. ``problems`` holds one line per problem,
+    each naming the host, the data key and the fix.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        """The text pyinfra's CLI prints (it reads ``.message`` when present)."""
+        count = len(self.problems)
+        heading = f"the inventory has {count} problem{'s' if count != 1 else ''}:"
+        return "\n".join([heading, *(f"  {problem}" for problem in self.problems)])
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostSpec:
+    """
+    One inventory host's nixpush data, checked and typed. Build it with ``host_spec(host)``.
+
+    + name: the inventory name
+    + roots: the host's root groups, in ``ROOTS`` order
+    + nix_system: ``x86_64-linux``, ``aarch64-linux``, ...
+    + flake: flake reference as the builder resolves it
+    + nixos_config: attribute under ``nixosConfigurations`` (default: the host's name)
+    + builder_host: inventory name of the host that builds this one; set means a push target
+    + builder_user, builder_port: how this host reaches its builder for pull builds
+    + binfmt_emulated_systems: systems this host emulates with QEMU when building for others
+    + nix_max_jobs: nix.conf ``max-jobs`` when building
+    + ssh_hostname, ssh_port, ssh_user: how the controller and the builder reach this host
+    + ssh_host_key: the host's public SSH host key, so other hosts can verify it
+    + deploy_action: one of ``DEPLOY_ACTIONS``
+    """
+
+    name: str
+    roots: tuple[str, ...] = ()
+    nix_system: str
+    flake: str | None = None
+    nixos_config: str
+    builder_host: str | None = None
+    builder_user: str | None = None
+    builder_port: int | None = None
+    binfmt_emulated_systems: tuple[str, ...] = ()
+    nix_max_jobs: int | None = None
+    ssh_hostname: str | None = None
+    ssh_port: int = 22
+    ssh_user: str | None = None
+    ssh_host_key: str | None = None
+    deploy_action: str = "switch"
+
+    @property
+    def is_target(self) -> bool:
+        """Pushed to from a builder: ``host_spec(pi4).is_target is True``."""
+        return self.builder_host is not None
+
+    @property
+    def builder_systems(self) -> tuple[str, ...]:
+        """Systems this host can build: ``"aarch64-linux" in host_spec(nas).builder_systems``."""
+        systems = [*natively_built(self.nix_system), *self.binfmt_emulated_systems]
+        return tuple(dict.fromkeys(systems))
+
+
+class _Reader:
+    """Reads one host's data, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.problems: list[str] = []
+
+    def problem(self, key: str, text: str) -> None:
+        self.problems.append(f"{self.host.name}: {key} {text}")
+
+    def string(self, key: str) -> str | None:
+        value = self.host.data.get(key)
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            self.problem(key, f"is {value!r}, not a string; set it to a string")
+            return None
+        return value
+
+    def positive_int(self, key: str, maximum: int | None = None) -> int | None:
+        # `--data key=8` arrives as an int, but data written by hand or by other tools may be
+        # the string "8"; accept both, reject bools (an int subclass) and anything else.
+        value = self.host.data.get(key)
+        if value is None:
+            return None
+        number: int | None = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and value.strip().isdecimal():
+            number = int(value.strip())
+        if number is None or number < 1 or (maximum is not None and number > maximum):
+            wanted = f"from 1 to {maximum}" if maximum is not None else "of 1 or more"
+            self.problem(key, f"is {value!r}; set it to a whole number {wanted}")
+            return None
+        return number
+
+    def systems(self, key: str) -> tuple[str, ...]:
+        value = self.host.data.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, str):  # `--data binfmt_emulated_systems=aarch64-linux,armv7l-linux`
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(s, str) for s in value):
+            self.problem(key, f"is {value!r}; set it to a list of Nix systems")
+            return ()
+        for system in value:
+            if system not in KNOWN_SYSTEMS:
+                self.problem(key, f"has unknown system {system!r}; known: {_listed(KNOWN_SYSTEMS)}")
+        return tuple(s for s in value if s in KNOWN_SYSTEMS)
+
+
+def _listed(names: Iterable[str]) -> str:
+    return ", ".join(names) or "(none)"
+
+
+def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
+    """The host's spec (with neutral values where data is wrong) and its problems."""
+    read = _Reader(host)
+
+    nix_system = read.string("nix_system")
+    if nix_system is None:
+        if host.data.get("nix_system") in (None, ""):
+            read.problem("nix_system", f"is missing; set it to one of: {_listed(KNOWN_SYSTEMS)}")
+        nix_system = ""
+    elif nix_system not in KNOWN_SYSTEMS:
+        read.problem(
+            "nix_system", f"{nix_system!r} is unknown; set it to one of: {_listed(KNOWN_SYSTEMS)}"
+        )
+
+    deploy_action = read.string("deploy_action") or "switch"
+    if deploy_action not in DEPLOY_ACTIONS:
+        read.problem(
+            "deploy_action",
+            f"{deploy_action!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
+        )
+
+    builder_host = read.string("builder_host")
+    if builder_host == host.name:
+        read.problem(
+            "builder_host",
+            f"{builder_host!r} names the host itself; set it to another host, "
+            "or remove it if the host builds its own system",
+        )
+
+    ssh_hostname = read.string("ssh_hostname")
+    if builder_host is not None and ssh_hostname is None:
+        read.problem(
+            "ssh_hostname",
+            f"is missing, so builder {builder_host!r} has no address to push to; "
+            "set ssh_hostname to the target's address",
+        )
+
+    spec = HostSpec(
+        name=host.name,
+        roots=tuple(root for root in ROOTS if root in host.groups),
+        nix_system=nix_system,
+        flake=read.string("flake"),
+        nixos_config=read.string("nixos_config") or host.name,
+        builder_host=builder_host,
+        builder_user=read.string("builder_user"),
+        builder_port=read.positive_int("builder_port", _MAX_PORT),
+        binfmt_emulated_systems=read.systems("binfmt_emulated_systems"),
+        nix_max_jobs=read.positive_int("nix_max_jobs"),
+        ssh_hostname=ssh_hostname,
+        ssh_port=read.positive_int("ssh_port", _MAX_PORT) or 22,
+        ssh_user=read.string("ssh_user"),
+        ssh_host_key=read.string("ssh_host_key"),
+        deploy_action=deploy_action,
+    )
+    return spec, read.problems
+
+
+def host_spec(host: Host) -> HostSpec:
+    """
+    Parse one host's data into a ``HostSpec``; raise ``FleetError`` naming every bad key.
+    Checks that need the rest of the fleet (groups, builders) are in ``fleet_errors``.
+
+    + host: a pyinfra ``Host``
+
+    .. code:: python
+
+        spec = host_spec(host)
+        spec.nix_system  # "aarch64-linux"
+    """
+    spec, problems = _read_host(host)
+    if problems:
+        raise FleetError(problems)
+    return spec
+
+
+def _file_group(inventory: Inventory) -> str | None:
+    # pyinfra's CLI puts every host of an inventory file into one more group named after the
+    # file (inventory.py -> "inventory"), appended after the file's own groups. The file's name
+    # is not kept anywhere, so recognise the group by where it sits: last in every host's
+    # groups. A mistyped group can't sit there, since the file group always comes after it.
+    # (An inventory file named after a root, e.g. server.py, would silently put every host in
+    # that root: pyinfra's doing, so don't name inventory files after roots.)
+    lasts = {tuple(_own_groups(host)[-1:]) for host in inventory}
+    if len(lasts) != 1:
+        return None
+    (last,) = lasts
+    return None if not last or last[0] in ROOTS else last[0]
+
+
+def _own_groups(host: Host) -> list[str]:
+    # Connectors add groups of their own, named after them ("@local", "@docker"), and for those
+    # hosts pyinfra lists the inventory groups twice; neither is the user's doing.
+    return [str(group) for group in dict.fromkeys(host.groups) if not str(group).startswith("@")]
+
+
+def _group_problems(inventory: Inventory) -> list[str]:
+    # Groups that may hold hosts without being roots: "all" (in API-made inventories), the
+    # inventory file's own group and connectors' groups (left out by _own_groups).
+    allowed = {"all", _file_group(inventory)}
+    problems = []
+    for host in inventory:
+        for group in _own_groups(host):
+            if group in ROOTS or group in allowed:
+                continue
+            problems.append(
+                f"{host.name}: group {group!r} is not a root; "
+                f"move the host into one of the roots: {_listed(ROOTS)}"
+            )
+    return problems
+
+
+def _builder_problems(spec: HostSpec, specs: Mapping[str, HostSpec]) -> list[str]:
+    name, builder_name = spec.name, spec.builder_host
+    if builder_name is None or builder_name == name:
+        return []
+    builder = specs.get(builder_name)
+    if builder is None:
+        others = [other for other in specs if other != name]
+        return [
+            f"{name}: builder_host {builder_name!r} is not in the inventory; "
+            f"set builder_host to one of: {_listed(others)}"
+        ]
+    if spec.nix_system not in KNOWN_SYSTEMS or builder.nix_system not in KNOWN_SYSTEMS:
+        return []  # already reported as a nix_system problem
+    if spec.nix_system in builder.builder_systems:
+        return []
+    return [
+        f"{name}: builder_host {builder_name!r} cannot build nix_system {spec.nix_system!r} "
+        f"(it builds: {_listed(builder.builder_systems)}); add {spec.nix_system!r} to "
+        f"{builder_name}'s binfmt_emulated_systems and run deploys/nas.py"
+    ]
+
+
+def _read_fleet(inventory: Inventory) -> tuple[dict[str, HostSpec], list[str]]:
+    specs: dict[str, HostSpec] = {}
+    problems = _group_problems(inventory)
+    for host in inventory:
+        spec, host_problems = _read_host(host)
+        specs[host.name] = spec
+        problems.extend(host_problems)
+    for spec in specs.values():
+        problems.extend(_builder_problems(spec, specs))
+    return specs, problems
+
+
+def fleet_errors(inventory: Inventory) -> list[str]:
+    """
+    Every problem in the inventory's nixpush data, one line each, naming host, key and fix;
+    an empty list when the fleet is sound.
+
+    + inventory: a pyinfra ``Inventory`` (``state.inventory`` in deploy code)
+    """
+    return _read_fleet(inventory)[1]
+
+
+def check_fleet(inventory: Inventory) -> dict[str, HostSpec]:
+    """
+    The spec of every host by name, or ``FleetError`` listing every problem.
+
+    + inventory: a pyinfra ``Inventory`` (``state.inventory`` in deploy code)
+
+    .. code:: python
+
+        specs = check_fleet(state.inventory)
+        builder = specs[specs[host.name].builder_host]
+    """
+    specs, problems = _read_fleet(inventory)
+    if problems:
+        raise FleetError(problems)
+    return specs
+
+
+def builders(specs: Mapping[str, HostSpec]) -> list[str]:
+    """
+    Hosts that build for others: named as a target's ``builder_host`` or emulating systems.
+
+    + specs: ``check_fleet(...)``'s result
+
+    .. code:: python
+
+        builders(check_fleet(state.inventory))  # ["nas"]
+    """
+    named = {spec.builder_host for spec in specs.values()}
+    return [name for name, spec in specs.items() if name in named or spec.binfmt_emulated_systems]

@@ -1,0 +1,284 @@
+"""Nix daemon settings on a builder: nix.conf edited in place, the daemon restarted on change."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Generator, Mapping, Sequence
+from io import StringIO
+from typing import Any
+
+from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
+from pyinfra.api.exceptions import FactProcessError, OperationError
+from pyinfra.api.facts import FactBase
+from pyinfra.api.operation import operation
+from pyinfra.context import host
+from pyinfra.facts.files import Directory
+from pyinfra.operations import files
+from typing_extensions import override
+
+from operations.binfmt import sandbox_path, validate_systems
+from operations.preconditions import (
+    fail_host,
+    nix_list,
+    nixos_options_error,
+    require_root,
+    runs_nixos,
+)
+
+NIX_CONF = "/etc/nix/nix.conf"
+DAEMON_SOCKET = "/nix/var/nix/daemon-socket/socket"
+SYSTEMD_RUNTIME = "/run/systemd/system"
+_FILE_PRESENT = "nixpush: file present"
+
+
+# nix.conf text, edited like Nix reads it: `key = value` lines, `#` starts a comment anywhere.
+
+
+def _setting_key(line: str) -> str | None:
+    tokens = line.split("#", 1)[0].split()
+    return tokens[0] if len(tokens) >= 2 and tokens[1] == "=" else None
+
+
+def _setting_value(line: str) -> str:
+    return line.split("#", 1)[0].split("=", 1)[1].strip()
+
+
+def nix_conf_values(text: str, key: str) -> list[str] | None:
+    """The value list of ``key``'s last line (Nix takes the last), None if ``key`` is unset."""
+    values: list[str] | None = None
+    for line in text.split("\n"):
+        if _setting_key(line) == key:
+            values = _setting_value(line).split()
+    return values
+
+
+def _check_setting(key: str, value: str) -> None:
+    if not key or any(c.isspace() or c in "#=" for c in key):
+        raise ValueError(f"not a nix.conf setting name: {key!r}")
+    if any(c in value for c in "\n\r\0#"):
+        # Nix reads a line up to `#`; a newline would start a setting of its own.
+        raise ValueError(f"nix.conf value for {key} cannot hold a newline, NUL or '#': {value!r}")
+
+
+def set_nix_conf(text: str, settings: Mapping[str, str]) -> str:
+    """``text`` with each ``key = value`` of ``settings`` set, everything else kept.
+
+    An existing line is replaced in place (the last one when repeated, as Nix takes the last;
+    earlier ones are dropped), keeping its trailing comment; a new key is appended.
+    Raises ValueError for a value nix.conf cannot hold (newline, NUL, ``#``).
+    """
+    for key, value in settings.items():
+        _check_setting(key, value)
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    for key, value in settings.items():
+        new_line = f"{key} = {value}".rstrip()
+        found = [i for i, line in enumerate(lines) if _setting_key(line) == key]
+        if not found:
+            lines.append(new_line)
+            continue
+        last = found[-1]
+        comment = lines[last].partition("#")[2]
+        lines[last] = f"{new_line} #{comment}" if "#" in lines[last] else new_line
+        for i in reversed(found[:-1]):
+            del lines[i]
+    return "".join(f"{line}\n" for line in lines)
+
+
+def _merged(values: Sequence[str], extra: Sequence[str]) -> str:
+    merged: list[str] = []
+    for value in (*values, *extra):
+        if value not in merged:
+            merged.append(value)
+    return " ".join(merged)
+
+
+def wanted_nix_settings(
+    text: str,
+    config: Mapping[str, Any],
+    systems: Sequence[str],
+    max_jobs: int,
+) -> dict[str, str]:
+    """The nix.conf settings a builder of ``systems`` needs, merged with what ``text`` has.
+
+    ``config`` is Nix's own view (``NixConfig``): it tells whether the sandbox is on and, when
+    nix.conf has no extra-platforms line, what Nix accepts now.
+    """
+    platforms = nix_conf_values(text, "extra-platforms")
+    if platforms is None:
+        # An extra-platforms line replaces Nix's default (i686-linux etc. on x86_64): keep it.
+        platforms = [str(p) for p in config.get("extra-platforms") or []]
+    settings = {
+        "extra-platforms": _merged(platforms, systems),
+        "max-jobs": str(max_jobs),
+    }
+    if config.get("sandbox", True) is not False and systems:
+        # With the F flag the kernel holds the interpreter open, so builds in the sandbox run
+        # without it; mounting it too is belt and braces (and covers handlers without F).
+        paths = nix_conf_values(text, "extra-sandbox-paths") or []
+        settings["extra-sandbox-paths"] = _merged(paths, [sandbox_path(s) for s in systems])
+    return settings
+
+
+# Facts
+
+
+class NixConfText(FactBase[str | None]):
+    """The exact text of a nix.conf, None if the file is missing."""
+
+    @override
+    def command(self, path: str = NIX_CONF) -> StringCommand:
+        # base64 keeps the text byte for byte (trailing spaces, missing final newline).
+        return StringCommand(
+            "if [ -f",
+            QuoteString(path),
+            "]; then echo",
+            QuoteString(_FILE_PRESENT),
+            "&& base64",
+            QuoteString(path),
+            "; fi || true",
+        )
+
+    @override
+    def process(self, output: list[str]) -> str | None:
+        if not output or output[0] != _FILE_PRESENT:
+            return None
+        return base64.b64decode("".join(output[1:])).decode()
+
+
+class NixConfig(FactBase[dict[str, Any] | None]):
+    """Settings as Nix reads them (``nix show-config``): ``{"max-jobs": 8, "sandbox": False}``.
+
+    None when ``nix`` is missing.
+    """
+
+    @override
+    def requires_command(self) -> str:
+        return "nix"
+
+    @override
+    def command(self) -> str:
+        return "nix --extra-experimental-features nix-command show-config --json"
+
+    @override
+    def process(self, output: list[str]) -> dict[str, Any]:
+        try:
+            raw = json.loads("\n".join(output))
+        except json.JSONDecodeError as e:
+            raise FactProcessError(f"nix show-config --json: {e}") from None
+        return {key: entry.get("value") for key, entry in raw.items() if isinstance(entry, dict)}
+
+
+# Command builders
+
+
+def wait_for_daemon_socket(attempts: int = 100) -> StringCommand:
+    """Wait (0.1 s a try, bounded) until the daemon socket accepts a connection."""
+    return StringCommand(
+        f"i=0; until nix --extra-experimental-features nix-command store ping --store daemon"
+        f" >/dev/null 2>&1; do i=$((i+1)); if [ $i -ge {int(attempts)} ]; then"
+        f" echo 'nix-daemon does not answer on {DAEMON_SOCKET}' >&2; exit 1; fi;"
+        " sleep 0.1; done",
+    )
+
+
+# Operations
+
+
+@operation(is_idempotent=False)
+def restart_nix_daemon() -> Generator[PyinfraCommand, None, None]:
+    """
+    Restart the host's nix-daemon so it reads nix.conf again, then wait until it answers.
+
+    With systemd the unit is restarted; without it (the bench) the running daemon is killed
+    and a new one started detached.
+
+    **Example:**
+
+    .. code:: python
+
+        nix.restart_nix_daemon()
+    """
+    if host.get_fact(Directory, path=SYSTEMD_RUNTIME):
+        yield StringCommand("systemctl", "restart", "nix-daemon.service")
+    else:
+        # Kills by name: without systemd each bench host has its own PID namespace, so only
+        # this host's daemon (and its per-client children) match.
+        yield StringCommand("pkill", "-x", "nix-daemon", "||", "true")
+        yield StringCommand("setsid", "nix-daemon", "</dev/null", ">/dev/null", "2>&1", "&")
+    yield wait_for_daemon_socket()
+
+
+@operation()
+def nix_settings(
+    systems: list[str],
+    max_jobs: int,
+    nix_conf: str = NIX_CONF,
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Let a builder's Nix build for ``systems`` with ``max_jobs`` parallel jobs.
+
+    + systems: emulated Nix systems to add to ``extra-platforms``
+    + max_jobs: nix.conf ``max-jobs``
+    + nix_conf: path of nix.conf
+
+    ``extra-platforms`` keeps the values already on its line (or Nix's default list when there
+    is none) and adds ``systems``; with the sandbox on, ``extra-sandbox-paths`` gains the QEMU
+    interpreters. Other lines and comments are kept. The daemon is restarted only when the
+    file changed. On NixOS nothing is written: the host fails with the options to set unless
+    Nix already has them.
+
+    **Example:**
+
+    .. code:: python
+
+        nix.nix_settings(systems=["aarch64-linux"], max_jobs=8)
+    """
+    validate_systems(systems)
+    if isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 0:
+        raise OperationError(f"{host.name}: nix_max_jobs must be a whole number, not {max_jobs!r}")
+
+    config = host.get_fact(NixConfig)
+    if config is None:
+        yield fail_host(OperationError(f"{host.name}: nix is not installed"))
+        return
+
+    if runs_nixos():
+        yield from _check_nixos(config, systems, max_jobs)
+        return
+
+    require_root(f"nix-daemon settings live in {nix_conf}")
+    text = host.get_fact(NixConfText, path=nix_conf)
+    current = text or ""
+    settings = wanted_nix_settings(current, config, systems, max_jobs)
+    try:
+        new = set_nix_conf(current, settings)
+    except ValueError as e:
+        raise OperationError(f"{host.name}: {nix_conf}: {e}") from None
+
+    if text is not None and new == current:
+        host.noop(f"{nix_conf} already sets {', '.join(settings)}")
+        return
+    yield from files.put._inner(src=StringIO(new), dest=nix_conf)
+    yield from restart_nix_daemon._inner()
+
+
+def _check_nixos(
+    config: Mapping[str, Any], systems: Sequence[str], max_jobs: int
+) -> Generator[PyinfraCommand, None, None]:
+    options: list[str] = []
+    platforms = config.get("extra-platforms") or []
+    if any(system not in platforms for system in systems):
+        # On NixOS boot.binfmt.emulatedSystems also adds them to extra-platforms.
+        options.append(f"boot.binfmt.emulatedSystems = {nix_list(systems)};")
+    if config.get("max-jobs") != max_jobs:
+        options.append(f"nix.settings.max-jobs = {max_jobs};")
+    if options:
+        yield fail_host(nixos_options_error(host.name, options))
+    else:
+        host.noop(
+            f"{host.name} runs NixOS and its Nix already builds {', '.join(systems) or 'natively'} "
+            f"with max-jobs = {max_jobs}",
+        )

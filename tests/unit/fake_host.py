@@ -1,0 +1,78 @@
+"""A host with recorded facts, for calling operations' ``_inner`` without a connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pyinfra.api import Config
+from pyinfra.api.command import FunctionCommand, PyinfraCommand, StringCommand
+from pyinfra.context import ctx_host, ctx_state
+
+
+def _key(cls: type, kwargs: dict[str, Any]) -> tuple[type, str]:
+    return cls, repr(sorted(kwargs.items()))
+
+
+class FakeState:
+    cwd = "/"
+
+    def __init__(self) -> None:
+        self.config = Config()
+
+
+class FakeHost:
+    """Facts are looked up by class and arguments; a fact nobody recorded fails the test."""
+
+    print_prefix = ""
+    current_op_global_arguments = None
+
+    def __init__(self, name: str = "nas", data: dict[str, Any] | None = None) -> None:
+        self.name = name
+        self.data = data or {}
+        self.facts: dict[tuple[type, str], Any] = {}
+        self.noops: list[str] = []
+
+    def fact(self, cls: type, value: Any, **kwargs: Any) -> FakeHost:
+        self.facts[_key(cls, kwargs)] = value
+        return self
+
+    def get_fact(self, cls: type, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.facts[_key(cls, kwargs)]
+        except KeyError:
+            raise KeyError(f"no recorded fact {cls.__name__}({kwargs})") from None
+
+    def noop(self, description: str) -> None:
+        self.noops.append(description)
+
+    def get_temp_filename(self, *args: Any, **kwargs: Any) -> str:
+        return "_tempfile_"
+
+
+@contextmanager
+def on_host(fake: FakeHost) -> Iterator[FakeHost]:
+    with ctx_state.use(FakeState()), ctx_host.use(fake):
+        yield fake
+
+
+def run(fake: FakeHost, op: Any, *args: Any, **kwargs: Any) -> list[PyinfraCommand]:
+    """All commands ``op`` yields on ``fake`` (its noops land in ``fake.noops``)."""
+    with on_host(fake):
+        return list(op._inner(*args, **kwargs))
+
+
+def shell(commands: list[Any]) -> list[str]:
+    """Commands as text: shell commands as the host would run them, others by type."""
+    out: list[str] = []
+    for command in commands:
+        if isinstance(command, str):  # pyinfra's own ops may yield text
+            out.append(command)
+        elif isinstance(command, StringCommand):
+            out.append(command.get_raw_value())
+        elif isinstance(command, FunctionCommand):
+            out.append(f"{command.function.__name__}: {command.args[0]}")
+        else:
+            out.append(type(command).__name__ + ":" + str(getattr(command, "dest", "")))
+    return out

@@ -1,0 +1,222 @@
+"""The data contract's checks, on small inventories loaded the way the pyinfra CLI loads them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from operations.fleet import (
+    FleetError,
+    HostSpec,
+    builders,
+    check_fleet,
+    fleet_errors,
+    host_spec,
+)
+from tests.unit.conftest import REPO
+
+NAS_DATA = {"nix_system": "x86_64-linux", "binfmt_emulated_systems": ["aarch64-linux"]}
+PI_DATA = {"nix_system": "aarch64-linux", "builder_host": "nas", "ssh_hostname": "pi.test"}
+
+
+def fleet(nas=None, pi=None):
+    """A sound two-host fleet (a builder and a Pi it builds for); data overrides, None deletes."""
+
+    def merged(data, overrides):
+        return {k: v for k, v in {**data, **(overrides or {})}.items() if v is not None}
+
+    nas_member = ("nas", merged(NAS_DATA, nas))
+    pi_member = ("pi", merged(PI_DATA, pi))
+    return {"minimal": [nas_member, pi_member], "server": [nas_member]}
+
+
+def only_problem(inventory):
+    problems = fleet_errors(inventory)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+@pytest.mark.parametrize("filename", ["inventory.py", "staging.py"])
+def test_sound_fleet_passes(write_inventory, filename):
+    # The inventory file's own group ("inventory", "staging") is not a root and is no problem.
+    inventory = write_inventory(fleet(), filename=filename)
+    assert fleet_errors(inventory) == []
+    specs = check_fleet(inventory)
+    assert specs["pi"].builder_host == "nas"
+    assert builders(specs) == ["nas"]
+
+
+def test_group_that_is_not_a_root(write_inventory):
+    groups = fleet()
+    groups["sever"] = groups.pop("server")
+    problem = only_problem(write_inventory(groups))
+    assert problem.startswith("nas: group 'sever' is not a root;")
+    assert "move the host into one of the roots: minimal, common," in problem
+
+
+def test_group_that_is_not_a_root_in_a_one_host_inventory(write_inventory):
+    # The mistyped group holds every host here, like the file group does; still caught.
+    problem = only_problem(write_inventory({"comon": [("nas", NAS_DATA)]}))
+    assert problem.startswith("nas: group 'comon' is not a root;")
+
+
+def test_unknown_nix_system(write_inventory):
+    problem = only_problem(write_inventory(fleet(pi={"nix_system": "aarch64-linus"})))
+    assert problem.startswith("pi: nix_system 'aarch64-linus' is unknown;")
+    assert "set it to one of: x86_64-linux," in problem
+
+
+def test_missing_nix_system(write_inventory):
+    problem = only_problem(write_inventory(fleet(pi={"nix_system": None})))
+    assert problem.startswith("pi: nix_system is missing;")
+    assert "aarch64-linux" in problem
+
+
+def test_unknown_binfmt_emulated_system(write_inventory):
+    inventory = write_inventory(fleet(nas={"binfmt_emulated_systems": ["aarch64-linux", "arm"]}))
+    problem = only_problem(inventory)
+    assert problem.startswith("nas: binfmt_emulated_systems has unknown system 'arm';")
+    assert "armv7l-linux" in problem
+
+
+def test_builder_host_not_in_inventory(write_inventory):
+    problem = only_problem(write_inventory(fleet(pi={"builder_host": "nsa"})))
+    assert problem == (
+        "pi: builder_host 'nsa' is not in the inventory; set builder_host to one of: nas"
+    )
+
+
+def test_builder_host_naming_itself(write_inventory):
+    problem = only_problem(write_inventory(fleet(pi={"builder_host": "pi"})))
+    assert problem.startswith("pi: builder_host 'pi' names the host itself;")
+    assert "set it to another host" in problem
+
+
+def test_builder_that_cannot_build_the_target_system(write_inventory):
+    problem = only_problem(write_inventory(fleet(nas={"binfmt_emulated_systems": []})))
+    assert problem.startswith("pi: builder_host 'nas' cannot build nix_system 'aarch64-linux'")
+    assert "add 'aarch64-linux' to nas's binfmt_emulated_systems" in problem
+    assert "run deploys/nas.py" in problem
+
+
+def test_builder_systems_come_from_group_data(write_inventory):
+    # The server root's group data makes nas able to build for the Pi.
+    inventory = write_inventory(
+        fleet(nas={"binfmt_emulated_systems": None}),
+        group_data={"server": 'binfmt_emulated_systems = ["aarch64-linux"]\n'},
+    )
+    assert fleet_errors(inventory) == []
+    assert host_spec(inventory.get_host("nas")).builder_systems == (
+        "x86_64-linux",
+        "i686-linux",
+        "aarch64-linux",
+    )
+
+
+def test_target_without_ssh_hostname(write_inventory):
+    problem = only_problem(write_inventory(fleet(pi={"ssh_hostname": None})))
+    assert problem.startswith("pi: ssh_hostname is missing, so builder 'nas' has no address")
+    assert "set ssh_hostname" in problem
+
+
+def test_bad_deploy_action(write_inventory):
+    problem = only_problem(write_inventory(fleet(pi={"deploy_action": "swtich"})))
+    assert problem.startswith("pi: deploy_action 'swtich' is not an action;")
+    assert "set it to one of: switch, boot, test, dry-activate, build" in problem
+
+
+@pytest.mark.parametrize("value", ["lots", 0, -2, 2.5, True, "8 jobs"])
+def test_bad_nix_max_jobs(write_inventory, value):
+    problem = only_problem(write_inventory(fleet(nas={"nix_max_jobs": value})))
+    assert problem.startswith(f"nas: nix_max_jobs is {value!r};")
+    assert "set it to a whole number of 1 or more" in problem
+
+
+@pytest.mark.parametrize(("key", "value"), [("ssh_port", 0), ("builder_port", "70000")])
+def test_bad_ports(write_inventory, key, value):
+    problem = only_problem(write_inventory(fleet(pi={key: value})))
+    assert problem.startswith(f"pi: {key} is {value!r};")
+    assert "set it to a whole number from 1 to 65535" in problem
+
+
+def test_data_override_strings_are_coerced(write_inventory):
+    # --data (or any caller) may hand over numbers as strings; they win over group data.
+    inventory = write_inventory(
+        fleet(),
+        group_data={"server": "nix_max_jobs = 2\n"},
+        override_data={"nix_max_jobs": "8", "ssh_port": " 8023 "},
+    )
+    assert fleet_errors(inventory) == []
+    assert host_spec(inventory.get_host("nas")).nix_max_jobs == 8
+    assert host_spec(inventory.get_host("pi")).ssh_port == 8023
+
+
+def test_host_spec_raises_for_its_own_problems(write_inventory):
+    inventory = write_inventory(fleet(pi={"nix_system": None, "deploy_action": "reboot"}))
+    with pytest.raises(FleetError) as caught:
+        host_spec(inventory.get_host("pi"))
+    assert [problem.split(" ")[1] for problem in caught.value.problems] == [
+        "nix_system",
+        "deploy_action",
+    ]
+
+
+def test_check_fleet_lists_every_problem_one_per_line(write_inventory):
+    inventory = write_inventory(fleet(nas={"nix_max_jobs": "many"}, pi={"builder_host": "nsa"}))
+    with pytest.raises(FleetError) as caught:
+        check_fleet(inventory)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "the inventory has 2 problems:"
+    assert sorted(line.strip().split(":")[0] for line in lines[1:]) == ["nas", "pi"]
+    assert str(caught.value) == caught.value.message
+
+
+def test_defaults():
+    spec = HostSpec(name="pi", nix_system="aarch64-linux", nixos_config="pi")
+    assert (spec.ssh_port, spec.deploy_action, spec.is_target) == (22, "switch", False)
+    assert spec.builder_systems == ("aarch64-linux",)
+
+
+def test_builders_include_emulating_hosts_nobody_names_yet():
+    specs = {
+        "nas": HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas"),
+        "spare": HostSpec(
+            name="spare",
+            nix_system="x86_64-linux",
+            nixos_config="spare",
+            binfmt_emulated_systems=("armv7l-linux",),
+        ),
+        "pi": HostSpec(
+            name="pi", nix_system="aarch64-linux", nixos_config="pi", builder_host="nas"
+        ),
+    }
+    assert builders(specs) == ["nas", "spare"]
+
+
+def test_cli_prints_fleet_error_as_a_message_not_a_traceback(tmp_path):
+    # A real `pyinfra` run against @local whose deploy file only calls check_fleet: nothing is
+    # executed on the machine, it shows how a user sees the error.
+    (tmp_path / "inventory.py").write_text(
+        'minimal = [("@local", {"nix_system": "x86_64-linux", "builder_host": "nsa"})]\n'
+    )
+    (tmp_path / "deploy.py").write_text(
+        "from pyinfra import state\n"
+        "from operations.fleet import check_fleet\n"
+        "check_fleet(state.inventory)\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pyinfra", "inventory.py", "deploy.py", "-y"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert "--> pyinfra error in " in run.stderr
+    assert "the inventory has 2 problems:" in run.stderr
+    assert "  @local: builder_host 'nsa' is not in the inventory;" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -1,0 +1,98 @@
+"""The owner's fleet (inventory.py + group_data/) as the pyinfra CLI loads it."""
+
+from __future__ import annotations
+
+import pytest
+from pyinfra.api.inventory import Inventory
+
+from operations.fleet import ROOTS, builders, check_fleet, host_spec
+from tests.unit.conftest import REPO, load_inventory
+
+# The roots table from the owner's notes (seeds/000): root -> hosts.
+SEED_ROOTS = {
+    "minimal": {"grill", "laptop", "nas", "pi4"},
+    "common": {"grill", "laptop", "nas", "pi4"},
+    "network": {"grill", "laptop", "nas", "pi4"},
+    "main": {"grill", "laptop", "nas"},
+    "work": {"grill", "laptop"},
+    "gaming": {"grill"},
+    "server": {"nas"},
+}
+
+
+@pytest.fixture(scope="module")
+def inventory() -> Inventory:
+    return load_inventory(REPO / "inventory.py", REPO)
+
+
+def test_root_groups_match_the_seed_table(inventory):
+    groups = {root: {host.name for host in inventory.get_group(root)} for root in ROOTS}
+    assert groups == SEED_ROOTS
+
+
+def test_pi4_connection_and_build_data(inventory):
+    pi4 = inventory.get_host("pi4")
+    assert pi4.data.get("ssh_hostname") == "192.168.1.122"
+    assert pi4.data.get("ssh_port") == 8023
+    assert pi4.data.get("ssh_user") == "beau"
+    assert pi4.data.get("_sudo") is True
+
+    spec = host_spec(pi4)
+    assert spec.nix_system == "aarch64-linux"
+    assert spec.builder_host == "nas"
+    assert (spec.builder_user, spec.builder_port) == ("nix-ssh", 22)
+    assert spec.is_target
+    assert spec.nixos_config == "pi4"
+
+
+def test_iso_is_an_image_not_a_host(inventory):
+    assert "iso" not in [host.name for host in inventory]
+    assert all("iso" not in [h.name for h in hosts] for hosts in inventory.groups.values())
+
+
+def test_every_host_checks_host_keys_strictly(inventory):
+    for host in inventory:
+        assert host.data.get("ssh_strict_host_key_checking") == "yes", host.name
+
+
+def test_every_host_has_the_fleet_wide_flake_and_sops_file(inventory):
+    flakes = {host.data.get("flake") for host in inventory}
+    sops_files = {host.data.get("sops_file") for host in inventory}
+    assert len(flakes) == 1 and None not in flakes
+    assert len(sops_files) == 1 and None not in sops_files
+
+
+def test_server_root_makes_nas_a_builder_for_aarch64(inventory):
+    nas = inventory.get_host("nas")
+    assert nas.data.get("binfmt_emulated_systems") == ["aarch64-linux"]
+    assert nas.data.get("nix_max_jobs") == 8
+
+    spec = host_spec(nas)
+    assert "aarch64-linux" in spec.builder_systems
+    assert "x86_64-linux" in spec.builder_systems
+    assert spec.nix_max_jobs == 8
+    assert not spec.is_target
+
+
+def test_network_root_installs_the_tailscale_pre_auth_key(inventory):
+    for host in inventory.get_group("network"):
+        keys = [secret["key"] for secret in host.data.get("secrets", [])]
+        assert "headscale/pre_auth" in keys, host.name
+
+
+def test_group_data_holds_no_host_specific_values(inventory):
+    host_keys = {"ssh_hostname", "ssh_port", "ssh_user", "nix_system", "builder_host"}
+    host_names = {host.name for host in inventory}
+    for root in ROOTS:
+        data = inventory.get_group_data(root)
+        assert not host_keys & data.keys(), root
+        assert not host_names & {str(value) for value in data.values()}, root
+
+
+def test_fleet_passes_its_checks(inventory):
+    specs = check_fleet(inventory)
+    assert set(specs) == {host.name for host in inventory}
+    assert builders(specs) == ["nas"]
+    pi4 = specs["pi4"]
+    assert pi4.builder_host is not None
+    assert pi4.nix_system in specs[pi4.builder_host].builder_systems
