@@ -8,8 +8,8 @@ The bench must be up (``python -m tests.bench up``).
 from tests.bench import fleet as _fleet
 
 
-def _data(h):
-    data = {
+def _data(h: _fleet.BenchHost) -> dict[str, object]:
+    data: dict[str, object] = {
         "ssh_hostname": h.ip,
         "ssh_port": h.port,
         "ssh_user": h.user,
@@ -29,7 +29,7 @@ def _data(h):
     return data
 
 
-def _members(root):
+def _members(root: str) -> list[tuple[str, dict[str, object]]]:
     return [(h.name, _data(h)) for h in _fleet.HOSTS if root in h.roots]
 
 

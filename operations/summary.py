@@ -1,0 +1,106 @@
+"""
+The end of a deploy run: one line per host (unchanged / deployed / failed with its cause),
+and an exit code that counts only the hosts the deploy acts on.
+
+pyinfra connects to every inventory host before any deploy code runs; a desktop that is asleep
+fails that step. ``RunSummary.forgive`` takes such bystanders (hosts this deploy neither targets
+nor builds on) off pyinfra's failed list, so they neither fail the run nor stop it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pyinfra import logger
+from pyinfra.api.state import State, StateStage
+from pyinfra.context import ctx_state
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from operations.nixos import Plan
+
+
+@dataclass
+class RunSummary:
+    """What happened to each host in one run; printed when the run exits."""
+
+    state: State
+    plans: dict[str, Plan] = field(default_factory=dict)
+    causes: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    forgiven: set[str] = field(default_factory=set)
+
+    def planned(self, plan: Plan) -> None:
+        self.plans[plan.target] = plan
+
+    def fail(self, host_name: str, cause: str) -> None:
+        self.causes.setdefault(host_name, cause)
+
+    def skip(self, host_name: str, reason: str) -> None:
+        self.skipped[host_name] = reason
+
+    def forgive(self, needed: Iterable[str]) -> None:
+        """Drop unreachable hosts that this run does not need from pyinfra's failed hosts."""
+        wanted = set(needed)
+        for host in list(self.state.failed_hosts):
+            if host.name not in wanted and not host.connected:
+                self.state.failed_hosts.discard(host)
+                self.forgiven.add(host.name)
+                logger.warning(f"    [{host.name}] unreachable, but this deploy does not need it")
+
+    def outcomes(self) -> dict[str, tuple[str, str]]:
+        """Host -> (status, detail): unchanged, deployed, failed, planned or skipped."""
+        executed = self.state.current_stage >= StateStage.Execute
+        failed = {host.name for host in self.state.failed_hosts}
+        result: dict[str, tuple[str, str]] = {}
+        for host in self.state.inventory:
+            name = host.name
+            plan = self.plans.get(name)
+            if name in failed or name in self.causes:
+                cause = self.causes.get(name) or (
+                    "could not connect" if not host.connected else "an operation failed"
+                )
+                result[name] = ("failed", cause)
+            elif name in self.forgiven:
+                result[name] = ("skipped", "unreachable, not needed by this deploy")
+            elif plan is None:
+                if name in self.skipped:
+                    result[name] = ("skipped", self.skipped[name])
+            elif plan.up_to_date:
+                result[name] = ("unchanged", plan.noop_reason)
+            elif not executed:
+                result[name] = (
+                    "planned",
+                    f"would {plan.action} {plan.desired} (now {plan.current})",
+                )
+            else:
+                result[name] = ("deployed", f"{plan.action} {plan.desired}")
+        return result
+
+    def lines(self) -> list[str]:
+        return [f"{name}: {status}: {detail}" for name, (status, detail) in self.outcomes().items()]
+
+    def print(self) -> None:
+        lines = self.lines()
+        if lines:
+            print("--> nixpush summary:", file=sys.stderr)
+            for line in lines:
+                print(f"    {line}", file=sys.stderr)
+
+
+_summaries: dict[int, RunSummary] = {}
+
+
+def summary_for(state: State) -> RunSummary:
+    """The run's summary, created (and set to print at exit) on first use."""
+    # Deploy code sees pyinfra's context proxy, commands the State itself: key by the latter.
+    real = state if isinstance(state, State) else ctx_state.get()
+    key = id(real)
+    if key not in _summaries:
+        _summaries[key] = RunSummary(real)
+        atexit.register(_summaries[key].print)
+    return _summaries[key]
