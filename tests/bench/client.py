@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ REPO = fleet.REPO
 BENCH_INVENTORY = "tests/bench/inventory.py"
 
 
-def pyinfra(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def pyinfra(
+    *args: str, check: bool = False, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """Run the pyinfra CLI from the repo root exactly as a user would."""
     exe = Path(sys.executable).with_name("pyinfra")
     return subprocess.run(
@@ -24,6 +27,7 @@ def pyinfra(*args: str, check: bool = False, timeout: float = 300) -> subprocess
         check=check,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env=None if env is None else dict(env),
     )
 
 
@@ -47,3 +51,11 @@ def on_host(host_name: str) -> Any:
         f"ssh://{h.name}?sudo={'false' if h.user == 'root' else 'true'}",
         ssh_config=str(fleet.BENCH_DIR / "ssh_config"),
     )
+
+
+def prepare_push() -> None:
+    """Prepare the bench NAS as builder and install the push keys, as a user first would."""
+    for deploy in ("deploys/nas.py", "deploys/secrets.py"):
+        if (REPO / deploy).exists():
+            result = pyinfra("-y", BENCH_INVENTORY, deploy)
+            assert result.returncode == 0, result.stdout + result.stderr

@@ -6,6 +6,9 @@ $bb mkdir -p "$out/bin"
 $bb uname -m > "$out/build-arch"
 echo "$version" > "$out/nixos-version"
 echo "$hostName" > "$out/hostname"
+if [ -n "$padding" ]; then
+  $bb dd if=/dev/urandom of="$out/padding" bs=1024 count=4096 2>/dev/null
+fi
 {
   echo "#!$bb sh"
   echo "bb=$bb"

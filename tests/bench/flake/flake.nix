@@ -19,6 +19,8 @@
         hostName = name;
         version = cfg.version;
         failActivation = if cfg.failActivation or false then "1" else "";
+        # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
+        padding = if cfg.padding or false then "1" else "";
         switchScript = ./switch-to-configuration.sh;
       };
     in {

@@ -1,0 +1,273 @@
+"""
+The main job on the bench: `pyinfra <inventory> deploys/pi.py` builds each Pi's system on the
+NAS under emulation, copies it over ssh-ng and activates it; checked on the hosts afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.bench import fleet
+from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
+
+PI = "deploys/pi.py"
+_versions = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def push_ready(bench: None) -> None:
+    """The NAS prepared as builder and the push keys installed, as a user would first do."""
+    prepare_push()
+
+
+@pytest.fixture
+def link_restored() -> Iterator[None]:
+    yield
+    for h in fleet.PIS + (fleet.host("nas"),):
+        fleet.set_link(h, up=True)
+        fleet.run(["tc", "qdisc", "del", "dev", h.veth, "root"], check=False)
+
+
+def new_versions(*names: str, **attrs: str | bool) -> dict[str, str]:
+    """Give the named Pis' configurations a version never deployed before; return them."""
+    run_id = uuid.uuid4().hex[:6]
+    configs = current_configs()
+    versions = {}
+    for name in names:
+        versions[name] = f"{run_id}-{next(_versions)}"
+        configs[name] = {**configs[name], "version": versions[name], **attrs}
+    fleet.set_flake_configs(configs)
+    return versions
+
+
+def current_configs() -> dict[str, dict[str, str | bool]]:
+    text = (fleet.FLAKE_DIR / "hosts.nix").read_text()
+    configs: dict[str, dict[str, str | bool]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if "= {" not in line:
+            continue
+        name, body = line.split(" = {", 1)
+        attrs: dict[str, str | bool] = {}
+        for part in body.rstrip("};").split(";"):
+            if "=" in part:
+                key, value = (p.strip() for p in part.split("=", 1))
+                attrs[key] = value.strip('"') if value.startswith('"') else value == "true"
+        configs[name] = attrs
+    return configs
+
+
+def desired_path(config: str) -> str:
+    attr = f"{fleet.flake_ref()}#nixosConfigurations.{config}.config.system.build.toplevel"
+    out = ssh("nas", f"nix eval --raw '{attr}.outPath'").stdout.strip()
+    assert out.startswith("/nix/store/"), out
+    return out
+
+
+def link(host_name: str, path: str) -> str | None:
+    result = ssh(host_name, f"readlink -f {path} 2>/dev/null || true", check=False)
+    return result.stdout.strip() or None
+
+
+def current(host_name: str) -> str | None:
+    return link(host_name, "/run/current-system")
+
+
+def profile(host_name: str) -> str | None:
+    return link(host_name, "/nix/var/nix/profiles/system")
+
+
+def deploy(*args: str) -> subprocess.CompletedProcess[str]:
+    return pyinfra("-y", BENCH_INVENTORY, PI, *args)
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stdout + result.stderr
+
+
+def test_cold_deploy_of_two_pis_builds_on_the_nas_and_activates_as_aarch64(push_ready):
+    new_versions("pi4", "pi5")
+    wanted = {name: desired_path(name) for name in ("pi4", "pi5")}
+    for path in wanted.values():
+        assert ssh("nas", f"nix path-info {path}", check=False).returncode != 0  # really cold
+
+    result = deploy()
+
+    assert result.returncode == 0, output(result)
+    nas = on_host("nas")
+    for name, path in wanted.items():
+        pi = on_host(name)
+        assert current(name) == path
+        assert profile(name) == path
+        assert pi.file("/boot/default-system").content_string.strip() == path
+        assert nas.file(f"{path}/build-arch").content_string.strip() == "aarch64"
+        assert pi.file("/run/bench-activations").content_string.splitlines()[-1] == (
+            f"switch {path} aarch64"
+        )
+        # Built on the NAS only: no derivation ever reached the Pi's store.
+        assert pi.run("ls -d /nix/store/*.drv 2>/dev/null").stdout == ""
+        assert f"{name}: deployed: switch {path}" in output(result)
+    # ... nor the controller's (it may have no Nix store at all).
+    assert not any(Path(p).exists() for p in wanted.values())
+    assert "dry-activate: would activate the configuration" in output(result)
+
+
+def test_second_run_changes_nothing_and_copies_nothing(push_ready):
+    first = deploy()
+    assert first.returncode == 0, output(first)
+
+    again = deploy()
+
+    assert again.returncode == 0, output(again)
+    text = output(again)
+    for name in ("pi4", "pi5"):
+        assert f"{name}: unchanged: {name} already runs {current(name)}" in text
+    assert "copied" not in text and "built" not in text
+    assert "Grand total" in text and " Success " in text
+    totals = next(line for line in text.splitlines() if "Grand total" in line).split()
+    assert totals[2:5] == ["8", "-", "-"], totals  # 8 host-ops, no success, no error
+
+
+def test_changing_one_pi_rebuilds_and_redeploys_only_that_pi(push_ready):
+    assert deploy().returncode == 0
+    pi5_before = current("pi5")
+    new_versions("pi4")
+    pi4_wanted = desired_path("pi4")
+
+    result = deploy()
+
+    assert result.returncode == 0, output(result)
+    assert current("pi4") == pi4_wanted
+    assert current("pi5") == pi5_before
+    text = output(result)
+    assert f"[pi4] built {pi4_wanted} on nas" in text
+    assert "[pi5] built" not in text and "[pi5] copied" not in text
+    assert f"pi5: unchanged: pi5 already runs {pi5_before}" in text
+
+
+def test_dry_activate_test_and_boot_touch_only_what_nixos_would(push_ready):
+    assert deploy("--limit", "pi5").returncode == 0
+    before_current, before_profile = current("pi5"), profile("pi5")
+
+    new_versions("pi5")
+    wanted = desired_path("pi5")
+    dry = deploy("--limit", "pi5", "--data", "deploy_action=dry-activate")
+    assert dry.returncode == 0, output(dry)
+    assert "dry-activate: would activate the configuration " + wanted in output(dry)
+    assert (current("pi5"), profile("pi5")) == (before_current, before_profile)
+
+    tested = deploy("--limit", "pi5", "--data", "deploy_action=test")
+    assert tested.returncode == 0, output(tested)
+    assert (current("pi5"), profile("pi5")) == (wanted, before_profile)
+
+    new_versions("pi5")
+    boot_wanted = desired_path("pi5")
+    booted = deploy("--limit", "pi5", "--data", "deploy_action=boot")
+    assert booted.returncode == 0, output(booted)
+    assert (current("pi5"), profile("pi5")) == (wanted, boot_wanted)
+    assert on_host("pi5").file("/boot/default-system").content_string.strip() == boot_wanted
+
+
+def test_build_action_builds_on_the_nas_and_touches_no_pi(push_ready):
+    new_versions("pi4")
+    wanted, before = desired_path("pi4"), current("pi4")
+
+    result = deploy("--limit", "pi4", "--data", "deploy_action=build")
+
+    assert result.returncode == 0, output(result)
+    assert ssh("nas", f"nix path-info {wanted}", check=False).returncode == 0
+    assert current("pi4") == before
+    assert not on_host("pi4").file(wanted).exists
+
+
+def test_dry_run_changes_nothing_anywhere_and_shows_current_and_desired(push_ready):
+    assert deploy().returncode == 0
+    before = {name: (current(name), profile(name)) for name in ("pi4", "pi5")}
+    new_versions("pi4")
+    wanted = desired_path("pi4")
+
+    result = pyinfra(BENCH_INVENTORY, PI, "--dry")
+
+    assert result.returncode == 0, output(result)
+    assert f"[pi4] switch: {before['pi4'][0]} -> {wanted}" in output(result)
+    assert ssh("nas", f"nix path-info {wanted}", check=False).returncode != 0  # not built
+    assert not on_host("pi4").file(wanted).exists  # not copied
+    assert {name: (current(name), profile(name)) for name in ("pi4", "pi5")} == before
+
+
+def test_pi_with_cut_link_fails_alone_and_a_rerun_converges(push_ready, link_restored):
+    assert deploy().returncode == 0
+    pi5_old = current("pi5")
+    new_versions("pi4", "pi5")
+    wanted = {name: desired_path(name) for name in ("pi4", "pi5")}
+    fleet.set_link(fleet.host("pi5"), up=False)
+
+    result = deploy()
+
+    assert result.returncode != 0
+    assert current("pi4") == wanted["pi4"]
+    assert "pi5: failed:" in output(result)
+    fleet.set_link(fleet.host("pi5"), up=True)
+    assert current("pi5") == pi5_old
+    rerun = deploy()
+    assert rerun.returncode == 0, output(rerun)
+    assert current("pi5") == wanted["pi5"]
+
+
+def test_link_cut_during_the_copy_fails_that_pi_with_the_cause(push_ready, link_restored):
+    assert deploy().returncode == 0
+    pi5 = fleet.host("pi5")
+    old = current("pi5")
+    # A closure big enough, and a link slow enough, to cut in the middle of the copy.
+    new_versions("pi4", "pi5", padding=True)
+    wanted = {name: desired_path(name) for name in ("pi4", "pi5")}
+    fleet.run(
+        ["tc", "qdisc", "replace", "dev", pi5.veth, "root", "tbf",
+         "rate", "2mbit", "burst", "32kb", "latency", "400ms"]
+    )  # fmt: skip
+    with subprocess.Popen(
+        _pyinfra_argv(),
+        cwd=fleet.REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    ) as proc:
+        assert _wait_for_copy_to(pi5, timeout=60), "the copy to pi5 never started"
+        fleet.set_link(pi5, up=False)
+        out, _ = proc.communicate(timeout=120)
+
+    assert proc.returncode != 0, out
+    assert current("pi4") == wanted["pi4"]
+    assert "pi5: failed:" in out
+    fleet.set_link(pi5, up=True)
+    fleet.run(["tc", "qdisc", "del", "dev", pi5.veth, "root"], check=False)
+    assert current("pi5") == old
+    rerun = deploy()
+    assert rerun.returncode == 0, output(rerun)
+    assert current("pi5") == wanted["pi5"]
+
+
+def _pyinfra_argv() -> list[str]:
+    import sys
+
+    return [str(Path(sys.executable).with_name("pyinfra")), "-y", BENCH_INVENTORY, PI]
+
+
+def _wait_for_copy_to(h: fleet.BenchHost, timeout: float) -> bool:
+    """Wait until the NAS holds an SSH connection to ``h`` (the ssh-ng copy)."""
+    nas = fleet.host("nas")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ss = fleet.run(["ip", "netns", "exec", nas.netns, "ss", "-Htn", "state", "established"])
+        if f"{h.ip}:{h.port}" in ss.stdout:
+            return True
+        time.sleep(0.05)
+    return False
