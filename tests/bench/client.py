@@ -9,15 +9,22 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import fleet
+from tests.bench import sops as bench_sops
 
 REPO = fleet.REPO
 BENCH_INVENTORY = "tests/bench/inventory.py"
 
 
 def pyinfra(
-    *args: str, check: bool = False, timeout: float = 300
+    *args: str,
+    check: bool = False,
+    timeout: float = 300,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the pyinfra CLI from the repo root exactly as a user would."""
+    """Run the pyinfra CLI from the repo root exactly as a user would.
+
+    ``env`` replaces the environment (default: this process's), e.g. ``bench_sops.env()``.
+    """
     exe = Path(sys.executable).with_name("pyinfra")
     return subprocess.run(
         [str(exe), *args],
@@ -55,7 +62,9 @@ def on_host(host_name: str) -> Any:
 
 def prepare_push() -> None:
     """Prepare the bench NAS as builder and install the push keys, as a user first would."""
+    bench_sops.ensure()
     for deploy in ("deploys/nas.py", "deploys/secrets.py"):
         if (REPO / deploy).exists():
-            result = pyinfra("-y", BENCH_INVENTORY, deploy)
+            # The age key in the environment, as a user's shell has it (deploys/secrets.py).
+            result = pyinfra("-y", BENCH_INVENTORY, deploy, env=bench_sops.env())
             assert result.returncode == 0, result.stdout + result.stderr

@@ -30,7 +30,7 @@ def push_ready(bench: None) -> None:
 @pytest.fixture
 def link_restored() -> Iterator[None]:
     yield
-    for h in fleet.PIS + (fleet.host("nas"),):
+    for h in (*fleet.PIS, fleet.host("nas")):
         fleet.set_link(h, up=True)
         fleet.run(["tc", "qdisc", "del", "dev", h.veth, "root"], check=False)
 
