@@ -271,3 +271,102 @@ def _wait_for_copy_to(h: fleet.BenchHost, timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_untrusted_pi_without_a_signing_key_on_the_nas_fails_clearly(push_ready):
+    # pi5's deploy user is not in its Nix daemon's trusted-users: it only takes signed paths.
+    assert "trusted-users" not in on_host("pi5").file("/etc/nix/nix.conf").content_string
+    before = current("pi5")
+    new_versions("pi5")
+    key = "/etc/nixpush/signing-key.sec"
+    saved = ssh("nas", f"cat {key}").stdout
+    ssh("nas", f"rm {key}")
+    try:
+        result = deploy("--limit", "pi5")
+    finally:
+        subprocess.run(
+            ["ssh", "-F", str(fleet.BENCH_DIR / "ssh_config"), "nas",
+             f"umask 077; cat > {key}"],
+            input=saved, text=True, check=True,
+        )  # fmt: skip
+    assert result.returncode != 0
+    assert f"builder nas has no Nix signing key at {key}" in output(result)
+    assert "deploys/secrets.py" in output(result)
+    assert current("pi5") == before
+
+
+def test_hosts_the_deploy_does_not_act_on_may_be_asleep(push_ready, tmp_path):
+    # A laptop in the inventory whose address answers nothing.
+    inventory = tmp_path / "fleet_with_laptop.py"
+    inventory.write_text(
+        "from tests.bench.inventory import _data, _fleet, common, main, minimal, network, server\n"
+        "_laptop = ('laptop', {**_data(_fleet.host('nas')), 'ssh_hostname': '10.231.57.99'})\n"
+        "minimal = [*minimal, _laptop]\n"
+        "work = [_laptop]\n"
+    )
+    new_versions("pi4")
+    wanted = desired_path("pi4")
+
+    result = pyinfra("-y", str(inventory), PI)
+
+    assert result.returncode == 0, output(result)
+    assert current("pi4") == wanted
+    assert "laptop: skipped: unreachable, not needed by this deploy" in output(result)
+
+
+def test_controller_on_the_nas_deploys_the_pis(push_ready):
+    """The owner's setup: pyinfra runs on the NAS (its network namespace and address)."""
+    new_versions("pi4", "pi5")
+    wanted = {name: desired_path(name) for name in ("pi4", "pi5")}
+    nas_init = fleet.init_pid(fleet.host("nas"))
+
+    result = subprocess.run(
+        ["nsenter", "-t", str(nas_init), "-n", "-u", "--", *_pyinfra_argv()],
+        cwd=fleet.REPO, text=True, capture_output=True, timeout=300,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+    assert result.returncode == 0, output(result)
+    assert {name: current(name) for name in wanted} == wanted
+
+
+def test_unknown_host_is_named_and_nothing_runs(push_ready):
+    # pyinfra itself answers a --limit that matches no host, before any deploy code runs:
+    # it warns and exits 0 (nixpush's scheduled entry point turns this into an error).
+    before = {name: current(name) for name in ("pi4", "pi5")}
+    result = deploy("--limit", "pi9")
+    assert "No host matches found for --limit pattern: pi9" in output(result)
+    assert "Connected" not in output(result)
+    assert {name: current(name) for name in ("pi4", "pi5")} == before
+
+
+def test_missing_configuration_in_the_flake_fails_that_pi_before_any_build(push_ready):
+    before = current("pi4")
+    result = deploy("--limit", "pi4", "--data", "nixos_config=pi404")
+    assert result.returncode != 0
+    text = output(result)
+    assert "cannot evaluate" in text and "nixosConfigurations.pi404" in text
+    assert "set nixos_config" in text
+    assert "built" not in text and current("pi4") == before
+
+
+def test_builder_that_cannot_build_the_pis_system_is_refused_before_anything(push_ready):
+    result = deploy("--data", "binfmt_emulated_systems=armv7l-linux")
+    assert result.returncode != 0
+    text = output(result)
+    assert "pi4: builder_host 'nas' cannot build nix_system 'aarch64-linux'" in text
+    assert "add 'aarch64-linux' to nas's binfmt_emulated_systems" in text
+    assert "Beginning operation run" not in text
+
+
+def test_unreachable_builder_fails_the_pis_with_the_cause(push_ready, link_restored):
+    before = {name: current(name) for name in ("pi4", "pi5")}
+    new_versions("pi4", "pi5")
+    fleet.set_link(fleet.host("nas"), up=False)
+    result = deploy()
+    fleet.set_link(fleet.host("nas"), up=True)
+    assert result.returncode != 0
+    text = output(result)
+    for name in ("pi4", "pi5"):
+        assert f"{name}: failed: builder nas is unreachable" in text
+    assert {name: current(name) for name in ("pi4", "pi5")} == before
