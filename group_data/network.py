@@ -4,8 +4,9 @@ bits that come with them (Kitty).
 """
 
 # Secrets to install from the sops file (``sops_file``): the sops key path, where the decrypted
-# value goes on the host, and its owner, group and mode. Note: pyinfra replaces, not merges, a
-# key set by two groups, so a host in several roots gets only one root's ``secrets``.
+# value goes on the host, and its owner, group and mode (default root, root, "0600").
+# pyinfra would let one root's ``secrets`` replace another's; deploys/secrets.py merges the
+# ``secrets`` of every root a host is in (operations.secrets.host_secrets).
 secrets = [
     {
         # The Tailscale pre-auth key, as modules/services/tailscale/network.nix reads it.

@@ -7,3 +7,26 @@ and a higher max-jobs. deploys/nas.py applies these.
 binfmt_emulated_systems = ["aarch64-linux"]
 # nix.conf max-jobs
 nix_max_jobs = 8
+
+# Secrets the builder pushes with (see group_data/network.py for the entry format). The
+# targets' trust is derived from them: each target's ssh_user authorizes the deploy key's
+# public half, and each target's Nix trusts the signing key's public half. No nix.conf
+# `secret-key-files` here: the push deploy signs closures itself (`nix store sign -k`).
+secrets = [
+    {
+        # OpenSSH private key (ed25519) for pushing to the Pis, as root over ssh-ng.
+        "key": "ssh/nas_deploy",
+        "dest": "/etc/nixpush/deploy_ed25519",
+        "owner": "root",
+        "group": "root",
+        "mode": "0600",
+    },
+    {
+        # Nix signing secret key (`nix key generate-secret --key-name nas-1`).
+        "key": "nix/nas_signing_key",
+        "dest": "/etc/nixpush/signing-key.sec",
+        "owner": "root",
+        "group": "root",
+        "mode": "0600",
+    },
+]

@@ -99,21 +99,23 @@ def wanted_nix_settings(
     text: str,
     config: Mapping[str, Any],
     systems: Sequence[str],
-    max_jobs: int,
+    max_jobs: int | None,
 ) -> dict[str, str]:
     """The nix.conf settings a builder of ``systems`` needs, merged with what ``text`` has.
 
     ``config`` is Nix's own view (``NixConfig``): it tells whether the sandbox is on and, when
-    nix.conf has no extra-platforms line, what Nix accepts now.
+    nix.conf has no extra-platforms line, what Nix accepts now. ``max_jobs`` None leaves
+    max-jobs as it is; no ``systems`` leaves extra-platforms as it is.
     """
-    platforms = nix_conf_values(text, "extra-platforms")
-    if platforms is None:
-        # An extra-platforms line replaces Nix's default (i686-linux etc. on x86_64): keep it.
-        platforms = [str(p) for p in config.get("extra-platforms") or []]
-    settings = {
-        "extra-platforms": _merged(platforms, systems),
-        "max-jobs": str(max_jobs),
-    }
+    settings: dict[str, str] = {}
+    if systems:
+        platforms = nix_conf_values(text, "extra-platforms")
+        if platforms is None:
+            # An extra-platforms line replaces Nix's default (i686-linux etc. on x86_64): keep it.
+            platforms = [str(p) for p in config.get("extra-platforms") or []]
+        settings["extra-platforms"] = _merged(platforms, systems)
+    if max_jobs is not None:
+        settings["max-jobs"] = str(max_jobs)
     if config.get("sandbox", True) is not False and systems:
         # With the F flag the kernel holds the interpreter open, so builds in the sandbox run
         # without it; mounting it too is belt and braces (and covers handlers without F).
@@ -184,6 +186,30 @@ def wait_for_daemon_socket(attempts: int = 100) -> StringCommand:
     )
 
 
+def stop_daemon_listener(attempts: int = 50) -> StringCommand:
+    """Stop the nix-daemon listening on the socket and wait (0.1 s a try, bounded) until it exits.
+
+    Only the listener: like systemd's ``KillMode=process`` for nix-daemon.service, the per-client
+    workers it forked (which close the listening socket) and ``nix-daemon --stdio`` sessions
+    finish the builds and copies they are serving.
+    """
+    return StringCommand(
+        f"pids=$(ss -xlpnH src {DAEMON_SOCKET} | grep -o 'pid=[0-9]*' | cut -d= -f2);"
+        ' if [ -n "$pids" ]; then kill $pids; i=0;'
+        f" while kill -0 $pids 2>/dev/null; do i=$((i+1)); if [ $i -ge {int(attempts)} ]; then"
+        ' echo "nix-daemon $pids does not exit" >&2; exit 1; fi; sleep 0.1; done; fi',
+    )
+
+
+def start_daemon_detached() -> StringCommand:
+    """Start nix-daemon in a session of its own, with no tie to the SSH session that starts it.
+
+    ``setsid`` keeps it out of the session's hangup; closing stdin, stdout and stderr lets the
+    SSH channel (and pyinfra waiting on it) close as soon as the shell exits.
+    """
+    return StringCommand("setsid", "nix-daemon", "</dev/null", ">/dev/null", "2>&1", "&")
+
+
 # Operations
 
 
@@ -192,8 +218,8 @@ def restart_nix_daemon() -> Generator[PyinfraCommand, None, None]:
     """
     Restart the host's nix-daemon so it reads nix.conf again, then wait until it answers.
 
-    With systemd the unit is restarted; without it (the bench) the running daemon is killed
-    and a new one started detached.
+    With systemd the unit is restarted; without it the daemon listening on the socket is
+    stopped (its workers finish what they serve) and a new one started, detached.
 
     **Example:**
 
@@ -204,24 +230,22 @@ def restart_nix_daemon() -> Generator[PyinfraCommand, None, None]:
     if host.get_fact(Directory, path=SYSTEMD_RUNTIME):
         yield StringCommand("systemctl", "restart", "nix-daemon.service")
     else:
-        # Kills by name: without systemd each bench host has its own PID namespace, so only
-        # this host's daemon (and its per-client children) match.
-        yield StringCommand("pkill", "-x", "nix-daemon", "||", "true")
-        yield StringCommand("setsid", "nix-daemon", "</dev/null", ">/dev/null", "2>&1", "&")
+        yield stop_daemon_listener()
+        yield start_daemon_detached()
     yield wait_for_daemon_socket()
 
 
 @operation()
 def nix_settings(
     systems: list[str],
-    max_jobs: int,
+    max_jobs: int | None = None,
     nix_conf: str = NIX_CONF,
 ) -> Generator[PyinfraCommand, None, None]:
     """
     Let a builder's Nix build for ``systems`` with ``max_jobs`` parallel jobs.
 
     + systems: emulated Nix systems to add to ``extra-platforms``
-    + max_jobs: nix.conf ``max-jobs``
+    + max_jobs: nix.conf ``max-jobs``; None leaves it as it is
     + nix_conf: path of nix.conf
 
     ``extra-platforms`` keeps the values already on its line (or Nix's default list when there
@@ -237,7 +261,9 @@ def nix_settings(
         nix.nix_settings(systems=["aarch64-linux"], max_jobs=8)
     """
     validate_systems(systems)
-    if isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 0:
+    if max_jobs is not None and (
+        isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 0
+    ):
         raise OperationError(f"{host.name}: nix_max_jobs must be a whole number, not {max_jobs!r}")
 
     config = host.get_fact(NixConfig)
@@ -253,6 +279,9 @@ def nix_settings(
     text = host.get_fact(NixConfText, path=nix_conf)
     current = text or ""
     settings = wanted_nix_settings(current, config, systems, max_jobs)
+    if not settings:
+        host.noop(f"no emulated systems and no max-jobs to set in {nix_conf}")
+        return
     try:
         new = set_nix_conf(current, settings)
     except ValueError as e:
@@ -266,19 +295,19 @@ def nix_settings(
 
 
 def _check_nixos(
-    config: Mapping[str, Any], systems: Sequence[str], max_jobs: int
+    config: Mapping[str, Any], systems: Sequence[str], max_jobs: int | None
 ) -> Generator[PyinfraCommand, None, None]:
     options: list[str] = []
     platforms = config.get("extra-platforms") or []
     if any(system not in platforms for system in systems):
         # On NixOS boot.binfmt.emulatedSystems also adds them to extra-platforms.
         options.append(f"boot.binfmt.emulatedSystems = {nix_list(systems)};")
-    if config.get("max-jobs") != max_jobs:
+    if max_jobs is not None and config.get("max-jobs") != max_jobs:
         options.append(f"nix.settings.max-jobs = {max_jobs};")
     if options:
         yield fail_host(nixos_options_error(host.name, options))
     else:
         host.noop(
             f"{host.name} runs NixOS and its Nix already builds {', '.join(systems) or 'natively'} "
-            f"with max-jobs = {max_jobs}",
+            f"with max-jobs = {config.get('max-jobs')}",
         )

@@ -6,6 +6,7 @@ The bench must be up (``python -m tests.bench up``).
 
 # Module-level lists are groups to pyinfra: keep helpers behind underscores.
 from tests.bench import fleet as _fleet
+from tests.bench import sops as _sops
 
 
 def _data(h: _fleet.BenchHost) -> dict[str, object]:
@@ -18,6 +19,8 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
         "ssh_strict_host_key_checking": "yes",
         "nix_system": h.system,
         "flake": _fleet.flake_ref(),
+        # The bench's test-only secrets, encrypted to the bench's age key (tests/bench/sops.py).
+        "sops_file": str(_sops.SECRETS_FILE),
     }
     if h.user != "root":
         data["_sudo"] = True

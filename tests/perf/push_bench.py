@@ -90,7 +90,7 @@ def main() -> None:
                         bump(names)
                     else:
                         nixpush(names)  # converge first
-                    into.append(timed(lambda runner=runner: runner(names)))
+                    into.append(timed(lambda r=runner, n=names: r(n)))
             a, b = statistics.median(ours), statistics.median(theirs)
             label = f"{case}, {len(names)} Pi{'s' if len(names) > 1 else ''}"
             print(f"{label:<26}{a:>11.2f}{b:>9.2f}{a / b:>8.2f}")

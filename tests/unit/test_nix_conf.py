@@ -208,6 +208,13 @@ WAIT = (
     ">/dev/null 2>&1; do i=$((i+1)); if [ $i -ge 100 ]; then echo 'nix-daemon does not answer "
     "on /nix/var/nix/daemon-socket/socket' >&2; exit 1; fi; sleep 0.1; done"
 )
+# Stops only the listener (its pid from the listening socket), not the workers serving builds.
+STOP_LISTENER = (
+    "pids=$(ss -xlpnH src /nix/var/nix/daemon-socket/socket | grep -o 'pid=[0-9]*' | "
+    'cut -d= -f2); if [ -n "$pids" ]; then kill $pids; i=0; while kill -0 $pids 2>/dev/null; '
+    'do i=$((i+1)); if [ $i -ge 50 ]; then echo "nix-daemon $pids does not exit" >&2; exit 1; '
+    "fi; sleep 0.1; done; fi"
+)
 
 
 def test_nix_settings_already_right_is_a_noop():
@@ -222,7 +229,7 @@ def test_nix_settings_writes_and_restarts_without_systemd():
     commands = run(host, nix_settings, ["aarch64-linux"], 8)
     assert shell(commands) == [
         "FileUploadCommand:/etc/nix/nix.conf",
-        "pkill -x nix-daemon || true",
+        STOP_LISTENER,
         "setsid nix-daemon </dev/null >/dev/null 2>&1 &",
         WAIT,
     ]
@@ -239,6 +246,28 @@ def test_nix_settings_restarts_with_systemd():
         "systemctl restart nix-daemon.service",
         WAIT,
     ]
+
+
+def test_nix_settings_without_max_jobs_leaves_it():
+    host = debian_builder(DEBIAN_NIX_CONF + "max-jobs = 3 # mine\n")
+    commands = run(host, nix_settings, ["aarch64-linux"])
+    upload = commands[0]
+    assert isinstance(upload, FileUploadCommand)
+    assert upload.src.getvalue() == (
+        DEBIAN_NIX_CONF
+        + f"max-jobs = 3 # mine\nextra-platforms = {DEFAULT_PLATFORMS} aarch64-linux\n"
+    )
+
+
+def test_nix_settings_with_nothing_to_set_is_a_noop():
+    host = debian_builder(DEBIAN_NIX_CONF)
+    assert run(host, nix_settings, []) == []
+    assert host.noops == ["no emulated systems and no max-jobs to set in /etc/nix/nix.conf"]
+
+
+def test_wanted_without_systems_or_max_jobs_leaves_lines_alone():
+    assert wanted_nix_settings(DEBIAN_NIX_CONF, CONFIG, [], None) == {}
+    assert wanted_nix_settings(DEBIAN_NIX_CONF, CONFIG, [], 4) == {"max-jobs": "4"}
 
 
 def test_restart_nix_daemon_is_not_idempotent():
