@@ -5,14 +5,16 @@ Build each target's NixOS system on its builder and push-deploy it: nixpush's ma
     pyinfra inventory.py deploys/pi.py --limit pi4           # one
     pyinfra inventory.py deploys/pi.py --data deploy_action=test   # or boot, dry-activate, build
 
-Per target: plan (desired toplevel evaluated on the builder vs. /run/current-system), build on
-the builder once per configuration, copy the signed closure builder -> target over ssh-ng,
-dry-activate and show its report, then set the profile and switch-to-configuration, and verify.
+Per target: make sure it accepts the builder's pushes (deploy key authorized, signing key
+trusted: the same operations as deploys/secrets.py, so the age key must be available), plan
+(desired toplevel evaluated on the builder vs. /run/current-system), build on the builder once
+per configuration, copy the signed closure builder -> target over ssh-ng, dry-activate and show
+its report, then set the profile and switch-to-configuration, and verify.
 """
 
 from pyinfra import host, state
 
-from operations import nixos, push
+from operations import nixos, push, secrets, ssh
 from operations.fleet import check_fleet
 from operations.nixos import DeployFailed
 from operations.summary import summary_for
@@ -30,11 +32,19 @@ else:
     try:
         builder = push.reach_builder(host, spec)
         push.check_builder(builder, spec)
-        host_key = push.target_host_key(host, spec)
         plan = push.plan_deploy(host, spec, builder)
     except DeployFailed as failure:
         push.report_unable(str(failure))
     else:
+        trust = ssh.builder_trust(builder.host, host.name)
+        ssh.authorized_key(
+            name="Authorize the builder's deploy key",
+            user=spec.ssh_user or "root",
+            key=trust.ssh_public_key,
+        )
+        secrets.trusted_public_key(
+            name="Trust paths signed by the builder", key=trust.nix_public_key
+        )
         nixos.build_toplevel(name="Build the system on its builder", plan=plan, builder=builder)
         nixos.copy_closure(
             name="Copy the closure from the builder",
@@ -43,7 +53,6 @@ else:
             address=spec.ssh_hostname,
             port=spec.ssh_port,
             user=spec.ssh_user or "root",
-            host_key=host_key,
         )
         sudo = bool(host.data.get("_sudo", False))
         nixos.dry_activate(name="Dry-activate", plan=plan, sudo=sudo)

@@ -1,6 +1,7 @@
 """
 server root: the NAS, which builds for the Pis (modules/nix/server.nix): QEMU binfmt emulation
-and a higher max-jobs. deploys/nas.py applies these.
+and a higher max-jobs (deploys/nas.py applies these), and the keys it pushes with
+(deploys/secrets.py installs them).
 """
 
 # Systems built under QEMU user-mode emulation; add "armv7l-linux" for 32-bit Pis.

@@ -310,10 +310,12 @@ def emulated_systems(
     ``/usr/lib/binfmt.d/qemu-<arch>.conf`` with the fix-binary flag ``F`` (installing
     qemu-user-static with apt when missing, mounting binfmt_misc when unmounted) and persisted in
     ``/etc/binfmt.d/qemu-<arch>.conf``, marked ``# managed by nixpush``. A handler registered
-    with other flags or another interpreter is unregistered first. Handlers of systems no longer
-    listed are unregistered and their file removed only when that file carries the marker:
-    handlers nixpush did not create are left alone. On NixOS nothing is written: the host fails
-    with the ``boot.binfmt.emulatedSystems`` value to set unless its handlers already run.
+    with other flags or another interpreter is unregistered first. A ``/etc/binfmt.d`` file
+    without the marker that registers anything else fails the host before any change.
+    Handlers of systems no longer listed are unregistered and their file removed only when that
+    file carries the marker: handlers nixpush did not create are left alone. On NixOS nothing
+    is written: the host fails with the ``boot.binfmt.emulatedSystems`` value to set unless its
+    handlers already run.
 
     **Example:**
 
@@ -356,6 +358,22 @@ def emulated_systems(
             )
             return
 
+    # A /etc/binfmt.d file someone else wrote fails the host before anything is registered.
+    local_confs = {
+        name: host.get_fact(FileContents, path=local_conf_path(name)) for name in registrations
+    }
+    for name, registration in registrations.items():
+        current = local_confs[name]
+        if _is_foreign(current) and not _registers(current, registration):
+            yield fail_host(
+                OperationError(
+                    f"{host.name}: {local_conf_path(name)} was not written by nixpush (no "
+                    f"{MANAGED_MARKER!r} first line) and differs from {registration.line()}; "
+                    "remove it or make it that line",
+                )
+            )
+            return
+
     handlers = host.get_fact(BinfmtHandlers)
     if handlers is None:
         changed = True
@@ -375,21 +393,13 @@ def emulated_systems(
             changed = True
             yield enable_handler(name)
 
-        path = local_conf_path(name)
         wanted = local_conf_text(registration)
-        current = host.get_fact(FileContents, path=path)
-        if current is not None and current[:1] != [MANAGED_MARKER]:
-            if current != wanted.splitlines():
-                yield fail_host(
-                    OperationError(
-                        f"{host.name}: {path} was not written by nixpush (no "
-                        f"{MANAGED_MARKER!r} first line) and differs from {registration.line()}; "
-                        "remove it or make it that line",
-                    )
-                )
-                return
-        elif current != wanted.splitlines():
+        current = local_confs[name]
+        if _is_foreign(current):
+            continue  # written by hand with the very same registration: left as it is
+        if current != wanted.splitlines():
             changed = True
+            path = local_conf_path(name)
             yield from files.put._inner(src=StringIO(wanted), dest=path, mode="644")
 
     for name in host.get_fact(ManagedBinfmtConfs):
@@ -408,6 +418,18 @@ def emulated_systems(
             )
         else:
             host.noop("no systems to emulate and no binfmt handlers managed by nixpush")
+
+
+def _is_foreign(lines: list[str] | None) -> bool:
+    return lines is not None and lines[:1] != [MANAGED_MARKER]
+
+
+def _registers(lines: list[str] | None, registration: BinfmtRegistration) -> bool:
+    """Whether binfmt.d file ``lines`` register exactly ``registration`` (comments aside)."""
+    try:
+        return BinfmtRegistration.from_conf(lines or []) == registration
+    except ValueError:
+        return False
 
 
 def _package_registrations(names: Sequence[str]) -> dict[str, BinfmtRegistration] | None:

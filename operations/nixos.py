@@ -26,6 +26,8 @@ from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
+from operations.secrets import SIGNING_KEY_PATH
+from operations.ssh import SSH_OPTIONS
 from operations.summary import summary_for
 
 if TYPE_CHECKING:
@@ -35,10 +37,6 @@ if TYPE_CHECKING:
 CURRENT_SYSTEM = "/run/current-system"
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
 NIX = ("nix", "--extra-experimental-features", QuoteString("nix-command flakes"))
-# Where the builder keeps what it pushes with (installed by deploys/secrets.py from sops).
-DEPLOY_KEY = "/etc/nixpush/deploy_ed25519"
-SIGNING_KEY = "/etc/nixpush/signing-key.sec"
-KNOWN_HOSTS_DIR = "/etc/nixpush/known_hosts.d"
 ACTIVATING = ("switch", "boot", "test")
 _SIMPLE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 
@@ -201,7 +199,7 @@ def build_command(attr: str) -> StringCommand:
     return StringCommand(*NIX, "build", QuoteString(attr), "--no-link", "--json")
 
 
-def sign_command(path: str, key_file: str = SIGNING_KEY) -> StringCommand:
+def sign_command(path: str, key_file: str = SIGNING_KEY_PATH) -> StringCommand:
     return StringCommand(
         *NIX, "store", "sign", "--key-file", QuoteString(key_file), "--recursive",
         QuoteString(path),
@@ -217,25 +215,20 @@ def copy_command(path: str, user: str, address: str) -> StringCommand:
     )
 
 
-def nix_sshopts(port: int, known_hosts: str, key_file: str = DEPLOY_KEY) -> str:
-    """NIX_SSHOPTS for the builder's ssh: an ssh-ng URL has no port, and Nix splits on spaces."""
+def nix_sshopts(port: int) -> str:
+    """NIX_SSHOPTS for the builder's ssh: the deploy key and strict host-key checking against
+    the builder's known_hosts (both from deploys/secrets.py), the port (an ssh-ng URL has
+    none), and keep-alives so a cut link fails the copy in seconds instead of hanging. Nix
+    splits it on spaces."""
     return " ".join(
         (
             f"-p {port}",
-            f"-i {key_file}",
-            "-o IdentitiesOnly=yes",
-            f"-o UserKnownHostsFile={known_hosts}",
-            "-o StrictHostKeyChecking=yes",
+            *SSH_OPTIONS,
             "-o ConnectTimeout=10",
             "-o ServerAliveInterval=2",
             "-o ServerAliveCountMax=3",
         )
     )
-
-
-def known_hosts_line(address: str, port: int, host_key: str) -> str:
-    name = address if port == 22 else f"[{address}]:{port}"
-    return f"{name} {' '.join(host_key.split()[:2])}"
 
 
 def switch_command(path: str, action: str) -> StringCommand:
@@ -314,57 +307,53 @@ def copy_closure(
     address: str,
     port: int,
     user: str,
-    host_key: str,
 ) -> Generator[PyinfraCommand, None, None]:
     """
     Copy the plan's closure from the builder to the target over ssh-ng, signed.
 
     + plan, builder: as for ``build_toplevel``
-    + address, port, user: how the builder reaches the target (its inventory SSH data)
-    + host_key: the target's SSH host key; the builder verifies it (never accept-new)
+    + address, port, user: how the builder reaches the target (its inventory SSH data); the
+      builder verifies the target's host key against its known_hosts (never accept-new)
 
     **Example:**
 
     .. code:: python
 
         nixos.copy_closure(plan=plan, builder=builder, address="192.168.1.122",
-                           port=8023, user="beau", host_key="ssh-ed25519 AAAA...")
+                           port=8023, user="beau")
     """
     if plan.up_to_date or not plan.copies:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
         return
-    yield FunctionCommand(_copy, (plan, builder, address, port, user, host_key), {})
+    yield FunctionCommand(_copy, (plan, builder, address, port, user), {})
 
 
 def _copy(
-    state: State,
-    host: Host,
-    plan: Plan,
-    builder: Builder,
-    address: str,
-    port: int,
-    user: str,
-    host_key: str,
+    state: State, host: Host, plan: Plan, builder: Builder, address: str, port: int, user: str
 ) -> bool:
-    known_hosts = f"{KNOWN_HOSTS_DIR}/{plan.target}"
-    write_known_hosts = StringCommand(
-        "mkdir -p", KNOWN_HOSTS_DIR, "&& cat >", QuoteString(known_hosts)
+    steps = (
+        (sign_command(plan.desired), None, f"signing {plan.desired} with {SIGNING_KEY_PATH}"),
+        (
+            copy_command(plan.desired, user, address),
+            {"NIX_SSHOPTS": nix_sshopts(port)},
+            f"copying to {user}@{address}:{port}",
+        ),
     )
-    steps: list[tuple[StringCommand, str | None, dict[str, str] | None, str]] = [
-        (write_known_hosts, known_hosts_line(address, port, host_key) + "\n", None,
-         f"writing {known_hosts}"),
-        (sign_command(plan.desired), None, None,
-         f"signing {plan.desired} with {SIGNING_KEY} (install it with deploys/secrets.py)"),
-        (copy_command(plan.desired, user, address), None,
-         {"NIX_SSHOPTS": nix_sshopts(port, known_hosts)},
-         f"copying to {user}@{address}:{port}"),
-    ]  # fmt: skip
-    for command, stdin, env, what in steps:
-        ok, lines = run_on(
-            builder.host, command, sudo=builder.sudo, env=env, stdin=stdin, timeout=3600
-        )
+    for command, env, what in steps:
+        ok, lines = run_on(builder.host, command, sudo=builder.sudo, env=env, timeout=3600)
         if not ok:
-            return _fail(host, f"{what} on {plan.builder} failed: {_nix_error(lines)}")
+            cause = _nix_error(lines)
+            if "lacks a valid signature" in cause:
+                cause += (
+                    f"; {plan.target}'s Nix does not trust {plan.builder}'s signing key: "
+                    "run deploys/secrets.py"
+                )
+            elif "Host key verification failed" in " ".join(lines):
+                cause = (
+                    f"{plan.builder} cannot verify {plan.target}'s SSH host key: set its "
+                    "ssh_host_key and run deploys/secrets.py"
+                )
+            return _fail(host, f"{what} on {plan.builder} failed: {cause}")
     host.log_styled(f"copied {plan.desired} from {plan.builder}", log_func=logger.info)
     return True
 

@@ -16,14 +16,12 @@ from pyinfra import logger
 from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
 from pyinfra.context import host as current_host
-from pyinfra.facts.files import File, FileContents
+from pyinfra.facts.files import File
 
 from operations.fleet import HostSpec
 from operations.nix import NixConfig
 from operations.nixos import (
     CURRENT_SYSTEM,
-    DEPLOY_KEY,
-    SIGNING_KEY,
     SYSTEM_PROFILE,
     Builder,
     DeployFailed,
@@ -34,13 +32,12 @@ from operations.nixos import (
     is_built,
     toplevel_attr,
 )
+from operations.secrets import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
 from operations.summary import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
-
-HOST_KEY_FILE = "/etc/ssh/ssh_host_ed25519_key.pub"
 
 
 def reach_builder(target: Host, spec: HostSpec) -> Builder:
@@ -65,6 +62,11 @@ def reach_builder(target: Host, spec: HostSpec) -> Builder:
 def check_builder(builder: Builder, spec: HostSpec) -> None:
     """Fail unless the builder's Nix accepts the target's system and has the push keys."""
     name = builder.host.name
+    if not spec.ssh_host_key:
+        raise DeployFailed(
+            f"{spec.name} has no ssh_host_key, so {name} cannot verify it: set it to the "
+            "host's public key and run `pyinfra inventory.py deploys/secrets.py`"
+        )
     config = builder.host.get_fact(NixConfig, _sudo=builder.sudo) or {}
     platforms = {config.get("system"), *(config.get("extra-platforms") or [])}
     if spec.nix_system not in platforms:
@@ -73,24 +75,12 @@ def check_builder(builder: Builder, spec: HostSpec) -> None:
             f"extra-platforms for it): add {spec.nix_system} to {name}'s "
             "binfmt_emulated_systems and run `pyinfra inventory.py deploys/nas.py`"
         )
-    for path, what in ((DEPLOY_KEY, "SSH deploy key"), (SIGNING_KEY, "Nix signing key")):
+    for path, what in ((DEPLOY_KEY_PATH, "SSH deploy key"), (SIGNING_KEY_PATH, "Nix signing key")):
         if not builder.host.get_fact(File, path=path, _sudo=builder.sudo):
             raise DeployFailed(
                 f"builder {name} has no {what} at {path}: install it from sops with "
                 "`pyinfra inventory.py deploys/secrets.py`"
             )
-
-
-def target_host_key(target: Host, spec: HostSpec) -> str:
-    """The target's SSH host key for the builder to verify: data, else read over the
-    controller's own connection, which pyinfra opened with strict host-key checking."""
-    if spec.ssh_host_key:
-        return spec.ssh_host_key
-    key = target.get_fact(File, path=HOST_KEY_FILE)
-    if not key:
-        raise DeployFailed(f"{spec.name} has no {HOST_KEY_FILE}: set ssh_host_key in its host data")
-    contents = target.get_fact(FileContents, path=HOST_KEY_FILE) or []
-    return " ".join(" ".join(contents).split()[:2])
 
 
 def plan_deploy(target: Host, spec: HostSpec, builder: Builder) -> Plan:

@@ -302,14 +302,27 @@ def test_unknown_package_manager_fails_that_host():
     )
 
 
-def test_foreign_local_conf_fails_that_host():
+def test_foreign_local_conf_fails_that_host_before_anything_is_registered():
     host = debian_builder(
-        facts=[(FileContents, ["# mine", ARM_LINE], {"path": "/etc/binfmt.d/qemu-aarch64.conf"})]
+        facts=[
+            (FileContents, ["# mine", ARM_LINE], {"path": "/etc/binfmt.d/qemu-aarch64.conf"}),
+            (BinfmtHandlers, {}, {}),
+        ]
     )
     (command,) = shell(run(host, emulated_systems, ["aarch64-linux"]))
     assert command.startswith(
         "_log_and_fail: nas: /etc/binfmt.d/qemu-aarch64.conf was not written by nixpush"
     )
+
+
+def test_identical_local_conf_written_by_hand_is_left_alone():
+    host = debian_builder(
+        facts=[(FileContents, [AARCH64_LINE], {"path": "/etc/binfmt.d/qemu-aarch64.conf"})]
+    )
+    assert run(host, emulated_systems, ["aarch64-linux"]) == []
+    assert host.noops == [
+        "binfmt handlers qemu-aarch64 are enabled with flag F and persisted in /etc/binfmt.d"
+    ]
 
 
 def test_hostile_or_unknown_system_rejected():

@@ -6,6 +6,7 @@ import pytest
 from pyinfra.api.inventory import Inventory
 
 from operations.fleet import ROOTS, builders, check_fleet, host_spec
+from operations.secrets import host_secrets
 from tests.unit.conftest import REPO, load_inventory
 
 # The roots table from the owner's notes (seeds/000): root -> hosts.
@@ -75,8 +76,9 @@ def test_server_root_makes_nas_a_builder_for_aarch64(inventory):
 
 
 def test_network_root_installs_the_tailscale_pre_auth_key(inventory):
+    # host_secrets merges every root's list (pyinfra's data keeps only one group's).
     for host in inventory.get_group("network"):
-        keys = [secret["key"] for secret in host.data.get("secrets", [])]
+        keys = [secret.label for secret in host_secrets(host)]
         assert "headscale/pre_auth" in keys, host.name
 
 

@@ -1,0 +1,46 @@
+"""Prepare the current host as a builder: QEMU binfmt for the systems it emulates, Nix settings.
+
+A host is a builder when its data lists ``binfmt_emulated_systems`` or another host names it
+as ``builder_host``. Run with ``pyinfra inventory.py deploys/nas.py``.
+"""
+
+from __future__ import annotations
+
+from pyinfra.context import host, state
+
+from operations import binfmt, nix
+from operations.fleet import builders, check_fleet
+from operations.preconditions import runs_nixos
+
+specs = check_fleet(state.inventory)
+spec = specs[host.name]
+systems = list(spec.binfmt_emulated_systems)
+
+if host.name not in builders(specs):
+    host.noop(f"{host.name} builds for nobody")
+elif runs_nixos():
+    # Both only check on NixOS. Nix first: its failure names every option to set
+    # (boot.binfmt.emulatedSystems included) in one message instead of one per run.
+    nix.nix_settings(
+        name="Check Nix builds for the emulated systems (NixOS)",
+        systems=systems,
+        max_jobs=spec.nix_max_jobs,
+    )
+    binfmt.emulated_systems(
+        name="Check QEMU binfmt handlers (NixOS)",
+        systems=systems,
+        native_system=spec.nix_system,
+    )
+else:
+    # QEMU first: a host it cannot be set up on (no apt-get, a foreign /etc/binfmt.d file)
+    # fails before nix.conf changes, so nothing is half-applied.
+    binfmt.emulated_systems(
+        name="Register QEMU binfmt handlers",
+        systems=systems,
+        native_system=spec.nix_system,
+    )
+    nix.nix_settings(
+        name="Let Nix build for the emulated systems",
+        systems=systems,
+        max_jobs=spec.nix_max_jobs,
+    )

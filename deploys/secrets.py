@@ -1,0 +1,91 @@
+"""Install every host's secrets from sops, and the SSH and Nix trust the push deploy needs.
+
+Run with ``SOPS_AGE_KEY_FILE=~/.config/sops/age/keys.txt pyinfra inventory.py deploys/secrets.py``.
+
+- every host: its ``secrets`` (merged from all its roots, see ``host_secrets``), decrypted on
+  the controller and written through stdin;
+- a target (it has ``builder_host``): its ``ssh_user`` authorizes the builder's deploy key and
+  its Nix trusts the builder's signing key (both public halves derived in memory);
+- a builder: the public halves sit next to its deploy and signing keys (``ssh -i`` refuses a
+  key whose ``.pub`` differs), and ``/etc/nixpush/known_hosts`` holds each of its targets'
+  ``ssh_host_key``.
+
+Everything is decrypted and checked here, at prepare time, so a missing key, a wrong age key or
+a missing owner stops the run before any host changes. ``--dry`` lists the secret files that
+would change, never their content.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+
+from pyinfra.context import host, inventory
+from pyinfra.operations import files
+
+from operations import secrets, ssh
+from operations.fleet import FleetError, check_fleet
+
+specs = check_fleet(inventory)
+spec = specs[host.name]
+planned = secrets.plan_secrets(host)
+
+trust = None
+if spec.builder_host is not None:
+    trust = ssh.builder_trust(inventory.get_host(spec.builder_host), host.name)
+
+targets = [other for other in specs.values() if other.builder_host == host.name]
+unknown = [t.name for t in targets if t.ssh_host_key is None or t.ssh_hostname is None]
+if unknown:
+    raise FleetError(
+        [
+            f"{name}: ssh_host_key is missing, so {host.name} can't verify it when pushing; "
+            "set it to the host's public key (`ssh-keyscan -t ed25519 HOST`, checked out of band)"
+            for name in unknown
+        ]
+    )
+own = ssh.builder_trust(host, host.name) if targets else None
+# TODO: pull builds: a target with builder_user gets its builder-client key (declare it in
+# its secrets) and the builder's nix-ssh user authorizes it, restricted to nix-daemon --stdio.
+
+for item in planned:
+    secrets.secret_file(
+        name=f"Install secret {item.secret.label} at {item.secret.dest}",
+        dest=item.secret.dest,
+        content=item.value,
+        owner=item.secret.owner,
+        group=item.secret.group,
+        mode=item.secret.mode,
+    )
+
+if trust is not None:
+    ssh.authorized_key(
+        name=f"Authorize {spec.builder_host}'s deploy key for the deploy user",
+        user=spec.ssh_user or "root",
+        key=trust.ssh_public_key,
+    )
+    secrets.trusted_public_key(
+        name=f"Trust store paths signed by {spec.builder_host}",
+        key=trust.nix_public_key,
+    )
+
+if own is not None:
+    for path, public in (
+        (secrets.DEPLOY_KEY_PATH, own.ssh_public_key),
+        (secrets.SIGNING_KEY_PATH.removesuffix(".sec"), own.nix_public_key),
+    ):
+        files.put(
+            name=f"Write {path}.pub",
+            src=StringIO(f"{public}\n"),
+            dest=f"{path}.pub",
+            user="root",
+            group="root",
+            mode="644",
+        )
+
+for target in targets:
+    assert target.ssh_hostname is not None and target.ssh_host_key is not None
+    ssh.known_host(
+        name=f"Know {target.name}'s host key",
+        host_pattern=ssh.known_hosts_name(target.ssh_hostname, target.ssh_port),
+        key=target.ssh_host_key,
+    )

@@ -1,0 +1,594 @@
+"""
+Secrets from the sops file onto hosts: declared as data, decrypted on the controller, written
+atomically through stdin.
+
+A host's secrets are its ``secrets`` data: lists of entries like
+
+.. code:: python
+
+    {"key": "headscale/pre_auth", "dest": "/run/secrets/headscale-pre-auth",
+     "owner": "root", "group": "root", "mode": "0600"}
+
+Deploy code plans them at prepare time, so every error (bad data, sops, a missing owner) stops
+the run before any host is touched; the ``secret_file`` operation then installs each one:
+
+.. code:: python
+
+    for planned in plan_secrets(host):
+        secrets.secret_file(
+            name=f"Install secret {planned.secret.label} at {planned.secret.dest}",
+            dest=planned.secret.dest, content=planned.value,
+            owner=planned.secret.owner, group=planned.secret.group, mode=planned.secret.mode,
+        )
+
+Where the plaintext goes: the controller's memory (``Plaintext``, masked when printed), then
+the stdin of one command per changed file. Never argv, environment, pyinfra's output (it does
+not print ``_stdin``), files on the controller or messages. The file's sha256 is read back to
+compare: it is printed by facts at ``-vvv``, like any fact output.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import posixpath
+import re
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass
+from io import StringIO
+from typing import TYPE_CHECKING, Any
+
+from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
+from pyinfra.api.exceptions import OperationError, PyinfraError
+from pyinfra.api.facts import FactBase
+from pyinfra.api.operation import operation
+from pyinfra.context import host
+from pyinfra.operations import files
+from typing_extensions import override
+
+from operations.fleet import FleetError
+from operations.nix import (
+    NIX_CONF,
+    NixConfig,
+    NixConfText,
+    nix_conf_values,
+    restart_nix_daemon,
+    set_nix_conf,
+)
+from operations.preconditions import (
+    fail_host,
+    nix_list,
+    nixos_options_error,
+    require_root,
+    runs_nixos,
+)
+from operations.sops import KeyPath, Plaintext, SopsError, decrypt, key_path_text, parse_key_path
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+
+# Where the builder keeps what it pushes with (group_data/server.py declares them).
+DEPLOY_KEY_PATH = "/etc/nixpush/deploy_ed25519"
+# Nix's `secret-key-files` is not set on the builder: the push deploy signs each closure
+# explicitly (`nix store sign -k SIGNING_KEY_PATH`), so the daemon never needs the key.
+SIGNING_KEY_PATH = "/etc/nixpush/signing-key.sec"
+
+DEFAULT_MODE = 0o600
+_ENTRY_KEYS = ("key", "dest", "owner", "group", "mode")
+# Account names (useradd's rules, plus upper case). Not numeric ids: the fact reads names back,
+# so an id would never compare equal and every run would chown again.
+_ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
+_FILE_MARK = "nixpush: file"
+_OTHER_MARK = "nixpush: not a regular file"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Secret:
+    """
+    One secret to install, parsed from a ``secrets`` entry by ``host_secrets``.
+
+    + key: the sops key path, e.g. ``("headscale", "pre_auth")``
+    + dest: absolute path on the host
+    + owner, group: the file's owner and group (default ``root``)
+    + mode: permission bits (default ``0o600``)
+    """
+
+    key: KeyPath
+    dest: str
+    owner: str = "root"
+    group: str = "root"
+    mode: int = DEFAULT_MODE
+
+    @property
+    def label(self) -> str:
+        """The key path as messages show it: ``secret.label == "headscale/pre_auth"``."""
+        return key_path_text(self.key)
+
+
+@dataclass(frozen=True)
+class PlannedSecret:
+    """A secret with its decrypted value, ready for ``secret_file``."""
+
+    secret: Secret
+    value: Plaintext
+
+
+class SecretError(PyinfraError):
+    """
+    A secret can't be installed on a host. The message names the host, the secret and the
+    fix, and never holds decrypted text.
+    """
+
+    def __init__(self, host_name: str, secret: str, problem: str, fix: str) -> None:
+        self.host_name = host_name
+        self.secret = secret
+        self.problem = problem
+        self.fix = fix
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        """The text pyinfra's CLI prints (it reads ``.message`` when present)."""
+        return f"{self.host_name}: secret {self.secret}: {self.problem}; {self.fix}"
+
+
+# Data: parsing and merging
+
+
+def parse_mode(value: Any) -> int:
+    """
+    Permission bits from data: ``"0600"``, ``"600"`` or pyinfra's octal-looking int ``600``.
+    Raises ValueError.
+    """
+    text = (
+        str(value).strip() if isinstance(value, str | int) and not isinstance(value, bool) else ""
+    )
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError(f'mode {value!r} is not a permission like "0600"')
+    return int(text, 8)
+
+
+def parse_secret(entry: Any) -> tuple[Secret | None, list[str]]:
+    """One ``secrets`` entry as a ``Secret``, or None and what is wrong with it (each a fix)."""
+    if not isinstance(entry, Mapping):
+        return None, [
+            f'entry {entry!r} is not a mapping; write it like {{"key": ..., "dest": ...}}'
+        ]
+    problems: list[str] = []
+    unknown = [str(k) for k in entry if k not in _ENTRY_KEYS]
+    if unknown:
+        problems.append(
+            f"has unknown fields {', '.join(unknown)}; use only {', '.join(_ENTRY_KEYS)}"
+        )
+
+    key: KeyPath = ()
+    raw_key = entry.get("key")
+    if not isinstance(raw_key, str):
+        problems.append(f'key is {raw_key!r}; set it to a sops key path like "headscale/pre_auth"')
+    else:
+        try:
+            key = parse_key_path(raw_key)
+        except ValueError as e:
+            problems.append(f"key: {e}")
+
+    dest = entry.get("dest")
+    if not isinstance(dest, str) or not _is_clean_absolute(dest):
+        problems.append(
+            f"dest is {dest!r}; set it to an absolute, normalised file path like "
+            '"/run/secrets/name"'
+        )
+
+    accounts: dict[str, str] = {}
+    for field in ("owner", "group"):
+        value = entry.get(field, "root")
+        if not isinstance(value, str) or not _ACCOUNT.fullmatch(value):
+            problems.append(f"{field} is {value!r}; set it to a user or group name")
+        else:
+            accounts[field] = value
+
+    mode = DEFAULT_MODE
+    if "mode" in entry:
+        try:
+            mode = parse_mode(entry["mode"])
+        except ValueError as e:
+            problems.append(f'{e}; write it as a string like "0600"')
+
+    if problems:
+        return None, problems
+    assert isinstance(dest, str)
+    return Secret(key=key, dest=dest, mode=mode, **accounts), []
+
+
+def _is_clean_absolute(path: str) -> bool:
+    return (
+        path.startswith("/")
+        and path != "/"
+        and posixpath.normpath(path) == path
+        and not any(c in path for c in "\0\n\r")
+    )
+
+
+def _sources(host: Host) -> list[tuple[str, Any, bool]]:
+    """(where, the ``secrets`` value, whether it overrides) per place data can be set."""
+    inventory = host.inventory
+    places: list[tuple[str, Mapping[str, Any], bool]] = [("all data", inventory.data, False)]
+    places += [
+        (f"group {group}", inventory.group_data.get(group, {}), False)
+        for group in dict.fromkeys(str(g) for g in host.groups)
+    ]
+    places += [
+        ("host data", inventory.host_data.get(host.name, {}), True),
+        ("--data", inventory.override_data, True),
+    ]
+    return [
+        (where, data["secrets"], overrides)
+        for where, data, overrides in places
+        if "secrets" in data
+    ]
+
+
+def host_secrets(host: Host) -> list[Secret]:
+    """
+    Every secret ``host`` gets, merged from all the places its ``secrets`` can be set.
+
+    pyinfra replaces a data key set by two groups (the later group wins), which would give a
+    host in ``network`` and ``server`` only one root's secrets. So the lists are merged here:
+    the ``secrets`` of ``all`` data, of every group the host is in (its roots), of its host data
+    and of ``--data``, in that order, deduplicated by ``dest``. Host data and ``--data`` replace
+    an entry with the same ``dest``; two groups declaring one ``dest`` differently is an error.
+    Raises ``FleetError`` naming the host, the entry and the fix.
+
+    + host: a pyinfra ``Host``
+
+    .. code:: python
+
+        [s.dest for s in host_secrets(inventory.get_host("nas"))]
+        # ["/run/secrets/headscale-pre-auth", "/etc/nixpush/deploy_ed25519", ...]
+    """
+    merged: dict[str, tuple[str, Secret]] = {}
+    problems: list[str] = []
+    for where, value, overrides in _sources(host):
+        if not isinstance(value, list | tuple):
+            problems.append(
+                f"{host.name}: secrets in {where} is {value!r}; set it to a list of entries"
+            )
+            continue
+        for index, entry in enumerate(value):
+            secret, entry_problems = parse_secret(entry)
+            label = f"{host.name}: secrets[{index}] in {where}"
+            problems.extend(f"{label} {problem}" for problem in entry_problems)
+            if secret is None:
+                continue
+            previous = merged.get(secret.dest)
+            if previous is not None and previous[1] != secret and not overrides:
+                problems.append(
+                    f"{label} installs {secret.dest} differently from {previous[0]}; "
+                    "declare it in one group, or set it in host data to override"
+                )
+                continue
+            merged[secret.dest] = (where, secret)
+    if problems:
+        raise FleetError(problems)
+    return [secret for _, secret in merged.values()]
+
+
+# Planning: decrypt and check on the controller before anything runs
+
+
+def sops_file(host: Host, secret: Secret) -> str:
+    """The host's ``sops_file``, or ``SecretError`` saying to set it."""
+    path = host.data.get("sops_file")
+    if not isinstance(path, str) or not path:
+        raise SecretError(
+            host.name,
+            f"{secret.label} ({secret.dest})",
+            "sops_file is not set, so there is nothing to decrypt it from",
+            "set sops_file in its host or group data to the sops-encrypted secrets file",
+        )
+    return path
+
+
+def decrypt_secret(host: Host, secret: Secret) -> Plaintext:
+    """``secret``'s value from ``host``'s sops file (once per run), or ``SecretError``."""
+    try:
+        return decrypt(sops_file(host, secret), secret.key)
+    except SopsError as e:
+        raise SecretError(host.name, f"{secret.label} ({secret.dest})", e.problem, e.fix) from None
+
+
+def plan_secrets(host: Host, secrets: Sequence[Secret] | None = None) -> list[PlannedSecret]:
+    """
+    ``host``'s secrets (``host_secrets`` unless given) decrypted, after checking that every
+    owner and group exists on the host. Call it from deploy code: it raises ``SecretError`` or
+    ``FleetError`` at prepare time, before any host is changed.
+
+    + host: the pyinfra ``Host`` the secrets are for
+    + secrets: the secrets to plan; by default all of the host's
+    """
+    chosen = host_secrets(host) if secrets is None else list(secrets)
+    planned = [PlannedSecret(secret, decrypt_secret(host, secret)) for secret in chosen]
+    users = sorted({s.owner for s in chosen})
+    groups = sorted({s.group for s in chosen})
+    if chosen:
+        answer: list[str] = host.get_fact(MissingAccounts, users=users, groups=groups)
+        missing = set(answer)
+        for secret in chosen:
+            for kind, account in (("user", secret.owner), ("group", secret.group)):
+                if f"{kind}:{account}" in missing:
+                    raise SecretError(
+                        host.name,
+                        f"{secret.label} ({secret.dest})",
+                        f"its {'owner' if kind == 'user' else 'group'} {account!r} does not "
+                        "exist on the host",
+                        f"create the {kind} on the host, or change the entry's "
+                        f"{'owner' if kind == 'user' else 'group'}",
+                    )
+    return planned
+
+
+def builder_secret(builder: Host, dest: str, for_host: str) -> tuple[Secret, Plaintext]:
+    """
+    The builder's secret installed at ``dest`` (``DEPLOY_KEY_PATH``, ``SIGNING_KEY_PATH``)
+    and its value, for deriving what a target trusts. ``SecretError`` if it has none.
+    """
+    for secret in host_secrets(builder):
+        if secret.dest == dest:
+            return secret, decrypt_secret(builder, secret)
+    raise SecretError(
+        for_host,
+        dest,
+        f"its builder {builder.name} has no secret installed at {dest}",
+        f"add one to {builder.name}'s secrets (group_data/server.py, for the server root)",
+    )
+
+
+def nix_public_key(secret_key: Plaintext) -> str:
+    """
+    The public key of a Nix signing secret key (``name:base64``), computed in memory:
+    what ``nix key convert-secret-to-public`` prints. A Nix secret key is libsodium's Ed25519
+    secret key, seed then public key, so the public key is its last 32 bytes.
+    Raises ValueError (without the key's text).
+    """
+    name, _, encoded = secret_key.reveal().strip().partition(":")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not name or len(raw) != 64:
+        raise ValueError(f"{secret_key} is not a Nix signing secret key (name:base64 of 64 bytes)")
+    return f"{name}:{base64.b64encode(raw[32:]).decode()}"
+
+
+# Facts
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What a destination is now: a regular file's mode, owner, group and content hash."""
+
+    regular: bool
+    mode: int | None = None
+    owner: str | None = None
+    group: str | None = None
+    sha256: str | None = None
+
+
+class SecretFile(FactBase[FileState | None]):
+    """
+    A destination's state without its content: ``FileState(regular=True, mode=0o600,
+    owner="root", group="root", sha256="...")``; ``regular=False`` for a directory, symlink or
+    other non-file; None when nothing is there.
+    """
+
+    @override
+    def command(self, path: str) -> StringCommand:
+        p = QuoteString(path)
+        return StringCommand(
+            "if [ -L", p, "] || { [ -e", p, "] && [ ! -f", p, "]; }; then echo",
+            QuoteString(_OTHER_MARK),
+            "; elif [ -f", p, "]; then echo", QuoteString(_FILE_MARK),
+            "&& stat -c '%a %U %G'", p, "&& sha256sum <", p,
+            "; fi || true",
+        )  # fmt: skip
+
+    @override
+    def process(self, output: list[str]) -> FileState | None:
+        if not output:
+            return None
+        if output[0] == _OTHER_MARK:
+            return FileState(regular=False)
+        if output[0] != _FILE_MARK or len(output) < 3:
+            return None
+        mode, owner, group = output[1].split()
+        return FileState(
+            regular=True, mode=int(mode, 8), owner=owner, group=group, sha256=output[2].split()[0]
+        )
+
+
+class MissingAccounts(FactBase[list[str]]):
+    """Which of ``users`` and ``groups`` don't exist: ``["user:alice", "group:media"]``."""
+
+    @override
+    def command(self, users: Sequence[str], groups: Sequence[str]) -> StringCommand:
+        parts: list[Any] = []
+        for user in users:
+            parts += [
+                "id -u --",
+                QuoteString(user),
+                ">/dev/null 2>&1 || echo",
+                QuoteString(f"user:{user}"),
+                ";",
+            ]
+        for group in groups:
+            parts += [
+                "getent group",
+                QuoteString(group),
+                ">/dev/null 2>&1 || echo",
+                QuoteString(f"group:{group}"),
+                ";",
+            ]
+        parts.append("true")
+        return StringCommand(*parts)
+
+    @override
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+    @override
+    def process(self, output: list[str]) -> list[str]:
+        return [line for line in output if line.startswith(("user:", "group:"))]
+
+
+# Command builders
+
+
+def _owner_spec(owner: str, group: str | None) -> str:
+    # `user:` (empty group) is chown's "the user's login group".
+    return f"{owner}:{group or ''}"
+
+
+def write_file(dest: str, content: str, owner: str, group: str | None, mode: int) -> StringCommand:
+    """
+    Replace ``dest`` atomically with ``content``, which travels on the command's stdin only.
+
+    Missing parent directories are created 0700 (owner: whoever runs it, root under sudo); the
+    temp file is created in ``dest``'s directory under umask 077, so it is never readable by
+    others, gets its owner and mode, then is renamed over ``dest``. The command line holds
+    paths, owner and mode, never the content: base64 on stdin keeps it byte for byte (pyinfra
+    appends a newline to stdin that doesn't end in one).
+    """
+    parent = posixpath.dirname(dest)
+    template = posixpath.join(parent, f".{posixpath.basename(dest)}.nixpush-XXXXXX")
+    encoded = base64.b64encode(content.encode()).decode()
+    return StringCommand(
+        "umask 077 && mkdir -p --", QuoteString(parent),
+        "&& tmp=$(mktemp", QuoteString(template), ") && {",
+        'base64 -d > "$tmp"',
+        "&& chown --", QuoteString(_owner_spec(owner, group)), '"$tmp"',
+        f"&& chmod {mode:04o}", '"$tmp"',
+        '&& mv -fT "$tmp"', QuoteString(dest),
+        '|| { rm -f "$tmp"; exit 1; }; }',
+        _stdin=encoded,
+    )  # fmt: skip
+
+
+def chown_file(dest: str, owner: str, group: str | None) -> StringCommand:
+    return StringCommand("chown --", QuoteString(_owner_spec(owner, group)), QuoteString(dest))
+
+
+def chmod_file(dest: str, mode: int) -> StringCommand:
+    return StringCommand(f"chmod {mode:04o}", QuoteString(dest))
+
+
+# Operations
+
+
+@operation()
+def secret_file(
+    dest: str,
+    content: Plaintext,
+    owner: str = "root",
+    group: str = "root",
+    mode: int = DEFAULT_MODE,
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Install a decrypted secret at ``dest`` with ``owner``, ``group`` and ``mode``.
+
+    + dest: absolute path on the host
+    + content: the decrypted value (``plan_secrets`` or ``decrypt``); only its hash is compared
+    + owner, group: the file's owner and group; they must exist on the host
+    + mode: permission bits, e.g. ``0o600``
+
+    The file is compared by sha256, mode, owner and group. Equal: nothing to do. Only the
+    mode or owner differs: chmod / chown. Otherwise the content is written atomically from
+    stdin (see ``write_file``). A directory or symlink at ``dest`` is an error.
+
+    **Example:**
+
+    .. code:: python
+
+        secrets.secret_file(
+            name="Install the Tailscale pre-auth key",
+            dest="/run/secrets/headscale-pre-auth",
+            content=decrypt("secrets.yaml", ("headscale", "pre_auth")),
+        )
+    """
+    if not _is_clean_absolute(dest):
+        raise OperationError(f"{host.name}: secret destination {dest!r} is not an absolute path")
+    current = host.get_fact(SecretFile, path=dest)
+    if current is not None and not current.regular:
+        raise OperationError(
+            f"{host.name}: {dest} is a directory, symlink or other non-file, not the secret "
+            f"{content.label}; remove it or choose another dest"
+        )
+    if current is None or current.sha256 != content.sha256:
+        yield write_file(dest, content.reveal(), owner, group, mode)
+        return
+    if current.owner == owner and current.group == group and current.mode == mode:
+        host.noop(f"{dest} is already up to date")
+        return
+    if (current.owner, current.group) != (owner, group):
+        yield chown_file(dest, owner, group)
+    if current.mode != mode:
+        yield chmod_file(dest, mode)
+
+
+# Nix: trust the builder's signing key. This belongs in operations/nix.py (nix_settings sets
+# only builder settings); it is here while that module has another owner.
+
+
+def _check_public_key(key: str) -> None:
+    name, _, encoded = key.partition(":")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not name or len(raw) != 32 or any(c.isspace() or c == "#" for c in key):
+        raise OperationError(
+            f"{host.name}: {key!r} is not a Nix public key (name:base64 of 32 bytes)"
+        )
+
+
+@operation()
+def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraCommand, None, None]:
+    """
+    Make the host's Nix accept store paths signed by ``key``.
+
+    + key: a Nix public key, ``name:base64`` (``nix_public_key`` of the builder's signing key)
+    + nix_conf: path of nix.conf
+
+    The key is added to nix.conf's ``extra-trusted-public-keys`` (other lines kept) unless it
+    is already listed there or in ``trusted-public-keys``; the daemon is restarted only when
+    the file changed. On NixOS nothing is written: the host fails with the option to set
+    unless Nix already trusts the key.
+
+    **Example:**
+
+    .. code:: python
+
+        secrets.trusted_public_key(key="nas-1:8Kf...=")
+    """
+    _check_public_key(key)
+    config = host.get_fact(NixConfig)
+    if config is None:
+        yield fail_host(OperationError(f"{host.name}: nix is not installed"))
+        return
+    if runs_nixos():
+        if key in (config.get("trusted-public-keys") or []):
+            host.noop(f"{host.name} runs NixOS and its Nix already trusts {key}")
+        else:
+            option = f"nix.settings.trusted-public-keys = {nix_list([key])};"
+            yield fail_host(nixos_options_error(host.name, [option]))
+        return
+
+    require_root(f"Nix's trusted keys live in {nix_conf}")
+    text = host.get_fact(NixConfText, path=nix_conf)
+    current = text or ""
+    extra = nix_conf_values(current, "extra-trusted-public-keys") or []
+    if key in extra or key in (nix_conf_values(current, "trusted-public-keys") or []):
+        host.noop(f"{nix_conf} already trusts {key}")
+        return
+    new = set_nix_conf(current, {"extra-trusted-public-keys": " ".join([*extra, key])})
+    yield from files.put._inner(src=StringIO(new), dest=nix_conf)
+    yield from restart_nix_daemon._inner()

