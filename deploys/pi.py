@@ -14,7 +14,7 @@ its report, then set the profile and switch-to-configuration, and verify.
 
 from pyinfra import host, state
 
-from operations import nixos, push, secrets, ssh
+from operations import nix, nixos, push, ssh
 from operations.fleet import check_fleet
 from operations.nixos import DeployFailed
 from operations.summary import summary_for
@@ -42,9 +42,7 @@ else:
             user=spec.ssh_user or "root",
             key=trust.ssh_public_key,
         )
-        secrets.trusted_public_key(
-            name="Trust paths signed by the builder", key=trust.nix_public_key
-        )
+        nix.trusted_public_key(name="Trust paths signed by the builder", key=trust.nix_public_key)
         nixos.build_toplevel(name="Build the system on its builder", plan=plan, builder=builder)
         nixos.copy_closure(
             name="Copy the closure from the builder",

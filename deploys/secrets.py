@@ -22,7 +22,7 @@ from io import StringIO
 from pyinfra.context import host, inventory
 from pyinfra.operations import files
 
-from operations import secrets, ssh
+from operations import nix, secrets, ssh
 from operations.fleet import FleetError, check_fleet
 
 specs = check_fleet(inventory)
@@ -63,7 +63,7 @@ if trust is not None:
         user=spec.ssh_user or "root",
         key=trust.ssh_public_key,
     )
-    secrets.trusted_public_key(
+    nix.trusted_public_key(
         name=f"Trust store paths signed by {spec.builder_host}",
         key=trust.nix_public_key,
     )

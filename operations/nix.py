@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from collections.abc import Generator, Mapping, Sequence
 from io import StringIO
@@ -311,3 +312,59 @@ def _check_nixos(
             f"{host.name} runs NixOS and its Nix already builds {', '.join(systems) or 'natively'} "
             f"with max-jobs = {config.get('max-jobs')}",
         )
+
+
+def _check_public_key(key: str) -> None:
+    name, _, encoded = key.partition(":")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if not name or len(raw) != 32 or any(c.isspace() or c == "#" for c in key):
+        raise OperationError(
+            f"{host.name}: {key!r} is not a Nix public key (name:base64 of 32 bytes)"
+        )
+
+
+@operation()
+def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraCommand, None, None]:
+    """
+    Make the host's Nix accept store paths signed by ``key``.
+
+    + key: a Nix public key, ``name:base64`` (``nix_public_key`` of the builder's signing key)
+    + nix_conf: path of nix.conf
+
+    The key is added to nix.conf's ``extra-trusted-public-keys`` (other lines kept) unless it
+    is already listed there or in ``trusted-public-keys``; the daemon is restarted only when
+    the file changed. On NixOS nothing is written: the host fails with the option to set
+    unless Nix already trusts the key.
+
+    **Example:**
+
+    .. code:: python
+
+        nix.trusted_public_key(key="nas-1:8Kf...=")
+    """
+    _check_public_key(key)
+    config = host.get_fact(NixConfig)
+    if config is None:
+        yield fail_host(OperationError(f"{host.name}: nix is not installed"))
+        return
+    if runs_nixos():
+        if key in (config.get("trusted-public-keys") or []):
+            host.noop(f"{host.name} runs NixOS and its Nix already trusts {key}")
+        else:
+            option = f"nix.settings.trusted-public-keys = {nix_list([key])};"
+            yield fail_host(nixos_options_error(host.name, [option]))
+        return
+
+    require_root(f"Nix's trusted keys live in {nix_conf}")
+    text = host.get_fact(NixConfText, path=nix_conf)
+    current = text or ""
+    extra = nix_conf_values(current, "extra-trusted-public-keys") or []
+    if key in extra or key in (nix_conf_values(current, "trusted-public-keys") or []):
+        host.noop(f"{nix_conf} already trusts {key}")
+        return
+    new = set_nix_conf(current, {"extra-trusted-public-keys": " ".join([*extra, key])})
+    yield from files.put._inner(src=StringIO(new), dest=nix_conf)
+    yield from restart_nix_daemon._inner()

@@ -19,7 +19,7 @@ from pyinfra.facts.server import User
 
 from operations import secrets, sops, ssh
 from operations.fleet import FleetError
-from operations.nix import NixConfig, NixConfText
+from operations.nix import NixConfig, NixConfText, trusted_public_key
 from operations.secrets import (
     FileState,
     MissingAccounts,
@@ -32,7 +32,6 @@ from operations.secrets import (
     parse_secret,
     plan_secrets,
     secret_file,
-    trusted_public_key,
     write_file,
 )
 from operations.sops import Plaintext
