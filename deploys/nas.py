@@ -11,9 +11,12 @@ from pyinfra.context import host, state
 from operations import binfmt, nix
 from operations.fleet import builders, check_fleet
 from operations.preconditions import runs_nixos
+from operations.summary import summary_for
 
 specs = check_fleet(state.inventory)
 spec = specs[host.name]
+# Names every host that failed in the run summary (and in nixpush-run's report).
+summary_for(state)
 systems = list(spec.binfmt_emulated_systems)
 
 if host.name not in builders(specs):

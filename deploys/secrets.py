@@ -19,14 +19,17 @@ from __future__ import annotations
 
 from io import StringIO
 
-from pyinfra.context import host, inventory
+from pyinfra.context import host, inventory, state
 from pyinfra.operations import files
 
 from operations import nix, secrets, ssh
 from operations.fleet import FleetError, check_fleet
+from operations.summary import summary_for
 
 specs = check_fleet(inventory)
 spec = specs[host.name]
+# Names every host that failed in the run summary (and in nixpush-run's report).
+summary_for(state)
 planned = secrets.plan_secrets(host)
 
 trust = None

@@ -31,3 +31,28 @@ secrets = [
         "mode": "0600",
     },
 ]
+
+# Unattended runs of nixpush on the NAS (deploys/schedule.py installs them; README "Unattended
+# runs"). Off until the owner has checked the paths below against the NAS: `enabled: True`
+# installs systemd timers running `nixpush-run` as `user`, which needs the checkout, its venv,
+# the age key and SSH access to the fleet.
+schedule = {
+    "enabled": False,
+    "checkout": "/home/beau/nixpush",
+    "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
+    "user": "beau",
+    "age_key_file": "/home/beau/.config/sops/age/keys.txt",
+    "inventory": "inventory.py",
+    "state_dir": "/var/lib/nixpush",
+    "keep": 30,
+    # A timer that fires during another run waits this long for the lock, then exits 75.
+    "wait": 900,
+    "runs": {
+        # Drift check every hour: exit 2 (drift) is not a failed unit; the report says it.
+        # Limited to the always-on hosts: the desktop and laptop may be asleep, and a host
+        # that cannot be reached is a failure (exit 1) for nas.py and secrets.py.
+        "check": {"on_calendar": "hourly", "randomized_delay": "10min", "limit": ["nas", "pi4"]},
+        # Deploy the Pis at night.
+        "deploy": {"on_calendar": "*-*-* 03:30:00", "randomized_delay": "30min"},
+    },
+}

@@ -170,6 +170,35 @@ def evaluate_toplevel(builder: Host, attr: str, *, sudo: bool) -> str:
     return _evaluated[key]
 
 
+_flake_metadata: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def flake_metadata(builder: Host, flake: str, *, sudo: bool) -> dict[str, Any]:
+    """
+    What the builder resolves ``flake`` to: its git ``revision`` (None for a path or a dirty
+    tree), ``narHash`` and ``lastModified``; ``{"error": ...}`` when Nix cannot tell. Cached.
+    """
+    key = (builder.name, flake)
+    with _lock(key):
+        if key not in _flake_metadata:
+            command = StringCommand(*NIX, "flake", "metadata", "--json", QuoteString(flake))
+            ok, lines = run_on(builder, command, sudo=sudo, timeout=120)
+            try:
+                data = json.loads(lines[-1]) if ok and lines else None
+            except json.JSONDecodeError:
+                data = None
+            if not isinstance(data, dict):
+                _flake_metadata[key] = {"error": _nix_error(lines)}
+            else:
+                locked = data.get("locked") or {}
+                _flake_metadata[key] = {
+                    "revision": data.get("revision") or locked.get("rev"),
+                    "narHash": locked.get("narHash"),
+                    "lastModified": data.get("lastModified"),
+                }
+    return _flake_metadata[key]
+
+
 def _nix_error(lines: Sequence[str]) -> str:
     errors = [line.strip() for line in lines if line.strip().startswith("error:")]
     if errors:

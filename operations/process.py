@@ -22,6 +22,7 @@ def run_local(
     input: str | None = None,
     env: Mapping[str, str] | None = None,
     check: bool = False,
+    timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """
     Run ``args`` on the controller and capture its output as text.
@@ -30,6 +31,7 @@ def run_local(
     + input: text for the process's stdin (the only way to hand it a secret); else stdin is empty
     + env: variables added to (or replacing) the controller's environment for this process
     + check: raise ``subprocess.CalledProcessError`` on a non-zero exit
+    + timeout: seconds before the process is killed and ``subprocess.TimeoutExpired`` raised
 
     .. code:: python
 
@@ -46,6 +48,7 @@ def run_local(
         text=True,
         capture_output=True,
         check=check,
+        timeout=timeout,
     )
 
 

@@ -29,6 +29,7 @@ from operations.nixos import (
     StorePathLink,
     diff_closures,
     evaluate_toplevel,
+    flake_metadata,
     is_built,
     toplevel_attr,
 )
@@ -99,7 +100,10 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder) -> Plan:
         action=spec.deploy_action,
         built=is_built(builder.host, desired, sudo=builder.sudo),
     )
-    summary_for(target.state).planned(plan)
+    summary = summary_for(target.state)
+    summary.planned(plan)
+    if summary.wants_report:
+        summary.flake_seen(spec.flake, flake_metadata(builder.host, spec.flake, sudo=builder.sudo))
     if plan.up_to_date:
         target.log_styled(plan.noop_reason, log_func=logger.info)
     else:

@@ -2,6 +2,9 @@
 The end of a deploy run: one line per host (unchanged / deployed / failed with its cause),
 and an exit code that counts only the hosts the deploy acts on.
 
+When ``NIXPUSH_REPORT_FILE`` is set (``nixpush-run`` sets it), the same outcomes are also
+written there as JSON at exit, with each target's store paths: see ``RunSummary.report``.
+
 pyinfra connects to every inventory host before any deploy code runs; a desktop that is asleep
 fails that step. ``RunSummary.forgive`` takes such bystanders (hosts this deploy neither targets
 nor builds on) off pyinfra's failed list, so they neither fail the run nor stop it.
@@ -10,9 +13,11 @@ nor builds on) off pyinfra's failed list, so they neither fail the run nor stop 
 from __future__ import annotations
 
 import atexit
+import json
+import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyinfra import logger
 from pyinfra.api.state import State, StateStage
@@ -22,6 +27,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from operations.nixos import Plan
+
+REPORT_FILE_ENV = "NIXPUSH_REPORT_FILE"
 
 
 @dataclass
@@ -33,6 +40,18 @@ class RunSummary:
     causes: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     forgiven: set[str] = field(default_factory=set)
+    # Hosts that failed to connect, as seen at prepare time: at exit pyinfra has disconnected
+    # every host, so ``host.connected`` no longer tells them from hosts whose operation failed.
+    unreachable: set[str] = field(default_factory=set)
+    flakes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def wants_report(self) -> bool:
+        """Whether a machine-readable report was asked for (worth extra lookups, e.g. flakes)."""
+        return bool(os.environ.get(REPORT_FILE_ENV))
+
+    def flake_seen(self, ref: str, metadata: dict[str, Any]) -> None:
+        self.flakes[ref] = metadata
 
     def planned(self, plan: Plan) -> None:
         self.plans[plan.target] = plan
@@ -62,7 +81,7 @@ class RunSummary:
             plan = self.plans.get(name)
             if name in failed or name in self.causes:
                 cause = self.causes.get(name) or (
-                    "could not connect" if not host.connected else "an operation failed"
+                    "could not connect" if name in self.unreachable else "an operation failed"
                 )
                 result[name] = ("failed", cause)
             elif name in self.forgiven:
@@ -80,6 +99,46 @@ class RunSummary:
             else:
                 result[name] = ("deployed", f"{plan.action} {plan.desired}")
         return result
+
+    def report(self) -> dict[str, Any]:
+        """
+        The outcomes as JSON-ready data: per host in the run its status and cause and, for a
+        target that was planned, its action and current, profile and desired store paths
+        (None: nothing there). ``flakes``: what the builders resolved each flake to.
+        """
+        hosts: dict[str, dict[str, Any]] = {}
+        outcomes = self.outcomes()
+        for host in self.state.inventory:
+            # A host the deploy acted on without a nixpush outcome (deploys/nas.py's): nothing
+            # failed; whether pyinfra changed it is in pyinfra's own results.
+            if host.name not in outcomes and self.state.is_host_in_limit(host):
+                outcomes[host.name] = ("unchanged", "")
+        for name, (status, detail) in outcomes.items():
+            entry: dict[str, Any] = {"status": status, "cause": detail}
+            plan = self.plans.get(name)
+            if plan is not None:
+                entry.update(
+                    action=plan.action,
+                    current=plan.current,
+                    profile=plan.profile,
+                    desired=plan.desired,
+                )
+            hosts[name] = entry
+        return {
+            "executed": self.state.current_stage >= StateStage.Execute,
+            "hosts": hosts,
+            "flakes": self.flakes,
+        }
+
+    def write_report(self) -> None:
+        """Write ``report()`` to ``$NIXPUSH_REPORT_FILE``, if set (atomically: temp + rename)."""
+        path = os.environ.get(REPORT_FILE_ENV)
+        if not path:
+            return
+        partial = f"{path}.partial"
+        with open(partial, "w", encoding="utf-8") as out:
+            json.dump(self.report(), out, indent=2, sort_keys=True)
+        os.replace(partial, path)
 
     def lines(self) -> list[str]:
         return [f"{name}: {status}: {detail}" for name, (status, detail) in self.outcomes().items()]
@@ -101,6 +160,10 @@ def summary_for(state: State) -> RunSummary:
     real = state if isinstance(state, State) else ctx_state.get()
     key = id(real)
     if key not in _summaries:
-        _summaries[key] = RunSummary(real)
+        _summaries[key] = RunSummary(
+            real,
+            unreachable={h.name for h in real.failed_hosts if not h.connected},
+        )
         atexit.register(_summaries[key].print)
+        atexit.register(_summaries[key].write_report)
     return _summaries[key]

@@ -1,0 +1,46 @@
+"""Install nixpush's schedule on the controller: a systemd service and timer per mode that run
+``nixpush-run`` (check: drift; deploy: push the Pis), from the host's ``schedule`` data.
+
+    pyinfra inventory.py deploys/schedule.py
+
+A host whose ``schedule`` has ``enabled: True`` gets ``/etc/systemd/system/nixpush-<mode>.service``
+and ``.timer`` for each mode in ``runs``, then (only when a file changed) ``systemctl
+daemon-reload`` and ``enable --now`` of the timers; modes not in ``runs`` are removed. With
+``enabled: False`` (or no ``schedule``) any nixpush units are stopped, disabled and removed. A host
+without systemd fails with the cron line to use instead (``activate: False`` writes the files
+only). The data is described in ``operations/schedule.py``.
+"""
+
+from __future__ import annotations
+
+from pyinfra.context import host, state
+from pyinfra.facts.files import Directory
+
+from operations import schedule
+from operations.fleet import check_fleet
+from operations.summary import summary_for
+
+check_fleet(state.inventory)
+summary_for(state)
+wanted = schedule.parse_schedule(host.name, host.data.get("schedule"))
+units = schedule.unit_files(wanted) if wanted.enabled else {}
+unwanted = [
+    unit for mode in schedule.MODES for unit in schedule.unit_names(mode) if unit not in units
+]
+
+if units and wanted.activate and host.get_fact(Directory, path=schedule.SYSTEMD_RUNNING) is None:
+    # Nothing is written: unit files no systemd runs would look installed and never run.
+    schedule.unsupported(
+        name="Fail: no systemd for the schedule",
+        reason=schedule.no_systemd_reason(host.name, wanted),
+    )
+else:
+    schedule.removed_timers(
+        name="Remove unscheduled nixpush units", units=unwanted, activate=wanted.activate
+    )
+    if units:
+        schedule.timers(
+            name="Install nixpush's schedule (systemd timers)",
+            units=units,
+            activate=wanted.activate,
+        )

@@ -1,0 +1,301 @@
+"""
+``nixpush-run``: nixpush's entry point for unattended runs (a systemd timer, cron).
+
+    nixpush-run check             # dry run of every deploy: which hosts drifted; changes nothing
+    nixpush-run deploy            # runs the deploys for real, never asking
+    nixpush-run deploy --limit pi4 --wait 600 --state-dir /var/lib/nixpush
+
+Each deploy is one pyinfra CLI run (``--dry`` for check, ``-y`` for deploy; ``--json``; stdin
+empty), through ``operations.process.run_local``. nixpush's deploys write their run summary to
+``NIXPUSH_REPORT_FILE``; with pyinfra's JSON they make one report per run (see
+``operations.report``). The runner decrypts nothing itself: deploys/secrets.py does, inside
+pyinfra, and pyinfra's log never holds a secret's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+from operations import report
+from operations.process import find_program, run_local
+from operations.report import DeployResult, ExitCode
+
+DEFAULT_STATE_DIR = "/var/lib/nixpush"
+DEFAULT_KEEP = 30
+DEFAULT_TIMEOUT = 3600
+# Which deploys each mode runs, in order, unless --deploy says otherwise.
+SCHEDULE: dict[str, tuple[str, ...]] = {
+    "check": ("deploys/nas.py", "deploys/secrets.py", "deploys/pi.py"),
+    "deploy": ("deploys/pi.py",),
+}
+NO_HOST_MATCHED = "No host matches found for --limit pattern"
+
+EPILOG = """\
+exit codes:
+  0   success (check: no host drifted)
+  1   failures: a host failed or a deploy errored (the report names each with its cause)
+  2   drift found (check only; nothing failed)
+  64  usage error (bad arguments, missing files, a --limit that matches no host,
+      a state dir that cannot be written)
+  75  already running: another run held the lock for --wait seconds (no report written)
+
+reports: <state-dir>/reports/<UTC time>-<mode>.json (+ .log: pyinfra's output) and latest.json;
+the newest --keep are kept. The lock is <state-dir>/lock (flock), held for the whole run.
+"""
+
+
+class UsageError(Exception):
+    """Bad arguments or setup: exit 64 with this message."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse exits 2 on a usage error, which is nixpush-run's "drift found".
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(ExitCode.USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="nixpush-run",
+        description="Run nixpush's deploys unattended: a drift check or a deploy, under a lock, "
+        "leaving a JSON report.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("mode", choices=sorted(SCHEDULE), help="check (dry run) or deploy")
+    parser.add_argument("--inventory", default="inventory.py", help="default: %(default)s")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="default: %(default)s")
+    parser.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS",
+        help="wait this long for another run to finish, then exit 75 (default: 0)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep", type=int, default=DEFAULT_KEEP, metavar="N",
+        help="reports to keep (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--limit", action="append", default=[], metavar="HOST",
+        help="only these hosts or groups (pyinfra's --limit; repeat for more)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deploy",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="deploy files to run instead of the mode's "
+        f"(check: {' '.join(SCHEDULE['check'])}; deploy: {' '.join(SCHEDULE['deploy'])})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help="stop a deploy that runs longer (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument("--chdir", metavar="DIR", help="the nixpush checkout (default: here)")
+    return parser
+
+
+@contextmanager
+def run_lock(path: Path, wait: float, poll: float = 0.1) -> Iterator[bool]:
+    """
+    Hold an exclusive ``flock`` on ``path`` for the block; yields False if another process
+    still holds it after ``wait`` seconds. The kernel drops the lock when the process dies.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(poll)
+                continue
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return
+
+
+def nixpush_revision(checkout: Path) -> str:
+    """``git describe --always --dirty`` of the checkout, else the installed version."""
+    try:
+        result = run_local(["git", "-C", str(checkout), "describe", "--always", "--dirty"])
+    except OSError:
+        result = None
+    if result is not None and result.returncode == 0 and result.stdout.strip():
+        return result.stdout.strip()
+    try:
+        return f"nixpush {metadata.version('nixpush')} (not a git checkout)"
+    except metadata.PackageNotFoundError:
+        return "unknown: not a git checkout and nixpush is not installed"
+
+
+def pyinfra_args(
+    program: str, mode: str, inventory: str, deploy: str, limit: Sequence[str]
+) -> list[str]:
+    """One deploy's pyinfra command line: never interactive, JSON on stdout."""
+    # --dry without -y exits before the prompt; -y would turn change detection off.
+    how = ["--dry"] if mode == "check" else ["-y"]
+    limits = [arg for host in limit for arg in ("--limit", host)]
+    return [program, *how, "--json", inventory, deploy, *limits]
+
+
+def run_deploy(
+    program: str,
+    mode: str,
+    inventory: str,
+    deploy: str,
+    limit: Sequence[str],
+    *,
+    scratch: Path,
+    timeout: float,
+    log: IO[str],
+) -> tuple[DeployResult, Mapping[str, Any] | None]:
+    """Run one deploy; its result and the run summary it wrote (None when it wrote none)."""
+    summary_file = scratch / f"{Path(deploy).stem}.summary.json"
+    summary_file.unlink(missing_ok=True)
+    args = pyinfra_args(program, mode, inventory, deploy, limit)
+    started = time.monotonic()
+    try:
+        result = run_local(args, env={"NIXPUSH_REPORT_FILE": str(summary_file)}, timeout=timeout)
+        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
+        timed_out = False
+    except subprocess.TimeoutExpired as expired:
+        returncode, stdout, timed_out = -1, "", True
+        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else ""
+    duration = time.monotonic() - started
+    log.write(f"==> {' '.join(args[1:])} (exit {returncode}, {duration:.1f}s)\n{stderr}\n")
+    log.flush()
+    sys.stderr.write(stderr)
+
+    summary: Mapping[str, Any] | None = None
+    if summary_file.exists():
+        try:
+            summary = json.loads(summary_file.read_text())
+        except json.JSONDecodeError:
+            summary = None
+    hosts = report.host_outcomes(
+        summary, report.parse_pyinfra_json(stdout), stderr, executed=mode == "deploy"
+    )
+    no_match = NO_HOST_MATCHED in stderr
+    error: str | None = None
+    if timed_out:
+        error = f"timed out after {timeout:g}s"
+    elif no_match:
+        error = f"{NO_HOST_MATCHED} {' '.join(limit)}"
+    elif returncode != 0 and not any(o.status == "failed" for o in hosts.values()):
+        error = report.last_error(stderr) or f"pyinfra exited {returncode}"
+    return (
+        DeployResult(
+            deploy=deploy,
+            returncode=returncode,
+            duration_s=duration,
+            hosts=hosts,
+            error=error,
+            no_host_matched=no_match,
+        ),
+        summary,
+    )
+
+
+def run(args: argparse.Namespace, started: datetime) -> dict[str, Any]:
+    """Run the mode's deploys (the lock is held); the run's report."""
+    checkout = Path.cwd()
+    program = find_program("pyinfra")
+    if program is None:
+        raise UsageError("pyinfra is not installed next to nixpush-run nor on PATH")
+    reports = Path(args.state_dir) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    run_id = report.report_id(started, args.mode)
+    clock = time.monotonic()
+    deploys: list[DeployResult] = []
+    summaries: list[Mapping[str, Any] | None] = []
+    with (
+        open(reports / f"{run_id}.log", "w", encoding="utf-8") as log,
+        tempfile.TemporaryDirectory(prefix=".run-", dir=args.state_dir) as scratch,
+    ):
+        for deploy in args.deploy or SCHEDULE[args.mode]:
+            result, summary = run_deploy(
+                program, args.mode, args.inventory, deploy, args.limit,
+                scratch=Path(scratch), timeout=args.timeout, log=log,
+            )  # fmt: skip
+            deploys.append(result)
+            summaries.append(summary)
+            if result.no_host_matched:
+                break
+    hosts = report.merge_hosts(deploys)
+    code = report.exit_code(args.mode, deploys, hosts)
+    return {
+        "version": report.REPORT_VERSION,
+        "id": run_id,
+        "mode": args.mode,
+        "started": started.isoformat(),
+        "duration_s": round(time.monotonic() - clock, 3),
+        "exit_code": int(code),
+        "checkout": str(checkout),
+        "inventory": args.inventory,
+        "limit": list(args.limit),
+        "nixpush_revision": nixpush_revision(checkout),
+        "flake": report.flake_revision(summaries),
+        "hosts": hosts,
+        "deploys": [d.as_json() for d in deploys],
+    }
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.wait < 0 or args.timeout <= 0 or args.keep < 1:
+        raise UsageError("--wait must be >= 0, --timeout > 0 and --keep >= 1")
+    for path in (args.inventory, *(args.deploy or SCHEDULE[args.mode])):
+        if not Path(path).is_file():
+            raise UsageError(f"{path} not found in {Path.cwd()} (run from the nixpush checkout)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``nixpush-run``'s command line; returns the exit code (see ``EPILOG``)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (64)
+        return int(exit_.code or 0)
+    try:
+        if args.chdir:
+            os.chdir(args.chdir)
+        _check_args(args)
+        with run_lock(Path(args.state_dir) / "lock", args.wait) as locked:
+            if not locked:
+                print(
+                    f"nixpush-run: already running (another run holds "
+                    f"{Path(args.state_dir) / 'lock'}; waited {args.wait:g}s)",
+                    file=sys.stderr,
+                )
+                return ExitCode.LOCKED
+            result = run(args, datetime.now(UTC))
+            path = report.write_report(Path(args.state_dir) / "reports", result)
+            report.prune_reports(Path(args.state_dir) / "reports", args.keep)
+    except (UsageError, OSError) as error:
+        print(f"nixpush-run: error: {error}", file=sys.stderr)
+        return ExitCode.USAGE
+    for line in report.human_summary(result):
+        print(line)
+    print(f"report: {path}")
+    return int(result["exit_code"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

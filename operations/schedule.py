@@ -1,0 +1,412 @@
+"""
+nixpush's schedule on the controller: a systemd service and timer per mode that run
+``nixpush-run`` (see ``operations.runner``), rendered from the controller's ``schedule`` data.
+
+The data, checked once into a ``Schedule`` (``parse_schedule``), with the fix named on error:
+
+.. code:: python
+
+    schedule = {
+        "enabled": True,
+        "checkout": "/home/beau/nixpush",                  # WorkingDirectory
+        "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
+        "user": "beau",                                    # User= of the service
+        "age_key_file": "/home/beau/.config/sops/age/keys.txt",  # SOPS_AGE_KEY_FILE
+        "inventory": "inventory.py",
+        "state_dir": "/var/lib/nixpush",
+        "keep": 30,
+        "wait": 600,                                       # --wait: a check waits for a deploy
+        "runs": {
+            "check": {"on_calendar": "hourly", "randomized_delay": "10min"},
+            "deploy": {"on_calendar": "*-*-* 03:00:00", "randomized_delay": "30min",
+                       "limit": ["pi4"], "deploys": ["deploys/pi.py"]},
+        },
+        "activate": True,   # False: only write the unit files (no systemctl)
+    }
+
+Values go into unit files, which systemd parses: every value is checked (no control
+characters, absolute paths, a user name, a calendar and a time span made of the characters
+systemd uses) and ExecStart's arguments are quoted and escaped (``%`` and ``$``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pyinfra import logger
+from pyinfra.api.command import FunctionCommand, PyinfraCommand, QuoteString, StringCommand
+from pyinfra.api.exceptions import OperationError, PyinfraError
+from pyinfra.api.operation import operation
+from pyinfra.context import host
+from pyinfra.facts.files import Directory, Sha256File
+from pyinfra.facts.systemd import SystemdEnabled
+
+from operations.preconditions import fail_host
+from operations.runner import DEFAULT_KEEP, DEFAULT_STATE_DIR, SCHEDULE
+from operations.secrets import write_file
+from operations.summary import summary_for
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+    from pyinfra.api.state import State
+
+UNIT_DIR = "/etc/systemd/system"
+SYSTEMD_RUNNING = "/run/systemd/system"  # what sd_booted() checks
+MARKER = "# managed by nixpush (deploys/schedule.py)"
+MODES: tuple[str, ...] = tuple(sorted(SCHEDULE))
+# Exit codes that are not a failed unit: drift (check only) and "already running".
+SUCCESS_EXIT = {"check": "2 75", "deploy": "75"}
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+_CALENDAR = re.compile(r"^[A-Za-z0-9*:,./~+ -]+$")
+_TIMESPAN = re.compile(r"^[0-9][0-9A-Za-z .]*$")
+_PATH = re.compile(r"^/[^\s\"'\\%$]*$")
+
+
+class ScheduleError(PyinfraError):
+    """The ``schedule`` data is unusable; the message names the host, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """
+    One scheduled mode.
+
+    + mode: check or deploy
+    + on_calendar: the timer's OnCalendar (``hourly``, ``*-*-* 03:00:00``)
+    + randomized_delay: its RandomizedDelaySec (``10min``, ``0``)
+    + limit: hosts for ``--limit`` (empty: all)
+    + deploys: deploy files for ``--deploy`` (empty: the runner's default for the mode)
+    """
+
+    mode: str
+    on_calendar: str
+    randomized_delay: str = "0"
+    limit: tuple[str, ...] = ()
+    deploys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """A controller's checked ``schedule`` data (see the module docstring)."""
+
+    enabled: bool
+    checkout: str = ""
+    program: str = ""
+    user: str = "root"
+    age_key_file: str | None = None
+    inventory: str = "inventory.py"
+    state_dir: str = DEFAULT_STATE_DIR
+    keep: int = DEFAULT_KEEP
+    wait: int = 0
+    runs: tuple[Run, ...] = field(default_factory=tuple)
+    activate: bool = True
+
+
+def _text(host_name: str, key: str, value: Any, pattern: re.Pattern[str], what: str) -> str:
+    if not isinstance(value, str) or _CONTROL.search(value) or not pattern.match(value):
+        raise ScheduleError(f"{host_name}: schedule {key} = {value!r} is not {what}")
+    return value
+
+
+def _argument(host_name: str, key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or _CONTROL.search(value):
+        raise ScheduleError(
+            f"{host_name}: schedule {key} = {value!r} must be text without control characters"
+        )
+    return value
+
+
+def _count(host_name: str, key: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ScheduleError(
+            f"{host_name}: schedule {key} = {value!r} must be a whole number >= {minimum}"
+        )
+    return value
+
+
+def parse_schedule(host_name: str, data: Any) -> Schedule:
+    """Check a host's ``schedule`` data; raise ``ScheduleError`` naming the key and the fix."""
+    if data is None:
+        return Schedule(enabled=False)
+    if not isinstance(data, Mapping):
+        raise ScheduleError(f"{host_name}: schedule must be a dict, not {data!r}")
+    enabled = data.get("enabled", False)
+    activate = data.get("activate", True)
+    if not isinstance(enabled, bool) or not isinstance(activate, bool):
+        raise ScheduleError(f"{host_name}: schedule enabled and activate must be True or False")
+    if not enabled:
+        return Schedule(enabled=False, activate=activate)
+    path = "an absolute path without spaces, quotes, backslashes, % or $"
+    for key in ("checkout", "program"):
+        if key not in data:
+            raise ScheduleError(f"{host_name}: schedule has no {key}; set it ({path})")
+    age_key = data.get("age_key_file")
+    runs_data = data.get("runs") or {}
+    if not isinstance(runs_data, Mapping) or not runs_data:
+        raise ScheduleError(
+            f"{host_name}: schedule runs must map a mode ({', '.join(MODES)}) to "
+            "{'on_calendar': ..., 'randomized_delay': ...}"
+        )
+    runs = []
+    for mode, run in sorted(runs_data.items()):
+        if mode not in MODES or not isinstance(run, Mapping):
+            raise ScheduleError(
+                f"{host_name}: schedule runs has {mode!r}; modes are {', '.join(MODES)}, each "
+                "a dict with on_calendar"
+            )
+        limit, deploys = run.get("limit", []), run.get("deploys", [])
+        if not isinstance(limit, Sequence) or not isinstance(deploys, Sequence):
+            raise ScheduleError(f"{host_name}: schedule runs {mode} limit and deploys are lists")
+        runs.append(
+            Run(
+                mode=mode,
+                on_calendar=_text(
+                    host_name, f"runs {mode} on_calendar", run.get("on_calendar"), _CALENDAR,
+                    "a systemd calendar (`systemd-analyze calendar` checks one)",
+                ),
+                randomized_delay=_text(
+                    host_name, f"runs {mode} randomized_delay",
+                    str(run.get("randomized_delay", "0")), _TIMESPAN,
+                    "a systemd time span such as 10min",
+                ),
+                limit=tuple(_argument(host_name, f"runs {mode} limit", h) for h in limit),
+                deploys=tuple(_argument(host_name, f"runs {mode} deploys", d) for d in deploys),
+            )
+        )  # fmt: skip
+    return Schedule(
+        enabled=True,
+        checkout=_text(host_name, "checkout", data["checkout"], _PATH, path),
+        program=_text(host_name, "program", data["program"], _PATH, path),
+        user=_text(host_name, "user", data.get("user", "root"), _USER, "a user name"),
+        age_key_file=None
+        if age_key is None
+        else _text(host_name, "age_key_file", age_key, _PATH, path),
+        inventory=_argument(host_name, "inventory", data.get("inventory", "inventory.py")),
+        state_dir=_text(
+            host_name, "state_dir", data.get("state_dir", DEFAULT_STATE_DIR), _PATH, path
+        ),
+        keep=_count(host_name, "keep", data.get("keep", DEFAULT_KEEP), 1),
+        wait=_count(host_name, "wait", data.get("wait", 0), 0),
+        runs=tuple(runs),
+        activate=activate,
+    )
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def exec_quote(argument: str) -> str:
+    """
+    One ExecStart argument as systemd reads it: double-quoted, ``\\`` and ``"`` escaped,
+    ``%`` (specifiers) and ``$`` (variables) doubled. ``exec_quote('a b') == '"a b"'``.
+    """
+    if _CONTROL.search(argument):
+        raise ValueError(f"control character in unit file argument {argument!r}")
+    escaped = argument.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("%", "%%").replace("$", "$$") + '"'
+
+
+def unit_names(mode: str) -> tuple[str, str]:
+    """``("nixpush-check.service", "nixpush-check.timer")``."""
+    return f"nixpush-{mode}.service", f"nixpush-{mode}.timer"
+
+
+def command_line(schedule: Schedule, run: Run) -> list[str]:
+    """The ``nixpush-run`` argument list the service runs."""
+    args = [
+        schedule.program, run.mode,
+        "--inventory", schedule.inventory,
+        "--state-dir", schedule.state_dir,
+        "--keep", str(schedule.keep),
+        "--wait", str(schedule.wait),
+    ]  # fmt: skip
+    args += [arg for limit in run.limit for arg in ("--limit", limit)]
+    args += [arg for deploy in run.deploys for arg in ("--deploy", deploy)]
+    return args
+
+
+def render_service(schedule: Schedule, run: Run) -> str:
+    """The ``nixpush-<mode>.service`` unit file."""
+    lines = [
+        MARKER,
+        "[Unit]",
+        f"Description=nixpush {run.mode} (nixpush-run)",
+        "Wants=network-online.target",
+        "After=network-online.target",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"User={schedule.user}",
+        f"WorkingDirectory={schedule.checkout}",
+    ]
+    if schedule.age_key_file:
+        # The key file's path only: sops reads the key itself, inside pyinfra.
+        lines.append("Environment=" + exec_quote(f"SOPS_AGE_KEY_FILE={schedule.age_key_file}"))
+    if schedule.state_dir.startswith("/var/lib/"):
+        # systemd creates it, owned by User=.
+        lines.append(f"StateDirectory={schedule.state_dir.removeprefix('/var/lib/')}")
+    lines += [
+        "ExecStart=" + " ".join(exec_quote(arg) for arg in command_line(schedule, run)),
+        f"SuccessExitStatus={SUCCESS_EXIT[run.mode]}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_timer(run: Run) -> str:
+    """The ``nixpush-<mode>.timer`` unit file."""
+    service, _ = unit_names(run.mode)
+    return "\n".join(
+        [
+            MARKER,
+            "[Unit]",
+            f"Description=nixpush {run.mode} on a schedule",
+            "",
+            "[Timer]",
+            f"OnCalendar={run.on_calendar}",
+            f"RandomizedDelaySec={run.randomized_delay}",
+            "Persistent=true",
+            f"Unit={service}",
+            "",
+            "[Install]",
+            "WantedBy=timers.target",
+            "",
+        ]
+    )
+
+
+def unit_files(schedule: Schedule) -> dict[str, str]:
+    """Unit file name -> content, for every scheduled mode."""
+    files: dict[str, str] = {}
+    for run in schedule.runs:
+        service, timer = unit_names(run.mode)
+        files[service] = render_service(schedule, run)
+        files[timer] = render_timer(run)
+    return files
+
+
+def cron_line(schedule: Schedule) -> str:
+    """What to put in a crontab instead, on a host without systemd."""
+    run = next(iter(schedule.runs), Run(mode="check", on_calendar="hourly"))
+    args = shlex.join(command_line(schedule, run))
+    key = (
+        f"SOPS_AGE_KEY_FILE={shlex.quote(schedule.age_key_file)} " if schedule.age_key_file else ""
+    )
+    return f"0 * * * * {schedule.user} cd {shlex.quote(schedule.checkout)} && {key}{args}"
+
+
+def no_systemd_reason(host_name: str, schedule: Schedule) -> str:
+    """Why a host without systemd gets no schedule, and the cron line to use instead."""
+    return (
+        f"{host_name} has no systemd: nixpush's schedule needs systemd timers; run "
+        f"`nixpush-run` from cron instead: {cron_line(schedule)} (in /etc/crontab), or set "
+        "schedule activate: False to only write the unit files"
+    )
+
+
+# -- operations ------------------------------------------------------------------------
+
+
+def _systemctl(*args: str) -> StringCommand:
+    return StringCommand("systemctl", *(QuoteString(a) for a in args))
+
+
+def _remove(paths: Sequence[str]) -> StringCommand:
+    return StringCommand("rm -f --", *(QuoteString(p) for p in paths))
+
+
+@operation()
+def timers(
+    units: Mapping[str, str], activate: bool = True, unit_dir: str = UNIT_DIR
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Install systemd units (services and their timers) and start the timers, changing only
+    what differs: files whose content differs are rewritten; then, only if one was, systemd
+    reloads and the timers are enabled and started (also when one is not enabled yet).
+
+    + units: file name -> content, e.g. ``unit_files(schedule)``
+    + activate: False writes the files only (no systemctl; for images, or no running systemd)
+    + unit_dir: where unit files go
+
+    .. code:: python
+
+        timers(name="Install the schedule", units=unit_files(schedule))
+    """
+    if activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
+        yield fail_host(OperationError(f"{host.name} has no systemd ({SYSTEMD_RUNNING})"))
+        return
+    changed = []
+    for unit, content in sorted(units.items()):
+        path = f"{unit_dir}/{unit}"
+        if host.get_fact(Sha256File, path=path) != hashlib.sha256(content.encode()).hexdigest():
+            changed.append(unit)
+            yield write_file(path, content, "root", "root", 0o644)
+    timer_units = sorted(unit for unit in units if unit.endswith(".timer"))
+    if not activate:
+        if not changed:
+            host.noop(f"{', '.join(sorted(units))} already written (not activated)")
+        return
+    enabled = host.get_fact(SystemdEnabled) or {}
+    disabled = [unit for unit in timer_units if not enabled.get(unit)]
+    if changed:
+        yield _systemctl("daemon-reload")
+    if changed or disabled:
+        for unit in timer_units:
+            yield _systemctl("enable", "--now", unit)
+    else:
+        host.noop(f"{', '.join(sorted(units))} already installed, timers enabled")
+
+
+@operation()
+def removed_timers(
+    units: Sequence[str], activate: bool = True, unit_dir: str = UNIT_DIR
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Stop, disable and remove systemd units that are there; nothing when none is.
+
+    + units: unit file names, e.g. ``["nixpush-check.service", "nixpush-check.timer"]``
+    + activate: False removes the files only (no systemctl)
+    + unit_dir: where unit files go
+
+    .. code:: python
+
+        removed_timers(name="Remove the schedule", units=["nixpush-check.timer"])
+    """
+    present = [
+        unit for unit in sorted(units)
+        if host.get_fact(Sha256File, path=f"{unit_dir}/{unit}") is not None
+    ]  # fmt: skip
+    if not present:
+        host.noop(f"no {', '.join(sorted(units))} installed")
+        return
+    systemd = activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is not None
+    if systemd:
+        for unit in present:
+            if unit.endswith(".timer"):
+                yield StringCommand(_systemctl("disable", "--now", unit), "|| true")
+    yield _remove([f"{unit_dir}/{unit}" for unit in present])
+    if systemd:
+        yield _systemctl("daemon-reload")
+
+
+@operation(is_idempotent=False)
+def unsupported(reason: str) -> Generator[PyinfraCommand, None, None]:
+    """
+    Fail the current host with ``reason`` when executed (the others go on), e.g. no systemd.
+
+    + reason: what is missing and what to do instead; recorded for the run's summary
+    """
+    yield FunctionCommand(_unsupported, (reason,), {})
+
+
+def _unsupported(state: State, host: Host, reason: str) -> bool:
+    host.log_styled(f"failed: {reason}", fg="red", log_func=logger.error)
+    summary_for(state).fail(host.name, reason)
+    return False

@@ -1,0 +1,266 @@
+"""The schedule's data, its unit files (hostile values quoted or refused) and its operations."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pyinfra.api.command import FunctionCommand
+from pyinfra.facts.files import Directory, Sha256File
+from pyinfra.facts.systemd import SystemdEnabled
+
+from operations import schedule
+from operations.schedule import Run, Schedule, ScheduleError, parse_schedule
+from tests.unit.fake_host import FakeHost, run, shell
+
+DATA = {
+    "enabled": True,
+    "checkout": "/home/beau/nixpush",
+    "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
+    "user": "beau",
+    "age_key_file": "/home/beau/.config/sops/age/keys.txt",
+    "runs": {
+        "check": {"on_calendar": "hourly", "randomized_delay": "10min"},
+        "deploy": {"on_calendar": "*-*-* 03:30:00", "limit": ["pi4"]},
+    },
+}
+
+
+def parsed(**changes: object) -> Schedule:
+    return parse_schedule("nas", {**DATA, **changes})
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def test_parse_defaults():
+    spec = parsed()
+    assert spec.state_dir == "/var/lib/nixpush" and spec.keep == 30 and spec.wait == 0
+    assert spec.inventory == "inventory.py" and spec.activate
+    assert spec.runs == (
+        Run("check", "hourly", "10min"),
+        Run("deploy", "*-*-* 03:30:00", "0", limit=("pi4",)),
+    )
+
+
+def test_disabled_or_missing_schedule_needs_nothing_else():
+    assert parse_schedule("nas", None) == Schedule(enabled=False)
+    assert parse_schedule("nas", {"enabled": False}) == Schedule(enabled=False)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"runs": {"check": {"on_calendar": "hourly\nExecStartPre=/bin/sh"}}}, "on_calendar"),
+        ({"runs": {"check": {"on_calendar": "hourly; whoami"}}}, "on_calendar"),
+        ({"runs": {"check": {"on_calendar": "hourly", "randomized_delay": "1h\n"}}}, "randomized"),
+        ({"runs": {"nightly": {"on_calendar": "hourly"}}}, "modes are check, deploy"),
+        ({"runs": {}}, "runs must map"),
+        ({"user": "beau\nUser=root"}, "user"),
+        ({"user": "beau; whoami"}, "user"),
+        ({"checkout": "relative/path"}, "checkout"),
+        ({"checkout": "/home/beau/my nixpush"}, "checkout"),
+        ({"program": "/bin/nixpush-run%n"}, "program"),
+        ({"age_key_file": "/keys\n[Service]"}, "age_key_file"),
+        ({"state_dir": "/var/lib/$HOME"}, "state_dir"),
+        ({"keep": 0}, "keep"),
+        ({"keep": True}, "keep"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"inventory": "inv\n.py"}, "inventory"),
+    ],
+)
+def test_hostile_or_broken_values_are_refused_with_the_key(changes, message):
+    with pytest.raises(ScheduleError, match=message) as error:
+        parsed(**changes)
+    assert str(error.value).startswith("nas: schedule")
+
+
+def test_missing_checkout_names_the_fix():
+    data = {k: v for k, v in DATA.items() if k != "checkout"}
+    with pytest.raises(ScheduleError, match="nas: schedule has no checkout; set it"):
+        parse_schedule("nas", data)
+
+
+# -- rendering -------------------------------------------------------------------------
+
+
+def test_exec_quote_escapes_what_systemd_expands():
+    assert schedule.exec_quote("plain") == '"plain"'
+    assert schedule.exec_quote("my-service; whoami") == '"my-service; whoami"'
+    assert schedule.exec_quote('a "b" \\c') == '"a \\"b\\" \\\\c"'
+    assert schedule.exec_quote("%h $HOME") == '"%%h $$HOME"'
+    with pytest.raises(ValueError, match="control character"):
+        schedule.exec_quote("a\nb")
+
+
+def test_service_unit():
+    spec = parsed()
+    assert schedule.render_service(spec, spec.runs[0]) == "\n".join(
+        [
+            "# managed by nixpush (deploys/schedule.py)",
+            "[Unit]",
+            "Description=nixpush check (nixpush-run)",
+            "Wants=network-online.target",
+            "After=network-online.target",
+            "",
+            "[Service]",
+            "Type=oneshot",
+            "User=beau",
+            "WorkingDirectory=/home/beau/nixpush",
+            'Environment="SOPS_AGE_KEY_FILE=/home/beau/.config/sops/age/keys.txt"',
+            "StateDirectory=nixpush",
+            'ExecStart="/home/beau/nixpush/.venv/bin/nixpush-run" "check" "--inventory" '
+            '"inventory.py" "--state-dir" "/var/lib/nixpush" "--keep" "30" "--wait" "0"',
+            "SuccessExitStatus=2 75",
+            "",
+        ]
+    )
+
+
+def test_hostile_limit_and_deploy_arrive_quoted_in_execstart():
+    spec = parsed(
+        runs={"deploy": {"on_calendar": "daily", "limit": ["pi4; whoami"], "deploys": ["d %i.py"]}}
+    )
+    service = schedule.render_service(spec, spec.runs[0])
+    assert '"--limit" "pi4; whoami" "--deploy" "d %%i.py"' in service
+    assert "SuccessExitStatus=75\n" in service
+
+
+def test_timer_unit():
+    assert schedule.render_timer(Run("deploy", "*-*-* 03:30:00", "30min")) == "\n".join(
+        [
+            "# managed by nixpush (deploys/schedule.py)",
+            "[Unit]",
+            "Description=nixpush deploy on a schedule",
+            "",
+            "[Timer]",
+            "OnCalendar=*-*-* 03:30:00",
+            "RandomizedDelaySec=30min",
+            "Persistent=true",
+            "Unit=nixpush-deploy.service",
+            "",
+            "[Install]",
+            "WantedBy=timers.target",
+            "",
+        ]
+    )
+
+
+def test_no_state_directory_outside_var_lib():
+    spec = parsed(state_dir="/srv/nixpush")
+    assert "StateDirectory" not in schedule.render_service(spec, spec.runs[0])
+
+
+def test_cron_line_is_shell_quoted():
+    spec = parsed(runs={"check": {"on_calendar": "hourly", "limit": ["pi4; whoami"]}})
+    assert schedule.cron_line(spec) == (
+        "0 * * * * beau cd /home/beau/nixpush && "
+        "SOPS_AGE_KEY_FILE=/home/beau/.config/sops/age/keys.txt "
+        "/home/beau/nixpush/.venv/bin/nixpush-run check --inventory inventory.py "
+        "--state-dir /var/lib/nixpush --keep 30 --wait 0 --limit 'pi4; whoami'"
+    )
+    assert "cron instead: 0 * * * * beau" in schedule.no_systemd_reason("nas", spec)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_rendered_units_pass_systemd_analyze_verify(tmp_path):
+    program = str(Path(sys.executable).with_name("python3"))  # must exist for verify
+    spec = parsed(program=program, user="root", checkout=str(tmp_path))
+    for unit, content in schedule.unit_files(spec).items():
+        (tmp_path / unit).write_text(content)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *(str(p) for p in sorted(tmp_path.glob("nixpush-*")))],
+        text=True, capture_output=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+# -- operations ------------------------------------------------------------------------
+
+UNITS = schedule.unit_files(parsed())
+SYSTEMD = {"path": schedule.SYSTEMD_RUNNING}
+
+
+def unit_host(installed: dict[str, str], systemd: bool = True, enabled: bool = True) -> FakeHost:
+    fake = FakeHost().fact(Directory, {"mode": 755} if systemd else None, **SYSTEMD)
+    for unit in UNITS:
+        content = installed.get(unit)
+        digest = hashlib.sha256(content.encode()).hexdigest() if content else None
+        fake.fact(Sha256File, digest, path=f"/etc/systemd/system/{unit}")
+    timers = {u: enabled for u in UNITS if u.endswith(".timer")}
+    return fake.fact(SystemdEnabled, timers)
+
+
+def test_timers_already_installed_is_a_noop():
+    fake = unit_host(dict(UNITS))
+    assert run(fake, schedule.timers, units=UNITS) == []
+    assert fake.noops == [
+        "nixpush-check.service, nixpush-check.timer, nixpush-deploy.service, "
+        "nixpush-deploy.timer already installed, timers enabled"
+    ]
+
+
+def test_timers_write_what_differs_then_reload_and_enable():
+    fake = unit_host({u: c for u, c in UNITS.items() if u != "nixpush-check.timer"})
+    commands = shell(run(fake, schedule.timers, units=UNITS))
+    assert len(commands) == 4
+    assert commands[0].endswith(
+        'mv -fT "$tmp" /etc/systemd/system/nixpush-check.timer || { rm -f "$tmp"; exit 1; }; }'
+    )
+    assert commands[1:] == [
+        "systemctl daemon-reload",
+        "systemctl enable --now nixpush-check.timer",
+        "systemctl enable --now nixpush-deploy.timer",
+    ]
+
+
+def test_timers_enable_a_timer_that_is_not_enabled_without_rewriting():
+    fake = unit_host(dict(UNITS), enabled=False)
+    assert shell(run(fake, schedule.timers, units=UNITS)) == [
+        "systemctl enable --now nixpush-check.timer",
+        "systemctl enable --now nixpush-deploy.timer",
+    ]
+
+
+def test_timers_without_activation_only_write_files():
+    fake = unit_host({}, systemd=False)
+    commands = shell(run(fake, schedule.timers, units=UNITS, activate=False))
+    assert len(commands) == 4 and not any("systemctl" in c for c in commands)
+    written = unit_host(dict(UNITS), systemd=False)
+    assert run(written, schedule.timers, units=UNITS, activate=False) == []
+    assert written.noops[0].endswith("already written (not activated)")
+
+
+def test_timers_without_systemd_fail_the_host():
+    commands = run(unit_host({}, systemd=False), schedule.timers, units=UNITS)
+    assert len(commands) == 1 and isinstance(commands[0], FunctionCommand)
+
+
+def test_removed_timers_stop_disable_and_delete_what_is_there():
+    fake = unit_host({"nixpush-deploy.service": "x", "nixpush-deploy.timer": "y"})
+    assert shell(run(fake, schedule.removed_timers, units=list(UNITS))) == [
+        "systemctl disable --now nixpush-deploy.timer || true",
+        "rm -f -- /etc/systemd/system/nixpush-deploy.service "
+        "/etc/systemd/system/nixpush-deploy.timer",
+        "systemctl daemon-reload",
+    ]
+
+
+def test_removed_timers_nothing_there_is_a_noop():
+    fake = unit_host({})
+    assert run(fake, schedule.removed_timers, units=["nixpush-check.timer"]) == []
+    assert fake.noops == ["no nixpush-check.timer installed"]
+
+
+def test_the_owners_schedule_data_is_valid_and_off_by_default():
+    import runpy
+
+    data = runpy.run_path(str(Path(__file__).parents[2] / "group_data" / "server.py"))["schedule"]
+    assert data["enabled"] is False
+    spec = parse_schedule("nas", {**data, "enabled": True})
+    assert [run.mode for run in spec.runs] == ["check", "deploy"]
+    assert spec.user == "beau" and spec.wait == 900
