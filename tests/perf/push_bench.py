@@ -38,7 +38,7 @@ def bump(names: Sequence[str]) -> None:
 
 
 def nixpush(names: Sequence[str]) -> None:
-    limit = ["--limit", ",".join(names)]
+    limit = [arg for name in names for arg in ("--limit", name)]
     result = pyinfra("-y", BENCH_INVENTORY, "deploys/pi.py", *limit)
     if result.returncode != 0:
         raise SystemExit(result.stdout + result.stderr)
