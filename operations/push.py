@@ -13,7 +13,8 @@ from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING
 
 from pyinfra import logger
-from pyinfra.api.command import FunctionCommand, PyinfraCommand
+from pyinfra.api.command import PyinfraCommand
+from pyinfra.api.exceptions import OperationError
 from pyinfra.api.operation import operation
 from pyinfra.context import host as current_host
 from pyinfra.facts.files import File
@@ -33,12 +34,12 @@ from operations.nixos import (
     is_built,
     toplevel_attr,
 )
+from operations.preconditions import fail_host
 from operations.secrets import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
 from operations.summary import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
-    from pyinfra.api.state import State
 
 
 def reach_builder(target: Host, spec: HostSpec) -> Builder:
@@ -124,13 +125,7 @@ def unable(reason: str) -> Generator[PyinfraCommand, None, None]:
 
     + reason: what is wrong and how to fix it; recorded for the run's summary
     """
-    yield FunctionCommand(_unable, (reason,), {})
-
-
-def _unable(state: State, host: Host, reason: str) -> bool:
-    host.log_styled(f"failed: {reason}", fg="red", log_func=logger.error)
-    summary_for(state).fail(host.name, reason)
-    return False
+    yield fail_host(OperationError(reason))
 
 
 def report_unable(reason: str) -> None:
