@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pyinfra.context import host, state
 
-from operations import binfmt, nix
+from operations import binfmt, nix, pull
 from operations.fleet import builders, check_fleet
 from operations.preconditions import runs_nixos
 from operations.summary import summary_for
@@ -47,3 +47,24 @@ else:
         systems=systems,
         max_jobs=spec.nix_max_jobs,
     )
+
+# Pull builds: targets with builder_user run their builds here over ssh-ng (deploys/pull.py
+# configures their side). Their client keys come from sops, decrypted now (prepare time).
+pulling = pull.pulling_targets(specs, host.name)
+for user in dict.fromkeys(target.builder_user for target in pulling):
+    assert user is not None
+    keys = [
+        pull.pull_client_key(state.inventory.get_host(target.name), host.name)
+        for target in pulling
+        if target.builder_user == user
+    ]
+    if runs_nixos():
+        pull.check_nixos_ssh_serve(
+            name=f"Check nix.sshServe for {user} (NixOS)", user=user, keys=keys
+        )
+    else:
+        pull.builder_account(name=f"Create the remote-build user {user}", user=user)
+        pull.builder_authorized_keys(
+            name=f"Let the pulling targets' keys run nix-daemon as {user}", user=user, keys=keys
+        )
+        pull.trusted_user(name=f"Trust {user} in Nix", user=user)

@@ -47,8 +47,8 @@ if unknown:
         ]
     )
 own = ssh.builder_trust(host, host.name) if targets else None
-# TODO: pull builds: a target with builder_user gets its builder-client key (declare it in
-# its secrets) and the builder's nix-ssh user authorizes it, restricted to nix-daemon --stdio.
+# Pull builds: a target's builder-client key is one of its `secrets` (installed below like any
+# other); deploys/nas.py authorizes it on the builder, deploys/pull.py configures Nix to use it.
 
 for item in planned:
     secrets.secret_file(

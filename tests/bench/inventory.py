@@ -25,7 +25,8 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
     if h.user != "root":
         data["_sudo"] = True
     if h.system != "x86_64-linux":
-        data.update(builder_host="nas", builder_user="nix-ssh", builder_port=22)
+        # Push only; tests/bench/pull_inventory.py adds builder_user (pull builds).
+        data.update(builder_host="nas")
     host_key = h.dir / "ssh" / "ssh_host_ed25519_key.pub"
     if host_key.exists():
         data["ssh_host_key"] = " ".join(host_key.read_text().split()[:2])

@@ -9,10 +9,12 @@ written. Tests that need the plaintext decrypt it again, in memory (``value``).
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,8 +26,21 @@ from tests.bench import fleet
 SOPS_DIR = fleet.BENCH_DIR / "sops"
 AGE_KEY_FILE = SOPS_DIR / "age-key.txt"
 SECRETS_FILE = SOPS_DIR / "secrets.yaml"
-# Every sops key path the bench's secrets file holds (group_data declares where each goes).
-KEYS = ("headscale/pre_auth", "ssh/nas_deploy", "nix/nas_signing_key")
+
+
+def pull_key(pi: str) -> str:
+    """The sops key path of a Pi's builder-client key (pull builds): ``ssh/pi4_builder``."""
+    return f"ssh/{pi}_builder"
+
+
+# Every sops key path the bench's secrets file holds (group_data and the bench inventories
+# declare where each goes).
+KEYS = (
+    "headscale/pre_auth",
+    "ssh/nas_deploy",
+    "nix/nas_signing_key",
+    *(pull_key(h.name) for h in fleet.PIS),
+)
 
 
 def sops_program() -> str:
@@ -68,19 +83,57 @@ def _nix_signing_key(name: str) -> str:
     return f"{name}:{base64.b64encode(seed + public).decode()}"
 
 
+def _new_value(key: str) -> str:
+    if key.startswith("ssh/"):
+        return _ssh_private_key()
+    if key.startswith("nix/"):
+        return _nix_signing_key("nixpush-bench-1")
+    return secrets.token_hex(24)
+
+
+def _decrypted_document() -> dict[str, Any]:
+    result = run_local(
+        [
+            sops_program(), "--disable-version-check", "--decrypt",
+            "--output-type", "json", str(SECRETS_FILE),
+        ],
+        env={"SOPS_AGE_KEY_FILE": str(AGE_KEY_FILE)},
+        check=True,
+    )  # fmt: skip
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
 def ensure() -> None:
-    """Make the age key and the encrypted secrets file unless both exist."""
-    if AGE_KEY_FILE.exists() and SECRETS_FILE.exists():
-        return
+    """Make the age key and the encrypted secrets file, or add the ``KEYS`` it lacks.
+
+    Values already in the file are kept (a file from before a key was added to ``KEYS`` gains
+    only the new ones); the file is replaced atomically, under a lock.
+    """
     SOPS_DIR.mkdir(parents=True, exist_ok=True)
     SOPS_DIR.chmod(0o700)
-    if not AGE_KEY_FILE.exists():
-        new_age_key(AGE_KEY_FILE)
-    document = {
-        "headscale": {"pre_auth": secrets.token_hex(24)},
-        "ssh": {"nas_deploy": _ssh_private_key()},
-        "nix": {"nas_signing_key": _nix_signing_key("nixpush-bench-1")},
-    }
+    with (SOPS_DIR / "lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not AGE_KEY_FILE.exists():
+            new_age_key(AGE_KEY_FILE)
+        document = _decrypted_document() if SECRETS_FILE.exists() else {}
+        missing = [key for key in KEYS if _get(document, key) is None]
+        if not missing:
+            return
+        for key in missing:
+            section, name = key.split("/")
+            document.setdefault(section, {})[name] = _new_value(key)
+        _write_encrypted(document)
+
+
+def _get(document: dict[str, Any], key: str) -> Any:
+    section, name = key.split("/")
+    inner = document.get(section)
+    return inner.get(name) if isinstance(inner, dict) else None
+
+
+def _write_encrypted(document: dict[str, Any]) -> None:
+    document = {k: v for k, v in document.items() if k != "sops"}
     # JSON is YAML; sops reads it from stdin and writes only the encrypted document.
     result = run_local(
         [

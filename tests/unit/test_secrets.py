@@ -120,7 +120,8 @@ def test_host_secrets_merges_every_root(write_inventory):
     assert [s.dest for s in nas] == [PRE_AUTH["dest"], DEPLOY["dest"]]
     # pyinfra itself keeps only one group's list: the merge is what makes both arrive.
     assert len(inventory.get_host("nas").data.get("secrets")) == 1
-    assert [s.dest for s in host_secrets(inventory.get_host("pi4"))] == [PRE_AUTH["dest"]]
+    pi4 = [s.dest for s in host_secrets(inventory.get_host("pi4"))]
+    assert pi4 == [PRE_AUTH["dest"], "/root/.ssh/nixpush_builder"]
 
 
 def test_host_secrets_same_entry_in_two_roots_once(write_inventory):
@@ -173,7 +174,8 @@ def test_the_repo_inventory_gives_each_root_its_secrets():
     inventory = load_inventory(REPO / "inventory.py", REPO)
     nas = [s.dest for s in host_secrets(inventory.get_host("nas"))]
     assert nas == [PRE_AUTH["dest"], secrets.DEPLOY_KEY_PATH, secrets.SIGNING_KEY_PATH]
-    assert [s.dest for s in host_secrets(inventory.get_host("pi4"))] == [PRE_AUTH["dest"]]
+    pi4 = [s.dest for s in host_secrets(inventory.get_host("pi4"))]
+    assert pi4 == [PRE_AUTH["dest"], "/root/.ssh/nixpush_builder"]
 
 
 # Planning: every error before any host changes

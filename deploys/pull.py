@@ -1,0 +1,43 @@
+"""Pull builds, target side: a Pi with ``builder_user`` builds on its builder through Nix.
+
+Run after ``deploys/nas.py`` (which authorizes the Pi's key on the builder) and
+``deploys/secrets.py`` (which installs the Pi's builder-client key from sops, like every other
+secret): ``pyinfra inventory.py deploys/pull.py``. For each such target it writes the ssh
+alias of its builder, the builder's line in ``/etc/nix/machines`` (with the builder's host key
+from its ``ssh_host_key``) and ``builders = @/etc/nix/machines``; on NixOS it checks them and
+names the options instead. Other hosts log ``does not pull builds``.
+
+Its own deploy rather than part of ``deploys/secrets.py``: pull builds are optional, and
+secrets.py stays about keys and trust; the one secret involved is ordinary ``secrets`` data.
+"""
+
+from __future__ import annotations
+
+from pyinfra.context import host, inventory, state
+
+from operations import pull
+from operations.fleet import check_fleet
+from operations.preconditions import runs_nixos
+from operations.summary import summary_for
+
+specs = check_fleet(inventory)
+spec = specs[host.name]
+# Names every host that failed in the run summary (and in nixpush-run's report).
+summary_for(state)
+
+if spec.builder_host is None or not pull.pulls(spec):
+    host.noop(f"{host.name} does not pull builds (no builder_host and builder_user)")
+else:
+    machine = pull.build_machine_for(spec, specs[spec.builder_host])
+    # Fails here, before any host changes, when the key is not declared or can't be read.
+    pull.pull_client_key(host, host.name)
+    if runs_nixos():
+        pull.check_nixos_pull_client(
+            name=f"Check Nix builds on {spec.builder_host} (NixOS)", machine=machine
+        )
+    else:
+        pull.builder_ssh_alias(name=f"Let root's ssh reach {machine.alias}", machine=machine)
+        pull.build_machine(
+            name=f"List {spec.builder_host} in {pull.MACHINES_FILE}", machine=machine
+        )
+        pull.nix_builders(name=f"Let Nix use {pull.MACHINES_FILE}")
