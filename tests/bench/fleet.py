@@ -189,6 +189,7 @@ def _fetch_busybox() -> None:
 
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+SHARED_VAR_LEFTOVER = Path("/var/lib/nix-ssh")
 
 
 def mount_binfmt_misc() -> None:
@@ -500,8 +501,12 @@ def down(purge: bool = False) -> None:
             run(["ip", "link", "del", h.veth], check=False)
     if run(["ip", "link", "show", BRIDGE], check=False).returncode == 0:
         run(["ip", "link", "del", BRIDGE])
-    if purge and BENCH_DIR.exists():
-        shutil.rmtree(BENCH_DIR)
+    if purge:
+        if BENCH_DIR.exists():
+            shutil.rmtree(BENCH_DIR)
+        # /var is the machine's, shared by the hosts: the home nixpush gives the NAS's
+        # nix-ssh user (pull builds) lands there.
+        shutil.rmtree(SHARED_VAR_LEFTOVER, ignore_errors=True)
 
 
 def _kill_pids(pids: list[int]) -> None:
