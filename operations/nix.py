@@ -283,13 +283,24 @@ def nix_settings(
     if not settings:
         host.noop(f"no emulated systems and no max-jobs to set in {nix_conf}")
         return
+    yield from update_nix_conf(text, settings, f"sets {', '.join(settings)}", nix_conf)
+
+
+def update_nix_conf(
+    text: str | None, settings: Mapping[str, str], what: str, nix_conf: str = NIX_CONF
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Write ``settings`` into nix.conf (``text`` is its content, None when missing) and restart
+    the daemon, or say ``"<nix_conf> already <what>"`` when the file has them already. Every
+    nix.conf writer goes through here, so the daemon restarts exactly when the file changed.
+    """
+    current = text or ""
     try:
         new = set_nix_conf(current, settings)
     except ValueError as e:
         raise OperationError(f"{host.name}: {nix_conf}: {e}") from None
-
     if text is not None and new == current:
-        host.noop(f"{nix_conf} already sets {', '.join(settings)}")
+        host.noop(f"{nix_conf} already {what}")
         return
     yield from files.put._inner(src=StringIO(new), dest=nix_conf)
     yield from restart_nix_daemon._inner()
@@ -365,6 +376,5 @@ def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraC
     if key in extra or key in (nix_conf_values(current, "trusted-public-keys") or []):
         host.noop(f"{nix_conf} already trusts {key}")
         return
-    new = set_nix_conf(current, {"extra-trusted-public-keys": " ".join([*extra, key])})
-    yield from files.put._inner(src=StringIO(new), dest=nix_conf)
-    yield from restart_nix_daemon._inner()
+    settings = {"extra-trusted-public-keys": " ".join([*extra, key])}
+    yield from update_nix_conf(text, settings, f"trusts {key}", nix_conf)

@@ -28,7 +28,6 @@ import binascii
 import re
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from io import StringIO
 from typing import TYPE_CHECKING
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
@@ -37,7 +36,6 @@ from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.facts.files import Directory
-from pyinfra.operations import files
 from typing_extensions import override
 
 from operations.fleet import FleetError, HostSpec
@@ -46,8 +44,7 @@ from operations.nix import (
     NixConfig,
     NixConfText,
     nix_conf_values,
-    restart_nix_daemon,
-    set_nix_conf,
+    update_nix_conf,
 )
 from operations.preconditions import (
     fail_host,
@@ -389,18 +386,6 @@ def _file_lines(
     yield write_file(path, "".join(f"{line}\n" for line in lines), "root", "root", mode)
 
 
-def _nix_conf_step(
-    what: str, settings: Mapping[str, str], text: str | None
-) -> Generator[PyinfraCommand, None, None]:
-    current = text or ""
-    new = set_nix_conf(current, settings)
-    if text is not None and new == current:
-        host.noop(f"{NIX_CONF} already {what}")
-        return
-    yield from files.put._inner(src=StringIO(new), dest=NIX_CONF)
-    yield from restart_nix_daemon._inner()
-
-
 # Operations: builder side
 
 
@@ -539,7 +524,7 @@ def trusted_user(user: str) -> Generator[PyinfraCommand, None, None]:
         names = [str(name) for name in config.get("trusted-users") or ["root"]]
     if user not in names:
         names = [*names, user]
-    yield from _nix_conf_step(f"trusts {user}", {"trusted-users": " ".join(names)}, text)
+    yield from update_nix_conf(text, {"trusted-users": " ".join(names)}, f"trusts {user}")
 
 
 @operation()
@@ -695,7 +680,7 @@ def nix_builders(machines_file: str = MACHINES_FILE) -> Generator[PyinfraCommand
     parts = [part.strip() for part in value.split(";") if part.strip()]
     if wanted not in parts:
         parts.append(wanted)
-    yield from _nix_conf_step(f"uses {wanted}", {"builders": " ; ".join(parts)}, text)
+    yield from update_nix_conf(text, {"builders": " ; ".join(parts)}, f"uses {wanted}")
 
 
 @operation()
