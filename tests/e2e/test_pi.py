@@ -373,3 +373,21 @@ def test_unreachable_builder_fails_the_pis_with_the_cause(push_ready, link_resto
     for name in ("pi4", "pi5"):
         assert f"{name}: failed: builder nas is unreachable" in text
     assert {name: current(name) for name in ("pi4", "pi5")} == before
+
+
+def test_dry_run_shows_what_changes_when_both_closures_are_on_the_builder(push_ready):
+    assert deploy("--limit", "pi4").returncode == 0
+    before = current("pi4")
+    new_versions("pi4", padding=True)
+    wanted = desired_path("pi4")
+    assert deploy("--limit", "pi4", "--data", "deploy_action=build").returncode == 0
+
+    result = pyinfra(BENCH_INVENTORY, PI, "--limit", "pi4", "--dry", env=bench_sops.env())
+
+    assert result.returncode == 0, output(result)
+    text = output(result)
+    assert f"[pi4] switch: {before} -> {wanted}" in text
+    # nix store diff-closures, indented under the plan: the padding adds ~4 MiB.
+    diff = [line for line in text.splitlines() if line.startswith("    [pi4]   ")]
+    assert diff and any("→" in line for line in diff), text
+    assert current("pi4") == before
