@@ -29,6 +29,8 @@ summary.forgive(
 if not spec.is_target:
     summary.skip(host.name, "not deployed by push (no builder_host)")
 else:
+    # Decrypt first: a missing or wrong age key stops the run before anything is evaluated.
+    trust = ssh.builder_trust(state.inventory.get_host(spec.builder_host), host.name)
     try:
         builder = push.reach_builder(host, spec)
         push.check_builder(builder, spec)
@@ -36,7 +38,6 @@ else:
     except DeployFailed as failure:
         push.report_unable(str(failure))
     else:
-        trust = ssh.builder_trust(builder.host, host.name)
         ssh.authorized_key(
             name="Authorize the builder's deploy key",
             user=spec.ssh_user or "root",

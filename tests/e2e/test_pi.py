@@ -72,6 +72,13 @@ def desired_path(config: str) -> str:
     return out
 
 
+def derivation(config: str) -> str:
+    attr = f"{fleet.flake_ref()}#nixosConfigurations.{config}.config.system.build.toplevel"
+    out = ssh("nas", f"nix eval --raw '{attr}.drvPath'").stdout.strip()
+    assert out.endswith(".drv"), out
+    return out
+
+
 def link(host_name: str, path: str) -> str | None:
     result = ssh(host_name, f"readlink -f {path} 2>/dev/null || true", check=False)
     return result.stdout.strip() or None
@@ -113,8 +120,8 @@ def test_cold_deploy_of_two_pis_builds_on_the_nas_and_activates_as_aarch64(push_
         assert pi.file("/run/bench-activations").content_string.splitlines()[-1] == (
             f"switch {path} aarch64"
         )
-        # Built on the NAS only: no derivation ever reached the Pi's store.
-        assert pi.run("ls -d /nix/store/*.drv 2>/dev/null").stdout == ""
+        # Built on the NAS only: the derivation never reached the Pi's store.
+        assert not pi.file(derivation(name)).exists
         assert f"{name}: deployed: switch {path}" in output(result)
     # ... nor the controller's (it may have no Nix store at all).
     assert not any(Path(p).exists() for p in wanted.values())
@@ -391,3 +398,17 @@ def test_dry_run_shows_what_changes_when_both_closures_are_on_the_builder(push_r
     diff = [line for line in text.splitlines() if line.startswith("    [pi4]   ")]
     assert diff and any("→" in line for line in diff), text
     assert current("pi4") == before
+
+
+def test_without_the_age_key_the_deploy_stops_before_touching_anything(push_ready):
+    before = {name: current(name) for name in ("pi4", "pi5")}
+    new_versions("pi4")
+    environment = {k: v for k, v in bench_sops.env().items() if k != "SOPS_AGE_KEY_FILE"}
+
+    result = pyinfra("-y", BENCH_INVENTORY, PI, env=environment)
+
+    assert result.returncode != 0
+    text = output(result)
+    assert "no key can decrypt" in text and "set SOPS_AGE_KEY_FILE" in text
+    assert "Beginning operation run" not in text
+    assert {name: current(name) for name in ("pi4", "pi5")} == before
