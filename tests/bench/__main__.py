@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     down = sub.add_parser("down", help="stop every host, remove namespaces and links")
     down.add_argument("--purge", action="store_true", help="also delete the bench's state")
     sub.add_parser("status", help="say which hosts are up")
-    sub.add_parser("env", help="print shell exports for using the bench by hand")
+    sub.add_parser("env", help="print shell exports for using the bench by hand (age key too)")
     args = parser.parse_args(argv)
 
     if args.command == "install":
@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "status":
         return _print_status()
     elif args.command == "env":
+        from tests.bench import sops
+
         print(f"export NIXPUSH_BENCH_DIR={fleet.BENCH_DIR}")
         print(f"export NIX_SSHOPTS='-F {fleet.BENCH_DIR / 'ssh_config'}'")
+        print(f"export SOPS_AGE_KEY_FILE={sops.AGE_KEY_FILE}")
     return 0
 
 

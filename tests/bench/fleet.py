@@ -242,6 +242,11 @@ def up() -> None:
         _wait_for_ssh(h)
     _write_known_hosts()
     _write_ssh_config()
+    # The bench's age key and sops file (needs the virtualenv: imported here, not at the top,
+    # so `install` runs on the system Python).
+    from tests.bench import sops
+
+    sops.ensure()
 
 
 def _controller_key() -> None:
