@@ -38,12 +38,15 @@ else:
     except DeployFailed as failure:
         push.report_unable(str(failure))
     else:
-        ssh.authorized_key(
-            name="Authorize the builder's deploy key",
-            user=spec.ssh_user or "root",
-            key=trust.ssh_public_key,
-        )
-        nix.trusted_public_key(name="Trust paths signed by the builder", key=trust.nix_public_key)
+        if plan.copies:  # `build` only builds: the target is not touched
+            ssh.authorized_key(
+                name="Authorize the builder's deploy key",
+                user=spec.ssh_user or "root",
+                key=trust.ssh_public_key,
+            )
+            nix.trusted_public_key(
+                name="Trust paths signed by the builder", key=trust.nix_public_key
+            )
         nixos.build_toplevel(name="Build the system on its builder", plan=plan, builder=builder)
         nixos.copy_closure(
             name="Copy the closure from the builder",

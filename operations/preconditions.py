@@ -6,8 +6,8 @@ handling and aborts the whole run for every host (``pyinfra_cli.util._parallel_l
 re-raises it; at execute time ``operations._run_single_op`` re-raises it from the greenlet).
 A yielded ``FunctionCommand`` whose function takes ``state, host`` and returns ``False`` is
 pyinfra's own per-host failure: that host is dropped, the others continue. ``fail_host`` builds
-that command; bad input (a typo in the inventory) still raises, so the run stops before any host
-changes.
+that command, and records the cause for the run's summary and report. Bad input (a typo in the
+inventory) still raises, so the run stops before any host changes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pyinfra.context import host
 from pyinfra.facts.files import File
 from pyinfra.facts.server import User
 
+from operations.summary import summary_for
+
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
@@ -37,6 +39,7 @@ def fail_host(error: OperationError) -> FunctionCommand:
 
 def _log_and_fail(state: State, host: Host, error: OperationError) -> bool:
     host.log_styled(f"Operation error: {error}", fg="red", log_func=logger.error)
+    summary_for(state).fail(host.name, str(error))
     return False
 
 

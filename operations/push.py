@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING
 
+from gevent.lock import Semaphore
 from pyinfra import logger
 from pyinfra.api.command import PyinfraCommand
 from pyinfra.api.exceptions import OperationError
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
 
+_builder_locks: dict[str, Semaphore] = {}
+_unreachable_builders: set[str] = set()
+
+
 def reach_builder(target: Host, spec: HostSpec) -> Builder:
     """The target's builder, connected; ``DeployFailed`` when it cannot be reached."""
     assert spec.builder_host is not None
@@ -51,13 +56,17 @@ def reach_builder(target: Host, spec: HostSpec) -> Builder:
             f"builder {builder.name} is unreachable (see its connection error above); "
             f"bring it up or point {spec.name}'s builder_host at another builder"
         )
+    # Targets plan in parallel greenlets: one connects (once), the others wait for it.
+    with _builder_locks.setdefault(builder.name, Semaphore()):
+        if not builder.connected and builder.name not in _unreachable_builders:
+            builder.connect(reason=f"builds for {spec.name}")
+            if not builder.connected:
+                _unreachable_builders.add(builder.name)
     if not builder.connected:
-        builder.connect(reason=f"builds for {spec.name}")
-        if not builder.connected:
-            raise DeployFailed(
-                f"builder {builder.name} is unreachable; bring it up or point "
-                f"{spec.name}'s builder_host at another builder"
-            )
+        raise DeployFailed(
+            f"builder {builder.name} is unreachable; bring it up or point "
+            f"{spec.name}'s builder_host at another builder"
+        )
     return Builder(host=builder, sudo=bool(builder.data.get("_sudo", False)))
 
 

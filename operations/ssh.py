@@ -61,7 +61,10 @@ def ssh_public_key(private_key: Plaintext) -> str:
     keygen = find_program("ssh-keygen")
     if keygen is None:
         raise ValueError("ssh-keygen is not installed on the controller; install OpenSSH's client")
-    result = run_local([keygen, "-y", "-f", "/dev/stdin"], input=private_key.reveal())
+    # -P "": a passphrase-protected key fails here instead of prompting mid-run.
+    result = run_local(
+        [keygen, "-y", "-P", "", "-f", "/dev/stdin"], input=private_key.reveal(), timeout=30
+    )
     public = result.stdout.strip()
     if result.returncode != 0 or parse_public_key(public) is None:
         # ssh-keygen's stderr describes the format problem, never the key.

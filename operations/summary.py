@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyinfra import logger
 from pyinfra.api.state import State, StateStage
-from pyinfra.context import ctx_state
+from pyinfra.context import ContextObject, ctx_state
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -157,7 +157,9 @@ _summaries: dict[int, RunSummary] = {}
 def summary_for(state: State) -> RunSummary:
     """The run's summary, created (and set to print at exit) on first use."""
     # Deploy code sees pyinfra's context proxy, commands the State itself: key by the latter.
-    real = state if isinstance(state, State) else ctx_state.get()
+    real = state
+    if isinstance(real, ContextObject):
+        real = ctx_state.get()  # type: ignore[no-untyped-call]  # pyinfra leaves it untyped
     key = id(real)
     if key not in _summaries:
         _summaries[key] = RunSummary(

@@ -191,6 +191,7 @@ def test_build_action_builds_on_the_nas_and_touches_no_pi(push_ready):
     result = deploy("--limit", "pi4", "--data", "deploy_action=build")
 
     assert result.returncode == 0, output(result)
+    assert "Authorize the builder's deploy key" not in output(result)  # pi4 left alone
     assert ssh("nas", f"nix path-info {wanted}", check=False).returncode == 0
     assert current("pi4") == before
     assert not on_host("pi4").file(wanted).exists

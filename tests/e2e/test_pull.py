@@ -142,10 +142,14 @@ def test_a_builder_with_another_host_key_is_refused(pull_ready, fresh_flake):
     assert not in_store(builder, path) and not in_store(pi, path)
 
 
+# The bench's known_hosts (the machine's /var is shared with the hosts): the probes verify the
+# NAS's host key like everything else here.
+KNOWN_HOSTS = str(fleet.BENCH_DIR / "known_hosts")
+
 PROBE = """
 import struct, subprocess, sys
 ssh = ["ssh", "-i", sys.argv[1], "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-       "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+       "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=" + sys.argv[3],
        "-o", "LogLevel=ERROR", sys.argv[2], "echo shell-ran; touch /tmp/pull-shell-ran"]
 probe = subprocess.Popen(ssh, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 probe.stdin.write(struct.pack("<Q", 0x6E697863))  # Nix's WORKER_MAGIC_1
@@ -163,7 +167,7 @@ def test_the_pull_key_gets_the_nix_daemon_never_a_shell(pull_ready):
     # The client's command is ignored: the answer is the Nix daemon's handshake.
     result = subprocess.run(
         ["ssh", "-F", str(fleet.BENCH_DIR / "ssh_config"), pi, "sudo", "python3", "-",
-         PULL_KEY_PATH, target],
+         PULL_KEY_PATH, target, KNOWN_HOSTS],
         input=PROBE, text=True, capture_output=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -174,7 +178,7 @@ def test_the_pull_key_gets_the_nix_daemon_never_a_shell(pull_ready):
     plain = ssh(
         pi,
         f"sudo ssh -i {PULL_KEY_PATH} -o IdentitiesOnly=yes -o BatchMode=yes "
-        f"-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
+        f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={KNOWN_HOSTS} -o LogLevel=ERROR "
         f"{target} true </dev/null; echo rc=$?",
         check=False,
     )
@@ -182,7 +186,7 @@ def test_the_pull_key_gets_the_nix_daemon_never_a_shell(pull_ready):
     pty = ssh(
         pi,
         f"sudo ssh -tt -i {PULL_KEY_PATH} -o IdentitiesOnly=yes -o BatchMode=yes "
-        f"-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null {target} </dev/null",
+        f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={KNOWN_HOSTS} {target} </dev/null",
         check=False,
     )
     assert "PTY allocation request failed" in pty.stderr

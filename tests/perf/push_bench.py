@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 
+from operations.ssh import BUILDER_KNOWN_HOSTS
 from tests.bench import fleet
 from tests.bench.client import BENCH_INVENTORY, prepare_push, pyinfra, ssh
 
@@ -57,7 +58,7 @@ def bare(names: Sequence[str]) -> None:
         ssh("nas", f"{NIX} store sign -k /etc/nixpush/signing-key.sec -r {path}")
         opts = (
             f"-p {pi.port} -i /etc/nixpush/deploy_ed25519 -o IdentitiesOnly=yes "
-            f"-o UserKnownHostsFile=/etc/nixpush/known_hosts.d/{name} -o StrictHostKeyChecking=yes"
+            f"-o UserKnownHostsFile={BUILDER_KNOWN_HOSTS} -o StrictHostKeyChecking=yes"
         )
         ssh(
             "nas",

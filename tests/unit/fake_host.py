@@ -8,6 +8,7 @@ from typing import Any
 
 from pyinfra.api import Config
 from pyinfra.api.command import FunctionCommand, PyinfraCommand, StringCommand
+from pyinfra.api.state import StateStage
 from pyinfra.context import ctx_host, ctx_state
 
 
@@ -17,9 +18,13 @@ def _key(cls: type, kwargs: dict[str, Any]) -> tuple[type, str]:
 
 class FakeState:
     cwd = "/"
+    current_stage = StateStage.Execute
 
     def __init__(self) -> None:
         self.config = Config()
+        # What the run summary reads (operations/summary.py).
+        self.failed_hosts: set[Any] = set()
+        self.inventory: list[Any] = []
 
 
 class FakeHost:

@@ -16,7 +16,8 @@ from operations.binfmt import (
     MissingPaths,
     emulated_systems,
 )
-from tests.unit.fake_host import FakeHost, run, shell
+from operations.summary import summary_for
+from tests.unit.fake_host import FakeHost, FakeState, run, shell
 
 # /usr/lib/binfmt.d/qemu-aarch64.conf and qemu-arm.conf from Debian 12's qemu-user-static.
 AARCH64_LINE = (
@@ -379,8 +380,13 @@ def test_fail_host_command_fails_only_that_host():
     logged: list[str] = []
 
     class Host:
+        name = "nas"
+
         def log_styled(self, message, **kwargs):
             logged.append(message)
 
-    assert command.execute(None, Host(), {}) is False
+    state = FakeState()
+    assert command.execute(state, Host(), {}) is False
     assert logged[0].startswith("Operation error: nas runs NixOS")
+    # ... and the cause reaches the run's summary (and nixpush-run's report).
+    assert summary_for(state).causes["nas"].startswith("nas runs NixOS")
