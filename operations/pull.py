@@ -61,7 +61,7 @@ from operations.secrets import (
     host_secrets,
     write_file,
 )
-from operations.ssh import LinesOfFile, parse_public_key, ssh_public_key
+from operations.ssh import LinesOfFile, UserAccount, parse_public_key, ssh_public_key
 from operations.systems import KNOWN_SYSTEMS
 
 if TYPE_CHECKING:
@@ -313,27 +313,6 @@ def restricted_key_line(key: str, daemon: str) -> str:
 
 
 # Facts
-
-
-@dataclass(frozen=True)
-class Account:
-    """A user's home and login shell from the user database."""
-
-    home: str
-    shell: str
-
-
-class UserAccount(FactBase[Account | None]):
-    """``Account(home, shell)`` of ``user``; None if there is no such user."""
-
-    @override
-    def command(self, user: str) -> StringCommand:
-        return StringCommand("getent passwd --", QuoteString(user), "|| true")
-
-    @override
-    def process(self, output: list[str]) -> Account | None:
-        fields = output[0].split(":") if output else []
-        return Account(fields[5], fields[6]) if len(fields) == 7 else None
 
 
 class ProgramPath(FactBase[str | None]):

@@ -305,7 +305,8 @@ def report_id(started: datetime, mode: str) -> str:
     return f"{started.astimezone(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}-{mode}"
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new file, never a part."""
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -324,8 +325,8 @@ def write_report(reports: Path, report: Mapping[str, Any]) -> Path:
     reports.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     path = reports / f"{report['id']}.json"
-    _write_atomically(path, text)
-    _write_atomically(reports / LATEST, text)
+    write_atomically(path, text)
+    write_atomically(reports / LATEST, text)
     return path
 
 

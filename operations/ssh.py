@@ -120,16 +120,25 @@ class LinesOfFile(FactBase[LineFile | None]):
         return LineFile(int(mode, 8), owner, group, tuple(output[2:]))
 
 
-class UserHome(FactBase[str | None]):
-    """A user's home directory from the user database; None if there is no such user."""
+@dataclass(frozen=True)
+class Account:
+    """A user's home and login shell from the user database."""
+
+    home: str
+    shell: str
+
+
+class UserAccount(FactBase[Account | None]):
+    """``Account(home, shell)`` of ``user``; None if there is no such user."""
 
     @override
     def command(self, user: str) -> StringCommand:
-        return StringCommand("getent passwd", QuoteString(user), "| cut -d: -f6 || true")
+        return StringCommand("getent passwd --", QuoteString(user), "|| true")
 
     @override
-    def process(self, output: list[str]) -> str | None:
-        return output[0] if output and output[0].startswith("/") else None
+    def process(self, output: list[str]) -> Account | None:
+        fields = output[0].split(":") if output else []
+        return Account(fields[5], fields[6]) if len(fields) == 7 else None
 
 
 # Operations
@@ -190,12 +199,12 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
         ssh.authorized_key(name="Let the builder push", user="beau", key=deploy_public_key)
     """
     wanted = _checked_key(key)
-    home = host.get_fact(UserHome, user=user)
-    if home is None:
+    account = host.get_fact(UserAccount, user=user)
+    if account is None:
         raise OperationError(
             f"{host.name}: user {user!r} does not exist; create it or fix ssh_user"
         )
-    ssh_dir = f"{home.rstrip('/')}/.ssh"
+    ssh_dir = f"{account.home.rstrip('/')}/.ssh"
     if not host.get_fact(Directory, path=ssh_dir):
         yield StringCommand("mkdir -m 0700 --", QuoteString(ssh_dir))
         yield chown_file(ssh_dir, user, None)

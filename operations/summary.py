@@ -17,11 +17,14 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyinfra import logger
 from pyinfra.api.state import State, StateStage
 from pyinfra.context import ContextObject, ctx_state
+
+from operations.report import write_atomically
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -135,10 +138,7 @@ class RunSummary:
         path = os.environ.get(REPORT_FILE_ENV)
         if not path:
             return
-        partial = f"{path}.partial"
-        with open(partial, "w", encoding="utf-8") as out:
-            json.dump(self.report(), out, indent=2, sort_keys=True)
-        os.replace(partial, path)
+        write_atomically(Path(path), json.dumps(self.report(), indent=2, sort_keys=True))
 
     def lines(self) -> list[str]:
         return [f"{name}: {status}: {detail}" for name, (status, detail) in self.outcomes().items()]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,6 +171,12 @@ def test_debug_and_diff_runs_do_not_print_plaintext(values, pi_secret, flag):
 def test_controller_temp_dirs_hold_no_plaintext(values):
     # Everything written since this module started (the runs above), wherever temp files go.
     roots = {Path("/tmp"), Path(os.environ.get("TMPDIR", "/tmp"))}
+    # A file of our own in each root proves the scan reads what was written during the run
+    # (the runs above may leave none: pyinfra keeps nothing on the controller).
+    sentinels = [tempfile.NamedTemporaryFile(dir=root, prefix="nixpush-scan-") for root in roots]
+    for sentinel in sentinels:
+        sentinel.write(b"scan sentinel")
+        sentinel.flush()
     checked = 0
     for root in roots:
         for directory, _, names in os.walk(root):
@@ -186,7 +193,9 @@ def test_controller_temp_dirs_hold_no_plaintext(values):
                     continue
                 checked += 1
                 assert_no_plaintext(text, values, str(path))
-    assert checked > 0  # at least this module's own temp files were read
+    assert checked >= len(sentinels)  # at least the sentinels were read
+    for sentinel in sentinels:
+        sentinel.close()
 
 
 # Idempotence, --dry and repair

@@ -15,16 +15,14 @@ from operations import pull
 from operations.fleet import FleetError, HostSpec
 from operations.nix import NixConfig, NixConfText
 from operations.pull import (
-    Account,
     BuildMachine,
     ProgramPath,
     SshResolved,
-    UserAccount,
     build_machine_for,
     restricted_key_line,
 )
 from operations.secrets import FileState, SecretFile
-from operations.ssh import LineFile, LinesOfFile
+from operations.ssh import Account, LineFile, LinesOfFile, UserAccount
 from tests.unit.fake_host import FakeHost, run, shell
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJRMwHca5yENjEsDlRj//qRs+Z+ddJffpxF39eU5/d1F"

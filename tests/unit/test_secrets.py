@@ -35,7 +35,7 @@ from operations.secrets import (
     write_file,
 )
 from operations.sops import Plaintext
-from operations.ssh import LineFile, LinesOfFile, UserHome, authorized_key, known_host
+from operations.ssh import Account, LineFile, LinesOfFile, UserAccount, authorized_key, known_host
 from tests.unit.fake_host import FakeHost, run, shell
 
 PRE_AUTH = {"key": "headscale/pre_auth", "dest": "/run/secrets/headscale-pre-auth"}
@@ -493,7 +493,7 @@ AUTH = "/home/beau/.ssh/authorized_keys"
 
 def _ssh_host(lines: LineFile | None, ssh_dir: bool = True) -> FakeHost:
     host = FakeHost("pi4")
-    host.fact(UserHome, "/home/beau", user="beau")
+    host.fact(UserAccount, Account("/home/beau", "/bin/bash"), user="beau")
     host.fact(Directory, {"mode": 700} if ssh_dir else None, path="/home/beau/.ssh")
     host.fact(LinesOfFile, lines, path=AUTH)
     return host
@@ -527,7 +527,7 @@ def test_authorized_key_fixes_mode_only():
 
 
 def test_authorized_key_unknown_user():
-    host = FakeHost("pi4").fact(UserHome, None, user="nobody")
+    host = FakeHost("pi4").fact(UserAccount, None, user="nobody")
     with pytest.raises(OperationError, match="user 'nobody' does not exist"):
         run(host, authorized_key, user="nobody", key=PUB)
 
