@@ -38,7 +38,9 @@ else:
     except DeployFailed as failure:
         push.report_unable(str(failure))
     else:
-        if plan.copies:  # `build` only builds: the target is not touched
+        # What lets the builder push, checked only when it will push: `build` leaves the
+        # target alone, and a target already on its system needs nothing.
+        if plan.copies and not plan.up_to_date:
             ssh.authorized_key(
                 name="Authorize the builder's deploy key",
                 user=spec.ssh_user or "root",

@@ -83,7 +83,7 @@ class Plan:
     + current: what ``/run/current-system`` points at on the target (None: nothing)
     + profile: what the system profile points at (what boots next)
     + action: switch, boot, test, dry-activate or build
-    + built: whether the builder already has ``desired``
+    + built: whether the builder already has ``desired`` (looked up only when it matters)
     """
 
     target: str

@@ -10,6 +10,7 @@ Called from deploy code (prepare time, once per host). A problem that concerns o
 from __future__ import annotations
 
 from collections.abc import Generator, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from gevent.lock import Semaphore
@@ -108,8 +109,10 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder) -> Plan:
         current=target.get_fact(StorePathLink, path=CURRENT_SYSTEM),
         profile=target.get_fact(StorePathLink, path=SYSTEM_PROFILE),
         action=spec.deploy_action,
-        built=is_built(builder.host, desired, sudo=builder.sudo),
     )
+    if plan.action == "build" or not plan.up_to_date:
+        # Whether the builder has it matters only when something will be built or copied.
+        plan = replace(plan, built=is_built(builder.host, desired, sudo=builder.sudo))
     summary = summary_for(target.state)
     summary.planned(plan)
     if summary.wants_report:
