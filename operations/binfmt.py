@@ -24,6 +24,7 @@ from pyinfra.operations import apt, files
 from typing_extensions import override
 
 from operations.preconditions import (
+    LinesFact,
     fail_host,
     nix_list,
     nixos_options_error,
@@ -157,7 +158,7 @@ def _handler_from_fields(name: str, fields: dict[str, str]) -> BinfmtHandler:
     )
 
 
-class ManagedBinfmtConfs(FactBase[list[str]]):
+class ManagedBinfmtConfs(LinesFact):
     """Handler names whose /etc/binfmt.d/qemu-*.conf starts with nixpush's marker line."""
 
     @override
@@ -171,16 +172,11 @@ class ManagedBinfmtConfs(FactBase[list[str]]):
         )
 
     @override
-    @staticmethod
-    def default() -> list[str]:
-        return []
-
-    @override
     def process(self, output: list[str]) -> list[str]:
         return sorted(line.removesuffix(".conf") for line in output if line.endswith(".conf"))
 
 
-class MissingPaths(FactBase[list[str]]):
+class MissingPaths(LinesFact):
     """Which of ``paths`` do not exist (symlinks followed)."""
 
     @override
@@ -189,15 +185,6 @@ class MissingPaths(FactBase[list[str]]):
         parts.extend(QuoteString(path) for path in paths)
         parts.append('; do [ -e "$p" ] || echo "$p"; done')
         return StringCommand(*parts)
-
-    @override
-    @staticmethod
-    def default() -> list[str]:
-        return []
-
-    @override
-    def process(self, output: list[str]) -> list[str]:
-        return output
 
 
 # The register format: `:name:type:offset:magic:mask:interpreter:flags`.

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 from pyinfra import logger
 from pyinfra.api.command import FunctionCommand
 from pyinfra.api.exceptions import OperationError
+from pyinfra.api.facts import FactBase
 from pyinfra.context import host
 from pyinfra.facts.files import File
 from pyinfra.facts.server import User
+from typing_extensions import override
 
 from operations.summary import summary_for
 
@@ -69,3 +71,17 @@ def require_root(why: str) -> None:
             f"{host.name}: connected as {user!r}, not root, and {why}; "
             "set _sudo=True in its host or group data",
         )
+
+
+class LinesFact(FactBase[list[str]]):
+    """A fact whose answer is the command's output lines; no output (or a missing command) is
+    the empty list. Subclasses give ``command()`` and may filter in ``process()``."""
+
+    @override
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+    @override
+    def process(self, output: list[str]) -> list[str]:
+        return output

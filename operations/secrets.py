@@ -45,6 +45,7 @@ from pyinfra.context import host
 from typing_extensions import override
 
 from operations.fleet import FleetError
+from operations.preconditions import LinesFact
 from operations.sops import KeyPath, Plaintext, SopsError, decrypt, key_path_text, parse_key_path
 
 if TYPE_CHECKING:
@@ -388,7 +389,7 @@ class SecretFile(FactBase[FileState | None]):
         )
 
 
-class MissingAccounts(FactBase[list[str]]):
+class MissingAccounts(LinesFact):
     """Which of ``users`` and ``groups`` don't exist: ``["user:alice", "group:media"]``."""
 
     @override
@@ -412,11 +413,6 @@ class MissingAccounts(FactBase[list[str]]):
             ]
         parts.append("true")
         return StringCommand(*parts)
-
-    @override
-    @staticmethod
-    def default() -> list[str]:
-        return []
 
     @override
     def process(self, output: list[str]) -> list[str]:
