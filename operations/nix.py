@@ -174,6 +174,11 @@ class NixConfig(FactBase[dict[str, Any] | None]):
         return {key: entry.get("value") for key, entry in raw.items() if isinstance(entry, dict)}
 
 
+def nix_not_installed() -> PyinfraCommand:
+    """Fail the current host because NixConfig found no ``nix``: every nix.conf writer's answer."""
+    return fail_host(OperationError(f"{host.name}: nix is not installed"))
+
+
 # Command builders
 
 
@@ -269,7 +274,7 @@ def nix_settings(
 
     config = host.get_fact(NixConfig)
     if config is None:
-        yield fail_host(OperationError(f"{host.name}: nix is not installed"))
+        yield nix_not_installed()
         return
 
     if runs_nixos():
@@ -359,7 +364,7 @@ def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraC
     _check_public_key(key)
     config = host.get_fact(NixConfig)
     if config is None:
-        yield fail_host(OperationError(f"{host.name}: nix is not installed"))
+        yield nix_not_installed()
         return
     if runs_nixos():
         if key in (config.get("trusted-public-keys") or []):

@@ -44,6 +44,7 @@ from operations.nix import (
     NixConfig,
     NixConfText,
     nix_conf_values,
+    nix_not_installed,
     update_nix_conf,
 )
 from operations.preconditions import (
@@ -494,7 +495,7 @@ def trusted_user(user: str) -> Generator[PyinfraCommand, None, None]:
     check_account(user)
     config = host.get_fact(NixConfig)
     if config is None:
-        yield fail_host(OperationError(f"{host.name}: nix is not installed"))
+        yield nix_not_installed()
         return
     require_root(f"trusted-users lives in {NIX_CONF}")
     text = host.get_fact(NixConfText, path=NIX_CONF)
