@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "env":
         from tests.bench import sops
 
+        if fleet.INSTANCE:
+            print(f"export NIXPUSH_BENCH_INSTANCE={fleet.INSTANCE}")
         print(f"export NIXPUSH_BENCH_DIR={fleet.BENCH_DIR}")
         print(f"export NIX_SSHOPTS='-F {fleet.BENCH_DIR / 'ssh_config'}'")
         print(f"export SOPS_AGE_KEY_FILE={sops.AGE_KEY_FILE}")

@@ -23,10 +23,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 FLAKE_TEMPLATE = Path(__file__).resolve().parent / "flake"
-BENCH_DIR = Path(os.environ.get("NIXPUSH_BENCH_DIR", "/var/lib/nixpush-bench"))
-BRIDGE = "npbr0"
-SUBNET = "10.231.57"
+# Several benches can run side by side on one machine (say, two checkouts testing at once):
+# NIXPUSH_BENCH_INSTANCE=N (0-9) gives bench N its own bridge, subnet, namespaces and state.
+INSTANCE = int(os.environ.get("NIXPUSH_BENCH_INSTANCE", "0"))
+if not 0 <= INSTANCE <= 9:
+    raise SystemExit(f"NIXPUSH_BENCH_INSTANCE is {INSTANCE}; use 0 to 9")
+_SUFFIX = f"-{INSTANCE}" if INSTANCE else ""
+BENCH_DIR = Path(os.environ.get("NIXPUSH_BENCH_DIR", f"/var/lib/nixpush-bench{_SUFFIX}"))
+BRIDGE = f"npbr{INSTANCE}"
+SUBNET = f"10.231.{57 + INSTANCE}"
 CONTROLLER_IP = f"{SUBNET}.1"
+NETNS_PREFIX = f"np{INSTANCE or ''}-"
 
 APT_PACKAGES = (
     "nix-bin",
@@ -59,11 +66,11 @@ class BenchHost:
 
     @property
     def netns(self) -> str:
-        return f"np-{self.name}"
+        return f"{NETNS_PREFIX}{self.name}"
 
     @property
     def veth(self) -> str:
-        return f"npv-{self.name}"
+        return f"npv{INSTANCE or ''}-{self.name}"
 
     @property
     def dir(self) -> Path:
@@ -528,7 +535,7 @@ def _kill_pids(pids: list[int]) -> None:
 
 def leftovers() -> list[str]:
     """Anything of the bench still on the machine: namespaces, links, processes, mounts."""
-    found = [f"netns {n}" for n in _netns_list() if n.startswith("np-")]
+    found = [f"netns {n}" for n in _netns_list() if n.startswith(NETNS_PREFIX)]
     links = run(["ip", "-o", "link", "show"]).stdout
     found += [f"link {BRIDGE}" for line in links.splitlines() if f": {BRIDGE}:" in line]
     found += [
@@ -541,10 +548,10 @@ def leftovers() -> list[str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if str(BENCH_DIR / "hosts").encode() in cmdline:
+        if f"{BENCH_DIR / 'hosts'}/".encode() in cmdline:
             found.append(f"process {proc.name}: {cmdline.decode(errors='replace').strip()}")
     mounts = Path("/proc/self/mountinfo").read_text()
-    found += [f"mount {line}" for line in mounts.splitlines() if str(BENCH_DIR) in line]
+    found += [f"mount {line}" for line in mounts.splitlines() if f"{BENCH_DIR}/" in line]
     return found
 
 
