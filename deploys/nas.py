@@ -9,14 +9,12 @@ from __future__ import annotations
 from pyinfra.context import host, state
 
 from operations import binfmt, nix, pull
-from operations.fleet import builders, check_fleet
-from operations.preconditions import runs_nixos
-from operations.summary import summary_for
+from operations.fleet import builders
+from operations.nixos import runs_nixos
+from operations.start import start_deploy
 
-specs = check_fleet(state.inventory)
+specs = start_deploy(state).specs
 spec = specs[host.name]
-# Names every host that failed in the run summary (and in nixpush-run's report).
-summary_for(state)
 systems = list(spec.binfmt_emulated_systems)
 
 if host.name not in builders(specs):
@@ -67,4 +65,4 @@ for user in dict.fromkeys(target.builder_user for target in pulling):
         pull.builder_authorized_keys(
             name=f"Let the pulling targets' keys run nix-daemon as {user}", user=user, keys=keys
         )
-        pull.trusted_user(name=f"Trust {user} in Nix", user=user)
+        nix.trusted_user(name=f"Trust {user} in Nix", user=user)

@@ -13,17 +13,14 @@ secrets.py stays about keys and trust; the one secret involved is ordinary ``sec
 
 from __future__ import annotations
 
-from pyinfra.context import host, inventory, state
+from pyinfra.context import host, state
 
-from operations import pull
-from operations.fleet import check_fleet
-from operations.preconditions import runs_nixos
-from operations.summary import summary_for
+from operations import nix, pull
+from operations.nixos import runs_nixos
+from operations.start import start_deploy
 
-specs = check_fleet(inventory)
+specs = start_deploy(state).specs
 spec = specs[host.name]
-# Names every host that failed in the run summary (and in nixpush-run's report).
-summary_for(state)
 
 if spec.builder_host is None or not pull.pulls(spec):
     host.noop(f"{host.name} does not pull builds (no builder_host and builder_user)")
@@ -37,7 +34,5 @@ else:
         )
     else:
         pull.builder_ssh_alias(name=f"Let root's ssh reach {machine.alias}", machine=machine)
-        pull.build_machine(
-            name=f"List {spec.builder_host} in {pull.MACHINES_FILE}", machine=machine
-        )
-        pull.nix_builders(name=f"Let Nix use {pull.MACHINES_FILE}")
+        pull.build_machine(name=f"List {spec.builder_host} in {nix.MACHINES_FILE}", machine=machine)
+        nix.remote_builders(name=f"Let Nix use {nix.MACHINES_FILE}")

@@ -16,21 +16,20 @@ from __future__ import annotations
 from pyinfra.context import host, state
 from pyinfra.facts.files import Directory
 
-from operations import schedule
-from operations.fleet import check_fleet
-from operations.summary import summary_for
+from operations import failures, schedule
+from operations.models import SYSTEMD_RUNNING
+from operations.start import start_deploy
 
-check_fleet(state.inventory)
-summary_for(state)
+start_deploy(state)
 wanted = schedule.parse_schedule(host.name, host.data.get("schedule"))
 units = schedule.unit_files(wanted) if wanted.enabled else {}
 unwanted = [
     unit for mode in schedule.MODES for unit in schedule.unit_names(mode) if unit not in units
 ]
 
-if units and wanted.activate and host.get_fact(Directory, path=schedule.SYSTEMD_RUNNING) is None:
+if units and wanted.activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
     # Nothing is written: unit files no systemd runs would look installed and never run.
-    schedule.unsupported(
+    failures.unable(
         name="Fail: no systemd for the schedule",
         reason=schedule.no_systemd_reason(host.name, wanted),
     )

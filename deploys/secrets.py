@@ -23,13 +23,11 @@ from pyinfra.context import host, inventory, state
 from pyinfra.operations import files
 
 from operations import nix, secrets, ssh
-from operations.fleet import FleetError, check_fleet
-from operations.summary import summary_for
+from operations.fleet import FleetError
+from operations.start import start_deploy
 
-specs = check_fleet(inventory)
+specs = start_deploy(state).specs
 spec = specs[host.name]
-# Names every host that failed in the run summary (and in nixpush-run's report).
-summary_for(state)
 planned = secrets.plan_secrets(host)
 
 trust = None

@@ -23,14 +23,9 @@ from pyinfra.facts.server import Which
 from pyinfra.operations import apt, files
 from typing_extensions import override
 
-from operations.preconditions import (
-    LinesFact,
-    fail_host,
-    nix_list,
-    nixos_options_error,
-    require_root,
-    runs_nixos,
-)
+from operations.failures import fail_host, require_root
+from operations.files import LinesFact
+from operations.nixos import nix_list, nixos_options_error, runs_nixos
 from operations.systems import KNOWN_SYSTEMS, natively_built, qemu_arch
 
 BINFMT_MISC = "/proc/sys/fs/binfmt_misc"
@@ -325,10 +320,8 @@ def emulated_systems(
     if registrations is None or (interpreters and host.get_fact(MissingPaths, paths=interpreters)):
         if not host.get_fact(Which, command="apt-get"):
             yield fail_host(
-                OperationError(
-                    f"{host.name}: no apt-get to install {QEMU_PACKAGE}; install QEMU user-mode "
-                    f"emulators and the binfmt.d files {', '.join(names)} by hand",
-                )
+                f"{host.name}: no apt-get to install {QEMU_PACKAGE}; install QEMU user-mode "
+                f"emulators and the binfmt.d files {', '.join(names)} by hand"
             )
             return
         for command in apt.packages._inner(packages=[QEMU_PACKAGE], update=True):
@@ -338,10 +331,8 @@ def emulated_systems(
         registrations = _package_registrations(names)
         if registrations is None:
             yield fail_host(
-                OperationError(
-                    f"{host.name}: {QEMU_PACKAGE} is installed but has no "
-                    f"{', '.join(package_conf_path(name) for name in names)}; reinstall it",
-                )
+                f"{host.name}: {QEMU_PACKAGE} is installed but has no "
+                f"{', '.join(package_conf_path(name) for name in names)}; reinstall it"
             )
             return
 
@@ -353,11 +344,9 @@ def emulated_systems(
         current = local_confs[name]
         if _is_foreign(current) and not _registers(current, registration):
             yield fail_host(
-                OperationError(
-                    f"{host.name}: {local_conf_path(name)} was not written by nixpush (no "
-                    f"{MANAGED_MARKER!r} first line) and differs from {registration.line()}; "
-                    "remove it or make it that line",
-                )
+                f"{host.name}: {local_conf_path(name)} was not written by nixpush (no "
+                f"{MANAGED_MARKER!r} first line) and differs from {registration.line()}; "
+                "remove it or make it that line"
             )
             return
 

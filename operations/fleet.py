@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from pyinfra.api.exceptions import PyinfraError
 
+from operations.models import ACTIONS
 from operations.systems import KNOWN_SYSTEMS, natively_built
 
 if TYPE_CHECKING:
@@ -28,9 +29,14 @@ if TYPE_CHECKING:
     from pyinfra.api.inventory import Inventory
 
 ROOTS: tuple[str, ...] = ("minimal", "common", "network", "main", "work", "gaming", "server")
-DEPLOY_ACTIONS: tuple[str, ...] = ("switch", "boot", "test", "dry-activate", "build")
+DEPLOY_ACTIONS = ACTIONS
 
 _MAX_PORT = 65535
+# More would only queue in sshd: its MaxSessions is 10 unless raised.
+_MAX_SESSIONS = 64
+# Below sshd's default MaxSessions (10): pyinfra keeps one more channel open for SFTP once it
+# has uploaded a file, and a human's multiplexed `ssh` needs room too.
+DEFAULT_MAX_SESSIONS = 4
 
 
 class FleetError(PyinfraError):
@@ -68,6 +74,8 @@ class HostSpec:
     + ssh_hostname, ssh_port, ssh_user: how the controller and the builder reach this host
     + ssh_host_key: the host's public SSH host key, so other hosts can verify it
     + deploy_action: one of ``DEPLOY_ACTIONS``
+    + max_ssh_sessions: at most this many commands at once on nixpush's SSH connection to the
+      host (keep it below its sshd's ``MaxSessions``, 10 by default)
     """
 
     name: str
@@ -85,6 +93,7 @@ class HostSpec:
     ssh_user: str | None = None
     ssh_host_key: str | None = None
     deploy_action: str = "switch"
+    max_ssh_sessions: int = DEFAULT_MAX_SESSIONS
 
     @property
     def is_target(self) -> bool:
@@ -206,6 +215,8 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         ssh_user=read.string("ssh_user"),
         ssh_host_key=read.string("ssh_host_key"),
         deploy_action=deploy_action,
+        max_ssh_sessions=read.positive_int("max_ssh_sessions", _MAX_SESSIONS)
+        or DEFAULT_MAX_SESSIONS,
     )
     return spec, read.problems
 

@@ -9,7 +9,7 @@ from collections.abc import Generator, Mapping, Sequence
 from io import StringIO
 from typing import Any
 
-from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
+from pyinfra.api.command import PyinfraCommand, StringCommand
 from pyinfra.api.exceptions import FactProcessError, OperationError
 from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
@@ -19,18 +19,15 @@ from pyinfra.operations import files
 from typing_extensions import override
 
 from operations.binfmt import sandbox_path, validate_systems
-from operations.preconditions import (
-    fail_host,
-    nix_list,
-    nixos_options_error,
-    require_root,
-    runs_nixos,
-)
+from operations.failures import fail_host, require_root
+from operations.files import ACCOUNT_NAME, FileText
+from operations.models import SYSTEMD_RUNNING
+from operations.nixos import nix_list, nixos_options_error, runs_nixos
 
 NIX_CONF = "/etc/nix/nix.conf"
+# Nix's remote builders file (nix.conf `builders = @MACHINES_FILE`).
+MACHINES_FILE = "/etc/nix/machines"
 DAEMON_SOCKET = "/nix/var/nix/daemon-socket/socket"
-SYSTEMD_RUNTIME = "/run/systemd/system"
-_FILE_PRESENT = "nixpush: file present"
 
 
 # nix.conf text, edited like Nix reads it: `key = value` lines, `#` starts a comment anywhere.
@@ -128,27 +125,12 @@ def wanted_nix_settings(
 # Facts
 
 
-class NixConfText(FactBase[str | None]):
-    """The exact text of a nix.conf, None if the file is missing."""
+class NixConfText(FileText):
+    """The exact text of a nix.conf (default ``/etc/nix/nix.conf``), None if it is missing."""
 
     @override
     def command(self, path: str = NIX_CONF) -> StringCommand:
-        # base64 keeps the text byte for byte (trailing spaces, missing final newline).
-        return StringCommand(
-            "if [ -f",
-            QuoteString(path),
-            "]; then echo",
-            QuoteString(_FILE_PRESENT),
-            "&& base64",
-            QuoteString(path),
-            "; fi || true",
-        )
-
-    @override
-    def process(self, output: list[str]) -> str | None:
-        if not output or output[0] != _FILE_PRESENT:
-            return None
-        return base64.b64decode("".join(output[1:])).decode()
+        return super().command(path)
 
 
 class NixConfig(FactBase[dict[str, Any] | None]):
@@ -176,7 +158,7 @@ class NixConfig(FactBase[dict[str, Any] | None]):
 
 def nix_not_installed() -> PyinfraCommand:
     """Fail the current host because NixConfig found no ``nix``: every nix.conf writer's answer."""
-    return fail_host(OperationError(f"{host.name}: nix is not installed"))
+    return fail_host(f"{host.name}: nix is not installed")
 
 
 # Command builders
@@ -233,7 +215,7 @@ def restart_nix_daemon() -> Generator[PyinfraCommand, None, None]:
 
         nix.restart_nix_daemon()
     """
-    if host.get_fact(Directory, path=SYSTEMD_RUNTIME):
+    if host.get_fact(Directory, path=SYSTEMD_RUNNING):
         yield StringCommand("systemctl", "restart", "nix-daemon.service")
     else:
         yield stop_daemon_listener()
@@ -311,6 +293,24 @@ def update_nix_conf(
     yield from restart_nix_daemon._inner()
 
 
+def add_to_nix_conf_list(
+    text: str | None,
+    key: str,
+    value: str,
+    current: Sequence[str],
+    separator: str,
+    what: str,
+    nix_conf: str = NIX_CONF,
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Set the nix.conf list ``key`` to its ``current`` items plus ``value`` (a noop
+    ``"<nix_conf> already <what>"`` when it is there): the one way ``trusted-users``,
+    ``builders`` and ``extra-trusted-public-keys`` grow.
+    """
+    items = list(current) if value in current else [*current, value]
+    yield from update_nix_conf(text, {key: separator.join(items)}, what, nix_conf)
+
+
 def _check_nixos(
     config: Mapping[str, Any], systems: Sequence[str], max_jobs: int | None
 ) -> Generator[PyinfraCommand, None, None]:
@@ -381,5 +381,64 @@ def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraC
     if key in extra or key in (nix_conf_values(current, "trusted-public-keys") or []):
         host.noop(f"{nix_conf} already trusts {key}")
         return
-    settings = {"extra-trusted-public-keys": " ".join([*extra, key])}
-    yield from update_nix_conf(text, settings, f"trusts {key}", nix_conf)
+    yield from add_to_nix_conf_list(
+        text, "extra-trusted-public-keys", key, extra, " ", f"trusts {key}", nix_conf
+    )
+
+
+@operation()
+def trusted_user(user: str) -> Generator[PyinfraCommand, None, None]:
+    """
+    Make ``user`` a trusted user of the builder's Nix (nix.conf ``trusted-users``).
+
+    + user: the builder account remote builds arrive as
+
+    Nix's remote build copies the target's inputs without signatures and builds
+    input-addressed derivations: the daemon allows both only to trusted users. The names
+    already trusted (the line's, or Nix's default ``root``) are kept; the daemon is restarted
+    only when nix.conf changed.
+
+    **Example:**
+
+    .. code:: python
+
+        nix.trusted_user(user="nix-ssh")
+    """
+    if not ACCOUNT_NAME.fullmatch(user):
+        raise OperationError(f"{host.name}: {user!r} is not an account name")
+    config = host.get_fact(NixConfig)
+    if config is None:
+        yield nix_not_installed()
+        return
+    require_root(f"trusted-users lives in {NIX_CONF}")
+    text = host.get_fact(NixConfText, path=NIX_CONF)
+    names = nix_conf_values(text or "", "trusted-users")
+    if names is None:
+        names = [str(name) for name in config.get("trusted-users") or ["root"]]
+    yield from add_to_nix_conf_list(text, "trusted-users", user, names, " ", f"trusts {user}")
+
+
+@operation()
+def remote_builders(machines_file: str = MACHINES_FILE) -> Generator[PyinfraCommand, None, None]:
+    """
+    Make Nix use the machines file: ``builders = @<machines_file>`` in nix.conf.
+
+    + machines_file: path of the machines file
+
+    Builders already on the line (``;``-separated) are kept. The daemon is restarted only when
+    nix.conf changed (builds through the daemon read its settings).
+
+    **Example:**
+
+    .. code:: python
+
+        nix.remote_builders()
+    """
+    wanted = f"@{machines_file}"
+    if any(c.isspace() or c in "#;" for c in machines_file):
+        raise OperationError(f"{host.name}: {machines_file!r} can't be named in nix.conf")
+    require_root(f"builders lives in {NIX_CONF}")
+    text = host.get_fact(NixConfText, path=NIX_CONF)
+    value = " ".join(nix_conf_values(text or "", "builders") or [])
+    parts = [part.strip() for part in value.split(";") if part.strip()]
+    yield from add_to_nix_conf_list(text, "builders", wanted, parts, " ; ", f"uses {wanted}")

@@ -1,9 +1,18 @@
-"""The one place nixpush runs processes on the controller (where pyinfra runs).
+"""The one place nixpush runs processes: on the controller (where pyinfra runs), and on an
+inventory host from another host's operation.
 
-Commands are argument lists, never shell strings, so no value is ever parsed by a shell.
+Local commands are argument lists, never shell strings, so no value is ever parsed by a shell.
 Anything secret goes in ``input`` (the process's stdin): argv and the environment of a process
 are visible to every user of the machine (``/proc/PID/cmdline``, ``ps e``).
 Tests patch ``run_local`` to assert exact argument lists.
+
+Remote commands go through pyinfra's connection to the host. sshd accepts only so many
+sessions (channels) at once on one connection (``MaxSessions``, 10 by default, on NixOS too),
+and every target planning in parallel opens channels on its builder's connection: so
+``limit_sessions`` bounds them per host, for facts and commands alike, and retries a refused
+channel open with backoff. ``run_on`` and ``read_on`` turn a lost channel into
+``DeployFailed`` naming the host and what was being done: a read that failed is never taken for
+a missing thing.
 """
 
 from __future__ import annotations
@@ -12,8 +21,27 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import gevent
+from gevent.lock import BoundedSemaphore
+from paramiko import ChannelException, SSHException
+from pyinfra import logger
+from pyinfra.api.command import StringCommand
+
+from operations.failures import DeployFailed
+
+if TYPE_CHECKING:
+    from pyinfra.api.facts import FactBase
+    from pyinfra.api.host import Host
+
+T = TypeVar("T")
+
+# Seconds to wait before each retry of a refused channel open (sshd's MaxSessions reached by
+# someone else's sessions on the connection).
+CHANNEL_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 
 
 def run_local(
@@ -66,3 +94,110 @@ def find_program(name: str) -> str | None:
         return found
     beside = Path(sys.executable).with_name(name)
     return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else None
+
+
+# -- remote: another inventory host ----------------------------------------------------
+
+_CONNECTOR_CALLS = ("run_shell_command", "put_file", "get_file")
+
+
+def limit_sessions(host: Host, limit: int) -> None:
+    """
+    Let at most ``limit`` commands, fact reads or file transfers use ``host``'s connection at
+    once, and retry a refused channel open (``ChannelException``) with backoff before it
+    counts as a failure. Idempotent: the first call for a host sets its bound.
+
+    + host: an inventory host (its pyinfra connector is wrapped)
+    + limit: concurrent sessions; keep it below the host's sshd ``MaxSessions``
+
+    .. code:: python
+
+        for host in state.inventory:
+            limit_sessions(host, specs[host.name].max_ssh_sessions)
+    """
+    connector: Any = host.connector
+    if getattr(connector, "nixpush_session_limit", None) is not None:
+        return
+    slots = BoundedSemaphore(limit)
+    for name in _CONNECTOR_CALLS:
+        setattr(connector, name, _bounded(getattr(connector, name), slots, host.name))
+    connector.nixpush_session_limit = limit
+
+
+def _bounded(call: Callable[..., T], slots: BoundedSemaphore, host_name: str) -> Callable[..., T]:
+    def bounded(*args: Any, **kwargs: Any) -> T:
+        for delay in (*CHANNEL_RETRY_DELAYS, None):
+            with slots:
+                try:
+                    return call(*args, **kwargs)
+                except ChannelException as error:
+                    # Refused at open: the command never started, so running it again is safe.
+                    if delay is None:
+                        raise
+                    logger.debug(f"{host_name}: SSH channel refused ({error}), retrying")
+            gevent.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return bounded
+
+
+def connection_cause(host_name: str, error: BaseException) -> str:
+    """What a connection error means, for a message: ``lost the SSH channel to nas (...)``."""
+    if isinstance(error, TimeoutError):
+        return f"timed out on {host_name}"
+    detail = str(error) or type(error).__name__
+    if isinstance(error, ChannelException):
+        return f"lost the SSH channel to {host_name} (sshd refused a session: {detail})"
+    return f"lost the SSH connection to {host_name} ({detail})"
+
+
+def run_on(
+    target: Host,
+    command: StringCommand,
+    *,
+    doing: str,
+    sudo: bool,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: int | None = None,
+) -> tuple[bool, list[str]]:
+    """
+    Run ``command`` on another inventory host; return its success and output lines.
+    ``DeployFailed`` when the connection fails: ``lost the SSH channel to nas while {doing}``.
+
+    + target: the host to run on (connected)
+    + command: the command, built from quoted parts
+    + doing: what the command is for, e.g. ``"evaluating pi4's system"``
+    + sudo: run it with sudo (pyinfra applies no operation's ``_sudo`` here)
+    + env, stdin, timeout: pyinfra's ``_env``, ``_stdin`` (never printed), ``_timeout``
+    """
+    kwargs: dict[str, Any] = {"_sudo": sudo}
+    if env:
+        kwargs["_env"] = env
+    if stdin is not None:
+        kwargs["_stdin"] = stdin
+    if timeout is not None:
+        kwargs["_timeout"] = timeout
+    try:
+        ok, output = target.run_shell_command(command, **kwargs)
+    except (SSHException, OSError, EOFError, TimeoutError) as error:
+        raise DeployFailed(f"{connection_cause(target.name, error)} while {doing}") from None
+    return ok, output.output_lines
+
+
+def read_on(target: Host, fact: type[FactBase[T]], *, sudo: bool, doing: str, **args: Any) -> T:
+    """
+    Read ``fact`` on another inventory host through ``run_on``: its ``process()``ed answer,
+    or its default when the command printed nothing. ``DeployFailed`` when the command fails
+    or the connection is lost, so "could not read" never reads as "missing".
+
+    .. code:: python
+
+        read_on(builder, File, path=DEPLOY_KEY_PATH, sudo=True, doing="checking ...")
+    """
+    instance = fact()
+    ok, lines = run_on(target, StringCommand(instance.command(**args)), sudo=sudo, doing=doing)
+    if not ok:
+        last = lines[-1].strip() if lines else "no output"
+        raise DeployFailed(f"{target.name}: {doing} failed: {last}")
+    return instance.process(lines) if lines else instance.default()

@@ -38,50 +38,35 @@ from pyinfra.context import host
 from pyinfra.facts.files import Directory
 from typing_extensions import override
 
-from operations.fleet import FleetError, HostSpec
-from operations.nix import (
-    NIX_CONF,
-    NixConfig,
-    NixConfText,
-    nix_conf_values,
-    nix_not_installed,
-    update_nix_conf,
-)
-from operations.preconditions import (
-    fail_host,
-    nix_list,
-    nixos_options_error,
-    require_root,
-)
-from operations.secrets import (
-    SecretError,
+from operations.failures import fail_host, require_root
+from operations.files import (
+    ACCOUNT_NAME,
+    MANAGED_HEADER,
+    LinesOfFile,
     SecretFile,
-    chmod_file,
     chown_file,
-    decrypt_secret,
-    host_secrets,
-    write_file,
+    lines_in_file,
 )
-from operations.ssh import LinesOfFile, UserAccount, parse_public_key, ssh_public_key
+from operations.fleet import FleetError, HostSpec
+from operations.keys import PULL_KEY_PATH, parse_public_key
+from operations.keys import pull_client_key as _client_key
+from operations.nix import MACHINES_FILE, NixConfig
+from operations.nixos import nix_list, nixos_options_error
+from operations.ssh import UserAccount
 from operations.systems import KNOWN_SYSTEMS
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
-# Where a target keeps its builder-client key (its `secrets` data installs it there).
-PULL_KEY_PATH = "/root/.ssh/nixpush_builder"
-MACHINES_FILE = "/etc/nix/machines"
 SSH_CONFIG_DIR = "/etc/ssh/ssh_config.d"
 # NixOS's nix.sshServe writes the builder user's keys here (openssh.authorizedKeys.keys).
 NIXOS_AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys.d"
 PULL_FEATURES = ("nixos-test", "benchmark", "big-parallel")
 # The comment closing each authorized_keys line nixpush writes: how it finds its own lines.
 KEY_COMMENT = "nixpush-pull:"
-_MANAGED = "# managed by nixpush"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*")
-_ACCOUNT = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _PATH = re.compile(r"/[A-Za-z0-9._/+-]*")
 _NOLOGIN_SHELLS = ("/usr/sbin/nologin", "/sbin/nologin", "/bin/false", "/usr/bin/false")
 
@@ -98,7 +83,7 @@ def default_home(user: str) -> str:
 
 def check_account(user: str) -> str:
     """``user`` if it is a plain account name (``useradd``'s rules), else ValueError."""
-    if not _ACCOUNT.fullmatch(user) or user == "root":
+    if not ACCOUNT_NAME.fullmatch(user) or user == "root":
         raise ValueError(f"builder_user {user!r} is not a dedicated account name like 'nix-ssh'")
     return user
 
@@ -185,7 +170,7 @@ class BuildMachine:
     def ssh_config_lines(self) -> list[str]:
         """The ssh_config block for the alias (``SSH_CONFIG_DIR/<alias>.conf``)."""
         return [
-            f"{_MANAGED}: how Nix reaches its remote builder ({MACHINES_FILE})",
+            f"{MANAGED_HEADER}: how Nix reaches its remote builder ({MACHINES_FILE})",
             f"Host {self.alias}",
             f"  HostName {self.hostname}",
             f"  Port {self.port}",
@@ -281,26 +266,7 @@ def pull_client_key(target: Host, for_host: str) -> str:
     ``PULL_KEY_PATH``), derived in memory on the controller, with ``KEY_COMMENT`` naming
     the target. ``SecretError`` naming ``for_host``, the target and the fix.
     """
-    for secret in host_secrets(target):
-        if secret.dest == PULL_KEY_PATH:
-            value = decrypt_secret(target, secret)
-            try:
-                kind, blob = ssh_public_key(value).split()[:2]
-            except ValueError as e:
-                raise SecretError(
-                    for_host,
-                    f"{secret.label} (of {target.name})",
-                    str(e),
-                    "store an OpenSSH ed25519 private key there (ssh-keygen -t ed25519 -N '')",
-                ) from None
-            return f"{kind} {blob} {KEY_COMMENT}{target.name}"
-    raise SecretError(
-        for_host,
-        PULL_KEY_PATH,
-        f"{target.name} pulls builds (builder_user) but has no secret installed at {PULL_KEY_PATH}",
-        f"add its builder-client key to {target.name}'s secrets with dest {PULL_KEY_PATH}, "
-        "or remove builder_user",
-    )
+    return _client_key(target, for_host, f"{KEY_COMMENT}{target.name}")
 
 
 def restricted_key_line(key: str, daemon: str) -> str:
@@ -346,24 +312,12 @@ class SshResolved(FactBase[dict[str, str]]):
         return {pair[0]: pair[1] for pair in pairs if len(pair) == 2}
 
 
-# Shared steps
-
-
-def _file_lines(
+def _root_file(
     path: str, lines: Sequence[str], mode: int, what: str
 ) -> Generator[PyinfraCommand, None, None]:
     """Make ``path`` (root's) hold exactly ``lines`` with ``mode``."""
     current = host.get_fact(LinesOfFile, path=path)
-    if current is not None and current.lines == tuple(lines):
-        if (current.owner, current.group, current.mode) == ("root", "root", mode):
-            host.noop(f"{path} already {what}")
-            return
-        if (current.owner, current.group) != ("root", "root"):
-            yield chown_file(path, "root", "root")
-        if current.mode != mode:
-            yield chmod_file(path, mode)
-        return
-    yield write_file(path, "".join(f"{line}\n" for line in lines), "root", "root", mode)
+    yield from lines_in_file(path, lines, current, owner="root", group="root", mode=mode, what=what)
 
 
 # Operations: builder side
@@ -402,10 +356,8 @@ def builder_account(user: str) -> Generator[PyinfraCommand, None, None]:
         return
     if account.shell in _NOLOGIN_SHELLS:
         yield fail_host(
-            OperationError(
-                f"{host.name}: user {user!r} has the shell {account.shell}, and sshd runs the "
-                f"forced nix-daemon command through it; run `usermod -s /bin/sh {user}`"
-            )
+            f"{host.name}: user {user!r} has the shell {account.shell}, and sshd runs the "
+            f"forced nix-daemon command through it; run `usermod -s /bin/sh {user}`"
         )
         return
     if not host.get_fact(Directory, path=account.home):
@@ -443,7 +395,7 @@ def builder_authorized_keys(
     if daemon is None:
         daemon = host.get_fact(ProgramPath, program="nix-daemon")
         if daemon is None:
-            yield fail_host(OperationError(f"{host.name}: nix-daemon is not on root's PATH"))
+            yield fail_host(f"{host.name}: nix-daemon is not on root's PATH")
             return
     try:
         wanted = [restricted_key_line(key, daemon) for key in keys]
@@ -466,45 +418,12 @@ def builder_authorized_keys(
         )
 
     kept = [line for line in (current.lines if current else ()) if line and not ours(line)]
-    yield from _file_lines(
+    yield from _root_file(
         path,
         [*kept, *wanted],
         0o644,
         f"lets {len(wanted)} key{'s' if len(wanted) != 1 else ''} run only {daemon} --stdio",
     )
-
-
-@operation()
-def trusted_user(user: str) -> Generator[PyinfraCommand, None, None]:
-    """
-    Make ``user`` a trusted user of the builder's Nix (nix.conf ``trusted-users``).
-
-    + user: the builder account remote builds arrive as
-
-    Nix's remote build copies the target's inputs without signatures and builds
-    input-addressed derivations: the daemon allows both only to trusted users. The names
-    already trusted (the line's, or Nix's default ``root``) are kept; the daemon is restarted
-    only when nix.conf changed.
-
-    **Example:**
-
-    .. code:: python
-
-        pull.trusted_user(user="nix-ssh")
-    """
-    check_account(user)
-    config = host.get_fact(NixConfig)
-    if config is None:
-        yield nix_not_installed()
-        return
-    require_root(f"trusted-users lives in {NIX_CONF}")
-    text = host.get_fact(NixConfText, path=NIX_CONF)
-    names = nix_conf_values(text or "", "trusted-users")
-    if names is None:
-        names = [str(name) for name in config.get("trusted-users") or ["root"]]
-    if user not in names:
-        names = [*names, user]
-    yield from update_nix_conf(text, {"trusted-users": " ".join(names)}, f"trusts {user}")
 
 
 @operation()
@@ -524,10 +443,8 @@ def check_nixos_ssh_serve(user: str, keys: Sequence[str]) -> Generator[PyinfraCo
     """
     if user != "nix-ssh":
         yield fail_host(
-            OperationError(
-                f"{host.name} runs NixOS, whose nix.sshServe account is nix-ssh: set the "
-                f"targets' builder_user to 'nix-ssh', not {user!r}"
-            )
+            f"{host.name} runs NixOS, whose nix.sshServe account is nix-ssh: set the "
+            f"targets' builder_user to 'nix-ssh', not {user!r}"
         )
         return
     config = host.get_fact(NixConfig) or {}
@@ -573,7 +490,7 @@ def builder_ssh_alias(machine: BuildMachine) -> Generator[PyinfraCommand, None, 
     """
     require_root(f"{machine.ssh_config_path} belongs to root")
     changes = list(
-        _file_lines(
+        _root_file(
             machine.ssh_config_path,
             machine.ssh_config_lines(),
             0o644,
@@ -617,50 +534,20 @@ def build_machine(
     key = host.get_fact(SecretFile, path=machine.key_path)
     if key is None or not key.regular:
         yield fail_host(
-            OperationError(
-                f"{host.name}: the builder-client key {machine.key_path} is missing; "
-                "install it with deploys/secrets.py first"
-            )
+            f"{host.name}: the builder-client key {machine.key_path} is missing; "
+            "install it with deploys/secrets.py first"
         )
         return
     current = host.get_fact(LinesOfFile, path=machines_file)
     lines = [
         line for line in (current.lines if current else ()) if line.split()[:1] != [machine.uri]
     ]
-    yield from _file_lines(
+    yield from _root_file(
         machines_file,
         [*lines, machine.machines_line()],
         0o644,
         f"lists {machine.uri} for {', '.join(machine.systems)}",
     )
-
-
-@operation()
-def nix_builders(machines_file: str = MACHINES_FILE) -> Generator[PyinfraCommand, None, None]:
-    """
-    Make Nix use the machines file: ``builders = @<machines_file>`` in nix.conf.
-
-    + machines_file: path of the machines file
-
-    Builders already on the line (``;``-separated) are kept. The daemon is restarted only when
-    nix.conf changed (builds through the daemon read its settings).
-
-    **Example:**
-
-    .. code:: python
-
-        pull.nix_builders()
-    """
-    wanted = f"@{machines_file}"
-    if any(c.isspace() or c in "#;" for c in machines_file):
-        raise OperationError(f"{host.name}: {machines_file!r} can't be named in nix.conf")
-    require_root(f"builders lives in {NIX_CONF}")
-    text = host.get_fact(NixConfText, path=NIX_CONF)
-    value = " ".join(nix_conf_values(text or "", "builders") or [])
-    parts = [part.strip() for part in value.split(";") if part.strip()]
-    if wanted not in parts:
-        parts.append(wanted)
-    yield from update_nix_conf(text, {"builders": " ; ".join(parts)}, f"uses {wanted}")
 
 
 @operation()

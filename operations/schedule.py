@@ -1,6 +1,6 @@
 """
 nixpush's schedule on the controller: a systemd service and timer per mode that run
-``nixpush-run`` (see ``operations.runner``), rendered from the controller's ``schedule`` data.
+``nixpush-run`` (see ``operations.run.runner``), rendered from the controller's ``schedule`` data.
 
 The data, checked once into a ``Schedule`` (``parse_schedule``), with the fix named on error:
 
@@ -38,32 +38,28 @@ from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pyinfra import logger
-from pyinfra.api.command import FunctionCommand, PyinfraCommand, QuoteString, StringCommand
-from pyinfra.api.exceptions import OperationError, PyinfraError
+from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
+from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.facts.files import Directory, Sha256File
 from pyinfra.facts.systemd import SystemdEnabled
 
-from operations.preconditions import fail_host
-from operations.runner import DEFAULT_KEEP, DEFAULT_STATE_DIR, SCHEDULE
-from operations.secrets import write_file
-from operations.summary import summary_for
+from operations.failures import fail_host
+from operations.files import ACCOUNT_NAME, MANAGED_HEADER, write_file
+from operations.models import SYSTEMD_RUNNING
+from operations.run.runner import DEFAULT_KEEP, DEFAULT_STATE_DIR, SCHEDULE
 
 if TYPE_CHECKING:
-    from pyinfra.api.host import Host
-    from pyinfra.api.state import State
+    pass
 
 UNIT_DIR = "/etc/systemd/system"
-SYSTEMD_RUNNING = "/run/systemd/system"  # what sd_booted() checks
-MARKER = "# managed by nixpush (deploys/schedule.py)"
+MARKER = f"{MANAGED_HEADER} (deploys/schedule.py)"
 MODES: tuple[str, ...] = tuple(sorted(SCHEDULE))
 # Exit codes that are not a failed unit: drift (check only) and "already running".
 SUCCESS_EXIT = {"check": "2 75", "deploy": "75"}
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_USER = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
 _CALENDAR = re.compile(r"^[A-Za-z0-9*:,./~+ -]+$")
 _TIMESPAN = re.compile(r"^[0-9][0-9A-Za-z .]*$")
 _PATH = re.compile(r"^/[^\s\"'\\%$]*$")
@@ -110,7 +106,7 @@ class Schedule:
 
 
 def _text(host_name: str, key: str, value: Any, pattern: re.Pattern[str], what: str) -> str:
-    if not isinstance(value, str) or _CONTROL.search(value) or not pattern.match(value):
+    if not isinstance(value, str) or _CONTROL.search(value) or not pattern.fullmatch(value):
         raise ScheduleError(f"{host_name}: schedule {key} = {value!r} is not {what}")
     return value
 
@@ -184,7 +180,7 @@ def parse_schedule(host_name: str, data: Any) -> Schedule:
         enabled=True,
         checkout=_text(host_name, "checkout", data["checkout"], _PATH, path),
         program=_text(host_name, "program", data["program"], _PATH, path),
-        user=_text(host_name, "user", data.get("user", "root"), _USER, "a user name"),
+        user=_text(host_name, "user", data.get("user", "root"), ACCOUNT_NAME, "a user name"),
         age_key_file=None
         if age_key is None
         else _text(host_name, "age_key_file", age_key, _PATH, path),
@@ -340,7 +336,7 @@ def timers(
         timers(name="Install the schedule", units=unit_files(schedule))
     """
     if activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
-        yield fail_host(OperationError(f"{host.name} has no systemd ({SYSTEMD_RUNNING})"))
+        yield fail_host(f"{host.name} has no systemd ({SYSTEMD_RUNNING})")
         return
     changed = []
     for unit, content in sorted(units.items()):
@@ -394,19 +390,3 @@ def removed_timers(
     yield _remove([f"{unit_dir}/{unit}" for unit in present])
     if systemd:
         yield _systemctl("daemon-reload")
-
-
-@operation(is_idempotent=False)
-def unsupported(reason: str) -> Generator[PyinfraCommand, None, None]:
-    """
-    Fail the current host with ``reason`` when executed (the others go on), e.g. no systemd.
-
-    + reason: what is missing and what to do instead; recorded for the run's summary
-    """
-    yield FunctionCommand(_unsupported, (reason,), {})
-
-
-def _unsupported(state: State, host: Host, reason: str) -> bool:
-    host.log_styled(f"failed: {reason}", fg="red", log_func=logger.error)
-    summary_for(state).fail(host.name, reason)
-    return False

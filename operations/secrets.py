@@ -29,8 +29,6 @@ compare: it is printed by facts at ``-vvv``, like any fact output.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import posixpath
 import re
 from collections.abc import Generator, Mapping, Sequence
@@ -39,31 +37,26 @@ from typing import TYPE_CHECKING, Any
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.exceptions import OperationError, PyinfraError
-from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 from typing_extensions import override
 
+from operations.files import (
+    ACCOUNT_NAME,
+    LinesFact,
+    SecretFile,
+    chmod_file,
+    chown_file,
+    write_file,
+)
 from operations.fleet import FleetError
-from operations.preconditions import LinesFact
 from operations.sops import KeyPath, Plaintext, SopsError, decrypt, key_path_text, parse_key_path
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
-# Where the builder keeps what it pushes with (group_data/server.py declares them).
-DEPLOY_KEY_PATH = "/etc/nixpush/deploy_ed25519"
-# Nix's `secret-key-files` is not set on the builder: the push deploy signs each closure
-# explicitly (`nix store sign -k SIGNING_KEY_PATH`), so the daemon never needs the key.
-SIGNING_KEY_PATH = "/etc/nixpush/signing-key.sec"
-
 DEFAULT_MODE = 0o600
 _ENTRY_KEYS = ("key", "dest", "owner", "group", "mode")
-# Account names (useradd's rules, plus upper case). Not numeric ids: the fact reads names back,
-# so an id would never compare equal and every run would chown again.
-_ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?")
-_FILE_MARK = "nixpush: file"
-_OTHER_MARK = "nixpush: not a regular file"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +158,7 @@ def parse_secret(entry: Any) -> tuple[Secret | None, list[str]]:
     accounts: dict[str, str] = {}
     for field in ("owner", "group"):
         value = entry.get(field, "root")
-        if not isinstance(value, str) or not _ACCOUNT.fullmatch(value):
+        if not isinstance(value, str) or not ACCOUNT_NAME.fullmatch(value):
             problems.append(f"{field} is {value!r}; set it to a user or group name")
         else:
             accounts[field] = value
@@ -310,83 +303,7 @@ def plan_secrets(host: Host, secrets: Sequence[Secret] | None = None) -> list[Pl
     return planned
 
 
-def builder_secret(builder: Host, dest: str, for_host: str) -> tuple[Secret, Plaintext]:
-    """
-    The builder's secret installed at ``dest`` (``DEPLOY_KEY_PATH``, ``SIGNING_KEY_PATH``)
-    and its value, for deriving what a target trusts. ``SecretError`` if it has none.
-    """
-    for secret in host_secrets(builder):
-        if secret.dest == dest:
-            return secret, decrypt_secret(builder, secret)
-    raise SecretError(
-        for_host,
-        dest,
-        f"its builder {builder.name} has no secret installed at {dest}",
-        f"add one to {builder.name}'s secrets (group_data/server.py, for the server root)",
-    )
-
-
-def nix_public_key(secret_key: Plaintext) -> str:
-    """
-    The public key of a Nix signing secret key (``name:base64``), computed in memory:
-    what ``nix key convert-secret-to-public`` prints. A Nix secret key is libsodium's Ed25519
-    secret key, seed then public key, so the public key is its last 32 bytes.
-    Raises ValueError (without the key's text).
-    """
-    name, _, encoded = secret_key.reveal().strip().partition(":")
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    if not name or len(raw) != 64:
-        raise ValueError(f"{secret_key} is not a Nix signing secret key (name:base64 of 64 bytes)")
-    return f"{name}:{base64.b64encode(raw[32:]).decode()}"
-
-
 # Facts
-
-
-@dataclass(frozen=True)
-class FileState:
-    """What a destination is now: a regular file's mode, owner, group and content hash."""
-
-    regular: bool
-    mode: int | None = None
-    owner: str | None = None
-    group: str | None = None
-    sha256: str | None = None
-
-
-class SecretFile(FactBase[FileState | None]):
-    """
-    A destination's state without its content: ``FileState(regular=True, mode=0o600,
-    owner="root", group="root", sha256="...")``; ``regular=False`` for a directory, symlink or
-    other non-file; None when nothing is there.
-    """
-
-    @override
-    def command(self, path: str) -> StringCommand:
-        p = QuoteString(path)
-        return StringCommand(
-            "if [ -L", p, "] || { [ -e", p, "] && [ ! -f", p, "]; }; then echo",
-            QuoteString(_OTHER_MARK),
-            "; elif [ -f", p, "]; then echo", QuoteString(_FILE_MARK),
-            "&& stat -c '%a %U %G'", p, "&& sha256sum <", p,
-            "; fi || true",
-        )  # fmt: skip
-
-    @override
-    def process(self, output: list[str]) -> FileState | None:
-        if not output:
-            return None
-        if output[0] == _OTHER_MARK:
-            return FileState(regular=False)
-        if output[0] != _FILE_MARK or len(output) < 3:
-            return None
-        mode, owner, group = output[1].split()
-        return FileState(
-            regular=True, mode=int(mode, 8), owner=owner, group=group, sha256=output[2].split()[0]
-        )
 
 
 class MissingAccounts(LinesFact):
@@ -417,47 +334,6 @@ class MissingAccounts(LinesFact):
     @override
     def process(self, output: list[str]) -> list[str]:
         return [line for line in output if line.startswith(("user:", "group:"))]
-
-
-# Command builders
-
-
-def _owner_spec(owner: str, group: str | None) -> str:
-    # `user:` (empty group) is chown's "the user's login group".
-    return f"{owner}:{group or ''}"
-
-
-def write_file(dest: str, content: str, owner: str, group: str | None, mode: int) -> StringCommand:
-    """
-    Replace ``dest`` atomically with ``content``, which travels on the command's stdin only.
-
-    Missing parent directories are created 0700 (owner: whoever runs it, root under sudo); the
-    temp file is created in ``dest``'s directory under umask 077, so it is never readable by
-    others, gets its owner and mode, then is renamed over ``dest``. The command line holds
-    paths, owner and mode, never the content: base64 on stdin keeps it byte for byte (pyinfra
-    appends a newline to stdin that doesn't end in one).
-    """
-    parent = posixpath.dirname(dest)
-    template = posixpath.join(parent, f".{posixpath.basename(dest)}.nixpush-XXXXXX")
-    encoded = base64.b64encode(content.encode()).decode()
-    return StringCommand(
-        "umask 077 && mkdir -p --", QuoteString(parent),
-        "&& tmp=$(mktemp", QuoteString(template), ") && {",
-        'base64 -d > "$tmp"',
-        "&& chown --", QuoteString(_owner_spec(owner, group)), '"$tmp"',
-        f"&& chmod {mode:04o}", '"$tmp"',
-        '&& mv -fT "$tmp"', QuoteString(dest),
-        '|| { rm -f "$tmp"; exit 1; }; }',
-        _stdin=encoded,
-    )  # fmt: skip
-
-
-def chown_file(dest: str, owner: str, group: str | None) -> StringCommand:
-    return StringCommand("chown --", QuoteString(_owner_spec(owner, group)), QuoteString(dest))
-
-
-def chmod_file(dest: str, mode: int) -> StringCommand:
-    return StringCommand(f"chmod {mode:04o}", QuoteString(dest))
 
 
 # Operations

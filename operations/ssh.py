@@ -11,7 +11,6 @@ verifying each target against ``BUILDER_KNOWN_HOSTS``:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,21 +23,11 @@ from pyinfra.context import host
 from pyinfra.facts.files import Directory
 from typing_extensions import override
 
-from operations.process import find_program, run_local
-from operations.secrets import (
-    DEPLOY_KEY_PATH,
-    SIGNING_KEY_PATH,
-    SecretError,
-    builder_secret,
-    chmod_file,
-    chown_file,
-    nix_public_key,
-    write_file,
-)
-from operations.sops import Plaintext
+from operations.files import LinesOfFile, chown_file, lines_in_file
+from operations.keys import DEPLOY_KEY_PATH, parse_public_key
 
 if TYPE_CHECKING:
-    from pyinfra.api.host import Host
+    pass
 
 BUILDER_KNOWN_HOSTS = "/etc/nixpush/known_hosts"
 # ssh options for pushing from the builder (as root) to a target.
@@ -49,39 +38,6 @@ SSH_OPTIONS = (
     "-o", "StrictHostKeyChecking=yes",
 )  # fmt: skip
 
-_KEY_TYPE = re.compile(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)")
-_FILE_MARK = "nixpush: file"
-
-
-def ssh_public_key(private_key: Plaintext) -> str:
-    """
-    The public key line (``ssh-ed25519 AAAA...``) of an OpenSSH private key, derived on the
-    controller by ``ssh-keygen -y`` reading the key from its stdin. Raises ValueError.
-    """
-    keygen = find_program("ssh-keygen")
-    if keygen is None:
-        raise ValueError("ssh-keygen is not installed on the controller; install OpenSSH's client")
-    # -P "": a passphrase-protected key fails here instead of prompting mid-run.
-    result = run_local(
-        [keygen, "-y", "-P", "", "-f", "/dev/stdin"], input=private_key.reveal(), timeout=30
-    )
-    public = result.stdout.strip()
-    if result.returncode != 0 or parse_public_key(public) is None:
-        # ssh-keygen's stderr describes the format problem, never the key.
-        raise ValueError(
-            f"{private_key} is not an unencrypted OpenSSH private key ({result.stderr.strip()})"
-        )
-    return public
-
-
-def parse_public_key(line: str) -> tuple[str, str] | None:
-    """``(type, base64)`` of the first key in an authorized_keys or known_hosts line, or None."""
-    tokens = line.split()
-    for index, token in enumerate(tokens[:-1]):
-        if _KEY_TYPE.fullmatch(token):
-            return token, tokens[index + 1]
-    return None
-
 
 def known_hosts_name(hostname: str, port: int = 22) -> str:
     """How known_hosts names a host: ``known_hosts_name("10.0.0.2", 8023) == "[10.0.0.2]:8023"``."""
@@ -89,35 +45,6 @@ def known_hosts_name(hostname: str, port: int = 22) -> str:
 
 
 # Facts
-
-
-@dataclass(frozen=True)
-class LineFile:
-    """A small text file: its mode, owner, group and lines."""
-
-    mode: int
-    owner: str
-    group: str
-    lines: tuple[str, ...]
-
-
-class LinesOfFile(FactBase[LineFile | None]):
-    """A regular file's ``LineFile``; None when it is missing or not a regular file."""
-
-    @override
-    def command(self, path: str) -> StringCommand:
-        p = QuoteString(path)
-        return StringCommand(
-            "if [ -f", p, "]; then echo", QuoteString(_FILE_MARK),
-            "&& stat -c '%a %U %G'", p, "&& cat", p, "; fi || true",
-        )  # fmt: skip
-
-    @override
-    def process(self, output: list[str]) -> LineFile | None:
-        if len(output) < 2 or output[0] != _FILE_MARK:
-            return None
-        mode, owner, group = output[1].split()
-        return LineFile(int(mode, 8), owner, group, tuple(output[2:]))
 
 
 @dataclass(frozen=True)
@@ -158,18 +85,9 @@ def _line_in_file(
     """Make ``path`` hold ``line`` (lines it ``replaces`` dropped), owned and moded as given."""
     current = host.get_fact(LinesOfFile, path=path)
     lines: Sequence[str] = current.lines if current else ()
-    if current is not None and any(present(existing) for existing in lines):
-        owner_ok = current.owner == owner and (group is None or current.group == group)
-        if owner_ok and current.mode == mode:
-            host.noop(f"{path} already {what}")
-            return
-        if not owner_ok:
-            yield chown_file(path, owner, group)
-        if current.mode != mode:
-            yield chmod_file(path, mode)
-        return
-    kept = [existing for existing in lines if not replaces(existing)]
-    yield write_file(path, "".join(f"{text}\n" for text in (*kept, line)), owner, group, mode)
+    if current is None or not any(present(existing) for existing in lines):
+        lines = [*(existing for existing in lines if not replaces(existing)), line]
+    yield from lines_in_file(path, lines, current, owner=owner, group=group, mode=mode, what=what)
 
 
 def _checked_key(key: str) -> tuple[str, str]:
@@ -262,43 +180,3 @@ def known_host(
         mode=0o644,
         what=f"knows {host_pattern}'s {key_type} key",
     )
-
-
-@dataclass(frozen=True)
-class BuilderTrust:
-    """What a target trusts of its builder, derived from the builder's secrets in memory."""
-
-    ssh_public_key: str  # of the deploy key, for the target user's authorized_keys
-    nix_public_key: str  # of the signing key, for the target's trusted-public-keys
-
-
-def builder_trust(builder: Host, for_host: str) -> BuilderTrust:
-    """
-    The public halves of ``builder``'s deploy key (``DEPLOY_KEY_PATH``) and Nix signing key
-    (``SIGNING_KEY_PATH``), computed on the controller from their decrypted values. Raises
-    ``SecretError`` naming ``for_host``, the secret and the fix.
-
-    + builder: the target's builder, ``inventory.get_host(spec.builder_host)``
-    + for_host: the target's name, for messages
-    """
-    deploy, deploy_value = builder_secret(builder, DEPLOY_KEY_PATH, for_host)
-    signing, signing_value = builder_secret(builder, SIGNING_KEY_PATH, for_host)
-    try:
-        ssh_key = ssh_public_key(deploy_value)
-    except ValueError as e:
-        raise SecretError(
-            for_host,
-            f"{deploy.label} (on {builder.name})",
-            str(e),
-            "store an OpenSSH ed25519 private key there (ssh-keygen -t ed25519 -N '')",
-        ) from None
-    try:
-        nix_key = nix_public_key(signing_value)
-    except ValueError as e:
-        raise SecretError(
-            for_host,
-            f"{signing.label} (on {builder.name})",
-            str(e),
-            "store a key from `nix key generate-secret --key-name NAME` there",
-        ) from None
-    return BuilderTrust(ssh_key, nix_key)

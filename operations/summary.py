@@ -24,12 +24,12 @@ from pyinfra import logger
 from pyinfra.api.state import State, StateStage
 from pyinfra.context import ContextObject, ctx_state
 
-from operations.report import write_atomically
+from operations.files import write_atomically
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from operations.nixos import Plan
+    from operations.models import Plan
 
 REPORT_FILE_ENV = "NIXPUSH_REPORT_FILE"
 

@@ -11,7 +11,7 @@ Run from the repository root: ``pyinfra tests/bench/pull_inventory.py deploys/pu
 
 from typing import Any
 
-from operations.pull import PULL_KEY_PATH as _KEY_PATH
+from operations.keys import PULL_KEY_PATH as _KEY_PATH
 from tests.bench import inventory as _bench
 from tests.bench import sops as _sops
 

@@ -33,7 +33,7 @@ from operations.nix import (
     stop_daemon_listener,
     wait_for_daemon_socket,
 )
-from operations.preconditions import NIXOS_MARKER
+from operations.nixos import NIXOS_MARKER
 from tests.bench import fleet
 from tests.bench.client import BENCH_INVENTORY, REPO, pyinfra
 

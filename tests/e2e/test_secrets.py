@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import secrets, ssh
+from operations import keys, ssh
 from operations.secrets import Secret, host_secrets
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
@@ -131,7 +131,7 @@ def test_targets_trust_the_builders_keys(values, converged):
     deploy_private = values["ssh/nas_deploy"]
     signing = values["nix/nas_signing_key"]
     nas = on_host("nas")
-    deploy_public = nas.file(f"{secrets.DEPLOY_KEY_PATH}.pub").content_string.split()[:2]
+    deploy_public = nas.file(f"{keys.DEPLOY_KEY_PATH}.pub").content_string.split()[:2]
     nix_public = nas.file("/etc/nixpush/signing-key.pub").content_string.strip()
     assert nix_public.split(":")[0] == signing.split(":")[0]
     assert deploy_public[0] == "ssh-ed25519" and deploy_private.startswith("-----BEGIN OPENSSH")

@@ -387,6 +387,6 @@ def test_fail_host_command_fails_only_that_host():
 
     state = FakeState()
     assert command.execute(state, Host(), {}) is False
-    assert logged[0].startswith("Operation error: nas runs NixOS")
+    assert logged[0].startswith("failed: nas runs NixOS")
     # ... and the cause reaches the run's summary (and nixpush-run's report).
     assert summary_for(state).causes["nas"].startswith("nas runs NixOS")

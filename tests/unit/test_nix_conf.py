@@ -174,14 +174,14 @@ def test_nix_config_process_recorded_sample():
 def test_nix_conf_text_round_trips_exact_bytes():
     text = "a = 1  \n# ü\nno final newline"
     encoded = base64.encodebytes(text.encode()).decode().splitlines()
-    assert NixConfText().process(["nixpush: file present", *encoded]) == text
-    assert NixConfText().process(["nixpush: file present"]) == ""
+    assert NixConfText().process(["nixpush: file", *encoded]) == text
+    assert NixConfText().process(["nixpush: file"]) == ""
     assert NixConfText().process([]) is None
 
 
 def test_nix_conf_text_command_quotes_path():
     assert NixConfText().command(path="/etc/nix/x; whoami").get_raw_value() == (
-        "if [ -f '/etc/nix/x; whoami' ]; then echo 'nixpush: file present' "
+        "if [ -f '/etc/nix/x; whoami' ]; then echo 'nixpush: file' "
         "&& base64 '/etc/nix/x; whoami' ; fi || true"
     )
 

@@ -11,7 +11,8 @@ from pyinfra.api.command import FileUploadCommand, FunctionCommand, StringComman
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.server import User
 
-from operations import pull
+from operations import nix, pull
+from operations.files import FileState, LineFile, LinesOfFile, SecretFile
 from operations.fleet import FleetError, HostSpec
 from operations.nix import NixConfig, NixConfText
 from operations.pull import (
@@ -21,8 +22,7 @@ from operations.pull import (
     build_machine_for,
     restricted_key_line,
 )
-from operations.secrets import FileState, SecretFile
-from operations.ssh import Account, LineFile, LinesOfFile, UserAccount
+from operations.ssh import Account, UserAccount
 from tests.unit.fake_host import FakeHost, run, shell
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJRMwHca5yENjEsDlRj//qRs+Z+ddJffpxF39eU5/d1F"
@@ -275,13 +275,13 @@ def nix_host(text: str, config: dict[str, object]) -> FakeHost:
 
 def test_trusted_user_already_trusted_is_a_noop():
     host = nix_host(NIX_CONF_TEXT + "trusted-users = root nix-ssh\n", {})
-    assert run(host, pull.trusted_user, user="nix-ssh") == []
+    assert run(host, nix.trusted_user, user="nix-ssh") == []
     assert host.noops == ["/etc/nix/nix.conf already trusts nix-ssh"]
 
 
 def test_trusted_user_keeps_nixs_default_and_restarts_the_daemon():
     host = nix_host(NIX_CONF_TEXT, {"trusted-users": ["root"]})
-    commands = run(host, pull.trusted_user, user="nix-ssh")
+    commands = run(host, nix.trusted_user, user="nix-ssh")
     upload = commands[0]
     assert isinstance(upload, FileUploadCommand)
     assert upload.src.getvalue() == NIX_CONF_TEXT + "trusted-users = root nix-ssh\n"
@@ -368,13 +368,13 @@ def test_machines_line_without_the_client_key_fails_the_host():
 
 def test_nix_builders_already_set_is_a_noop():
     host = nix_host(NIX_CONF_TEXT + "builders = @/etc/nix/machines\n", {})
-    assert run(host, pull.nix_builders) == []
+    assert run(host, nix.remote_builders) == []
     assert host.noops == ["/etc/nix/nix.conf already uses @/etc/nix/machines"]
 
 
 def test_nix_builders_appended_to_other_builders():
     host = nix_host(NIX_CONF_TEXT + "builders = ssh://big x86_64-linux\n", {})
-    upload = run(host, pull.nix_builders)[0]
+    upload = run(host, nix.remote_builders)[0]
     assert isinstance(upload, FileUploadCommand)
     assert upload.src.getvalue() == (
         NIX_CONF_TEXT + "builders = ssh://big x86_64-linux ; @/etc/nix/machines\n"
@@ -383,7 +383,7 @@ def test_nix_builders_appended_to_other_builders():
 
 def test_nix_builders_refuses_a_hostile_path():
     with pytest.raises(OperationError, match=r"can't be named in nix\.conf"):
-        run(nix_host(NIX_CONF_TEXT, {}), pull.nix_builders, machines_file="/etc/m; x")
+        run(nix_host(NIX_CONF_TEXT, {}), nix.remote_builders, machines_file="/etc/m; x")
 
 
 def test_nixos_target_is_told_the_build_machines_options():

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from operations import report, runner
-from operations.report import DeployResult, ExitCode, HostOutcome
+from operations.run import report, runner
+from operations.run.report import DeployResult, ExitCode, HostOutcome
 
 OLD, NEW = "/nix/store/aaa-nixos-system-pi4-1", "/nix/store/bbb-nixos-system-pi4-2"
 

@@ -17,25 +17,23 @@ from pyinfra.api.command import FileUploadCommand, FunctionCommand, StringComman
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.server import User
 
-from operations import secrets, sops, ssh
+from operations import keys, secrets, sops, ssh
+from operations.files import FileState, LineFile, LinesOfFile, SecretFile, write_file
 from operations.fleet import FleetError
+from operations.keys import nix_public_key
 from operations.nix import NixConfig, NixConfText, trusted_public_key
 from operations.secrets import (
-    FileState,
     MissingAccounts,
     Secret,
     SecretError,
-    SecretFile,
     host_secrets,
-    nix_public_key,
     parse_mode,
     parse_secret,
     plan_secrets,
     secret_file,
-    write_file,
 )
 from operations.sops import Plaintext
-from operations.ssh import Account, LineFile, LinesOfFile, UserAccount, authorized_key, known_host
+from operations.ssh import Account, UserAccount, authorized_key, known_host
 from tests.unit.fake_host import FakeHost, run, shell
 
 PRE_AUTH = {"key": "headscale/pre_auth", "dest": "/run/secrets/headscale-pre-auth"}
@@ -172,7 +170,7 @@ def test_the_repo_inventory_gives_each_root_its_secrets():
 
     inventory = load_inventory(REPO / "inventory.py", REPO)
     nas = [s.dest for s in host_secrets(inventory.get_host("nas"))]
-    assert nas == [PRE_AUTH["dest"], secrets.DEPLOY_KEY_PATH, secrets.SIGNING_KEY_PATH]
+    assert nas == [PRE_AUTH["dest"], keys.DEPLOY_KEY_PATH, keys.SIGNING_KEY_PATH]
     pi4 = [s.dest for s in host_secrets(inventory.get_host("pi4"))]
     assert pi4 == [PRE_AUTH["dest"], "/root/.ssh/nixpush_builder"]
 
@@ -297,12 +295,12 @@ def test_ssh_public_key_from_private_key_on_stdin():
         .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         .decode()
     )
-    assert ssh.ssh_public_key(Plaintext("ssh/k", private)) == expected
+    assert keys.ssh_public_key(Plaintext("ssh/k", private)) == expected
 
 
 def test_ssh_public_key_rejects_junk_without_showing_it():
     with pytest.raises(ValueError) as caught:
-        ssh.ssh_public_key(Plaintext("ssh/k", "not-a-key-secret"))
+        keys.ssh_public_key(Plaintext("ssh/k", "not-a-key-secret"))
     assert "not-a-key-secret" not in str(caught.value)
 
 
@@ -566,5 +564,5 @@ def test_lines_of_file_process():
 
 def test_repo_deploy_uses_the_paths_the_push_uses():
     assert (
-        Path(secrets.DEPLOY_KEY_PATH).is_absolute() and secrets.DEPLOY_KEY_PATH in ssh.SSH_OPTIONS
+        Path(keys.DEPLOY_KEY_PATH).is_absolute() and keys.DEPLOY_KEY_PATH in ssh.SSH_OPTIONS
     )

@@ -16,15 +16,15 @@ Pure functions over plain data, so each piece is unit tested without pyinfra:
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
 from typing import Any
+
+from operations.files import write_atomically
 
 REPORT_VERSION = 1
 LATEST = "latest.json"
@@ -303,21 +303,6 @@ def human_summary(report: Mapping[str, Any]) -> list[str]:
 def report_id(started: datetime, mode: str) -> str:
     """``20250101T030000.123456Z-check``: the run's report name, sortable as text."""
     return f"{started.astimezone(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}-{mode}"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new file, never a part."""
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(reports: Path, report: Mapping[str, Any]) -> Path:

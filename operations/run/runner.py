@@ -8,7 +8,7 @@
 Each deploy is one pyinfra CLI run (``--dry`` for check, ``-y`` for deploy; ``--json``; stdin
 empty), through ``operations.process.run_local``. nixpush's deploys write their run summary to
 ``NIXPUSH_REPORT_FILE``; with pyinfra's JSON they make one report per run (see
-``operations.report``). The runner decrypts nothing itself: deploys/secrets.py does, inside
+``operations.run.report``). The runner decrypts nothing itself: deploys/secrets.py does, inside
 pyinfra, and pyinfra's log never holds a secret's value.
 """
 
@@ -29,9 +29,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from operations import report
 from operations.process import find_program, run_local
-from operations.report import DeployResult, ExitCode
+from operations.run import report
+from operations.run.report import DeployResult, ExitCode
 
 DEFAULT_STATE_DIR = "/var/lib/nixpush"
 DEFAULT_KEEP = 30

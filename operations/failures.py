@@ -1,0 +1,111 @@
+"""
+How nixpush fails: one host, or the whole run. The rule:
+
+- **Bad input stops the run.** Data that breaks the contract (``FleetError``, ``SecretError``,
+  ``SopsError``, ``ScheduleError``: all ``PyinfraError``) is raised from deploy code at
+  prepare time, before any host changes, and names the host, the key and the fix.
+- **A problem of one host fails that host only**, and the others go on: an unreachable
+  builder, a configuration that does not evaluate, a lost SSH channel, a failed build, copy or
+  activation, a host that lacks what an operation needs.
+  - planning code (deploy code, prepare time) raises ``DeployFailed``; the deploy catches it
+    and calls ``report_unable``;
+  - an operation body yields ``fail_host(reason)``;
+  - a ``FunctionCommand`` returns ``fail(host, reason)``, or raises ``DeployFailed`` from a
+    function wrapped in ``host_step``.
+
+Why not just raise: an exception raised in an operation body escapes pyinfra's per-host
+handling and aborts the whole run (``pyinfra_cli.util._parallel_load_hosts`` re-raises it at
+prepare time; ``operations._run_single_op`` re-raises it at execute time). A
+``FunctionCommand`` returning ``False`` is pyinfra's own per-host failure. Every way records the
+cause for the run's summary and report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from functools import wraps
+from typing import TYPE_CHECKING, Any
+
+from pyinfra import logger
+from pyinfra.api.command import FunctionCommand, PyinfraCommand
+from pyinfra.api.exceptions import OperationError
+from pyinfra.api.operation import operation
+from pyinfra.context import host as current_host
+from pyinfra.facts.server import User
+
+from operations.summary import summary_for
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+    from pyinfra.api.state import State
+
+
+class DeployFailed(Exception):
+    """A step failed on one host; the message names the host, the cause and the fix."""
+
+
+def fail(host: Host, reason: str) -> bool:
+    """Log ``reason`` for ``host``, record it for the summary, and return False: what a
+    ``FunctionCommand`` returns to fail only that host."""
+    return _log_and_fail(host.state, host, reason)
+
+
+def _log_and_fail(state: State, host: Host, reason: str) -> bool:
+    host.log_styled(f"failed: {reason}", fg="red", log_func=logger.error)
+    summary_for(state).fail(host.name, reason)
+    return False
+
+
+def host_step(function: Callable[..., bool]) -> Callable[..., bool]:
+    """Make ``function`` (a ``FunctionCommand`` body, ``(state, host, ...) -> bool``) fail
+    only its host when it raises ``DeployFailed``, with the failure's message as the cause."""
+
+    @wraps(function)
+    def step(state: State, host: Host, *args: Any, **kwargs: Any) -> bool:
+        try:
+            return function(state, host, *args, **kwargs)
+        except DeployFailed as failure:
+            return fail(host, str(failure))
+
+    return step
+
+
+def fail_host(reason: str) -> FunctionCommand:
+    """A command that, when executed, fails the current host with ``reason`` (the others go
+    on): ``yield fail_host("nas: nix is not installed")``."""
+    return FunctionCommand(_log_and_fail, (reason,), {})
+
+
+@operation(is_idempotent=False)
+def unable(reason: str) -> Generator[PyinfraCommand, None, None]:
+    """
+    Fail the current host with ``reason`` when executed (the others go on).
+
+    + reason: what is wrong and how to fix it; recorded for the run's summary
+
+    **Example:**
+
+    .. code:: python
+
+        failures.unable(name="Fail: cannot deploy", reason="builder nas is unreachable")
+    """
+    yield fail_host(reason)
+
+
+def report_unable(reason: str) -> None:
+    """Log a planning failure of the current host now (so ``--dry`` shows it), record it, and
+    add an operation that fails the host when the run executes."""
+    current_host.log_styled(f"cannot deploy: {reason}", fg="red", log_func=logger.error)
+    summary_for(current_host.state).fail(current_host.name, reason)
+    unable(name="Fail: cannot deploy", reason=reason)
+
+
+def require_root(why: str) -> None:
+    """Raise a clear OperationError (bad input: the run stops) unless the current operation's
+    commands run as root."""
+    user = current_host.get_fact(User)
+    if user != "root":
+        raise OperationError(
+            f"{current_host.name}: connected as {user!r}, not root, and {why}; "
+            "set _sudo=True in its host or group data",
+        )

@@ -1,0 +1,241 @@
+"""
+Files nixpush writes, on hosts and on the controller, always atomically: the facts that read
+them back (one marker line for "a file is here"), the commands that replace them through
+stdin, and ``lines_in_file``, the one way a small line-based file is kept in shape.
+
+.. code:: python
+
+    yield write_file("/etc/nixpush/known_hosts", text, "root", "root", 0o644)
+    yield from lines_in_file(path, lines, owner="root", group="root", mode=0o644, what="...")
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import posixpath
+import re
+import tempfile
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
+from pyinfra.api.facts import FactBase
+from pyinfra.context import host
+from typing_extensions import override
+
+# What a fact command prints before a file's details, and for a path that is not a regular
+# file: the line that tells "here it is" from output that merely looks like a file.
+FILE_MARK = "nixpush: file"
+OTHER_MARK = "nixpush: not a regular file"
+# First line of every file nixpush generates on a host (binfmt.d confs, machines, units).
+MANAGED_HEADER = "# managed by nixpush"
+# An account name as useradd and chown take it (upper case too; a trailing $ for Samba
+# machine accounts). Names, never numeric ids: facts read names back, so an id would never
+# compare equal and every run would chown again.
+ACCOUNT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+# -- facts -----------------------------------------------------------------------------
+
+
+class LinesFact(FactBase[list[str]]):
+    """A fact whose answer is the command's output lines; no output (or a missing command) is
+    the empty list. Subclasses give ``command()`` and may filter in ``process()``."""
+
+    @override
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+    @override
+    def process(self, output: list[str]) -> list[str]:
+        return output
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What a destination is now: a regular file's mode, owner, group and content hash."""
+
+    regular: bool
+    mode: int | None = None
+    owner: str | None = None
+    group: str | None = None
+    sha256: str | None = None
+
+
+class SecretFile(FactBase[FileState | None]):
+    """
+    A destination's state without its content: ``FileState(regular=True, mode=0o600,
+    owner="root", group="root", sha256="...")``; ``regular=False`` for a directory, symlink or
+    other non-file; None when nothing is there.
+    """
+
+    @override
+    def command(self, path: str) -> StringCommand:
+        p = QuoteString(path)
+        return StringCommand(
+            "if [ -L", p, "] || { [ -e", p, "] && [ ! -f", p, "]; }; then echo",
+            QuoteString(OTHER_MARK),
+            "; elif [ -f", p, "]; then echo", QuoteString(FILE_MARK),
+            "&& stat -c '%a %U %G'", p, "&& sha256sum <", p,
+            "; fi || true",
+        )  # fmt: skip
+
+    @override
+    def process(self, output: list[str]) -> FileState | None:
+        if not output:
+            return None
+        if output[0] == OTHER_MARK:
+            return FileState(regular=False)
+        if output[0] != FILE_MARK or len(output) < 3:
+            return None
+        mode, owner, group = output[1].split()
+        return FileState(
+            regular=True, mode=int(mode, 8), owner=owner, group=group, sha256=output[2].split()[0]
+        )
+
+
+@dataclass(frozen=True)
+class LineFile:
+    """A small text file: its mode, owner, group and lines."""
+
+    mode: int
+    owner: str
+    group: str
+    lines: tuple[str, ...]
+
+
+class LinesOfFile(FactBase[LineFile | None]):
+    """A regular file's ``LineFile``; None when it is missing or not a regular file."""
+
+    @override
+    def command(self, path: str) -> StringCommand:
+        p = QuoteString(path)
+        return StringCommand(
+            "if [ -f", p, "]; then echo", QuoteString(FILE_MARK),
+            "&& stat -c '%a %U %G'", p, "&& cat", p, "; fi || true",
+        )  # fmt: skip
+
+    @override
+    def process(self, output: list[str]) -> LineFile | None:
+        if len(output) < 2 or output[0] != FILE_MARK:
+            return None
+        mode, owner, group = output[1].split()
+        return LineFile(int(mode, 8), owner, group, tuple(output[2:]))
+
+
+class FileText(FactBase[str | None]):
+    """The exact text of a file, None if it is missing: base64 keeps it byte for byte
+    (trailing spaces, a missing final newline)."""
+
+    @override
+    def command(self, path: str) -> StringCommand:
+        return StringCommand(
+            "if [ -f", QuoteString(path), "]; then echo", QuoteString(FILE_MARK),
+            "&& base64", QuoteString(path), "; fi || true",
+        )  # fmt: skip
+
+    @override
+    def process(self, output: list[str]) -> str | None:
+        if not output or output[0] != FILE_MARK:
+            return None
+        return base64.b64decode("".join(output[1:])).decode()
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def _owner_spec(owner: str, group: str | None) -> str:
+    # `user:` (empty group) is chown's "the user's login group".
+    return f"{owner}:{group or ''}"
+
+
+def write_file(dest: str, content: str, owner: str, group: str | None, mode: int) -> StringCommand:
+    """
+    Replace ``dest`` atomically with ``content``, which travels on the command's stdin only.
+
+    Missing parent directories are created 0700 (owner: whoever runs it, root under sudo); the
+    temp file is created in ``dest``'s directory under umask 077, so it is never readable by
+    others, gets its owner and mode, then is renamed over ``dest``. The command line holds
+    paths, owner and mode, never the content: base64 on stdin keeps it byte for byte (pyinfra
+    appends a newline to stdin that doesn't end in one).
+    """
+    parent = posixpath.dirname(dest)
+    template = posixpath.join(parent, f".{posixpath.basename(dest)}.nixpush-XXXXXX")
+    encoded = base64.b64encode(content.encode()).decode()
+    return StringCommand(
+        "umask 077 && mkdir -p --", QuoteString(parent),
+        "&& tmp=$(mktemp", QuoteString(template), ") && {",
+        'base64 -d > "$tmp"',
+        "&& chown --", QuoteString(_owner_spec(owner, group)), '"$tmp"',
+        f"&& chmod {mode:04o}", '"$tmp"',
+        '&& mv -fT "$tmp"', QuoteString(dest),
+        '|| { rm -f "$tmp"; exit 1; }; }',
+        _stdin=encoded,
+    )  # fmt: skip
+
+
+def chown_file(dest: str, owner: str, group: str | None) -> StringCommand:
+    return StringCommand("chown --", QuoteString(_owner_spec(owner, group)), QuoteString(dest))
+
+
+def chmod_file(dest: str, mode: int) -> StringCommand:
+    return StringCommand(f"chmod {mode:04o}", QuoteString(dest))
+
+
+def lines_in_file(
+    path: str,
+    lines: Sequence[str],
+    current: LineFile | None,
+    *,
+    owner: str,
+    group: str | None,
+    mode: int,
+    what: str,
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Make ``path`` hold exactly ``lines``, owned by ``owner``:``group`` (None: the group is
+    left as it is, or the owner's login group for a new file) with ``mode``. Equal: noop
+    ``"{path} already {what}"``; only owner or mode differ: chown / chmod; else an atomic write.
+
+    + current: what is there now, ``host.get_fact(LinesOfFile, path=path)`` (callers read it
+      anyway, to compute ``lines``)
+
+    .. code:: python
+
+        current = host.get_fact(LinesOfFile, path=path)
+        yield from lines_in_file(path, [*kept, line], current, owner="root", group="root",
+                                 mode=0o644, what="lists the builder")
+    """
+    if current is not None and current.lines == tuple(lines):
+        owner_ok = current.owner == owner and (group is None or current.group == group)
+        if owner_ok and current.mode == mode:
+            host.noop(f"{path} already {what}")
+            return
+        if not owner_ok:
+            yield chown_file(path, owner, group)
+        if current.mode != mode:
+            yield chmod_file(path, mode)
+        return
+    yield write_file(path, "".join(f"{line}\n" for line in lines), owner, group, mode)
+
+
+# -- on the controller -----------------------------------------------------------------
+
+
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` on the controller with ``text`` so readers see the old or the new file,
+    never a part."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temp, mode)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,122 @@
+"""
+The push flow's values: what an action does, what deploying one target means, how a target
+reaches its builder. Frozen and free of I/O; every other layer builds on them.
+
+.. code:: python
+
+    Action("switch").activates, Action("build").copies      # True, False
+    plan.up_to_date, plan.noop_reason
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+
+# Where a host shows what it runs, boots next, and whether systemd runs it (sd_booted()).
+CURRENT_SYSTEM = "/run/current-system"
+SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
+SYSTEMD_RUNNING = "/run/systemd/system"
+
+
+class Action(StrEnum):
+    """A ``deploy_action``, as for ``nixos-rebuild``; each knows what it builds, copies,
+    activates and verifies."""
+
+    SWITCH = "switch"
+    BOOT = "boot"
+    TEST = "test"
+    DRY_ACTIVATE = "dry-activate"
+    BUILD = "build"
+
+    @property
+    def copies(self) -> bool:
+        """Whether the closure goes to the target (every action but ``build``)."""
+        return self is not Action.BUILD
+
+    @property
+    def activates(self) -> bool:
+        """Whether ``switch-to-configuration ACTION`` runs (switch, boot, test)."""
+        return self in (Action.SWITCH, Action.BOOT, Action.TEST)
+
+    @property
+    def sets_profile(self) -> bool:
+        """Whether the system profile (what boots next) moves to the new system."""
+        return self in (Action.SWITCH, Action.BOOT)
+
+    @property
+    def makes_current(self) -> bool:
+        """Whether the new system runs afterwards (``/run/current-system``)."""
+        return self in (Action.SWITCH, Action.TEST)
+
+    @property
+    def verified_link(self) -> str:
+        """The link that shows the action took effect: the profile for boot, else the running
+        system."""
+        return SYSTEM_PROFILE if self is Action.BOOT else CURRENT_SYSTEM
+
+
+ACTIONS: tuple[str, ...] = tuple(action.value for action in Action)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """
+    What deploying one target means, computed once per run.
+
+    + target, builder: inventory names
+    + attr: the flake attribute of the toplevel
+    + desired: its store path, as the builder evaluates it
+    + current: what ``/run/current-system`` points at on the target (None: nothing)
+    + profile: what the system profile points at (what boots next)
+    + action: the ``Action``
+    + built: whether the builder already has ``desired`` (looked up only when it matters)
+    """
+
+    target: str
+    builder: str
+    attr: str
+    desired: str
+    current: str | None
+    profile: str | None
+    action: Action
+    built: bool = False
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing to do: the target already runs (or boots, or has built) the desired system."""
+        if self.action is Action.BUILD:
+            return self.built
+        if self.action.makes_current and self.current != self.desired:
+            return False
+        if self.action.sets_profile and self.profile != self.desired:
+            return False
+        return (
+            self.action.makes_current or self.action.sets_profile or (self.current == self.desired)
+        )
+
+    @property
+    def noop_reason(self) -> str:
+        if self.action is Action.BUILD:
+            return f"{self.builder} has already built {self.desired}"
+        if self.action is Action.BOOT:
+            return f"{self.target} already boots {self.desired}"
+        return f"{self.target} already runs {self.desired}"
+
+    @property
+    def before(self) -> str | None:
+        """What the action replaces: the profile for boot, else the running system."""
+        return self.profile if self.action is Action.BOOT else self.current
+
+
+@dataclass(frozen=True)
+class Builder:
+    """How a target's operations reach its builder: the inventory host, and whether commands
+    there need sudo (pyinfra does not apply the target operation's ``_sudo`` to them)."""
+
+    host: Host
+    sudo: bool

@@ -1,0 +1,116 @@
+"""
+Step 3, sign and copy: the builder signs the closure with its Nix signing key, then copies it
+to the target over ``ssh-ng`` as root, with its deploy key, verifying the target's host key.
+
+Why sign: ``nix copy`` to a user the target's Nix does not trust is accepted only with a
+signature by a key in the target's ``trusted-public-keys`` (``deploys/pi.py`` makes the target
+trust the builder's key before it copies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING
+
+from pyinfra import logger
+from pyinfra.api.command import FunctionCommand, PyinfraCommand
+from pyinfra.api.operation import operation
+from pyinfra.context import host
+
+from operations.failures import fail, host_step
+from operations.keys import SIGNING_KEY_PATH
+from operations.models import Builder, Plan
+from operations.process import run_on
+from operations.push.commands import copy_command, nix_error, nix_sshopts, sign_command
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+    from pyinfra.api.state import State
+
+
+@operation()
+def sign_closure(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, None, None]:
+    """
+    Sign the plan's closure on the builder with its Nix signing key.
+
+    + plan, builder: as for ``build.build_toplevel``
+
+    **Example:**
+
+    .. code:: python
+
+        copy.sign_closure(plan=plan, builder=builder)
+    """
+    if plan.up_to_date or not plan.action.copies:
+        host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
+        return
+    yield FunctionCommand(_sign, (plan, builder), {})
+
+
+@host_step
+def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
+    doing = f"signing {plan.desired} with {SIGNING_KEY_PATH}"
+    ok, lines = run_on(
+        builder.host, sign_command(plan.desired), sudo=builder.sudo, timeout=3600, doing=doing
+    )
+    if not ok:
+        return fail(host, f"{doing} on {plan.builder} failed: {nix_error(lines)}")
+    return True
+
+
+@operation()
+def copy_closure(
+    plan: Plan,
+    builder: Builder,
+    address: str,
+    port: int,
+    user: str,
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Copy the plan's signed closure from the builder to the target over ssh-ng.
+
+    + plan, builder: as for ``build.build_toplevel``
+    + address, port, user: how the builder reaches the target (its inventory SSH data); the
+      builder verifies the target's host key against its known_hosts (never accept-new)
+
+    **Example:**
+
+    .. code:: python
+
+        copy.copy_closure(plan=plan, builder=builder, address="192.168.1.122",
+                          port=8023, user="beau")
+    """
+    if plan.up_to_date or not plan.action.copies:
+        host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
+        return
+    yield FunctionCommand(_copy, (plan, builder, address, port, user), {})
+
+
+@host_step
+def _copy(
+    state: State, host: Host, plan: Plan, builder: Builder, address: str, port: int, user: str
+) -> bool:
+    doing = f"copying to {user}@{address}:{port}"
+    ok, lines = run_on(
+        builder.host,
+        copy_command(plan.desired, user, address),
+        sudo=builder.sudo,
+        env={"NIX_SSHOPTS": nix_sshopts(port)},
+        timeout=3600,
+        doing=doing,
+    )
+    if not ok:
+        cause = nix_error(lines)
+        if "lacks a valid signature" in cause:
+            cause += (
+                f"; {plan.target}'s Nix does not trust {plan.builder}'s signing key: "
+                "run deploys/secrets.py"
+            )
+        elif "Host key verification failed" in " ".join(lines):
+            cause = (
+                f"{plan.builder} cannot verify {plan.target}'s SSH host key: set its "
+                "ssh_host_key and run deploys/secrets.py"
+            )
+        return fail(host, f"{doing} on {plan.builder} failed: {cause}")
+    host.log_styled(f"copied {plan.desired} from {plan.builder}", log_func=logger.info)
+    return True
