@@ -13,7 +13,7 @@ builder -> target over ssh-ng; dry-activate and show its report; then set the pr
 switch-to-configuration, and verify.
 """
 
-from pyinfra import host, state
+from pyinfra.context import host, state
 
 from operations import keys, nix, ssh
 from operations.failures import DeployFailed, report_unable
@@ -41,7 +41,7 @@ def _plan() -> tuple[Plan, Builder] | None:
     return None
 
 
-if not spec.is_target:
+if spec.builder_host is None or spec.ssh_hostname is None:  # check_fleet: targets have both
     deploy.summary.skip(host.name, "not deployed by push (no builder_host)")
 else:
     # Decrypt first: a missing or wrong age key stops the run before anything is evaluated.

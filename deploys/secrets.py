@@ -22,7 +22,7 @@ from io import StringIO
 from pyinfra.context import host, inventory, state
 from pyinfra.operations import files
 
-from operations import nix, secrets, ssh
+from operations import keys, nix, secrets, ssh
 from operations.fleet import FleetError
 from operations.start import start_deploy
 
@@ -32,7 +32,7 @@ planned = secrets.plan_secrets(host)
 
 trust = None
 if spec.builder_host is not None:
-    trust = ssh.builder_trust(inventory.get_host(spec.builder_host), host.name)
+    trust = keys.builder_trust(inventory.get_host(spec.builder_host), host.name)
 
 targets = [other for other in specs.values() if other.builder_host == host.name]
 unknown = [t.name for t in targets if t.ssh_host_key is None or t.ssh_hostname is None]
@@ -44,7 +44,7 @@ if unknown:
             for name in unknown
         ]
     )
-own = ssh.builder_trust(host, host.name) if targets else None
+own = keys.builder_trust(host, host.name) if targets else None
 # Pull builds: a target's builder-client key is one of its `secrets` (installed below like any
 # other); deploys/nas.py authorizes it on the builder, deploys/pull.py configures Nix to use it.
 
@@ -71,8 +71,8 @@ if trust is not None:
 
 if own is not None:
     for path, public in (
-        (secrets.DEPLOY_KEY_PATH, own.ssh_public_key),
-        (secrets.SIGNING_KEY_PATH.removesuffix(".sec"), own.nix_public_key),
+        (keys.DEPLOY_KEY_PATH, own.ssh_public_key),
+        (keys.SIGNING_KEY_PATH.removesuffix(".sec"), own.nix_public_key),
     ):
         files.put(
             name=f"Write {path}.pub",

@@ -563,6 +563,4 @@ def test_lines_of_file_process():
 
 
 def test_repo_deploy_uses_the_paths_the_push_uses():
-    assert (
-        Path(keys.DEPLOY_KEY_PATH).is_absolute() and keys.DEPLOY_KEY_PATH in ssh.SSH_OPTIONS
-    )
+    assert Path(keys.DEPLOY_KEY_PATH).is_absolute() and keys.DEPLOY_KEY_PATH in ssh.SSH_OPTIONS
