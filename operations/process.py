@@ -130,9 +130,9 @@ def _bounded(call: Callable[..., T], slots: BoundedSemaphore, host_name: str) ->
             with slots:
                 try:
                     return call(*args, **kwargs)
-                except ChannelException as error:
+                except SSHException as error:
                     # Refused at open: the command never started, so running it again is safe.
-                    if delay is None:
+                    if delay is None or not channel_refused(error):
                         raise
                     logger.debug(f"{host_name}: SSH channel refused ({error}), retrying")
             gevent.sleep(delay)
@@ -141,12 +141,19 @@ def _bounded(call: Callable[..., T], slots: BoundedSemaphore, host_name: str) ->
     return bounded
 
 
+def channel_refused(error: BaseException) -> bool:
+    """Whether paramiko failed to open a channel (sshd refused it, e.g. MaxSessions reached),
+    as opposed to a lost connection: ``ChannelException``, or the bare ``SSHException`` it
+    raises when the refusal carries no reason."""
+    return isinstance(error, ChannelException) or str(error) == "Unable to open channel."
+
+
 def connection_cause(host_name: str, error: BaseException) -> str:
     """What a connection error means, for a message: ``lost the SSH channel to nas (...)``."""
     if isinstance(error, TimeoutError):
         return f"timed out on {host_name}"
     detail = str(error) or type(error).__name__
-    if isinstance(error, ChannelException):
+    if channel_refused(error):
         return f"lost the SSH channel to {host_name} (sshd refused a session: {detail})"
     return f"lost the SSH connection to {host_name} ({detail})"
 

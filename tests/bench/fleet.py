@@ -570,6 +570,19 @@ def status() -> dict[str, str]:
     return result
 
 
+def set_sshd_option(h: BenchHost, key: str, value: str) -> None:
+    """Set one option of a running host's sshd (say ``MaxSessions``): its config is rewritten
+    and SIGHUP makes sshd re-exec itself, so new connections get the new value."""
+    config = h.dir / "ssh" / "sshd_config"
+    lines = [line for line in config.read_text().splitlines() if line.split()[:1] != [key]]
+    config.write_text("\n".join([*lines, f"{key} {value}", ""]))
+    pid = init_pid(h)
+    if pid is not None:
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(0.3)  # sshd closes its listener, then re-execs and listens again
+        _wait_for_ssh(h)
+
+
 def set_link(h: BenchHost, up: bool) -> None:
     """Cut or restore a host's link, from inside its namespace."""
     run(["ip", "netns", "exec", h.netns, "ip", "link", "set", "eth0", "up" if up else "down"])

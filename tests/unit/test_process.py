@@ -1,0 +1,108 @@
+"""The remote half of the process seam: session bound, retries, lost channels as causes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gevent
+import pytest
+from paramiko import ChannelException, SSHException
+from pyinfra.api.command import StringCommand
+from pyinfra.connectors.util import CommandOutput, OutputLine
+from pyinfra.facts.files import File
+
+from operations import process
+from operations.failures import DeployFailed
+
+
+class Connector:
+    """Answers commands after a short sleep; counts how many run at once."""
+
+    def __init__(self, refusals: int = 0, error: Exception | None = None) -> None:
+        self.running = 0
+        self.most = 0
+        self.calls = 0
+        self.refusals = refusals
+        self.error = error
+
+    def run_shell_command(self, command: Any, **kwargs: Any) -> tuple[bool, CommandOutput]:
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+        if self.refusals:
+            self.refusals -= 1
+            raise ChannelException(2, "Connect failed")
+        self.running += 1
+        self.most = max(self.most, self.running)
+        gevent.sleep(0.01)
+        self.running -= 1
+        return True, CommandOutput([OutputLine("stdout", "ok")])
+
+    put_file = get_file = run_shell_command
+
+
+class Host:
+    def __init__(self, connector: Connector) -> None:
+        self.name = "nas"
+        self.connector = connector
+
+    def run_shell_command(self, command: Any, **kwargs: Any) -> tuple[bool, CommandOutput]:
+        return self.connector.run_shell_command(command, **kwargs)
+
+
+def test_at_most_limit_sessions_run_at_once_on_one_host():
+    host = Host(Connector())
+    process.limit_sessions(host, 2)  # type: ignore[arg-type]
+    process.limit_sessions(host, 9)  # type: ignore[arg-type]  # the first bound stays
+
+    greenlets = [gevent.spawn(host.run_shell_command, "true") for _ in range(10)]
+    gevent.joinall(greenlets)
+
+    assert host.connector.most == 2
+    assert all(g.value[0] for g in greenlets)
+
+
+def test_a_refused_channel_is_retried_then_succeeds(monkeypatch):
+    monkeypatch.setattr(process, "CHANNEL_RETRY_DELAYS", (0, 0, 0))
+    host = Host(Connector(refusals=2))
+    process.limit_sessions(host, 1)  # type: ignore[arg-type]
+
+    assert process.run_on(host, StringCommand("true"), sudo=False, doing="x") == (True, ["ok"])  # type: ignore[arg-type]
+    assert host.connector.calls == 3
+
+
+def test_refusals_past_the_retries_name_the_host_and_what_was_being_done(monkeypatch):
+    monkeypatch.setattr(process, "CHANNEL_RETRY_DELAYS", (0, 0))
+    host = Host(Connector(refusals=99))
+    process.limit_sessions(host, 1)  # type: ignore[arg-type]
+
+    with pytest.raises(DeployFailed) as failure:
+        process.read_on(host, File, path="/etc/nixpush/deploy_ed25519", sudo=True,  # type: ignore[arg-type]
+                        doing="checking /etc/nixpush/deploy_ed25519")  # fmt: skip
+
+    assert str(failure.value).startswith("lost the SSH channel to nas (sshd refused a session: ")
+    assert str(failure.value).endswith("while checking /etc/nixpush/deploy_ed25519")
+    assert host.connector.calls == 3
+
+
+def test_a_lost_connection_is_not_retried_and_never_reads_as_missing():
+    host = Host(Connector(error=SSHException("SSH session not active")))
+    process.limit_sessions(host, 1)  # type: ignore[arg-type]
+
+    with pytest.raises(DeployFailed, match=r"lost the SSH connection to nas \(SSH session not "
+                       r"active\) while checking /x"):  # fmt: skip
+        process.read_on(host, File, path="/x", sudo=False, doing="checking /x")  # type: ignore[arg-type]
+    assert host.connector.calls == 1
+
+
+def test_read_on_quotes_the_fact_arguments():
+    seen: list[str] = []
+
+    class Recording(Connector):
+        def run_shell_command(self, command: Any, **kwargs: Any) -> tuple[bool, CommandOutput]:
+            seen.append(command.get_raw_value())
+            return True, CommandOutput([])
+
+    host = Host(Recording())
+    assert process.read_on(host, File, path="/x; whoami", sudo=False, doing="d") is None  # type: ignore[arg-type]
+    assert "'/x; whoami'" in seen[0]

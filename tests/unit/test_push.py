@@ -1,0 +1,127 @@
+"""The push flow's models and steps, called with a fake host: exact commands and noop texts."""
+
+from __future__ import annotations
+
+import pytest
+
+from operations.models import Action, Builder, Plan
+from operations.push import activate, build, copy
+from operations.push.commands import copy_command, nix_sshopts, toplevel_attr
+from tests.unit.fake_host import FakeHost, run, shell
+
+OLD = "/nix/store/old-system"
+NEW = "/nix/store/new-system"
+
+
+def plan(action: str = "switch", current: str | None = OLD, profile: str | None = OLD,
+         built: bool = False, desired: str = NEW) -> Plan:  # fmt: skip
+    return Plan(
+        target="pi4",
+        builder="nas",
+        attr="path:/f#nixosConfigurations.pi4.config.system.build.toplevel",
+        desired=desired,
+        current=current,
+        profile=profile,
+        action=Action(action),
+        built=built,
+    )
+
+
+BUILDER = Builder(host=FakeHost("nas"), sudo=False)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("action", "current", "profile", "built", "up_to_date"),
+    [
+        ("switch", NEW, NEW, False, True),
+        ("switch", NEW, OLD, False, False),
+        ("switch", OLD, NEW, False, False),
+        ("test", NEW, OLD, False, True),
+        ("boot", OLD, NEW, False, True),
+        ("boot", NEW, OLD, False, False),
+        ("dry-activate", NEW, OLD, False, True),
+        ("build", OLD, OLD, True, True),
+        ("build", NEW, NEW, False, False),
+    ],
+)
+def test_what_up_to_date_means_for_each_action(action, current, profile, built, up_to_date):
+    assert plan(action, current, profile, built).up_to_date is up_to_date
+
+
+def test_each_action_knows_what_it_copies_activates_and_verifies():
+    assert [a.value for a in Action if a.copies] == ["switch", "boot", "test", "dry-activate"]
+    assert [a.value for a in Action if a.activates] == ["switch", "boot", "test"]
+    assert [a.value for a in Action if a.sets_profile] == ["switch", "boot"]
+    assert Action.BOOT.verified_link == "/nix/var/nix/profiles/system"
+    assert Action.TEST.verified_link == "/run/current-system"
+
+
+def test_up_to_date_target_builds_copies_and_activates_nothing_and_says_why():
+    done = plan(current=NEW, profile=NEW)
+    for op, args in (
+        (build.build_toplevel, (done, BUILDER)),
+        (copy.sign_closure, (done, BUILDER)),
+        (copy.copy_closure, (done, BUILDER, "10.0.0.2", 22, "beau")),
+        (activate.dry_activate, (done, True)),
+        (activate.activate, (done, True)),
+    ):
+        host = FakeHost("pi4")
+        assert run(host, op, *args) == []
+        assert host.noops == [f"pi4 already runs {NEW}"]
+
+
+def test_built_system_is_not_built_again():
+    host = FakeHost("pi4")
+    assert run(host, build.build_toplevel, plan(built=True), BUILDER) == []
+    assert host.noops == [f"nas has already built {NEW}"]
+
+
+def test_build_action_copies_and_activates_nothing():
+    only_build = plan("build")
+    host = FakeHost("pi4")
+    assert run(host, copy.copy_closure, only_build, BUILDER, "10.0.0.2", 22, "beau") == []
+    assert run(host, activate.dry_activate, only_build, True) == []
+    assert run(host, activate.activate, only_build, True) == []
+    assert host.noops == [
+        "build only: nothing to copy",
+        "build only: nothing to activate",
+        "build: no activation",
+    ]
+
+
+def test_switch_sets_the_profile_then_switches_then_verifies_with_values_quoted():
+    hostile = "/nix/store/x; whoami"
+    commands = shell(run(FakeHost("pi4"), activate.activate, plan(desired=hostile), True))
+    assert commands == [
+        "nix-env -p /nix/var/nix/profiles/system --set '/nix/store/x; whoami'",
+        "'/nix/store/x; whoami/bin/switch-to-configuration' switch",
+        f"_verify: {plan(desired=hostile)}",
+    ]
+
+
+def test_test_action_leaves_the_profile_alone():
+    commands = shell(run(FakeHost("pi4"), activate.activate, plan("test"), True))
+    assert commands[0] == f"{NEW}/bin/switch-to-configuration test"
+    assert len(commands) == 2
+
+
+@pytest.mark.parametrize(
+    ("config", "attr"),
+    [
+        ("pi4", "path:/f#nixosConfigurations.pi4.config.system.build.toplevel"),
+        ('a"b', 'path:/f#nixosConfigurations."a\\"b".config.system.build.toplevel'),
+        ("x y", 'path:/f#nixosConfigurations."x y".config.system.build.toplevel'),
+    ],
+)
+def test_configuration_names_are_quoted_in_the_flake_attribute(config, attr):
+    assert toplevel_attr("path:/f", config) == attr
+
+
+def test_copy_goes_to_the_deploy_user_with_strict_host_keys_and_the_port():
+    assert copy_command(NEW, "beau; id", "10.0.0.2").get_raw_value() == (
+        "nix --extra-experimental-features 'nix-command flakes' copy --to "
+        f"'ssh-ng://beau; id@10.0.0.2' {NEW}"
+    )
+    options = nix_sshopts(8023)
+    assert options.startswith("-p 8023 -i /etc/nixpush/deploy_ed25519 ")
+    assert "StrictHostKeyChecking=yes" in options
