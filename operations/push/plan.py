@@ -12,9 +12,9 @@ configuration.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gevent.lock import Semaphore
 from pyinfra import logger
@@ -40,15 +40,13 @@ from operations.summary import RunSummary
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
+T = TypeVar("T")
+
 _builder_locks: dict[str, Semaphore] = {}
 _unreachable_builders: set[str] = set()
 _evaluated: dict[tuple[str, str], str] = {}
 _flake_metadata: dict[tuple[str, str], dict[str, Any]] = {}
 _locks: dict[tuple[str, str], Semaphore] = {}
-
-
-def _lock(key: tuple[str, str]) -> Semaphore:
-    return _locks.setdefault(key, Semaphore())
 
 
 def reach_builder(target: Host, spec: HostSpec) -> Builder:
@@ -100,26 +98,31 @@ def check_builder(builder: Builder, spec: HostSpec) -> None:
             )
 
 
+def _once(cache: dict[tuple[str, str], T], key: tuple[str, str], compute: Callable[[], T]) -> T:
+    """``cache[key]``, computed by the first target that asks; the others wait for it."""
+    with _locks.setdefault(key, Semaphore()):
+        if key not in cache:
+            cache[key] = compute()
+    return cache[key]
+
+
 def evaluate_toplevel(builder: Builder, attr: str) -> str:
     """The toplevel's store path as the builder evaluates ``attr``; raises ``DeployFailed``."""
-    key = (builder.host.name, attr)
-    with _lock(key):
-        if key not in _evaluated:
-            ok, lines = run_on(
-                builder.host,
-                eval_command(attr),
-                sudo=builder.sudo,
-                timeout=600,
-                doing=f"evaluating {attr}",
+
+    def evaluate() -> str:
+        ok, lines = run_on(
+            builder.host, eval_command(attr), sudo=builder.sudo, timeout=600,
+            doing=f"evaluating {attr}",
+        )  # fmt: skip
+        path = lines[-1].strip() if lines else ""
+        if not ok or not path.startswith("/nix/store/"):
+            raise DeployFailed(
+                f"{builder.host.name} cannot evaluate {attr}: {nix_error(lines)}; check that "
+                "the flake defines this nixosConfigurations entry (or set nixos_config)"
             )
-            path = lines[-1].strip() if lines else ""
-            if not ok or not path.startswith("/nix/store/"):
-                raise DeployFailed(
-                    f"{builder.host.name} cannot evaluate {attr}: {nix_error(lines)}; check that "
-                    "the flake defines this nixosConfigurations entry (or set nixos_config)"
-                )
-            _evaluated[key] = path
-    return _evaluated[key]
+        return path
+
+    return _once(_evaluated, (builder.host.name, attr), evaluate)
 
 
 def flake_metadata(builder: Builder, flake: str) -> dict[str, Any]:
@@ -127,30 +130,26 @@ def flake_metadata(builder: Builder, flake: str) -> dict[str, Any]:
     What the builder resolves ``flake`` to: its git ``revision`` (None for a path or a dirty
     tree), ``narHash`` and ``lastModified``; ``{"error": ...}`` when Nix cannot tell. Cached.
     """
-    key = (builder.host.name, flake)
-    with _lock(key):
-        if key not in _flake_metadata:
-            ok, lines = run_on(
-                builder.host,
-                flake_metadata_command(flake),
-                sudo=builder.sudo,
-                timeout=120,
-                doing=f"resolving {flake}",
-            )
-            try:
-                data = json.loads(lines[-1]) if ok and lines else None
-            except json.JSONDecodeError:
-                data = None
-            if not isinstance(data, dict):
-                _flake_metadata[key] = {"error": nix_error(lines)}
-            else:
-                locked = data.get("locked") or {}
-                _flake_metadata[key] = {
-                    "revision": data.get("revision") or locked.get("rev"),
-                    "narHash": locked.get("narHash"),
-                    "lastModified": data.get("lastModified"),
-                }
-    return _flake_metadata[key]
+
+    def resolve() -> dict[str, Any]:
+        ok, lines = run_on(
+            builder.host, flake_metadata_command(flake), sudo=builder.sudo, timeout=120,
+            doing=f"resolving {flake}",
+        )  # fmt: skip
+        try:
+            data = json.loads(lines[-1]) if ok and lines else None
+        except json.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            return {"error": nix_error(lines)}
+        locked = data.get("locked") or {}
+        return {
+            "revision": data.get("revision") or locked.get("rev"),
+            "narHash": locked.get("narHash"),
+            "lastModified": data.get("lastModified"),
+        }
+
+    return _once(_flake_metadata, (builder.host.name, flake), resolve)
 
 
 def is_built(builder: Builder, path: str) -> bool:
