@@ -48,21 +48,8 @@ def new_versions(*names: str, **attrs: str | bool) -> dict[str, str]:
     return versions
 
 
-def current_configs() -> dict[str, dict[str, str | bool]]:
-    text = (fleet.FLAKE_DIR / "hosts.nix").read_text()
-    configs: dict[str, dict[str, str | bool]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if "= {" not in line:
-            continue
-        name, body = line.split(" = {", 1)
-        attrs: dict[str, str | bool] = {}
-        for part in body.rstrip("};").split(";"):
-            if "=" in part:
-                key, value = (p.strip() for p in part.split("=", 1))
-                attrs[key] = value.strip('"') if value.startswith('"') else value == "true"
-        configs[name] = attrs
-    return configs
+def current_configs() -> dict[str, fleet.FlakeConfig]:
+    return fleet.flake_configs()
 
 
 def desired_path(config: str) -> str:
