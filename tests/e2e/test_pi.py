@@ -16,7 +16,14 @@ import pytest
 
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
-from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
+from tests.bench.client import (
+    BENCH_INVENTORY,
+    on_host,
+    prepare_push,
+    pyinfra,
+    pyinfra_argv,
+    ssh,
+)
 
 PI = "deploys/pi.py"
 _versions = itertools.count(1)
@@ -254,9 +261,7 @@ def test_link_cut_during_the_copy_fails_that_pi_with_the_cause(push_ready, link_
 
 
 def _pyinfra_argv() -> list[str]:
-    import sys
-
-    return [str(Path(sys.executable).with_name("pyinfra")), "-y", BENCH_INVENTORY, PI]
+    return pyinfra_argv("-y", BENCH_INVENTORY, PI)
 
 
 def _wait_for_copy_to(h: fleet.BenchHost, timeout: float) -> bool:
