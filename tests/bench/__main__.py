@@ -12,7 +12,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("install", help="install Debian packages and busybox, register QEMU")
-    sub.add_parser("up", help="bring every bench host up (idempotent)")
+    up = sub.add_parser("up", help="bring every bench host up (idempotent)")
+    up.add_argument(
+        "--pis",
+        type=int,
+        metavar="N",
+        help=f"run N Pis (1-{fleet.MAX_PIS}): pi4, pi5, then pi6... (every fourth from pi6 "
+        f"armv7l); default: the fleet up brought up last, else {fleet.DEFAULT_PIS}",
+    )
+    up.add_argument(
+        "--max-sessions",
+        type=int,
+        metavar="N",
+        help="the NAS's sshd MaxSessions (sessions per SSH connection; OpenSSH's default is 10, "
+        f"the bench's {dict(fleet.SSHD_DEFAULTS)['MaxSessions']}); default: as recorded",
+    )
     down = sub.add_parser("down", help="stop every host, remove namespaces and links")
     down.add_argument("--purge", action="store_true", help="also delete the bench's state")
     sub.add_parser("status", help="say which hosts are up")
@@ -22,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "install":
         fleet.install()
     elif args.command == "up":
-        fleet.up()
-        _print_status()
+        if args.pis is not None and not 1 <= args.pis <= fleet.MAX_PIS:
+            parser.error(f"--pis must be 1 to {fleet.MAX_PIS}")
+        if args.max_sessions is not None and args.max_sessions < 1:
+            parser.error("--max-sessions must be at least 1")
+        fleet.up(pis=args.pis, max_sessions=args.max_sessions)
+        return _print_status()
     elif args.command == "down":
         fleet.down(purge=args.purge)
         left = fleet.leftovers()
@@ -47,6 +65,8 @@ def _print_status() -> int:
     states = fleet.status()
     for name, state in states.items():
         print(f"{name}: {state}")
+    builder = fleet.host(fleet.BUILDER)
+    print(f"{builder.name} sshd MaxSessions: {fleet.sshd_options(builder)['MaxSessions']}")
     return 0 if all(s.startswith("up") for s in states.values()) else 1
 
 

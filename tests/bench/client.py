@@ -15,6 +15,11 @@ REPO = fleet.REPO
 BENCH_INVENTORY = "tests/bench/inventory.py"
 
 
+def pyinfra_argv(*args: str) -> list[str]:
+    """The pyinfra CLI of this virtualenv with ``args``."""
+    return [str(Path(sys.executable).with_name("pyinfra")), *args]
+
+
 def pyinfra(
     *args: str,
     check: bool = False,
@@ -25,9 +30,8 @@ def pyinfra(
 
     ``env`` replaces the environment (default: this process's), e.g. ``bench_sops.env()``.
     """
-    exe = Path(sys.executable).with_name("pyinfra")
     return subprocess.run(
-        [str(exe), *args],
+        pyinfra_argv(*args),
         cwd=REPO,
         text=True,
         capture_output=True,

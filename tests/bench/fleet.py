@@ -11,14 +11,16 @@ Command line: ``python -m tests.bench install|up|down|status|env``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +36,7 @@ BRIDGE = f"npbr{INSTANCE}"
 SUBNET = f"10.231.{57 + INSTANCE}"
 CONTROLLER_IP = f"{SUBNET}.1"
 NETNS_PREFIX = f"np{INSTANCE or ''}-"
+VETH_PREFIX = f"npv{INSTANCE or ''}-"
 
 APT_PACKAGES = (
     "nix-bin",
@@ -63,6 +66,8 @@ class BenchHost:
     roots: tuple[str, ...]
     # Extra nix.conf lines for the host's own Nix daemon.
     nix_conf: tuple[str, ...] = ()
+    # sshd_config settings that replace the bench's defaults (``SSHD_DEFAULTS``).
+    sshd_options: tuple[tuple[str, str], ...] = ()
 
     @property
     def netns(self) -> str:
@@ -70,7 +75,7 @@ class BenchHost:
 
     @property
     def veth(self) -> str:
-        return f"npv{INSTANCE or ''}-{self.name}"
+        return f"{VETH_PREFIX}{self.name}"
 
     @property
     def dir(self) -> Path:
@@ -86,9 +91,16 @@ class BenchHost:
 
 
 PI_ROOTS = ("minimal", "common", "network")
-HOSTS: tuple[BenchHost, ...] = (
+BUILDER = "nas"
+# The default fleet (``up`` without ``--pis``): what CI and the end-to-end tests use.
+DEFAULT_PIS = 2
+MAX_PIS = 64
+# Where ``up`` records the fleet it brought up, so that every later command (and every
+# process: pyinfra reading tests/bench/inventory.py, ``down``, ``status``) sees the same hosts.
+FLEET_FILE = BENCH_DIR / "fleet.json"
+_DEFAULT_HOSTS: tuple[BenchHost, ...] = (
     BenchHost(
-        "nas",
+        BUILDER,
         f"{SUBNET}.10",
         22,
         "root",
@@ -108,7 +120,67 @@ HOSTS: tuple[BenchHost, ...] = (
     # A second Pi whose deploy user is not trusted by its Nix daemon.
     BenchHost("pi5", f"{SUBNET}.22", 22, "ops", "aarch64-linux", PI_ROOTS),
 )
-PIS = tuple(h for h in HOSTS if h.name.startswith("pi"))
+# Deploy users of the extra Pis, in turn: (user, port, trusted by the Pi's Nix daemon). All
+# have passwordless sudo; the untrusted one takes only paths signed by the builder.
+_EXTRA_PI_ACCOUNTS = (("pi", 22, True), ("deploy", 2200, False), ("admin", 8023, True))
+
+
+def _extra_pi(index: int) -> BenchHost:
+    """Extra Pi number ``index`` (0 is pi6): every fourth one, from the first, is armv7l."""
+    user, port, trusted = _EXTRA_PI_ACCOUNTS[index % len(_EXTRA_PI_ACCOUNTS)]
+    return BenchHost(
+        f"pi{6 + index}",
+        f"{SUBNET}.{23 + index}",
+        port + index if port == 2200 else port,
+        user,
+        "armv7l-linux" if index % 4 == 0 else "aarch64-linux",
+        PI_ROOTS,
+        nix_conf=(f"trusted-users = root {user}",) if trusted else (),
+    )
+
+
+def fleet_of(pis: int) -> tuple[BenchHost, ...]:
+    """The NAS and ``pis`` Pis: pi4 and pi5 as in the default fleet, then pi6, pi7, ..."""
+    if not 1 <= pis <= MAX_PIS:
+        raise ValueError(f"a bench fleet has 1 to {MAX_PIS} Pis, not {pis}")
+    defaults = _DEFAULT_HOSTS[: 1 + min(pis, DEFAULT_PIS)]
+    return (*defaults, *(_extra_pi(i) for i in range(pis - DEFAULT_PIS)))
+
+
+def _load_fleet() -> tuple[BenchHost, ...]:
+    """The fleet ``up`` recorded in ``FLEET_FILE``, else the default fleet."""
+    try:
+        records = json.loads(FLEET_FILE.read_text())
+    except FileNotFoundError:
+        return fleet_of(DEFAULT_PIS)
+    return tuple(
+        BenchHost(
+            **{
+                **record,
+                "roots": tuple(record["roots"]),
+                "nix_conf": tuple(record["nix_conf"]),
+                "sshd_options": tuple(tuple(pair) for pair in record["sshd_options"]),
+            }
+        )
+        for record in records
+    )
+
+
+def _use_fleet(hosts: tuple[BenchHost, ...], *, save: bool) -> None:
+    """Make ``hosts`` this process's fleet (``HOSTS``, ``PIS``); ``save`` records it."""
+    global HOSTS, PIS
+    HOSTS = hosts
+    PIS = tuple(h for h in hosts if h.name != BUILDER)
+    if save:
+        BENCH_DIR.mkdir(parents=True, exist_ok=True)
+        partial = FLEET_FILE.with_suffix(".json.partial")
+        partial.write_text(json.dumps([asdict(h) for h in hosts], indent=1) + "\n")
+        partial.replace(FLEET_FILE)
+
+
+HOSTS: tuple[BenchHost, ...] = ()
+PIS: tuple[BenchHost, ...] = ()
+_use_fleet(_load_fleet(), save=False)
 
 
 def host(name: str) -> BenchHost:
@@ -230,21 +302,38 @@ def registered_binfmt() -> tuple[str, ...]:
 # -- bring-up --------------------------------------------------------------------------
 
 
-def up() -> None:
-    """Bring the whole bench up; hosts already running are left as they are."""
+def up(pis: int | None = None, max_sessions: int | None = None) -> None:
+    """Bring the bench up; hosts already running are left as they are.
+
+    ``pis``: how many Pis (default: the fleet ``up`` recorded last, else ``DEFAULT_PIS``);
+    Pis beyond it are stopped. ``max_sessions``: the NAS's sshd ``MaxSessions`` (default: as
+    recorded; the bench's own default is ``SSHD_DEFAULTS``'). Running hosts whose sshd_config
+    changed reload it.
+    """
     if not _busybox_debs_present() or not shutil.which("nix-daemon"):
         install()
     mount_binfmt_misc()
     register_binfmt(tuple(QEMU_HANDLERS))
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    hosts = HOSTS if pis is None else _keep_sshd_options(fleet_of(pis))
+    if max_sessions is not None:
+        hosts = tuple(
+            _with_sshd_option(h, "MaxSessions", str(max_sessions)) if h.name == BUILDER else h
+            for h in hosts
+        )
+    for gone in {h.name for h in HOSTS} - {h.name for h in hosts}:
+        _stop(host(gone))
+    _use_fleet(hosts, save=True)
     _controller_key()
     _bridge()
     write_flake()
     for h in HOSTS:
-        _prepare_host_dir(h)
+        sshd_changed = _prepare_host_dir(h)
         _network(h)
         if init_pid(h) is None:
             _start(h)
+        elif sshd_changed:
+            reload_sshd(h)
     for h in HOSTS:
         _wait_for_ssh(h)
     _write_known_hosts()
@@ -254,6 +343,12 @@ def up() -> None:
     from tests.bench import sops
 
     sops.ensure()
+
+
+def _keep_sshd_options(hosts: tuple[BenchHost, ...]) -> tuple[BenchHost, ...]:
+    """``hosts`` with the sshd options the same hosts have in the current fleet."""
+    now = {h.name: h.sshd_options for h in HOSTS}
+    return tuple(replace(h, sshd_options=now.get(h.name, ())) for h in hosts)
 
 
 def _controller_key() -> None:
@@ -301,7 +396,8 @@ def nix_conf_text(h: BenchHost) -> str:
     return "\n".join((*NIX_CONF_BASE, f"system = {h.system}", *h.nix_conf)) + "\n"
 
 
-def _prepare_host_dir(h: BenchHost) -> None:
+def _prepare_host_dir(h: BenchHost) -> bool:
+    """Lay out the host's own directories and files; True when its sshd_config changed."""
     for sub in ("nix", "etc-upper", "etc-work", "root", "home", "tmp", "boot", "ssh"):
         (h.dir / sub).mkdir(parents=True, exist_ok=True)
     (h.dir / "tmp").chmod(0o1777)
@@ -313,30 +409,109 @@ def _prepare_host_dir(h: BenchHost) -> None:
     if not nix_conf.exists():
         nix_conf.parent.mkdir(parents=True, exist_ok=True)
         nix_conf.write_text(nix_conf_text(h))
-    (h.dir / "ssh" / "sshd_config").write_text(
-        "\n".join(
-            (
-                f"Port {h.port}",
-                f"ListenAddress {h.ip}",
-                f"HostKey {host_key}",
-                "PidFile none",
-                "UsePAM no",
-                "PasswordAuthentication no",
-                "KbdInteractiveAuthentication no",
-                "PubkeyAuthentication yes",
-                "PermitRootLogin prohibit-password",
-                "AuthorizedKeysFile .ssh/authorized_keys",
-                "ClientAliveInterval 2",
-                "ClientAliveCountMax 3",
-                "MaxStartups 100:30:200",
-                "MaxSessions 50",
-                "Subsystem sftp internal-sftp",
-                "AcceptEnv LANG LC_*",
-                "",
-            )
-        )
-    )
     (h.dir / "init.sh").write_text(_init_script(h))
+    return write_sshd_config(h)
+
+
+# The bench's sshd settings besides each host's address and key. ``MaxSessions`` (sessions
+# per connection; OpenSSH's default is 10) is generous so that tests don't hit it by accident;
+# ``set_sshd_option`` and ``up --max-sessions`` change it for a host.
+SSHD_DEFAULTS: tuple[tuple[str, str], ...] = (
+    ("PidFile", "none"),
+    ("UsePAM", "no"),
+    ("PasswordAuthentication", "no"),
+    ("KbdInteractiveAuthentication", "no"),
+    ("PubkeyAuthentication", "yes"),
+    ("PermitRootLogin", "prohibit-password"),
+    ("AuthorizedKeysFile", ".ssh/authorized_keys"),
+    ("ClientAliveInterval", "2"),
+    ("ClientAliveCountMax", "3"),
+    ("MaxStartups", "100:30:200"),
+    ("MaxSessions", "50"),
+    ("Subsystem", "sftp internal-sftp"),
+    ("AcceptEnv", "LANG LC_*"),
+)
+
+
+def sshd_options(h: BenchHost) -> dict[str, str]:
+    """The sshd settings of host ``h``: the bench's defaults with its own overrides."""
+    return {**dict(SSHD_DEFAULTS), **dict(h.sshd_options)}
+
+
+def sshd_config_text(h: BenchHost) -> str:
+    options = sshd_options(h)
+    lines = [
+        f"Port {h.port}",
+        f"ListenAddress {h.ip}",
+        f"HostKey {h.dir / 'ssh' / 'ssh_host_ed25519_key'}",
+        *(f"{key} {value}" for key, value in options.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_sshd_config(h: BenchHost) -> bool:
+    """Write the host's sshd_config; True when its content changed."""
+    path = h.dir / "ssh" / "sshd_config"
+    text = sshd_config_text(h)
+    if path.exists() and path.read_text() == text:
+        return False
+    path.write_text(text)
+    return True
+
+
+def set_sshd_option(h: BenchHost | str, option: str, value: str) -> BenchHost:
+    """Set one sshd_config option of a host and make its running sshd use it.
+
+    The fleet file records it, so a later ``up`` keeps it. Returns the updated host.
+    ``set_sshd_option("nas", "MaxSessions", "2")``; restore with the value
+    ``sshd_options(host("nas"))["MaxSessions"]`` had before.
+    """
+    updated = _with_sshd_option(host(h) if isinstance(h, str) else h, option, value)
+    _use_fleet(tuple(updated if x.name == updated.name else x for x in HOSTS), save=True)
+    if write_sshd_config(updated) and init_pid(updated) is not None:
+        reload_sshd(updated)
+    return updated
+
+
+def _with_sshd_option(h: BenchHost, option: str, value: str) -> BenchHost:
+    """``h`` with ``option`` set to ``value`` (the bench's default value records no override)."""
+    kept = tuple((k, v) for k, v in h.sshd_options if k != option)
+    if value != dict(SSHD_DEFAULTS).get(option):
+        kept = (*kept, (option, value))
+    return replace(h, sshd_options=kept)
+
+
+def reload_sshd(h: BenchHost, timeout: float = 10.0) -> None:
+    """Make the host's sshd read its sshd_config again, and wait until it listens anew.
+
+    The host's init exec'd sshd, so sshd is PID 1 of the host's PID namespace: SIGHUP makes it
+    re-exec itself (same PID) with the new configuration; connections open now keep the old
+    one. The listening socket is new after the re-exec, which is how we know it happened.
+    """
+    pid = init_pid(h)
+    if pid is None:
+        raise RuntimeError(f"bench host {h.name} is not running: python -m tests.bench up")
+    before = _listening_inode(pid, h.port)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = _listening_inode(pid, h.port)
+        if now is not None and now != before:
+            return
+        time.sleep(0.05)
+    log = (h.dir / "init.log").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"sshd of bench host {h.name} did not come back after SIGHUP:\n{log}")
+
+
+def _listening_inode(pid: int, port: int) -> str | None:
+    """Inode of the TCP socket listening on ``port`` in the network namespace of ``pid``."""
+    lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    for line in lines:
+        fields = line.split()
+        # local_address is HEXIP:HEXPORT; state 0A is LISTEN; field 9 is the inode.
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":
+            return fields[9]
+    return None
 
 
 def _init_script(h: BenchHost) -> str:
@@ -390,7 +565,7 @@ def init_pid(h: BenchHost) -> int | None:
     """PID (in the root namespace) of the host's init, i.e. its sshd, or None."""
     if h.netns not in _netns_list():
         return None
-    for pid in _netns_pids(h):
+    for pid in _netns_pids(h.netns):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
         except FileNotFoundError:
@@ -402,8 +577,8 @@ def init_pid(h: BenchHost) -> int | None:
     return None
 
 
-def _netns_pids(h: BenchHost) -> list[int]:
-    out = run(["ip", "netns", "pids", h.netns], check=False).stdout
+def _netns_pids(netns: str) -> list[int]:
+    out = run(["ip", "netns", "pids", netns], check=False).stdout
     return [int(p) for p in out.split()]
 
 
@@ -455,13 +630,15 @@ def _write_ssh_config() -> None:
 # -- the test flake --------------------------------------------------------------------
 
 FLAKE_DIR = BENCH_DIR / "flake"
+# A configuration's attributes in hosts.nix: system, version, failActivation, padding.
+FlakeConfig = dict[str, str | bool]
 
 
 def flake_ref() -> str:
     return f"path:{FLAKE_DIR}"
 
 
-def write_flake(configs: dict[str, dict[str, str | bool]] | None = None) -> None:
+def write_flake(configs: dict[str, FlakeConfig] | None = None) -> None:
     """Lay out the test flake with the busyboxes and a hosts.nix for ``configs``.
 
     ``configs`` maps configuration name to attributes (``system``, ``version``,
@@ -476,14 +653,43 @@ def write_flake(configs: dict[str, dict[str, str | bool]] | None = None) -> None
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(_busybox_path(system), dest)
     if configs is None:
-        if (FLAKE_DIR / "hosts.nix").exists():
+        # Keep what is there (tests bump versions); add the fleet's Pis it lacks.
+        existing = flake_configs()
+        defaults: dict[str, FlakeConfig] = {
+            h.name: {"system": h.system, "version": "1"} for h in PIS
+        }
+        defaults["armv7"] = {"system": "armv7l-linux", "version": "1"}
+        configs = {**defaults, **existing}
+        if configs == existing:
             return
-        configs = {h.name: {"system": h.system, "version": "1"} for h in PIS}
-        configs["armv7"] = {"system": "armv7l-linux", "version": "1"}
     set_flake_configs(configs)
 
 
-def set_flake_configs(configs: dict[str, dict[str, str | bool]]) -> None:
+_HOSTS_NIX_LINE = re.compile(r"^\s*([\w-]+) = \{ (.*) \};$")
+_HOSTS_NIX_ATTR = re.compile(r'(\w+) = ("(?:[^"\\]|\\.)*"|true|false);')
+
+
+def flake_configs() -> dict[str, FlakeConfig]:
+    """What hosts.nix says each configuration is (as ``set_flake_configs`` wrote it)."""
+    path = FLAKE_DIR / "hosts.nix"
+    if not path.exists():
+        return {}
+    configs: dict[str, FlakeConfig] = {}
+    for line in path.read_text().splitlines():
+        match = _HOSTS_NIX_LINE.match(line)
+        if match is None:
+            continue
+        attrs: FlakeConfig = {}
+        for key, value in _HOSTS_NIX_ATTR.findall(match.group(2)):
+            if value.startswith('"'):
+                attrs[key] = re.sub(r"\\(.)", r"\1", value[1:-1])
+            else:
+                attrs[key] = value == "true"
+        configs[match.group(1)] = attrs
+    return configs
+
+
+def set_flake_configs(configs: dict[str, FlakeConfig]) -> None:
     """Rewrite hosts.nix: what each nixosConfigurations.<name> is."""
 
     def value(v: str | bool) -> str:
@@ -504,13 +710,16 @@ def set_flake_configs(configs: dict[str, dict[str, str | bool]]) -> None:
 
 
 def down(purge: bool = False) -> None:
-    """Stop every bench host (by PID), remove namespaces and links; ``purge`` deletes state."""
+    """Stop every bench host (by PID), remove namespaces and links; ``purge`` deletes state.
+
+    The fleet file stays (without ``purge``), so ``up`` brings the same fleet back.
+    """
     for h in HOSTS:
-        if h.netns in _netns_list():
-            _kill_pids(_netns_pids(h))
-            run(["ip", "netns", "del", h.netns], check=False)
-        if run(["ip", "link", "show", h.veth], check=False).returncode == 0:
-            run(["ip", "link", "del", h.veth], check=False)
+        _stop(h)
+    # A host of a fleet no longer recorded (say, the fleet file was deleted by hand).
+    for netns in _netns_list():
+        if netns.startswith(NETNS_PREFIX):
+            _remove_netns(netns)
     if run(["ip", "link", "show", BRIDGE], check=False).returncode == 0:
         run(["ip", "link", "del", BRIDGE])
     if purge:
@@ -519,6 +728,20 @@ def down(purge: bool = False) -> None:
         # /var is the machine's, shared by the hosts: the home nixpush gives the NAS's
         # nix-ssh user (pull builds) lands there.
         shutil.rmtree(SHARED_VAR_LEFTOVER, ignore_errors=True)
+        _use_fleet(fleet_of(DEFAULT_PIS), save=False)
+
+
+def _stop(h: BenchHost) -> None:
+    """Stop one host: its processes (by PID), its namespace and its link."""
+    _remove_netns(h.netns)
+    if run(["ip", "link", "show", h.veth], check=False).returncode == 0:
+        run(["ip", "link", "del", h.veth], check=False)
+
+
+def _remove_netns(netns: str) -> None:
+    if netns in _netns_list():
+        _kill_pids(_netns_pids(netns))
+        run(["ip", "netns", "del", netns], check=False)
 
 
 def _kill_pids(pids: list[int]) -> None:
@@ -538,8 +761,11 @@ def leftovers() -> list[str]:
     found = [f"netns {n}" for n in _netns_list() if n.startswith(NETNS_PREFIX)]
     links = run(["ip", "-o", "link", "show"]).stdout
     found += [f"link {BRIDGE}" for line in links.splitlines() if f": {BRIDGE}:" in line]
+    # Any host's link, recorded in the fleet file or not.
     found += [
-        f"link {h.veth}" for h in HOSTS for line in links.splitlines() if f": {h.veth}@" in line
+        f"link {line.split(': ')[1].split('@')[0]}"
+        for line in links.splitlines()
+        if f": {VETH_PREFIX}" in line
     ]
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -568,19 +794,6 @@ def status() -> dict[str, str]:
         except OSError:
             result[h.name] = f"starting (init pid {pid})"
     return result
-
-
-def set_sshd_option(h: BenchHost, key: str, value: str) -> None:
-    """Set one option of a running host's sshd (say ``MaxSessions``): its config is rewritten
-    and SIGHUP makes sshd re-exec itself, so new connections get the new value."""
-    config = h.dir / "ssh" / "sshd_config"
-    lines = [line for line in config.read_text().splitlines() if line.split()[:1] != [key]]
-    config.write_text("\n".join([*lines, f"{key} {value}", ""]))
-    pid = init_pid(h)
-    if pid is not None:
-        os.kill(pid, signal.SIGHUP)
-        time.sleep(0.3)  # sshd closes its listener, then re-execs and listens again
-        _wait_for_ssh(h)
 
 
 def set_link(h: BenchHost, up: bool) -> None:

@@ -1,10 +1,13 @@
 """The bench fleet as a nixpush inventory: the same data contract as the repo's inventory.py.
 
 Run from the repository root, e.g. ``pyinfra tests/bench/inventory.py deploys/pi.py``.
-The bench must be up (``python -m tests.bench up``).
+The bench must be up (``python -m tests.bench up``); its hosts are the fleet ``up`` recorded
+(``--pis N``).
 """
 
 # Module-level lists are groups to pyinfra: keep helpers behind underscores.
+from collections.abc import Mapping as _Mapping
+
 from tests.bench import fleet as _fleet
 from tests.bench import sops as _sops
 
@@ -26,7 +29,12 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
         data["_sudo"] = True
     if h.system != "x86_64-linux":
         # Push only; tests/bench/pull_inventory.py adds builder_user (pull builds).
-        data.update(builder_host="nas")
+        data.update(builder_host=_fleet.BUILDER)
+    emulated = sorted({pi.system for pi in _fleet.PIS})
+    if h.name == _fleet.BUILDER and emulated != ["aarch64-linux"]:
+        # Host data beats group_data/server.py's ["aarch64-linux"]: a fleet with armv7l Pis
+        # needs its builder to emulate armv7l too (deploys/nas.py sets it up).
+        data["binfmt_emulated_systems"] = emulated
     host_key = h.dir / "ssh" / "ssh_host_ed25519_key.pub"
     if host_key.exists():
         data["ssh_host_key"] = " ".join(host_key.read_text().split()[:2])
@@ -35,6 +43,16 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
 
 def _members(root: str) -> list[tuple[str, dict[str, object]]]:
     return [(h.name, _data(h)) for h in _fleet.HOSTS if root in h.roots]
+
+
+def _overlay(
+    members: list[tuple[str, dict[str, object]]], extra: _Mapping[str, _Mapping[str, object]]
+) -> list[tuple[str, dict[str, object]]]:
+    """``members`` with ``extra[name]`` added to the data of each host it names.
+
+    For inventories built on this one (tests/bench/pull_inventory.py, the perf harness).
+    """
+    return [(name, {**data, **extra.get(name, {})}) for name, data in members]
 
 
 minimal = _members("minimal")

@@ -9,37 +9,30 @@ tests) stay push-only and need no age key for ``deploys/nas.py``.
 Run from the repository root: ``pyinfra tests/bench/pull_inventory.py deploys/pull.py``.
 """
 
-from typing import Any
-
 from operations.keys import PULL_KEY_PATH as _KEY_PATH
+from tests.bench import fleet as _fleet
 from tests.bench import inventory as _bench
 from tests.bench import sops as _sops
 
-
-def _pulling(members: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
-    out: list[tuple[str, dict[str, Any]]] = []
-    for name, data in members:
-        if "builder_host" in data:
-            data = {
-                **data,
-                "builder_user": "nix-ssh",
-                "builder_port": 22,
-                "secrets": [
-                    {
-                        "key": _sops.pull_key(name),
-                        "dest": _KEY_PATH,
-                        "owner": "root",
-                        "group": "root",
-                        "mode": "0600",
-                    }
-                ],
+_PULLING = {
+    pi.name: {
+        "builder_user": "nix-ssh",
+        "builder_port": 22,
+        "secrets": [
+            {
+                "key": _sops.pull_key(pi.name),
+                "dest": _KEY_PATH,
+                "owner": "root",
+                "group": "root",
+                "mode": "0600",
             }
-        out.append((name, data))
-    return out
+        ],
+    }
+    for pi in _fleet.PIS
+}
 
-
-minimal = _pulling(_bench.minimal)
-common = _pulling(_bench.common)
-network = _pulling(_bench.network)
-main = _pulling(_bench.main)
-server = _pulling(_bench.server)
+minimal = _bench._overlay(_bench.minimal, _PULLING)
+common = _bench._overlay(_bench.common, _PULLING)
+network = _bench._overlay(_bench.network, _PULLING)
+main = _bench._overlay(_bench.main, _PULLING)
+server = _bench._overlay(_bench.server, _PULLING)

@@ -33,14 +33,15 @@ def pull_key(pi: str) -> str:
     return f"ssh/{pi}_builder"
 
 
-# Every sops key path the bench's secrets file holds (group_data and the bench inventories
-# declare where each goes).
-KEYS = (
-    "headscale/pre_auth",
-    "ssh/nas_deploy",
-    "nix/nas_signing_key",
-    *(pull_key(h.name) for h in fleet.PIS),
-)
+def keys() -> tuple[str, ...]:
+    """Every sops key path the bench's secrets file holds for the current fleet (group_data
+    and the bench inventories declare where each goes)."""
+    return (
+        "headscale/pre_auth",
+        "ssh/nas_deploy",
+        "nix/nas_signing_key",
+        *(pull_key(h.name) for h in fleet.PIS),
+    )
 
 
 def sops_program() -> str:
@@ -105,9 +106,9 @@ def _decrypted_document() -> dict[str, Any]:
 
 
 def ensure() -> None:
-    """Make the age key and the encrypted secrets file, or add the ``KEYS`` it lacks.
+    """Make the age key and the encrypted secrets file, or add the ``keys()`` it lacks.
 
-    Values already in the file are kept (a file from before a key was added to ``KEYS`` gains
+    Values already in the file are kept (a file from before a key was added to ``keys()`` gains
     only the new ones); the file is replaced atomically, under a lock.
     """
     SOPS_DIR.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,7 @@ def ensure() -> None:
         if not AGE_KEY_FILE.exists():
             new_age_key(AGE_KEY_FILE)
         document = _decrypted_document() if SECRETS_FILE.exists() else {}
-        missing = [key for key in KEYS if _get(document, key) is None]
+        missing = [key for key in keys() if _get(document, key) is None]
         if not missing:
             return
         for key in missing:

@@ -16,7 +16,14 @@ import pytest
 
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
-from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
+from tests.bench.client import (
+    BENCH_INVENTORY,
+    on_host,
+    prepare_push,
+    pyinfra,
+    pyinfra_argv,
+    ssh,
+)
 
 PI = "deploys/pi.py"
 _versions = itertools.count(1)
@@ -48,21 +55,8 @@ def new_versions(*names: str, **attrs: str | bool) -> dict[str, str]:
     return versions
 
 
-def current_configs() -> dict[str, dict[str, str | bool]]:
-    text = (fleet.FLAKE_DIR / "hosts.nix").read_text()
-    configs: dict[str, dict[str, str | bool]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if "= {" not in line:
-            continue
-        name, body = line.split(" = {", 1)
-        attrs: dict[str, str | bool] = {}
-        for part in body.rstrip("};").split(";"):
-            if "=" in part:
-                key, value = (p.strip() for p in part.split("=", 1))
-                attrs[key] = value.strip('"') if value.startswith('"') else value == "true"
-        configs[name] = attrs
-    return configs
+def current_configs() -> dict[str, fleet.FlakeConfig]:
+    return fleet.flake_configs()
 
 
 def desired_path(config: str) -> str:
@@ -267,9 +261,7 @@ def test_link_cut_during_the_copy_fails_that_pi_with_the_cause(push_ready, link_
 
 
 def _pyinfra_argv() -> list[str]:
-    import sys
-
-    return [str(Path(sys.executable).with_name("pyinfra")), "-y", BENCH_INVENTORY, PI]
+    return pyinfra_argv("-y", BENCH_INVENTORY, PI)
 
 
 def _wait_for_copy_to(h: fleet.BenchHost, timeout: float) -> bool:

@@ -153,7 +153,7 @@ def test_report_records_revisions_durations_and_no_secret(ready, state_dir):
     assert report["started"].endswith("+00:00")
     # The age key file's path may appear (it is configuration); no secret value anywhere.
     stored = "".join(p.read_text() for p in (state_dir / "reports").iterdir()) + output(result)
-    for key in bench_sops.KEYS:
+    for key in bench_sops.keys():
         secret = bench_sops.value(key).strip()
         for line in secret.splitlines():
             if len(line) > 8 and "-----" not in line:

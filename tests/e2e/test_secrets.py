@@ -34,7 +34,7 @@ STARTED = time.time()
 def values(bench: None) -> dict[str, str]:
     """Every value in the bench's secrets file, decrypted in memory, by key path."""
     bench_sops.ensure()
-    return {key: bench_sops.value(key) for key in bench_sops.KEYS}
+    return {key: bench_sops.value(key) for key in bench_sops.keys()}
 
 
 @pytest.fixture(scope="module")

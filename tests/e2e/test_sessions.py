@@ -18,14 +18,12 @@ from tests.e2e.test_pi import current, deploy, desired_path, new_versions, outpu
 
 __all__ = ["push_ready"]  # the fixture, shared with test_pi
 
-BENCH_MAX_SESSIONS = "50"  # what tests/bench/fleet.py writes
-
 
 @pytest.fixture
 def nas_max_sessions() -> Iterator[Callable[[int], None]]:
-    nas = fleet.host("nas")
-    yield lambda limit: fleet.set_sshd_option(nas, "MaxSessions", str(limit))
-    fleet.set_sshd_option(nas, "MaxSessions", BENCH_MAX_SESSIONS)
+    before = fleet.sshd_options(fleet.host("nas"))["MaxSessions"]
+    yield lambda limit: fleet.set_sshd_option("nas", "MaxSessions", str(limit))
+    fleet.set_sshd_option("nas", "MaxSessions", before)
 
 
 def test_sessions_bounded_to_the_builders_max_sessions_pass_ten_runs_in_a_row(

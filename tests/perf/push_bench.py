@@ -1,100 +1,264 @@
 """
 Wall time of nixpush's push deploy on the bench, next to the same steps done by hand with bare
-ssh and nix commands, in the same run: cold deploy and no-change run, for 1 and 2 Pis.
+ssh and nix commands one Pi after another, in the same run.
 
     .venv/bin/python -m tests.perf.push_bench [--rounds 3]
+    .venv/bin/python -m tests.perf.push_bench --pis 8 [--max-sessions 10] [--rounds 3]
 
-Needs the bench up, the NAS prepared and the push keys installed (tests/demo.sh does all
-three). Prints figures; asserts nothing.
+Without ``--pis``: cold deploy and no-change run of 1 and 2 Pis. With ``--pis N`` the bench is
+brought up with N Pis on its one builder (``python -m tests.bench up --pis N``) and the cases
+are: cold with every Pi's configuration distinct, cold with one configuration shared (one per
+Nix system: the aarch64 Pis share one, the armv7l Pis another), and no change.
+``--max-sessions`` sets the builder's sshd MaxSessions first (OpenSSH's default is 10).
+
+Per case it prints the median wall time of each way, their ratio (only when every run passed),
+whether EVERY run passed (exit code 0 and every Pi on its desired system afterwards) and the
+pyinfra controller's peak RSS (largest over the rounds), then why runs failed. Only public
+tools are timed: the pyinfra CLI, ssh and nix. Needs the bench's Debian packages; prepares the
+NAS and the push keys itself. Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import statistics
+import subprocess
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from operations.ssh import BUILDER_KNOWN_HOSTS
 from tests.bench import fleet
-from tests.bench.client import BENCH_INVENTORY, prepare_push, pyinfra, ssh
+from tests.bench import sops as bench_sops
+from tests.bench.client import BENCH_INVENTORY, REPO, prepare_push, pyinfra_argv, ssh
 
 NIX = "nix --extra-experimental-features 'nix-command flakes'"
+# Which configuration each Pi deploys: Pi name -> attribute under nixosConfigurations.
+Configs = Mapping[str, str]
 
 
-def bump(names: Sequence[str]) -> None:
-    """A never-built version for each named Pi: the next deploy of it is cold."""
-    text = (fleet.FLAKE_DIR / "hosts.nix").read_text()
-    configs = {h.name: {"system": h.system, "version": "1"} for h in fleet.PIS}
-    configs["armv7"] = {"system": "armv7l-linux", "version": "1"}
-    for line in text.splitlines():
-        for name in configs:
-            if line.strip().startswith(f"{name} = ") and 'version = "' in line:
-                configs[name]["version"] = line.split('version = "', 1)[1].split('"', 1)[0]
-    for name in names:
-        configs[name]["version"] = f"perf-{uuid.uuid4().hex[:8]}"
-    fleet.set_flake_configs(dict(configs))  # type: ignore[arg-type]
+@dataclass
+class Run:
+    """One timed run of one way of deploying."""
+
+    seconds: float
+    passed: bool
+    why: list[str] = field(default_factory=list)
+    peak_rss_kib: int | None = None
 
 
-def nixpush(names: Sequence[str]) -> None:
-    limit = [arg for name in names for arg in ("--limit", name)]
-    result = pyinfra("-y", BENCH_INVENTORY, "deploys/pi.py", *limit)
-    if result.returncode != 0:
-        raise SystemExit(result.stdout + result.stderr)
+@dataclass(frozen=True)
+class Case:
+    label: str
+    pis: tuple[str, ...]
+    cold: bool
+    shared: bool = False
 
 
-def bare(names: Sequence[str]) -> None:
-    """The same flow with bare commands, one after another per Pi, as a script would."""
-    for name in names:
-        pi = fleet.host(name)
-        attr = f"{fleet.flake_ref()}#nixosConfigurations.{name}.config.system.build.toplevel"
-        path = ssh("nas", f"{NIX} eval --raw {shlex.quote(attr + '.outPath')}").stdout.strip()
-        now = ssh(name, "readlink -f /run/current-system || true", check=False).stdout.strip()
-        if now == path:
-            continue
-        ssh("nas", f"{NIX} build {shlex.quote(attr)} --no-link")
-        ssh("nas", f"{NIX} store sign -k /etc/nixpush/signing-key.sec -r {path}")
-        opts = (
-            f"-p {pi.port} -i /etc/nixpush/deploy_ed25519 -o IdentitiesOnly=yes "
-            f"-o UserKnownHostsFile={BUILDER_KNOWN_HOSTS} -o StrictHostKeyChecking=yes"
-        )
-        ssh(
-            "nas",
-            f"NIX_SSHOPTS={shlex.quote(opts)} {NIX} copy --to ssh-ng://{pi.user}@{pi.ip} {path}",
-        )
-        ssh(name, f"sudo {path}/bin/switch-to-configuration dry-activate >/dev/null")
-        ssh(name, f"sudo nix-env -p /nix/var/nix/profiles/system --set {path}")
-        ssh(name, f"sudo {path}/bin/switch-to-configuration switch >/dev/null")
+def own_configs(pis: Sequence[str]) -> dict[str, str]:
+    return {pi: pi for pi in pis}
 
 
-def timed(step: Callable[[], None]) -> float:
+def shared_configs(pis: Sequence[str]) -> dict[str, str]:
+    """One configuration per Nix system, shared by every Pi of that system."""
+    return {pi: f"shared-{fleet.host(pi).system}" for pi in pis}
+
+
+def bump(configs: Configs) -> None:
+    """A never-built version of each configuration used: the next deploy of them is cold."""
+    flake = fleet.flake_configs()
+    run_id = uuid.uuid4().hex[:8]
+    for pi, config in configs.items():
+        current = flake.get(config, {"system": fleet.host(pi).system})
+        flake[config] = {**current, "version": f"perf-{run_id}"}
+    fleet.set_flake_configs(flake)
+
+
+def desired_systems(configs: Configs) -> dict[str, str]:
+    """Each Pi's desired toplevel, as the builder evaluates the flake (one nix eval)."""
+    apply = "cs: builtins.mapAttrs (n: c: c.config.system.build.toplevel.outPath) cs"
+    command = [
+        *shlex.split(NIX), "eval", "--json",
+        f"{fleet.flake_ref()}#nixosConfigurations", "--apply", apply,
+    ]  # fmt: skip
+    paths = json.loads(ssh(fleet.BUILDER, shlex.join(command)).stdout)
+    return {pi: paths[config] for pi, config in configs.items()}
+
+
+def current_system(pi: str) -> str:
+    return ssh(pi, "readlink -f /run/current-system || true", check=False).stdout.strip()
+
+
+def off_target(configs: Configs) -> list[str]:
+    """Why the Pis are not all on their desired systems (nothing when they are)."""
+    wanted = desired_systems(configs)
+    wrong = [pi for pi in configs if current_system(pi) != wanted[pi]]
+    return [f"not on their desired system: {', '.join(wrong)}"] if wrong else []
+
+
+def shared_inventory(configs: Configs) -> str:
+    """An inventory file: the bench's, with ``nixos_config`` set per Pi; returns its path."""
+    groups = sorted({root for h in fleet.HOSTS for root in h.roots})
+    extra = {pi: {"nixos_config": config} for pi, config in configs.items()}
+    path = fleet.BENCH_DIR / "perf" / "shared_inventory.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        '"""The bench inventory, Pis sharing configurations (tests/perf/push_bench.py)."""\n\n'
+        "from tests.bench import inventory as _bench\n\n"
+        f"_EXTRA = {extra!r}\n"
+        + "".join(f"{g} = _bench._overlay(_bench.{g}, _EXTRA)\n" for g in groups)
+    )
+    return str(path)
+
+
+def nixpush(configs: Configs, inventory: str, limit: bool) -> Run:
+    """``pyinfra -y <inventory> deploys/pi.py`` as a user runs it, timed, with its peak RSS."""
+    limits = [arg for pi in configs for arg in ("--limit", pi)] if limit else []
+    argv = pyinfra_argv("-y", inventory, "deploys/pi.py", *limits)
+    with tempfile.TemporaryFile(mode="w+") as out:
+        start = time.perf_counter()
+        child = subprocess.Popen(
+            argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=bench_sops.env(),
+        )  # fmt: skip
+        # wait4, not wait: the child's own rusage (RUSAGE_CHILDREN of this process would
+        # be the maximum over every child so far).
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        output = out.read()
+    why = [] if child.returncode == 0 else [f"exit code {child.returncode}", *causes(output)]
+    return Run(seconds, child.returncode == 0, why, usage.ru_maxrss)
+
+
+def causes(output: str) -> list[str]:
+    """What a failed pyinfra run says went wrong: summary failures and SSH channel errors."""
+    found = []
+    for line in output.splitlines():
+        line = line.strip()
+        if (": failed: " in line or "ChannelException(" in line) and line not in found:
+            found.append(line)
+    return found
+
+
+def bare(configs: Configs) -> Run:
+    """The same flow with bare commands, one Pi after another, as a script would."""
     start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
+    why = []
+    for pi, config in configs.items():
+        try:
+            bare_deploy(pi, config)
+        except subprocess.CalledProcessError as error:
+            why.append(f"{pi}: {shlex.join(error.cmd)} exited {error.returncode}")
+    return Run(time.perf_counter() - start, not why, why)
+
+
+def bare_deploy(name: str, config: str) -> None:
+    """Eval, build, sign, copy, dry-activate and switch one Pi with ssh and nix."""
+    pi = fleet.host(name)
+    attr = f"{fleet.flake_ref()}#nixosConfigurations.{config}.config.system.build.toplevel"
+    path = ssh(fleet.BUILDER, f"{NIX} eval --raw {shlex.quote(attr + '.outPath')}").stdout.strip()
+    if current_system(name) == path:
+        return
+    ssh(fleet.BUILDER, f"{NIX} build {shlex.quote(attr)} --no-link")
+    ssh(fleet.BUILDER, f"{NIX} store sign -k /etc/nixpush/signing-key.sec -r {path}")
+    opts = (
+        f"-p {pi.port} -i /etc/nixpush/deploy_ed25519 -o IdentitiesOnly=yes "
+        f"-o UserKnownHostsFile={BUILDER_KNOWN_HOSTS} -o StrictHostKeyChecking=yes"
+    )
+    ssh(
+        fleet.BUILDER,
+        f"NIX_SSHOPTS={shlex.quote(opts)} {NIX} copy --to ssh-ng://{pi.user}@{pi.ip} {path}",
+    )
+    ssh(name, f"sudo {path}/bin/switch-to-configuration dry-activate >/dev/null")
+    ssh(name, f"sudo nix-env -p /nix/var/nix/profiles/system --set {path}")
+    ssh(name, f"sudo {path}/bin/switch-to-configuration switch >/dev/null")
+
+
+def measure(case: Case, rounds: int, limit: bool) -> tuple[list[Run], list[Run]]:
+    """``rounds`` runs of each way, interleaved; each checked against the desired systems."""
+    configs = shared_configs(case.pis) if case.shared else own_configs(case.pis)
+    inventory = shared_inventory(configs) if case.shared else BENCH_INVENTORY
+    ways: tuple[tuple[Callable[[], Run], list[Run]], ...] = (
+        (lambda: nixpush(configs, inventory, limit), []),
+        (lambda: bare(configs), []),
+    )
+    for _ in range(rounds):
+        for way, runs in ways:
+            if case.cold:
+                bump(configs)
+            else:
+                bare(configs)  # converge first, the reliable way
+            run = way()
+            wrong = off_target(configs)
+            if wrong:
+                run.passed = False
+                run.why += wrong
+            runs.append(run)
+    return ways[0][1], ways[1][1]
+
+
+def passed(runs: Sequence[Run]) -> str:
+    ok = sum(r.passed for r in runs)
+    return "yes" if ok == len(runs) else f"NO {ok}/{len(runs)}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
-    rounds = parser.parse_args().rounds
-    fleet.up()
+    parser.add_argument("--pis", type=int, help="the many-Pi cases with N Pis (e.g. 8)")
+    parser.add_argument("--max-sessions", type=int, help="the builder's sshd MaxSessions")
+    args = parser.parse_args()
+    fleet.up(pis=args.pis, max_sessions=args.max_sessions)
     prepare_push()
-    print(f"{'case':<26}{'nixpush s':>11}{'bare s':>9}{'ratio':>8}")
-    for names in (["pi4"], ["pi4", "pi5"]):
-        for case in ("cold", "no change"):
-            ours, theirs = [], []
-            for _ in range(rounds):
-                for runner, into in ((nixpush, ours), (bare, theirs)):
-                    if case == "cold":
-                        bump(names)
-                    else:
-                        nixpush(names)  # converge first
-                    into.append(timed(lambda r=runner, n=names: r(n)))
-            a, b = statistics.median(ours), statistics.median(theirs)
-            label = f"{case}, {len(names)} Pi{'s' if len(names) > 1 else ''}"
-            print(f"{label:<26}{a:>11.2f}{b:>9.2f}{a / b:>8.2f}")
+    if args.pis is None:
+        cases = [
+            Case(f"{kind}, {len(pis)} Pi{'s' if len(pis) > 1 else ''}", pis, kind == "cold")
+            for pis in (("pi4",), ("pi4", "pi5"))
+            for kind in ("cold", "no change")
+        ]
+    else:
+        pis = tuple(h.name for h in fleet.PIS)
+        cases = [
+            Case(f"cold, {len(pis)} Pis, distinct", pis, cold=True),
+            Case(f"cold, {len(pis)} Pis, shared", pis, cold=True, shared=True),
+            Case(f"no change, {len(pis)} Pis", pis, cold=False),
+        ]
+    builder = fleet.host(fleet.BUILDER)
+    systems = sorted({fleet.host(pi).system for case in cases for pi in case.pis})
+    print(
+        f"bench: {len(fleet.PIS)} Pis ({', '.join(systems)}) on builder {builder.name}, "
+        f"sshd MaxSessions {fleet.sshd_options(builder)['MaxSessions']}, {args.rounds} rounds"
+    )
+    header = ("case", "nixpush s", "bare s", "ratio", "nixpush ok", "bare ok", "pyinfra RSS")
+    print(f"{header[0]:<28}{header[1]:>10}{header[2]:>8}{header[3]:>7}"
+          f"{header[4]:>12}{header[5]:>9}{header[6]:>13}")  # fmt: skip
+    failures = []
+    for case in cases:
+        ours, theirs = measure(case, args.rounds, limit=args.pis is None)
+        a = statistics.median(r.seconds for r in ours)
+        b = statistics.median(r.seconds for r in theirs)
+        rss = max(r.peak_rss_kib or 0 for r in ours) / 1024
+        # A ratio of a failed way's times would flatter it: failures end runs early.
+        ratio = f"{a / b:.2f}" if all(r.passed for r in (*ours, *theirs)) else "-"
+        print(
+            f"{case.label:<28}{a:>10.2f}{b:>8.2f}{ratio:>7}"
+            f"{passed(ours):>12}{passed(theirs):>9}{rss:>9.0f} MiB"
+        )
+        for way, runs in (("nixpush", ours), ("bare", theirs)):
+            failures += [
+                f"{case.label}, {way} run {n}: {'; '.join(r.why)}"
+                for n, r in enumerate(runs, 1)
+                if not r.passed
+            ]
+    for failure in failures:
+        print(f"failed: {failure}")
 
 
 if __name__ == "__main__":
