@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.bench import systemd_host
+
 REPO = Path(__file__).resolve().parents[2]
 FLAKE_TEMPLATE = Path(__file__).resolve().parent / "flake"
 # Several benches can run side by side on one machine (say, two checkouts testing at once):
@@ -63,6 +65,8 @@ class BenchHost:
     roots: tuple[str, ...]
     # Extra nix.conf lines for the host's own Nix daemon.
     nix_conf: tuple[str, ...] = ()
+    # Boots a real systemd as PID 1 (tests/bench/systemd_host.py) instead of sshd.
+    systemd: bool = False
 
     @property
     def netns(self) -> str:
@@ -107,6 +111,17 @@ HOSTS: tuple[BenchHost, ...] = (
     ),
     # A second Pi whose deploy user is not trusted by its Nix daemon.
     BenchHost("pi5", f"{SUBNET}.22", 22, "ops", "aarch64-linux", PI_ROOTS),
+    # A Pi whose PID 1 is a real systemd (systemctl, systemd-run, journal, timers).
+    BenchHost(
+        "pisd",
+        f"{SUBNET}.23",
+        8024,
+        "beau",
+        "aarch64-linux",
+        PI_ROOTS,
+        nix_conf=("trusted-users = root beau",),
+        systemd=True,
+    ),
 )
 PIS = tuple(h for h in HOSTS if h.name.startswith("pi"))
 
@@ -336,11 +351,18 @@ def _prepare_host_dir(h: BenchHost) -> None:
             )
         )
     )
-    (h.dir / "init.sh").write_text(_init_script(h))
+    if h.systemd:
+        # Units there run nixpush-run from the bench's inventories: they need this bench.
+        environment = {"NIXPUSH_BENCH_INSTANCE": str(INSTANCE), "NIXPUSH_BENCH_DIR": str(BENCH_DIR)}
+        systemd_host.prepare(h, environment)
+        script = systemd_host.init_script(h, BENCH_DIR, _account_script(h))
+        (h.dir / "init.sh").write_text(script)
+    else:
+        (h.dir / "init.sh").write_text(_init_script(h))
 
 
-def _init_script(h: BenchHost) -> str:
-    d = h.dir
+def _account_script(h: BenchHost) -> str:
+    """Shell that creates the host's deploy user (sudo) and authorizes the controller's key."""
     pubkey = (BENCH_DIR / "id_ed25519.pub").read_text().strip()
     if h.user == "root":
         make_user = ""
@@ -350,6 +372,18 @@ def _init_script(h: BenchHost) -> str:
             f"echo '{h.user} ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/{h.user}\n"
             f"chmod 0440 /etc/sudoers.d/{h.user}\n"
         )
+        if h.systemd:
+            # Debian's nix-daemon.socket admits group nix-users only.
+            make_user += f"usermod -a -G nix-users {h.user}\n"
+    return f"""{make_user}mkdir -p {h.home}/.ssh
+echo '{pubkey}' > {h.home}/.ssh/authorized_keys
+chown -R {h.user}: {h.home}/.ssh
+chmod 0700 {h.home}/.ssh
+chmod 0600 {h.home}/.ssh/authorized_keys"""
+
+
+def _init_script(h: BenchHost) -> str:
+    d = h.dir
     return f"""#!/bin/sh
 # Init of bench host {h.name}: runs as PID 1 of its own namespaces.
 set -e
@@ -360,30 +394,32 @@ mkdir -p /run/sshd
 hostname {h.name}
 echo {h.name} > /etc/hostname
 printf '127.0.0.1 localhost\\n{h.ip} {h.name}\\n' > /etc/hosts
-{make_user}mkdir -p {h.home}/.ssh
-echo '{pubkey}' > {h.home}/.ssh/authorized_keys
-chown -R {h.user}: {h.home}/.ssh
-chmod 0700 {h.home}/.ssh
-chmod 0600 {h.home}/.ssh/authorized_keys
+{_account_script(h)}
 setsid nix-daemon >>{d}/nix-daemon.log 2>&1 < /dev/null &
 exec /usr/sbin/sshd -D -e -f {d}/ssh/sshd_config
 """
 
 
 def _start(h: BenchHost) -> None:
+    # A systemd host also gets its own cgroup namespace (see systemd_host.start).
+    cgroup = ["--cgroup"] if h.systemd else []
+    argv = [
+        "ip", "netns", "exec", h.netns,
+        "unshare", "--mount", "--uts", "--pid", "--fork", *cgroup, "--mount-proc",
+        "--propagation", "private",
+        "sh", str(h.dir / "init.sh"),
+    ]  # fmt: skip
+    if h.systemd:
+        systemd_host.start(h, argv)
+        return
     log = (h.dir / "init.log").open("ab")
     subprocess.Popen(
-        [
-            "ip", "netns", "exec", h.netns,
-            "unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc",
-            "--propagation", "private",
-            "sh", str(h.dir / "init.sh"),
-        ],
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
         start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 def init_pid(h: BenchHost) -> int | None:
@@ -506,6 +542,8 @@ def set_flake_configs(configs: dict[str, dict[str, str | bool]]) -> None:
 def down(purge: bool = False) -> None:
     """Stop every bench host (by PID), remove namespaces and links; ``purge`` deletes state."""
     for h in HOSTS:
+        if h.systemd:
+            systemd_host.stop(h, init_pid(h))
         if h.netns in _netns_list():
             _kill_pids(_netns_pids(h))
             run(["ip", "netns", "del", h.netns], check=False)
@@ -552,6 +590,7 @@ def leftovers() -> list[str]:
             found.append(f"process {proc.name}: {cmdline.decode(errors='replace').strip()}")
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line}" for line in mounts.splitlines() if f"{BENCH_DIR}/" in line]
+    found += systemd_host.leftover_cgroups(NETNS_PREFIX)
     return found
 
 
