@@ -272,3 +272,35 @@ def leftover_cgroups(netns_prefix: str) -> list[str]:
         for hierarchy in HIERARCHIES
         for path in sorted((CGROUP_ROOT / hierarchy).glob(f"{CGROUP_PREFIX}{netns_prefix}*"))
     ]
+
+
+# -- a nixpush-run that units on a systemd host can execute ----------------------------
+
+RUNNER_VENV = "runner-venv"
+
+
+def runner_venv(bench_dir: Path) -> Path:
+    """Where the bench keeps the virtualenv units on systemd hosts run ``nixpush-run`` from."""
+    return bench_dir / RUNNER_VENV
+
+
+def ensure_runner_venv(bench_dir: Path, repo: Path) -> Path:
+    """
+    Make ``runner_venv`` once (nixpush from ``repo``, editable, with what the bench's
+    inventories import), and return its ``bin/nixpush-run``.
+
+    A unit's program must exist at the same path inside the host: the bench directory is
+    (``init_script`` binds it), the host's ``/root`` and ``/tmp`` are not, and neither is a
+    pyenv Python under the machine's ``/root`` (systemd answers 203/EXEC). Hence Debian's
+    ``/usr/bin/python3``, under the bench directory.
+    """
+    venv = runner_venv(bench_dir)
+    program = venv / "bin" / "nixpush-run"
+    if not program.exists():
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--clear", str(venv)], check=True)
+        subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", "-e", f"{repo}[test]"],
+            check=True,
+            capture_output=True,
+        )
+    return program
