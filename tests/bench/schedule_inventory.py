@@ -1,5 +1,5 @@
-"""The bench fleet with nixpush's schedule on pisd, the bench Pi whose PID 1 is systemd:
-``deploys/schedule.py`` installs timers there that run ``nixpush-run check`` on pisd itself.
+"""The bench fleet with nixpush's schedule on pis, the bench Pi whose PID 1 is systemd:
+``deploys/schedule.py`` installs timers there that run ``nixpush-run check`` on pis itself.
 
 The same hosts and data as ``tests/bench/inventory.py``, plus ``schedule`` (enabled) for every
 systemd host. The timer's run is a drift check of that host alone, against the plain bench
@@ -9,7 +9,7 @@ host's own ``/var/lib/nixpush``. The program is the bench's runner virtualenv (m
 hourly: tests make a timer fire sooner with a runtime drop-in.
 
 Run from the repository root:
-``pyinfra tests/bench/schedule_inventory.py deploys/schedule.py --limit pisd``.
+``pyinfra tests/bench/schedule_inventory.py deploys/schedule.py --limit pis``.
 """
 
 from typing import Any

@@ -1,4 +1,4 @@
-"""Bench hosts that boot a real systemd as PID 1 (``BenchHost(systemd=True)``, e.g. ``pisd``).
+"""Bench hosts that boot a real systemd as PID 1 (``BenchHost(systemd=True)``, e.g. ``pis``).
 
 Such a host has the namespaces of every bench host (network, mount, UTS, PID) plus its own
 cgroup namespace, and besides the overlay ``/etc`` and its own ``/nix``, ``/root``, ``/home``,

@@ -1,5 +1,5 @@
 """
-The bench Pi whose PID 1 is a real systemd (``pisd``, tests/bench/systemd_host.py): a push
+The bench Pi whose PID 1 is a real systemd (``pis``, tests/bench/systemd_host.py): a push
 deploy to it, a transient unit started over ssh with sudo (the path a detached switch takes),
 and ``deploys/schedule.py`` end to end: units written, ``daemon-reload``, ``enable --now``, and a
 timer that fires ``nixpush-run`` and leaves a report.
@@ -53,7 +53,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.5)
 
 
-def test_pisd_boots_systemd_as_pid_1_in_its_own_namespaces(bench):
+def test_the_systemd_pi_boots_systemd_as_pid_1_in_its_own_namespaces(bench):
     host = on_host(SD.name)
     assert host.check_output("ps -o comm= -p 1") == "systemd"
     assert host.file("/run/systemd/system").is_directory
@@ -148,7 +148,7 @@ def test_schedule_enables_timers_and_a_fired_timer_leaves_a_report(runner):
     assert CHECK_SERVICE in systemctl("list-timers", "--no-pager", "--no-legend", CHECK_TIMER)
     service = host.file(f"{UNIT_DIR}/{CHECK_SERVICE}").content_string
     program = systemd_host.runner_venv(fleet.BENCH_DIR) / "bin" / "nixpush-run"
-    assert f'ExecStart="{program}" "check"' in service and '"--limit" "pisd"' in service
+    assert f'ExecStart="{program}" "check"' in service and f'"--limit" "{SD.name}"' in service
     assert not host.file(f"{UNIT_DIR}/nixpush-deploy.timer").exists
     again = pyinfra("-y", SCHEDULE_INVENTORY, SCHEDULE, "--limit", SD.name)
     assert again.returncode == 0 and unchanged(again), output(again)
