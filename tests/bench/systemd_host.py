@@ -15,7 +15,8 @@ Keeping it off the rest of the machine (it runs as root in the initial user name
   that cgroup) on a tmpfs over ``/sys/fs/cgroup``, without the v1 controllers. Teardown is a
   SIGKILL to PID 1 (which ends the whole PID namespace) and a bottom-up ``rmdir``;
 - ``/sys`` and ``/proc/sys`` are read-only inside, ``/dev/console`` is a file of the host's
-  (systemd's status output lands there, not on the machine's console);
+  (``console`` in its directory: nothing reaches the machine's console); systemd logs to the
+  journal, and journald does not read the machine's kernel log;
 - every unit that would act on the whole machine or start the machine's own services is masked
   in the host's ``/etc`` (``MASKED`` plus every timer and every service the machine enables).
 """
