@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from tests.bench import systemd_host
+
 REPO = Path(__file__).resolve().parents[2]
 FLAKE_TEMPLATE = Path(__file__).resolve().parent / "flake"
 # Several benches can run side by side on one machine (say, two checkouts testing at once):
@@ -68,6 +70,8 @@ class BenchHost:
     nix_conf: tuple[str, ...] = ()
     # sshd_config settings that replace the bench's defaults (``SSHD_DEFAULTS``).
     sshd_options: tuple[tuple[str, str], ...] = ()
+    # Boots a real systemd as PID 1 (tests/bench/systemd_host.py) instead of sshd.
+    systemd: bool = False
 
     @property
     def netns(self) -> str:
@@ -93,7 +97,7 @@ class BenchHost:
 PI_ROOTS = ("minimal", "common", "network")
 BUILDER = "nas"
 # The default fleet (``up`` without ``--pis``): what CI and the end-to-end tests use.
-DEFAULT_PIS = 2
+DEFAULT_PIS = 3  # pi4, pi5 and pis (systemd)
 MAX_PIS = 64
 # Where ``up`` records the fleet it brought up, so that every later command (and every
 # process: pyinfra reading tests/bench/inventory.py, ``down``, ``status``) sees the same hosts.
@@ -119,6 +123,18 @@ _DEFAULT_HOSTS: tuple[BenchHost, ...] = (
     ),
     # A second Pi whose deploy user is not trusted by its Nix daemon.
     BenchHost("pi5", f"{SUBNET}.22", 22, "ops", "aarch64-linux", PI_ROOTS),
+    # A Pi whose PID 1 is a real systemd (systemctl, systemd-run, journal, timers). Three
+    # letters like the others: pyinfra pads its output to the longest name, tests match it.
+    BenchHost(
+        "pis",
+        f"{SUBNET}.23",
+        8024,
+        "beau",
+        "aarch64-linux",
+        PI_ROOTS,
+        nix_conf=("trusted-users = root beau",),
+        systemd=True,
+    ),
 )
 # Deploy users of the extra Pis, in turn: (user, port, trusted by the Pi's Nix daemon). All
 # have passwordless sudo; the untrusted one takes only paths signed by the builder.
@@ -130,7 +146,7 @@ def _extra_pi(index: int) -> BenchHost:
     user, port, trusted = _EXTRA_PI_ACCOUNTS[index % len(_EXTRA_PI_ACCOUNTS)]
     return BenchHost(
         f"pi{6 + index}",
-        f"{SUBNET}.{23 + index}",
+        f"{SUBNET}.{30 + index}",
         port + index if port == 2200 else port,
         user,
         "armv7l-linux" if index % 4 == 0 else "aarch64-linux",
@@ -140,7 +156,7 @@ def _extra_pi(index: int) -> BenchHost:
 
 
 def fleet_of(pis: int) -> tuple[BenchHost, ...]:
-    """The NAS and ``pis`` Pis: pi4 and pi5 as in the default fleet, then pi6, pi7, ..."""
+    """The NAS and ``pis`` Pis: pi4, pi5 and pis as in the default fleet, then pi6, pi7, ..."""
     if not 1 <= pis <= MAX_PIS:
         raise ValueError(f"a bench fleet has 1 to {MAX_PIS} Pis, not {pis}")
     defaults = _DEFAULT_HOSTS[: 1 + min(pis, DEFAULT_PIS)]
@@ -409,7 +425,14 @@ def _prepare_host_dir(h: BenchHost) -> bool:
     if not nix_conf.exists():
         nix_conf.parent.mkdir(parents=True, exist_ok=True)
         nix_conf.write_text(nix_conf_text(h))
-    (h.dir / "init.sh").write_text(_init_script(h))
+    if h.systemd:
+        # Units there run nixpush-run from the bench's inventories: they need this bench.
+        environment = {"NIXPUSH_BENCH_INSTANCE": str(INSTANCE), "NIXPUSH_BENCH_DIR": str(BENCH_DIR)}
+        systemd_host.prepare(h, environment)
+        script = systemd_host.init_script(h, BENCH_DIR, _account_script(h))
+        (h.dir / "init.sh").write_text(script)
+    else:
+        (h.dir / "init.sh").write_text(_init_script(h))
     return write_sshd_config(h)
 
 
@@ -514,8 +537,8 @@ def _listening_inode(pid: int, port: int) -> str | None:
     return None
 
 
-def _init_script(h: BenchHost) -> str:
-    d = h.dir
+def _account_script(h: BenchHost) -> str:
+    """Shell that creates the host's deploy user (sudo) and authorizes the controller's key."""
     pubkey = (BENCH_DIR / "id_ed25519.pub").read_text().strip()
     if h.user == "root":
         make_user = ""
@@ -525,6 +548,18 @@ def _init_script(h: BenchHost) -> str:
             f"echo '{h.user} ALL=(ALL) NOPASSWD: ALL' > /etc/sudoers.d/{h.user}\n"
             f"chmod 0440 /etc/sudoers.d/{h.user}\n"
         )
+        if h.systemd:
+            # Debian's nix-daemon.socket admits group nix-users only.
+            make_user += f"usermod -a -G nix-users {h.user}\n"
+    return f"""{make_user}mkdir -p {h.home}/.ssh
+echo '{pubkey}' > {h.home}/.ssh/authorized_keys
+chown -R {h.user}: {h.home}/.ssh
+chmod 0700 {h.home}/.ssh
+chmod 0600 {h.home}/.ssh/authorized_keys"""
+
+
+def _init_script(h: BenchHost) -> str:
+    d = h.dir
     return f"""#!/bin/sh
 # Init of bench host {h.name}: runs as PID 1 of its own namespaces.
 set -e
@@ -535,30 +570,32 @@ mkdir -p /run/sshd
 hostname {h.name}
 echo {h.name} > /etc/hostname
 printf '127.0.0.1 localhost\\n{h.ip} {h.name}\\n' > /etc/hosts
-{make_user}mkdir -p {h.home}/.ssh
-echo '{pubkey}' > {h.home}/.ssh/authorized_keys
-chown -R {h.user}: {h.home}/.ssh
-chmod 0700 {h.home}/.ssh
-chmod 0600 {h.home}/.ssh/authorized_keys
+{_account_script(h)}
 setsid nix-daemon >>{d}/nix-daemon.log 2>&1 < /dev/null &
 exec /usr/sbin/sshd -D -e -f {d}/ssh/sshd_config
 """
 
 
 def _start(h: BenchHost) -> None:
+    # A systemd host also gets its own cgroup namespace (see systemd_host.start).
+    cgroup = ["--cgroup"] if h.systemd else []
+    argv = [
+        "ip", "netns", "exec", h.netns,
+        "unshare", "--mount", "--uts", "--pid", "--fork", *cgroup, "--mount-proc",
+        "--propagation", "private",
+        "sh", str(h.dir / "init.sh"),
+    ]  # fmt: skip
+    if h.systemd:
+        systemd_host.start(h, argv)
+        return
     log = (h.dir / "init.log").open("ab")
     subprocess.Popen(
-        [
-            "ip", "netns", "exec", h.netns,
-            "unshare", "--mount", "--uts", "--pid", "--fork", "--mount-proc",
-            "--propagation", "private",
-            "sh", str(h.dir / "init.sh"),
-        ],
+        argv,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
         start_new_session=True,
-    )  # fmt: skip
+    )
 
 
 def init_pid(h: BenchHost) -> int | None:
@@ -733,6 +770,8 @@ def down(purge: bool = False) -> None:
 
 def _stop(h: BenchHost) -> None:
     """Stop one host: its processes (by PID), its namespace and its link."""
+    if h.systemd:
+        systemd_host.stop(h, init_pid(h))
     _remove_netns(h.netns)
     if run(["ip", "link", "show", h.veth], check=False).returncode == 0:
         run(["ip", "link", "del", h.veth], check=False)
@@ -778,6 +817,7 @@ def leftovers() -> list[str]:
             found.append(f"process {proc.name}: {cmdline.decode(errors='replace').strip()}")
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line}" for line in mounts.splitlines() if f"{BENCH_DIR}/" in line]
+    found += systemd_host.leftover_cgroups(NETNS_PREFIX)
     return found
 
 

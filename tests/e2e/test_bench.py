@@ -121,7 +121,7 @@ def test_max_sessions_limits_sessions_per_connection_and_restores(bench, nas_max
 def test_up_with_more_pis_adds_an_armv7l_pi_everywhere_and_back_leaves_nothing(bench):
     default = [h.name for h in fleet.HOSTS]
     try:
-        fleet.up(pis=3)
+        fleet.up(pis=len(default))  # one more than the default fleet
         extra = fleet.host("pi6")
         assert [h.name for h in fleet.HOSTS] == [*default, "pi6"]
         assert extra.system == "armv7l-linux" and extra.user != "root"
