@@ -58,7 +58,8 @@ def _log_and_fail(state: State, host: Host, reason: str) -> bool:
 
 def host_step(function: Callable[..., bool]) -> Callable[..., bool]:
     """Make ``function`` (a ``FunctionCommand`` body, ``(state, host, ...) -> bool``) fail
-    only its host when it raises ``DeployFailed``, with the failure's message as the cause."""
+    only its host when it raises: ``DeployFailed``'s message is the cause; any other exception
+    is named in one line instead of pyinfra's traceback."""
 
     @wraps(function)
     def step(state: State, host: Host, *args: Any, **kwargs: Any) -> bool:
@@ -66,6 +67,10 @@ def host_step(function: Callable[..., bool]) -> Callable[..., bool]:
             return function(state, host, *args, **kwargs)
         except DeployFailed as failure:
             return fail(host, str(failure))
+        except Exception as error:  # a bug in one host's step fails that host, in one line
+            return fail(
+                host, f"{function.__name__.lstrip('_')} failed: {type(error).__name__}: {error}"
+            )
 
     return step
 

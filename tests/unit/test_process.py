@@ -106,3 +106,33 @@ def test_read_on_quotes_the_fact_arguments():
     host = Host(Recording())
     assert process.read_on(host, File, path="/x; whoami", sudo=False, doing="d") is None  # type: ignore[arg-type]
     assert "'/x; whoami'" in seen[0]
+
+
+def test_a_step_that_raises_fails_only_its_host_in_one_line():
+    from operations.failures import host_step
+    from operations.summary import summary_for
+    from tests.unit.fake_host import FakeState
+
+    logged: list[str] = []
+    state = FakeState()
+
+    class Target:
+        name = "pi5"
+
+        def log_styled(self, message: str, **kwargs: Any) -> None:
+            logged.append(message)
+
+    @host_step
+    def _copy(state: Any, host: Any) -> bool:
+        raise KeyError("injected")
+
+    @host_step
+    def _sign(state: Any, host: Any) -> bool:
+        raise DeployFailed("lost the SSH channel to nas while signing")
+
+    target = Target()
+    target.state = state  # type: ignore[attr-defined]
+    assert _copy(state, target) is False
+    assert logged == ["failed: copy failed: KeyError: 'injected'"]
+    assert _sign(state, target) is False
+    assert summary_for(state).causes["pi5"] == "copy failed: KeyError: 'injected'"
