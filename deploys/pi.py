@@ -14,7 +14,7 @@ its report, then set the profile and switch-to-configuration, and verify.
 
 from pyinfra import host, state
 
-from operations import nix, nixos, push, ssh
+from operations import activation, health, nix, nixos, push, ssh
 from operations.fleet import check_fleet
 from operations.nixos import DeployFailed
 from operations.summary import summary_for
@@ -32,15 +32,22 @@ else:
     # Decrypt first: a missing or wrong age key stops the run before anything is evaluated.
     trust = ssh.builder_trust(state.inventory.get_host(spec.builder_host), host.name)
     try:
-        builder = push.reach_builder(host, spec)
-        push.check_builder(builder, spec)
-        plan = push.plan_deploy(host, spec, builder)
+        if spec.deploy_action == "rollback":  # safe switching: back to the previous generation
+            plan = activation.plan_rollback(host, spec)
+        else:
+            builder = push.reach_builder(host, spec)
+            push.check_builder(builder, spec)
+            plan = push.plan_deploy(host, spec, builder)
     except DeployFailed as failure:
         push.report_unable(str(failure))
     else:
+        # safe switching: rollback, timers and health checks from data (bad data stops the run)
+        safety = activation.safety_for(host, plan.action)
+        checks = health.host_health_checks(host)
+        activation.announce(host, plan, safety, checks)
         # What lets the builder push, checked only when it will push: `build` leaves the
         # target alone, and a target already on its system needs nothing.
-        if plan.copies and not plan.up_to_date:
+        if plan.copies and not plan.up_to_date and plan.action != "rollback":
             ssh.authorized_key(
                 name="Authorize the builder's deploy key",
                 user=spec.ssh_user or "root",
@@ -49,15 +56,22 @@ else:
             nix.trusted_public_key(
                 name="Trust paths signed by the builder", key=trust.nix_public_key
             )
-        nixos.build_toplevel(name="Build the system on its builder", plan=plan, builder=builder)
-        nixos.copy_closure(
-            name="Copy the closure from the builder",
-            plan=plan,
-            builder=builder,
-            address=spec.ssh_hostname,
-            port=spec.ssh_port,
-            user=spec.ssh_user or "root",
-        )
+        if plan.action != "rollback":  # a rollback's system is already on the target
+            nixos.build_toplevel(name="Build the system on its builder", plan=plan, builder=builder)
+            nixos.copy_closure(
+                name="Copy the closure from the builder",
+                plan=plan,
+                builder=builder,
+                address=spec.ssh_hostname,
+                port=spec.ssh_port,
+                user=spec.ssh_user or "root",
+            )
         sudo = bool(host.data.get("_sudo", False))
         nixos.dry_activate(name="Dry-activate", plan=plan, sudo=sudo)
-        nixos.activate(name="Activate", plan=plan, sudo=sudo)
+        activation.activate_safely(
+            name="Activate (detached, confirmed, rolled back on failure)",
+            plan=plan,
+            safety=safety,
+            checks=checks,
+            sudo=sudo,
+        )

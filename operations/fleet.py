@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pyinfra.api.inventory import Inventory
 
 ROOTS: tuple[str, ...] = ("minimal", "common", "network", "main", "work", "gaming", "server")
-DEPLOY_ACTIONS: tuple[str, ...] = ("switch", "boot", "test", "dry-activate", "build")
+DEPLOY_ACTIONS: tuple[str, ...] = ("switch", "boot", "test", "dry-activate", "build", "rollback")
 
 _MAX_PORT = 65535
 
