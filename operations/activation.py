@@ -777,7 +777,7 @@ def _follow_activation(
                 f"lost contact for good (last state {last}); the target rolls itself back "
                 "unless it was confirmed: check it once it is reachable",
             )
-        answer = channel.run(follow_command(run, seen, known, FOLLOW_WAIT), FOLLOW_WAIT + 15)
+        answer = channel.run(follow_command(run, seen, known, FOLLOW_WAIT), FOLLOW_WAIT + 5)
         if answer is None or not answer[0]:
             if lost_at is None:
                 lost_at = time.monotonic()

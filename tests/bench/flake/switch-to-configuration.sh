@@ -8,8 +8,8 @@
 #   break_network:     takes eth0 down (the host's only link)
 #   break_ssh:         sshd refuses new logins (authorized_keys moved aside), running sessions stay
 #   fail_activation:   exits 4 after making itself current, like a unit that failed to start
-# A configuration without them repairs what they broke, as activating a good NixOS generation
-# re-applies its network and sshd settings.
+# A configuration without them repairs what they broke (and only that), as activating a good
+# NixOS generation re-applies its network and sshd settings.
 action="$1"
 case "$action" in
   switch|boot|test|dry-activate) ;;
@@ -61,11 +61,15 @@ if [ -n "$break_ssh" ]; then
 else
   keys_on
 fi
+# Only what a knob broke is repaired (a link cut by a test stays cut); the times are for tests.
 if [ -n "$break_network" ]; then
   echo "restarting network-setup.service"
+  $bb date +%s > /run/bench-network-down-at
   "$ip" link set eth0 down
-else
+elif [ -e /run/bench-network-down-at ]; then
   "$ip" link set eth0 up
+  $bb mv /run/bench-network-down-at /run/bench-network-broken-at
+  $bb date +%s > /run/bench-network-up-at
 fi
 if [ -n "$fail_activation" ]; then
   echo "activation script failed: bench-app.service did not start" >&2
