@@ -205,6 +205,10 @@ while :; do
   fi
   sleep 0.2
 done
+# New lines while the state holds: gather a little more, to spare round trips.
+if [ "$now" = "$known" ] && [ "$total" -gt "$seen" ]; then
+  sleep 0.3; total=$(( $(out | wc -l) )); now=$(state)
+fi
 if [ "$total" -gt "$seen" ]; then out | sed -n "$((seen + 1)),${total}p"; fi
 echo "@@nixpush-status@@"
 if [ -f "$dir/status" ]; then cat "$dir/status"; else echo "state=$now"; fi
