@@ -3,21 +3,23 @@ Build each target's NixOS system on its builder and push-deploy it: nixpush's ma
 
     pyinfra inventory.py deploys/pi.py                       # every host with a builder_host
     pyinfra inventory.py deploys/pi.py --limit pi4           # one
-    pyinfra inventory.py deploys/pi.py --data deploy_action=test   # or boot, dry-activate, build
+    pyinfra inventory.py deploys/pi.py --data deploy_action=test   # boot, dry-activate, build,
+                                                                   # rollback
 
 Per target (operations/push/, one module a step): make sure it accepts the builder's pushes
 (deploy key authorized, signing key trusted: the same operations as deploys/secrets.py, so the
 age key must be available); plan (desired toplevel evaluated on the builder vs.
 /run/current-system); build on the builder once per configuration; sign and copy the closure
-builder -> target over ssh-ng; dry-activate and show its report; then set the profile,
-switch-to-configuration, and verify.
+builder -> target over ssh-ng; dry-activate and show its report; then activate safely:
+detached from the SSH session, health-checked, confirmed over a new SSH login, rolled back by
+the target itself otherwise.
 """
 
 from pyinfra.context import host, state
 
-from operations import keys, nix, ssh
+from operations import health, keys, nix, ssh
 from operations.failures import DeployFailed, report_unable
-from operations.models import Builder, Plan
+from operations.models import Action, Builder, Plan
 from operations.push import activate, build, copy, plan
 from operations.start import start_deploy
 
@@ -28,15 +30,18 @@ deploy.summary.forgive(
 )
 
 
-def _plan() -> tuple[Plan, Builder] | None:
-    """The target's plan, or None when planning failed (the target then fails alone)."""
+def _plan() -> tuple[Plan, Builder | None] | None:
+    """The target's plan and builder (none for a rollback), or None when planning failed (the
+    target then fails alone)."""
     try:
+        if spec.deploy_action == Action.ROLLBACK:  # back to the previous generation
+            return plan.plan_rollback(host, spec, deploy.summary), None
         builder = plan.reach_builder(host, spec)
         plan.check_builder(builder, spec)
         return plan.plan_deploy(host, spec, builder, deploy.summary), builder
     except DeployFailed as failure:
         report_unable(str(failure))
-    except Exception as error:
+    except Exception as error:  # one target's bug must not stop the others
         report_unable(f"planning {host.name} failed: {type(error).__name__}: {error}")
     return None
 
@@ -49,6 +54,11 @@ else:
     planned = _plan()
     if planned is not None:
         target_plan, builder = planned
+        # Rollback, timers and health checks from data (bad data stops the run); --dry shows
+        # whether rollback is armed and which checks will run.
+        safety = activate.safety_for(host, target_plan.action)
+        checks = health.host_health_checks(host)
+        activate.announce(host, target_plan, safety, checks)
         # What lets the builder push, checked only when it will push: `build` leaves the
         # target alone, and a target already on its system needs nothing.
         if target_plan.action.copies and not target_plan.up_to_date:
@@ -60,18 +70,27 @@ else:
             nix.trusted_public_key(
                 name="Trust paths signed by the builder", key=trust.nix_public_key
             )
-        build.build_toplevel(
-            name="Build the system on its builder", plan=target_plan, builder=builder
-        )
-        copy.sign_closure(name="Sign the closure on the builder", plan=target_plan, builder=builder)
-        copy.copy_closure(
-            name="Copy the closure from the builder",
-            plan=target_plan,
-            builder=builder,
-            address=spec.ssh_hostname,
-            port=spec.ssh_port,
-            user=spec.ssh_user or "root",
-        )
+        if builder is not None:  # a rollback's system is on the target already
+            build.build_toplevel(
+                name="Build the system on its builder", plan=target_plan, builder=builder
+            )
+            copy.sign_closure(
+                name="Sign the closure on the builder", plan=target_plan, builder=builder
+            )
+            copy.copy_closure(
+                name="Copy the closure from the builder",
+                plan=target_plan,
+                builder=builder,
+                address=spec.ssh_hostname,
+                port=spec.ssh_port,
+                user=spec.ssh_user or "root",
+            )
         sudo = bool(host.data.get("_sudo", False))
         activate.dry_activate(name="Dry-activate", plan=target_plan, sudo=sudo)
-        activate.activate(name="Activate", plan=target_plan, sudo=sudo)
+        activate.activate_safely(
+            name="Activate (detached, confirmed, rolled back on failure)",
+            plan=target_plan,
+            safety=safety,
+            checks=checks,
+            sudo=sudo,
+        )

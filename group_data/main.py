@@ -1,5 +1,17 @@
 """
 main root: the three primary machines (desktop, laptop, server). Brings Syncthing
 (modules/services/syncthing/main.nix) and Opencode (modules/cli/opencode/main.nix), both
-configured by the flake; nixpush needs no data for them yet.
+configured by the flake; nixpush checks Syncthing's health after a switch.
 """
+
+# Safe switching: Syncthing answers its unauthenticated health endpoint once it runs
+# (modules/services/syncthing/main.nix keeps the GUI on 127.0.0.1:8384). It starts a few
+# seconds after the switch, hence the retries.
+health_checks = [
+    {
+        "name": "syncthing",
+        "url": "http://127.0.0.1:8384/rest/noauth/health",
+        "timeout": 5,
+        "retries": 5,
+    },
+]

@@ -17,3 +17,10 @@ secrets = [
         "mode": "0600",
     },
 ]
+
+# Safe switching: a tailnet machine whose tailscaled does not come up after a switch is cut
+# off from the owner's other machines (and from a remote fix), so it rolls back. Only the unit:
+# whether the tailnet is reachable at 03:30 says nothing about the new configuration.
+health_checks = [
+    {"name": "tailscaled", "units": ["tailscaled.service"], "timeout": 10, "retries": 3},
+]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyinfra.api.exceptions import PyinfraError
 
@@ -156,6 +156,26 @@ class _Reader:
             if system not in KNOWN_SYSTEMS:
                 self.problem(key, f"has unknown system {system!r}; known: {_listed(KNOWN_SYSTEMS)}")
         return tuple(s for s in value if s in KNOWN_SYSTEMS)
+
+
+def data_sources(host: Host, key: str) -> list[tuple[str, Any, bool]]:
+    """
+    ``(where, value, overrides)`` of data ``key`` for each place ``host``'s data can set it:
+    all data, each group the host is in (its roots), host data, ``--data``, in that order.
+    pyinfra keeps only the last group's value of a key; list-valued keys that roots add to
+    (``secrets``, ``health_checks``) merge these instead.
+    """
+    inventory = host.inventory
+    places: list[tuple[str, Mapping[str, Any], bool]] = [("all data", inventory.data, False)]
+    places += [
+        (f"group {group}", inventory.group_data.get(group, {}), False)
+        for group in dict.fromkeys(str(g) for g in host.groups)
+    ]
+    places += [
+        ("host data", inventory.host_data.get(host.name, {}), True),
+        ("--data", inventory.override_data, True),
+    ]
+    return [(where, data[key], overrides) for where, data, overrides in places if key in data]
 
 
 def _listed(names: Iterable[str]) -> str:

@@ -32,26 +32,32 @@ class Action(StrEnum):
     TEST = "test"
     DRY_ACTIVATE = "dry-activate"
     BUILD = "build"
+    ROLLBACK = "rollback"
+
+    @property
+    def builds(self) -> bool:
+        """Whether the system comes from the builder (not for a rollback: it is on the target)."""
+        return self is not Action.ROLLBACK
 
     @property
     def copies(self) -> bool:
-        """Whether the closure goes to the target (every action but ``build``)."""
-        return self is not Action.BUILD
+        """Whether the closure goes to the target (not for build, nor a rollback)."""
+        return self not in (Action.BUILD, Action.ROLLBACK)
 
     @property
     def activates(self) -> bool:
-        """Whether ``switch-to-configuration ACTION`` runs (switch, boot, test)."""
-        return self in (Action.SWITCH, Action.BOOT, Action.TEST)
+        """Whether ``switch-to-configuration`` runs (switch, boot, test; a rollback switches)."""
+        return self in (Action.SWITCH, Action.BOOT, Action.TEST, Action.ROLLBACK)
 
     @property
     def sets_profile(self) -> bool:
         """Whether the system profile (what boots next) moves to the new system."""
-        return self in (Action.SWITCH, Action.BOOT)
+        return self in (Action.SWITCH, Action.BOOT, Action.ROLLBACK)
 
     @property
     def makes_current(self) -> bool:
         """Whether the new system runs afterwards (``/run/current-system``)."""
-        return self in (Action.SWITCH, Action.TEST)
+        return self in (Action.SWITCH, Action.TEST, Action.ROLLBACK)
 
     @property
     def verified_link(self) -> str:
@@ -111,6 +117,25 @@ class Plan:
     def before(self) -> str | None:
         """What the action replaces: the profile for boot, else the running system."""
         return self.profile if self.action is Action.BOOT else self.current
+
+
+DEFAULT_CONFIRM_TIMEOUT = 30
+DEFAULT_ACTIVATION_TIMEOUT = 600
+
+
+@dataclass(frozen=True)
+class Safety:
+    """
+    How an activation is guarded.
+
+    + rollback: the target rolls back unless confirmed (never for ``boot``)
+    + confirm_timeout: seconds the target waits for the confirmation after activating
+    + activation_timeout: seconds ``switch-to-configuration`` may take
+    """
+
+    rollback: bool = True
+    confirm_timeout: int = DEFAULT_CONFIRM_TIMEOUT
+    activation_timeout: int = DEFAULT_ACTIVATION_TIMEOUT
 
 
 @dataclass(frozen=True)

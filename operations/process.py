@@ -18,10 +18,12 @@ a missing thing.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
 T = TypeVar("T")
+
+# Seconds a fresh ssh waits for its connection.
+CONNECT_TIMEOUT = 5
 
 # Seconds to wait before each retry of a refused channel open (sshd's MaxSessions reached by
 # someone else's sessions on the connection).
@@ -208,3 +213,97 @@ def read_on(target: Host, fact: type[FactBase[T]], *, sudo: bool, doing: str, **
         last = lines[-1].strip() if lines else "no output"
         raise DeployFailed(f"{target.name}: {doing} failed: {last}")
     return instance.process(lines) if lines else instance.default()
+
+
+# -- a new SSH connection from the controller ------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """How a fresh ``ssh`` from the controller reaches a host: its own pyinfra ssh data."""
+
+    hostname: str
+    port: int | None = None
+    user: str | None = None
+    key: str | None = None
+    known_hosts: str | None = None
+    strict: str = "accept-new"
+    config_file: str | None = None
+
+    @classmethod
+    def of(cls, target: Host) -> SshTarget:
+        data = target.data
+        strict = str(data.get("ssh_strict_host_key_checking") or "accept-new")
+        if strict not in ("yes", "no", "accept-new", "ask", "off"):
+            strict = "yes"
+        port = data.get("ssh_port")
+        return cls(
+            hostname=str(data.get("ssh_hostname") or target.name),
+            port=int(port) if port else None,
+            user=data.get("ssh_user") or None,
+            key=data.get("ssh_key") or None,
+            known_hosts=data.get("ssh_known_hosts_file") or None,
+            strict=strict,
+            config_file=data.get("ssh_config_file") or None,
+        )
+
+
+def ssh_argv(target: SshTarget, remote: StringCommand, *, sudo: bool) -> list[str]:
+    """
+    A fresh ``ssh`` running ``remote`` on ``target``: no multiplexing (a new login is what is
+    being proven), batch mode, bounded connect and keep-alive times.
+    """
+    args = [
+        "ssh",
+        "-o", "ControlMaster=no",
+        "-o", "ControlPath=none",
+        "-o", "BatchMode=yes",
+        "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
+        "-o", "ServerAliveInterval=2",
+        "-o", "ServerAliveCountMax=3",
+        "-o", f"StrictHostKeyChecking={target.strict}",
+    ]  # fmt: skip
+    if target.config_file:
+        args += ["-F", target.config_file]
+    if target.port:
+        args += ["-p", str(target.port)]
+    if target.user:
+        args += ["-l", target.user]
+    if target.key:
+        args += ["-i", target.key, "-o", "IdentitiesOnly=yes"]
+    if target.known_hosts:
+        args += ["-o", f"UserKnownHostsFile={target.known_hosts}"]
+    # ssh hands the remote command to the login shell as one string: quoted here, once.
+    command = remote.get_raw_value()
+    if sudo:
+        command = f"sudo -n sh -c {shlex.quote(command)}"
+    return [*args, "--", target.hostname, command]
+
+
+def fresh_run(
+    target: SshTarget,
+    command: StringCommand,
+    *,
+    sudo: bool,
+    timeout: float,
+    stdin: str | None = None,
+) -> tuple[bool, list[str]] | None:
+    """``command`` over a new SSH connection: (success, output lines), None when ssh failed."""
+    try:
+        result = run_local(
+            ssh_argv(target, command, sudo=sudo), input=stdin, timeout=timeout + CONNECT_TIMEOUT
+        )
+    except Exception:  # subprocess.TimeoutExpired, OSError
+        return None
+    lines = (result.stdout + result.stderr).splitlines()
+    if result.returncode == 255:  # ssh's own failure: no connection, refused login
+        return None if not lines else _ssh_failure(lines)
+    return result.returncode == 0, lines
+
+
+def _ssh_failure(lines: list[str]) -> tuple[bool, list[str]] | None:
+    # A refused login is an answer (the target is up, logins fail); a timeout is not.
+    text = " ".join(lines)
+    if "Permission denied" in text or "Host key verification failed" in text:
+        return False, lines
+    return None

@@ -49,7 +49,7 @@ from operations.files import (
     chown_file,
     write_file,
 )
-from operations.fleet import FleetError
+from operations.fleet import FleetError, data_sources
 from operations.sops import KeyPath, Plaintext, SopsError, decrypt, key_path_text, parse_key_path
 
 if TYPE_CHECKING:
@@ -185,25 +185,6 @@ def _is_clean_absolute(path: str) -> bool:
     )
 
 
-def _sources(host: Host) -> list[tuple[str, Any, bool]]:
-    """(where, the ``secrets`` value, whether it overrides) per place data can be set."""
-    inventory = host.inventory
-    places: list[tuple[str, Mapping[str, Any], bool]] = [("all data", inventory.data, False)]
-    places += [
-        (f"group {group}", inventory.group_data.get(group, {}), False)
-        for group in dict.fromkeys(str(g) for g in host.groups)
-    ]
-    places += [
-        ("host data", inventory.host_data.get(host.name, {}), True),
-        ("--data", inventory.override_data, True),
-    ]
-    return [
-        (where, data["secrets"], overrides)
-        for where, data, overrides in places
-        if "secrets" in data
-    ]
-
-
 def host_secrets(host: Host) -> list[Secret]:
     """
     Every secret ``host`` gets, merged from all the places its ``secrets`` can be set.
@@ -224,7 +205,7 @@ def host_secrets(host: Host) -> list[Secret]:
     """
     merged: dict[str, tuple[str, Secret]] = {}
     problems: list[str] = []
-    for where, value, overrides in _sources(host):
+    for where, value, overrides in data_sources(host, "secrets"):
         if not isinstance(value, list | tuple):
             problems.append(
                 f"{host.name}: secrets in {where} is {value!r}; set it to a list of entries"

@@ -47,6 +47,8 @@ class RunSummary:
     # every host, so ``host.connected`` no longer tells them from hosts whose operation failed.
     unreachable: set[str] = field(default_factory=set)
     flakes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # safe switching (operations/activation.py): hosts that rolled back, with the cause.
+    rollbacks: dict[str, str] = field(default_factory=dict)
 
     @property
     def wants_report(self) -> bool:
@@ -62,6 +64,10 @@ class RunSummary:
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
 
+    def rolled_back(self, host_name: str, cause: str) -> None:
+        """The host is back on its previous system (pyinfra counts it failed: exit 1)."""
+        self.rollbacks[host_name] = cause
+
     def skip(self, host_name: str, reason: str) -> None:
         self.skipped[host_name] = reason
 
@@ -75,14 +81,16 @@ class RunSummary:
                 logger.warning(f"    [{host.name}] unreachable, but this deploy does not need it")
 
     def outcomes(self) -> dict[str, tuple[str, str]]:
-        """Host -> (status, detail): unchanged, deployed, failed, planned or skipped."""
+        """Host -> (status, detail): unchanged, deployed, rolled-back, failed, planned, skipped."""
         executed = self.state.current_stage >= StateStage.Execute
         failed = {host.name for host in self.state.failed_hosts}
         result: dict[str, tuple[str, str]] = {}
         for host in self.state.inventory:
             name = host.name
             plan = self.plans.get(name)
-            if name in failed or name in self.causes:
+            if name in self.rollbacks and name not in self.causes:
+                result[name] = ("rolled-back", self.rollbacks[name])
+            elif name in failed or name in self.causes:
                 cause = self.causes.get(name) or (
                     "could not connect" if name in self.unreachable else "an operation failed"
                 )
@@ -141,7 +149,11 @@ class RunSummary:
         write_atomically(Path(path), json.dumps(self.report(), indent=2, sort_keys=True))
 
     def lines(self) -> list[str]:
-        return [f"{name}: {status}: {detail}" for name, (status, detail) in self.outcomes().items()]
+        return [
+            # "rolled-back" reads "rolled back" here; the report keeps the token.
+            f"{name}: {status.replace('-', ' ')}: {detail}"
+            for name, (status, detail) in self.outcomes().items()
+        ]
 
     def print(self) -> None:
         lines = self.lines()

@@ -1,28 +1,60 @@
 """
 Step 4, activate: ``switch-to-configuration dry-activate`` first, always, with its report
-shown; then, for switch/boot/test, the system profile and ``switch-to-configuration ACTION``;
-then verify that the target runs (or, for boot, will boot) the desired system.
+shown; then the activation itself, safely (``activate_safely``):
+
+1. it runs on the target detached from the SSH session, as its own watchdog
+   (``operations.push.switch``); the controller follows its output, reconnecting with fresh
+   ``ssh`` processes when the connection drops, until the outcome is known;
+2. once it awaits confirmation, the controller runs the host's health checks
+   (``operations.health``), then confirms over a *new* SSH connection (a fresh ``ssh``
+   process, no multiplexing, the host's own address, port, user, key and known hosts): that a
+   new login works is part of what is confirmed. A failed check rejects at once;
+3. the outcome: ``deployed``, ``rolled-back: <cause>`` (the host is verified to run its
+   previous system again) or ``failed`` (with the cause and what the host runs now).
+
+``boot`` gets no automatic rollback: nothing can be confirmed without a reboot.
+``deploy_action=rollback`` (``plan.plan_rollback``) goes back to the previous generation, the
+same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import TYPE_CHECKING
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import gevent
 from pyinfra import logger
-from pyinfra.api.command import FunctionCommand, PyinfraCommand
+from pyinfra.api.command import FunctionCommand, PyinfraCommand, StringCommand
 from pyinfra.api.operation import operation
 from pyinfra.context import host
+from pyinfra.facts.files import Directory
 
 from operations.failures import fail, host_step
-from operations.models import Plan
-from operations.process import run_on
-from operations.push.commands import (
-    StorePathLink,
-    nix_error,
-    set_profile_command,
-    switch_command,
+from operations.fleet import FleetError
+from operations.health import HealthCheck, run_checks
+from operations.models import (
+    DEFAULT_ACTIVATION_TIMEOUT,
+    DEFAULT_CONFIRM_TIMEOUT,
+    SYSTEMD_RUNNING,
+    Action,
+    Plan,
+    Safety,
 )
+from operations.process import SshTarget, fresh_run, run_on
+from operations.push.commands import nix_error, switch_command
+from operations.push.switch import (
+    PROGRAM,
+    TERMINAL,
+    ActivationRun,
+    confirm_command,
+    follow_command,
+    launch_command,
+    parse_follow,
+    reject_command,
+)
+from operations.summary import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -43,7 +75,7 @@ def dry_activate(plan: Plan, sudo: bool) -> Generator[PyinfraCommand, None, None
 
         activate.dry_activate(plan=plan, sudo=True)
     """
-    if plan.up_to_date or not plan.action.copies:
+    if plan.up_to_date or plan.action is Action.BUILD:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to activate")
         return
     yield FunctionCommand(_dry_activate, (plan, sudo), {})
@@ -64,39 +96,306 @@ def _dry_activate(state: State, host: Host, plan: Plan, sudo: bool) -> bool:
     return True
 
 
-@operation()
-def activate(plan: Plan, sudo: bool) -> Generator[PyinfraCommand, None, None]:
-    """
-    Make the plan's system current (``switch``/``test``) and/or the boot default
-    (``switch``/``boot``), then check that the target really runs or boots it.
+# How long one follow command waits on the target for news.
+FOLLOW_WAIT = 5
+# Beyond activation + confirmation (+ a rollback's own activation), how long the controller
+# keeps trying to learn the outcome after losing contact.
+GRACE = 60
+CONFIRM_ATTEMPTS = 3
 
-    + plan: the target's ``Plan``
+
+def _seconds(host: Host, key: str, default: int, problems: list[str]) -> int:
+    value = host.data.get(key, default)
+    if isinstance(value, str) and value.strip().isdecimal():
+        value = int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 86400:
+        problems.append(f"{host.name}: {key} is {value!r}; set it to seconds, from 1 to 86400")
+        return default
+    return value
+
+
+def safety_for(host: Host, action: str) -> Safety:
+    """
+    The host's ``rollback``, ``confirm_timeout`` and ``activation_timeout`` data for ``action``;
+    rollback is off for ``boot``. Raises ``FleetError`` naming the key and the fix.
+    """
+    problems: list[str] = []
+    rollback = host.data.get("rollback", True)
+    if isinstance(rollback, str) and rollback.lower() in ("true", "false"):
+        rollback = rollback.lower() == "true"
+    if not isinstance(rollback, bool):
+        problems.append(f"{host.name}: rollback is {rollback!r}; set it to True or False")
+        rollback = True
+    safety = Safety(
+        rollback=rollback and action != "boot",
+        confirm_timeout=_seconds(host, "confirm_timeout", DEFAULT_CONFIRM_TIMEOUT, problems),
+        activation_timeout=_seconds(
+            host, "activation_timeout", DEFAULT_ACTIVATION_TIMEOUT, problems
+        ),
+    )
+    if problems:
+        raise FleetError(problems)
+    return safety
+
+
+def describe(plan: Plan, safety: Safety, checks: Sequence[HealthCheck]) -> list[str]:
+    """What the activation will do to stay safe, for the plan's log (``--dry`` shows it)."""
+    if plan.up_to_date or not plan.action.activates:
+        return []
+    if safety.rollback:
+        guard = (
+            f"rollback armed: the target rolls back unless confirmed within "
+            f"{safety.confirm_timeout}s over a new SSH login"
+        )
+    elif plan.action == "boot":
+        guard = "no automatic rollback for boot (nothing can be confirmed without a reboot)"
+    else:
+        guard = "rollback off (rollback: False): a failure leaves the new system in place"
+    lines = [f"{guard}; activation timeout {safety.activation_timeout}s"]
+    if checks:
+        lines += [f"health check {check.description}" for check in checks]
+    else:
+        lines.append("no health checks (health_checks)")
+    return lines
+
+
+def announce(target: Host, plan: Plan, safety: Safety, checks: Sequence[HealthCheck]) -> None:
+    """Log ``describe``'s lines for the target (deploy code, prepare time: ``--dry`` shows them)."""
+    for line in describe(plan, safety, checks):
+        target.log_styled(line, log_func=logger.info)
+
+
+@dataclass
+class Channel:
+    """
+    Runs commands on the target: over pyinfra's connection while it works, then (after it
+    failed once: a cut link makes it unreliable) with a fresh ``ssh`` process each time.
+    ``run`` returns None when the target could not be reached.
+    """
+
+    host: Host
+    sudo: bool
+    ssh: SshTarget
+    fresh: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def run(
+        self, command: StringCommand, timeout: float, stdin: str | None = None
+    ) -> tuple[bool, list[str]] | None:
+        if not self.fresh:
+            kwargs: dict[str, Any] = {"_sudo": self.sudo, "_timeout": timeout}
+            if stdin is not None:
+                kwargs["_stdin"] = stdin
+            try:
+                with gevent.Timeout(timeout + 5):
+                    ok, output = self.host.run_shell_command(command, **kwargs)
+                return ok, output.output_lines
+            except (Exception, gevent.Timeout) as error:  # paramiko, socket, timeout: all "lost"
+                self.fresh = True
+                self.notes.append(f"{type(error).__name__}: {error}".strip(": "))
+                return None
+        return fresh_run(self.ssh, command, sudo=self.sudo, timeout=timeout, stdin=stdin)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """``deployed``, ``rolled-back`` or ``failed``, and why."""
+
+    status: str
+    cause: str = ""
+
+
+def judge(plan: Plan, status: dict[str, str], note: str = "") -> Outcome:
+    """
+    The outcome of a finished run from its last status (with the links read by the follow
+    command) and the controller's own reason for not confirming (``note``).
+    """
+    state = status.get("state", "")
+    current, profile = status.get("current") or None, status.get("profile") or None
+    cause = status.get("cause", "")
+    runs = f"it now runs {current or 'nothing'}"
+    action = "switch" if plan.action == "rollback" else plan.action
+    if state in ("confirmed", "done"):
+        if action in ("switch", "test") and current != plan.desired:
+            return Outcome("failed", f"after {action}, /run/current-system is {current}")
+        if action in ("switch", "boot") and profile != plan.desired:
+            return Outcome("failed", f"after {action}, the system profile is {profile}")
+        return Outcome("deployed")
+    if state == "rolled-back":
+        if note and cause.startswith("no confirmation"):
+            cause = f"{cause} ({note})"
+        if current != plan.current or (action == "switch" and profile != plan.profile):
+            return Outcome("failed", f"rolled back after {cause}, but {runs}")
+        return Outcome("rolled-back", cause)
+    if state == "rollback-failed":
+        return Outcome("failed", f"rolling back after {cause} failed; {runs}")
+    if state == "failed":
+        kept = " (rollback is off: the new system stays)" if current == plan.desired else ""
+        return Outcome("failed", f"{cause}{kept}; {runs}")
+    if state == "missing":
+        return Outcome("failed", "the activation did not start on the target")
+    return Outcome("failed", f"activation outcome unknown (last state: {state or 'none'})")
+
+
+# -- the operation ---------------------------------------------------------------------
+
+
+@operation(is_idempotent=False)
+def activate_safely(
+    plan: Plan,
+    safety: Safety,
+    checks: list[HealthCheck],
+    sudo: bool,
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    Activate the plan's system detached from the SSH session, with health checks, a
+    confirmation over a new SSH login and the target's own rollback (see the module's doc).
+
+    + plan: the target's ``Plan`` (``switch``, ``boot``, ``test`` or ``rollback``)
+    + safety: ``safety_for(host, plan.action)``
+    + checks: ``operations.health.host_health_checks(host)``
     + sudo: run with sudo (a non-root deploy user)
 
     **Example:**
 
     .. code:: python
 
-        activate.activate(plan=plan, sudo=True)
+        activate.activate_safely(plan=plan, safety=safety_for(host, plan.action),
+                                 checks=host_health_checks(host), sudo=True)
     """
     if plan.up_to_date or not plan.action.activates:
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: no activation")
         return
-    if plan.action.sets_profile:
-        yield set_profile_command(plan.desired)
-    yield switch_command(plan.desired, plan.action.value)
-    yield FunctionCommand(_verify, (plan, sudo), {})
+    systemd = bool(host.get_fact(Directory, path=SYSTEMD_RUNNING))
+    yield FunctionCommand(_activate, (plan, safety, checks, sudo, systemd), {})
 
 
-@host_step
-def _verify(state: State, host: Host, plan: Plan, sudo: bool) -> bool:
-    link = plan.action.verified_link
-    ok, lines = run_on(
-        host, StorePathLink().command(link), sudo=sudo, doing=f"reading {link} after activation"
+def _activate(
+    state: State,
+    host: Host,
+    plan: Plan,
+    safety: Safety,
+    checks: list[HealthCheck],
+    sudo: bool,
+    systemd: bool,
+) -> bool:
+    try:
+        outcome = _follow_activation(host, plan, safety, checks, sudo, systemd)
+    except Exception as error:  # never a traceback out of a deploy
+        outcome = Outcome("failed", f"activation broke off: {type(error).__name__}: {error}")
+    if outcome.status == "deployed":
+        verb = "boots" if plan.action == "boot" else "runs"
+        host.log_styled(f"{plan.target} now {verb} {plan.desired}", log_func=logger.info)
+        return True
+    if outcome.status == "rolled-back":
+        host.log_styled(f"rolled back: {outcome.cause}", fg="yellow", log_func=logger.error)
+        summary_for(state).rolled_back(host.name, outcome.cause)
+        return False
+    return fail(host, outcome.cause)
+
+
+def _follow_activation(
+    host: Host,
+    plan: Plan,
+    safety: Safety,
+    checks: list[HealthCheck],
+    sudo: bool,
+    systemd: bool,
+) -> Outcome:
+    run = ActivationRun.create(plan, safety, systemd)
+    channel = Channel(host, sudo, SshTarget.of(host))
+
+    def say(text: str, **style: Any) -> None:
+        host.log_styled(text, log_func=logger.info, **style)
+
+    how = f"systemd unit {run.unit}" if systemd else f"setsid, output in {run.dir}/output"
+    say(f"activating detached from this session ({how})")
+    launched = channel.run(launch_command(run), timeout=60, stdin=PROGRAM)
+    if launched is not None and not launched[0]:
+        detail = next((x.strip() for x in reversed(launched[1]) if x.strip()), "no output")
+        return Outcome("failed", f"could not start the activation: {detail}")
+
+    budget = 2 * safety.activation_timeout + safety.confirm_timeout + GRACE
+    deadline = time.monotonic() + budget
+    seen, known, note = 0, "", ""
+    status: dict[str, str] = {}
+    confirming_done = False
+    lost_at: float | None = None
+    while True:
+        if time.monotonic() > deadline:
+            last = known or "unknown"
+            return Outcome(
+                "failed",
+                f"lost contact for good (last state {last}); the target rolls itself back "
+                "unless it was confirmed: check it once it is reachable",
+            )
+        answer = channel.run(follow_command(run, seen, known, FOLLOW_WAIT), FOLLOW_WAIT + 5)
+        if answer is None or not answer[0]:
+            if lost_at is None:
+                lost_at = time.monotonic()
+                say(
+                    "lost contact; the activation carries on on the target "
+                    f"({'it rolls back unless confirmed' if run.rolls_back else 'no rollback'})"
+                    "; reconnecting",
+                    fg="yellow",
+                )
+            gevent.sleep(1)
+            continue
+        if lost_at is not None:
+            say(f"reconnected after {time.monotonic() - lost_at:.1f}s")
+            lost_at = None
+        progress = parse_follow(answer[1])
+        for line in progress.lines:
+            say(f"activate: {line}")
+        seen += len(progress.lines)
+        status, known = progress.status or status, progress.state
+        if known == "awaiting-confirmation" and not confirming_done:
+            confirming_done = True
+            note = _check_and_confirm(channel, run, checks, systemd, say) or ""
+        if known in TERMINAL:
+            break
+    if known == "done" and not run.rolls_back and plan.action != "boot":
+        failed = run_checks(
+            checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m)
+        )
+        if failed:
+            return Outcome("failed", f"{failed} (rollback is off: it stays on {plan.desired})")
+    return judge(plan, status, note)
+
+
+def _check_and_confirm(
+    channel: Channel,
+    run: ActivationRun,
+    checks: list[HealthCheck],
+    systemd: bool,
+    say: Any,
+) -> str | None:
+    """Health checks, then the confirmation over a new login; the reason when not confirmed."""
+    started = time.monotonic()
+    problem = run_checks(
+        checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m)
     )
-    now = lines[0].strip() if ok and lines else None
-    if now != plan.desired:
-        return fail(host, f"after {plan.action}, {link} is {now or 'missing'}, not {plan.desired}")
-    verb = "boots" if plan.action.sets_profile and not plan.action.makes_current else "runs"
-    host.log_styled(f"{plan.target} now {verb} {plan.desired}", log_func=logger.info)
-    return True
+    if problem is None:
+        last = "no answer"
+        for attempt in range(CONFIRM_ATTEMPTS):
+            if time.monotonic() - started > run.safety.confirm_timeout:
+                break
+            if attempt:
+                gevent.sleep(1)
+            result = fresh_run(channel.ssh, confirm_command(run), sudo=channel.sudo, timeout=20)
+            if result is not None and result[0]:
+                say("confirmed over a new SSH connection")
+                return None
+            if result is None:
+                last = "the new SSH connection timed out or was refused"
+            else:
+                text = [x.strip() for x in result[1] if x.strip()]
+                last = text[-1] if text else "the confirmation was refused"
+                if "No such file" in " ".join(text):
+                    return "the confirmation came too late"
+        problem = f"a new SSH login to confirm failed: {last}"
+    say(f"not confirming: {problem}", fg="yellow")
+    rejected = channel.run(reject_command(run, problem), 20)
+    if rejected is None or not rejected[0]:
+        say("could not tell the target; it rolls back when its confirmation time is up")
+    return problem

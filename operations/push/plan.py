@@ -35,6 +35,7 @@ from operations.push.commands import (
     path_info_command,
     toplevel_attr,
 )
+from operations.push.switch import SystemGenerations
 from operations.summary import RunSummary
 
 if TYPE_CHECKING:
@@ -208,6 +209,44 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
         if plan.before:
             for line in diff_closures(builder, plan.before, desired):
                 target.log_styled(f"  {line}", log_func=logger.info)
+    return plan
+
+
+def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
+    """
+    The plan for ``deploy_action=rollback``: switch to the generation before the current one.
+    Raises ``DeployFailed`` when there is none.
+    """
+    sudo = bool(target.data.get("_sudo", False))
+    generations = read_on(
+        target, SystemGenerations, sudo=sudo, doing="reading the system's generations"
+    )
+    current = generations["current"]
+    older = sorted(n for n in generations["paths"] if current is not None and n < current)
+    if current is None or not older:
+        raise DeployFailed(
+            f"{spec.name} has no system generation before "
+            f"{'its current one' if current is not None else 'none'} to roll back to"
+        )
+    plan = Plan(
+        target=spec.name,
+        builder=spec.builder_host or "",
+        attr=f"{SYSTEM_PROFILE}-{older[-1]}-link",
+        desired=generations["paths"][older[-1]],
+        current=read_on(
+            target, StorePathLink, path=CURRENT_SYSTEM, sudo=sudo, doing=f"reading {CURRENT_SYSTEM}"
+        ),
+        profile=read_on(
+            target, StorePathLink, path=SYSTEM_PROFILE, sudo=sudo, doing=f"reading {SYSTEM_PROFILE}"
+        ),
+        action=Action.ROLLBACK,
+        built=True,
+    )
+    summary.planned(plan)
+    target.log_styled(
+        f"rollback: {plan.current or 'no system'} -> generation {older[-1]}, {plan.desired}",
+        log_func=logger.info,
+    )
     return plan
 
 

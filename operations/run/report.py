@@ -34,7 +34,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONNECT_ERROR = re.compile(r"^\s*\[(?P<host>[^\]]+)\] (?P<cause>Could not connect.*)$")
 
 # Worst first: a host's status over several deploys is the worst of them.
-STATUS_ORDER = ("failed", "drifted", "changed", "unchanged", "skipped")
+STATUS_ORDER = ("failed", "rolled-back", "drifted", "changed", "unchanged", "skipped")
 
 
 class ExitCode(IntEnum):
@@ -52,7 +52,8 @@ class HostOutcome:
     """
     One host in one deploy.
 
-    + status: unchanged, changed, drifted, failed or skipped
+    + status: unchanged, changed, drifted, rolled-back (back on its previous system), failed
+      or skipped
     + cause: why (the summary's detail, pyinfra's connect error, the operations that change)
     + paths: for push targets: action, current, profile, desired (before) and after
     """
@@ -165,8 +166,8 @@ def _paths(entry: Mapping[str, Any], status: str) -> dict[str, Any]:
             "current": desired if action in ("switch", "test") else current,
             "profile": desired if action in ("switch", "boot") else profile,
         }
-    elif status in ("unchanged", "drifted"):
-        after = dict(before)  # nothing was done
+    elif status in ("unchanged", "drifted", "rolled-back"):
+        after = dict(before)  # nothing was done, or it was undone (verified by the deploy)
     else:
         after = None  # failed: not known what the host runs now
     return {"action": action, "desired": desired, "before": before, "after": after}
@@ -200,6 +201,7 @@ def host_outcomes(
             "deployed": "changed",
             "planned": changed_status,
             "failed": "failed",
+            "rolled-back": "rolled-back",
             "skipped": "skipped",
         }.get(str(entry.get("status")), "failed")
         cause = str(entry.get("cause") or "")
@@ -252,7 +254,7 @@ def exit_code(mode: str, deploys: Sequence[DeployResult], hosts: Mapping[str, An
     if any(d.no_host_matched for d in deploys):
         return ExitCode.USAGE
     statuses = {entry["status"] for entry in hosts.values()}
-    if "failed" in statuses or any(d.returncode != 0 or d.error for d in deploys):
+    if statuses & {"failed", "rolled-back"} or any(d.returncode != 0 or d.error for d in deploys):
         return ExitCode.FAILED
     if mode == "check" and "drifted" in statuses:
         return ExitCode.DRIFT

@@ -678,8 +678,10 @@ def flake_ref() -> str:
 def write_flake(configs: dict[str, FlakeConfig] | None = None) -> None:
     """Lay out the test flake with the busyboxes and a hosts.nix for ``configs``.
 
-    ``configs`` maps configuration name to attributes (``system``, ``version``,
-    ``failActivation``); by default every Pi at version 1.
+    ``configs`` maps configuration name to attributes (``system``, ``version``, ``padding``
+    and the failure knobs of switch-to-configuration.sh: ``failActivation``,
+    ``slowActivation`` (seconds, a string), ``breakNetwork``, ``breakSsh``); by default every
+    Pi at version 1.
     """
     FLAKE_DIR.mkdir(parents=True, exist_ok=True)
     for item in FLAKE_TEMPLATE.iterdir():

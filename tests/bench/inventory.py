@@ -10,6 +10,7 @@ from collections.abc import Mapping as _Mapping
 
 from tests.bench import fleet as _fleet
 from tests.bench import sops as _sops
+from tests.bench import systemd_host as _systemd_host
 
 
 def _data(h: _fleet.BenchHost) -> dict[str, object]:
@@ -35,6 +36,13 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
         # Host data beats group_data/server.py's ["aarch64-linux"]: a fleet with armv7l Pis
         # needs its builder to emulate armv7l too (deploys/nas.py sets it up).
         data["binfmt_emulated_systems"] = emulated
+    if h.systemd:
+        # The roots' unit checks (group_data/) as this bench host has them: its sshd is a unit
+        # of the bench's own, and the bench has no tailnet. Host data replaces checks by name.
+        data["health_checks"] = [
+            {"name": "sshd", "units": [_systemd_host.SSHD_UNIT]},
+            {"name": "tailscaled", "command": "true"},
+        ]
     host_key = h.dir / "ssh" / "ssh_host_ed25519_key.pub"
     if host_key.exists():
         data["ssh_host_key"] = " ".join(host_key.read_text().split()[:2])

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from pyinfra.facts.files import Directory
 
-from operations.models import Action, Builder, Plan
+from operations.models import Action, Builder, Plan, Safety
 from operations.push import activate, build, copy
 from operations.push.commands import copy_command, nix_sshopts, toplevel_attr
 from tests.unit.fake_host import FakeHost, run, shell
@@ -50,8 +51,8 @@ def test_what_up_to_date_means_for_each_action(action, current, profile, built, 
 
 def test_each_action_knows_what_it_copies_activates_and_verifies():
     assert [a.value for a in Action if a.copies] == ["switch", "boot", "test", "dry-activate"]
-    assert [a.value for a in Action if a.activates] == ["switch", "boot", "test"]
-    assert [a.value for a in Action if a.sets_profile] == ["switch", "boot"]
+    assert [a.value for a in Action if a.activates] == ["switch", "boot", "test", "rollback"]
+    assert [a.value for a in Action if a.sets_profile] == ["switch", "boot", "rollback"]
     assert Action.BOOT.verified_link == "/nix/var/nix/profiles/system"
     assert Action.TEST.verified_link == "/run/current-system"
 
@@ -63,7 +64,7 @@ def test_up_to_date_target_builds_copies_and_activates_nothing_and_says_why():
         (copy.sign_closure, (done, BUILDER)),
         (copy.copy_closure, (done, BUILDER, "10.0.0.2", 22, "beau")),
         (activate.dry_activate, (done, True)),
-        (activate.activate, (done, True)),
+        (activate.activate_safely, (done, Safety(), [], True)),
     ):
         host = FakeHost("pi4")
         assert run(host, op, *args) == []
@@ -81,7 +82,7 @@ def test_build_action_copies_and_activates_nothing():
     host = FakeHost("pi4")
     assert run(host, copy.copy_closure, only_build, BUILDER, "10.0.0.2", 22, "beau") == []
     assert run(host, activate.dry_activate, only_build, True) == []
-    assert run(host, activate.activate, only_build, True) == []
+    assert run(host, activate.activate_safely, only_build, Safety(), [], True) == []
     assert host.noops == [
         "build only: nothing to copy",
         "build only: nothing to activate",
@@ -89,20 +90,20 @@ def test_build_action_copies_and_activates_nothing():
     ]
 
 
-def test_switch_sets_the_profile_then_switches_then_verifies_with_values_quoted():
-    hostile = "/nix/store/x; whoami"
-    commands = shell(run(FakeHost("pi4"), activate.activate, plan(desired=hostile), True))
-    assert commands == [
-        "nix-env -p /nix/var/nix/profiles/system --set '/nix/store/x; whoami'",
-        "'/nix/store/x; whoami/bin/switch-to-configuration' switch",
-        f"_verify: {plan(desired=hostile)}",
-    ]
+@pytest.mark.parametrize("systemd", [None, {"mode": 755}])
+def test_activation_runs_detached_the_way_the_target_allows(systemd):
+    fake = FakeHost("pi4").fact(Directory, systemd, path="/run/systemd/system")
+    (command,) = run(fake, activate.activate_safely, plan("test"), Safety(), [], True)
+    assert command.function.__name__ == "_activate"
+    assert command.args == (plan("test"), Safety(), [], True, systemd is not None)
 
 
-def test_test_action_leaves_the_profile_alone():
-    commands = shell(run(FakeHost("pi4"), activate.activate, plan("test"), True))
-    assert commands[0] == f"{NEW}/bin/switch-to-configuration test"
-    assert len(commands) == 2
+def test_rollback_dry_activates_and_activates_but_neither_builds_nor_copies():
+    back = plan("rollback", built=True)
+    assert Action.ROLLBACK.activates and not Action.ROLLBACK.copies
+    host = FakeHost("pi4")
+    assert run(host, copy.copy_closure, back, BUILDER, "10.0.0.2", 22, "beau") == []
+    assert shell(run(host, activate.dry_activate, back, True)) == [f"_dry_activate: {back}"]
 
 
 @pytest.mark.parametrize(

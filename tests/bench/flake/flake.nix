@@ -18,7 +18,14 @@
         args = [ "sh" ./build-toplevel.sh ];
         hostName = name;
         version = cfg.version;
+        # Failure knobs (tests/bench/fleet.py set_flake_configs): a configuration whose
+        # activation fails after making itself current, is slow, takes the host's network
+        # down, or makes sshd refuse new logins. Each one changes the toplevel, like a real
+        # configuration change would.
         failActivation = if cfg.failActivation or false then "1" else "";
+        slowActivation = cfg.slowActivation or "";
+        breakNetwork = if cfg.breakNetwork or false then "1" else "";
+        breakSsh = if cfg.breakSsh or false then "1" else "";
         # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
         padding = if cfg.padding or false then "1" else "";
         switchScript = ./switch-to-configuration.sh;

@@ -3,6 +3,13 @@
 #   boot:   make it the boot default only
 #   test:   activate now only
 #   dry-activate: report what would change, change nothing
+# Failure knobs (set per configuration in hosts.nix, see flake.nix), applied when activating:
+#   slow_activation=N: the activation takes N seconds (after making itself current)
+#   break_network:     takes eth0 down (the host's only link)
+#   break_ssh:         sshd refuses new logins (authorized_keys moved aside), running sessions stay
+#   fail_activation:   exits 4 after making itself current, like a unit that failed to start
+# A configuration without them repairs what they broke (and only that), as activating a good
+# NixOS generation re-applies its network and sshd settings.
 action="$1"
 case "$action" in
   switch|boot|test|dry-activate) ;;
@@ -21,15 +28,51 @@ if [ "$action" = dry-activate ]; then
   fi
   exit 0
 fi
+if [ "$action" = switch ] || [ "$action" = boot ]; then
+  echo "$top" > /boot/default-system
+fi
+if [ "$action" = boot ]; then
+  echo "$action: done"
+  exit 0
+fi
+$bb ln -sfn "$top" /run/current-system
+echo "$action $top $($bb uname -m)" >> /run/bench-activations
+echo "activating the configuration $top"
+# The machine's iproute2 (x86_64, shared /usr): the host's network namespace is its own.
+ip=/usr/sbin/ip
+[ -x "$ip" ] || ip=/sbin/ip
+keys_off() {
+  for keys in /root/.ssh/authorized_keys /home/*/.ssh/authorized_keys; do
+    [ -f "$keys" ] && $bb mv "$keys" "$keys.bench-off"
+  done
+}
+keys_on() {
+  for keys in /root/.ssh/authorized_keys.bench-off /home/*/.ssh/authorized_keys.bench-off; do
+    [ -f "$keys" ] && $bb mv "$keys" "${keys%.bench-off}"
+  done
+}
+if [ -n "$slow_activation" ]; then
+  echo "starting bench-app.service (takes ${slow_activation}s)"
+  $bb sleep "$slow_activation"
+fi
+if [ -n "$break_ssh" ]; then
+  echo "reloading sshd.service"
+  keys_off
+else
+  keys_on
+fi
+# Only what a knob broke is repaired (a link cut by a test stays cut); the times are for tests.
+if [ -n "$break_network" ]; then
+  echo "restarting network-setup.service"
+  $bb date +%s > /run/bench-network-down-at
+  "$ip" link set eth0 down
+elif [ -e /run/bench-network-down-at ]; then
+  "$ip" link set eth0 up
+  $bb mv /run/bench-network-down-at /run/bench-network-broken-at
+  $bb date +%s > /run/bench-network-up-at
+fi
 if [ -n "$fail_activation" ]; then
   echo "activation script failed: bench-app.service did not start" >&2
   exit 4
-fi
-if [ "$action" = switch ] || [ "$action" = test ]; then
-  $bb ln -sfn "$top" /run/current-system
-  echo "$action $top $($bb uname -m)" >> /run/bench-activations
-fi
-if [ "$action" = switch ] || [ "$action" = boot ]; then
-  echo "$top" > /boot/default-system
 fi
 echo "$action: done"

@@ -1,0 +1,370 @@
+"""
+What runs on the target during an activation, detached from the SSH session: the program, the
+commands that start it, follow it, confirm or reject it, and how their answers read.
+
+1. ``launch_command`` installs ``PROGRAM`` (given on stdin) into a root-only run directory,
+   ``/run/nixpush/<id>/``, and starts it detached: a transient systemd unit
+   ``nixpush-switch-<id>`` where the target has systemd (output in its journal), else a
+   ``setsid`` process (output in ``<run dir>/output``). Neither belongs to the session, so a
+   dropped link, Ctrl-C or a killed controller cannot interrupt it.
+2. The program is its own watchdog, armed before anything changes: it records what the target
+   runs and boots, sets the system profile (``switch``/``boot``), runs
+   ``switch-to-configuration`` (bounded by ``activation_timeout``), then waits up to
+   ``confirm_timeout`` seconds for a confirmation (``confirm_command``). Without one, on a
+   rejection (``reject_command``) or when ``switch-to-configuration`` exits non-zero, it rolls
+   back: profile to the previous generation (the new one deleted), the previous system's
+   ``switch-to-configuration`` (``switch``; ``test`` for a test), which restores the boot
+   default too. Its state is in ``<run dir>/status``; ``follow_command`` reads it with the
+   output.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pyinfra.api.command import QuoteString, StringCommand
+from pyinfra.api.facts import FactBase
+
+from operations.models import SYSTEM_PROFILE, Action, Plan, Safety
+
+RUN_ROOT = "/run/nixpush"
+UNIT_PREFIX = "nixpush-switch-"
+STATUS_MARK = "@@nixpush-status@@"
+TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "missing")
+
+# -- the program that runs on the target -----------------------------------------------
+
+# POSIX sh, run as root, every value positional: dir action new generation rollback
+# confirm_timeout activation_timeout. `generation` (a number) switches the profile to an
+# existing generation (deploy_action=rollback) instead of adding one for `new`.
+PROGRAM = r"""# nixpush activation (operations/push/switch.py), detached from the SSH session.
+dir=$1 action=$2 new=$3 generation=$4 rollback=$5 confirm_timeout=$6 activation_timeout=$7
+profile=/nix/var/nix/profiles/system
+PATH=$PATH:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+export PATH
+cd /
+status() {
+  { echo "state=$1"; shift; for line in "$@"; do echo "$line"; done; } > "$dir/status.new"
+  mv -f "$dir/status.new" "$dir/status"
+}
+generation_of() { g=${1#system-}; echo "${g%-link}"; }
+prev_current=$(readlink -f /run/current-system 2>/dev/null)
+prev_profile=$(readlink -f "$profile" 2>/dev/null)
+prev_gen=$(generation_of "$(readlink "$profile" 2>/dev/null)")
+new_gen=
+status activating
+echo "nixpush: $action $new (was ${prev_current:-nothing})"
+stc() { timeout "$activation_timeout" "$1/bin/switch-to-configuration" "$2"; }
+roll_back() {
+  status rolling-back "cause=$1"
+  echo "nixpush: rolling back: $1"
+  ok=1
+  if [ "$action" != test ]; then
+    if [ -n "$prev_gen" ]; then
+      nix-env -p "$profile" --switch-generation "$prev_gen" || ok=0
+      if [ -z "$generation" ] && [ -n "$new_gen" ] && [ "$new_gen" != "$prev_gen" ]; then
+        nix-env -p "$profile" --delete-generations "$new_gen" || ok=0
+      fi
+    else
+      echo "nixpush: no previous generation of $profile"; ok=0
+    fi
+  fi
+  if [ -n "$prev_current" ] && [ -x "$prev_current/bin/switch-to-configuration" ]; then
+    if [ "$action" = test ] || [ "$prev_current" != "$prev_profile" ]; then
+      stc "$prev_current" test || ok=0
+      if [ "$action" != test ] && [ -x "$prev_profile/bin/switch-to-configuration" ]; then
+        stc "$prev_profile" boot || ok=0
+      fi
+    else
+      stc "$prev_current" switch || ok=0
+    fi
+  else
+    echo "nixpush: no previous system to activate"; ok=0
+  fi
+  now=$(readlink -f /run/current-system 2>/dev/null)
+  if [ "$ok" = 1 ] && [ "$now" = "$prev_current" ]; then
+    status rolled-back "cause=$1"
+  else
+    status rollback-failed "cause=$1"
+  fi
+  echo "nixpush: now running ${now:-nothing}"
+  exit 0
+}
+case $action in
+  switch|boot)
+    if [ -n "$generation" ]; then
+      nix-env -p "$profile" --switch-generation "$generation"
+    else
+      nix-env -p "$profile" --set "$new"
+    fi
+    rc=$?
+    if [ "$rc" != 0 ]; then
+      status failed "cause=setting the system profile failed (nix-env exited $rc)"
+      exit 0
+    fi
+    new_gen=$(generation_of "$(readlink "$profile" 2>/dev/null)")
+    ;;
+esac
+stc "$new" "$action"
+rc=$?
+if [ "$rc" != 0 ]; then
+  why="switch-to-configuration $action exited $rc"
+  [ "$rc" = 124 ] && why="switch-to-configuration $action timed out after ${activation_timeout}s"
+  [ "$rollback" = 1 ] && roll_back "$why"
+  status failed "cause=$why"
+  exit 0
+fi
+if [ "$rollback" != 1 ]; then
+  status done
+  exit 0
+fi
+: > "$dir/awaiting"
+status awaiting-confirmation "timeout=$confirm_timeout"
+echo "nixpush: activated; rolling back unless confirmed within ${confirm_timeout}s"
+deadline=$(( $(date +%s) + confirm_timeout ))
+while [ -e "$dir/awaiting" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.2; done
+if mv "$dir/awaiting" "$dir/expired" 2>/dev/null; then
+  roll_back "no confirmation within ${confirm_timeout}s"
+fi
+if [ -e "$dir/confirmed" ]; then
+  status confirmed
+  echo "nixpush: confirmed"
+  exit 0
+fi
+roll_back "$(cat "$dir/reject-cause" 2>/dev/null || echo rejected)"
+"""
+
+# Installs the program (stdin) in a new root-only run directory, then execs the starter given
+# as the remaining arguments, with no tie to the session's stdin/stdout.
+INSTALL = (
+    'set -e; umask 077; mkdir -p -m 0700 "${1%/*}"; mkdir -m 0700 "$1"; '
+    'cat > "$1/program"; d=$1; shift; exec "$@" </dev/null >>"$d/output" 2>&1'
+)
+
+# Prints the output lines after the first $2 (waiting up to $4 s for news: more lines or a
+# state other than $3), then STATUS_MARK, the status and what the links point at now.
+FOLLOW = r"""dir=$1 seen=$2 known=$3 wait=$4 unit=$5
+out() {
+  if [ -n "$unit" ]; then journalctl -q -u "$unit" -o cat --no-pager 2>/dev/null
+  else cat "$dir/output" 2>/dev/null; fi
+}
+state() {
+  if [ -f "$dir/status" ]; then sed -n 's/^state=//p' "$dir/status"
+  elif [ -d "$dir" ]; then echo starting; else echo missing; fi
+}
+deadline=$(( $(date +%s) + wait ))
+while :; do
+  total=$(( $(out | wc -l) ))
+  now=$(state)
+  if [ "$total" -gt "$seen" ] || [ "$now" != "$known" ] || [ "$(date +%s)" -ge "$deadline" ]; then
+    break
+  fi
+  sleep 0.2
+done
+# New lines while the state holds: gather a little more, to spare round trips.
+if [ "$now" = "$known" ] && [ "$total" -gt "$seen" ]; then
+  sleep 0.3; total=$(( $(out | wc -l) )); now=$(state)
+fi
+if [ "$total" -gt "$seen" ]; then out | sed -n "$((seen + 1)),${total}p"; fi
+echo "@@nixpush-status@@"
+if [ -f "$dir/status" ]; then cat "$dir/status"; else echo "state=$now"; fi
+echo "current=$(readlink -f /run/current-system 2>/dev/null)"
+echo "profile=$(readlink -f /nix/var/nix/profiles/system 2>/dev/null)"
+"""
+
+# The confirmation and the rejection race the program's own timeout for one rename: exactly
+# one of confirmed, rejected, expired wins.
+CONFIRM = 'mv "$1/awaiting" "$1/confirmed"'
+REJECT = 'printf "%s\\n" "$2" > "$1/reject-cause" && mv "$1/awaiting" "$1/rejected"'
+
+
+# -- the system profile's generations --------------------------------------------------
+
+
+class SystemGenerations(FactBase[dict[str, Any]]):
+    """
+    The system profile's generations: ``{"current": 12, "paths": {11: "/nix/store/...", ...}}``
+    (``current`` None when there is no profile).
+    """
+
+    def command(self) -> StringCommand:
+        return StringCommand(
+            "for l in",
+            f"{SYSTEM_PROFILE}-*-link",
+            '; do [ -L "$l" ] && echo "$l $(readlink -f "$l")"; done;',
+            "echo current",
+            f"$(readlink {SYSTEM_PROFILE} 2>/dev/null)",
+        )
+
+    @staticmethod
+    def default() -> dict[str, Any]:
+        return {"current": None, "paths": {}}
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        paths: dict[int, str] = {}
+        current: int | None = None
+        for line in output:
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == "current":
+                current = generation_number(parts[1])
+            elif len(parts) == 2:
+                number = generation_number(parts[0].rsplit("/", 1)[-1])
+                if number is not None:
+                    paths[number] = parts[1]
+        return {"current": current, "paths": paths}
+
+
+def generation_number(link: str) -> int | None:
+    """``generation_number("system-12-link") == 12``."""
+    middle = link.removeprefix("system-").removesuffix("-link")
+    return int(middle) if middle.isdecimal() else None
+
+
+# -- one activation run and its commands -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ActivationRun:
+    """
+    One detached activation on one target.
+
+    + id: unique per run (names the run directory and the systemd unit)
+    + action: what ``switch-to-configuration`` is asked to do (``switch`` for a rollback)
+    + desired: the system to activate
+    + generation: an existing profile generation to switch to (rollback), else None
+    + safety: the timers and whether the target rolls back
+    + systemd: start it as a transient unit (the target has systemd), else with ``setsid``
+    """
+
+    id: str
+    action: str
+    desired: str
+    generation: int | None
+    safety: Safety
+    systemd: bool
+
+    @classmethod
+    def create(cls, plan: Plan, safety: Safety, systemd: bool) -> ActivationRun:
+        generation = None
+        if plan.action is Action.ROLLBACK:
+            generation = generation_number(plan.attr.rsplit("/", 1)[-1])
+        return cls(
+            id=f"{time.strftime('%Y%m%dT%H%M%S')}-{os.urandom(4).hex()}",
+            action="switch" if plan.action is Action.ROLLBACK else plan.action.value,
+            desired=plan.desired,
+            generation=generation,
+            safety=safety,
+            systemd=systemd,
+        )
+
+    @property
+    def dir(self) -> str:
+        return f"{RUN_ROOT}/{self.id}"
+
+    @property
+    def unit(self) -> str:
+        return f"{UNIT_PREFIX}{self.id}"
+
+    @property
+    def rolls_back(self) -> bool:
+        return self.safety.rollback and self.action != "boot"
+
+
+def program_args(run: ActivationRun) -> list[QuoteString]:
+    """PROGRAM's positional arguments."""
+    values = (
+        run.dir,
+        run.action,
+        run.desired,
+        "" if run.generation is None else str(run.generation),
+        "1" if run.rolls_back else "0",
+        str(run.safety.confirm_timeout),
+        str(run.safety.activation_timeout),
+    )
+    return [QuoteString(value) for value in values]
+
+
+def setsid_starter(run: ActivationRun) -> list[Any]:
+    """Without systemd: a new session (``setsid -f`` forks), output into the run directory."""
+    return ["setsid", "-f", "sh", QuoteString(f"{run.dir}/program"), *program_args(run)]
+
+
+def systemd_starter(run: ActivationRun) -> list[Any]:
+    """
+    With systemd: a transient unit, output to the journal (no ``--pipe``: the unit must not
+    depend on the session); ``--setenv=PATH`` passes sudo's PATH on (a unit's default PATH
+    lacks NixOS's /run/current-system/sw/bin).
+    """
+    return [
+        "systemd-run",
+        QuoteString(f"--unit={run.unit}"),
+        "--collect",
+        "--no-ask-password",
+        "--service-type=exec",
+        "--quiet",
+        "--setenv=PATH",
+        "sh",
+        QuoteString(f"{run.dir}/program"),
+        *program_args(run),
+    ]
+
+
+def launch_command(run: ActivationRun) -> StringCommand:
+    """Install PROGRAM (given on stdin) into the run directory and start it detached."""
+    starter = systemd_starter(run) if run.systemd else setsid_starter(run)
+    return StringCommand(
+        "sh", "-c", QuoteString(INSTALL), "nixpush-launch", QuoteString(run.dir), *starter
+    )
+
+
+def follow_command(run: ActivationRun, seen: int, known: str, wait: int) -> StringCommand:
+    """Output lines after the first ``seen``, once there is news or ``wait`` s passed."""
+    return StringCommand(
+        "sh", "-c", QuoteString(FOLLOW), "nixpush-follow", QuoteString(run.dir), str(seen),
+        QuoteString(known), str(wait), QuoteString(run.unit if run.systemd else ""),
+    )  # fmt: skip
+
+
+def confirm_command(run: ActivationRun) -> StringCommand:
+    return StringCommand("sh", "-c", QuoteString(CONFIRM), "nixpush-confirm", QuoteString(run.dir))
+
+
+def reject_command(run: ActivationRun, cause: str) -> StringCommand:
+    return StringCommand(
+        "sh", "-c", QuoteString(REJECT), "nixpush-reject", QuoteString(run.dir),
+        QuoteString(cause.replace("\n", " ")),
+    )  # fmt: skip
+
+
+# -- following the run -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One follow answer: new output lines, the program's status, and the links now."""
+
+    lines: list[str]
+    status: dict[str, str]
+
+    @property
+    def state(self) -> str:
+        return self.status.get("state", "starting")
+
+
+def parse_follow(output: Sequence[str]) -> Progress:
+    """Split a follow answer at its last STATUS_MARK."""
+    lines = list(output)
+    marks = [i for i, line in enumerate(lines) if line.strip() == STATUS_MARK]
+    if not marks:
+        return Progress(lines, {})
+    at = marks[-1]
+    status: dict[str, str] = {}
+    for line in lines[at + 1 :]:
+        key, sep, value = line.partition("=")
+        if sep:
+            status[key.strip()] = value.strip()
+    return Progress(lines[:at], status)

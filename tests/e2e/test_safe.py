@@ -1,0 +1,258 @@
+"""
+Safe switching on the bench: `pyinfra <inventory> deploys/pi.py` as a user runs it, with links
+cut during activations, configurations that break a Pi's network or sshd, failing activations
+and health checks, and a controller killed mid-activation; checked on the hosts afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.bench import fleet
+from tests.bench import sops as bench_sops
+from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra
+from tests.e2e.test_pi import current, current_configs, desired_path, output, profile
+
+PI = "deploys/pi.py"
+KNOBS = ("failActivation", "slowActivation", "breakNetwork", "breakSsh", "padding")
+FAST = ("--data", "confirm_timeout=10", "--data", "activation_timeout=60")
+_count = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def push_ready(bench: None) -> None:
+    prepare_push()
+
+
+@pytest.fixture
+def good(push_ready: None) -> Iterator[dict[str, str]]:
+    """Both Pis freshly deployed with a configuration without knobs: what a rollback returns to."""
+    wanted = {name: configure(name) for name in ("pi4", "pi5")}
+    result = deploy()
+    assert result.returncode == 0, output(result)
+    yield wanted
+    for h in fleet.PIS:
+        fleet.run(["ip", "link", "set", h.veth, "up"], check=False)
+        fleet.set_link(h, up=True)
+
+
+def configure(name: str, **knobs: str | bool) -> str:
+    """A never-deployed configuration for ``name`` with exactly ``knobs``; its store path."""
+    configs = current_configs()
+    base = {k: v for k, v in configs[name].items() if k not in KNOBS}
+    configs[name] = {**base, "version": f"{uuid.uuid4().hex[:6]}-{next(_count)}", **knobs}
+    fleet.set_flake_configs(configs)
+    return desired_path(name)
+
+
+def deploy(*args: str, inventory: str = BENCH_INVENTORY, env: dict[str, str] | None = None):
+    return pyinfra("-y", inventory, PI, *args, env={**bench_sops.env(), **(env or {})})
+
+
+def start_deploy(*args: str) -> subprocess.Popen[str]:
+    exe = str(Path(sys.executable).with_name("pyinfra"))
+    return subprocess.Popen(
+        [exe, "-y", BENCH_INVENTORY, PI, *args],
+        cwd=fleet.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.DEVNULL, env=bench_sops.env(),
+    )  # fmt: skip
+
+
+def latest_state(name: str) -> str:
+    """The state of the host's newest activation run, read from inside it (no network)."""
+    script = 'd=$(ls -1d /run/nixpush/*/ 2>/dev/null | tail -n 1); [ -n "$d" ] && cat "$d/status"'
+    result = fleet.run(fleet.in_host(fleet.host(name), ["sh", "-c", script]), check=False)
+    states = [line[6:] for line in result.stdout.splitlines() if line.startswith("state=")]
+    return states[0] if states else ""
+
+
+def run_dirs(name: str) -> int:
+    result = fleet.run(
+        fleet.in_host(fleet.host(name), ["sh", "-c", "ls /run/nixpush 2>/dev/null"]), check=False
+    )
+    return len(result.stdout.split())
+
+
+def wait_for_state(name: str, state: str, timeout: float) -> float:
+    """Seconds until the host's newest activation run is in ``state``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if latest_state(name) == state:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError(f"{name} never reached {state}: {latest_state(name)}")
+
+
+def cut(name: str, up: bool) -> None:
+    """Cut or restore a Pi's cable: its bridge-side end, out of the host's reach."""
+    fleet.run(["ip", "link", "set", fleet.host(name).veth, "up" if up else "down"])
+
+
+def generations(name: str) -> list[str]:
+    return on_host(name).check_output("readlink -f /nix/var/nix/profiles/system-*-link").split()
+
+
+def assert_back_on(name: str, old: str, new: str) -> None:
+    assert current(name) == old
+    assert profile(name) == old
+    assert on_host(name).file("/boot/default-system").content_string.strip() == old
+    assert new not in generations(name)  # the new generation was removed
+
+
+def test_link_cut_during_a_slow_activation_and_restored_in_time_deploys(good):
+    wanted = configure("pi4", slowActivation="10")
+    with start_deploy("--limit", "pi4") as proc:
+        wait_for_state("pi4", "activating", 120)
+        cut("pi4", up=False)
+        time.sleep(7)
+        cut("pi4", up=True)
+        out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert current("pi4") == wanted and profile("pi4") == wanted
+    assert "pi4: deployed: switch" in out
+    assert "confirmed over a new SSH connection" in out
+
+
+def test_link_that_stays_cut_rolls_the_target_back_and_the_run_says_so(good):
+    old = good["pi4"]
+    wanted = configure("pi4", slowActivation="4")
+    with start_deploy("--limit", "pi4", *FAST) as proc:
+        wait_for_state("pi4", "activating", 120)
+        cut("pi4", up=False)
+        wait_for_state("pi4", "rolled-back", 60)  # the target, on its own, link still cut
+        time.sleep(3)
+        cut("pi4", up=True)
+        out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, out
+    assert "lost contact" in out and "reconnected after" in out
+    assert "pi4: rolled back: no confirmation within 10s" in out
+    assert_back_on("pi4", old, wanted)
+
+
+def test_config_that_takes_the_network_down_rolls_back_while_the_other_pi_deploys(good, tmp_path):
+    old = good["pi4"]
+    wanted = {"pi4": configure("pi4", breakNetwork=True), "pi5": configure("pi5")}
+    report_file = tmp_path / "summary.json"
+
+    result = deploy(*FAST, env={"NIXPUSH_REPORT_FILE": str(report_file)})
+
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "pi4: rolled back: no confirmation within 10s" in text
+    assert f"pi5: deployed: switch {wanted['pi5']}" in text
+    assert current("pi5") == wanted["pi5"]
+    assert_back_on("pi4", old, wanted["pi4"])
+    pi4 = on_host("pi4")
+    down = int(pi4.file("/run/bench-network-broken-at").content_string)
+    back = int(pi4.file("/run/bench-network-up-at").content_string)
+    print(f"pi4 network down -> back on its old system: {back - down}s")
+    assert back - down <= 10 + 10
+    report = json.loads(report_file.read_text())
+    assert report["hosts"]["pi4"]["status"] == "rolled-back"
+    assert report["hosts"]["pi4"]["cause"].startswith("no confirmation within 10s")
+    assert report["hosts"]["pi5"]["status"] == "deployed"
+
+
+def test_failing_activation_rolls_back_at_once(good):
+    old = good["pi4"]
+    wanted = configure("pi4", failActivation=True)
+    result = deploy("--limit", "pi4")
+    assert result.returncode == 1, output(result)
+    assert "pi4: rolled back: switch-to-configuration switch exited 4" in output(result)
+    assert "activate: activation script failed: bench-app.service did not start" in output(result)
+    assert_back_on("pi4", old, wanted)
+
+
+def test_failing_health_check_rolls_back_without_waiting(good, tmp_path):
+    old = good["pi4"]
+    inventory = tmp_path / "with_checks.py"
+    inventory.write_text(
+        "from tests.bench.inventory import _data, _fleet, common, main, minimal, network, server\n"
+        "_CHECKS = [{'name': 'bench-app', 'command': 'test -e /run/bench-app-healthy',\n"
+        "            'timeout': 5, 'retries': 1}]\n"
+        "def _with(members):\n"
+        "    return [(n, {**d, 'health_checks': _CHECKS}) if n == 'pi4' else (n, d)\n"
+        "            for n, d in members]\n"
+        "minimal, common, network = _with(minimal), _with(common), _with(network)\n"
+    )
+    wanted = configure("pi4")
+    started = time.monotonic()
+    result = deploy("--limit", "pi4", inventory=str(inventory))
+    took = time.monotonic() - started
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "pi4: rolled back: health check 'bench-app' failed after 2 attempts" in text
+    assert "health check sshd: units sshd.service active: skipped" in text  # minimal root's
+    assert_back_on("pi4", old, wanted)
+    assert took < 30 + 20  # rejected at once, not after the 30 s confirm_timeout... plus the run
+
+
+def test_sshd_refusing_new_logins_rolls_back(good):
+    old = good["pi4"]
+    wanted = configure("pi4", breakSsh=True)
+    result = deploy("--limit", "pi4", *FAST)
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "pi4: rolled back: a new SSH login to confirm failed" in text
+    assert "Permission denied" in text
+    assert_back_on("pi4", old, wanted)
+
+
+def test_without_rollback_a_failing_activation_stays_and_fails(good):
+    wanted = configure("pi4", failActivation=True)
+    result = deploy("--limit", "pi4", "--data", "rollback=false")
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "pi4: failed: switch-to-configuration switch exited 4 (rollback is off" in text
+    assert current("pi4") == wanted and profile("pi4") == wanted
+
+
+def test_deploy_action_rollback_returns_to_the_previous_generation(good):
+    old = good["pi4"]
+    new = configure("pi4")
+    assert deploy("--limit", "pi4").returncode == 0
+    assert current("pi4") == new
+
+    result = deploy("--limit", "pi4", "--data", "deploy_action=rollback")
+
+    assert result.returncode == 0, output(result)
+    assert f"pi4: deployed: rollback {old}" in output(result)
+    assert current("pi4") == old and profile("pi4") == old
+    assert new in generations("pi4")  # like nixos-rebuild --rollback: nothing is deleted
+
+
+def test_controller_killed_during_activation_the_target_rolls_back_alone(good):
+    old = good["pi4"]
+    wanted = configure("pi4", slowActivation="5")
+    with start_deploy("--limit", "pi4", *FAST) as proc:
+        wait_for_state("pi4", "activating", 120)
+        proc.kill()  # SIGKILL
+        proc.communicate(timeout=30)
+    took = wait_for_state("pi4", "rolled-back", 5 + 10 + 30)
+    print(f"controller killed -> pi4 back on its old system after {took:.1f}s")
+    assert_back_on("pi4", old, wanted)
+
+
+def test_no_change_run_arms_nothing_and_dry_run_says_what_would_be_armed(good):
+    before = run_dirs("pi4")
+    again = deploy("--limit", "pi4")
+    assert again.returncode == 0, output(again)
+    assert "activating detached" not in output(again)
+    assert run_dirs("pi4") == before
+
+    configure("pi4")
+    dry = pyinfra(BENCH_INVENTORY, PI, "--limit", "pi4", "--dry", env=bench_sops.env())
+    text = output(dry)
+    assert dry.returncode == 0, text
+    assert "[pi4] rollback armed: the target rolls back unless confirmed within 30s" in text
+    assert "[pi4] health check sshd: units sshd.service active" in text
+    assert run_dirs("pi4") == before

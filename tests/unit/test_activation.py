@@ -1,0 +1,345 @@
+"""Safe switching without a fleet: command builders (hostile values arrive quoted), the follow
+protocol, the outcome logic, data parsing, and the rolled-back status in summaries and reports."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pyinfra.api.command import QuoteString, StringCommand
+
+from operations import process
+from operations.fleet import FleetError
+from operations.health import HealthCheck
+from operations.models import Action, Plan, Safety
+from operations.process import SshTarget
+from operations.push import activate, switch
+from operations.push.activate import Outcome, judge
+from operations.push.switch import ActivationRun, SystemGenerations, parse_follow
+from operations.run import report
+from operations.summary import RunSummary
+
+OLD, NEW = "/nix/store/aaa-nixos-system-pi4-1", "/nix/store/bbb-nixos-system-pi4-2"
+HOSTILE = "/nix/store/x'; touch /tmp/pwned; echo '$(id)"
+
+
+def plan(action: str = "switch", desired: str = NEW, **kw: Any) -> Plan:
+    fields: dict[str, Any] = {
+        "target": "pi4", "builder": "nas", "attr": "f#x", "desired": desired,
+        "current": OLD, "profile": OLD, "action": action,
+    }  # fmt: skip
+    fields.update(kw)
+    fields["action"] = Action(fields["action"])
+    return Plan(**fields)
+
+
+def run_of(action: str = "switch", desired: str = NEW, systemd: bool = False) -> ActivationRun:
+    return ActivationRun(
+        id="20250101T000000-abcd", action=action, desired=desired, generation=None,
+        safety=Safety(confirm_timeout=30, activation_timeout=600), systemd=systemd,
+    )  # fmt: skip
+
+
+def argv(command: StringCommand) -> list[str]:
+    """The command as the target's shell splits it."""
+    return shlex.split(command.get_raw_value())
+
+
+# -- command builders ------------------------------------------------------------------
+
+
+def test_setsid_launch_installs_the_program_then_starts_it_in_a_new_session():
+    args = argv(switch.launch_command(run_of()))
+    assert args[:2] == ["sh", "-c"] and args[2] == switch.INSTALL
+    assert args[3:] == [
+        "nixpush-launch", "/run/nixpush/20250101T000000-abcd",
+        "setsid", "-f", "sh", "/run/nixpush/20250101T000000-abcd/program",
+        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600",
+    ]  # fmt: skip
+
+
+def test_systemd_launch_is_a_transient_unit_logging_to_the_journal():
+    args = argv(switch.launch_command(run_of(systemd=True)))
+    starter = args[5:]
+    assert starter[:8] == [
+        "systemd-run", "--unit=nixpush-switch-20250101T000000-abcd", "--collect",
+        "--no-ask-password", "--service-type=exec", "--quiet", "--setenv=PATH", "sh",
+    ]  # fmt: skip
+    assert "--pipe" not in args and "--wait" not in args
+    assert starter[8:] == [
+        "/run/nixpush/20250101T000000-abcd/program",
+        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600",
+    ]  # fmt: skip
+
+
+def test_hostile_values_arrive_as_single_arguments():
+    run = run_of(desired=HOSTILE)
+    assert HOSTILE in argv(switch.launch_command(run))
+    assert HOSTILE in argv(switch.launch_command(run_of(desired=HOSTILE, systemd=True)))
+    cause = "health check 'x; reboot' failed: $(id)\nsecond line"
+    rejected = argv(switch.reject_command(run, cause))
+    assert rejected[-1] == cause.replace("\n", " ")
+
+
+def test_the_launch_really_runs_hostile_values_as_data(tmp_path):
+    # The rendered command, run by a real shell with a stand-in starter, passes values intact.
+    run = ActivationRun(
+        id="x", action="switch", desired=HOSTILE, generation=None, safety=Safety(), systemd=False
+    )
+    command = StringCommand(
+        "sh", "-c", QuoteString(switch.INSTALL), "nixpush-launch",
+        QuoteString(str(tmp_path / "runs" / "x")),
+        "sh", "-c", QuoteString('printf "%s\\n" "$@" > "$0"'),
+        QuoteString(str(tmp_path / "args")), *switch.program_args(run),
+    )  # fmt: skip
+    subprocess.run(
+        ["sh", "-c", command.get_raw_value()], input="echo program", text=True, check=True
+    )
+    assert (tmp_path / "runs" / "x" / "program").read_text() == "echo program"
+    assert (tmp_path / "runs" / "x").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "args").read_text().splitlines()[2] == HOSTILE
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_rollback_action_switches_to_an_existing_generation():
+    rollback_plan = plan("rollback", attr="/nix/var/nix/profiles/system-11-link", desired=OLD)
+    run = ActivationRun.create(rollback_plan, Safety(), systemd=False)
+    assert (run.action, run.generation) == ("switch", 11)
+    assert [a.obj for a in switch.program_args(run)][1:5] == ["switch", OLD, "11", "1"]
+
+
+def test_boot_never_arms_a_rollback():
+    run = ActivationRun.create(plan("boot"), Safety(rollback=True), systemd=False)
+    assert not run.rolls_back
+    assert [a.obj for a in switch.program_args(run)][4] == "0"
+
+
+def test_follow_and_confirm_commands():
+    run = run_of(systemd=True)
+    assert argv(switch.follow_command(run, 12, "activating", 5))[3:] == [
+        "nixpush-follow", run.dir, "12", "activating", "5", run.unit,
+    ]  # fmt: skip
+    assert argv(switch.follow_command(run_of(), 0, "", 5))[-1] == ""  # no unit: the file
+    assert argv(switch.confirm_command(run)) == [
+        "sh", "-c", switch.CONFIRM, "nixpush-confirm", run.dir,
+    ]  # fmt: skip
+
+
+def test_fresh_ssh_uses_the_hosts_own_data_without_multiplexing():
+    target = SshTarget(
+        hostname="10.0.0.5", port=8023, user="beau", key="/k/id", known_hosts="/k/known",
+        strict="yes",
+    )  # fmt: skip
+    args = process.ssh_argv(target, switch.confirm_command(run_of()), sudo=True)
+    assert args[:15] == [
+        "ssh", "-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "BatchMode=yes",
+        "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=3",
+        "-o", "StrictHostKeyChecking=yes",
+    ]  # fmt: skip
+    assert args[15:-3] == [
+        "-p", "8023", "-l", "beau", "-i", "/k/id", "-o", "IdentitiesOnly=yes",
+        "-o", "UserKnownHostsFile=/k/known",
+    ]  # fmt: skip
+    assert args[-3:-1] == ["--", "10.0.0.5"]
+    # The remote command is quoted once for sudo's sh -c: the login shell sees one argument.
+    remote = shlex.split(args[-1])
+    assert remote[:4] == ["sudo", "-n", "sh", "-c"] and len(remote) == 5
+    assert shlex.split(remote[4])[-1] == run_of().dir
+
+
+def test_fresh_ssh_puts_a_hostile_hostname_after_the_option_end():
+    target = SshTarget(hostname="-oProxyCommand=touch /tmp/pwned")
+    args = process.ssh_argv(target, StringCommand("true"), sudo=False)
+    assert args[-3:] == ["--", "-oProxyCommand=touch /tmp/pwned", "true"]
+
+
+def test_ssh_target_from_pyinfra_data():
+    host = SimpleNamespace(
+        name="pi4",
+        data={"ssh_hostname": "h", "ssh_port": 22, "ssh_user": "u",
+              "ssh_strict_host_key_checking": "bogus"},
+    )  # fmt: skip
+    target = SshTarget.of(host)  # type: ignore[arg-type]
+    assert (target.hostname, target.port, target.user, target.strict) == ("h", 22, "u", "yes")
+    assert SshTarget.of(SimpleNamespace(name="pi5", data={})).strict == "accept-new"  # type: ignore[arg-type]
+
+
+def test_fresh_run_tells_a_refused_login_from_no_connection(monkeypatch):
+    answers = iter([(255, "ssh: connect to host h port 22: No route to host"),
+                    (255, "beau@h: Permission denied (publickey)."), (0, "ok")])  # fmt: skip
+
+    def fake(args: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
+        code, text = next(answers)
+        return subprocess.CompletedProcess(args, code, text, "")
+
+    monkeypatch.setattr(process, "run_local", fake)
+    target = SshTarget(hostname="h")
+    assert process.fresh_run(target, StringCommand("true"), sudo=False, timeout=1) is None
+    refused = process.fresh_run(target, StringCommand("true"), sudo=False, timeout=1)
+    assert refused == (False, ["beau@h: Permission denied (publickey)."])
+    assert process.fresh_run(target, StringCommand("true"), sudo=False, timeout=1) == (
+        True, ["ok"],
+    )  # fmt: skip
+
+
+# -- following and judging -------------------------------------------------------------
+
+
+def test_parse_follow_splits_output_from_status_at_the_last_mark():
+    progress = parse_follow([
+        "line 1", switch.STATUS_MARK, "fake=1", "line 2",
+        switch.STATUS_MARK, "state=awaiting-confirmation", "timeout=30",
+        f"current={NEW}", f"profile={NEW}",
+    ])  # fmt: skip
+    assert progress.lines == ["line 1", switch.STATUS_MARK, "fake=1", "line 2"]
+    assert progress.state == "awaiting-confirmation"
+    assert progress.status["current"] == NEW
+    assert parse_follow([]).state == "starting"
+
+
+def status(state: str, current: str = NEW, profile: str = NEW, cause: str = "") -> dict[str, str]:
+    return {"state": state, "current": current, "profile": profile, "cause": cause}
+
+
+@pytest.mark.parametrize(
+    ("the_plan", "the_status", "note", "expected"),
+    [
+        (plan(), status("confirmed"), "", Outcome("deployed")),
+        (plan("test"), status("confirmed", profile=OLD), "", Outcome("deployed")),
+        (plan("boot"), status("done", current=OLD), "", Outcome("deployed")),
+        (
+            plan(), status("confirmed", current=OLD), "",
+            Outcome("failed", f"after switch, /run/current-system is {OLD}"),
+        ),
+        (
+            plan(), status("rolled-back", OLD, OLD, "switch-to-configuration switch exited 4"), "",
+            Outcome("rolled-back", "switch-to-configuration switch exited 4"),
+        ),
+        (
+            plan(), status("rolled-back", OLD, OLD, "no confirmation within 30s"),
+            "a new SSH login to confirm failed: Permission denied",
+            Outcome(
+                "rolled-back",
+                "no confirmation within 30s (a new SSH login to confirm failed: Permission denied)",
+            ),
+        ),
+        (
+            plan(), status("rolled-back", NEW, OLD, "no confirmation within 30s"), "",
+            Outcome(
+                "failed", f"rolled back after no confirmation within 30s, but it now runs {NEW}"
+            ),
+        ),
+        (
+            plan(), status("rollback-failed", NEW, OLD, "switch-to-configuration switch exited 4"),
+            "", Outcome(
+                "failed",
+                "rolling back after switch-to-configuration switch exited 4 failed; "
+                f"it now runs {NEW}",
+            ),
+        ),
+        (
+            plan(), status("failed", NEW, NEW, "switch-to-configuration switch exited 4"), "",
+            Outcome(
+                "failed",
+                "switch-to-configuration switch exited 4 (rollback is off: the new system stays); "
+                f"it now runs {NEW}",
+            ),
+        ),
+        (
+            plan(), {"state": "missing"}, "",
+            Outcome("failed", "the activation did not start on the target"),
+        ),
+    ],
+)  # fmt: skip
+def test_judge(the_plan, the_status, note, expected):
+    assert judge(the_plan, the_status, note) == expected
+
+
+# -- data, facts, --dry ----------------------------------------------------------------
+
+
+def fake_host(**data: Any) -> Any:
+    return SimpleNamespace(name="pi4", data=data)
+
+
+def test_safety_defaults_and_boot():
+    assert activate.safety_for(fake_host(), "switch") == Safety(True, 30, 600)
+    assert activate.safety_for(fake_host(), "boot").rollback is False
+    parsed = activate.safety_for(
+        fake_host(rollback="false", confirm_timeout="12", activation_timeout=90), "test"
+    )
+    assert parsed == Safety(False, 12, 90)
+
+
+def test_bad_safety_data_names_host_key_and_fix():
+    with pytest.raises(FleetError) as error:
+        activate.safety_for(fake_host(rollback="maybe", confirm_timeout=0), "switch")
+    assert error.value.problems == (
+        "pi4: rollback is 'maybe'; set it to True or False",
+        "pi4: confirm_timeout is 0; set it to seconds, from 1 to 86400",
+    )
+
+
+def test_system_generations_fact():
+    fact = SystemGenerations()
+    found = fact.process([
+        f"/nix/var/nix/profiles/system-11-link {OLD}",
+        f"/nix/var/nix/profiles/system-12-link {NEW}",
+        "current system-12-link",
+    ])  # fmt: skip
+    assert found == {"current": 12, "paths": {11: OLD, 12: NEW}}
+    assert fact.process(["current"]) == {"current": None, "paths": {}}
+
+
+def test_describe_says_what_is_armed_and_which_checks_run():
+    check = HealthCheck(name="sshd", kind="units", units=("sshd.service",))
+    assert activate.describe(plan(), Safety(), [check]) == [
+        "rollback armed: the target rolls back unless confirmed within 30s over a new SSH "
+        "login; activation timeout 600s",
+        "health check sshd: units sshd.service active",
+    ]
+    assert activate.describe(plan("boot"), Safety(rollback=False), [])[0].startswith(
+        "no automatic rollback for boot"
+    )
+    assert activate.describe(plan(current=NEW, profile=NEW), Safety(), [check]) == []
+
+
+# -- summary and report ----------------------------------------------------------------
+
+
+def test_summary_reports_rolled_back_apart_from_failed_and_deployed():
+    class Host:
+        def __init__(self, name: str) -> None:
+            self.name, self.connected = name, True
+
+    hosts = [Host(n) for n in ("pi4", "pi5", "pi6")]
+    state = SimpleNamespace(
+        inventory=hosts, failed_hosts={hosts[0], hosts[2]}, current_stage=99,
+        is_host_in_limit=lambda h: True,
+    )  # fmt: skip
+    summary = RunSummary(state)  # type: ignore[arg-type]
+    for name in ("pi4", "pi5", "pi6"):
+        summary.planned(plan(target=name))
+    summary.rolled_back("pi4", "no confirmation within 30s")
+    summary.fail("pi6", "rolling back failed")
+    assert summary.outcomes() == {
+        "pi4": ("rolled-back", "no confirmation within 30s"),
+        "pi5": ("deployed", f"switch {NEW}"),
+        "pi6": ("failed", "rolling back failed"),
+    }
+    assert "pi4: rolled back: no confirmation within 30s" in summary.lines()
+    assert summary.report()["hosts"]["pi4"]["status"] == "rolled-back"
+
+
+def test_run_report_keeps_rolled_back_and_fails_the_run():
+    entry = {"status": "rolled-back", "cause": "no confirmation within 30s", "action": "switch",
+             "current": OLD, "profile": OLD, "desired": NEW}  # fmt: skip
+    hosts = report.host_outcomes({"hosts": {"pi4": entry}}, None, "", executed=True)
+    assert hosts["pi4"].status == "rolled-back"
+    assert hosts["pi4"].paths["after"] == {"current": OLD, "profile": OLD}
+    deploy = report.DeployResult("deploys/pi.py", 1, 1.0, hosts)
+    merged = report.merge_hosts([deploy])
+    assert report.exit_code("deploy", [deploy], merged) == report.ExitCode.FAILED

@@ -1,0 +1,121 @@
+"""Health checks without a fleet: parsing, merging across roots, commands, retries."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from operations import health
+from operations.fleet import FleetError
+from operations.health import HealthCheck, check_command, parse_check, run_checks
+
+PI = ("pi4", {"nix_system": "aarch64-linux"})
+
+
+def test_parse_each_kind_with_defaults():
+    assert parse_check({"command": "true"}) == (
+        HealthCheck(name="command true", kind="command", command="true"),
+        [],
+    )
+    units, _ = parse_check({"name": "sshd", "units": "sshd.service", "retries": 0})
+    assert units == HealthCheck(name="sshd", kind="units", units=("sshd.service",), retries=0)
+    url, _ = parse_check({"url": "http://127.0.0.1:8384/rest/noauth/health", "timeout": 3})
+    assert url is not None and (url.kind, url.timeout) == ("url", 3)
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ({}, "needs exactly one of command, units, url"),
+        ({"command": "a", "url": "http://x"}, "needs exactly one of command, units, url"),
+        ({"units": ["ssh d"]}, "units is ['ssh d']"),
+        ({"url": "file:///etc/shadow"}, "url is 'file:///etc/shadow'"),
+        ({"command": "true", "timeout": 0}, "timeout is 0; set it to a whole number from 1"),
+        ({"command": "true", "retries": True}, "retries is True"),
+        ({"command": "true", "every": 3}, "has unknown fields every"),
+    ],
+)
+def test_bad_entries_say_what_to_fix(entry, problem):
+    check, problems = parse_check(entry)
+    assert check is None
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_checks_merge_across_roots_and_host_data_overrides(write_inventory):
+    inventory = write_inventory(
+        {
+            "minimal": [PI],
+            "network": [("pi4", {"health_checks": [{"name": "sshd", "units": ["x.service"]}]})],
+        },
+        group_data={
+            "minimal": 'health_checks = [{"name": "sshd", "units": ["sshd.service"]}]\n',
+            "network": 'health_checks = [{"name": "tailnet", "command": "tailscale status"}]\n',
+        },
+    )  # fmt: skip
+    checks = health.host_health_checks(inventory.get_host("pi4"))
+    assert [(c.name, c.units or c.command) for c in checks] == [
+        ("sshd", ("x.service",)),
+        ("tailnet", "tailscale status"),
+    ]
+
+
+def test_two_roots_defining_one_check_differently_is_an_error(write_inventory):
+    inventory = write_inventory(
+        {"minimal": [PI], "network": [PI]},
+        group_data={
+            "minimal": 'health_checks = [{"name": "web", "url": "http://a/"}]\n',
+            "network": 'health_checks = [{"name": "web", "url": "http://b/"}]\n',
+        },
+    )
+    with pytest.raises(FleetError) as error:
+        health.host_health_checks(inventory.get_host("pi4"))
+    assert "defines check 'web' differently from group minimal" in error.value.message
+
+
+def test_commands_quote_hostile_values():
+    hostile = "http://x/'; touch /tmp/pwned; echo '"
+    command = check_command(HealthCheck(name="w", kind="url", url=hostile, timeout=4))
+    args = shlex.split(command.get_raw_value())
+    assert args[:2] == ["sh", "-c"] and args[3:] == ["nixpush-health", hostile, "4"]
+    units = check_command(HealthCheck(name="u", kind="units", units=("a.service", "b@x.service")))
+    assert shlex.split(units.get_raw_value()) == [
+        "timeout", "10", "systemctl", "is-active", "--quiet", "--", "a.service", "b@x.service",
+    ]  # fmt: skip
+    own = check_command(HealthCheck(name="c", kind="command", command="test -e /run/ok && true"))
+    assert shlex.split(own.get_raw_value()) == [
+        "timeout", "10", "sh", "-c", "test -e /run/ok && true",
+    ]  # fmt: skip
+
+
+def test_run_checks_retries_skips_units_without_systemd_and_names_the_failure():
+    answers = iter([(False, ["connection refused"]), (True, []), None, (False, [])])
+    calls, logged, slept = [], [], []
+
+    def run(command, timeout):
+        calls.append(command)
+        return next(answers)
+
+    checks = [
+        HealthCheck(name="sshd", kind="units", units=("sshd.service",)),
+        HealthCheck(name="web", kind="url", url="http://127.0.0.1/", retries=1),
+        HealthCheck(name="app", kind="command", command="false", retries=1),
+    ]
+    cause = run_checks(checks, systemd=False, run=run, log=logged.append, sleep=slept.append)
+    assert cause == "health check 'app' failed after 2 attempts: failed without output"
+    assert len(calls) == 4 and slept == [2.0, 2.0]
+    assert (
+        logged[0]
+        == "health check sshd: units sshd.service active: skipped, the target has no systemd"
+    )
+    assert logged[1] == "health check web: GET http://127.0.0.1/: passed"
+
+
+def test_owner_roots_declare_valid_checks():
+    # group_data is plain Python: every root's checks parse.
+    import importlib
+
+    for root in ("minimal", "common", "network", "main", "work", "gaming", "server"):
+        module = importlib.import_module(f"group_data.{root}")
+        for entry in getattr(module, "health_checks", []):
+            assert parse_check(entry)[1] == [], (root, entry)
