@@ -89,6 +89,19 @@ def test_push_deploy_switches_the_systemd_pi(ready):
     activations = on_host(SD.name).file("/run/bench-activations").content_string
     assert activations.splitlines()[-1] == f"switch {wanted} aarch64"
     assert f"{SD.name}: deployed: switch {wanted}" in output(result)
+    # The switch ran in a transient unit, not in the SSH session; its output is in the journal.
+    started = [
+        line
+        for line in output(result).splitlines()
+        if "activating detached from this session" in line
+    ]
+    assert len(started) == 1 and "(systemd unit nixpush-switch-" in started[0], output(result)
+    unit = started[0].split("(systemd unit ", 1)[1].split(")", 1)[0]
+    journal = sudo(["journalctl", "-u", unit, "--no-pager", "-o", "cat"])
+    assert f"nixpush: switch {wanted}" in journal
+    assert "nixpush: confirmed" in journal
+    # Health checks ran for real there (the roots' unit checks, as this host names them).
+    assert f"health check sshd: units {systemd_host.SSHD_UNIT} active: passed" in output(result)
 
 
 def test_systemd_run_over_ssh_with_sudo_runs_detached_and_logs_to_the_journal(bench):
