@@ -256,3 +256,47 @@ def test_no_change_run_arms_nothing_and_dry_run_says_what_would_be_armed(good):
     assert "[pi4] rollback armed: the target rolls back unless confirmed within 30s" in text
     assert "[pi4] health check sshd: units sshd.service active" in text
     assert run_dirs("pi4") == before
+
+
+@pytest.fixture
+def web_on_pi4() -> Iterator[str]:
+    """A tiny HTTP server inside pi4 (its own namespaces), on its loopback only: the URL."""
+    server = subprocess.Popen(
+        fleet.in_host(fleet.host("pi4"), ["/usr/bin/python3", "-m", "http.server", "18384",
+                                          "--bind", "127.0.0.1", "--directory", "/"]),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield "http://127.0.0.1:18384/"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_url_health_checks_are_fetched_on_the_target(good, web_on_pi4, tmp_path):
+    def inventory(url: str) -> str:
+        path = tmp_path / f"url_{len(list(tmp_path.iterdir()))}.py"
+        path.write_text(
+            "from tests.bench.inventory import _data, _fleet, common, main, minimal, network\n"
+            "from tests.bench.inventory import server\n"
+            f"_CHECKS = [{{'name': 'web', 'url': {url!r}, 'timeout': 3, 'retries': 1}}]\n"
+            "def _with(members):\n"
+            "    return [(n, {**d, 'health_checks': _CHECKS}) if n == 'pi4' else (n, d)\n"
+            "            for n, d in members]\n"
+            "minimal, common, network = _with(minimal), _with(common), _with(network)\n"
+        )
+        return str(path)
+
+    # Served on pi4's own loopback (the controller could not reach it): passes, deployed.
+    wanted = configure("pi4")
+    result = deploy("--limit", "pi4", inventory=inventory(web_on_pi4))
+    assert result.returncode == 0, output(result)
+    assert f"health check web: GET {web_on_pi4}: passed" in output(result)
+    assert current("pi4") == wanted
+
+    # Nothing listens there: no confirmation, back to the system it ran.
+    broken = configure("pi4")
+    result = deploy("--limit", "pi4", inventory=inventory("http://127.0.0.1:18385/"))
+    assert result.returncode == 1, output(result)
+    assert "pi4: rolled back: health check 'web' failed after 2 attempts" in output(result)
+    assert_back_on("pi4", wanted, broken)
