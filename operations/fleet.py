@@ -15,9 +15,9 @@ Deploy files start with:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyinfra.api.exceptions import PyinfraError
 
@@ -27,6 +27,8 @@ from operations.systems import KNOWN_SYSTEMS, natively_built
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.inventory import Inventory
+
+E = TypeVar("E")
 
 ROOTS: tuple[str, ...] = ("minimal", "common", "network", "main", "work", "gaming", "server")
 DEPLOY_ACTIONS = ACTIONS
@@ -176,6 +178,49 @@ def data_sources(host: Host, key: str) -> list[tuple[str, Any, bool]]:
         ("--data", inventory.override_data, True),
     ]
     return [(where, data[key], overrides) for where, data, overrides in places if key in data]
+
+
+def merged_entries(
+    host: Host,
+    key: str,
+    parse: Callable[[Any], tuple[E | None, list[str]]],
+    identity: Callable[[E], str],
+    claim: Callable[[E], str],
+    *,
+    lone_entry_ok: bool = False,
+) -> list[E]:
+    """
+    The entries of list-valued data ``key`` (``secrets``, ``health_checks``) from every place
+    ``host``'s data sets it (``data_sources``), parsed and merged by ``identity``: host data and
+    ``--data`` replace an entry with the same identity; two groups declaring one differently is
+    an error (``claim(entry)`` says what it declares, e.g. "installs /x"). Raises ``FleetError``
+    naming every problem, the host, the entry and the fix.
+    """
+    merged: dict[str, tuple[str, E]] = {}
+    problems: list[str] = []
+    for where, value, overrides in data_sources(host, key):
+        if lone_entry_ok and isinstance(value, Mapping):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            problems.append(f"{host.name}: {key} in {where} is {value!r}; set it to a list")
+            continue
+        for index, raw in enumerate(value):
+            entry, entry_problems = parse(raw)
+            label = f"{host.name}: {key}[{index}] in {where}"
+            problems.extend(f"{label} {problem}" for problem in entry_problems)
+            if entry is None:
+                continue
+            previous = merged.get(identity(entry))
+            if previous is not None and previous[1] != entry and not overrides:
+                problems.append(
+                    f"{label} {claim(entry)} differently from {previous[0]}; "
+                    "declare it in one group, or set it in host data to override"
+                )
+                continue
+            merged[identity(entry)] = (where, entry)
+    if problems:
+        raise FleetError(problems)
+    return [entry for _, entry in merged.values()]
 
 
 def _listed(names: Iterable[str]) -> str:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from pyinfra.api.command import QuoteString, StringCommand
 
-from operations.fleet import FleetError, data_sources
+from operations.fleet import merged_entries
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -174,33 +174,14 @@ def host_health_checks(host: Host) -> list[HealthCheck]:
 
         [c.name for c in host_health_checks(inventory.get_host("pi4"))]  # ["sshd", ...]
     """
-    merged: dict[str, tuple[str, HealthCheck]] = {}
-    problems: list[str] = []
-    for where, value, overrides in data_sources(host, "health_checks"):
-        if isinstance(value, Mapping):
-            value = [value]
-        if not isinstance(value, list | tuple):
-            problems.append(
-                f"{host.name}: health_checks in {where} is {value!r}; set it to a list of checks"
-            )
-            continue
-        for index, entry in enumerate(value):
-            check, entry_problems = parse_check(entry)
-            label = f"{host.name}: health_checks[{index}] in {where}"
-            problems.extend(f"{label} {problem}" for problem in entry_problems)
-            if check is None:
-                continue
-            previous = merged.get(check.name)
-            if previous is not None and previous[1] != check and not overrides:
-                problems.append(
-                    f"{label} defines check {check.name!r} differently from {previous[0]}; "
-                    "declare it in one group, or set it in host data to override"
-                )
-                continue
-            merged[check.name] = (where, check)
-    if problems:
-        raise FleetError(problems)
-    return [check for _, check in merged.values()]
+    return merged_entries(
+        host,
+        "health_checks",
+        parse_check,
+        lambda c: c.name,
+        lambda c: f"defines check {c.name!r}",
+        lone_entry_ok=True,
+    )
 
 
 # -- running ---------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from operations.files import (
     chown_file,
     write_file,
 )
-from operations.fleet import FleetError, data_sources
+from operations.fleet import merged_entries
 from operations.sops import KeyPath, Plaintext, SopsError, decrypt, key_path_text, parse_key_path
 
 if TYPE_CHECKING:
@@ -203,31 +203,9 @@ def host_secrets(host: Host) -> list[Secret]:
         [s.dest for s in host_secrets(inventory.get_host("nas"))]
         # ["/run/secrets/headscale-pre-auth", "/etc/nixpush/deploy_ed25519", ...]
     """
-    merged: dict[str, tuple[str, Secret]] = {}
-    problems: list[str] = []
-    for where, value, overrides in data_sources(host, "secrets"):
-        if not isinstance(value, list | tuple):
-            problems.append(
-                f"{host.name}: secrets in {where} is {value!r}; set it to a list of entries"
-            )
-            continue
-        for index, entry in enumerate(value):
-            secret, entry_problems = parse_secret(entry)
-            label = f"{host.name}: secrets[{index}] in {where}"
-            problems.extend(f"{label} {problem}" for problem in entry_problems)
-            if secret is None:
-                continue
-            previous = merged.get(secret.dest)
-            if previous is not None and previous[1] != secret and not overrides:
-                problems.append(
-                    f"{label} installs {secret.dest} differently from {previous[0]}; "
-                    "declare it in one group, or set it in host data to override"
-                )
-                continue
-            merged[secret.dest] = (where, secret)
-    if problems:
-        raise FleetError(problems)
-    return [secret for _, secret in merged.values()]
+    return merged_entries(
+        host, "secrets", parse_secret, lambda s: s.dest, lambda s: f"installs {s.dest}"
+    )
 
 
 # Planning: decrypt and check on the controller before anything runs
