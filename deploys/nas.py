@@ -48,14 +48,7 @@ else:
 
 # Pull builds: targets with builder_user run their builds here over ssh-ng (deploys/pull.py
 # configures their side). Their client keys come from sops, decrypted now (prepare time).
-pulling = pull.pulling_targets(specs, host.name)
-for user in dict.fromkeys(target.builder_user for target in pulling):
-    assert user is not None
-    keys = [
-        pull.pull_client_key(state.inventory.get_host(target.name), host.name)
-        for target in pulling
-        if target.builder_user == user
-    ]
+for user, keys in pull.client_keys_by_user(state.inventory, specs, host.name).items():
     if runs_nixos():
         pull.check_nixos_ssh_serve(
             name=f"Check nix.sshServe for {user} (NixOS)", user=user, keys=keys
