@@ -101,6 +101,8 @@ def nix_value(value: object, indent: int | None = None, level: int = 0) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, str):
+        if indent is not None and _multiline(value):
+            return _indented_string(value, " " * (indent * (level + 1)), " " * (indent * level))
         return nix_string(value)
     if isinstance(value, Mapping):
         items = [
@@ -113,11 +115,28 @@ def nix_value(value: object, indent: int | None = None, level: int = 0) -> str:
     raise TypeError(f"no Nix value for {type(value).__name__}: {value!r}")
 
 
+# A list or attribute set this short, with nothing nested over lines, stays on one line.
+_ONE_LINE = 72
+
+
+def _multiline(text: str) -> bool:
+    return text.endswith("\n") and text.count("\n") > 1 and not any(c in text for c in "\r\t\0")
+
+
+def _indented_string(text: str, inner: str, outer: str) -> str:
+    """A two-single-quote string, a line each (in it, two quotes are written as three and
+    ``${`` as two quotes then ``${``)."""
+    escaped = text.replace("''", "'''").replace("${", "''${")
+    lines = "".join(f"{inner}{line}\n" if line else "\n" for line in escaped.split("\n")[:-1])
+    return f"''\n{lines}{outer}''"
+
+
 def _block(opening: str, items: list[str], closing: str, indent: int | None, level: int) -> str:
     if not items:
         return f"{opening} {closing}"
-    if indent is None:
-        return f"{opening} {' '.join(items)} {closing}"
+    one_line = f"{opening} {' '.join(items)} {closing}"
+    if indent is None or (len(one_line) <= _ONE_LINE and "\n" not in one_line):
+        return one_line
     inner = " " * (indent * (level + 1))
     outer = " " * (indent * level)
     return opening + "".join(f"\n{inner}{item}" for item in items) + f"\n{outer}{closing}"

@@ -8,7 +8,7 @@ NixOS); a host that lacks something fails, naming the options to set.
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.exceptions import OperationError
@@ -16,9 +16,11 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 from typing_extensions import override
 
+from operations import binfmt, nix, pull
 from operations.binfmt import MissingPaths
 from operations.failures import fail_host
 from operations.files import ACCOUNT_NAME, LinesFact, LinesOfFile
+from operations.fleet import HostSpec
 from operations.nixexpr import attr_path_of, nix_value
 from operations.nixos import nixos_options_error
 from operations.schedule import MODES, UNIT_DIR, unit_names
@@ -132,3 +134,27 @@ def check_nixos_timers(
         host.noop(f"{host.name} runs NixOS and already has {', '.join(sorted(units))}")
     else:
         host.noop(f"{host.name} runs NixOS and has no nixpush units, as scheduled")
+
+
+def check_nixos_builder(spec: HostSpec, served: Mapping[str, Sequence[str]]) -> None:
+    """
+    Add the operations that check a NixOS builder (deploy code): Nix settings first (its
+    failure names every option, boot.binfmt.emulatedSystems included, in one message), then
+    the QEMU handlers, then ``nix.sshServe`` for each builder user's pulling targets.
+
+    + spec: the builder's ``HostSpec``
+    + served: builder user -> the pulling targets' client keys (``pull.client_keys_by_user``)
+    """
+    systems = list(spec.binfmt_emulated_systems)
+    nix.nix_settings(
+        name="Check Nix builds for the emulated systems (NixOS)",
+        systems=systems,
+        max_jobs=spec.nix_max_jobs,
+    )
+    binfmt.emulated_systems(
+        name="Check QEMU binfmt handlers (NixOS)", systems=systems, native_system=spec.nix_system
+    )
+    for user, keys in served.items():
+        pull.check_nixos_ssh_serve(
+            name=f"Check nix.sshServe for {user} (NixOS)", user=user, keys=list(keys)
+        )
