@@ -359,7 +359,7 @@ def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraC
 
     .. code:: python
 
-        nix.trusted_public_key(key="nas-1:8Kf...=")
+        nix.trusted_public_key(key="nas-nixpush-1:8Kf...=")
     """
     _check_public_key(key)
     config = host.get_fact(NixConfig)
