@@ -178,6 +178,12 @@ def nixos_hosts(fragments: dict[str, Path]) -> Iterator[dict[str, nixos.Snapshot
         PI: nixos.Snapshot(pi, [NIXOS_MARKER, NIX_CONF, authorized, *written[PI]]),
     }
     sshd_before = fleet.sshd_options(pi)["AuthorizedKeysFile"]
+    new_dirs = {
+        h.name: [
+            d for d in ("/etc/ssh/authorized_keys.d",) if not nixos.shell(h, f"ls -d {d} || true")
+        ]
+        for h in (nas, pi)
+    }
     try:
         for h, options in ((nas, nas_options), (pi, pi_options)):
             base = fleet.nix_conf_text(h).splitlines()
@@ -205,6 +211,8 @@ def nixos_hosts(fragments: dict[str, Path]) -> Iterator[dict[str, nixos.Snapshot
             nixos.shell(fleet.host(name), f"chown {fleet.host(name).user}: {authorized}"
                         if name == PI else "true")  # fmt: skip
             nixos.restart_nix_daemon(fleet.host(name))
+            for directory in new_dirs[name]:
+                nixos.shell(fleet.host(name), f"rmdir {directory}")
             assert snapshot.unchanged()
 
 
