@@ -18,6 +18,9 @@ _FLEET_WIDE = {
     "sops_file": _SOPS_FILE,
     # pyinfra defaults to accept-new and ignores ssh_config's StrictHostKeyChecking.
     "ssh_strict_host_key_checking": "yes",
+    # Where deploys/nixos_config.py writes each host's NixOS fragment: inside the flake, so
+    # hosts/<host>/default.nix can import ../../nixpush/<host>.nix (git add them).
+    "nixos_fragments_dir": "/home/beau/nixos-config/nixpush",
 }
 
 # Host name -> roots and data. The owner edits addresses here.
