@@ -18,6 +18,9 @@ _FLEET_WIDE = {
     "sops_file": _SOPS_FILE,
     # pyinfra defaults to accept-new and ignores ssh_config's StrictHostKeyChecking.
     "ssh_strict_host_key_checking": "yes",
+    # Where deploys/nixos_config.py writes each host's NixOS fragment: inside the flake, so
+    # hosts/<host>/default.nix can import ../../nixpush/<host>.nix (git add them).
+    "nixos_fragments_dir": "/home/beau/nixos-config/nixpush",
 }
 
 # Host name -> roots and data. The owner edits addresses here.
@@ -61,18 +64,11 @@ _FLEET = {
             "ssh_user": "beau",
             "_sudo": True,
             "builder_host": "nas",
-            # Pull builds (deploys/pull.py): pi4 builds on nas as nix-ssh, with this key.
-            "builder_user": "nix-ssh",
-            "builder_port": 22,
-            "secrets": [
-                {
-                    "key": "ssh/pi4_builder",
-                    "dest": "/root/.ssh/nixpush_builder",
-                    "owner": "root",
-                    "group": "root",
-                    "mode": "0600",
-                },
-            ],
+            # Pull builds (deploys/pull.py), off until you want them: pi4 would build on nas
+            # as nix-ssh with the key `ssh/pi4_builder` from secrets.yaml. To turn them on,
+            # add that key to secrets.yaml and uncomment these two lines (README "Pull builds"):
+            # "builder_user": "nix-ssh",
+            # "secrets": [{"key": "ssh/pi4_builder", "dest": "/root/.ssh/nixpush_builder"}],
             # The builder verifies pi4's host key before pushing (never accept-new). Fill in the
             # key's type and base64 from `ssh-keyscan -p 8023 -t ed25519 192.168.1.122`,
             # checked against the Pi's /etc/ssh/ssh_host_ed25519_key.pub out of band:

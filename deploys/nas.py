@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pyinfra.context import host, state
 
-from operations import binfmt, nix, pull
+from operations import binfmt, nix, nixos_checks, pull
 from operations.fleet import builders
 from operations.nixos import runs_nixos
 from operations.start import start_deploy
@@ -17,21 +17,15 @@ specs = start_deploy(state).specs
 spec = specs[host.name]
 systems = list(spec.binfmt_emulated_systems)
 
+# Pull builds: targets with builder_user run their builds here over ssh-ng (deploys/pull.py
+# configures their side). Their client keys come from sops, decrypted now (prepare time).
+served = pull.client_keys_by_user(state.inventory, specs, host.name)
+
 if host.name not in builders(specs):
     host.noop(f"{host.name} builds for nobody")
 elif runs_nixos():
-    # Both only check on NixOS. Nix first: its failure names every option to set
-    # (boot.binfmt.emulatedSystems included) in one message instead of one per run.
-    nix.nix_settings(
-        name="Check Nix builds for the emulated systems (NixOS)",
-        systems=systems,
-        max_jobs=spec.nix_max_jobs,
-    )
-    binfmt.emulated_systems(
-        name="Check QEMU binfmt handlers (NixOS)",
-        systems=systems,
-        native_system=spec.nix_system,
-    )
+    # Only checks on NixOS (/etc is generated): the host's fragment holds the options.
+    nixos_checks.check_nixos_builder(spec, served)
 else:
     # QEMU first: a host it cannot be set up on (no apt-get, a foreign /etc/binfmt.d file)
     # fails before nix.conf changes, so nothing is half-applied.
@@ -45,22 +39,7 @@ else:
         systems=systems,
         max_jobs=spec.nix_max_jobs,
     )
-
-# Pull builds: targets with builder_user run their builds here over ssh-ng (deploys/pull.py
-# configures their side). Their client keys come from sops, decrypted now (prepare time).
-pulling = pull.pulling_targets(specs, host.name)
-for user in dict.fromkeys(target.builder_user for target in pulling):
-    assert user is not None
-    keys = [
-        pull.pull_client_key(state.inventory.get_host(target.name), host.name)
-        for target in pulling
-        if target.builder_user == user
-    ]
-    if runs_nixos():
-        pull.check_nixos_ssh_serve(
-            name=f"Check nix.sshServe for {user} (NixOS)", user=user, keys=keys
-        )
-    else:
+    for user, keys in served.items():
         pull.builder_account(name=f"Create the remote-build user {user}", user=user)
         pull.builder_authorized_keys(
             name=f"Let the pulling targets' keys run nix-daemon as {user}", user=user, keys=keys

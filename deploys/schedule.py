@@ -8,7 +8,9 @@ and ``.timer`` for each mode in ``runs``, then (only when a file changed) ``syst
 daemon-reload`` and ``enable --now`` of the timers; modes not in ``runs`` are removed. With
 ``enabled: False`` (or no ``schedule``) any nixpush units are stopped, disabled and removed. A host
 without systemd fails with the cron line to use instead (``activate: False`` writes the files
-only). The data is described in ``operations/schedule.py``.
+only). On NixOS (``/etc/NIXOS``) nothing is written: the units come from the host's generated
+fragment (``deploys/nixos_config.py``), and the host fails unless it already runs them. The
+data is described in ``operations/schedule.py``.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 from pyinfra.context import host, state
 from pyinfra.facts.files import Directory
 
-from operations import failures, schedule
+from operations import failures, nixos_checks, schedule
 from operations.models import SYSTEMD_RUNNING
+from operations.nixos import runs_nixos
 from operations.start import start_deploy
 
 start_deploy(state)
@@ -27,7 +30,11 @@ unwanted = [
     unit for mode in schedule.MODES for unit in schedule.unit_names(mode) if unit not in units
 ]
 
-if units and wanted.activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
+if runs_nixos():
+    # /etc is generated: nothing is written (no units, no crontab line). The host's generated
+    # fragment holds the same units; this checks the running system has them.
+    nixos_checks.check_nixos_timers(name="Check nixpush's schedule (NixOS)", units=units)
+elif units and wanted.activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
     # Nothing is written: unit files no systemd runs would look installed and never run.
     failures.unable(
         name="Fail: no systemd for the schedule",

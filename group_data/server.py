@@ -23,7 +23,7 @@ secrets = [
         "mode": "0600",
     },
     {
-        # Nix signing secret key (`nix key generate-secret --key-name nas-1`).
+        # Nix signing secret key (`nix key generate-secret --key-name nas-nixpush-1`).
         "key": "nix/nas_signing_key",
         "dest": "/etc/nixpush/signing-key.sec",
         "owner": "root",

@@ -359,7 +359,7 @@ def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraC
 
     .. code:: python
 
-        nix.trusted_public_key(key="nas-1:8Kf...=")
+        nix.trusted_public_key(key="nas-nixpush-1:8Kf...=")
     """
     _check_public_key(key)
     config = host.get_fact(NixConfig)
@@ -370,7 +370,8 @@ def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraC
         if key in (config.get("trusted-public-keys") or []):
             host.noop(f"{host.name} runs NixOS and its Nix already trusts {key}")
         else:
-            option = f"nix.settings.trusted-public-keys = {nix_list([key])};"
+            # extra-: trusted-public-keys itself would replace the default (cache.nixos.org).
+            option = f"nix.settings.extra-trusted-public-keys = {nix_list([key])};"
             yield fail_host(nixos_options_error(host.name, [option]))
         return
 

@@ -6,13 +6,16 @@ host naming the options to set (``nixos_options_error``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from pyinfra.context import host
 from pyinfra.facts.files import File
 
+from operations.nixexpr import nix_value
+
 NIXOS_MARKER = "/etc/NIXOS"
+# Where NixOS puts each user's users.users.<name>.openssh.authorizedKeys (sshd reads it there).
+NIXOS_AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys.d"
 
 
 def runs_nixos() -> bool:
@@ -22,10 +25,14 @@ def runs_nixos() -> bool:
 
 def nix_list(values: Sequence[str]) -> str:
     """A Nix list literal of strings: ``nix_list(["a"]) == '[ "a" ]'``."""
-    return "[ " + " ".join(json.dumps(value) for value in values) + " ]"
+    return nix_value(list(values))
 
 
 def nixos_options_error(host_name: str, options: Sequence[str]) -> str:
     """The failure for a NixOS host missing ``options`` (each ``"option = value;"``)."""
     wanted = " and ".join(options)
-    return f"{host_name} runs NixOS: set {wanted} in its configuration, then rebuild it"
+    return (
+        f"{host_name} runs NixOS: set {wanted} in its configuration, then rebuild it "
+        f"(`pyinfra inventory.py deploys/nixos_config.py` writes them to {host_name}'s "
+        "generated fragment, which its configuration imports)"
+    )

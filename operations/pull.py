@@ -51,16 +51,16 @@ from operations.fleet import FleetError, HostSpec
 from operations.keys import PULL_KEY_PATH, parse_public_key
 from operations.keys import pull_client_key as _client_key
 from operations.nix import MACHINES_FILE, NixConfig
-from operations.nixos import nix_list, nixos_options_error
+from operations.nixexpr import nix_value
+from operations.nixos import NIXOS_AUTHORIZED_KEYS_DIR, nixos_options_error
 from operations.ssh import UserAccount
 from operations.systems import KNOWN_SYSTEMS
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
+    from pyinfra.api.inventory import Inventory
 
 SSH_CONFIG_DIR = "/etc/ssh/ssh_config.d"
-# NixOS's nix.sshServe writes the builder user's keys here (openssh.authorizedKeys.keys).
-NIXOS_AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys.d"
 PULL_FEATURES = ("nixos-test", "benchmark", "big-parallel")
 # The comment closing each authorized_keys line nixpush writes: how it finds its own lines.
 KEY_COMMENT = "nixpush-pull:"
@@ -189,20 +189,30 @@ class BuildMachine:
     def ssh_config_path(self) -> str:
         return f"{SSH_CONFIG_DIR}/{self.alias}.conf"
 
+    def nixos_build_machine(self) -> dict[str, object]:
+        """The ``nix.buildMachines`` entry NixOS renders into this machines line."""
+        return {
+            "hostName": self.alias,
+            "protocol": "ssh-ng",
+            "sshUser": self.user,
+            "sshKey": self.key_path,
+            "systems": list(self.systems),
+            "maxJobs": self.max_jobs,
+            "speedFactor": self.speed_factor,
+            "supportedFeatures": list(self.features),
+            "publicHostKey": self.host_key_base64,
+        }
+
+    def nixos_ssh_config(self) -> str:
+        """``programs.ssh.extraConfig``: the ssh_config block, without nixpush's marker."""
+        return "".join(f"{line.strip()}\n" for line in self.ssh_config_lines()[1:])
+
     def nixos_options(self) -> list[str]:
         """What a NixOS target sets instead of nixpush writing ``/etc``."""
-        extra = "\\n".join(line.strip() for line in self.ssh_config_lines()[1:])
-        entry = (
-            f'{{ hostName = "{self.alias}"; protocol = "ssh-ng"; sshUser = "{self.user}"; '
-            f'sshKey = "{self.key_path}"; systems = {nix_list(self.systems)}; '
-            f"maxJobs = {self.max_jobs}; speedFactor = {self.speed_factor}; "
-            f"supportedFeatures = {nix_list(self.features)}; "
-            f'publicHostKey = "{self.host_key_base64}"; }}'
-        )
         return [
             "nix.distributedBuilds = true;",
-            f"nix.buildMachines = [ {entry} ];",
-            f'programs.ssh.extraConfig = "{extra}\\n";',
+            f"nix.buildMachines = {nix_value([self.nixos_build_machine()])};",
+            f"programs.ssh.extraConfig = {nix_value(self.nixos_ssh_config())};",
         ]
 
 
@@ -267,6 +277,22 @@ def pull_client_key(target: Host, for_host: str) -> str:
     the target. ``SecretError`` naming ``for_host``, the target and the fix.
     """
     return _client_key(target, for_host, f"{KEY_COMMENT}{target.name}")
+
+
+def client_keys_by_user(
+    inventory: Inventory, specs: Mapping[str, HostSpec], builder: str
+) -> dict[str, list[str]]:
+    """
+    For each ``builder_user`` of the targets pulling from ``builder``, their public client
+    keys (``pull_client_key``, derived on the controller from sops): what the builder
+    authorizes. ``SecretError`` naming the target and the fix.
+    """
+    keys: dict[str, list[str]] = {}
+    for target in pulling_targets(specs, builder):
+        assert target.builder_user is not None
+        key = pull_client_key(inventory.get_host(target.name), builder)
+        keys.setdefault(target.builder_user, []).append(key)
+    return keys
 
 
 def restricted_key_line(key: str, daemon: str) -> str:
@@ -457,15 +483,20 @@ def check_nixos_ssh_serve(user: str, keys: Sequence[str]) -> Generator[PyinfraCo
     yield fail_host(nixos_options_error(host.name, nixos_ssh_serve_options(keys)))
 
 
-def nixos_ssh_serve_options(keys: Sequence[str]) -> list[str]:
+def nixos_ssh_serve(keys: Sequence[str]) -> dict[str, object]:
     """The NixOS options a builder sets for pull builds (the seed's ``nix.sshServe``)."""
-    return [
-        "nix.sshServe.enable = true;",
-        'nix.sshServe.protocol = "ssh-ng";',
-        "nix.sshServe.write = true;",
-        "nix.sshServe.trusted = true;",
-        f"nix.sshServe.keys = {nix_list(list(keys))};",
-    ]
+    return {
+        "nix.sshServe.enable": True,
+        "nix.sshServe.protocol": "ssh-ng",
+        "nix.sshServe.write": True,
+        "nix.sshServe.trusted": True,
+        "nix.sshServe.keys": list(keys),
+    }
+
+
+def nixos_ssh_serve_options(keys: Sequence[str]) -> list[str]:
+    """``nixos_ssh_serve`` as ``option = value;`` texts, for messages."""
+    return [f"{option} = {nix_value(value)};" for option, value in nixos_ssh_serve(keys).items()]
 
 
 # Operations: target side

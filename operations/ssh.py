@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from operations.files import LinesOfFile, chown_file, lines_in_file
 from operations.keys import DEPLOY_KEY_PATH, parse_public_key
+from operations.nixos import NIXOS_AUTHORIZED_KEYS_DIR, runs_nixos
 
 if TYPE_CHECKING:
     pass
@@ -108,7 +109,9 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
     + key: the public key line, ``ssh-ed25519 AAAA... comment``
 
     Lines already there are kept; the key counts as present whatever its options or comment.
-    ``~/.ssh`` is created 0700 when missing; the file is owned by the user, mode 0600.
+    ``~/.ssh`` is created 0700 when missing; the file is owned by the user, mode 0600. On
+    NixOS, a key its configuration authorizes (``/etc/ssh/authorized_keys.d/<user>``, from the
+    generated fragment) is left there.
 
     **Example:**
 
@@ -117,6 +120,9 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
         ssh.authorized_key(name="Let the builder push", user="beau", key=deploy_public_key)
     """
     wanted = _checked_key(key)
+    if runs_nixos() and authorized_by_nixos(user, key):
+        host.noop(f"{host.name} runs NixOS and its configuration already authorizes the key")
+        return
     account = host.get_fact(UserAccount, user=user)
     if account is None:
         raise OperationError(
@@ -136,6 +142,13 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
         mode=0o600,
         what=f"authorizes {wanted[0]} key {wanted[1][-12:]}",
     )
+
+
+def authorized_by_nixos(user: str, key: str) -> bool:
+    """Whether NixOS's ``users.users.<user>.openssh.authorizedKeys.keys`` holds ``key``."""
+    wanted = _checked_key(key)
+    generated = host.get_fact(LinesOfFile, path=f"{NIXOS_AUTHORIZED_KEYS_DIR}/{user}")
+    return any(parse_public_key(line) == wanted for line in (generated.lines if generated else ()))
 
 
 @operation()

@@ -74,6 +74,11 @@ AARCH64 = BinfmtHandler(
     mask="ffffffffffffff00fffffffffffffffffeffffff",
 )
 
+FRAGMENT_HINT = (
+    "(`pyinfra inventory.py deploys/nixos_config.py` writes them to nas's generated fragment, "
+    "which its configuration imports)"
+)
+
 
 # Pure: the facts' process() and command text
 
@@ -370,6 +375,7 @@ def test_nixos_without_handlers_fails_with_the_option():
     assert str(command.args[0]) == (
         'nas runs NixOS: set boot.binfmt.emulatedSystems = [ "aarch64-linux" "armv7l-linux" ]; '
         "in its configuration, then rebuild it"
+        f" {FRAGMENT_HINT}"
     )
 
 

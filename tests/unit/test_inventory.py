@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from pyinfra.api.inventory import Inventory
 
 from operations.fleet import ROOTS, builders, check_fleet, host_spec
+from operations.pull import pulling_targets
 from operations.secrets import host_secrets
 from tests.unit.conftest import REPO, load_inventory
 
@@ -41,9 +44,31 @@ def test_pi4_connection_and_build_data(inventory):
     spec = host_spec(pi4)
     assert spec.nix_system == "aarch64-linux"
     assert spec.builder_host == "nas"
-    assert (spec.builder_user, spec.builder_port) == ("nix-ssh", 22)
     assert spec.is_target
     assert spec.nixos_config == "pi4"
+
+
+def test_pull_builds_are_off_until_the_two_readme_lines_turn_them_on(inventory, tmp_path):
+    # Off: no builder_user, no builder-client secret, so deploys/nas.py needs no ssh/pi4_builder.
+    assert not pulling_targets(check_fleet(inventory), "nas")
+    assert "/root/.ssh/nixpush_builder" not in [
+        s.dest for s in host_secrets(inventory.get_host("pi4"))
+    ]
+    # The README's two lines, uncommented in place, turn them on.
+    text = (REPO / "inventory.py").read_text()
+    lines = ['# "builder_user": "nix-ssh",', '# "secrets": [{"key": "ssh/pi4_builder", ']
+    assert all(line in text for line in lines)
+    for line in lines:
+        text = text.replace(line, line.removeprefix("# "))
+    (tmp_path / "inventory.py").write_text(text)
+    shutil.copytree(REPO / "group_data", tmp_path / "group_data")
+    on = load_inventory(tmp_path / "inventory.py", tmp_path)
+    (pi4,) = pulling_targets(check_fleet(on), "nas")
+    assert (pi4.name, pi4.builder_user) == ("pi4", "nix-ssh")
+    secret = host_secrets(on.get_host("pi4"))[-1]
+    assert (secret.label, secret.dest, secret.mode) == (
+        "ssh/pi4_builder", "/root/.ssh/nixpush_builder", 0o600,
+    )  # fmt: skip
 
 
 def test_iso_is_an_image_not_a_host(inventory):

@@ -43,6 +43,11 @@ sandbox = false
 DEFAULT_PLATFORMS = "i686-linux x86_64-v1-linux x86_64-v2-linux x86_64-v3-linux"
 CONFIG = NixConfig().process([SHOW_CONFIG])
 
+FRAGMENT_HINT = (
+    "(`pyinfra inventory.py deploys/nixos_config.py` writes them to nas's generated fragment, "
+    "which its configuration imports)"
+)
+
 
 # Pure: set_nix_conf
 
@@ -315,6 +320,7 @@ def test_nixos_missing_settings_fails_with_the_options():
     assert str(command.args[0]) == (
         'nas runs NixOS: set boot.binfmt.emulatedSystems = [ "aarch64-linux" ]; and '
         "nix.settings.max-jobs = 8; in its configuration, then rebuild it"
+        f" {FRAGMENT_HINT}"
     )
 
 

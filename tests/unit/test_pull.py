@@ -48,6 +48,11 @@ LINE = (
 )
 ALIAS_CONF = "/etc/ssh/ssh_config.d/nixpush-builder-nas.conf"
 
+FRAGMENT_HINT = (
+    "(`pyinfra inventory.py deploys/nixos_config.py` writes them to nas's generated fragment, "
+    "which its configuration imports)"
+)
+
 
 # Pure: the machines line, the ssh alias, the authorized_keys line
 
@@ -297,6 +302,7 @@ def test_nixos_builder_is_told_the_ssh_serve_options():
         "nas runs NixOS: set nix.sshServe.enable = true; and nix.sshServe.protocol = "
         '"ssh-ng"; and nix.sshServe.write = true; and nix.sshServe.trusted = true; and '
         f'nix.sshServe.keys = [ "{KEYS[0]}" ]; in its configuration, then rebuild it'
+        f" {FRAGMENT_HINT}"
     )
 
 

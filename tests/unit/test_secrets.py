@@ -172,7 +172,7 @@ def test_the_repo_inventory_gives_each_root_its_secrets():
     nas = [s.dest for s in host_secrets(inventory.get_host("nas"))]
     assert nas == [PRE_AUTH["dest"], keys.DEPLOY_KEY_PATH, keys.SIGNING_KEY_PATH]
     pi4 = [s.dest for s in host_secrets(inventory.get_host("pi4"))]
-    assert pi4 == [PRE_AUTH["dest"], "/root/.ssh/nixpush_builder"]
+    assert pi4 == [PRE_AUTH["dest"]]  # pull builds (and their key) are off until turned on
 
 
 # Planning: every error before any host changes
@@ -467,7 +467,8 @@ def test_trusted_key_on_nixos_names_the_option():
     host = _nix_host(None, nixos=True)
     (command,) = run(host, trusted_public_key, key=NIX_KEY)
     assert isinstance(command, FunctionCommand)
-    assert f'nix.settings.trusted-public-keys = [ "{NIX_KEY}" ];' in str(command.args[0])
+    # extra-: trusted-public-keys would drop the default cache.nixos.org key.
+    assert f'nix.settings.extra-trusted-public-keys = [ "{NIX_KEY}" ];' in str(command.args[0])
 
 
 def test_trusted_key_on_nixos_already_trusted():
@@ -490,7 +491,7 @@ AUTH = "/home/beau/.ssh/authorized_keys"
 
 
 def _ssh_host(lines: LineFile | None, ssh_dir: bool = True) -> FakeHost:
-    host = FakeHost("pi4")
+    host = FakeHost("pi4").fact(File, None, path="/etc/NIXOS")
     host.fact(UserAccount, Account("/home/beau", "/bin/bash"), user="beau")
     host.fact(Directory, {"mode": 700} if ssh_dir else None, path="/home/beau/.ssh")
     host.fact(LinesOfFile, lines, path=AUTH)
@@ -526,8 +527,25 @@ def test_authorized_key_fixes_mode_only():
 
 def test_authorized_key_unknown_user():
     host = FakeHost("pi4").fact(UserAccount, None, user="nobody")
+    host.fact(File, None, path="/etc/NIXOS")
     with pytest.raises(OperationError, match="user 'nobody' does not exist"):
         run(host, authorized_key, user="nobody", key=PUB)
+
+
+def test_authorized_key_on_nixos_already_in_the_generated_file_is_a_noop():
+    host = FakeHost("pi4").fact(File, {"mode": 644}, path="/etc/NIXOS")
+    generated = LineFile(0o444, "root", "root", (OTHER, " ".join(PUB.split()[:2])))
+    host.fact(LinesOfFile, generated, path="/etc/ssh/authorized_keys.d/beau")
+    assert run(host, authorized_key, user="beau", key=PUB) == []
+    assert host.noops == ["pi4 runs NixOS and its configuration already authorizes the key"]
+
+
+def test_authorized_key_on_nixos_not_generated_goes_to_the_home_directory():
+    host = _ssh_host(LineFile(0o600, "beau", "beau", (OTHER,)))
+    host.fact(File, {"mode": 644}, path="/etc/NIXOS")
+    host.fact(LinesOfFile, None, path="/etc/ssh/authorized_keys.d/beau")
+    (command,) = run(host, authorized_key, user="beau", key=PUB)
+    assert base64.b64decode(command.connector_arguments["_stdin"]).decode() == f"{OTHER}\n{PUB}\n"
 
 
 def test_known_host_replaces_a_changed_key_for_the_same_host():

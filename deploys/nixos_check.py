@@ -1,0 +1,54 @@
+"""
+Check that every NixOS host runs what its generated fragment asks (``deploys/nixos_config.py``),
+changing nothing: a host that lacks something fails, naming the options (and the fragment).
+
+    pyinfra inventory.py deploys/nixos_check.py
+
+The checks are the ones the other deploys make on NixOS: a builder's Nix settings and QEMU
+handlers (``deploys/nas.py``), ``nix.sshServe`` for pull builds, nixpush's timers
+(``deploys/schedule.py``); a target's trust of its builder's signing key and deploy key and the
+deploy user's sudo (``deploys/pi.py``), its remote builder (``deploys/pull.py``). Hosts that
+are not NixOS are left alone: the deploys configure them directly.
+"""
+
+from __future__ import annotations
+
+from pyinfra.context import host, state
+
+from operations import keys, nix, nixos_checks, pull, schedule
+from operations.fleet import builders
+from operations.nixos import runs_nixos
+from operations.start import start_deploy
+
+deploy = start_deploy(state)
+specs = deploy.specs
+spec = specs[host.name]
+wanted = schedule.parse_schedule(host.name, host.data.get("schedule"))
+
+if not runs_nixos():
+    deploy.summary.skip(host.name, "not NixOS: the deploys configure it directly")
+    host.noop(f"{host.name} is not NixOS")
+else:
+    if host.name in builders(specs):
+        served = pull.client_keys_by_user(state.inventory, specs, host.name)
+        nixos_checks.check_nixos_builder(spec, served)
+    nixos_checks.check_nixos_timers(
+        name="Check nixpush's schedule (NixOS)",
+        units=schedule.unit_files(wanted) if wanted.enabled else {},
+    )
+    if spec.builder_host is not None:
+        trust = keys.builder_trust(state.inventory.get_host(spec.builder_host), host.name)
+        nix.trusted_public_key(
+            name=f"Check Nix trusts {spec.builder_host}'s signing key (NixOS)",
+            key=trust.nix_public_key,
+        )
+        nixos_checks.check_nixos_deploy_user(
+            name="Check the deploy user's key and sudo (NixOS)",
+            user=spec.ssh_user or "root",
+            key=trust.ssh_public_key,
+        )
+        if pull.pulls(spec):
+            machine = pull.build_machine_for(spec, specs[spec.builder_host])
+            pull.check_nixos_pull_client(
+                name=f"Check Nix builds on {spec.builder_host} (NixOS)", machine=machine
+            )

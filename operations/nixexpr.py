@@ -1,0 +1,142 @@
+"""
+Nix expressions from plain Python values: what the generated NixOS fragments and the NixOS
+advice in error messages are written with, so every string is escaped in one place.
+
+.. code:: python
+
+    nix_value({"nix.settings.max-jobs": 8, "boot.binfmt.emulatedSystems": ["aarch64-linux"]})
+    # '{ nix.settings.max-jobs = 8; boot.binfmt.emulatedSystems = [ "aarch64-linux" ]; }'
+    nix_value([Raw("pkgs.openssh")])   # '[ pkgs.openssh ]'
+
+Keys of a dict may be attribute paths (``a.b.c``): each part that is not a plain Nix
+identifier is quoted (``users.users."my user".openssh``). Lists and dicts render on one line
+unless ``indent`` is given, then one element per line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# Nix identifiers: a letter or _, then letters, digits, _, ' and -.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
+_KEYWORDS = frozenset(("if", "then", "else", "assert", "with", "let", "in", "rec", "inherit", "or"))
+_RAW = re.compile(r"[A-Za-z_][A-Za-z0-9_'.-]*")
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A Nix expression written as is: only a (dotted) name such as ``pkgs.openssh``."""
+
+    expression: str
+
+    def __post_init__(self) -> None:
+        if not _RAW.fullmatch(self.expression):
+            raise ValueError(f"not a plain Nix name: {self.expression!r}")
+
+
+def nix_string(text: str) -> str:
+    """A double-quoted Nix string: ``\\``, ``"`` and ``${`` escaped, newlines as ``\\n``."""
+    escaped = (
+        text.replace("\\", "\\\\")
+        .replace('"', '\\"')
+        .replace("${", "\\${")
+        .replace("\n", "\\n")
+        .replace("\r", "\\r")
+        .replace("\t", "\\t")
+    )
+    if "\0" in escaped:
+        raise ValueError("a Nix string cannot hold NUL")
+    return f'"{escaped}"'
+
+
+def attr_name(part: str) -> str:
+    """One attribute name: as is when it is an identifier, else quoted."""
+    return part if _IDENTIFIER.fullmatch(part) and part not in _KEYWORDS else nix_string(part)
+
+
+def attr_path(path: str) -> str:
+    """``attr_path("users.users.beau") == "users.users.beau"``; parts quoted as needed.
+
+    A key holding a ``.`` that is not a separator must be given quoted already:
+    use ``attr_path_of(["programs", "ssh", "knownHosts", "nas.lan"])``.
+    """
+    return attr_path_of(path.split("."))
+
+
+def attr_path_of(parts: Sequence[str]) -> str:
+    if not parts or any(not part for part in parts):
+        raise ValueError(f"empty attribute name in {list(parts)!r}")
+    return ".".join(attr_name(part) for part in parts)
+
+
+@dataclass(frozen=True)
+class Attr:
+    """A dict key that is one attribute name, never split on ``.``: ``{Attr("nas.lan"): ...}``."""
+
+    name: str
+
+
+def _key(key: str | Attr | tuple[str, ...]) -> str:
+    if isinstance(key, Attr):
+        return attr_name(key.name)
+    return attr_path_of(key) if isinstance(key, tuple) else attr_path(key)
+
+
+def nix_value(value: object, indent: int | None = None, level: int = 0) -> str:
+    """
+    ``value`` as a Nix expression.
+
+    + value: str, int, bool, None (``null``), ``Raw``, a list/tuple of values, or a dict whose
+      keys are attribute paths (str: split on ``.``; a tuple: its parts) or names (``Attr``)
+    + indent: spaces per level for one element per line; None renders on one line
+    """
+    if isinstance(value, Raw):
+        return value.expression
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        if indent is not None and _multiline(value):
+            return _indented_string(value, " " * (indent * (level + 1)), " " * (indent * level))
+        return nix_string(value)
+    if isinstance(value, Mapping):
+        items = [
+            f"{_key(key)} = {nix_value(item, indent, level + 1)};" for key, item in value.items()
+        ]
+        return _block("{", items, "}", indent, level)
+    if isinstance(value, Sequence):
+        items = [nix_value(item, indent, level + 1) for item in value]
+        return _block("[", items, "]", indent, level)
+    raise TypeError(f"no Nix value for {type(value).__name__}: {value!r}")
+
+
+# A list or attribute set this short, with nothing nested over lines, stays on one line.
+_ONE_LINE = 72
+
+
+def _multiline(text: str) -> bool:
+    return text.endswith("\n") and text.count("\n") > 1 and not any(c in text for c in "\r\t\0")
+
+
+def _indented_string(text: str, inner: str, outer: str) -> str:
+    """A two-single-quote string, a line each (in it, two quotes are written as three and
+    ``${`` as two quotes then ``${``)."""
+    escaped = text.replace("''", "'''").replace("${", "''${")
+    lines = "".join(f"{inner}{line}\n" if line else "\n" for line in escaped.split("\n")[:-1])
+    return f"''\n{lines}{outer}''"
+
+
+def _block(opening: str, items: list[str], closing: str, indent: int | None, level: int) -> str:
+    if not items:
+        return f"{opening} {closing}"
+    one_line = f"{opening} {' '.join(items)} {closing}"
+    if indent is None or (len(one_line) <= _ONE_LINE and "\n" not in one_line):
+        return one_line
+    inner = " " * (indent * (level + 1))
+    outer = " " * (indent * level)
+    return opening + "".join(f"\n{inner}{item}" for item in items) + f"\n{outer}{closing}"

@@ -1,0 +1,160 @@
+"""
+Checks that a NixOS host's running system has what its generated fragment asks
+(``operations/fragments.py``) where no other module checks it: the deploy user's authorized
+key and passwordless sudo, and nixpush's timers. Nothing is written (``/etc`` is generated on
+NixOS); a host that lacks something fails, naming the options to set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Generator, Mapping, Sequence
+
+from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
+from pyinfra.api.exceptions import OperationError
+from pyinfra.api.operation import operation
+from pyinfra.context import host
+from typing_extensions import override
+
+from operations import binfmt, nix, pull
+from operations.binfmt import MissingPaths
+from operations.failures import fail_host
+from operations.files import ACCOUNT_NAME, LinesFact, LinesOfFile
+from operations.fleet import HostSpec
+from operations.nixexpr import attr_path_of, nix_value
+from operations.nixos import nixos_options_error
+from operations.schedule import MODES, UNIT_DIR, unit_names
+from operations.ssh import authorized_by_nixos
+
+# `sudo -l` lists a rule granting every command without a password as `(ALL) NOPASSWD: ALL`
+# (or `(ALL : ALL) ...`, as NixOS's security.sudo.extraRules renders).
+_PASSWORDLESS_ALL = re.compile(r"\(ALL(\s*:\s*ALL)?\)\s+NOPASSWD:\s*ALL")
+
+
+class SudoRules(LinesFact):
+    """The sudo rules of ``user`` as ``sudo -l -U`` lists them (run it as root)."""
+
+    @override
+    def command(self, user: str) -> StringCommand:
+        return StringCommand("sudo -n -l -U", QuoteString(user), "2>/dev/null || true")
+
+
+def passwordless_for_all(rules: list[str]) -> bool:
+    """Whether ``SudoRules`` lines grant every command without a password."""
+    return any(_PASSWORDLESS_ALL.search(line) for line in rules)
+
+
+def sudo_rule(user: str) -> dict[str, object]:
+    """The ``security.sudo.extraRules`` entry the fragment gives the deploy user."""
+    return {"users": [user], "commands": [{"command": "ALL", "options": ["NOPASSWD"]}]}
+
+
+@operation()
+def check_nixos_deploy_user(user: str, key: str) -> Generator[PyinfraCommand, None, None]:
+    """
+    On a NixOS target, check its configuration authorizes ``key`` for ``user`` and gives the
+    user passwordless sudo for every command (pyinfra runs ``sudo -H sh -c ...``).
+
+    + user: the deploy user (``ssh_user``)
+    + key: the builder's deploy key, ``ssh-ed25519 AAAA...``
+
+    **Example:**
+
+    .. code:: python
+
+        nixos_checks.check_nixos_deploy_user(user="beau", key=trust.ssh_public_key)
+    """
+    if not ACCOUNT_NAME.fullmatch(user):
+        raise OperationError(f"{host.name}: {user!r} is not an account name")
+    options = []
+    if not authorized_by_nixos(user, key):
+        path = attr_path_of(("users", "users", user, "openssh", "authorizedKeys", "keys"))
+        options.append(f"{path} = {nix_value([key])};")
+    if user != "root" and not passwordless_for_all(host.get_fact(SudoRules, user=user)):
+        options.append(f"security.sudo.extraRules = {nix_value([sudo_rule(user)])};")
+    if options:
+        yield fail_host(nixos_options_error(host.name, options))
+    else:
+        host.noop(f"{host.name} runs NixOS and already lets the builder in as {user}, with sudo")
+
+
+def unit_lines(text: str) -> list[str]:
+    """The ``Key=Value`` lines of a unit file a NixOS rendering must hold too (``WantedBy=``
+    aside: NixOS links the unit into ``<target>.wants`` instead)."""
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if "=" in line and line.strip()[:1] not in ("#", ";", "[") and not line.startswith("Wanted")
+    ]
+
+
+@operation()
+def check_nixos_timers(
+    units: Mapping[str, str], unit_dir: str = UNIT_DIR
+) -> Generator[PyinfraCommand, None, None]:
+    """
+    On a NixOS host, check the running configuration has nixpush's units (the fragment's
+    ``systemd.services``/``systemd.timers``), timers wanted by ``timers.target``; with no
+    ``units``, that it has none of them.
+
+    + units: file name -> content, ``schedule.unit_files(schedule)`` (empty: no schedule)
+    + unit_dir: where NixOS links the units
+
+    **Example:**
+
+    .. code:: python
+
+        nixos_checks.check_nixos_timers(units=schedule.unit_files(wanted))
+    """
+    missing: list[str] = []
+    for unit, text in sorted(units.items()):
+        current = host.get_fact(LinesOfFile, path=f"{unit_dir}/{unit}")
+        have = {line.strip() for line in (current.lines if current else ())}
+        if current is None or any(line not in have for line in unit_lines(text)):
+            missing.append(unit)
+    wants = [f"{unit_dir}/timers.target.wants/{unit}" for unit in units if unit.endswith(".timer")]
+    if wants:
+        missing += [path.rsplit("/", 1)[1] for path in host.get_fact(MissingPaths, paths=wants)]
+    stray = [
+        unit
+        for mode in MODES
+        for unit in unit_names(mode)
+        if unit not in units and host.get_fact(LinesOfFile, path=f"{unit_dir}/{unit}") is not None
+    ]
+    if missing or stray:
+        problems = [f"{', '.join(sorted(set(missing)))} missing or different"] if missing else []
+        problems += [f"{', '.join(stray)} not scheduled"] if stray else []
+        yield fail_host(
+            f"{host.name} runs NixOS, so deploys/schedule.py writes no units: {'; '.join(problems)}"
+            f"; run `pyinfra inventory.py deploys/nixos_config.py` and rebuild {host.name} with "
+            "its fragment imported (its systemd.services and systemd.timers)"
+        )
+        return
+    if units:
+        host.noop(f"{host.name} runs NixOS and already has {', '.join(sorted(units))}")
+    else:
+        host.noop(f"{host.name} runs NixOS and has no nixpush units, as scheduled")
+
+
+def check_nixos_builder(spec: HostSpec, served: Mapping[str, Sequence[str]]) -> None:
+    """
+    Add the operations that check a NixOS builder (deploy code): Nix settings first (its
+    failure names every option, boot.binfmt.emulatedSystems included, in one message), then
+    the QEMU handlers, then ``nix.sshServe`` for each builder user's pulling targets.
+
+    + spec: the builder's ``HostSpec``
+    + served: builder user -> the pulling targets' client keys (``pull.client_keys_by_user``)
+    """
+    systems = list(spec.binfmt_emulated_systems)
+    nix.nix_settings(
+        name="Check Nix builds for the emulated systems (NixOS)",
+        systems=systems,
+        max_jobs=spec.nix_max_jobs,
+    )
+    binfmt.emulated_systems(
+        name="Check QEMU binfmt handlers (NixOS)", systems=systems, native_system=spec.nix_system
+    )
+    for user, keys in served.items():
+        pull.check_nixos_ssh_serve(
+            name=f"Check nix.sshServe for {user} (NixOS)", user=user, keys=list(keys)
+        )

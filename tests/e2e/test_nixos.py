@@ -1,0 +1,297 @@
+"""
+A NixOS fleet on the bench: ``deploys/nixos_config.py`` generates each host's fragment from
+``tests/bench/nixos_inventory.py`` (pull builds and the schedule on); the fragments parse, hold
+the keys derived from sops and no secret. Then the NAS and pi4 are marked NixOS (``/etc/NIXOS``)
+and the fragments' options are applied by hand, the way a NixOS rebuild writes them into
+``/etc``: ``deploys/nas.py``, ``deploys/pull.py``, ``deploys/schedule.py`` and
+``deploys/nixos_check.py`` find both already configured and write nothing, and
+``deploys/pi.py`` deploys pi4 through the trust the fragment gives it. Every file touched is
+put back afterwards, and /etc/NIXOS removed.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from operations.fleet import check_fleet
+from operations.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
+from operations.nixos import NIXOS_MARKER
+from operations.pull import PULL_KEY_PATH
+from tests.bench import fleet, nixos
+from tests.bench import nixos_inventory as bench_nixos
+from tests.bench import sops as bench_sops
+from tests.bench.client import prepare_push, pyinfra
+from tests.e2e.test_pi import current, desired_path, new_versions
+from tests.unit.conftest import REPO, load_inventory
+
+INVENTORY = "tests/bench/nixos_inventory.py"
+NAS, PI = "nas", "pi4"
+NIX_CONF = "/etc/nix/nix.conf"
+UNIT_DIR = "/etc/systemd/system"
+SSH_EXTRA = "/etc/ssh/ssh_config.d/nixos-programs-ssh.conf"
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return pyinfra("-y", *args, env=bench_sops.env(), timeout=600)
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def fragments(bench: None) -> Iterator[dict[str, Path]]:
+    """The fragments as the CLI writes them: host -> path."""
+    prepare_push()  # the NAS builds, the push keys are installed (as on the owner's NAS)
+    fragments_dir = bench_nixos.FRAGMENTS_DIR
+    result = run(INVENTORY, "deploys/nixos_config.py")
+    assert result.returncode == 0, output(result)
+    yield {path.stem: path for path in sorted(fragments_dir.glob("*.nix"))}
+    for path in fragments_dir.glob("*.nix"):
+        path.unlink()
+    fragments_dir.rmdir()
+
+
+def secret_values() -> list[str]:
+    """Every secret of the bench's sops file, and each line of the multi-line ones."""
+    values = [bench_sops.value(key).strip() for key in bench_sops.keys()]
+    lines = [line for value in values for line in value.splitlines() if len(line) > 20]
+    body = [value.split(":", 1)[1] for value in values if value.startswith("nixpush-bench")]
+    return [*values, *lines, *body]
+
+
+def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
+    specs = check_fleet(load_inventory(REPO / INVENTORY, REPO))
+    assert set(fragments) == set(specs)  # the NAS and every Pi: each has something to set
+    secrets = secret_values()
+    for name, path in fragments.items():
+        text = path.read_text()
+        parsed = subprocess.run(["nix-instantiate", "--parse", str(path)], capture_output=True)
+        assert parsed.returncode == 0, parsed.stderr
+        assert not [value for value in secrets if value in text], name
+        assert "PRIVATE KEY" not in text
+        assert "{ config, lib, pkgs, ... }:" in text
+
+    nas = nixos.evaluate(fragments[NAS])
+    assert nixos.get(nas, "boot.binfmt.emulatedSystems") == ["aarch64-linux"]
+    assert nixos.get(nas, "nix.settings.max-jobs") == 8
+    served = nixos.get(nas, "nix.sshServe")
+    assert (served["enable"], served["protocol"], served["write"], served["trusted"]) == (
+        True, "ssh-ng", True, True,
+    )  # fmt: skip
+    # The public halves of each Pi's pull key, as ssh-keygen derives them from the secret.
+    for pi in fleet.PIS:
+        public = derive_public(bench_sops.value(bench_sops.pull_key(pi.name)))
+        assert f"{public} nixpush-pull:{pi.name}" in served["keys"]
+    timers = nixos.get(nas, "systemd.timers")
+    assert timers["nixpush-check"]["wantedBy"] == ["timers.target"]
+    assert timers["nixpush-check"]["timerConfig"]["OnCalendar"] == "hourly"
+    check = nixos.get(nas, "systemd.services")["nixpush-check"]
+    assert (
+        check["serviceConfig"]["ExecStart"].startswith('"')
+        and '"check"' in (check["serviceConfig"]["ExecStart"])
+    )
+    assert check["path"] == [f"{nixos.STUB_STORE}-openssh", f"{nixos.STUB_STORE}-git"]
+
+    pi = nixos.evaluate(fragments[PI])
+    signing = bench_sops.value("nix/nas_signing_key").strip()
+    assert nixos.get(pi, "nix.settings.extra-trusted-public-keys") == [nix_public(signing)]
+    assert nixos.get(pi, "nix.settings.trusted-public-keys") is None  # cache.nixos.org stays
+    deploy_public = derive_public(bench_sops.value("ssh/nas_deploy"))
+    authorized = nixos.get(pi, "users.users.beau.openssh.authorizedKeys.keys")
+    assert [" ".join(key.split()[:2]) for key in authorized] == [deploy_public]
+    assert nixos.sudoers_lines(pi) == ["beau ALL=(ALL:ALL) NOPASSWD: ALL"]
+    assert nixos.get(pi, "nix.distributedBuilds") is True
+    (machine,) = nixos.get(pi, "nix.buildMachines")
+    assert (machine["hostName"], machine["sshUser"], machine["sshKey"]) == (
+        "nixpush-builder-nas", "nix-ssh", PULL_KEY_PATH,
+    )  # fmt: skip
+    nas_key_file = fleet.host(NAS).dir / "ssh" / "ssh_host_ed25519_key.pub"
+    nas_key = " ".join(nas_key_file.read_text().split()[:2])
+    assert nixos.get(pi, "programs.ssh.knownHosts")["nixpush-builder-nas"]["publicKey"] == nas_key
+
+    again = run(INVENTORY, "deploys/nixos_config.py")
+    assert again.returncode == 0, output(again)
+    # A second run changes nothing: every host "No Changes".
+    assert re.search(r"Grand total\s+(\d+)\s+-\s+-\s+\1\s", output(again)), output(again)
+
+
+def derive_public(private_key: str) -> str:
+    result = subprocess.run(
+        ["ssh-keygen", "-y", "-f", "/dev/stdin"], input=private_key, capture_output=True, text=True
+    )
+    return " ".join(result.stdout.split()[:2])
+
+
+def nix_public(secret: str) -> str:
+    import base64
+
+    name, encoded = secret.split(":", 1)
+    return f"{name}:{base64.b64encode(base64.b64decode(encoded)[32:]).decode()}"
+
+
+# -- NixOS hosts, configured by hand from their fragments --------------------------------
+
+
+def nas_files(options: dict) -> dict[str, str]:
+    units = nixos.unit_files(options)
+    return {
+        **{f"{UNIT_DIR}/{unit}": text for unit, text in units.items()},
+        "/etc/ssh/authorized_keys.d/nix-ssh": "".join(
+            f"{key}\n" for key in nixos.get(options, "nix.sshServe.keys")
+        ),
+    }
+
+
+def pi_files(options: dict, user: str) -> dict[str, str]:
+    keys = nixos.get(options, f"users.users.{user}.openssh.authorizedKeys.keys")
+    return {
+        f"/etc/ssh/authorized_keys.d/{user}": "".join(f"{key}\n" for key in keys),
+        "/etc/sudoers.d/nixos": "".join(f"{line}\n" for line in nixos.sudoers_lines(options)),
+        "/etc/nix/machines": "".join(f"{line}\n" for line in nixos.machines_lines(options)),
+        SSH_EXTRA: nixos.get(options, "programs.ssh.extraConfig"),
+        "/etc/ssh/ssh_known_hosts": "".join(
+            f"{line}\n" for line in nixos.known_hosts_lines(options)
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def nixos_hosts(fragments: dict[str, Path]) -> Iterator[dict[str, nixos.Snapshot]]:
+    """The NAS and pi4 marked NixOS, their fragments applied by hand; put back afterwards."""
+    nas, pi = fleet.host(NAS), fleet.host(PI)
+    nas_options, pi_options = nixos.evaluate(fragments[NAS]), nixos.evaluate(fragments[PI])
+    written = {NAS: nas_files(nas_options), PI: pi_files(pi_options, pi.user)}
+    wants = {
+        f"{UNIT_DIR}/{target}.wants/{unit}"
+        for unit, targets in nixos.wanted_by(nas_options).items()
+        for target in targets
+    }
+    authorized = f"{pi.home}/.ssh/authorized_keys"
+    snapshots = {
+        NAS: nixos.Snapshot(nas, [NIXOS_MARKER, NIX_CONF, *written[NAS], *wants]),
+        PI: nixos.Snapshot(pi, [NIXOS_MARKER, NIX_CONF, authorized, *written[PI]]),
+    }
+    sshd_before = fleet.sshd_options(pi)["AuthorizedKeysFile"]
+    new_dirs = {
+        h.name: [
+            d for d in ("/etc/ssh/authorized_keys.d",) if not nixos.shell(h, f"ls -d {d} || true")
+        ]
+        for h in (nas, pi)
+    }
+    try:
+        for h, options in ((nas, nas_options), (pi, pi_options)):
+            base = fleet.nix_conf_text(h).splitlines()
+            nixos.write(h, NIX_CONF, "\n".join([*base, *nixos.nix_conf_lines(options)]) + "\n")
+            for path, text in written[h.name].items():
+                nixos.write(h, path, text, "0440" if "sudoers" in path else "0444")
+            nixos.restart_nix_daemon(h)
+        for link in wants:
+            unit = link.rsplit("/", 1)[1]
+            nixos.shell(nas, f"mkdir -p {Path(link).parent} && ln -sfn ../{unit} {link}")
+        # What NixOS's sshd reads, and only what it reads: the deploy key is not in ~/.ssh.
+        deploy_key = derive_public(bench_sops.value("ssh/nas_deploy")).split()[1]
+        kept = [line for line in (nixos.read(pi, authorized) or "").splitlines()
+                if deploy_key not in line]  # fmt: skip
+        nixos.write(pi, authorized, "".join(f"{line}\n" for line in kept), "0600")
+        nixos.shell(pi, f"chown {pi.user}: {authorized}")
+        fleet.set_sshd_option(
+            pi, "AuthorizedKeysFile", ".ssh/authorized_keys /etc/ssh/authorized_keys.d/%u"
+        )
+        yield snapshots
+    finally:
+        fleet.set_sshd_option(fleet.host(PI), "AuthorizedKeysFile", sshd_before)
+        for name, snapshot in snapshots.items():
+            snapshot.restore()
+            nixos.shell(fleet.host(name), f"chown {fleet.host(name).user}: {authorized}"
+                        if name == PI else "true")  # fmt: skip
+            nixos.restart_nix_daemon(fleet.host(name))
+            for directory in new_dirs[name]:
+                nixos.shell(fleet.host(name), f"rmdir {directory}")
+            assert snapshot.unchanged()
+
+
+def mark_nixos(names: list[str]) -> None:
+    for name in names:
+        nixos.shell(fleet.host(name), f"touch {NIXOS_MARKER}")
+
+
+def test_nixos_check_names_what_a_host_lacks_until_its_fragment_is_applied(fragments):
+    nas, pi = fleet.host(NAS), fleet.host(PI)
+    before = {h.name: nixos.Snapshot(h, [NIXOS_MARKER, NIX_CONF]) for h in (nas, pi)}
+    try:
+        mark_nixos([NAS, PI])
+        # pi4 as a fresh NixOS Pi: its Nix does not trust the builder yet.
+        nixos.write(pi, NIX_CONF, fleet.nix_conf_text(pi))
+        nixos.restart_nix_daemon(pi)
+        result = run(INVENTORY, "deploys/nixos_check.py", "--limit", NAS, "--limit", PI)
+        text = output(result)
+        assert result.returncode != 0
+        signing = nix_public(bench_sops.value("nix/nas_signing_key").strip())
+        assert f'nix.settings.extra-trusted-public-keys = [ "{signing}" ];' in text
+        # The first check a host fails stops its others (pyinfra drops a failed host): the
+        # NAS has the Nix settings nas.py gave it, not nix.sshServe.
+        assert "nas runs NixOS: set nix.sshServe.enable = true; and" in text
+        assert "writes them to nas's generated fragment" in text
+    finally:
+        for snapshot in before.values():
+            snapshot.restore()
+        nixos.restart_nix_daemon(pi)
+    assert all(snapshot.unchanged() for snapshot in before.values())
+
+
+def test_nixos_hosts_with_their_fragments_applied_are_already_configured(nixos_hosts):
+    mark_nixos([NAS, PI])
+    watched = {
+        NAS: nixos.Snapshot(fleet.host(NAS), [NIX_CONF, f"{UNIT_DIR}/nixpush-check.service",
+                                             DEPLOY_KEY_PATH, SIGNING_KEY_PATH]),
+        PI: nixos.Snapshot(fleet.host(PI), [NIX_CONF, f"{fleet.host(PI).home}/.ssh/authorized_keys",
+                                            "/etc/nix/machines", SSH_EXTRA]),
+    }  # fmt: skip
+
+    checks = {
+        ("deploys/nixos_check.py", "--limit", NAS, "--limit", PI): [
+            f"{PI} runs NixOS and already lets the builder in as beau, with sudo",
+            f"{NAS} runs NixOS and already has nixpush-check.service",
+        ],
+        ("deploys/nas.py", "--limit", NAS): [
+            f"{NAS} runs NixOS and its Nix already builds aarch64-linux with max-jobs = 8",
+            f"{NAS} runs NixOS and already emulates aarch64-linux",
+            f"{NAS} runs NixOS and nix.sshServe already serves",
+        ],
+        ("deploys/pull.py", "--limit", PI): [
+            f"{PI} runs NixOS and already builds on ssh-ng://nix-ssh@nixpush-builder-nas",
+        ],
+        ("deploys/schedule.py", "--limit", NAS): [
+            f"{NAS} runs NixOS and already has nixpush-check.service, nixpush-check.timer",
+        ],
+    }
+    for args, noops in checks.items():
+        result = run("-v", INVENTORY, *args)
+        text = output(result)
+        assert result.returncode == 0, text[-3000:]
+        for noop in noops:
+            assert noop in text, (args, text[-3000:])
+    assert all(snapshot.unchanged() for snapshot in watched.values())
+
+
+def test_pi_py_deploys_the_nixos_pi_through_the_trust_its_fragment_gives(nixos_hosts):
+    mark_nixos([NAS, PI])
+    pi = fleet.host(PI)
+    watched = nixos.Snapshot(pi, [NIX_CONF, f"{pi.home}/.ssh/authorized_keys"])
+    new_versions(PI)
+    wanted = desired_path(PI)
+
+    result = pyinfra("-y", "-v", "tests/bench/inventory.py", "deploys/pi.py", "--limit", PI,
+                     env=bench_sops.env(), timeout=600)  # fmt: skip
+
+    assert result.returncode == 0, output(result)[-3000:]
+    assert current(PI) == wanted
+    assert f"{PI} runs NixOS and its configuration already authorizes the key" in output(result)
+    assert f"{PI} runs NixOS and its Nix already trusts nixpush-bench-1:" in output(result)
+    assert watched.unchanged()  # nothing written on the NixOS Pi: the fragment did it
