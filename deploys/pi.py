@@ -46,6 +46,20 @@ def _plan() -> tuple[Plan, Builder | None] | None:
     return None
 
 
+# Targets that are only built need no connection: those that are off or away are built from
+# their builder's run (when the builder is in it: `--limit nas --limit pi4`).
+for unreachable in plan.unreachable_builds(host, deploy.specs):
+    try:
+        itself = Builder(host=host, sudo=bool(host.data.get("_sudo", False)))
+        target = state.inventory.get_host(unreachable.name)
+        build.build_toplevel(
+            name=f"Build {unreachable.name}'s system (not connected: build only)",
+            plan=plan.plan_deploy(target, unreachable, itself, deploy.summary),
+            builder=itself,
+        )
+    except DeployFailed as failure:
+        deploy.summary.fail(unreachable.name, str(failure))
+
 if spec.builder_host is None or spec.ssh_hostname is None:  # check_fleet: targets have both
     deploy.summary.skip(host.name, "not deployed by push (no builder_host)")
 else:

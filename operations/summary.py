@@ -95,7 +95,7 @@ class RunSummary:
                     "could not connect" if name in self.unreachable else "an operation failed"
                 )
                 result[name] = ("failed", cause)
-            elif name in self.forgiven:
+            elif name in self.forgiven and plan is None:
                 result[name] = ("skipped", "unreachable, not needed by this deploy")
             elif plan is None:
                 if name in self.skipped:

@@ -18,6 +18,7 @@ from operations.failures import fail, host_step
 from operations.models import Builder, Plan
 from operations.process import run_on
 from operations.push.commands import build_command, built_paths, nix_error
+from operations.summary import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -63,7 +64,10 @@ def _build(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
             doing=f"building {plan.attr}",
         )
         if not ok or plan.desired not in built_paths(lines):
-            return fail(host, f"building {plan.attr} on {plan.builder} failed: {nix_error(lines)}")
+            cause = f"building {plan.attr} on {plan.builder} failed: {nix_error(lines)}"
+            if host.name != plan.target:  # built from the builder's run: the target's failure
+                summary_for(state).fail(plan.target, cause)
+            return fail(host, cause)
         _built.add(key)
     host.log_styled(f"built {plan.desired} on {plan.builder}", log_func=logger.info)
     return True

@@ -180,9 +180,12 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
         raise DeployFailed(f"{spec.name} has no flake; set flake in its host or group data")
     attr = toplevel_attr(spec.flake, spec.nixos_config)
     desired = evaluate_toplevel(builder, attr)
+    action = Action(spec.deploy_action)
     sudo = bool(target.data.get("_sudo", False))
 
     def link(path: str) -> str | None:
+        if not action.copies:  # `build` never contacts the target: it may be off or away
+            return None
         return read_on(target, StorePathLink, path=path, sudo=sudo, doing=f"reading {path}")
 
     plan = Plan(
@@ -192,7 +195,7 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
         desired=desired,
         current=link(CURRENT_SYSTEM),
         profile=link(SYSTEM_PROFILE),
-        action=Action(spec.deploy_action),
+        action=action,
     )
     if plan.action is Action.BUILD or not plan.up_to_date:
         # Whether the builder has it matters only when something will be built or copied.
@@ -251,7 +254,24 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
 
 
 def needed_hosts(specs: Mapping[str, HostSpec], active: set[str]) -> set[str]:
-    """Hosts a push deploy needs: the active targets and their builders."""
+    """Hosts a push deploy needs: the active targets and their builders; a target that is only
+    built (``deploy_action=build``) needs only its builder."""
     targets = {name for name in active if specs[name].is_target}
     builders = {specs[name].builder_host for name in targets}
-    return targets | {name for name in builders if name}
+    contacted = {name for name in targets if Action(specs[name].deploy_action).copies}
+    return contacted | {name for name in builders if name}
+
+
+def unreachable_builds(builder: Host, specs: Mapping[str, HostSpec]) -> list[HostSpec]:
+    """The targets of ``builder`` in this run that are only built and could not be connected:
+    their builds are planned from the builder's own deploy code."""
+    state = builder.state
+    return [
+        spec
+        for spec in specs.values()
+        if spec.builder_host == builder.name
+        and spec.name != builder.name
+        and Action(spec.deploy_action) is Action.BUILD
+        and state.is_host_in_limit(target := builder.inventory.get_host(spec.name))
+        and not target.connected
+    ]

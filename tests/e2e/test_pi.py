@@ -191,6 +191,25 @@ def test_build_action_builds_on_the_nas_and_touches_no_pi(push_ready):
     assert not on_host("pi4").file(wanted).exists
 
 
+def test_build_action_needs_no_target_even_when_its_link_is_down(push_ready, link_restored):
+    new_versions("pi4", "pi5")
+    wanted = {name: desired_path(name) for name in ("pi4", "pi5")}
+    fleet.set_link(fleet.host("pi4"), up=False)
+
+    # The whole fleet, pi4 unreachable: built from the NAS's run.
+    result = deploy("--data", "deploy_action=build")
+    text = output(result)
+    assert result.returncode == 0, text
+    assert f"pi4: deployed: build {wanted['pi4']}" in text
+    assert f"pi5: deployed: build {wanted['pi5']}" in text
+    assert ssh("nas", f"nix path-info {wanted['pi4']}", check=False).returncode == 0
+    # Just pi4 (with its builder, which runs the build): nothing left to build.
+    result = deploy("--limit", "nas", "--limit", "pi4", "--data", "deploy_action=build")
+    assert result.returncode == 0, output(result)
+    assert f"pi4: unchanged: nas has already built {wanted['pi4']}" in output(result)
+    assert "Traceback" not in text + output(result)
+
+
 def test_dry_run_changes_nothing_anywhere_and_shows_current_and_desired(push_ready):
     assert deploy().returncode == 0
     before = {name: (current(name), profile(name)) for name in ("pi4", "pi5")}
