@@ -200,15 +200,25 @@ def test_builder_account_created_when_missing():
     assert shell(run(builder(), pull.builder_account, user="nix-ssh")) == [
         "useradd --system --user-group --no-create-home --home-dir /var/lib/nix-ssh "
         "--shell /bin/sh --password '*' --comment 'Nix remote builds (nixpush)' -- nix-ssh",
-        "mkdir -p -m 0755 -- /var/lib/nix-ssh",
-        "chown -- nix-ssh: /var/lib/nix-ssh",
+        "mkdir -p -m 0755 -- /var/lib/nix-ssh",  # root's: the account can't lift its restriction
     ]
 
 
 def test_builder_account_present_is_a_noop():
-    host = builder(NIX_SSH)
+    host = builder(NIX_SSH, home_dir={"mode": 755, "user": "root"})
     assert run(host, pull.builder_account, user="nix-ssh") == []
-    assert host.noops == ["user nix-ssh exists (home /var/lib/nix-ssh, shell /bin/sh)"]
+    assert host.noops == ["user nix-ssh exists (home /var/lib/nix-ssh, root's; shell /bin/sh)"]
+
+
+@pytest.mark.parametrize(
+    "home_dir", [{"mode": 755, "user": "nix-ssh"}, {"mode": 775, "user": "root"}]
+)
+def test_a_home_the_account_can_change_is_given_to_root(home_dir):
+    host = builder(NIX_SSH, home_dir=home_dir)
+    assert shell(run(host, pull.builder_account, user="nix-ssh")) == [
+        "chown -h -- root:root /var/lib/nix-ssh",
+        "chmod 0755 /var/lib/nix-ssh",
+    ]
 
 
 def test_builder_account_with_nologin_fails_the_host():
@@ -221,6 +231,19 @@ def test_builder_account_with_nologin_fails_the_host():
 def test_builder_account_refuses_a_hostile_name():
     with pytest.raises(ValueError, match="not a dedicated account name"):
         run(builder(), pull.builder_account, user="nix-ssh; whoami")
+
+
+def test_an_ssh_dir_the_account_owns_is_given_to_root():
+    host = builder(
+        NIX_SSH,
+        ssh_dir={"mode": 700, "user": "nix-ssh"},
+        auth=LineFile(0o644, "root", "root", tuple(RESTRICTED)),
+    )
+    commands = shell(run(host, pull.builder_authorized_keys, user="nix-ssh", keys=KEYS))
+    assert commands == [
+        "chown -h -- root:root /var/lib/nix-ssh/.ssh",
+        "chmod 0755 /var/lib/nix-ssh/.ssh",
+    ]
 
 
 def test_authorized_keys_already_right_is_a_noop():
