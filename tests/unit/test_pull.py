@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 from pyinfra.api import OperationError
-from pyinfra.api.command import FileUploadCommand, FunctionCommand, StringCommand
+from pyinfra.api.command import FunctionCommand, StringCommand
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.server import User
 
@@ -23,7 +23,7 @@ from operations.pull import (
     restricted_key_line,
 )
 from operations.ssh import Account, UserAccount
-from tests.unit.fake_host import FakeHost, run, shell
+from tests.unit.fake_host import FakeHost, run, shell, written
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJRMwHca5yENjEsDlRj//qRs+Z+ddJffpxF39eU5/d1F"
 PI4_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICjyJ6x1+Qicm0O5bQ7lYbw8pYIQzAgmkf9eSkfwuk6/"
@@ -305,10 +305,8 @@ def test_trusted_user_already_trusted_is_a_noop():
 def test_trusted_user_keeps_nixs_default_and_restarts_the_daemon():
     host = nix_host(NIX_CONF_TEXT, {"trusted-users": ["root"]})
     commands = run(host, nix.trusted_user, user="nix-ssh")
-    upload = commands[0]
-    assert isinstance(upload, FileUploadCommand)
-    assert upload.src.getvalue() == NIX_CONF_TEXT + "trusted-users = root nix-ssh\n"
-    assert shell(commands)[2] == "setsid nix-daemon </dev/null >/dev/null 2>&1 &"
+    assert written(commands[0]) == NIX_CONF_TEXT + "trusted-users = root nix-ssh\n"
+    assert shell(commands)[1] == "_restart_or_restore: /etc/nix/nix.conf"
 
 
 def test_nixos_builder_is_told_the_ssh_serve_options():
@@ -398,8 +396,7 @@ def test_nix_builders_already_set_is_a_noop():
 def test_nix_builders_appended_to_other_builders():
     host = nix_host(NIX_CONF_TEXT + "builders = ssh://big x86_64-linux\n", {})
     upload = run(host, nix.remote_builders)[0]
-    assert isinstance(upload, FileUploadCommand)
-    assert upload.src.getvalue() == (
+    assert written(upload) == (
         NIX_CONF_TEXT + "builders = ssh://big x86_64-linux ; @/etc/nix/machines\n"
     )
 
