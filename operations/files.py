@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.facts import FactBase
@@ -340,3 +341,19 @@ def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """Create ``path`` and its missing parents with ``mode`` exactly (whatever the umask);
+    directories already there are left as they are."""
+    missing = [d for d in (path, *path.parents) if not d.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        os.chmod(directory, mode)
+
+
+def create_text_file(path: Path, mode: int) -> IO[str]:
+    """Open ``path`` for writing, created or emptied, with ``mode`` exactly (whatever the umask)."""
+    handle = open(path, "w", encoding="utf-8")  # the caller closes it
+    os.fchmod(handle.fileno(), mode)
+    return handle

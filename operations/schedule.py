@@ -47,8 +47,9 @@ from pyinfra.facts.systemd import SystemdEnabled
 
 from operations.failures import fail_host
 from operations.files import ACCOUNT_NAME, MANAGED_HEADER, write_file
+from operations.lock import DEFAULT_STATE_DIR
 from operations.models import SYSTEMD_RUNNING
-from operations.run.runner import DEFAULT_KEEP, DEFAULT_STATE_DIR, SCHEDULE
+from operations.run.runner import DEFAULT_KEEP, SCHEDULE
 
 if TYPE_CHECKING:
     pass
