@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.facts import FactBase
@@ -108,14 +109,20 @@ class LineFile:
 
 
 class LinesOfFile(FactBase[LineFile | None]):
-    """A regular file's ``LineFile``; None when it is missing or not a regular file."""
+    """A regular file's ``LineFile``; None when it is missing, a symlink or not a regular file.
+
+    ``as_user`` reads it as that account (``runuser``), for a file in a directory the account
+    owns: root never follows a link the account put there (to ``/etc/shadow``, say)."""
 
     @override
-    def command(self, path: str) -> StringCommand:
+    def command(self, path: str, as_user: str | None = None) -> StringCommand:
         p = QuoteString(path)
-        return StringCommand(
-            "if [ -f", p, "]; then echo", QuoteString(FILE_MARK),
-            "&& stat -c '%a %U %G'", p, "&& cat", p, "; fi || true",
+        return as_account(
+            as_user,
+            StringCommand(
+                "if [ -f", p, "] && [ ! -L", p, "]; then echo", QuoteString(FILE_MARK),
+                "&& stat -c '%a %U %G'", p, "&& cat", p, "; fi || true",
+            ),
         )  # fmt: skip
 
     @override
@@ -124,6 +131,35 @@ class LinesOfFile(FactBase[LineFile | None]):
             return None
         mode, owner, group = output[1].split()
         return LineFile(int(mode, 8), owner, group, tuple(output[2:]))
+
+
+class UnsafeDirectories(LinesFact):
+    """
+    The directories above ``path`` (symlinks resolved) that someone other than root could
+    change: not owned by root, or writable by group or others (sticky or not), each as
+    ``"/srv/drop (owner nobody, mode 0777)"``; ``[]`` when only root can. sshd's StrictModes
+    rule: whoever can write a directory can swap a file in it for a symlink while root writes.
+    """
+
+    @override
+    def command(self, path: str) -> StringCommand:
+        return StringCommand(
+            "d=$(readlink -m --", QuoteString(posixpath.dirname(path)), ");",
+            'while :; do if [ -e "$d" ]; then stat -L -c', QuoteString("%u %U %a %n"),
+            '-- "$d"; fi; [ "$d" = / ] && break; d=$(dirname -- "$d"); done',
+        )  # fmt: skip
+
+    @override
+    def process(self, output: list[str]) -> list[str]:
+        unsafe = []
+        for line in output:
+            parts = line.split(maxsplit=3)
+            if len(parts) != 4 or not parts[0].isdecimal():
+                continue
+            uid, owner, mode, path = parts
+            if uid != "0" or int(mode, 8) & 0o022:
+                unsafe.append(f"{path} (owner {owner}, mode {int(mode, 8):04o})")
+        return unsafe
 
 
 class FileText(FactBase[str | None]):
@@ -152,37 +188,94 @@ def _owner_spec(owner: str, group: str | None) -> str:
     return f"{owner}:{group or ''}"
 
 
-def write_file(dest: str, content: str, owner: str, group: str | None, mode: int) -> StringCommand:
+def as_account(user: str | None, command: StringCommand) -> StringCommand:
+    """``command`` run as ``user`` (``runuser -u USER -- sh -c ...``), or as is for None: for
+    files in a directory ``user`` owns, so the account can only ever harm itself."""
+    if user is None:
+        return command
+    return StringCommand("runuser -u", QuoteString(user), "-- sh -c", QuoteString(command))
+
+
+def temp_prefix(dest: str) -> str:
+    """Where nixpush's temp files for ``dest`` start: ``/run/s/.key.nixpush-``."""
+    return posixpath.join(posixpath.dirname(dest), f".{posixpath.basename(dest)}.nixpush-")
+
+
+def replace_file(
+    dest: str,
+    content: str,
+    settle: StringCommand,
+    *,
+    parent_mode: int = 0o700,
+    backup: str | None = None,
+    as_user: str | None = None,
+) -> StringCommand:
     """
     Replace ``dest`` atomically with ``content``, which travels on the command's stdin only.
 
-    Missing parent directories are created 0700 (owner: whoever runs it, root under sudo); the
-    temp file is created in ``dest``'s directory under umask 077, so it is never readable by
-    others, gets its owner and mode, then is renamed over ``dest``. The command line holds
-    paths, owner and mode, never the content: base64 on stdin keeps it byte for byte (pyinfra
-    appends a newline to stdin that doesn't end in one).
+    + settle: what makes the temp file (``"$tmp"``) right before the rename: chown, chmod
+    + parent_mode: mode of parent directories it creates (owned by whoever runs it)
+    + backup: hard-link the previous ``dest`` here first (removed when there was none)
+    + as_user: run all of it as this account (``as_account``)
+
+    Leftovers of an earlier write that was cut off (``temp_prefix(dest)`` + six characters)
+    are removed first. The temp file is created in ``dest``'s directory under umask 077, so
+    it is never readable by others, settled, flushed to disk (``sync FILE``: fsync), then
+    renamed over ``dest``. The command line holds paths, never the content: base64 on stdin
+    keeps it byte for byte (pyinfra appends a newline to stdin that doesn't end in one).
     """
     parent = posixpath.dirname(dest)
-    template = posixpath.join(parent, f".{posixpath.basename(dest)}.nixpush-XXXXXX")
+    prefix = temp_prefix(dest)
     encoded = base64.b64encode(content.encode()).decode()
-    return StringCommand(
-        "umask 077 && mkdir -p --", QuoteString(parent),
-        "&& tmp=$(mktemp", QuoteString(template), ") && {",
-        'base64 -d > "$tmp"',
-        "&& chown --", QuoteString(_owner_spec(owner, group)), '"$tmp"',
-        f"&& chmod {mode:04o}", '"$tmp"',
+    keep: list[object] = []
+    if backup is not None:
+        d, b = QuoteString(dest), QuoteString(backup)
+        keep = ["&& { if [ -e", d, "]; then ln -fT", d, b, "; else rm -f --", b, "; fi; }"]
+    command = StringCommand(
+        f"umask {0o777 & ~parent_mode:03o} && mkdir -p --", QuoteString(parent),
+        "&& umask 077 && rm -f --", StringCommand(QuoteString(prefix), "??????", _separator=""),
+        "&& tmp=$(mktemp", QuoteString(f"{prefix}XXXXXX"), ") && {",
+        'base64 -d > "$tmp"', "&&", settle, '&& sync -- "$tmp"', *keep,
         '&& mv -fT "$tmp"', QuoteString(dest),
         '|| { rm -f "$tmp"; exit 1; }; }',
-        _stdin=encoded,
     )  # fmt: skip
+    return StringCommand(as_account(as_user, command), _stdin=encoded)
+
+
+def write_file(
+    dest: str,
+    content: str,
+    owner: str,
+    group: str | None,
+    mode: int,
+    *,
+    as_user: str | None = None,
+) -> StringCommand:
+    """
+    Replace ``dest`` atomically with ``content`` (``replace_file``), owned by
+    ``owner``:``group`` with ``mode``.
+
+    Parent directories it creates belong to root: 0700 for a root-only file, 0711 otherwise
+    (search only), so a non-root owner reaches its file by path and nobody can list them.
+    ``as_user`` writes as that account instead, which then owns the file (``group`` unused).
+    """
+    if as_user is not None:
+        return replace_file(dest, content, chmod_file('"$tmp"', mode, raw=True), as_user=as_user)
+    settle = StringCommand(
+        "chown --", QuoteString(_owner_spec(owner, group)), '"$tmp"',
+        "&&", chmod_file('"$tmp"', mode, raw=True),
+    )  # fmt: skip
+    root_only = owner == "root" and group in ("root", None)
+    return replace_file(dest, content, settle, parent_mode=0o700 if root_only else 0o711)
 
 
 def chown_file(dest: str, owner: str, group: str | None) -> StringCommand:
-    return StringCommand("chown --", QuoteString(_owner_spec(owner, group)), QuoteString(dest))
+    # -h: a symlink put in dest's place is changed itself, never what it points at.
+    return StringCommand("chown -h --", QuoteString(_owner_spec(owner, group)), QuoteString(dest))
 
 
-def chmod_file(dest: str, mode: int) -> StringCommand:
-    return StringCommand(f"chmod {mode:04o}", QuoteString(dest))
+def chmod_file(dest: str, mode: int, *, raw: bool = False) -> StringCommand:
+    return StringCommand(f"chmod {mode:04o}", dest if raw else QuoteString(dest))
 
 
 def lines_in_file(
@@ -194,6 +287,7 @@ def lines_in_file(
     group: str | None,
     mode: int,
     what: str,
+    as_user: str | None = None,
 ) -> Generator[PyinfraCommand, None, None]:
     """
     Make ``path`` hold exactly ``lines``, owned by ``owner``:``group`` (None: the group is
@@ -202,6 +296,9 @@ def lines_in_file(
 
     + current: what is there now, ``host.get_fact(LinesOfFile, path=path)`` (callers read it
       anyway, to compute ``lines``)
+    + as_user: the account owning ``path``'s directory (its ``~/.ssh``): every change is made
+      as that account, never by root through a link it put there; a file it does not own is
+      replaced by one it does
 
     .. code:: python
 
@@ -214,12 +311,17 @@ def lines_in_file(
         if owner_ok and current.mode == mode:
             host.noop(f"{path} already {what}")
             return
-        if not owner_ok:
-            yield chown_file(path, owner, group)
-        if current.mode != mode:
-            yield chmod_file(path, mode)
-        return
-    yield write_file(path, "".join(f"{line}\n" for line in lines), owner, group, mode)
+        if as_user is None:
+            if not owner_ok:
+                yield chown_file(path, owner, group)
+            if current.mode != mode:
+                yield chmod_file(path, mode)
+            return
+        if owner_ok:
+            yield as_account(as_user, chmod_file(path, mode))
+            return
+    text = "".join(f"{line}\n" for line in lines)
+    yield write_file(path, text, owner, group, mode, as_user=as_user)
 
 
 # -- on the controller -----------------------------------------------------------------
@@ -239,3 +341,19 @@ def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """Create ``path`` and its missing parents with ``mode`` exactly (whatever the umask);
+    directories already there are left as they are."""
+    missing = [d for d in (path, *path.parents) if not d.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        os.chmod(directory, mode)
+
+
+def create_text_file(path: Path, mode: int) -> IO[str]:
+    """Open ``path`` for writing, created or emptied, with ``mode`` exactly (whatever the umask)."""
+    handle = open(path, "w", encoding="utf-8")  # the caller closes it
+    os.fchmod(handle.fileno(), mode)
+    return handle

@@ -15,12 +15,17 @@ Deploy files start with:
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 
+from operations.files import ACCOUNT_NAME
 from operations.models import ACTIONS
 from operations.systems import KNOWN_SYSTEMS, natively_built
 
@@ -39,6 +44,27 @@ _MAX_SESSIONS = 64
 # Below sshd's default MaxSessions (10): pyinfra keeps one more channel open for SFTP once it
 # has uploaded a file, and a human's multiplexed `ssh` needs room too.
 DEFAULT_MAX_SESSIONS = 4
+# The one key that lets a pushed-to or building host skip host key checks; its name says so.
+INSECURE_KEY = "insecure_ssh_host_key_checking"
+# Every data key nixpush reads, in one place: add new keys here. A key a typo or two away from
+# one of these (``builder_hots``) is refused by check_fleet, naming the key it resembles.
+NIXPUSH_KEYS: tuple[str, ...] = (
+    "nix_system", "flake", "nixos_config", "builder_host", "builder_user", "builder_port",
+    "binfmt_emulated_systems", "nix_max_jobs", "ssh_host_key", "deploy_action",
+    "max_ssh_sessions", "sops_file", "secrets", "schedule", "rollback", "confirm_timeout",
+    "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
+    "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
+    INSECURE_KEY,
+)  # fmt: skip
+# pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
+PYINFRA_KEYS: tuple[str, ...] = (
+    "ssh_hostname", "ssh_port", "ssh_user", "ssh_key", "ssh_known_hosts_file",
+    "ssh_strict_host_key_checking",
+)  # fmt: skip
+# Where nixpush glues a value into a command, URL or Nix attribute path.
+_UNSAFE_REF = re.compile(r'^-|[\s#"]')
+_UNSAFE_ADDRESS = re.compile(r"^-|[\s@]")
+_KEY_TYPE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
 
 
 class FleetError(PyinfraError):
@@ -241,6 +267,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
             "nix_system", f"{nix_system!r} is unknown; set it to one of: {_listed(KNOWN_SYSTEMS)}"
         )
 
+    if host.data.get("deploy_action") == "":
+        read.problem(
+            "deploy_action", f"is empty; leave it out for switch, or set one of: {_listed(ACTIONS)}"
+        )
     deploy_action = read.string("deploy_action") or "switch"
     if deploy_action not in DEPLOY_ACTIONS:
         read.problem(
@@ -263,6 +293,36 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
             f"is missing, so builder {builder_host!r} has no address to push to; "
             "set ssh_hostname to the target's address",
         )
+
+    for key in ("flake", "nixos_config"):
+        value = read.string(key)
+        if value is not None and _UNSAFE_REF.search(value):
+            read.problem(
+                key, f"{value!r} has whitespace, a leading '-', '#' or '\"'; write the bare "
+                "flake reference or attribute name (nixpush adds '#nixosConfigurations...')",
+            )  # fmt: skip
+    for key in ("ssh_hostname", "ssh_user"):
+        value = read.string(key)
+        if value is not None and _UNSAFE_ADDRESS.search(value):
+            read.problem(
+                key, f"{value!r} has whitespace, '@' or a leading '-'; set the bare "
+                f"{'address' if key == 'ssh_hostname' else 'user name'}",
+            )  # fmt: skip
+    host_key = read.string("ssh_host_key")
+    if host_key is not None and not _is_host_key(host_key):
+        read.problem(
+            "ssh_host_key", f"{host_key!r} is not an SSH public key 'TYPE BASE64 [comment]'; "
+            "copy it from `ssh-keyscan -t ed25519 HOST` (without the host name)",
+        )  # fmt: skip
+    builder_user = read.string("builder_user")
+    if builder_user is not None and (
+        builder_user == "root" or not ACCOUNT_NAME.fullmatch(builder_user)
+    ):
+        read.problem(
+            "builder_user", f"{builder_user!r} is not a dedicated account name; set it to an "
+            "unprivileged account like 'nix-ssh' (root would give every pulling Pi root)",
+        )  # fmt: skip
+    read.problems.extend(_misspelt_keys(host))
 
     spec = HostSpec(
         name=host.name,
@@ -302,6 +362,66 @@ def host_spec(host: Host) -> HostSpec:
     if problems:
         raise FleetError(problems)
     return spec
+
+
+def _is_host_key(line: str) -> bool:
+    # The blob starts with its own type as a length-prefixed string: "ssh-ed25519 AAAAC3Nz...".
+    fields = line.split()
+    if len(fields) < 2 or not _KEY_TYPE.fullmatch(fields[0]):
+        return False
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    size = int.from_bytes(blob[:4], "big")
+    return blob[4 : 4 + size] == fields[0].encode() and not any(c in line for c in "\n\r\0")
+
+
+def _known_keys() -> frozenset[str]:
+    known = set(NIXPUSH_KEYS) | set(PYINFRA_KEYS)
+    connectors: Any = get_all_connectors  # untyped in pyinfra
+    for connector in connectors().values():
+        known |= set(getattr(connector, "data_meta", None) or {})
+    return frozenset(known)
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal string alignment distance: insertions, deletions, substitutions, swaps."""
+    rows = [list(range(len(b) + 1))]
+    for i, x in enumerate(a, 1):
+        row = [i]
+        for j, y in enumerate(b, 1):
+            cost = min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (x != y))
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                cost = min(cost, rows[-2][j - 2] + 1)
+            row.append(cost)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def misspelt(key: str) -> str | None:
+    """The known key ``key`` is a typo of: ``misspelt("builder_hots") == "builder_host"``;
+    None for known keys, pyinfra's (``_sudo``, ``ssh_*``) and keys nothing resembles."""
+    known = _known_keys()
+    if key in known or key.startswith("_"):
+        return None
+    candidates = [*NIXPUSH_KEYS, *PYINFRA_KEYS]
+    distance, closest = min((_edits(key, name), name) for name in candidates)
+    return closest if distance <= (1 if len(closest) <= 6 else 2) else None
+
+
+def _misspelt_keys(host: Host) -> list[str]:
+    host_data: Any = host.data  # HostData.dict is untyped in pyinfra
+    data: dict[str, Any] = host_data.dict()
+    problems = []
+    for key in sorted(str(k) for k in data):
+        closest = misspelt(key)
+        if closest is not None:
+            problems.append(
+                f"{host.name}: {key} is not a nixpush or pyinfra data key; did you mean "
+                f"{closest}? Rename it (or, if it is your own, give it a name less like {closest})"
+            )
+    return problems
 
 
 def _file_group(inventory: Inventory) -> str | None:
@@ -351,6 +471,19 @@ def _builder_problems(spec: HostSpec, specs: Mapping[str, HostSpec]) -> list[str
             f"{name}: builder_host {builder_name!r} is not in the inventory; "
             f"set builder_host to one of: {_listed(others)}"
         ]
+    if builder.builder_host == name:
+        return [
+            f"{name}: builder_host {builder_name!r} has builder_host {name!r}: two hosts that "
+            "build each other are never built; set one's builder_host to a host that builds "
+            "its own system, or remove it"
+        ]
+    if builder.builder_host is not None:
+        return [
+            f"{name}: builder_host {builder_name!r} is itself built on "
+            f"{builder.builder_host!r}, a chain nixpush does not follow; set {name}'s "
+            f"builder_host to a host without builder_host (e.g. {builder.builder_host!r}), or "
+            f"remove {builder_name}'s"
+        ]
     if spec.nix_system not in KNOWN_SYSTEMS or builder.nix_system not in KNOWN_SYSTEMS:
         return []  # already reported as a nix_system problem
     if spec.nix_system in builder.builder_systems:
@@ -371,7 +504,43 @@ def _read_fleet(inventory: Inventory) -> tuple[dict[str, HostSpec], list[str]]:
         problems.extend(host_problems)
     for spec in specs.values():
         problems.extend(_builder_problems(spec, specs))
+    problems.extend(_address_problems(inventory, specs))
     return specs, problems
+
+
+def _address_problems(inventory: Inventory, specs: Mapping[str, HostSpec]) -> list[str]:
+    """Targets sharing an address; IPv6 and unchecked host keys where nixpush pushes or builds."""
+    problems: list[str] = []
+    seen: dict[tuple[str, int], str] = {}
+    for spec in specs.values():
+        if spec.is_target and spec.ssh_hostname is not None:
+            address = (spec.ssh_hostname.lower(), spec.ssh_port)
+            other = seen.setdefault(address, spec.name)
+            if other != spec.name:
+                problems.append(
+                    f"{spec.name}: ssh_hostname and ssh_port {spec.ssh_hostname}:{spec.ssh_port} "
+                    f"are also {other}'s, and the builder's known_hosts holds one host key per "
+                    "address; give each target its own address or port"
+                )
+    involved = {*builders(specs), *(name for name, spec in specs.items() if spec.is_target)}
+    for host in inventory:
+        if host.name not in involved:
+            continue
+        hostname = specs[host.name].ssh_hostname or ""
+        if ":" in hostname or hostname.startswith("["):
+            problems.append(
+                f"{host.name}: ssh_hostname {hostname!r} is an IPv6 address, which nixpush does "
+                "not support (Nix's ssh-ng URLs and known_hosts need it bracketed); use a DNS "
+                "name or an IPv4 address"
+            )
+        checking = host.data.get("ssh_strict_host_key_checking")
+        if checking is not None and checking != "yes" and host.data.get(INSECURE_KEY) is not True:
+            problems.append(
+                f"{host.name}: ssh_strict_host_key_checking is {checking!r}, so an impostor "
+                "could take this host's place when nixpush pushes to or builds on it; set it "
+                f'to "yes", or set {INSECURE_KEY} = True to accept that'
+            )
+    return problems
 
 
 def fleet_errors(inventory: Inventory) -> list[str]:

@@ -6,23 +6,26 @@ import base64
 import binascii
 import json
 from collections.abc import Generator, Mapping, Sequence
-from io import StringIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyinfra.api.command import PyinfraCommand, StringCommand
+from pyinfra.api.command import FunctionCommand, PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.exceptions import FactProcessError, OperationError
 from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.facts.files import Directory
-from pyinfra.operations import files
 from typing_extensions import override
 
 from operations.binfmt import sandbox_path, validate_systems
-from operations.failures import fail_host, require_root
-from operations.files import ACCOUNT_NAME, FileText
+from operations.failures import DeployFailed, fail_host, host_step, require_root
+from operations.files import ACCOUNT_NAME, FileText, replace_file
 from operations.models import SYSTEMD_RUNNING
 from operations.nixos import nix_list, nixos_options_error, runs_nixos
+from operations.process import run_on
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+    from pyinfra.api.state import State
 
 NIX_CONF = "/etc/nix/nix.conf"
 # Nix's remote builders file (nix.conf `builders = @MACHINES_FILE`).
@@ -201,13 +204,32 @@ def start_daemon_detached() -> StringCommand:
 # Operations
 
 
-@operation(is_idempotent=False)
-def restart_nix_daemon() -> Generator[PyinfraCommand, None, None]:
-    """
-    Restart the host's nix-daemon so it reads nix.conf again, then wait until it answers.
+def _group(command: StringCommand) -> StringCommand:
+    # `{ ...; }`: so `&&` and `||` apply to the whole command, whatever `;` it holds.
+    return StringCommand("{", command, "; }")
+
+
+def restart_daemon(systemd: bool) -> StringCommand:
+    """Restart nix-daemon so it reads nix.conf again, then wait until it answers.
 
     With systemd the unit is restarted; without it the daemon listening on the socket is
     stopped (its workers finish what they serve) and a new one started, detached.
+    """
+    if systemd:
+        restart = StringCommand("systemctl", "restart", "nix-daemon.service")
+    else:
+        # start_daemon_detached ends in `&`, which ends the command as `;` would.
+        restart = StringCommand(
+            _group(stop_daemon_listener()), "&& {", start_daemon_detached(), "}"
+        )
+    return StringCommand(restart, "&&", _group(wait_for_daemon_socket()))
+
+
+@operation(is_idempotent=False)
+def restart_nix_daemon() -> Generator[PyinfraCommand, None, None]:
+    """
+    Restart the host's nix-daemon so it reads nix.conf again, then wait until it answers
+    (``restart_daemon``).
 
     **Example:**
 
@@ -215,12 +237,54 @@ def restart_nix_daemon() -> Generator[PyinfraCommand, None, None]:
 
         nix.restart_nix_daemon()
     """
-    if host.get_fact(Directory, path=SYSTEMD_RUNNING):
-        yield StringCommand("systemctl", "restart", "nix-daemon.service")
-    else:
-        yield stop_daemon_listener()
-        yield start_daemon_detached()
-    yield wait_for_daemon_socket()
+    yield restart_daemon(bool(host.get_fact(Directory, path=SYSTEMD_RUNNING)))
+
+
+def previous_nix_conf(nix_conf: str = NIX_CONF) -> str:
+    """Where the nix.conf a change replaces is kept until the restarted daemon answers."""
+    return f"{nix_conf}.nixpush-previous"
+
+
+def replace_nix_conf(text: str, nix_conf: str = NIX_CONF) -> StringCommand:
+    """Replace nix.conf atomically (temp file + rename in its directory) with ``text``,
+    keeping its owner and mode (root 0644 for a new one) and the previous file as
+    ``previous_nix_conf``: a full disk or a cut link leaves the old file, never half of one."""
+    conf = QuoteString(nix_conf)
+    like_before = StringCommand(
+        "if [ -e", conf, "]; then chown --reference", conf, '"$tmp"',
+        "&& chmod --reference", conf, '"$tmp"; else chmod 0644 "$tmp"; fi',
+    )  # fmt: skip
+    return replace_file(
+        nix_conf, text, like_before, parent_mode=0o755, backup=previous_nix_conf(nix_conf)
+    )
+
+
+@host_step
+def _restart_or_restore(state: State, host: Host, nix_conf: str, systemd: bool, sudo: bool) -> bool:
+    """Restart the daemon on the new nix.conf; if it doesn't answer, put the previous file
+    back, restart again, and fail the host with the cause."""
+    previous = QuoteString(previous_nix_conf(nix_conf))
+    ok, lines = run_on(host, restart_daemon(systemd), doing="restarting nix-daemon", sudo=sudo)
+    if ok:
+        run_on(host, StringCommand("rm -f --", previous), doing="removing the backup", sudo=sudo)
+        return True
+    cause = lines[-1].strip() if lines else "no output"
+    conf = QuoteString(nix_conf)
+    restore = StringCommand(
+        "if [ -e", previous, "]; then mv -fT", previous, conf, "; else rm -f --", conf, "; fi",
+        "&&", restart_daemon(systemd),
+    )  # fmt: skip
+    back, after = run_on(host, restore, doing=f"restoring {nix_conf}", sudo=sudo)
+    daemon = (
+        "the daemon answers again"
+        if back
+        else f"the daemon does not answer either ({after[-1].strip() if after else 'no output'})"
+    )
+    raise DeployFailed(
+        f"{host.name}: nix-daemon did not answer after {nix_conf} changed ({cause}); the "
+        f"previous {nix_conf} is back and {daemon}; check the new settings with "
+        "`nix show-config`, and the daemon's log"
+    )
 
 
 @operation()
@@ -280,6 +344,9 @@ def update_nix_conf(
     Write ``settings`` into nix.conf (``text`` is its content, None when missing) and restart
     the daemon, or say ``"<nix_conf> already <what>"`` when the file has them already. Every
     nix.conf writer goes through here, so the daemon restarts exactly when the file changed.
+    The file is replaced atomically (``replace_nix_conf``); when the restarted daemon does not
+    answer, the previous file is put back, the daemon restarted on it, and the host fails
+    with the cause (without systemd nothing else would bring a daemon back).
     """
     current = text or ""
     try:
@@ -289,8 +356,10 @@ def update_nix_conf(
     if text is not None and new == current:
         host.noop(f"{nix_conf} already {what}")
         return
-    yield from files.put._inner(src=StringIO(new), dest=nix_conf)
-    yield from restart_nix_daemon._inner()
+    systemd = bool(host.get_fact(Directory, path=SYSTEMD_RUNNING))
+    yield replace_nix_conf(new, nix_conf)
+    sudo = bool(host.data.get("_sudo", False))
+    yield FunctionCommand(_restart_or_restore, (nix_conf, systemd, sudo), {})
 
 
 def add_to_nix_conf_list(

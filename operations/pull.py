@@ -44,6 +44,7 @@ from operations.files import (
     MANAGED_HEADER,
     LinesOfFile,
     SecretFile,
+    chmod_file,
     chown_file,
     lines_in_file,
 )
@@ -356,10 +357,12 @@ def builder_account(user: str) -> Generator[PyinfraCommand, None, None]:
 
     + user: the account name (the targets' ``builder_user``, e.g. ``nix-ssh``)
 
-    ``useradd --system`` with its own group, home ``/var/lib/<user>`` (owned by the user, made
-    here) and shell ``/bin/sh``: sshd runs the forced command through the login shell, so it
-    can't be nologin. The password is ``*``: no password login, keys still work. An existing
-    account is kept as it is; one whose shell is nologin or false fails the host.
+    ``useradd --system`` with its own group, home ``/var/lib/<user>`` (root's, 0755, made here;
+    an existing home the account owns is given to root: an account that owns its home could
+    replace ``~/.ssh`` and lift its restriction) and shell ``/bin/sh``: sshd runs the forced
+    command through the login shell, so it can't be nologin. The password is ``*``: no
+    password login, keys still work. An existing account is kept as it is; one whose shell is
+    nologin or false fails the host.
 
     **Example:**
 
@@ -378,7 +381,6 @@ def builder_account(user: str) -> Generator[PyinfraCommand, None, None]:
             QuoteString(user),
         )  # fmt: skip
         yield StringCommand("mkdir -p -m 0755 --", QuoteString(home))
-        yield chown_file(home, user, None)
         return
     if account.shell in _NOLOGIN_SHELLS:
         yield fail_host(
@@ -386,11 +388,22 @@ def builder_account(user: str) -> Generator[PyinfraCommand, None, None]:
             f"forced nix-daemon command through it; run `usermod -s /bin/sh {user}`"
         )
         return
-    if not host.get_fact(Directory, path=account.home):
+    home_dir = host.get_fact(Directory, path=account.home)
+    if not home_dir:
         yield StringCommand("mkdir -p -m 0755 --", QuoteString(account.home))
-        yield chown_file(account.home, user, None)
         return
-    host.noop(f"user {user} exists (home {account.home}, shell {account.shell})")
+    if home_dir.get("user") not in (None, "root") or _group_or_other_writable(home_dir):
+        # An account that owns its home can replace ~/.ssh and lift its own restriction.
+        yield chown_file(account.home, "root", "root")
+        yield chmod_file(account.home, 0o755)
+        return
+    host.noop(f"user {user} exists (home {account.home}, root's; shell {account.shell})")
+
+
+def _group_or_other_writable(directory: Mapping[str, object]) -> bool:
+    # pyinfra's Directory fact gives the mode as octal digits read as an int (755).
+    mode = directory.get("mode")
+    return isinstance(mode, int) and int(str(mode), 8) & 0o022 != 0
 
 
 @operation()
@@ -433,8 +446,12 @@ def builder_authorized_keys(
     ssh_dir = f"{home.rstrip('/')}/.ssh"
     path = f"{ssh_dir}/authorized_keys"
 
-    if not host.get_fact(Directory, path=ssh_dir):
+    ssh_dir_now = host.get_fact(Directory, path=ssh_dir)
+    if not ssh_dir_now:
         yield StringCommand("mkdir -p -m 0755 --", QuoteString(ssh_dir))
+    elif ssh_dir_now.get("user") not in (None, "root") or _group_or_other_writable(ssh_dir_now):
+        yield chown_file(ssh_dir, "root", "root")
+        yield chmod_file(ssh_dir, 0o755)
     current = host.get_fact(LinesOfFile, path=path)
 
     def ours(line: str) -> bool:

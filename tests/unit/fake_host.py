@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -81,3 +82,9 @@ def shell(commands: list[Any]) -> list[str]:
         else:
             out.append(type(command).__name__ + ":" + str(getattr(command, "dest", "")))
     return out
+
+
+def written(command: Any) -> str:
+    """The content a ``files.replace_file`` command writes (it travels base64 on stdin)."""
+    assert isinstance(command, StringCommand), command
+    return base64.b64decode(command.connector_arguments["_stdin"]).decode()

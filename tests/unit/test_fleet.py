@@ -220,3 +220,141 @@ def test_cli_prints_fleet_error_as_a_message_not_a_traceback(tmp_path):
     assert "the inventory has 2 problems:" in run.stderr
     assert "  @local: builder_host 'nsa' is not in the inventory;" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# Hardening (issue 12): builders, addresses, references, keys and misspelt data
+
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDhT8yrRU+3V2oxL5d3S9E2gDxNgUOsLCs8D3Zc5Lz+x"
+
+
+def test_builder_cycle(write_inventory):
+    groups = fleet(nas={"builder_host": "pi", "nix_system": "x86_64-linux"})
+    problems = fleet_errors(write_inventory(groups))
+    assert (
+        "pi: builder_host 'nas' has builder_host 'pi': two hosts that build each other are "
+        "never built; set one's builder_host to a host that builds its own system, or remove it"
+    ) in problems
+    assert any(p.startswith("nas: builder_host 'pi' has builder_host 'nas'") for p in problems)
+
+
+def test_builder_chain(write_inventory):
+    groups = fleet()
+    mid = ("mid", {"nix_system": "aarch64-linux", "builder_host": "nas", "ssh_hostname": "mid"})
+    groups["minimal"].append(mid)
+    groups["minimal"][1] = ("pi", {**PI_DATA, "builder_host": "mid"})
+    problem = only_problem(write_inventory(groups))
+    assert problem == (
+        "pi: builder_host 'mid' is itself built on 'nas', a chain nixpush does not follow; set "
+        "pi's builder_host to a host without builder_host (e.g. 'nas'), or remove mid's"
+    )
+
+
+def test_two_targets_at_one_address(write_inventory):
+    groups = fleet(pi={"ssh_port": 8023})
+    groups["minimal"].append(("pi2", {**PI_DATA, "ssh_hostname": "PI.test", "ssh_port": 8023}))
+    problem = only_problem(write_inventory(groups))
+    assert problem == (
+        "pi2: ssh_hostname and ssh_port PI.test:8023 are also pi's, and the builder's known_hosts "
+        "holds one host key per address; give each target its own address or port"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("ssh_hostname", "pi test"), ("ssh_hostname", "beau@pi"), ("ssh_hostname", "-oProxyCommand=x"),
+     ("ssh_user", "-oX"), ("ssh_user", "be au"), ("ssh_user", "a@b")],
+)  # fmt: skip
+def test_addresses_and_users_that_would_be_options_or_two_words(write_inventory, key, value):
+    problem = only_problem(write_inventory(fleet(pi={key: value})))
+    assert problem.startswith(f"pi: {key} {value!r} has whitespace, '@' or a leading '-'; set")
+
+
+@pytest.mark.parametrize("address", ["fe80::1", "[2001:db8::2]"])
+def test_ipv6_targets_are_refused_clearly(write_inventory, address):
+    problem = only_problem(write_inventory(fleet(pi={"ssh_hostname": address})))
+    assert problem == (
+        f"pi: ssh_hostname {address!r} is an IPv6 address, which nixpush does not support "
+        "(Nix's ssh-ng URLs and known_hosts need it bracketed); use a DNS name or an IPv4 address"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("flake", "path:/x y"), ("flake", "-L"), ("flake", "path:/x#pi"), ("flake", 'a"b'),
+     ("nixos_config", "pi#x"), ("nixos_config", "-pi"), ("nixos_config", "p i")],
+)  # fmt: skip
+def test_flake_references_nixpush_could_not_glue_safely(write_inventory, key, value):
+    problem = only_problem(write_inventory(fleet(pi={key: value})))
+    assert problem.startswith(f"pi: {key} {value!r} has whitespace, a leading '-', '#' or '\"';")
+
+
+def test_empty_deploy_action_is_not_switch(write_inventory):
+    problem = only_problem(write_inventory(fleet(pi={"deploy_action": ""})))
+    assert problem == (
+        "pi: deploy_action is empty; leave it out for switch, or set one of: switch, boot, "
+        "test, dry-activate, build, rollback"
+    )
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["ssh-ed25519", "ssh-ed25519 AAAA", "nope AAAAC3NzaC1lZDI1NTE5",
+     f"ssh-rsa {HOST_KEY.split()[1]}", "[1.2.3.4]:22 " + HOST_KEY],
+)  # fmt: skip
+def test_malformed_ssh_host_key(write_inventory, key):
+    problem = only_problem(write_inventory(fleet(pi={"ssh_host_key": key})))
+    assert problem.startswith(f"pi: ssh_host_key {key!r} is not an SSH public key")
+
+
+def test_a_real_host_key_with_a_comment_passes(write_inventory):
+    assert fleet_errors(write_inventory(fleet(pi={"ssh_host_key": f"{HOST_KEY} root@pi"}))) == []
+
+
+@pytest.mark.parametrize("user", ["root", "nix ssh", "-x", "nix;ssh"])
+def test_builder_user_root_or_not_an_account(write_inventory, user):
+    problem = only_problem(write_inventory(fleet(pi={"builder_user": user})))
+    assert problem.startswith(f"pi: builder_user {user!r} is not a dedicated account name;")
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [("builder_hots", "builder_host"), ("nix_sytem", "nix_system"), ("flakes", "flake"),
+     ("ssh_hostnme", "ssh_hostname"), ("max_ssh_session", "max_ssh_sessions"),
+     ("helth_checks", "health_checks"), ("secret", "secrets")],
+)  # fmt: skip
+def test_misspelt_keys_name_the_key_they_resemble(write_inventory, typo, meant):
+    problems = fleet_errors(write_inventory(fleet(pi={typo: "x"})))
+    assert (
+        f"pi: {typo} is not a nixpush or pyinfra data key; did you mean {meant}? Rename it "
+        f"(or, if it is your own, give it a name less like {meant})"
+    ) in problems
+
+
+@pytest.mark.parametrize(
+    "key", ["owner_email", "location", "ssh_password", "ssh_config_file", "_sudo", "_sudo_user",
+            "docker_identifier", "rollback", "image_dest", "offline_ok"],
+)  # fmt: skip
+def test_own_and_pyinfra_keys_are_not_refused(write_inventory, key):
+    assert fleet_errors(write_inventory(fleet(pi={key: "x"}))) == []
+
+
+@pytest.mark.parametrize("value", ["no", "accept-new", "off"])
+def test_unchecked_host_keys_on_targets_and_builders(write_inventory, value):
+    inventory = write_inventory(fleet(pi={"ssh_strict_host_key_checking": value}))
+    assert only_problem(inventory) == (
+        f"pi: ssh_strict_host_key_checking is {value!r}, so an impostor could take this host's "
+        'place when nixpush pushes to or builds on it; set it to "yes", or set '
+        "insecure_ssh_host_key_checking = True to accept that"
+    )
+    allowed = {"ssh_strict_host_key_checking": value, "insecure_ssh_host_key_checking": True}
+    inventory = write_inventory(fleet(nas=allowed, pi=allowed), filename="allowed.py")
+    assert fleet_errors(inventory) == []
+
+
+def test_unchecked_host_keys_are_fine_where_nixpush_neither_pushes_nor_builds(write_inventory):
+    groups = fleet()
+    groups["minimal"].append(
+        ("laptop", {"nix_system": "x86_64-linux", "ssh_strict_host_key_checking": "no"})
+    )
+    assert fleet_errors(write_inventory(groups)) == []

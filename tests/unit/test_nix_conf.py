@@ -5,20 +5,22 @@ import json
 
 import pytest
 from pyinfra.api import OperationError
-from pyinfra.api.command import FileUploadCommand, FunctionCommand
+from pyinfra.api.command import FunctionCommand
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.server import User
 
 from operations import nix
 from operations.nix import (
+    NIX_CONF,
     NixConfig,
     NixConfText,
     nix_settings,
+    restart_daemon,
     restart_nix_daemon,
     set_nix_conf,
     wanted_nix_settings,
 )
-from tests.unit.fake_host import FakeHost, run, shell
+from tests.unit.fake_host import FakeHost, run, shell, written
 
 # `nix --extra-experimental-features nix-command show-config --json` from Debian 12's Nix 2.8.0
 # (nix.conf: `sandbox = false`), descriptions dropped.
@@ -229,36 +231,44 @@ def test_nix_settings_already_right_is_a_noop():
     assert host.noops == ["/etc/nix/nix.conf already sets extra-platforms, max-jobs"]
 
 
-def test_nix_settings_writes_and_restarts_without_systemd():
+REPLACE = (
+    "umask 022 && mkdir -p -- /etc/nix && umask 077 && rm -f -- /etc/nix/.nix.conf.nixpush-?????? "
+    '&& tmp=$(mktemp /etc/nix/.nix.conf.nixpush-XXXXXX ) && { base64 -d > "$tmp" && '
+    'if [ -e /etc/nix/nix.conf ]; then chown --reference /etc/nix/nix.conf "$tmp" && '
+    'chmod --reference /etc/nix/nix.conf "$tmp"; else chmod 0644 "$tmp"; fi && sync -- "$tmp" '
+    "&& { if [ -e /etc/nix/nix.conf ]; then ln -fT /etc/nix/nix.conf "
+    "/etc/nix/nix.conf.nixpush-previous ; else rm -f -- /etc/nix/nix.conf.nixpush-previous ; "
+    'fi; } && mv -fT "$tmp" /etc/nix/nix.conf || { rm -f "$tmp"; exit 1; }; }'
+)
+
+
+def test_nix_settings_replaces_nix_conf_atomically_then_restarts_or_restores():
     host = debian_builder(DEBIAN_NIX_CONF)
     commands = run(host, nix_settings, ["aarch64-linux"], 8)
-    assert shell(commands) == [
-        "FileUploadCommand:/etc/nix/nix.conf",
-        STOP_LISTENER,
-        "setsid nix-daemon </dev/null >/dev/null 2>&1 &",
-        WAIT,
-    ]
-    upload = commands[0]
-    assert isinstance(upload, FileUploadCommand)
-    assert upload.src.getvalue() == (
+    assert shell(commands) == [REPLACE, f"_restart_or_restore: {NIX_CONF}"]
+    assert written(commands[0]) == (
         DEBIAN_NIX_CONF + f"extra-platforms = {DEFAULT_PLATFORMS} aarch64-linux\nmax-jobs = 8\n"
+    )
+    assert commands[1].args == (NIX_CONF, False, False)  # nix.conf, systemd, sudo
+
+
+def test_restart_without_systemd_stops_the_listener_and_starts_one_detached():
+    assert restart_daemon(systemd=False).get_raw_value() == (
+        f"{{ {STOP_LISTENER} ; }} && {{ setsid nix-daemon </dev/null >/dev/null 2>&1 & }} "
+        f"&& {{ {WAIT} ; }}"
     )
 
 
-def test_nix_settings_restarts_with_systemd():
-    host = debian_builder(DEBIAN_NIX_CONF, systemd=True)
-    assert shell(run(host, nix_settings, ["aarch64-linux"], 8))[1:] == [
-        "systemctl restart nix-daemon.service",
-        WAIT,
-    ]
+def test_restart_with_systemd():
+    assert restart_daemon(systemd=True).get_raw_value() == (
+        f"systemctl restart nix-daemon.service && {{ {WAIT} ; }}"
+    )
 
 
 def test_nix_settings_without_max_jobs_leaves_it():
     host = debian_builder(DEBIAN_NIX_CONF + "max-jobs = 3 # mine\n")
     commands = run(host, nix_settings, ["aarch64-linux"])
-    upload = commands[0]
-    assert isinstance(upload, FileUploadCommand)
-    assert upload.src.getvalue() == (
+    assert written(commands[0]) == (
         DEBIAN_NIX_CONF
         + f"max-jobs = 3 # mine\nextra-platforms = {DEFAULT_PLATFORMS} aarch64-linux\n"
     )
@@ -327,3 +337,43 @@ def test_nixos_missing_settings_fails_with_the_options():
 def test_recorded_sample_is_real_json():
     assert set(json.loads(SHOW_CONFIG)) >= {"sandbox", "max-jobs", "extra-platforms"}
     assert nix.NIX_CONF == "/etc/nix/nix.conf"
+
+
+def test_a_daemon_that_does_not_answer_gets_the_previous_nix_conf_back(monkeypatch):
+    calls = []
+    answers = iter([(False, ["nix-daemon does not answer on /nix/var/nix/daemon-socket/socket"]),
+                    (True, [])])  # fmt: skip
+
+    def run_on(host, command, *, doing, sudo):
+        calls.append((command.get_raw_value(), doing, sudo))
+        return next(answers)
+
+    monkeypatch.setattr(nix, "run_on", run_on)
+    restart_or_restore = nix._restart_or_restore.__wrapped__
+    with pytest.raises(nix.DeployFailed) as failed:
+        restart_or_restore(None, FakeHost("nas"), NIX_CONF, False, True)
+    assert str(failed.value) == (
+        "nas: nix-daemon did not answer after /etc/nix/nix.conf changed (nix-daemon does not "
+        "answer on /nix/var/nix/daemon-socket/socket); the previous /etc/nix/nix.conf is back "
+        "and the daemon answers again; check the new settings with `nix show-config`, and the "
+        "daemon's log"
+    )
+    restore, doing, sudo = calls[1]
+    assert restore.startswith(
+        "if [ -e /etc/nix/nix.conf.nixpush-previous ]; then mv -fT "
+        "/etc/nix/nix.conf.nixpush-previous /etc/nix/nix.conf ; else rm -f -- /etc/nix/nix.conf"
+    )
+    assert restore.endswith(restart_daemon(systemd=False).get_raw_value())
+    assert (doing, sudo) == ("restoring /etc/nix/nix.conf", True)
+
+
+def test_an_answering_daemon_drops_the_backup(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        nix, "run_on", lambda host, c, **kw: calls.append(c.get_raw_value()) or (True, [])
+    )
+    assert nix._restart_or_restore.__wrapped__(None, FakeHost("nas"), NIX_CONF, True, False)
+    assert calls == [
+        restart_daemon(systemd=True).get_raw_value(),
+        "rm -f -- /etc/nix/nix.conf.nixpush-previous",
+    ]

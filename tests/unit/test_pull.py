@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 from pyinfra.api import OperationError
-from pyinfra.api.command import FileUploadCommand, FunctionCommand, StringCommand
+from pyinfra.api.command import FunctionCommand, StringCommand
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.server import User
 
@@ -23,7 +23,7 @@ from operations.pull import (
     restricted_key_line,
 )
 from operations.ssh import Account, UserAccount
-from tests.unit.fake_host import FakeHost, run, shell
+from tests.unit.fake_host import FakeHost, run, shell, written
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJRMwHca5yENjEsDlRj//qRs+Z+ddJffpxF39eU5/d1F"
 PI4_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICjyJ6x1+Qicm0O5bQ7lYbw8pYIQzAgmkf9eSkfwuk6/"
@@ -205,15 +205,25 @@ def test_builder_account_created_when_missing():
     assert shell(run(builder(), pull.builder_account, user="nix-ssh")) == [
         "useradd --system --user-group --no-create-home --home-dir /var/lib/nix-ssh "
         "--shell /bin/sh --password '*' --comment 'Nix remote builds (nixpush)' -- nix-ssh",
-        "mkdir -p -m 0755 -- /var/lib/nix-ssh",
-        "chown -- nix-ssh: /var/lib/nix-ssh",
+        "mkdir -p -m 0755 -- /var/lib/nix-ssh",  # root's: the account can't lift its restriction
     ]
 
 
 def test_builder_account_present_is_a_noop():
-    host = builder(NIX_SSH)
+    host = builder(NIX_SSH, home_dir={"mode": 755, "user": "root"})
     assert run(host, pull.builder_account, user="nix-ssh") == []
-    assert host.noops == ["user nix-ssh exists (home /var/lib/nix-ssh, shell /bin/sh)"]
+    assert host.noops == ["user nix-ssh exists (home /var/lib/nix-ssh, root's; shell /bin/sh)"]
+
+
+@pytest.mark.parametrize(
+    "home_dir", [{"mode": 755, "user": "nix-ssh"}, {"mode": 775, "user": "root"}]
+)
+def test_a_home_the_account_can_change_is_given_to_root(home_dir):
+    host = builder(NIX_SSH, home_dir=home_dir)
+    assert shell(run(host, pull.builder_account, user="nix-ssh")) == [
+        "chown -h -- root:root /var/lib/nix-ssh",
+        "chmod 0755 /var/lib/nix-ssh",
+    ]
 
 
 def test_builder_account_with_nologin_fails_the_host():
@@ -226,6 +236,19 @@ def test_builder_account_with_nologin_fails_the_host():
 def test_builder_account_refuses_a_hostile_name():
     with pytest.raises(ValueError, match="not a dedicated account name"):
         run(builder(), pull.builder_account, user="nix-ssh; whoami")
+
+
+def test_an_ssh_dir_the_account_owns_is_given_to_root():
+    host = builder(
+        NIX_SSH,
+        ssh_dir={"mode": 700, "user": "nix-ssh"},
+        auth=LineFile(0o644, "root", "root", tuple(RESTRICTED)),
+    )
+    commands = shell(run(host, pull.builder_authorized_keys, user="nix-ssh", keys=KEYS))
+    assert commands == [
+        "chown -h -- root:root /var/lib/nix-ssh/.ssh",
+        "chmod 0755 /var/lib/nix-ssh/.ssh",
+    ]
 
 
 def test_authorized_keys_already_right_is_a_noop():
@@ -287,10 +310,8 @@ def test_trusted_user_already_trusted_is_a_noop():
 def test_trusted_user_keeps_nixs_default_and_restarts_the_daemon():
     host = nix_host(NIX_CONF_TEXT, {"trusted-users": ["root"]})
     commands = run(host, nix.trusted_user, user="nix-ssh")
-    upload = commands[0]
-    assert isinstance(upload, FileUploadCommand)
-    assert upload.src.getvalue() == NIX_CONF_TEXT + "trusted-users = root nix-ssh\n"
-    assert shell(commands)[2] == "setsid nix-daemon </dev/null >/dev/null 2>&1 &"
+    assert written(commands[0]) == NIX_CONF_TEXT + "trusted-users = root nix-ssh\n"
+    assert shell(commands)[1] == "_restart_or_restore: /etc/nix/nix.conf"
 
 
 def test_nixos_builder_is_told_the_ssh_serve_options():
@@ -381,8 +402,7 @@ def test_nix_builders_already_set_is_a_noop():
 def test_nix_builders_appended_to_other_builders():
     host = nix_host(NIX_CONF_TEXT + "builders = ssh://big x86_64-linux\n", {})
     upload = run(host, nix.remote_builders)[0]
-    assert isinstance(upload, FileUploadCommand)
-    assert upload.src.getvalue() == (
+    assert written(upload) == (
         NIX_CONF_TEXT + "builders = ssh://big x86_64-linux ; @/etc/nix/machines\n"
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -383,3 +384,49 @@ def test_help_exits_0_and_lists_the_exit_codes(capsys):
     assert runner.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "75  already running" in out and "2   drift found" in out
+
+
+# -- hardening (issue 12): a report that cannot be written, modes, the deploys' lock ---------
+
+
+def test_a_report_that_cannot_be_written_exits_1_after_the_summary(checkout, monkeypatch, capsys):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(), "")})
+
+    def full_disk(reports, result):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full_disk)
+    code = runner.main(["deploy", "--state-dir", str(checkout / "state")])
+
+    assert code == ExitCode.FAILED  # not 64: the deploys ran, and what they did is printed
+    captured = capsys.readouterr()
+    assert captured.out.startswith("nixpush deploy: ")
+    assert "report:" not in captured.out
+    assert (
+        f"nixpush-run: error: the report could not be written in {checkout / 'state' / 'reports'}"
+        ": [Errno 28] No space left on device"
+    ) in captured.err
+
+
+def test_reports_logs_and_state_dir_are_for_the_owner_and_its_group(checkout, monkeypatch):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(), "")})
+    state = checkout / "state"
+    old = os.umask(0o077)  # systemd's UMask=0077 for the unit
+    try:
+        assert runner.main(["deploy", "--state-dir", str(state)]) == ExitCode.OK
+    finally:
+        os.umask(old)
+    assert state.stat().st_mode & 0o777 == 0o750
+    assert (state / "reports").stat().st_mode & 0o777 == 0o750
+    files = list((state / "reports").iterdir())
+    assert {p.suffix for p in files} == {".json", ".log"}
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o640}
+
+
+def test_deploys_run_by_nixpush_run_are_told_it_holds_the_lock(checkout, monkeypatch):
+    calls = fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(), "")})
+    state = str(checkout / "state")
+    runner.main(["deploy", "--state-dir", state])
+    (env,) = [c["env"] for c in calls if c["args"][0] != "git"]
+    assert env["NIXPUSH_LOCK_HELD"] == f"{state}/lock"
+    assert env["NIXPUSH_STATE_DIR"] == state

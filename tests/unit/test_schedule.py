@@ -113,12 +113,57 @@ def test_service_unit():
             "WorkingDirectory=/home/beau/nixpush",
             'Environment="SOPS_AGE_KEY_FILE=/home/beau/.config/sops/age/keys.txt"',
             "StateDirectory=nixpush",
+            "StateDirectoryMode=0750",
+            "ReadWritePaths=-/var/lib/nixpush",
+            *schedule.HARDENING,
+            "TimeoutStartSec=10920",  # wait 0 + 3 deploys x 3600 s + 120 s
             'ExecStart="/home/beau/nixpush/.venv/bin/nixpush-run" "check" "--inventory" '
-            '"inventory.py" "--state-dir" "/var/lib/nixpush" "--keep" "30" "--wait" "0"',
+            '"inventory.py" "--state-dir" "/var/lib/nixpush" "--keep" "30" "--wait" "0" '
+            '"--timeout" "3600"',
             "SuccessExitStatus=2 75",
             "",
         ]
     )
+
+
+def test_the_service_is_hardened_as_the_job_allows():
+    for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only",
+                    "PrivateTmp=yes", "UMask=0077", "CapabilityBoundingSet="):  # fmt: skip
+        assert setting in schedule.HARDENING
+
+
+def test_timeout_start_follows_wait_timeout_and_the_deploys():
+    spec = parsed(wait=600, timeout=900)
+    check, deploy = spec.runs
+    assert schedule.timeout_start(spec, check) == 600 + 3 * 900 + 120
+    assert schedule.timeout_start(spec, deploy) == 600 + 900 + 120
+    assert f"TimeoutStartSec={600 + 900 + 120}\n" in schedule.render_service(spec, deploy)
+    assert '"--timeout" "900"' in schedule.render_service(spec, deploy)
+
+
+@pytest.mark.parametrize("state_dir", ["/var/lib/../etc", "/var/lib//nixpush", "/var/lib/./x"])
+def test_state_dirs_systemd_would_ignore_are_refused(state_dir):
+    with pytest.raises(ScheduleError) as error:
+        parsed(state_dir=state_dir)
+    assert str(error.value) == (
+        f"nas: schedule state_dir = {state_dir!r} has '//', '.' or '..'; write it normalised, "
+        "e.g. /var/lib/nixpush"
+    )
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_rates_the_service_ok(tmp_path):
+    spec = parsed()
+    for unit, content in schedule.unit_files(spec).items():
+        (tmp_path / unit).write_text(content)
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", "nixpush-deploy.service"],
+        cwd=tmp_path, text=True, capture_output=True, check=False,
+    )  # fmt: skip
+    exposure = float(
+        result.stdout.split("Overall exposure level for nixpush-deploy.service: ")[1].split()[0]
+    )
+    assert exposure <= 2.0, result.stdout  # 9.2 UNSAFE before the hardening
 
 
 def test_hostile_limit_and_deploy_arrive_quoted_in_execstart():
@@ -161,7 +206,7 @@ def test_cron_line_is_shell_quoted():
         "0 * * * * beau cd /home/beau/nixpush && "
         "SOPS_AGE_KEY_FILE=/home/beau/.config/sops/age/keys.txt "
         "/home/beau/nixpush/.venv/bin/nixpush-run check --inventory inventory.py "
-        "--state-dir /var/lib/nixpush --keep 30 --wait 0 --limit 'pi4; whoami'"
+        "--state-dir /var/lib/nixpush --keep 30 --wait 0 --timeout 3600 --limit 'pi4; whoami'"
     )
     assert "cron instead: 0 * * * * beau" in schedule.no_systemd_reason("nas", spec)
 

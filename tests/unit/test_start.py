@@ -1,0 +1,94 @@
+"""What every deploy does first: the inventory check (secrets entries included) and the lock."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from operations import lock
+from operations.fleet import FleetError
+from operations.start import check_inventory
+from tests.unit.test_fleet import fleet
+
+
+def test_a_broken_secrets_entry_stops_every_deploy_at_its_start(write_inventory):
+    entry = {"key": "headscale/pre_auth", "dest": "relative/path", "mode": 0o640}
+    inventory = write_inventory(fleet(pi={"secrets": [entry]}))
+    with pytest.raises(FleetError) as caught:
+        check_inventory(inventory)
+    problems = caught.value.problems
+    assert any(
+        p.startswith("pi: secrets[0] in host data dest is 'relative/path'") for p in problems
+    )
+    assert any("mode 416 is a number, which reads two ways" in p for p in problems)
+
+
+def test_fleet_and_secrets_problems_are_listed_together(write_inventory):
+    inventory = write_inventory(fleet(nas={"nix_max_jobs": "many"}, pi={"secrets": "x"}))
+    with pytest.raises(FleetError) as caught:
+        check_inventory(inventory)
+    assert [p.split(":")[0] for p in caught.value.problems] == ["nas", "pi"]
+
+
+def test_a_sound_inventory_gives_its_specs(write_inventory):
+    assert sorted(check_inventory(write_inventory(fleet()))) == ["nas", "pi"]
+
+
+def _hold(path: str, ready: Any, release: Any) -> None:
+    with lock.run_lock(Path(path), wait=0) as locked:
+        assert locked
+        ready.set()
+        release.wait(10)
+
+
+@pytest.fixture
+def held(tmp_path, monkeypatch):
+    """nixpush-run (another process) holding <tmp>/state/lock; no lock held by this process."""
+    monkeypatch.setattr(lock, "_held", {})
+    state = tmp_path / "state"
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold, args=(str(state / "lock"), ready, release))
+    holder.start()
+    assert ready.wait(10)
+    yield state
+    release.set()
+    holder.join(10)
+
+
+def test_a_deploy_by_hand_waits_briefly_for_a_scheduled_run_then_fails_clearly(held):
+    environ = {"NIXPUSH_STATE_DIR": str(held), "NIXPUSH_LOCK_WAIT": "0.3"}
+    started = time.monotonic()
+    with pytest.raises(lock.LockBusy) as busy:
+        lock.hold_deploy_lock(environ)
+    assert 0.3 <= time.monotonic() - started < 2
+    assert str(busy.value) == (
+        f"another nixpush run holds {held}/lock (nixpush-run, or another deploy); waited 0.3s; "
+        "run again when it has finished (its report says when), or wait longer with "
+        "NIXPUSH_LOCK_WAIT=SECONDS"
+    )
+
+
+def test_nixpush_runs_own_deploys_do_not_wait_for_the_lock_it_holds(held):
+    environ = {"NIXPUSH_STATE_DIR": str(held), "NIXPUSH_LOCK_HELD": f"{held}/lock"}
+    started = time.monotonic()
+    assert lock.hold_deploy_lock(environ) is None
+    assert time.monotonic() - started < 0.2
+
+
+def test_a_free_lock_is_held_until_the_process_exits(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock, "_held", {})
+    (tmp_path / "state").mkdir()
+    environ = {"NIXPUSH_STATE_DIR": str(tmp_path / "state"), "NIXPUSH_LOCK_WAIT": "0"}
+    assert lock.hold_deploy_lock(environ) == tmp_path / "state" / "lock"
+    assert lock.hold_deploy_lock(environ) == tmp_path / "state" / "lock"  # once per process
+    with lock.run_lock(tmp_path / "state" / "lock", wait=0) as locked:
+        assert not locked  # a nixpush-run starting now would wait
+    lock._held.pop(tmp_path / "state" / "lock").close()
+
+
+def test_no_state_dir_means_no_nixpush_run_to_wait_for(tmp_path):
+    assert lock.hold_deploy_lock({"NIXPUSH_STATE_DIR": str(tmp_path / "none")}) is None
