@@ -65,6 +65,10 @@ PYINFRA_KEYS: tuple[str, ...] = (
 _UNSAFE_REF = re.compile(r'^-|[\s#"]')
 _UNSAFE_ADDRESS = re.compile(r"^-|[\s@]")
 _KEY_TYPE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
+# A builder's copy concurrency (its uplink is shared) and step limits, in seconds.
+DEFAULT_MAX_PARALLEL_COPIES = 4
+DEFAULT_BUILD_TIMEOUT = 4 * 3600
+DEFAULT_COPY_TIMEOUT = 3600
 
 
 class FleetError(PyinfraError):
@@ -104,6 +108,9 @@ class HostSpec:
     + deploy_action: one of ``DEPLOY_ACTIONS``
     + max_ssh_sessions: at most this many commands at once on nixpush's SSH connection to the
       host (keep it below its sshd's ``MaxSessions``, 10 by default)
+    + max_parallel_copies: as a builder, at most this many copies to targets at once
+    + build_timeout, copy_timeout: as a builder, seconds a build (all of a run's toplevels) or
+      one copy may take before it is stopped
     """
 
     name: str
@@ -122,6 +129,9 @@ class HostSpec:
     ssh_host_key: str | None = None
     deploy_action: str = "switch"
     max_ssh_sessions: int = DEFAULT_MAX_SESSIONS
+    max_parallel_copies: int = DEFAULT_MAX_PARALLEL_COPIES
+    build_timeout: int = DEFAULT_BUILD_TIMEOUT
+    copy_timeout: int = DEFAULT_COPY_TIMEOUT
 
     @property
     def is_target(self) -> bool:
@@ -342,6 +352,9 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         deploy_action=deploy_action,
         max_ssh_sessions=read.positive_int("max_ssh_sessions", _MAX_SESSIONS)
         or DEFAULT_MAX_SESSIONS,
+        max_parallel_copies=read.positive_int("max_parallel_copies") or DEFAULT_MAX_PARALLEL_COPIES,
+        build_timeout=read.positive_int("build_timeout") or DEFAULT_BUILD_TIMEOUT,
+        copy_timeout=read.positive_int("copy_timeout") or DEFAULT_COPY_TIMEOUT,
     )
     return spec, read.problems
 

@@ -81,6 +81,7 @@ class Plan:
     + profile: what the system profile points at (what boots next)
     + action: the ``Action``
     + built: whether the builder already has ``desired`` (looked up only when it matters)
+    + derivation: the ``.drv`` that builds ``desired`` (None: build from ``attr``)
     """
 
     target: str
@@ -91,6 +92,7 @@ class Plan:
     profile: str | None
     action: Action
     built: bool = False
+    derivation: str | None = None
 
     @property
     def up_to_date(self) -> bool:
@@ -145,3 +147,9 @@ class Builder:
 
     host: Host
     sudo: bool
+    # From the builder's data: max_parallel_copies, build_timeout, copy_timeout (fleet.py),
+    # and max_ssh_sessions (copies hold sessions).
+    max_parallel_copies: int = 4
+    max_ssh_sessions: int = 4
+    build_timeout: int = 4 * 3600
+    copy_timeout: int = 3600

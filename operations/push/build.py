@@ -1,11 +1,14 @@
 """
-Step 2, build: the target's toplevel on its builder, once per run however many targets
-share it (targets build in parallel; those sharing a store path wait for the first).
+Step 2, build: every toplevel a builder needs this run, in one ``nix build`` on it (Nix
+schedules the derivations, with its ``max-jobs``), going on past failures so that a failing
+build fails only the targets that need it. The first target to reach this step builds for
+all of its builder's targets; the others wait and take their result. A long build shows its
+progress (derivations built of the total, the current ones); ``build_timeout`` stops it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING
 
 from gevent.lock import Semaphore
@@ -14,24 +17,37 @@ from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from operations.failures import fail, host_step
+from operations.failures import DeployFailed, fail, host_step
 from operations.models import Builder, Plan
-from operations.process import run_on
-from operations.push.commands import build_command, built_paths, nix_error
+from operations.push.commands import (
+    build_all_command,
+    build_progress,
+    failure_for,
+    logged,
+    missing_outputs_command,
+    nix_error,
+    not_built,
+    plain_output,
+    read_build_log_command,
+)
+from operations.push.plan import plans_for
+from operations.push.progress import run_watched, shower
 from operations.summary import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
 
-_built: set[tuple[str, str]] = set()
-_locks: dict[tuple[str, str], Semaphore] = {}
+# Per builder and desired path, the outcome of its build (None: built; else why not).
+_outcomes: dict[tuple[str, str], str | None] = {}
+_locks: dict[str, Semaphore] = {}
 
 
 @operation()
 def build_toplevel(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, None, None]:
     """
-    Build the plan's toplevel on its builder, once however many targets share it.
+    Build the plan's toplevel on its builder, in one build with every other toplevel that
+    builder needs this run.
 
     + plan: the target's ``Plan``
     + builder: its ``Builder``
@@ -53,21 +69,63 @@ def build_toplevel(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, No
 
 @host_step
 def _build(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
-    key = (builder.host.name, plan.desired)
-    with _locks.setdefault(key, Semaphore()):
-        if key in _built:
-            return True
-        ok, lines = run_on(
-            builder.host,
-            build_command(plan.attr),
-            sudo=builder.sudo,
-            doing=f"building {plan.attr}",
-        )
-        if not ok or plan.desired not in built_paths(lines):
-            cause = f"building {plan.attr} on {plan.builder} failed: {nix_error(lines)}"
-            if host.name != plan.target:  # built from the builder's run: the target's failure
-                summary_for(state).fail(plan.target, cause)
-            return fail(host, cause)
-        _built.add(key)
+    key = (plan.builder, plan.desired)
+    with _locks.setdefault(plan.builder, Semaphore()):
+        if key not in _outcomes:
+            failed = {h.name for h in state.failed_hosts}
+            batch = {
+                p.desired: p
+                for p in plans_for(plan.builder)
+                if not (p.up_to_date or p.built)
+                and p.target not in failed
+                and (plan.builder, p.desired) not in _outcomes
+            }
+            batch[plan.desired] = plan
+            _outcomes.update(
+                {(plan.builder, path): cause for path, cause in build_all(builder, batch).items()}
+            )
+    cause = _outcomes[key]
+    if cause is not None:
+        reason = f"building {plan.attr} on {plan.builder} failed: {cause}"
+        if host.name != plan.target:  # built from the builder's run: the target's failure
+            summary_for(state).fail(plan.target, reason)
+        return fail(host, reason)
     host.log_styled(f"built {plan.desired} on {plan.builder}", log_func=logger.info)
     return True
+
+
+def build_all(builder: Builder, plans: dict[str, Plan]) -> dict[str, str | None]:
+    """Build every plan's toplevel (by desired path) in one ``nix build``; per path None when
+    it is in the store afterwards, else why not."""
+    paths = sorted(plans)
+    installables = [plans[path].derivation or plans[path].attr for path in paths]
+    targets = ", ".join(sorted(p.target for p in plans.values()))
+    try:
+        _, lines = run_watched(
+            builder.host,
+            lambda log: logged(
+                build_all_command(installables), log, builder.build_timeout,
+                then=missing_outputs_command(paths),
+            ),
+            describe=build_progress,
+            show=shower(builder.host, f"building for {targets}"),
+            sudo=builder.sudo,
+            doing=f"building {len(paths)} toplevels",
+            timeout=builder.build_timeout,
+            timeout_key="build_timeout",
+            read=read_build_log_command,
+        )  # fmt: skip
+    except DeployFailed as failure:
+        return dict.fromkeys(paths, str(failure))
+    missing = not_built(lines)
+    if missing is None:  # it never got as far as checking
+        return dict.fromkeys(paths, nix_error(plain_output(lines)))
+    return {path: _why_not_built(plans[path], lines) if path in missing else None for path in paths}
+
+
+def _why_not_built(plan: Plan, lines: Sequence[str]) -> str:
+    if plan.derivation:
+        named = failure_for(plan.derivation, lines)
+        if named:
+            return named
+    return nix_error(plain_output(lines))

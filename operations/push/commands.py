@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.facts import FactBase
@@ -123,3 +125,286 @@ def switch_command(path: str, action: str) -> StringCommand:
 
 def set_profile_command(path: str) -> StringCommand:
     return StringCommand("nix-env", "-p", SYSTEM_PROFILE, "--set", QuoteString(path))
+
+
+# -- many targets of one builder at once -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One configuration's toplevel as the builder evaluated it: its store path and the
+    derivation that builds it."""
+
+    path: str
+    derivation: str
+
+
+def nix_string(text: str) -> str:
+    """``text`` as a Nix string literal: ``nix_string('a"${b}') == '"a\\"\\${b}"'``."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f'"{escaped}"'
+
+
+def batch_eval_expression(configs: Sequence[str]) -> str:
+    """
+    The ``--apply`` function that evaluates the toplevels of ``configs`` (names under
+    ``nixosConfigurations``) in one ``nix eval``, so what they share is evaluated once. Each
+    name maps to ``{path, drv}``, or to ``{error = "missing"}`` / ``{error = "threw"}`` when
+    absent or when ``builtins.tryEval`` caught its failure (``throw``, ``assert``); other
+    errors (a missing attribute inside, a type error) fail the whole process. The names travel
+    as JSON inside a Nix string, so no name can end the string or splice Nix code.
+    """
+    names = nix_string(json.dumps(list(configs)))
+    return (
+        "cs: builtins.listToAttrs (map (n: { name = n; value = "
+        "if builtins.hasAttr n cs then "
+        "(let t = cs.${n}.config.system.build.toplevel; r = builtins.tryEval t.outPath; in "
+        'if r.success then { path = r.value; drv = t.drvPath; } else { error = "threw"; }) '
+        'else { error = "missing"; }; }) '
+        f"(builtins.fromJSON {names}))"
+    )
+
+
+def batch_eval_command(flake: str, configs: Sequence[str]) -> StringCommand:
+    return StringCommand(
+        *NIX, "eval", "--json", QuoteString(f"{flake}#nixosConfigurations"),
+        "--apply", QuoteString(batch_eval_expression(configs)),
+    )  # fmt: skip
+
+
+def parse_batch_eval(lines: Sequence[str]) -> dict[str, Evaluated | str] | None:
+    """
+    ``batch_eval_command``'s answer: per name an ``Evaluated`` or why not (``"missing"``,
+    ``"threw"``); None when there is no answer (the process failed as a whole).
+    """
+    for line in reversed(lines):
+        if not line.startswith("{"):
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(data, dict):
+            return None
+        results: dict[str, Evaluated | str] = {}
+        for name, value in data.items():
+            if not isinstance(value, dict):
+                return None
+            path, drv = value.get("path"), value.get("drv")
+            if isinstance(path, str) and isinstance(drv, str):
+                results[name] = Evaluated(path, drv)
+            else:
+                results[name] = str(value.get("error") or "no answer")
+        return results
+    return None
+
+
+# Nix's internal-json activity and result types (libutil/logging.hh).
+_ACT_COPY_PATH, _ACT_COPY_PATHS, _ACT_BUILD = 100, 103, 105
+_ACT_BUILDS, _RES_PROGRESS = 104, 105
+# Where a step's progress is: its Nix log, in internal-json, on the builder.
+_LOG_MARK = "@nix "
+INVALID_MARK = "nixpush-not-built:"
+# Printed when timeout(1) stopped the step (exit 124).
+TIMED_OUT_MARK = "nixpush-timed-out"
+
+
+# Log entries that only tell progress; the rest (Nix's messages, ssh's) is the step's output.
+_PROGRESS_ENTRIES = tuple(
+    arg
+    for action in ("start", "stop", "result")
+    for arg in ("-e", QuoteString(f'@nix {{"action":"{action}"'))
+)
+
+
+def logged(
+    command: StringCommand, log: str, timeout: int, then: StringCommand | None = None
+) -> StringCommand:
+    """
+    ``command`` (a Nix command) with its log in ``log`` as internal-json, for progress reads
+    while it runs; stopped after ``timeout`` seconds (exit 124). Afterwards its messages
+    (Nix's errors and warnings, ssh's) go to stderr, the log is removed, ``then`` runs,
+    and the exit code is ``command``'s.
+    """
+    quoted = QuoteString(log)
+    return StringCommand(
+        "umask 077; set -C;", "timeout", "--kill-after=10", str(timeout), command,
+        "--log-format", "internal-json", "2>", quoted, "; rc=$?;",
+        "grep", "-v", "-F", *_PROGRESS_ENTRIES, quoted, ">&2;",
+        "rm", "-f", quoted, "; if [ $rc -eq 124 ]; then echo", TIMED_OUT_MARK, "; fi;",
+        *((then, ";") if then is not None else ()), "exit $rc",
+    )  # fmt: skip
+
+
+def read_log_command(log: str) -> StringCommand:
+    """What a running step's log says so far, less build output lines (type 101)."""
+    return StringCommand(
+        "grep", "-v", "-F", QuoteString('"type":101,'), QuoteString(log), "2>/dev/null", "|| true"
+    )
+
+
+RUNNING_MARK = "nixpush-running:"
+
+
+def read_build_log_command(log: str) -> StringCommand:
+    """``read_log_command``, then ``RUNNING_MARK <drv>`` for each of the last 20 derivations
+    Nix started building whose outputs are not in the store yet: Nix 2.8 ends a build's log
+    activity only when the whole ``nix build`` ends, so its log alone cannot tell."""
+    quoted = QuoteString(log)
+    return StringCommand(
+        read_log_command(log), ";",
+        "for d in $(grep -F", QuoteString('"action":"start"'), quoted, "2>/dev/null",
+        "| grep -F", QuoteString(f'"type":{_ACT_BUILD}'),
+        "| sed -n", QuoteString(r's/.*"fields":\["\([^"]*\.drv\)".*/\1/p'), "| tail -n 20);",
+        'do nix-store --check-validity --print-invalid $(nix-store -q --outputs "$d")',
+        "| grep -q . && echo", RUNNING_MARK, '"$d"; done; true',
+    )  # fmt: skip
+
+
+def build_all_command(installables: Sequence[str]) -> StringCommand:
+    """One ``nix build`` of every installable: Nix schedules them, with its max-jobs, and
+    goes on past failures (``--keep-going``), so one failing build fails only its targets."""
+    return StringCommand(
+        *NIX, "build", "--no-link", "--keep-going", *(QuoteString(i) for i in installables)
+    )
+
+
+def missing_outputs_command(outputs: Sequence[str]) -> StringCommand:
+    """After a build: ``INVALID_MARK``, then the outputs not in the store, one a line."""
+    return StringCommand(
+        "echo", INVALID_MARK, "; nix-store --check-validity --print-invalid",
+        *(QuoteString(o) for o in outputs),
+    )  # fmt: skip
+
+
+def not_built(lines: Sequence[str]) -> set[str] | None:
+    """The outputs ``build_all_command`` found missing; None when it never got that far."""
+    for index, line in enumerate(lines):
+        if line.strip() == INVALID_MARK:
+            return {rest.strip() for rest in lines[index + 1 :] if rest.startswith("/nix/store/")}
+    return None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def log_entries(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """The internal-json entries among ``lines`` (``@nix {...}``)."""
+    entries = []
+    for line in lines:
+        start = line.find(_LOG_MARK)
+        if start < 0:
+            continue
+        try:
+            entry = json.loads(line[start + len(_LOG_MARK) :])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict):
+            entries.append(entry)
+    return entries
+
+
+def plain_output(lines: Sequence[str]) -> list[str]:
+    """``lines`` with internal-json messages turned back into Nix's text, colours removed."""
+    plain = []
+    for line in lines:
+        if _LOG_MARK not in line:
+            plain.append(line)
+            continue
+        for entry in log_entries([line]):
+            if entry.get("action") == "msg":
+                plain.extend(_ANSI.sub("", str(entry.get("msg", ""))).splitlines())
+    return plain
+
+
+def failure_for(derivation: str, lines: Sequence[str]) -> str | None:
+    """Nix's error that names ``derivation``, if any (``builder for '...' failed ...``)."""
+    for line in plain_output(lines):
+        if derivation in line and line.strip().startswith("error:"):
+            return line.strip().removeprefix("error:").strip()
+    return None
+
+
+def _activities(entries: Sequence[dict[str, Any]]) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    started = {e["id"]: e for e in entries if e.get("action") == "start" and "id" in e}
+    stopped = {e["id"] for e in entries if e.get("action") == "stop" and "id" in e}
+    return started, stopped
+
+
+def _store_name(path: str) -> str:
+    """``/nix/store/<hash>-name[.drv]`` -> ``name``."""
+    base = path.rsplit("/", 1)[-1].removesuffix(".drv")
+    return base.split("-", 1)[1] if "-" in base else base
+
+
+def build_progress(lines: Sequence[str]) -> str | None:
+    """``2 of 5 derivations built, building nixos-system-pi4-1, nixos-system-pi5-1`` from a
+    ``nix build`` log so far; None before Nix knows what it builds."""
+    entries = log_entries(lines)
+    started, stopped = _activities(entries)
+    builds = [i for i, e in started.items() if e.get("type") == _ACT_BUILDS]
+    progress = [
+        e["fields"]
+        for e in entries
+        if e.get("action") == "result" and e.get("type") == _RES_PROGRESS
+        and e.get("id") in builds and len(e.get("fields", ())) == 4
+    ]  # fmt: skip
+    marked = [line.split(None, 1)[1] for line in lines if line.startswith(f"{RUNNING_MARK} ")]
+    running = [_store_name(drv) for drv in marked] or [
+        _store_name(str((e.get("fields") or [""])[0]))
+        for i, e in started.items()
+        if e.get("type") == _ACT_BUILD and i not in stopped
+    ]
+    if not progress or not progress[-1][1]:
+        return None
+    done, expected, _, failed = progress[-1]
+    text = f"{done} of {expected} derivations built"
+    if failed:
+        text += f", {failed} failed"
+    if running:
+        text += f", building {', '.join(running)}"
+    return text
+
+
+def copy_progress(lines: Sequence[str], sizes: Mapping[str, int]) -> str | None:
+    """``1 of 2 paths, 0.1 of 4.2 MiB, copying nixos-system-pi4-1`` from a ``nix copy`` log
+    so far; ``sizes``: each path's NAR size (``nix path-info --json``). None before Nix
+    knows what it copies."""
+    entries = log_entries(lines)
+    started, stopped = _activities(entries)
+    totals = [e for e in started.values() if e.get("type") == _ACT_COPY_PATHS]
+    if not totals:
+        return None
+    match = re.search(r"\d+", str(totals[-1].get("text", "")))
+    paths = [e for e in started.values() if e.get("type") == _ACT_COPY_PATH]
+    done = [str((e.get("fields") or [""])[0]) for e in paths if e["id"] in stopped]
+    running = [str((e.get("fields") or [""])[0]) for e in paths if e["id"] not in stopped]
+    expected = int(match.group()) if match else len(paths)
+    text = f"{len(done)} of {expected} paths"
+    if sizes:
+        copied = sum(sizes.get(path, 0) for path in done)
+        text += f", {copied / 2**20:.1f} of {sum(sizes.values()) / 2**20:.1f} MiB"
+    if running:
+        text += f", copying {', '.join(_store_name(path) for path in running)}"
+    return text
+
+
+def closure_sizes_command(path: str) -> StringCommand:
+    return StringCommand(*NIX, "path-info", "--json", "--recursive", QuoteString(path))
+
+
+def closure_sizes(lines: Sequence[str]) -> dict[str, int]:
+    """Each path's NAR size from ``nix path-info --json``'s answer (empty when unreadable)."""
+    for line in reversed(lines):
+        if line.startswith("["):
+            try:
+                infos = json.loads(line)
+            except json.JSONDecodeError:
+                return {}
+            return {
+                info["path"]: int(info.get("narSize", 0))
+                for info in infos
+                if isinstance(info, dict) and "path" in info
+            }
+    return {}

@@ -1,6 +1,8 @@
 """
 Step 3, sign and copy: the builder signs the closure with its Nix signing key, then copies it
 to the target over ``ssh-ng`` as root, with its deploy key, verifying the target's host key.
+At most ``max_parallel_copies`` copies leave one builder at once (its uplink is shared; the
+others queue); a long copy shows its progress (paths and bytes), ``copy_timeout`` stops it.
 
 Why sign: ``nix copy`` to a user the target's Nix does not trust is accepted only with a
 signature by a key in the target's ``trusted-public-keys`` (``deploys/pi.py`` makes the target
@@ -9,9 +11,10 @@ trust the builder's key before it copies).
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING
 
+from gevent.lock import BoundedSemaphore
 from pyinfra import logger
 from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
@@ -21,11 +24,25 @@ from operations.failures import fail, host_step
 from operations.keys import SIGNING_KEY_PATH
 from operations.models import Builder, Plan
 from operations.process import run_on
-from operations.push.commands import copy_command, nix_error, nix_sshopts, sign_command
+from operations.push.commands import (
+    closure_sizes,
+    closure_sizes_command,
+    copy_command,
+    copy_progress,
+    logged,
+    nix_error,
+    nix_sshopts,
+    plain_output,
+    sign_command,
+)
+from operations.push.progress import run_watched, shower
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
+
+# Per builder: how many copies may run at once.
+_copy_slots: dict[str, BoundedSemaphore] = {}
 
 
 @operation()
@@ -91,14 +108,39 @@ def _copy(
     state: State, host: Host, plan: Plan, builder: Builder, address: str, port: int, user: str
 ) -> bool:
     doing = f"copying to {user}@{address}:{port}"
-    ok, lines = run_on(
-        builder.host,
-        copy_command(plan.desired, user, address),
-        sudo=builder.sudo,
-        env={"NIX_SSHOPTS": nix_sshopts(port)},
-        timeout=3600,
-        doing=doing,
-    )
+    slots = copy_slots(builder)
+    if slots.locked():
+        host.log_styled(
+            f"waiting for a copy slot on {plan.builder} (max_parallel_copies "
+            f"{builder.max_parallel_copies})",
+            log_func=logger.info,
+        )
+    with slots:
+        sizes: dict[str, int] = {}
+
+        def describe(lines: Sequence[str]) -> str | None:
+            if not sizes:  # read once, when the copy turns out to be long
+                _, info = run_on(
+                    builder.host, closure_sizes_command(plan.desired), sudo=builder.sudo,
+                    doing=f"reading the size of {plan.desired}",
+                )  # fmt: skip
+                sizes.update(closure_sizes(info))
+            return copy_progress(lines, sizes)
+
+        ok, lines = run_watched(
+            builder.host,
+            lambda log: logged(
+                copy_command(plan.desired, user, address), log, builder.copy_timeout
+            ),
+            describe=describe,
+            show=shower(host, f"copying from {plan.builder}"),
+            sudo=builder.sudo,
+            env={"NIX_SSHOPTS": nix_sshopts(port)},
+            doing=f"{doing} for {plan.target}",
+            timeout=builder.copy_timeout,
+            timeout_key="copy_timeout",
+        )
+        lines = plain_output(lines)
     if not ok:
         cause = nix_error(lines)
         if "lacks a valid signature" in cause:
@@ -114,3 +156,14 @@ def _copy(
         return fail(host, f"{doing} on {plan.builder} failed: {cause}")
     host.log_styled(f"copied {plan.desired} from {plan.builder}", log_func=logger.info)
     return True
+
+
+def copy_slots(builder: Builder) -> BoundedSemaphore:
+    """The builder's copy slots: ``max_parallel_copies``, but leaving one of its SSH sessions
+    (``max_ssh_sessions``) free, since every running copy holds one and its progress needs
+    another."""
+    name = builder.host.name
+    if name not in _copy_slots:
+        sessions = builder.max_ssh_sessions
+        _copy_slots[name] = BoundedSemaphore(max(1, min(builder.max_parallel_copies, sessions - 1)))
+    return _copy_slots[name]

@@ -5,8 +5,9 @@ evaluate the desired toplevel there and read what the target runs now.
 Called from deploy code (prepare time, once per host). A problem that concerns only this target
 (its builder is unreachable, its configuration is missing from the flake, a lost SSH channel)
 raises ``DeployFailed``; the deploy reports it, fails that host, and the others go on.
-Evaluations are cached per run: deploy code runs once per host, and many targets may share one
-configuration.
+Evaluation is once per builder and flake per run: the first target to need it evaluates the
+toplevels of every selected target of that builder in one ``nix eval`` process (what they share,
+nixpkgs, is evaluated once), the others wait for it. Deploy code runs once per host.
 """
 
 from __future__ import annotations
@@ -21,20 +22,24 @@ from pyinfra import logger
 from pyinfra.facts.files import File
 
 from operations.failures import DeployFailed
-from operations.fleet import HostSpec
+from operations.fleet import HostSpec, host_spec
 from operations.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
 from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan
 from operations.nix import NixConfig
 from operations.process import read_on, run_on
 from operations.push.commands import (
+    Evaluated,
     StorePathLink,
+    batch_eval_command,
     diff_closures_command,
     eval_command,
     flake_metadata_command,
     nix_error,
+    parse_batch_eval,
     path_info_command,
     toplevel_attr,
 )
+from operations.push.progress import report_progress, shower
 from operations.push.switch import SystemGenerations
 from operations.summary import RunSummary
 
@@ -45,8 +50,10 @@ T = TypeVar("T")
 
 _builder_locks: dict[str, Semaphore] = {}
 _unreachable_builders: set[str] = set()
-_evaluated: dict[tuple[str, str], str] = {}
+_evaluations: dict[tuple[str, str], dict[str, Evaluated | str]] = {}
 _flake_metadata: dict[tuple[str, str], dict[str, Any]] = {}
+# Per builder, the plans made this run (target -> Plan): what its one build covers.
+_plans: dict[str, dict[str, Plan]] = {}
 _locks: dict[tuple[str, str], Semaphore] = {}
 
 
@@ -70,7 +77,15 @@ def reach_builder(target: Host, spec: HostSpec) -> Builder:
             f"builder {builder.name} is unreachable; bring it up or point "
             f"{spec.name}'s builder_host at another builder"
         )
-    return Builder(host=builder, sudo=bool(builder.data.get("_sudo", False)))
+    limits = host_spec(builder)  # checked with the whole fleet before anything connected
+    return Builder(
+        host=builder,
+        sudo=bool(builder.data.get("_sudo", False)),
+        max_parallel_copies=limits.max_parallel_copies,
+        max_ssh_sessions=limits.max_ssh_sessions,
+        build_timeout=limits.build_timeout,
+        copy_timeout=limits.copy_timeout,
+    )
 
 
 def check_builder(builder: Builder, spec: HostSpec) -> None:
@@ -107,23 +122,107 @@ def _once(cache: dict[tuple[str, str], T], key: tuple[str, str], compute: Callab
     return cache[key]
 
 
-def evaluate_toplevel(builder: Builder, attr: str) -> str:
-    """The toplevel's store path as the builder evaluates ``attr``; raises ``DeployFailed``."""
+def selected_configs(target: Host, builder: Builder, flake: str) -> list[str]:
+    """The configurations of every target this run deploys with ``builder`` and ``flake``:
+    those in ``--limit``, not already failed (unreachable)."""
+    state = target.state
+    failed = {h.name for h in state.failed_hosts}
+    configs = set()
+    for candidate in state.inventory:
+        if not state.is_host_in_limit(candidate) or candidate.name in failed:
+            continue
+        spec = host_spec(candidate)
+        if spec.builder_host == builder.host.name and spec.flake == flake:
+            configs.add(spec.nixos_config)
+    return sorted(configs)
 
-    def evaluate() -> str:
-        ok, lines = run_on(
-            builder.host, eval_command(attr), sudo=builder.sudo, timeout=600,
-            doing=f"evaluating {attr}",
-        )  # fmt: skip
-        path = lines[-1].strip() if lines else ""
-        if not ok or not path.startswith("/nix/store/"):
-            raise DeployFailed(
-                f"{builder.host.name} cannot evaluate {attr}: {nix_error(lines)}; check that "
-                "the flake defines this nixosConfigurations entry (or set nixos_config)"
-            )
-        return path
 
-    return _once(_evaluated, (builder.host.name, attr), evaluate)
+def evaluate_toplevel(target: Host, builder: Builder, flake: str, config: str) -> Evaluated:
+    """
+    ``config``'s toplevel as the builder evaluates ``flake``; ``DeployFailed`` with Nix's
+    error when it does not evaluate. The first target of a builder evaluates every selected
+    target's configuration in one process; the others wait for it and take their answer.
+    """
+
+    def evaluate_all() -> dict[str, Evaluated | str]:
+        configs = selected_configs(target, builder, flake)
+        if config not in configs:
+            configs.append(config)
+        show = shower(builder.host, f"evaluating {len(configs)} configurations")
+        try:
+            return evaluate_configs(builder, flake, configs, show)
+        except DeployFailed as failure:  # e.g. a lost channel: every one of them fails with it
+            return {name: str(failure) for name in configs}
+
+    results = _once(_evaluations, (builder.host.name, flake), evaluate_all)
+    if config not in results:  # a target the first one did not know of: evaluate it alone
+        results.update(evaluate_configs(builder, flake, [config], lambda _: None))
+    result = results[config]
+    if isinstance(result, Evaluated):
+        return result
+    raise DeployFailed(
+        f"{builder.host.name} cannot evaluate {toplevel_attr(flake, config)}: {result}"
+    )
+
+
+def evaluate_configs(
+    builder: Builder, flake: str, configs: list[str], show: Callable[[str], None]
+) -> dict[str, Evaluated | str]:
+    """
+    Each of ``configs``' toplevel (or Nix's error for it), in one ``nix eval`` when they all
+    evaluate. An error ``builtins.tryEval`` cannot catch fails that process as a whole: then
+    the halves are evaluated apart, down to the configuration that fails, so the others go
+    on. One that tryEval caught, or that is missing, is evaluated alone for Nix's message.
+    """
+    doing = f"evaluating {', '.join(configs)} of {flake}"
+    ok, lines = report_progress(
+        lambda: run_on(
+            builder.host,
+            batch_eval_command(flake, configs),
+            sudo=builder.sudo,
+            timeout=builder.build_timeout,
+            doing=doing,
+        ),
+        lambda: None,
+        show,
+    )
+    answers = parse_batch_eval(lines) if ok else None
+    if answers is None:
+        if len(configs) == 1:
+            return {configs[0]: nix_error(lines)}
+        half = len(configs) // 2
+        return {
+            **evaluate_configs(builder, flake, configs[:half], show),
+            **evaluate_configs(builder, flake, configs[half:], show),
+        }
+    results: dict[str, Evaluated | str] = {}
+    for config in configs:
+        answer = answers.get(config, "no answer")
+        results[config] = (
+            answer
+            if isinstance(answer, Evaluated)
+            else _alone(builder, flake, config, missing=answer == "missing")
+        )
+    return results
+
+
+def _alone(builder: Builder, flake: str, config: str, *, missing: bool) -> str:
+    """Nix's error for one configuration, evaluated alone."""
+    attr = toplevel_attr(flake, config)
+    ok, lines = run_on(
+        builder.host, eval_command(attr), sudo=builder.sudo, timeout=builder.build_timeout,
+        doing=f"evaluating {attr}",
+    )  # fmt: skip
+    if ok:
+        return "it evaluates alone but not with the others"
+    return _eval_error(lines) if missing else nix_error(lines)
+
+
+def _eval_error(lines: list[str]) -> str:
+    return (
+        f"{nix_error(lines)}; check that the flake defines this nixosConfigurations entry "
+        "(or set nixos_config)"
+    )
 
 
 def flake_metadata(builder: Builder, flake: str) -> dict[str, Any]:
@@ -179,7 +278,8 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
     if not spec.flake:
         raise DeployFailed(f"{spec.name} has no flake; set flake in its host or group data")
     attr = toplevel_attr(spec.flake, spec.nixos_config)
-    desired = evaluate_toplevel(builder, attr)
+    evaluated = evaluate_toplevel(target, builder, spec.flake, spec.nixos_config)
+    desired = evaluated.path
     action = Action(spec.deploy_action)
     sudo = bool(target.data.get("_sudo", False))
 
@@ -196,11 +296,13 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
         current=link(CURRENT_SYSTEM),
         profile=link(SYSTEM_PROFILE),
         action=action,
+        derivation=evaluated.derivation,
     )
     if plan.action is Action.BUILD or not plan.up_to_date:
         # Whether the builder has it matters only when something will be built or copied.
         plan = replace(plan, built=is_built(builder, desired))
     summary.planned(plan)
+    _plans.setdefault(plan.builder, {})[plan.target] = plan
     if summary.wants_report:
         summary.flake_seen(spec.flake, flake_metadata(builder, spec.flake))
     if plan.up_to_date:
@@ -251,6 +353,12 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
         log_func=logger.info,
     )
     return plan
+
+
+def plans_for(builder: str) -> list[Plan]:
+    """Every plan made this run for targets of ``builder`` (deploy code runs for all of them
+    before any operation executes)."""
+    return list(_plans.get(builder, {}).values())
 
 
 def needed_hosts(specs: Mapping[str, HostSpec], active: set[str]) -> set[str]:

@@ -667,7 +667,8 @@ def _write_ssh_config() -> None:
 # -- the test flake --------------------------------------------------------------------
 
 FLAKE_DIR = BENCH_DIR / "flake"
-# A configuration's attributes in hosts.nix: system, version, failActivation, padding.
+# A configuration's attributes in hosts.nix: system, version, failActivation, padding,
+# failEval ("throw" or "missing"), failBuild, slowBuild (seconds, a string).
 FlakeConfig = dict[str, str | bool]
 
 
@@ -685,7 +686,10 @@ def write_flake(configs: dict[str, FlakeConfig] | None = None) -> None:
     """
     FLAKE_DIR.mkdir(parents=True, exist_ok=True)
     for item in FLAKE_TEMPLATE.iterdir():
-        shutil.copy2(item, FLAKE_DIR / item.name)
+        if item.is_dir():  # the shared library
+            shutil.copytree(item, FLAKE_DIR / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, FLAKE_DIR / item.name)
     for system, arch_dir in (("aarch64-linux", "aarch64"), ("armv7l-linux", "armv7l")):
         dest = FLAKE_DIR / "bb" / arch_dir / "busybox"
         if not dest.exists():
@@ -702,6 +706,23 @@ def write_flake(configs: dict[str, FlakeConfig] | None = None) -> None:
         if configs == existing:
             return
     set_flake_configs(configs)
+
+
+LIBRARY_WEIGHTS = ("light", "heavy")
+
+
+def set_library_weight(weight: str) -> None:
+    """How heavy the shared library every configuration imports is to evaluate: ``light``
+    (the default: CI runs many deploys) or ``heavy`` (about a second of CPU and over 100 MB
+    in one ``nix eval``: the perf harness, the batched-evaluation tests)."""
+    if weight not in LIBRARY_WEIGHTS:
+        raise ValueError(f"library weight {weight!r}: use one of {', '.join(LIBRARY_WEIGHTS)}")
+    (FLAKE_DIR / "library-weight.nix").write_text(f'"{weight}"\n')
+
+
+def library_weight() -> str:
+    path = FLAKE_DIR / "library-weight.nix"
+    return path.read_text().strip().strip('"') if path.exists() else "light"
 
 
 _HOSTS_NIX_LINE = re.compile(r"^\s*([\w-]+) = \{ (.*) \};$")

@@ -4,12 +4,17 @@ ssh and nix commands one Pi after another, in the same run.
 
     .venv/bin/python -m tests.perf.push_bench [--rounds 3]
     .venv/bin/python -m tests.perf.push_bench --pis 8 [--max-sessions 10] [--rounds 3]
+    .venv/bin/python -m tests.perf.push_bench --scale 1,2,4,8,16 [--weight heavy] [--rounds 3]
 
 Without ``--pis``: cold deploy and no-change run of 1 and 2 Pis. With ``--pis N`` the bench is
 brought up with N Pis on its one builder (``python -m tests.bench up --pis N``) and the cases
 are: cold with every Pi's configuration distinct, cold with one configuration shared (one per
 Nix system: the aarch64 Pis share one, the armv7l Pis another), and no change.
 ``--max-sessions`` sets the builder's sshd MaxSessions first (OpenSSH's default is 10).
+``--scale`` runs those three cases for each fleet size in turn, with the test flake's shared
+library at ``--weight`` (default heavy: about a second and a few hundred MB to evaluate), and
+also times the builder's evaluation alone: one ``nix eval`` of 1 target's toplevel and one of
+all N, under ``/usr/bin/time`` on the builder (wall seconds, peak RSS).
 
 Per case it prints the median wall time of each way, their ratio (only when every run passed),
 whether EVERY run passed (exit code 0 and every Pi on its desired system afterwards) and the
@@ -32,6 +37,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from operations.push.commands import batch_eval_command
 from operations.ssh import BUILDER_KNOWN_HOSTS
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
@@ -204,6 +210,66 @@ def measure(case: Case, rounds: int, limit: bool) -> tuple[list[Run], list[Run]]
     return ways[0][1], ways[1][1]
 
 
+def eval_cost(configs: Sequence[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one batched ``nix eval`` of ``configs`` on the
+    builder, as nixpush runs it."""
+    command = batch_eval_command(fleet.flake_ref(), list(configs)).get_raw_value()
+    out = ssh(fleet.BUILDER, f"/usr/bin/time -f 'nixpush-time %e %M' {command} >/dev/null").stderr
+    line = next(line for line in out.splitlines() if line.startswith("nixpush-time "))
+    _, seconds, kib = line.split()
+    return float(seconds), int(kib) / 1024
+
+
+def scale(sizes: Sequence[int], rounds: int, weight: str) -> None:
+    """Every case for each fleet size; then the builder's evaluation, 1 target vs N."""
+    header = ("Pis", "case", "nixpush s", "bare s", "ratio", "ok", "pyinfra RSS")
+    print(f"{header[0]:>4}  {header[1]:<18}{header[2]:>10}{header[3]:>8}{header[4]:>7}"
+          f"{header[5]:>6}{header[6]:>13}")  # fmt: skip
+    evaluations = []
+    failures = []
+    for size in sizes:
+        fleet.up(pis=size)
+        prepare_push()
+        fleet.set_library_weight(weight)
+        pis = tuple(h.name for h in fleet.PIS)
+        for case in (
+            Case("cold, distinct", pis, cold=True),
+            Case("cold, shared", pis, cold=True, shared=True),
+            Case("no change", pis, cold=False),
+        ):
+            ours, theirs = measure(case, rounds, limit=False)
+            a = statistics.median(r.seconds for r in ours)
+            b = statistics.median(r.seconds for r in theirs)
+            rss = max(r.peak_rss_kib or 0 for r in ours) / 1024
+            ok = all(r.passed for r in (*ours, *theirs))
+            print(
+                f"{size:>4}  {case.label:<18}{a:>10.2f}{b:>8.2f}"
+                f"{f'{a / b:.2f}' if ok else '-':>7}{'yes' if ok else 'NO':>6}{rss:>9.0f} MiB",
+                flush=True,
+            )
+            failures += [
+                f"{size} Pis, {case.label}, {way} run {n}: {'; '.join(r.why)}"
+                for way, runs in (("nixpush", ours), ("bare", theirs))
+                for n, r in enumerate(runs, 1)
+                if not r.passed
+            ]
+        one = [eval_cost(pis[:1]) for _ in range(rounds)]
+        many = [eval_cost(pis) for _ in range(rounds)]
+        evaluations.append((size, one, many))
+    print("\nbuilder evaluation (one nix eval process, medians):")
+    print(f"{'Pis':>4}{'1 target s':>12}{'1 target MiB':>14}{'N targets s':>13}"
+          f"{'N targets MiB':>15}{'wall x':>8}{'mem x':>7}")  # fmt: skip
+    for size, one, many in evaluations:
+        s1 = statistics.median(t for t, _ in one)
+        m1 = statistics.median(m for _, m in one)
+        sn = statistics.median(t for t, _ in many)
+        mn = statistics.median(m for _, m in many)
+        print(f"{size:>4}{s1:>12.2f}{m1:>14.0f}{sn:>13.2f}{mn:>15.0f}"
+              f"{sn / s1:>8.2f}{mn / m1:>7.2f}")  # fmt: skip
+    for failure in failures:
+        print(f"failed: {failure}")
+
+
 def passed(runs: Sequence[Run]) -> str:
     ok = sum(r.passed for r in runs)
     return "yes" if ok == len(runs) else f"NO {ok}/{len(runs)}"
@@ -214,7 +280,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pis", type=int, help="the many-Pi cases with N Pis (e.g. 8)")
     parser.add_argument("--max-sessions", type=int, help="the builder's sshd MaxSessions")
+    parser.add_argument("--scale", help="fleet sizes to run in turn, e.g. 1,2,4,8,16")
+    parser.add_argument("--weight", default="heavy", choices=fleet.LIBRARY_WEIGHTS)
     args = parser.parse_args()
+    if args.scale:
+        scale([int(n) for n in args.scale.split(",")], args.rounds, args.weight)
+        return
     fleet.up(pis=args.pis, max_sessions=args.max_sessions)
     prepare_push()
     if args.pis is None:

@@ -2,6 +2,14 @@
 # so build-arch records the machine the build really ran as.
 set -e
 bb="$builder"
+if [ -n "$slowBuild" ]; then
+  echo "building $hostName slowly: $slowBuild s (slowBuild)"
+  $bb sleep "$slowBuild"
+fi
+if [ -n "$failBuild" ]; then
+  echo "bench: the build of $hostName fails (failBuild)" >&2
+  exit 3
+fi
 $bb mkdir -p "$out/bin"
 $bb uname -m > "$out/build-arch"
 echo "$version" > "$out/nixos-version"

@@ -6,6 +6,11 @@
   outputs = { self }:
     let
       hosts = import ./hosts.nix;
+      # The shared library every configuration imports (a stand-in for nixpkgs' evaluation
+      # cost): light unless the bench wrote library-weight.nix ("heavy"; tests/bench/fleet.py).
+      library = import ./library {
+        weight = if builtins.pathExists ./library-weight.nix then import ./library-weight.nix else "light";
+      };
       busybox = {
         "aarch64-linux" = ./bb/aarch64;
         "armv7l-linux" = ./bb/armv7l;
@@ -29,6 +34,17 @@
         # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
         padding = if cfg.padding or false then "1" else "";
         switchScript = ./switch-to-configuration.sh;
+        # Depending on the whole library and the host's own part makes evaluating the toplevel
+        # force them, as a real toplevel forces nixpkgs. failEval: "throw" (caught by
+        # builtins.tryEval) or "missing" (an attribute typo: it is not).
+        library = library.digest;
+        hostPart = if (cfg.failEval or "") == "throw"
+          then throw "bench: ${name} fails to evaluate (failEval)"
+          else if (cfg.failEval or "") != "" then cfg.noSuchOption
+          else library.hostPart name;
+        # failBuild: the build exits non-zero; slowBuild: it sleeps this many seconds first.
+        failBuild = if cfg.failBuild or false then "1" else "";
+        slowBuild = cfg.slowBuild or "";
       };
     in {
       nixosConfigurations = builtins.mapAttrs

@@ -1,0 +1,16 @@
+# Package set 11 of the stand-in library (one of many files, merged as overlays).
+{ lib, n, size }:
+prev:
+let
+  earlier = builtins.attrNames prev;
+  package = i: lib.mkPackage {
+    pname = "set11-pkg${toString i}";
+    version = lib.padVersion (i + 11);
+    deps = if earlier == [ ] then [ ] else [ prev.${lib.pick earlier (i * 14)} ];
+    meta = { tags = [ "set11" "generated" (toString (lib.lib_mod i 5)) ]; license = "mit"; };
+  };
+in
+builtins.listToAttrs (builtins.genList (i: {
+  name = "set11-pkg${toString i}";
+  value = package i;
+}) size)

@@ -1,0 +1,16 @@
+# Package set 14 of the stand-in library (one of many files, merged as overlays).
+{ lib, n, size }:
+prev:
+let
+  earlier = builtins.attrNames prev;
+  package = i: lib.mkPackage {
+    pname = "set14-pkg${toString i}";
+    version = lib.padVersion (i + 14);
+    deps = if earlier == [ ] then [ ] else [ prev.${lib.pick earlier (i * 17)} ];
+    meta = { tags = [ "set14" "generated" (toString (lib.lib_mod i 5)) ]; license = "mit"; };
+  };
+in
+builtins.listToAttrs (builtins.genList (i: {
+  name = "set14-pkg${toString i}";
+  value = package i;
+}) size)

@@ -1,0 +1,16 @@
+# Package set 20 of the stand-in library (one of many files, merged as overlays).
+{ lib, n, size }:
+prev:
+let
+  earlier = builtins.attrNames prev;
+  package = i: lib.mkPackage {
+    pname = "set20-pkg${toString i}";
+    version = lib.padVersion (i + 20);
+    deps = if earlier == [ ] then [ ] else [ prev.${lib.pick earlier (i * 23)} ];
+    meta = { tags = [ "set20" "generated" (toString (lib.lib_mod i 5)) ]; license = "mit"; };
+  };
+in
+builtins.listToAttrs (builtins.genList (i: {
+  name = "set20-pkg${toString i}";
+  value = package i;
+}) size)

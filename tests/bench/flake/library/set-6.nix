@@ -1,0 +1,16 @@
+# Package set 6 of the stand-in library (one of many files, merged as overlays).
+{ lib, n, size }:
+prev:
+let
+  earlier = builtins.attrNames prev;
+  package = i: lib.mkPackage {
+    pname = "set6-pkg${toString i}";
+    version = lib.padVersion (i + 6);
+    deps = if earlier == [ ] then [ ] else [ prev.${lib.pick earlier (i * 9)} ];
+    meta = { tags = [ "set6" "generated" (toString (lib.lib_mod i 5)) ]; license = "mit"; };
+  };
+in
+builtins.listToAttrs (builtins.genList (i: {
+  name = "set6-pkg${toString i}";
+  value = package i;
+}) size)
