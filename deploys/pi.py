@@ -49,16 +49,22 @@ def _plan() -> tuple[Plan, Builder | None] | None:
 # Targets that are only built need no connection: those that are off or away are built from
 # their builder's run (when the builder is in it: `--limit nas --limit pi4`).
 for unreachable in plan.unreachable_builds(host, deploy.specs):
+    # The real Host, not pyinfra's context proxy: steps may run it from greenlets of their own.
+    itself = Builder(host=state.inventory.get_host(host.name), sudo=bool(host.data.get("_sudo")))
     try:
-        itself = Builder(host=host, sudo=bool(host.data.get("_sudo", False)))
-        target = state.inventory.get_host(unreachable.name)
-        build.build_toplevel(
-            name=f"Build {unreachable.name}'s system (not connected: build only)",
-            plan=plan.plan_deploy(target, unreachable, itself, deploy.summary),
-            builder=itself,
+        target_plan = plan.plan_deploy(
+            state.inventory.get_host(unreachable.name), unreachable, itself, deploy.summary
         )
     except DeployFailed as failure:
         deploy.summary.fail(unreachable.name, str(failure))
+    except Exception as error:  # one target's bug must not stop the others
+        deploy.summary.fail(unreachable.name, f"planning failed: {type(error).__name__}: {error}")
+    else:
+        build.build_toplevel(
+            name=f"Build {unreachable.name}'s system (not connected: build only)",
+            plan=target_plan,
+            builder=itself,
+        )
 
 if spec.builder_host is None or spec.ssh_hostname is None:  # check_fleet: targets have both
     deploy.summary.skip(host.name, "not deployed by push (no builder_host)")
