@@ -15,6 +15,7 @@ Deploy files start with:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,13 @@ if TYPE_CHECKING:
 
 ROOTS: tuple[str, ...] = ("minimal", "common", "network", "main", "work", "gaming", "server")
 DEPLOY_ACTIONS = ACTIONS
+# Image hosts (``@image/NAME`` in an inventory, operations/connector.py) are in this group of
+# the connector's, and may be in an ``images`` group of the inventory's instead of roots: roots
+# bring what running machines get (secrets, health checks), nothing an image is built with.
+IMAGE_CONNECTOR_GROUP = "@image"
+IMAGES_GROUP = "images"
+# image_attr: an attribute of config.system.build, e.g. isoImage, sdImage.
+_IMAGE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 
 _MAX_PORT = 65535
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
@@ -76,6 +84,11 @@ class HostSpec:
     + deploy_action: one of ``DEPLOY_ACTIONS``
     + max_ssh_sessions: at most this many commands at once on nixpush's SSH connection to the
       host (keep it below its sshd's ``MaxSessions``, 10 by default)
+    + offline_ok: an unreachable host is reported ``offline`` instead of failing the run
+    + is_image: an image host (``@image/NAME``): built by deploys/image.py, never connected to
+    + image_attr: the image's attribute under ``config.system.build`` (None: not requested;
+      image hosts default to ``default_image_attr``)
+    + image_dest: where the controller keeps the image file (None: it stays on the builder)
     """
 
     name: str
@@ -94,11 +107,26 @@ class HostSpec:
     ssh_host_key: str | None = None
     deploy_action: str = "switch"
     max_ssh_sessions: int = DEFAULT_MAX_SESSIONS
+    offline_ok: bool = False
+    is_image: bool = False
+    image_attr: str | None = None
+    image_dest: str | None = None
 
     @property
     def is_target(self) -> bool:
-        """Pushed to from a builder: ``host_spec(pi4).is_target is True``."""
-        return self.builder_host is not None
+        """Deployed by deploys/pi.py: ``host_spec(pi4).is_target is True``; an image is not."""
+        return self.builder_host is not None and not self.is_image
+
+    @property
+    def builds_itself(self) -> bool:
+        """A target that evaluates and builds on itself and copies nothing (the NAS)."""
+        return self.is_target and self.builder_host == self.name
+
+    @property
+    def pushed_by(self) -> str | None:
+        """The builder that pushes closures to this host, which must therefore trust it: None
+        for a host that builds itself, an image, or a host that is no target."""
+        return self.builder_host if self.is_target and not self.builds_itself else None
 
     @property
     def builder_systems(self) -> tuple[str, ...]:
@@ -142,6 +170,34 @@ class _Reader:
             self.problem(key, f"is {value!r}; set it to a whole number {wanted}")
             return None
         return number
+
+    def boolean(self, key: str) -> bool:
+        # `--data offline_ok=true` arrives as a bool; data written by hand may say "true".
+        value = self.host.data.get(key, False)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            self.problem(key, f"is {value!r}; set it to True or False")
+            return False
+        return value
+
+    def image_attr(self) -> str | None:
+        value = self.string("image_attr")
+        if value is not None and not _IMAGE_ATTR.match(value):
+            self.problem(
+                "image_attr",
+                f"{value!r} is not an attribute name; set it to one under config.system.build, "
+                "e.g. isoImage or sdImage",
+            )
+            return None
+        return value
+
+    def absolute_path(self, key: str) -> str | None:
+        value = self.string(key)
+        if value is not None and (not value.startswith("/") or "\n" in value):
+            self.problem(key, f"is {value!r}; set it to an absolute path on the controller")
+            return None
+        return value
 
     def systems(self, key: str) -> tuple[str, ...]:
         value = self.host.data.get(key)
@@ -203,16 +259,19 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
             f"{deploy_action!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
         )
 
+    is_image = IMAGE_CONNECTOR_GROUP in host.groups
+    # A host naming itself builds its own system (the NAS): evaluated, built and activated
+    # there, nothing copied. An image cannot build itself: nothing runs on it.
     builder_host = read.string("builder_host")
-    if builder_host == host.name:
+    if is_image and builder_host in (None, host.name):
         read.problem(
             "builder_host",
-            f"{builder_host!r} names the host itself; set it to another host, "
-            "or remove it if the host builds its own system",
+            f"is {builder_host!r}, but an image is built on another host; "
+            "set builder_host to the host that builds it (e.g. nas)",
         )
 
     ssh_hostname = read.string("ssh_hostname")
-    if builder_host is not None and ssh_hostname is None:
+    if builder_host is not None and ssh_hostname is None and not is_image:
         read.problem(
             "ssh_hostname",
             f"is missing, so builder {builder_host!r} has no address to push to; "
@@ -237,6 +296,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         deploy_action=deploy_action,
         max_ssh_sessions=read.positive_int("max_ssh_sessions", _MAX_SESSIONS)
         or DEFAULT_MAX_SESSIONS,
+        offline_ok=read.boolean("offline_ok"),
+        is_image=is_image,
+        image_attr=read.image_attr(),
+        image_dest=read.absolute_path("image_dest"),
     )
     return spec, read.problems
 
@@ -287,6 +350,8 @@ def _group_problems(inventory: Inventory) -> list[str]:
     for host in inventory:
         for group in _own_groups(host):
             if group in ROOTS or group in allowed:
+                continue
+            if group == IMAGES_GROUP and IMAGE_CONNECTOR_GROUP in host.groups:
                 continue
             problems.append(
                 f"{host.name}: group {group!r} is not a root; "

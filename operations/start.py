@@ -2,7 +2,8 @@
 What every deploy does first, in one call: check the fleet's data (a broken inventory stops
 the run before anything connects on), bound the SSH sessions nixpush opens on each host's
 connection (``max_ssh_sessions``), and open the run summary, which prints one line per host
-when the run exits (and writes ``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``).
+when the run exits (and writes ``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``); unreachable hosts
+whose data says ``offline_ok`` are reported ``offline`` instead of failing the run.
 
 .. code:: python
 
@@ -40,4 +41,7 @@ def start_deploy(state: State) -> Deploy:
     specs = check_fleet(state.inventory)
     for inventory_host in state.inventory:
         limit_sessions(inventory_host, specs[inventory_host.name].max_ssh_sessions)
-    return Deploy(specs, summary_for(state))
+    summary = summary_for(state)
+    # A host that may be asleep (offline_ok) is offline, not failed, in every deploy.
+    summary.excuse_offline(name for name, spec in specs.items() if spec.offline_ok)
+    return Deploy(specs, summary)
