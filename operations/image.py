@@ -101,7 +101,8 @@ class ImageFile:
 # Prints "SIZE SHA256 FILE" for the image file of the store path in $p, nothing when none.
 _IMAGE_FILE_SCRIPT = (
     '; f="$p"; if [ -d "$p" ]; then'
-    ' f=$(awk \'$1 == "file" { print $3; exit }\' "$p/nix-support/hydra-build-products"'
+    ' f=$(awk \'$1 == "file" { sub(/^file [^ ]+ /, ""); print; exit }\''
+    ' "$p/nix-support/hydra-build-products"'
     ' 2>/dev/null); fi; if [ -n "$f" ] && [ -f "$f" ]; then'
     ' echo "$(stat -c %s "$f") $(sha256sum < "$f" | cut -d " " -f 1) $f"; fi'
 )
