@@ -16,7 +16,7 @@ the image built and the file in place, and does nothing.
 from pyinfra.context import host, state
 
 from operations import image
-from operations.failures import DeployFailed, report_unable
+from operations.failures import or_unable, report_unable
 from operations.models import Builder, ImagePlan
 from operations.push import plan
 from operations.start import start_deploy
@@ -28,17 +28,12 @@ deploy.summary.forgive(
 )
 
 
-def _plan() -> tuple[ImagePlan, Builder] | None:
-    """The image's plan and builder, or None when planning failed (this image fails alone)."""
-    try:
-        builder = plan.reach_builder(host, spec)
-        plan.check_builds_system(builder, spec)
-        return image.plan_image(host, spec, builder, deploy.summary), builder
-    except DeployFailed as failure:
-        report_unable(str(failure))
-    except Exception as error:  # one image's bug must not stop the others
-        report_unable(f"planning {host.name}'s image failed: {type(error).__name__}: {error}")
-    return None
+def _plan() -> tuple[ImagePlan, Builder]:
+    """The image's plan and builder; raises when planning fails (this image then fails alone:
+    ``or_unable``)."""
+    builder = plan.reach_builder(host, spec)
+    plan.check_builds_system(builder, spec)
+    return image.plan_image(host, spec, builder, deploy.summary), builder
 
 
 if image.requested_attr(spec) is None:
@@ -46,7 +41,7 @@ if image.requested_attr(spec) is None:
 elif spec.builder_host is None:
     report_unable(f"{host.name} has no builder_host to build its image on; set builder_host")
 else:
-    planned = _plan()
+    planned = or_unable(f"planning {host.name}'s image", _plan)
     if planned is not None:
         image_plan, builder = planned
         image.build_image(name="Build the image on its builder", plan=image_plan, builder=builder)

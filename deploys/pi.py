@@ -22,7 +22,7 @@ are deploys/image.py's.
 from pyinfra.context import host, state
 
 from operations import health, keys, nix, ssh
-from operations.failures import DeployFailed, report_unable
+from operations.failures import or_unable
 from operations.models import Action, Builder, Plan
 from operations.push import activate, build, copy, plan
 from operations.start import start_deploy
@@ -34,20 +34,14 @@ deploy.summary.forgive(
 )
 
 
-def _plan() -> tuple[Plan, Builder | None] | None:
-    """The target's plan and builder (none for a rollback), or None when planning failed (the
-    target then fails alone)."""
-    try:
-        if spec.deploy_action == Action.ROLLBACK:  # back to the previous generation
-            return plan.plan_rollback(host, spec, deploy.summary), None
-        builder = plan.reach_builder(host, spec)
-        plan.check_builder(builder, spec)
-        return plan.plan_deploy(host, spec, builder, deploy.summary), builder
-    except DeployFailed as failure:
-        report_unable(str(failure))
-    except Exception as error:  # one target's bug must not stop the others
-        report_unable(f"planning {host.name} failed: {type(error).__name__}: {error}")
-    return None
+def _plan() -> tuple[Plan, Builder | None]:
+    """The target's plan and builder (none for a rollback); raises when planning fails (the
+    target then fails alone: ``or_unable``)."""
+    if spec.deploy_action == Action.ROLLBACK:  # back to the previous generation
+        return plan.plan_rollback(host, spec, deploy.summary), None
+    builder = plan.reach_builder(host, spec)
+    plan.check_builder(builder, spec)
+    return plan.plan_deploy(host, spec, builder, deploy.summary), builder
 
 
 if spec.is_image:
@@ -60,7 +54,7 @@ else:
     trust: keys.BuilderTrust | None = None
     if spec.pushed_by is not None:
         trust = keys.builder_trust(state.inventory.get_host(spec.pushed_by), host.name)
-    planned = _plan()
+    planned = or_unable(f"planning {host.name}", _plan)
     if planned is not None:
         target_plan, builder = planned
         # Rollback, timers and health checks from data (bad data stops the run); --dry shows
