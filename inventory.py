@@ -26,6 +26,7 @@ _FLEET_WIDE = {
 # Host name -> roots and data. The owner edits addresses here.
 _FLEET = {
     # desktop
+    # desktop: built natively on nas (x86_64, no emulation) and pushed like the Pi
     "grill": {
         "roots": ["minimal", "common", "network", "main", "work", "gaming"],
         "data": {
@@ -33,8 +34,13 @@ _FLEET = {
             "ssh_hostname": "grill.lan",
             "ssh_user": "beau",
             "_sudo": True,
+            "builder_host": "nas",
+            # Fill in from `ssh-keyscan -t ed25519 grill.lan`, checked against grill's
+            # /etc/ssh/ssh_host_ed25519_key.pub out of band (nas verifies it before pushing):
+            # "ssh_host_key": "ssh-ed25519 AAAA...",
         },
     },
+    # laptop: like grill, but often asleep or away: unreachable is `offline`, not a failure
     "laptop": {
         "roots": ["minimal", "common", "network", "main", "work"],
         "data": {
@@ -42,9 +48,15 @@ _FLEET = {
             "ssh_hostname": "laptop.lan",
             "ssh_user": "beau",
             "_sudo": True,
+            "builder_host": "nas",
+            "offline_ok": True,
+            # From `ssh-keyscan -t ed25519 laptop.lan`, checked out of band:
+            # "ssh_host_key": "ssh-ed25519 AAAA...",
         },
     },
-    # server: the builder (QEMU binfmt and max-jobs come from group_data/server.py)
+    # server: the builder (QEMU binfmt and max-jobs come from group_data/server.py). It builds
+    # and deploys itself too (builder_host is itself): nothing is copied, the switch is as safe
+    # as a Pi's.
     "nas": {
         "roots": ["minimal", "common", "network", "main", "server"],
         "data": {
@@ -52,6 +64,7 @@ _FLEET = {
             "ssh_hostname": "nas.lan",
             "ssh_user": "beau",
             "_sudo": True,
+            "builder_host": "nas",
         },
     },
     # Raspberry Pi 4: built on nas, pushed over SSH
@@ -77,11 +90,20 @@ _FLEET = {
     },
 }
 
-# Built but never connected to, so not a pyinfra host.
+# Built but never connected to: image hosts (`@image/NAME`, operations/connector.py), which
+# deploys/image.py builds on their builder and nothing else acts on. "roots" is what the flake
+# gives the configuration; roots' group data (secrets, health checks) is for running machines,
+# so images are in the `images` group instead.
 _IMAGES = {
     "iso": {
         "roots": ["minimal"],
-        "data": {"nix_system": "x86_64-linux", "flake": _FLAKE},
+        "data": {
+            "nix_system": "x86_64-linux",
+            "builder_host": "nas",
+            "image_attr": "isoImage",
+            # Where the controller keeps the .iso (a directory: the image's own file name):
+            # "image_dest": "/home/beau/images/",
+        },
     },
 }
 
@@ -101,3 +123,4 @@ main = _members("main")
 work = _members("work")
 gaming = _members("gaming")
 server = _members("server")
+images = [(f"@image/{name}", {**_FLEET_WIDE, **image["data"]}) for name, image in _IMAGES.items()]

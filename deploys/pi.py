@@ -13,12 +13,16 @@ age key must be available); plan (desired toplevel evaluated on the builder vs.
 builder -> target over ssh-ng; dry-activate and show its report; then activate safely:
 detached from the SSH session, health-checked, confirmed over a new SSH login, rolled back by
 the target itself otherwise.
+
+A host whose ``builder_host`` is itself (the NAS) evaluates and builds on itself, needs no
+trust and copies nothing, then activates with the same safety. Image hosts (``@image/NAME``)
+are deploys/image.py's.
 """
 
 from pyinfra.context import host, state
 
 from operations import health, keys, nix, ssh
-from operations.failures import DeployFailed, report_unable
+from operations.failures import DeployFailed, or_unable
 from operations.models import Action, Builder, Plan
 from operations.push import activate, build, copy, plan
 from operations.start import start_deploy
@@ -30,20 +34,14 @@ deploy.summary.forgive(
 )
 
 
-def _plan() -> tuple[Plan, Builder | None] | None:
-    """The target's plan and builder (none for a rollback), or None when planning failed (the
-    target then fails alone)."""
-    try:
-        if spec.deploy_action == Action.ROLLBACK:  # back to the previous generation
-            return plan.plan_rollback(host, spec, deploy.summary), None
-        builder = plan.reach_builder(host, spec)
-        plan.check_builder(builder, spec)
-        return plan.plan_deploy(host, spec, builder, deploy.summary), builder
-    except DeployFailed as failure:
-        report_unable(str(failure))
-    except Exception as error:  # one target's bug must not stop the others
-        report_unable(f"planning {host.name} failed: {type(error).__name__}: {error}")
-    return None
+def _plan() -> tuple[Plan, Builder | None]:
+    """The target's plan and builder (none for a rollback); raises when planning fails (the
+    target then fails alone: ``or_unable``)."""
+    if spec.deploy_action == Action.ROLLBACK:  # back to the previous generation
+        return plan.plan_rollback(host, spec, deploy.summary), None
+    builder = plan.reach_builder(host, spec)
+    plan.check_builder(builder, spec)
+    return plan.plan_deploy(host, spec, builder, deploy.summary), builder
 
 
 # Targets that are only built need no connection: those that are off or away are built from
@@ -66,12 +64,17 @@ for unreachable in plan.unreachable_builds(host, deploy.specs):
             builder=itself,
         )
 
-if spec.builder_host is None or spec.ssh_hostname is None:  # check_fleet: targets have both
+if spec.is_image:
+    deploy.summary.skip(host.name, "an image: deploys/image.py builds it")
+elif not spec.is_target or spec.ssh_hostname is None:  # check_fleet: targets have both
     deploy.summary.skip(host.name, "not deployed by push (no builder_host)")
 else:
     # Decrypt first: a missing or wrong age key stops the run before anything is evaluated.
-    trust = keys.builder_trust(state.inventory.get_host(spec.builder_host), host.name)
-    planned = _plan()
+    # A host that builds itself is pushed nothing, so it needs no trust in a builder.
+    trust: keys.BuilderTrust | None = None
+    if spec.pushed_by is not None:
+        trust = keys.builder_trust(state.inventory.get_host(spec.pushed_by), host.name)
+    planned = or_unable(f"planning {host.name}", _plan)
     if planned is not None:
         target_plan, builder = planned
         # Rollback, timers and health checks from data (bad data stops the run); --dry shows
@@ -81,7 +84,7 @@ else:
         activate.announce(host, target_plan, safety, checks)
         # What lets the builder push, checked only when it will push: `build` leaves the
         # target alone, and a target already on its system needs nothing.
-        if target_plan.action.copies and not target_plan.up_to_date:
+        if trust is not None and target_plan.action.copies and not target_plan.up_to_date:
             ssh.authorized_key(
                 name="Authorize the builder's deploy key",
                 user=spec.ssh_user or "root",
@@ -94,6 +97,7 @@ else:
             build.build_toplevel(
                 name="Build the system on its builder", plan=target_plan, builder=builder
             )
+        if builder is not None and trust is not None:  # built on itself: nothing to copy
             copy.sign_closure(
                 name="Sign the closure on the builder", plan=target_plan, builder=builder
             )

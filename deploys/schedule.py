@@ -23,30 +23,33 @@ from operations.models import SYSTEMD_RUNNING
 from operations.nixos import runs_nixos
 from operations.start import start_deploy
 
-start_deploy(state)
-wanted = schedule.parse_schedule(host.name, host.data.get("schedule"))
-units = schedule.unit_files(wanted) if wanted.enabled else {}
-unwanted = [
-    unit for mode in schedule.MODES for unit in schedule.unit_names(mode) if unit not in units
-]
-
-if runs_nixos():
-    # /etc is generated: nothing is written (no units, no crontab line). The host's generated
-    # fragment holds the same units; this checks the running system has them.
-    nixos_checks.check_nixos_timers(name="Check nixpush's schedule (NixOS)", units=units)
-elif units and wanted.activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
-    # Nothing is written: unit files no systemd runs would look installed and never run.
-    failures.unable(
-        name="Fail: no systemd for the schedule",
-        reason=schedule.no_systemd_reason(host.name, wanted),
-    )
+specs = start_deploy(state).specs
+if specs[host.name].is_image:
+    host.noop(f"{host.name} is an image: nothing is scheduled on it")
 else:
-    schedule.removed_timers(
-        name="Remove unscheduled nixpush units", units=unwanted, activate=wanted.activate
-    )
-    if units:
-        schedule.timers(
-            name="Install nixpush's schedule (systemd timers)",
-            units=units,
-            activate=wanted.activate,
+    wanted = schedule.parse_schedule(host.name, host.data.get("schedule"))
+    units = schedule.unit_files(wanted) if wanted.enabled else {}
+    unwanted = [
+        unit for mode in schedule.MODES for unit in schedule.unit_names(mode) if unit not in units
+    ]
+
+    if runs_nixos():
+        # /etc is generated: nothing is written (no units, no crontab line). The host's generated
+        # fragment holds the same units; this checks the running system has them.
+        nixos_checks.check_nixos_timers(name="Check nixpush's schedule (NixOS)", units=units)
+    elif units and wanted.activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
+        # Nothing is written: unit files no systemd runs would look installed and never run.
+        failures.unable(
+            name="Fail: no systemd for the schedule",
+            reason=schedule.no_systemd_reason(host.name, wanted),
         )
+    else:
+        schedule.removed_timers(
+            name="Remove unscheduled nixpush units", units=unwanted, activate=wanted.activate
+        )
+        if units:
+            schedule.timers(
+                name="Install nixpush's schedule (systemd timers)",
+                units=units,
+                activate=wanted.activate,
+            )

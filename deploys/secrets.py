@@ -4,8 +4,9 @@ Run with ``SOPS_AGE_KEY_FILE=~/.config/sops/age/keys.txt pyinfra inventory.py de
 
 - every host: its ``secrets`` (merged from all its roots, see ``host_secrets``), decrypted on
   the controller and written through stdin;
-- a target (it has ``builder_host``): its ``ssh_user`` authorizes the builder's deploy key and
-  its Nix trusts the builder's signing key (both public halves derived in memory);
+- a target pushed by another host (its ``builder_host``, not itself): its ``ssh_user``
+  authorizes the builder's deploy key and its Nix trusts the builder's signing key (both public
+  halves derived in memory);
 - a builder: the public halves sit next to its deploy and signing keys (``ssh -i`` refuses a
   key whose ``.pub`` differs), and ``/etc/nixpush/known_hosts`` holds each of its targets'
   ``ssh_host_key``.
@@ -28,13 +29,14 @@ from operations.start import start_deploy
 
 specs = start_deploy(state).specs
 spec = specs[host.name]
-planned = secrets.plan_secrets(host)
+# An image host is never connected to: nothing is installed on it.
+planned = [] if spec.is_image else secrets.plan_secrets(host)
 
 trust = None
-if spec.builder_host is not None:
-    trust = keys.builder_trust(inventory.get_host(spec.builder_host), host.name)
+if spec.pushed_by is not None:  # a host that builds itself pushes to nobody but itself
+    trust = keys.builder_trust(inventory.get_host(spec.pushed_by), host.name)
 
-targets = [other for other in specs.values() if other.builder_host == host.name]
+targets = [other for other in specs.values() if other.pushed_by == host.name]
 unknown = [t.name for t in targets if t.ssh_host_key is None or t.ssh_hostname is None]
 if unknown:
     raise FleetError(
@@ -60,12 +62,12 @@ for item in planned:
 
 if trust is not None:
     ssh.authorized_key(
-        name=f"Authorize {spec.builder_host}'s deploy key for the deploy user",
+        name=f"Authorize {spec.pushed_by}'s deploy key for the deploy user",
         user=spec.ssh_user or "root",
         key=trust.ssh_public_key,
     )
     nix.trusted_public_key(
-        name=f"Trust store paths signed by {spec.builder_host}",
+        name=f"Trust store paths signed by {spec.pushed_by}",
         key=trust.nix_public_key,
     )
 

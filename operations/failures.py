@@ -7,8 +7,8 @@ How nixpush fails: one host, or the whole run. The rule:
 - **A problem of one host fails that host only**, and the others go on: an unreachable
   builder, a configuration that does not evaluate, a lost SSH channel, a failed build, copy or
   activation, a host that lacks what an operation needs.
-  - planning code (deploy code, prepare time) raises ``DeployFailed``; the deploy catches it
-    and calls ``report_unable``;
+  - planning code (deploy code, prepare time) raises ``DeployFailed``; the deploy runs it
+    through ``or_unable``, which calls ``report_unable``;
   - an operation body yields ``fail_host(reason)``;
   - a ``FunctionCommand`` returns ``fail(host, reason)``, or raises ``DeployFailed`` from a
     function wrapped in ``host_step``.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from functools import wraps
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyinfra import logger
 from pyinfra.api.command import FunctionCommand, PyinfraCommand
@@ -38,6 +38,9 @@ from operations.summary import summary_for
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
+
+
+T = TypeVar("T")
 
 
 class DeployFailed(Exception):
@@ -103,6 +106,25 @@ def report_unable(reason: str) -> None:
     current_host.log_styled(f"cannot deploy: {reason}", fg="red", log_func=logger.error)
     summary_for(current_host.state).fail(current_host.name, reason)
     unable(name="Fail: cannot deploy", reason=reason)
+
+
+def or_unable(what: str, compute: Callable[[], T]) -> T | None:
+    """
+    ``compute()`` (planning code, prepare time), or None after ``report_unable`` when it
+    raises: ``DeployFailed``'s message is the cause; any other exception (a bug) is named in one
+    line, ``{what} failed: KeyError: ...``, and fails only the current host.
+
+    .. code:: python
+
+        planned = or_unable(f"planning {host.name}", lambda: plan_deploy(...))
+    """
+    try:
+        return compute()
+    except DeployFailed as failure:
+        report_unable(str(failure))
+    except Exception as error:  # one host's bug must not stop the others
+        report_unable(f"{what} failed: {type(error).__name__}: {error}")
+    return None
 
 
 def require_root(why: str) -> None:

@@ -37,6 +37,13 @@ E = TypeVar("E")
 
 ROOTS: tuple[str, ...] = ("minimal", "common", "network", "main", "work", "gaming", "server")
 DEPLOY_ACTIONS = ACTIONS
+# Image hosts (``@image/NAME`` in an inventory, operations/connector.py) are in this group of
+# the connector's, and may be in an ``images`` group of the inventory's instead of roots: roots
+# bring what running machines get (secrets, health checks), nothing an image is built with.
+IMAGE_CONNECTOR_GROUP = "@image"
+IMAGES_GROUP = "images"
+# image_attr: an attribute of config.system.build, e.g. isoImage, sdImage.
+_IMAGE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 
 _MAX_PORT = 65535
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
@@ -111,6 +118,11 @@ class HostSpec:
     + max_parallel_copies: as a builder, at most this many copies to targets at once
     + build_timeout, copy_timeout: as a builder, seconds a build (all of a run's toplevels) or
       one copy may take before it is stopped
+    + offline_ok: an unreachable host is reported ``offline`` instead of failing the run
+    + is_image: an image host (``@image/NAME``): built by deploys/image.py, never connected to
+    + image_attr: the image's attribute under ``config.system.build`` (None: not requested;
+      image hosts default to ``default_image_attr``)
+    + image_dest: where the controller keeps the image file (None: it stays on the builder)
     """
 
     name: str
@@ -132,11 +144,26 @@ class HostSpec:
     max_parallel_copies: int = DEFAULT_MAX_PARALLEL_COPIES
     build_timeout: int = DEFAULT_BUILD_TIMEOUT
     copy_timeout: int = DEFAULT_COPY_TIMEOUT
+    offline_ok: bool = False
+    is_image: bool = False
+    image_attr: str | None = None
+    image_dest: str | None = None
 
     @property
     def is_target(self) -> bool:
-        """Pushed to from a builder: ``host_spec(pi4).is_target is True``."""
-        return self.builder_host is not None
+        """Deployed by deploys/pi.py: ``host_spec(pi4).is_target is True``; an image is not."""
+        return self.builder_host is not None and not self.is_image
+
+    @property
+    def builds_itself(self) -> bool:
+        """A target that evaluates and builds on itself and copies nothing (the NAS)."""
+        return self.is_target and self.builder_host == self.name
+
+    @property
+    def pushed_by(self) -> str | None:
+        """The builder that pushes closures to this host, which must therefore trust it: None
+        for a host that builds itself, an image, or a host that is no target."""
+        return self.builder_host if self.is_target and not self.builds_itself else None
 
     @property
     def builder_systems(self) -> tuple[str, ...]:
@@ -180,6 +207,34 @@ class _Reader:
             self.problem(key, f"is {value!r}; set it to a whole number {wanted}")
             return None
         return number
+
+    def boolean(self, key: str) -> bool:
+        # `--data offline_ok=true` arrives as a bool; data written by hand may say "true".
+        value = self.host.data.get(key, False)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            self.problem(key, f"is {value!r}; set it to True or False")
+            return False
+        return value
+
+    def image_attr(self) -> str | None:
+        value = self.string("image_attr")
+        if value is not None and not _IMAGE_ATTR.match(value):
+            self.problem(
+                "image_attr",
+                f"{value!r} is not an attribute name; set it to one under config.system.build, "
+                "e.g. isoImage or sdImage",
+            )
+            return None
+        return value
+
+    def absolute_path(self, key: str) -> str | None:
+        value = self.string(key)
+        if value is not None and (not value.startswith("/") or "\n" in value):
+            self.problem(key, f"is {value!r}; set it to an absolute path on the controller")
+            return None
+        return value
 
     def systems(self, key: str) -> tuple[str, ...]:
         value = self.host.data.get(key)
@@ -288,16 +343,19 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
             f"{deploy_action!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
         )
 
+    is_image = IMAGE_CONNECTOR_GROUP in host.groups
+    # A host naming itself builds its own system (the NAS): evaluated, built and activated
+    # there, nothing copied. An image cannot build itself: nothing runs on it.
     builder_host = read.string("builder_host")
-    if builder_host == host.name:
+    if is_image and builder_host in (None, host.name):
         read.problem(
             "builder_host",
-            f"{builder_host!r} names the host itself; set it to another host, "
-            "or remove it if the host builds its own system",
+            f"is {builder_host!r}, but an image is built on another host; "
+            "set builder_host to the host that builds it (e.g. nas)",
         )
 
     ssh_hostname = read.string("ssh_hostname")
-    if builder_host is not None and ssh_hostname is None:
+    if builder_host is not None and ssh_hostname is None and not is_image:
         read.problem(
             "ssh_hostname",
             f"is missing, so builder {builder_host!r} has no address to push to; "
@@ -355,6 +413,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         max_parallel_copies=read.positive_int("max_parallel_copies") or DEFAULT_MAX_PARALLEL_COPIES,
         build_timeout=read.positive_int("build_timeout") or DEFAULT_BUILD_TIMEOUT,
         copy_timeout=read.positive_int("copy_timeout") or DEFAULT_COPY_TIMEOUT,
+        offline_ok=read.boolean("offline_ok"),
+        is_image=is_image,
+        image_attr=read.image_attr(),
+        image_dest=read.absolute_path("image_dest"),
     )
     return spec, read.problems
 
@@ -466,6 +528,8 @@ def _group_problems(inventory: Inventory) -> list[str]:
         for group in _own_groups(host):
             if group in ROOTS or group in allowed:
                 continue
+            if group == IMAGES_GROUP and IMAGE_CONNECTOR_GROUP in host.groups:
+                continue
             problems.append(
                 f"{host.name}: group {group!r} is not a root; "
                 f"move the host into one of the roots: {_listed(ROOTS)}"
@@ -484,13 +548,13 @@ def _builder_problems(spec: HostSpec, specs: Mapping[str, HostSpec]) -> list[str
             f"{name}: builder_host {builder_name!r} is not in the inventory; "
             f"set builder_host to one of: {_listed(others)}"
         ]
-    if builder.builder_host == name:
+    if builder.builder_host == name and builder.builder_host != builder_name:
         return [
             f"{name}: builder_host {builder_name!r} has builder_host {name!r}: two hosts that "
             "build each other are never built; set one's builder_host to a host that builds "
             "its own system, or remove it"
         ]
-    if builder.builder_host is not None:
+    if builder.builder_host not in (None, builder_name):  # a builder may build itself
         return [
             f"{name}: builder_host {builder_name!r} is itself built on "
             f"{builder.builder_host!r}, a chain nixpush does not follow; set {name}'s "

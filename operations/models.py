@@ -153,3 +153,44 @@ class Builder:
     max_ssh_sessions: int = 4
     build_timeout: int = 4 * 3600
     copy_timeout: int = 3600
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """
+    What building one image means, computed once per run (deploys/image.py).
+
+    + name: the image host (or the host whose image was asked for)
+    + builder: the inventory name of the host that builds it
+    + attr: the flake attribute of the image
+    + path: its store path, as the builder evaluates it
+    + built: whether the builder has it already
+    + dest: where the controller keeps the image file (None: it stays on the builder)
+    + at_dest: whether ``dest`` already holds the same file (same sha256)
+    """
+
+    name: str
+    builder: str
+    attr: str
+    path: str
+    built: bool
+    dest: str | None = None
+    at_dest: bool = False
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing to build or copy."""
+        return self.built and (self.dest is None or self.at_dest)
+
+    @property
+    def noop_reason(self) -> str:
+        where = f", and {self.dest} holds it" if self.dest else ""
+        return f"{self.builder} has already built {self.path}{where}"
+
+    @property
+    def todo(self) -> str:
+        """What a run does, for ``--dry``: ``build /nix/store/... on nas, copy it to ...``."""
+        steps = [] if self.built else [f"build {self.attr} ({self.path}) on {self.builder}"]
+        if self.dest and not self.at_dest:
+            steps.append(f"copy its image file to {self.dest}")
+        return ", ".join(steps) or "nothing"

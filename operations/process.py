@@ -197,6 +197,24 @@ def run_on(
     return ok, output.output_lines
 
 
+def fetch_from(source: Host, remote: str, local: Path, *, doing: str) -> None:
+    """
+    Download ``remote`` from another inventory host into the controller file ``local``, over
+    pyinfra's connection (SFTP for ssh). ``DeployFailed`` naming the host and ``doing`` when
+    the transfer fails or the connection is lost.
+
+    .. code:: python
+
+        fetch_from(builder.host, "/nix/store/...-iso/iso/nixos.iso", partial, doing="...")
+    """
+    try:
+        ok = source.get_file(remote, str(local))
+    except (SSHException, OSError, EOFError, TimeoutError) as error:
+        raise DeployFailed(f"{connection_cause(source.name, error)} while {doing}") from None
+    if not ok:
+        raise DeployFailed(f"{source.name}: {doing} failed")
+
+
 def read_on(target: Host, fact: type[FactBase[T]], *, sudo: bool, doing: str, **args: Any) -> T:
     """
     Read ``fact`` on another inventory host through ``run_on``: its ``process()``ed answer,

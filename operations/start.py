@@ -5,6 +5,8 @@ nixpush-run's lock (``operations.lock``: a deploy by hand never overlaps a sched
 bound the SSH sessions nixpush opens on each host's connection (``max_ssh_sessions``), and open
 the run summary, which prints one line per host when the run exits (and writes
 ``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``).
+Unreachable hosts whose data says ``offline_ok`` are reported ``offline`` instead of failing
+the run.
 
 .. code:: python
 
@@ -61,4 +63,7 @@ def start_deploy(state: State) -> Deploy:
     hold_deploy_lock()
     for inventory_host in state.inventory:
         limit_sessions(inventory_host, specs[inventory_host.name].max_ssh_sessions)
-    return Deploy(specs, summary_for(state))
+    summary = summary_for(state)
+    # A host that may be asleep (offline_ok) is offline, not failed, in every deploy.
+    summary.excuse_offline(name for name, spec in specs.items() if spec.offline_ok)
+    return Deploy(specs, summary)

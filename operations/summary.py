@@ -7,7 +7,9 @@ written there as JSON at exit, with each target's store paths: see ``RunSummary.
 
 pyinfra connects to every inventory host before any deploy code runs; a desktop that is asleep
 fails that step. ``RunSummary.forgive`` takes such bystanders (hosts this deploy neither targets
-nor builds on) off pyinfra's failed list, so they neither fail the run nor stop it.
+nor builds on) off pyinfra's failed list, so they neither fail the run nor stop it, and
+``RunSummary.excuse_offline`` does the same for hosts whose data allows it (``offline_ok``: the
+laptop), reported ``offline``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from operations.files import write_atomically
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from operations.models import Plan
+    from operations.models import ImagePlan, Plan
 
 REPORT_FILE_ENV = "NIXPUSH_REPORT_FILE"
 
@@ -49,6 +51,11 @@ class RunSummary:
     flakes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # safe switching (operations/activation.py): hosts that rolled back, with the cause.
     rollbacks: dict[str, str] = field(default_factory=dict)
+    # offline_ok hosts that could not be reached: neither deployed nor failed.
+    offline: set[str] = field(default_factory=set)
+    # deploys/image.py: each image's plan, and what was done (store path, size, copy).
+    images: dict[str, ImagePlan] = field(default_factory=dict)
+    images_done: dict[str, str] = field(default_factory=dict)
 
     @property
     def wants_report(self) -> bool:
@@ -80,16 +87,36 @@ class RunSummary:
                 self.forgiven.add(host.name)
                 logger.warning(f"    [{host.name}] unreachable, but this deploy does not need it")
 
+    def excuse_offline(self, allowed: Iterable[str]) -> None:
+        """Drop unreachable hosts whose data allows it (``offline_ok``) from pyinfra's failed
+        hosts: they are ``offline``, and the run goes on without failing."""
+        excused = set(allowed)
+        for host in list(self.state.failed_hosts):
+            if host.name in excused and not host.connected:
+                self.state.failed_hosts.discard(host)
+                self.offline.add(host.name)
+                logger.warning(f"    [{host.name}] unreachable, offline_ok: not deployed this run")
+
+    def image_planned(self, plan: ImagePlan) -> None:
+        self.images[plan.name] = plan
+
+    def image_done(self, name: str, detail: str) -> None:
+        self.images_done[name] = detail
+
     def outcomes(self) -> dict[str, tuple[str, str]]:
-        """Host -> (status, detail): unchanged, deployed, rolled-back, failed, planned, skipped."""
+        """Host -> (status, detail): unchanged, deployed, rolled-back, failed, planned, offline,
+        skipped."""
         executed = self.state.current_stage >= StateStage.Execute
         failed = {host.name for host in self.state.failed_hosts}
         result: dict[str, tuple[str, str]] = {}
         for host in self.state.inventory:
             name = host.name
             plan = self.plans.get(name)
+            image = self.images.get(name)
             if name in self.rollbacks and name not in self.causes:
                 result[name] = ("rolled-back", self.rollbacks[name])
+            elif name in self.offline:
+                result[name] = ("offline", "unreachable, and offline_ok: not deployed this run")
             elif name in failed or name in self.causes:
                 cause = self.causes.get(name) or (
                     "could not connect" if name in self.unreachable else "an operation failed"
@@ -97,6 +124,8 @@ class RunSummary:
                 result[name] = ("failed", cause)
             elif name in self.forgiven and plan is None:
                 result[name] = ("skipped", "unreachable, not needed by this deploy")
+            elif image is not None:
+                result[name] = _image_outcome(image, executed, self.images_done.get(name))
             elif plan is None:
                 if name in self.skipped:
                     result[name] = ("skipped", self.skipped[name])
@@ -161,6 +190,14 @@ class RunSummary:
             print("--> nixpush summary:", file=sys.stderr)
             for line in lines:
                 print(f"    {line}", file=sys.stderr)
+
+
+def _image_outcome(image: ImagePlan, executed: bool, done: str | None) -> tuple[str, str]:
+    if image.up_to_date:
+        return ("unchanged", done or image.noop_reason)
+    if not executed:
+        return ("planned", f"would {image.todo}")
+    return ("deployed", done or image.path)
 
 
 _summaries: dict[int, RunSummary] = {}

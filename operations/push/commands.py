@@ -43,8 +43,13 @@ class StorePathLink(FactBase[str | None]):
 
 def toplevel_attr(flake: str, config: str) -> str:
     """``toplevel_attr("path:/f", "pi4") == "path:/f#nixosConfigurations.pi4.config.system..."``."""
+    return system_build_attr(flake, config, "toplevel")
+
+
+def system_build_attr(flake: str, config: str, output: str) -> str:
+    """The flake attribute of ``config.system.build.<output>`` (toplevel, isoImage, sdImage)."""
     name = config if _SIMPLE_ATTR.match(config) else json.dumps(config)
-    return f"{flake}#nixosConfigurations.{name}.config.system.build.toplevel"
+    return f"{flake}#nixosConfigurations.{name}.config.system.build.{output}"
 
 
 def nix_error(lines: Sequence[str]) -> str:

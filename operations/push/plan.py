@@ -89,13 +89,21 @@ def reach_builder(target: Host, spec: HostSpec) -> Builder:
 
 
 def check_builder(builder: Builder, spec: HostSpec) -> None:
-    """Fail unless the builder's Nix accepts the target's system and has the push keys."""
-    name = builder.host.name
-    if not spec.ssh_host_key:
+    """Fail unless the builder's Nix accepts the target's system and, when it pushes to the
+    target (not to itself), has the push keys."""
+    if spec.pushed_by is not None and not spec.ssh_host_key:
         raise DeployFailed(
-            f"{spec.name} has no ssh_host_key, so {name} cannot verify it: set it to the "
-            "host's public key and run `pyinfra inventory.py deploys/secrets.py`"
+            f"{spec.name} has no ssh_host_key, so {builder.host.name} cannot verify it: set it "
+            "to the host's public key and run `pyinfra inventory.py deploys/secrets.py`"
         )
+    check_builds_system(builder, spec)
+    if spec.pushed_by is not None:
+        _check_push_keys(builder)
+
+
+def check_builds_system(builder: Builder, spec: HostSpec) -> None:
+    """Fail unless the builder's Nix accepts ``spec``'s system (natively or emulated)."""
+    name = builder.host.name
     config = (
         read_on(builder.host, NixConfig, sudo=builder.sudo, doing="reading its Nix settings") or {}
     )
@@ -106,6 +114,10 @@ def check_builder(builder: Builder, spec: HostSpec) -> None:
             f"extra-platforms for it): add {spec.nix_system} to {name}'s "
             "binfmt_emulated_systems and run `pyinfra inventory.py deploys/nas.py`"
         )
+
+
+def _check_push_keys(builder: Builder) -> None:
+    name = builder.host.name
     for path, what in ((DEPLOY_KEY_PATH, "SSH deploy key"), (SIGNING_KEY_PATH, "Nix signing key")):
         if not read_on(builder.host, File, path=path, sudo=builder.sudo, doing=f"checking {path}"):
             raise DeployFailed(

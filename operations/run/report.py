@@ -37,7 +37,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONNECT_ERROR = re.compile(r"^\s*\[(?P<host>[^\]]+)\] (?P<cause>Could not connect.*)$")
 
 # Worst first: a host's status over several deploys is the worst of them.
-STATUS_ORDER = ("failed", "rolled-back", "drifted", "changed", "unchanged", "skipped")
+STATUS_ORDER = ("failed", "rolled-back", "drifted", "changed", "unchanged", "offline", "skipped")
 
 
 class ExitCode(IntEnum):
@@ -55,8 +55,8 @@ class HostOutcome:
     """
     One host in one deploy.
 
-    + status: unchanged, changed, drifted, rolled-back (back on its previous system), failed
-      or skipped
+    + status: unchanged, changed, drifted, rolled-back (back on its previous system), failed,
+      offline (unreachable, and its data says offline_ok: not a failure) or skipped
     + cause: why (the summary's detail, pyinfra's connect error, the operations that change)
     + paths: for push targets: action, current, profile, desired (before) and after
     """
@@ -205,6 +205,7 @@ def host_outcomes(
             "planned": changed_status,
             "failed": "failed",
             "rolled-back": "rolled-back",
+            "offline": "offline",
             "skipped": "skipped",
         }.get(str(entry.get("status")), "failed")
         cause = str(entry.get("cause") or "")

@@ -51,8 +51,11 @@ APT_PACKAGES = (
     "psmisc",
     "procps",
 )
-# Static busybox per emulated Nix system, from Debian's packages.
-BUSYBOX_ARCH = {"aarch64-linux": "arm64", "armv7l-linux": "armhf"}
+# Static busybox per Nix system, from Debian's packages: the emulated Pis' and the native
+# x86_64 one (the NAS and the desktop build and run theirs without QEMU).
+BUSYBOX_ARCH = {"aarch64-linux": "arm64", "armv7l-linux": "armhf", "x86_64-linux": "amd64"}
+# The machine's own architecture: its packages need no `dpkg --add-architecture`.
+NATIVE_ARCH = "amd64"
 QEMU_HANDLERS = {"aarch64-linux": "qemu-aarch64", "armv7l-linux": "qemu-arm"}
 
 
@@ -95,6 +98,7 @@ class BenchHost:
 
 
 PI_ROOTS = ("minimal", "common", "network")
+DESKTOP_ROOTS = ("minimal", "common", "network", "main", "work")
 BUILDER = "nas"
 # The default fleet (``up`` without ``--pis``): what CI and the end-to-end tests use.
 DEFAULT_PIS = 3  # pi4, pi5 and pis (systemd)
@@ -136,6 +140,9 @@ _DEFAULT_HOSTS: tuple[BenchHost, ...] = (
         systemd=True,
     ),
 )
+# An x86_64 desktop like the owner's grill: built natively on the NAS, pushed like the Pis.
+# Its deploy user is not trusted by its Nix: it takes only paths the NAS signed.
+DESKTOP = BenchHost("pc1", f"{SUBNET}.25", 22, "beau", "x86_64-linux", DESKTOP_ROOTS)
 # Deploy users of the extra Pis, in turn: (user, port, trusted by the Pi's Nix daemon). All
 # have passwordless sudo; the untrusted one takes only paths signed by the builder.
 _EXTRA_PI_ACCOUNTS = (("pi", 22, True), ("deploy", 2200, False), ("admin", 8023, True))
@@ -156,11 +163,12 @@ def _extra_pi(index: int) -> BenchHost:
 
 
 def fleet_of(pis: int) -> tuple[BenchHost, ...]:
-    """The NAS and ``pis`` Pis: pi4, pi5 and pis as in the default fleet, then pi6, pi7, ..."""
+    """The NAS, ``pis`` Pis (pi4, pi5 and pis as in the default fleet, then pi6, pi7, ...) and
+    the desktop."""
     if not 1 <= pis <= MAX_PIS:
         raise ValueError(f"a bench fleet has 1 to {MAX_PIS} Pis, not {pis}")
     defaults = _DEFAULT_HOSTS[: 1 + min(pis, DEFAULT_PIS)]
-    return (*defaults, *(_extra_pi(i) for i in range(pis - DEFAULT_PIS)))
+    return (*defaults, *(_extra_pi(i) for i in range(pis - DEFAULT_PIS)), DESKTOP)
 
 
 def _load_fleet() -> tuple[BenchHost, ...]:
@@ -184,9 +192,12 @@ def _load_fleet() -> tuple[BenchHost, ...]:
 
 def _use_fleet(hosts: tuple[BenchHost, ...], *, save: bool) -> None:
     """Make ``hosts`` this process's fleet (``HOSTS``, ``PIS``); ``save`` records it."""
-    global HOSTS, PIS
+    global HOSTS, PIS, DESKTOPS
     HOSTS = hosts
-    PIS = tuple(h for h in hosts if h.name != BUILDER)
+    # The Pis: every host of an emulated system. The x86_64 hosts besides the builder are
+    # desktops. The builder deploys itself.
+    PIS = tuple(h for h in hosts if h.name != BUILDER and h.system != "x86_64-linux")
+    DESKTOPS = tuple(h for h in hosts if h.name != BUILDER and h.system == "x86_64-linux")
     if save:
         BENCH_DIR.mkdir(parents=True, exist_ok=True)
         partial = FLEET_FILE.with_suffix(".json.partial")
@@ -196,6 +207,7 @@ def _use_fleet(hosts: tuple[BenchHost, ...], *, save: bool) -> None:
 
 HOSTS: tuple[BenchHost, ...] = ()
 PIS: tuple[BenchHost, ...] = ()
+DESKTOPS: tuple[BenchHost, ...] = ()
 _use_fleet(_load_fleet(), save=False)
 
 
@@ -233,6 +245,8 @@ def install() -> None:
     """Install what the bench needs from Debian and register QEMU for aarch64 and armv7l."""
     need_apt = [p for p in APT_PACKAGES if not _dpkg_installed(p)]
     for arch in BUSYBOX_ARCH.values():
+        if arch == NATIVE_ARCH:
+            continue
         if arch not in run(["dpkg", "--print-foreign-architectures"]).stdout.split():
             run(["dpkg", "--add-architecture", arch])
             need_apt.append("")  # force an update for the new architecture
@@ -667,6 +681,8 @@ def _write_ssh_config() -> None:
 # -- the test flake --------------------------------------------------------------------
 
 FLAKE_DIR = BENCH_DIR / "flake"
+# Nix system -> the flake's directory of its busybox (flake.nix's ``busybox``).
+BUSYBOX_DIRS = {"aarch64-linux": "aarch64", "armv7l-linux": "armv7l", "x86_64-linux": "x86_64"}
 # A configuration's attributes in hosts.nix: system, version, failActivation, padding,
 # failEval ("throw" or "missing"), failBuild, slowBuild (seconds, a string).
 FlakeConfig = dict[str, str | bool]
@@ -690,7 +706,7 @@ def write_flake(configs: dict[str, FlakeConfig] | None = None) -> None:
             shutil.copytree(item, FLAKE_DIR / item.name, dirs_exist_ok=True)
         else:
             shutil.copy2(item, FLAKE_DIR / item.name)
-    for system, arch_dir in (("aarch64-linux", "aarch64"), ("armv7l-linux", "armv7l")):
+    for system, arch_dir in BUSYBOX_DIRS.items():
         dest = FLAKE_DIR / "bb" / arch_dir / "busybox"
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -699,7 +715,7 @@ def write_flake(configs: dict[str, FlakeConfig] | None = None) -> None:
         # Keep what is there (tests bump versions); add the fleet's Pis it lacks.
         existing = flake_configs()
         defaults: dict[str, FlakeConfig] = {
-            h.name: {"system": h.system, "version": "1"} for h in PIS
+            h.name: {"system": h.system, "version": "1"} for h in HOSTS
         }
         defaults["armv7"] = {"system": "armv7l-linux", "version": "1"}
         configs = {**defaults, **existing}

@@ -28,21 +28,27 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
     }
     if h.user != "root":
         data["_sudo"] = True
-    if h.system != "x86_64-linux":
-        # Push only; tests/bench/pull_inventory.py adds builder_user (pull builds).
-        data.update(builder_host=_fleet.BUILDER)
+    # Every host is built on the NAS, the NAS itself included (it deploys itself: nothing is
+    # copied). Push only; tests/bench/pull_inventory.py adds builder_user (pull builds).
+    data.update(builder_host=_fleet.BUILDER)
     emulated = sorted({pi.system for pi in _fleet.PIS})
     if h.name == _fleet.BUILDER and emulated != ["aarch64-linux"]:
         # Host data beats group_data/server.py's ["aarch64-linux"]: a fleet with armv7l Pis
         # needs its builder to emulate armv7l too (deploys/nas.py sets it up).
         data["binfmt_emulated_systems"] = emulated
+    checks: list[dict[str, object]] = []
     if h.systemd:
         # The roots' unit checks (group_data/) as this bench host has them: its sshd is a unit
         # of the bench's own, and the bench has no tailnet. Host data replaces checks by name.
-        data["health_checks"] = [
+        checks += [
             {"name": "sshd", "units": [_systemd_host.SSHD_UNIT]},
             {"name": "tailscaled", "command": "true"},
         ]
+    if "main" in h.roots:
+        # group_data/main.py checks Syncthing's health URL; the bench runs no Syncthing.
+        checks.append({"name": "syncthing", "command": "true"})
+    if checks:
+        data["health_checks"] = checks
     host_key = h.dir / "ssh" / "ssh_host_ed25519_key.pub"
     if host_key.exists():
         data["ssh_host_key"] = " ".join(host_key.read_text().split()[:2])
@@ -67,4 +73,5 @@ minimal = _members("minimal")
 common = _members("common")
 network = _members("network")
 main = _members("main")
+work = _members("work")
 server = _members("server")

@@ -7,6 +7,7 @@ import shutil
 import pytest
 from pyinfra.api.inventory import Inventory
 
+from operations.connector import ImageConnector
 from operations.fleet import ROOTS, builders, check_fleet, host_spec
 from operations.pull import pulling_targets
 from operations.secrets import host_secrets
@@ -71,9 +72,22 @@ def test_pull_builds_are_off_until_the_two_readme_lines_turn_them_on(inventory, 
     )  # fmt: skip
 
 
-def test_iso_is_an_image_not_a_host(inventory):
-    assert "iso" not in [host.name for host in inventory]
-    assert all("iso" not in [h.name for h in hosts] for hosts in inventory.groups.values())
+def test_iso_is_an_image_host_never_connected_and_in_no_root(inventory):
+    iso = inventory.get_host("iso")
+    assert iso.connector_cls is ImageConnector
+    assert all(iso not in inventory.get_group(root) for root in ROOTS)
+    spec = host_spec(iso)
+    assert spec.is_image and not spec.is_target
+    assert (spec.builder_host, spec.image_attr) == ("nas", "isoImage")
+
+
+def test_desktop_and_laptop_are_built_on_the_nas_and_the_laptop_may_sleep(inventory):
+    for name in ("grill", "laptop"):
+        spec = host_spec(inventory.get_host(name))
+        assert spec.is_target and spec.pushed_by == "nas", name
+        assert spec.nix_system == "x86_64-linux"
+    assert host_spec(inventory.get_host("laptop")).offline_ok
+    assert not host_spec(inventory.get_host("grill")).offline_ok
 
 
 def test_every_host_checks_host_keys_strictly(inventory):
@@ -97,7 +111,7 @@ def test_server_root_makes_nas_a_builder_for_aarch64(inventory):
     assert "aarch64-linux" in spec.builder_systems
     assert "x86_64-linux" in spec.builder_systems
     assert spec.nix_max_jobs == 8
-    assert not spec.is_target
+    assert spec.is_target and spec.builds_itself and spec.pushed_by is None
 
 
 def test_network_root_installs_the_tailscale_pre_auth_key(inventory):

@@ -14,6 +14,7 @@
       busybox = {
         "aarch64-linux" = ./bb/aarch64;
         "armv7l-linux" = ./bb/armv7l;
+        "x86_64-linux" = ./bb/x86_64;
       };
       toplevel = name: cfg: derivation {
         name = "nixos-system-${name}-${cfg.version}";
@@ -46,9 +47,28 @@
         failBuild = if cfg.failBuild or false then "1" else "";
         slowBuild = cfg.slowBuild or "";
       };
+      # Stand-in images (deploys/image.py): a small file where NixOS's iso-image.nix and
+      # sd-image.nix put theirs, built by the configuration's own system.
+      image = kind: dir: file: name: cfg: derivation {
+        name = "nixos-${kind}-${name}-${cfg.version}";
+        system = cfg.system;
+        builder = "${busybox.${cfg.system}}/busybox";
+        args = [ "sh" ./build-image.sh ];
+        hostName = name;
+        version = cfg.version;
+        imageKind = kind;
+        imageDir = dir;
+        imageName = "nixos-${name}-${cfg.version}.${file}";
+      };
     in {
       nixosConfigurations = builtins.mapAttrs
-        (name: cfg: { config.system.build.toplevel = toplevel name cfg; })
+        (name: cfg: {
+          config.system.build = {
+            toplevel = toplevel name cfg;
+            isoImage = image "iso" "iso" "iso" name cfg;
+            sdImage = image "sd-image" "sd-image" "img" name cfg;
+          };
+        })
         hosts;
     };
 }
