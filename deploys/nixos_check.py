@@ -36,10 +36,10 @@ else:
         name="Check nixpush's schedule (NixOS)",
         units=schedule.unit_files(wanted) if wanted.enabled else {},
     )
-    if spec.builder_host is not None:
-        trust = keys.builder_trust(state.inventory.get_host(spec.builder_host), host.name)
+    if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
+        trust = keys.builder_trust(state.inventory.get_host(spec.pushed_by), host.name)
         nix.trusted_public_key(
-            name=f"Check Nix trusts {spec.builder_host}'s signing key (NixOS)",
+            name=f"Check Nix trusts {spec.pushed_by}'s signing key (NixOS)",
             key=trust.nix_public_key,
         )
         nixos_checks.check_nixos_deploy_user(
@@ -48,7 +48,7 @@ else:
             key=trust.ssh_public_key,
         )
         if pull.pulls(spec):
-            machine = pull.build_machine_for(spec, specs[spec.builder_host])
+            machine = pull.build_machine_for(spec, specs[spec.pushed_by])
             pull.check_nixos_pull_client(
-                name=f"Check Nix builds on {spec.builder_host} (NixOS)", machine=machine
+                name=f"Check Nix builds on {spec.pushed_by} (NixOS)", machine=machine
             )

@@ -261,9 +261,9 @@ def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str
     schedule = parse_schedule(name, inventory.get_host(name).data.get("schedule"))
     units = unit_files(schedule) if schedule.enabled else {}
     sections = builder_sections(spec if builds else None, pull_keys, units)
-    if spec.builder_host is not None:
-        trust = builder_trust(inventory.get_host(spec.builder_host), name)
-        pull = pull_client_options(spec, specs[spec.builder_host]) if pulls(spec) else None
+    if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
+        trust = builder_trust(inventory.get_host(spec.pushed_by), name)
+        pull = pull_client_options(spec, specs[spec.pushed_by]) if pulls(spec) else None
         sections += target_sections(spec, trust.ssh_public_key, trust.nix_public_key, pull)
     return Fragment(name, tuple(sections))
 
