@@ -318,7 +318,7 @@ def test_schedule_unit_files_are_written_checked_and_removed(ready, tmp_path, no
     assert f'Environment="SOPS_AGE_KEY_FILE={bench_sops.AGE_KEY_FILE}"\n' in service
     assert (
         f'ExecStart="{RUNNER}" "check" "--inventory" "{BENCH_INVENTORY}" "--state-dir" '
-        '"/var/lib/nixpush-schedule-test" "--keep" "30" "--wait" "0"\n'
+        '"/var/lib/nixpush-schedule-test" "--keep" "30" "--wait" "0" "--timeout" "3600"\n'
     ) in service
     assert "SuccessExitStatus=2 75\n" in service
     deploy = nas.file(f"{UNIT_DIR}/nixpush-deploy.service").content_string
