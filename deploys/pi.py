@@ -19,10 +19,12 @@ trust and copies nothing, then activates with the same safety. Image hosts (``@i
 are deploys/image.py's.
 """
 
+from functools import partial
+
 from pyinfra.context import host, state
 
 from operations import health, keys, nix, ssh
-from operations.failures import DeployFailed, or_unable
+from operations.failures import Unable, attempt, or_unable
 from operations.models import Action, Builder, Plan
 from operations.push import activate, build, copy, plan
 from operations.start import start_deploy
@@ -49,14 +51,15 @@ def _plan() -> tuple[Plan, Builder | None]:
 for unreachable in plan.unreachable_builds(host, deploy.specs):
     # The real Host, not pyinfra's context proxy: steps may run it from greenlets of their own.
     itself = Builder(host=state.inventory.get_host(host.name), sudo=bool(host.data.get("_sudo")))
-    try:
-        target_plan = plan.plan_deploy(
-            state.inventory.get_host(unreachable.name), unreachable, itself, deploy.summary
-        )
-    except DeployFailed as failure:
-        deploy.summary.fail(unreachable.name, str(failure))
-    except Exception as error:  # one target's bug must not stop the others
-        deploy.summary.fail(unreachable.name, f"planning failed: {type(error).__name__}: {error}")
+    target_plan = attempt(
+        f"planning {unreachable.name}",
+        partial(
+            plan.plan_deploy,
+            state.inventory.get_host(unreachable.name), unreachable, itself, deploy.summary,
+        ),
+    )  # fmt: skip
+    if isinstance(target_plan, Unable):
+        deploy.summary.fail(unreachable.name, target_plan.cause)
     else:
         build.build_toplevel(
             name=f"Build {unreachable.name}'s system (not connected: build only)",

@@ -23,6 +23,7 @@ cause for the run's summary and report.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from functools import wraps
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -108,23 +109,48 @@ def report_unable(reason: str) -> None:
     unable(name="Fail: cannot deploy", reason=reason)
 
 
+@dataclass(frozen=True)
+class Unable:
+    """Why planning a host failed: ``attempt``'s answer instead of the plan."""
+
+    cause: str
+
+
+def attempt(what: str, compute: Callable[[], T]) -> T | Unable:
+    """
+    ``compute()`` (planning code, prepare time), or ``Unable(cause)`` when it raises:
+    ``DeployFailed``'s message is the cause; any other exception (a bug) is named in one line,
+    ``{what} failed: KeyError: ...``. For a host other than the current one (``or_unable`` is
+    for the current host).
+
+    .. code:: python
+
+        planned = attempt(f"planning {spec.name}", lambda: plan_deploy(...))
+        if isinstance(planned, Unable):
+            summary.fail(spec.name, planned.cause)
+    """
+    try:
+        return compute()
+    except DeployFailed as failure:
+        return Unable(str(failure))
+    except Exception as error:  # one host's bug must not stop the others
+        return Unable(f"{what} failed: {type(error).__name__}: {error}")
+
+
 def or_unable(what: str, compute: Callable[[], T]) -> T | None:
     """
-    ``compute()`` (planning code, prepare time), or None after ``report_unable`` when it
-    raises: ``DeployFailed``'s message is the cause; any other exception (a bug) is named in one
-    line, ``{what} failed: KeyError: ...``, and fails only the current host.
+    ``compute()`` for the current host (``attempt``), or None after ``report_unable`` when it
+    raises, which fails only the current host.
 
     .. code:: python
 
         planned = or_unable(f"planning {host.name}", lambda: plan_deploy(...))
     """
-    try:
-        return compute()
-    except DeployFailed as failure:
-        report_unable(str(failure))
-    except Exception as error:  # one host's bug must not stop the others
-        report_unable(f"{what} failed: {type(error).__name__}: {error}")
-    return None
+    result = attempt(what, compute)
+    if isinstance(result, Unable):
+        report_unable(result.cause)
+        return None
+    return result
 
 
 def require_root(why: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -452,7 +453,10 @@ def _is_host_key(line: str) -> bool:
     return blob[4 : 4 + size] == fields[0].encode() and not any(c in line for c in "\n\r\0")
 
 
+@functools.cache
 def _known_keys() -> frozenset[str]:
+    """Every data key nixpush or pyinfra knows; pyinfra's connectors are read once (listing
+    their entry points costs milliseconds, and every key of every host asks)."""
     known = set(NIXPUSH_KEYS) | set(PYINFRA_KEYS)
     connectors: Any = get_all_connectors  # untyped in pyinfra
     for connector in connectors().values():
@@ -572,7 +576,9 @@ def _builder_problems(spec: HostSpec, specs: Mapping[str, HostSpec]) -> list[str
     ]
 
 
-def _read_fleet(inventory: Inventory) -> tuple[dict[str, HostSpec], list[str]]:
+def read_fleet(inventory: Inventory) -> tuple[dict[str, HostSpec], list[str]]:
+    """Every host's spec by name, and every problem in the fleet's data (``fleet_errors``):
+    one pass over the inventory."""
     specs: dict[str, HostSpec] = {}
     problems = _group_problems(inventory)
     for host in inventory:
@@ -627,7 +633,7 @@ def fleet_errors(inventory: Inventory) -> list[str]:
 
     + inventory: a pyinfra ``Inventory`` (``state.inventory`` in deploy code)
     """
-    return _read_fleet(inventory)[1]
+    return read_fleet(inventory)[1]
 
 
 def check_fleet(inventory: Inventory) -> dict[str, HostSpec]:
@@ -641,7 +647,7 @@ def check_fleet(inventory: Inventory) -> dict[str, HostSpec]:
         specs = check_fleet(state.inventory)
         builder = specs[specs[host.name].builder_host]
     """
-    specs, problems = _read_fleet(inventory)
+    specs, problems = read_fleet(inventory)
     if problems:
         raise FleetError(problems)
     return specs

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
-from operations.fleet import FleetError, HostSpec, check_fleet, fleet_errors
+from operations.fleet import FleetError, HostSpec, read_fleet
 from operations.lock import hold_deploy_lock
 from operations.process import limit_sessions
 from operations.secrets import host_secrets
@@ -45,7 +46,7 @@ def check_inventory(inventory: Inventory) -> dict[str, HostSpec]:
     """``check_fleet``, plus every host's ``secrets`` entries (``host_secrets``): every deploy
     refuses a broken entry at its start, not only deploys/secrets.py. ``FleetError`` lists
     every problem."""
-    problems = fleet_errors(inventory)
+    specs, problems = read_fleet(inventory)
     for host in inventory:
         try:
             host_secrets(host)
@@ -53,12 +54,18 @@ def check_inventory(inventory: Inventory) -> dict[str, HostSpec]:
             problems.extend(error.problems)
     if problems:
         raise FleetError(problems)
-    return check_fleet(inventory)
+    return specs
+
+
+_started: WeakKeyDictionary[State, Deploy] = WeakKeyDictionary()
 
 
 def start_deploy(state: State) -> Deploy:
     """Check the inventory, take the run lock, bound each host's SSH sessions, open the run
-    summary (idempotent: deploy code runs once per host)."""
+    summary. Deploy code runs once per host: the first call does this work, the others get
+    its ``Deploy`` (checking the fleet costs CPU, and every greenlet waits while one spends it)."""
+    if state in _started:
+        return _started[state]
     specs = check_inventory(state.inventory)
     hold_deploy_lock()
     for inventory_host in state.inventory:
@@ -66,4 +73,5 @@ def start_deploy(state: State) -> Deploy:
     summary = summary_for(state)
     # A host that may be asleep (offline_ok) is offline, not failed, in every deploy.
     summary.excuse_offline(name for name, spec in specs.items() if spec.offline_ok)
-    return Deploy(specs, summary)
+    deploy = _started[state] = Deploy(specs, summary)
+    return deploy

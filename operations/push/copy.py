@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING
 
-from gevent.lock import BoundedSemaphore
+from gevent.lock import BoundedSemaphore, Semaphore
 from pyinfra import logger
 from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 # Per builder: how many copies may run at once.
 _copy_slots: dict[str, BoundedSemaphore] = {}
+# Per builder and store path: signed this run (None) or why not.
+_signing: dict[tuple[str, str], Semaphore] = {}
+_signed: dict[tuple[str, str], str | None] = {}
 
 
 @operation()
@@ -67,11 +70,18 @@ def sign_closure(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, None
 @host_step
 def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
     doing = f"signing {plan.desired} with {SIGNING_KEY_PATH}"
-    ok, lines = run_on(
-        builder.host, sign_command(plan.desired), sudo=builder.sudo, timeout=3600, doing=doing
-    )
-    if not ok:
-        return fail(host, f"{doing} on {plan.builder} failed: {nix_error(lines)}")
+    # Targets sharing a system share its signing: the first signs, the others wait for it.
+    key = (plan.builder, plan.desired)
+    with _signing.setdefault(key, Semaphore()):
+        if key not in _signed:
+            ok, lines = run_on(
+                builder.host, sign_command(plan.desired), sudo=builder.sudo, timeout=3600,
+                doing=doing,
+            )  # fmt: skip
+            _signed[key] = None if ok else nix_error(lines)
+    error = _signed[key]
+    if error is not None:
+        return fail(host, f"{doing} on {plan.builder} failed: {error}")
     return True
 
 

@@ -17,8 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import gevent
 from gevent.lock import Semaphore
 from pyinfra import logger
+from pyinfra.context import ctx_config, ctx_host
 from pyinfra.facts.files import File
 
 from operations.failures import DeployFailed
@@ -27,6 +29,7 @@ from operations.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
 from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan
 from operations.nix import NixConfig
 from operations.process import read_on, run_on
+from operations.push import evalcache
 from operations.push.commands import (
     Evaluated,
     StorePathLink,
@@ -50,11 +53,18 @@ T = TypeVar("T")
 
 _builder_locks: dict[str, Semaphore] = {}
 _unreachable_builders: set[str] = set()
-_evaluations: dict[tuple[str, str], dict[str, Evaluated | str]] = {}
+# Per builder and flake, the greenlet evaluating every selected target's toplevel.
+_evaluations: dict[tuple[str, str], gevent.Greenlet[..., dict[str, Evaluated | str]]] = {}
 _flake_metadata: dict[tuple[str, str], dict[str, Any]] = {}
 # Per builder, the plans made this run (target -> Plan): what its one build covers.
 _plans: dict[str, dict[str, Plan]] = {}
 _locks: dict[tuple[str, str], Semaphore] = {}
+# Per builder, what every target's check reads: its Nix's systems, and which push key is missing.
+_platforms: dict[tuple[str, str], frozenset[str | None]] = {}
+_push_keys_missing: dict[tuple[str, str], str | None] = {}
+# Per builder and store path (or pair of paths): in its store? what changes between them?
+_built: dict[tuple[str, str], bool] = {}
+_diffs: dict[tuple[str, str], list[str]] = {}
 
 
 def reach_builder(target: Host, spec: HostSpec) -> Builder:
@@ -104,11 +114,7 @@ def check_builder(builder: Builder, spec: HostSpec) -> None:
 def check_builds_system(builder: Builder, spec: HostSpec) -> None:
     """Fail unless the builder's Nix accepts ``spec``'s system (natively or emulated)."""
     name = builder.host.name
-    config = (
-        read_on(builder.host, NixConfig, sudo=builder.sudo, doing="reading its Nix settings") or {}
-    )
-    platforms = {config.get("system"), *(config.get("extra-platforms") or [])}
-    if spec.nix_system not in platforms:
+    if spec.nix_system not in _platforms_of(builder):
         raise DeployFailed(
             f"builder {name} cannot build {spec.nix_system} yet (its Nix has no "
             f"extra-platforms for it): add {spec.nix_system} to {name}'s "
@@ -116,14 +122,40 @@ def check_builds_system(builder: Builder, spec: HostSpec) -> None:
         )
 
 
+def _platforms_of(builder: Builder) -> frozenset[str | None]:
+    """The systems the builder's Nix builds: read once per run, whichever target asks first."""
+
+    def read() -> frozenset[str | None]:
+        config = (
+            read_on(builder.host, NixConfig, sudo=builder.sudo, doing="reading its Nix settings")
+            or {}
+        )
+        return frozenset({config.get("system"), *(config.get("extra-platforms") or [])})
+
+    return _once(_platforms, (builder.host.name, "platforms"), read)
+
+
 def _check_push_keys(builder: Builder) -> None:
-    name = builder.host.name
-    for path, what in ((DEPLOY_KEY_PATH, "SSH deploy key"), (SIGNING_KEY_PATH, "Nix signing key")):
-        if not read_on(builder.host, File, path=path, sudo=builder.sudo, doing=f"checking {path}"):
-            raise DeployFailed(
-                f"builder {name} has no {what} at {path}: install it from sops with "
-                "`pyinfra inventory.py deploys/secrets.py`"
+    """Fail unless the builder has both push keys (looked for once per run)."""
+
+    def missing() -> str | None:
+        for path, what in (
+            (DEPLOY_KEY_PATH, "SSH deploy key"),
+            (SIGNING_KEY_PATH, "Nix signing key"),
+        ):
+            found = read_on(
+                builder.host, File, path=path, sudo=builder.sudo, doing=f"checking {path}"
             )
+            if not found:
+                return f"no {what} at {path}"
+        return None
+
+    problem = _once(_push_keys_missing, (builder.host.name, "push keys"), missing)
+    if problem is not None:
+        raise DeployFailed(
+            f"builder {builder.host.name} has {problem}: install it from sops with "
+            "`pyinfra inventory.py deploys/secrets.py`"
+        )
 
 
 def _once(cache: dict[tuple[str, str], T], key: tuple[str, str], compute: Callable[[], T]) -> T:
@@ -149,12 +181,17 @@ def selected_configs(target: Host, builder: Builder, flake: str) -> list[str]:
     return sorted(configs)
 
 
-def evaluate_toplevel(target: Host, builder: Builder, flake: str, config: str) -> Evaluated:
-    """
-    ``config``'s toplevel as the builder evaluates ``flake``; ``DeployFailed`` with Nix's
-    error when it does not evaluate. The first target of a builder evaluates every selected
-    target's configuration in one process; the others wait for it and take their answer.
-    """
+def start_evaluation(
+    target: Host, builder: Builder, flake: str, config: str, fingerprint: str | None = None
+) -> None:
+    """Start the builder's one evaluation of every selected target's configuration in
+    ``flake``, in a greenlet of its own, unless a target already started it: the caller reads
+    its target meanwhile, and ``evaluate_toplevel`` waits for the answer. With the flake's
+    ``fingerprint`` (read before), the answers are remembered if the flake is still the same
+    after the evaluation."""
+    key = (builder.host.name, flake)
+    if key in _evaluations:
+        return
 
     def evaluate_all() -> dict[str, Evaluated | str]:
         configs = selected_configs(target, builder, flake)
@@ -162,11 +199,34 @@ def evaluate_toplevel(target: Host, builder: Builder, flake: str, config: str) -
             configs.append(config)
         show = shower(builder.host, f"evaluating {len(configs)} configurations")
         try:
-            return evaluate_configs(builder, flake, configs, show)
+            answers = evaluate_configs(builder, flake, configs, show)
         except DeployFailed as failure:  # e.g. a lost channel: every one of them fails with it
             return {name: str(failure) for name in configs}
+        # Remembered only if the flake did not change while it was evaluated.
+        if fingerprint and _read_flake(builder, flake).get("fingerprint") == fingerprint:
+            evalcache.remember(fingerprint, answers)
+        return answers
 
-    results = _once(_evaluations, (builder.host.name, flake), evaluate_all)
+    # pyinfra's host and config contexts are greenlet-local: the new greenlet takes the caller's.
+    host_context = ctx_host.get()  # type: ignore[no-untyped-call]
+    config_context = ctx_config.get()  # type: ignore[no-untyped-call]
+
+    def evaluate_in_context() -> dict[str, Evaluated | str]:
+        with ctx_host.use(host_context), ctx_config.use(config_context):
+            return evaluate_all()
+
+    _evaluations[key] = gevent.spawn(evaluate_in_context)
+
+
+def evaluate_toplevel(target: Host, builder: Builder, flake: str, config: str) -> Evaluated:
+    """
+    ``config``'s toplevel as the builder evaluates ``flake``; ``DeployFailed`` with Nix's
+    error when it does not evaluate. The first target of a builder evaluates every selected
+    target's configuration in one process (``start_evaluation``); the others wait for it and
+    take their answer.
+    """
+    start_evaluation(target, builder, flake, config)
+    results = _evaluations[(builder.host.name, flake)].get()
     if config not in results:  # a target the first one did not know of: evaluate it alone
         results.update(evaluate_configs(builder, flake, [config], lambda _: None))
     result = results[config]
@@ -242,47 +302,71 @@ def flake_metadata(builder: Builder, flake: str) -> dict[str, Any]:
     What the builder resolves ``flake`` to: its git ``revision`` (None for a path or a dirty
     tree), ``narHash`` and ``lastModified``; ``{"error": ...}`` when Nix cannot tell. Cached.
     """
+    resolved = _once(
+        _flake_metadata, (builder.host.name, flake), lambda: _read_flake(builder, flake)
+    )
+    return {name: value for name, value in resolved.items() if name != "fingerprint"}
 
-    def resolve() -> dict[str, Any]:
-        ok, lines = run_on(
-            builder.host, flake_metadata_command(flake), sudo=builder.sudo, timeout=120,
-            doing=f"resolving {flake}",
-        )  # fmt: skip
-        try:
-            data = json.loads(lines[-1]) if ok and lines else None
-        except json.JSONDecodeError:
-            data = None
-        if not isinstance(data, dict):
-            return {"error": nix_error(lines)}
-        locked = data.get("locked") or {}
-        return {
-            "revision": data.get("revision") or locked.get("rev"),
-            "narHash": locked.get("narHash"),
-            "lastModified": data.get("lastModified"),
-        }
 
-    return _once(_flake_metadata, (builder.host.name, flake), resolve)
+def flake_fingerprint(builder: Builder, flake: str) -> str | None:
+    """``evalcache.fingerprint`` of ``flake`` as the builder resolves it now (once per run)."""
+    resolved = _once(
+        _flake_metadata, (builder.host.name, flake), lambda: _read_flake(builder, flake)
+    )
+    answer = resolved.get("fingerprint")
+    return answer if isinstance(answer, str) else None
+
+
+def _read_flake(builder: Builder, flake: str) -> dict[str, Any]:
+    """``nix flake metadata`` on the builder, read afresh: the report's fields and the
+    evaluation cache's ``fingerprint``."""
+    ok, lines = run_on(
+        builder.host, flake_metadata_command(flake), sudo=builder.sudo, timeout=120,
+        doing=f"resolving {flake}",
+    )  # fmt: skip
+    try:
+        data = json.loads(lines[-1]) if ok and lines else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        return {"error": nix_error(lines)}
+    locked = data.get("locked") or {}
+    return {
+        "revision": data.get("revision") or locked.get("rev"),
+        "narHash": locked.get("narHash"),
+        "lastModified": data.get("lastModified"),
+        "fingerprint": evalcache.fingerprint(flake, data),
+    }
 
 
 def is_built(builder: Builder, path: str) -> bool:
-    """Whether the builder's store has ``path``."""
-    ok, _ = run_on(
-        builder.host, path_info_command(path), sudo=builder.sudo, doing=f"looking up {path}"
-    )
-    return ok
+    """Whether the builder's store has ``path`` (asked once per run: targets share systems)."""
+
+    def look_up() -> bool:
+        ok, _ = run_on(
+            builder.host, path_info_command(path), sudo=builder.sudo, doing=f"looking up {path}"
+        )
+        return ok
+
+    return _once(_built, (builder.host.name, path), look_up)
 
 
 def diff_closures(builder: Builder, before: str, after: str) -> list[str]:
-    """What changes between two closures both present on the builder (empty when unknown)."""
-    if not (is_built(builder, before) and is_built(builder, after)):
-        return []
-    ok, lines = run_on(
-        builder.host,
-        diff_closures_command(before, after),
-        sudo=builder.sudo,
-        doing="comparing closures",
-    )
-    return lines if ok else []
+    """What changes between two closures both present on the builder (empty when unknown);
+    once per run for each pair."""
+
+    def compare() -> list[str]:
+        if not (is_built(builder, before) and is_built(builder, after)):
+            return []
+        ok, lines = run_on(
+            builder.host,
+            diff_closures_command(before, after),
+            sudo=builder.sudo,
+            doing="comparing closures",
+        )
+        return lines if ok else []
+
+    return _once(_diffs, (builder.host.name, f"{before} {after}"), compare)
 
 
 def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSummary) -> Plan:
@@ -290,8 +374,6 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
     if not spec.flake:
         raise DeployFailed(f"{spec.name} has no flake; set flake in its host or group data")
     attr = toplevel_attr(spec.flake, spec.nixos_config)
-    evaluated = evaluate_toplevel(target, builder, spec.flake, spec.nixos_config)
-    desired = evaluated.path
     action = Action(spec.deploy_action)
     sudo = bool(target.data.get("_sudo", False))
 
@@ -300,16 +382,31 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
             return None
         return read_on(target, StorePathLink, path=path, sudo=sudo, doing=f"reading {path}")
 
-    plan = Plan(
-        target=spec.name,
-        builder=builder.host.name,
-        attr=attr,
-        desired=desired,
-        current=link(CURRENT_SYSTEM),
-        profile=link(SYSTEM_PROFILE),
-        action=action,
-        derivation=evaluated.derivation,
-    )
+    # A target already on what this flake state evaluated to last time needs no evaluation;
+    # any other evaluates afresh (evalcache). Read the target while the builder evaluates.
+    fingerprint = flake_fingerprint(builder, spec.flake) if action.copies else None
+    known = evalcache.remembered(fingerprint, spec.nixos_config) if fingerprint else None
+    if known is None:
+        start_evaluation(target, builder, spec.flake, spec.nixos_config, fingerprint)
+    current, profile = link(CURRENT_SYSTEM), link(SYSTEM_PROFILE)
+
+    def plan_for(evaluated: Evaluated) -> Plan:
+        return Plan(
+            target=spec.name,
+            builder=builder.host.name,
+            attr=attr,
+            desired=evaluated.path,
+            current=current,
+            profile=profile,
+            action=action,
+            derivation=evaluated.derivation,
+        )
+
+    plan = plan_for(known) if known is not None else None
+    if plan is None or not plan.up_to_date:
+        start_evaluation(target, builder, spec.flake, spec.nixos_config, fingerprint)
+        plan = plan_for(evaluate_toplevel(target, builder, spec.flake, spec.nixos_config))
+    desired = plan.desired
     if plan.action is Action.BUILD or not plan.up_to_date:
         # Whether the builder has it matters only when something will be built or copied.
         plan = replace(plan, built=is_built(builder, desired))

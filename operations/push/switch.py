@@ -126,7 +126,12 @@ fi
 status awaiting-confirmation "timeout=$confirm_timeout"
 echo "nixpush: activated; rolling back unless confirmed within ${confirm_timeout}s"
 deadline=$(( $(date +%s) + confirm_timeout ))
-while [ -e "$dir/awaiting" ] && [ "$(date +%s)" -lt "$deadline" ]; do sleep 0.2; done
+polls=0  # the clock is read once a second, not at every poll
+while [ -e "$dir/awaiting" ]; do
+  polls=$((polls + 1))
+  if [ $((polls % 5)) = 0 ] && [ "$(date +%s)" -ge "$deadline" ]; then break; fi
+  sleep 0.2
+done
 if mv "$dir/awaiting" "$dir/expired" 2>/dev/null; then
   roll_back "no confirmation within ${confirm_timeout}s"
 fi
@@ -148,26 +153,35 @@ INSTALL = (
 # Prints the output lines after the first $2 (waiting up to $4 s for news: more lines or a
 # state other than $3), then STATUS_MARK, the status and what the links point at now.
 FOLLOW = r"""dir=$1 seen=$2 known=$3 wait=$4 unit=$5
+# Polled five times a second while the target activates: shell builtins, but one count.
+count() {
+  if [ -n "$unit" ]; then total=$(journalctl -q -u "$unit" -o cat --no-pager 2>/dev/null | wc -l)
+  elif [ -f "$dir/output" ]; then total=$(wc -l 2>/dev/null < "$dir/output")
+  else total=0; fi
+  total=$((total))
+}
+state() {
+  if [ -f "$dir/status" ]; then
+    now=
+    while IFS= read -r line; do case $line in state=*) now=${line#state=} ;; esac; done \
+      < "$dir/status"
+  elif [ -d "$dir" ]; then now=starting; else now=missing; fi
+}
 out() {
   if [ -n "$unit" ]; then journalctl -q -u "$unit" -o cat --no-pager 2>/dev/null
   else cat "$dir/output" 2>/dev/null; fi
 }
-state() {
-  if [ -f "$dir/status" ]; then sed -n 's/^state=//p' "$dir/status"
-  elif [ -d "$dir" ]; then echo starting; else echo missing; fi
-}
-deadline=$(( $(date +%s) + wait ))
+polls=0
 while :; do
-  total=$(( $(out | wc -l) ))
-  now=$(state)
-  if [ "$total" -gt "$seen" ] || [ "$now" != "$known" ] || [ "$(date +%s)" -ge "$deadline" ]; then
+  count; state
+  if [ "$total" -gt "$seen" ] || [ "$now" != "$known" ] || [ "$polls" -ge $((wait * 5)) ]; then
     break
   fi
-  sleep 0.2
+  sleep 0.2; polls=$((polls + 1))
 done
 # New lines while the state holds: gather a little more, to spare round trips.
 if [ "$now" = "$known" ] && [ "$total" -gt "$seen" ]; then
-  sleep 0.3; total=$(( $(out | wc -l) )); now=$(state)
+  sleep 0.3; count; state
 fi
 if [ "$total" -gt "$seen" ]; then out | sed -n "$((seen + 1)),${total}p"; fi
 echo "@@nixpush-status@@"

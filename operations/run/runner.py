@@ -37,6 +37,7 @@ from operations.lock import (
     run_lock,
 )
 from operations.process import find_program, run_local
+from operations.push.evalcache import CACHE_DIR_ENV
 from operations.run import report
 from operations.run.report import DeployResult, ExitCode
 
@@ -140,11 +141,14 @@ def pyinfra_args(
 
 def deploy_env(summary_file: Path, state_dir: str) -> dict[str, str]:
     """What a deploy run by nixpush-run gets in its environment: where to write its summary,
-    and that the run lock is held for it (``operations.lock``: it must not wait for it)."""
+    that the run lock is held for it (``operations.lock``: it must not wait for it), and where
+    its evaluation cache is (``operations.push.evalcache``): in the state directory, the one
+    place a scheduled run may write, unless ``NIXPUSH_CACHE_DIR`` says otherwise."""
     return {
         "NIXPUSH_REPORT_FILE": str(summary_file),
         STATE_DIR_ENV: state_dir,
         LOCK_HELD_ENV: str(lock_path(state_dir)),
+        CACHE_DIR_ENV: os.environ.get(CACHE_DIR_ENV) or str(Path(state_dir) / "cache"),
     }
 
 

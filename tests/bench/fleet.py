@@ -366,6 +366,7 @@ def up(pis: int | None = None, max_sessions: int | None = None) -> None:
             reload_sshd(h)
     for h in HOSTS:
         _wait_for_ssh(h)
+    _forget_unemulated_systems()
     _write_known_hosts()
     _write_ssh_config()
     # The bench's age key and sops file (needs the virtualenv: imported here, not at the top,
@@ -373,6 +374,26 @@ def up(pis: int | None = None, max_sessions: int | None = None) -> None:
     from tests.bench import sops
 
     sops.ensure()
+
+
+def _forget_unemulated_systems() -> None:
+    """Remove the NAS's nixpush-managed ``/etc/binfmt.d`` file of each system no Pi of this
+    fleet runs (an earlier, bigger fleet's armv7l): ``deploys/nas.py`` would otherwise take it
+    for a stale handler of its own and unregister it, machine-wide, under every bench instance
+    that still uses it. The handler stays registered (``up`` registers every one)."""
+    wanted = {pi.system for pi in PIS}
+    stale = [
+        f"/etc/binfmt.d/{handler}.conf"
+        for system, handler in QEMU_HANDLERS.items()
+        if system not in wanted
+    ]
+    from operations.binfmt import MANAGED_MARKER  # needs the virtualenv, as sops below
+
+    script = (
+        'mark=$1; shift; for f in "$@"; do '
+        'if [ "$(head -n 1 "$f" 2>/dev/null)" = "$mark" ]; then rm -f "$f"; fi; done'
+    )
+    run(in_host(host(BUILDER), ["sh", "-c", script, "forget", MANAGED_MARKER, *stale]))
 
 
 def _keep_sshd_options(hosts: tuple[BenchHost, ...]) -> tuple[BenchHost, ...]:

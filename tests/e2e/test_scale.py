@@ -158,6 +158,40 @@ def test_one_evaluation_and_one_build_for_four_pis_and_limit_evaluates_only_its_
     assert len(of("build", runs)) == 1
 
 
+def test_a_run_with_nothing_changed_evaluates_nothing_and_a_moved_target_evaluates(counted):
+    new_versions(*PIS)
+    first = deploy()
+    assert first.returncode == 0, output(first)
+    calls()
+
+    again = deploy()
+
+    runs = calls()
+    assert again.returncode == 0, output(again)
+    work = [c.args[:200] for c in runs if c.command in ("eval", "build", "copy", "store")]
+    assert work == []
+    assert all(f"{pi} already runs" in output(again) for pi in PIS), output(again)
+
+    # pi5 back on its previous system (by hand, as it were): the remembered answer does not
+    # match it, so the run evaluates afresh and puts pi5 back.
+    wanted = current("pi5")
+    back = deploy("--limit", "pi5", "--data", "deploy_action=rollback")
+    assert back.returncode == 0 and current("pi5") != wanted, output(back)
+    calls()
+    moved = deploy()
+    runs = calls()
+    assert moved.returncode == 0, output(moved)
+    assert len(of("eval", runs)) == 1 and current("pi5") == wanted
+
+    # The flake changed: its new state is evaluated once.
+    new_versions("pi4")
+    calls()
+    changed = deploy()
+    runs = calls()
+    assert changed.returncode == 0, output(changed)
+    assert len(of("eval", runs)) == 1 and current("pi4") == desired_path("pi4")
+
+
 @pytest.mark.parametrize(
     ("how", "nix_says"),
     [

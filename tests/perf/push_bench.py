@@ -11,14 +11,18 @@ brought up with N Pis on its one builder (``python -m tests.bench up --pis N``) 
 are: cold with every Pi's configuration distinct, cold with one configuration shared (one per
 Nix system: the aarch64 Pis share one, the armv7l Pis another), and no change.
 ``--max-sessions`` sets the builder's sshd MaxSessions first (OpenSSH's default is 10).
-``--scale`` runs those three cases for each fleet size in turn, with the test flake's shared
+``--scale`` runs those cases, and no change with an empty evaluation cache (the first run after
+the flake changed, with every target already on its system), for each fleet size in turn, with
+the test flake's shared
 library at ``--weight`` (default heavy: about a second and a few hundred MB to evaluate), and
 also times the builder's evaluation alone: one ``nix eval`` of 1 target's toplevel and one of
 all N, under ``/usr/bin/time`` on the builder (wall seconds, peak RSS).
 
-Per case it prints the median wall time of each way, their ratio (only when every run passed),
-whether EVERY run passed (exit code 0 and every Pi on its desired system afterwards) and the
-pyinfra controller's peak RSS (largest over the rounds), then why runs failed. Only public
+A no-change case with the cache follows one untimed nixpush run (the run before, whose
+evaluation the cache keeps). Per case it prints the median wall time of each way, their ratio
+(only when every run passed), whether EVERY run passed (exit code 0 and every Pi on its desired
+system afterwards) and the pyinfra controller's peak RSS (largest over the rounds), then why
+runs failed. Only public
 tools are timed: the pyinfra CLI, ssh and nix. Needs the bench's Debian packages; prepares the
 NAS and the push keys itself. Asserts nothing.
 """
@@ -64,6 +68,9 @@ class Case:
     pis: tuple[str, ...]
     cold: bool
     shared: bool = False
+    # The controller's evaluation cache (operations/push/evalcache.py): kept from run to run,
+    # as a user has it, or empty for every run (the first run after the flake changed).
+    cache: bool = True
 
 
 def own_configs(pis: Sequence[str]) -> dict[str, str]:
@@ -122,15 +129,19 @@ def shared_inventory(configs: Configs) -> str:
     return str(path)
 
 
-def nixpush(configs: Configs, inventory: str, limit: bool) -> Run:
-    """``pyinfra -y <inventory> deploys/pi.py`` as a user runs it, timed, with its peak RSS."""
+def nixpush(configs: Configs, inventory: str, limit: bool, cache: bool = True) -> Run:
+    """``pyinfra -y <inventory> deploys/pi.py`` as a user runs it, timed, with its peak RSS;
+    without ``cache``, with an empty evaluation cache."""
     limits = [arg for pi in configs for arg in ("--limit", pi)] if limit else []
     argv = pyinfra_argv("-y", inventory, "deploys/pi.py", *limits)
-    with tempfile.TemporaryFile(mode="w+") as out:
+    env = dict(bench_sops.env())
+    with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryDirectory() as empty:
+        if not cache:
+            env["NIXPUSH_CACHE_DIR"] = empty
         start = time.perf_counter()
         child = subprocess.Popen(
             argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=bench_sops.env(),
+            env=env,
         )  # fmt: skip
         # wait4, not wait: the child's own rusage (RUSAGE_CHILDREN of this process would
         # be the maximum over every child so far).
@@ -192,9 +203,12 @@ def measure(case: Case, rounds: int, limit: bool) -> tuple[list[Run], list[Run]]
     configs = shared_configs(case.pis) if case.shared else own_configs(case.pis)
     inventory = shared_inventory(configs) if case.shared else BENCH_INVENTORY
     ways: tuple[tuple[Callable[[], Run], list[Run]], ...] = (
-        (lambda: nixpush(configs, inventory, limit), []),
+        (lambda: nixpush(configs, inventory, limit, case.cache), []),
         (lambda: bare(configs), []),
     )
+    if not case.cold and case.cache:
+        bare(configs)
+        nixpush(configs, inventory, limit)  # untimed: the run before, which the cache keeps
     for _ in range(rounds):
         for way, runs in ways:
             if case.cold:
@@ -223,7 +237,7 @@ def eval_cost(configs: Sequence[str]) -> tuple[float, float]:
 def scale(sizes: Sequence[int], rounds: int, weight: str) -> None:
     """Every case for each fleet size; then the builder's evaluation, 1 target vs N."""
     header = ("Pis", "case", "nixpush s", "bare s", "ratio", "ok", "pyinfra RSS")
-    print(f"{header[0]:>4}  {header[1]:<18}{header[2]:>10}{header[3]:>8}{header[4]:>7}"
+    print(f"{header[0]:>4}  {header[1]:<21}{header[2]:>10}{header[3]:>8}{header[4]:>7}"
           f"{header[5]:>6}{header[6]:>13}")  # fmt: skip
     evaluations = []
     failures = []
@@ -236,6 +250,7 @@ def scale(sizes: Sequence[int], rounds: int, weight: str) -> None:
             Case("cold, distinct", pis, cold=True),
             Case("cold, shared", pis, cold=True, shared=True),
             Case("no change", pis, cold=False),
+            Case("no change, no cache", pis, cold=False, cache=False),
         ):
             ours, theirs = measure(case, rounds, limit=False)
             a = statistics.median(r.seconds for r in ours)
@@ -243,7 +258,7 @@ def scale(sizes: Sequence[int], rounds: int, weight: str) -> None:
             rss = max(r.peak_rss_kib or 0 for r in ours) / 1024
             ok = all(r.passed for r in (*ours, *theirs))
             print(
-                f"{size:>4}  {case.label:<18}{a:>10.2f}{b:>8.2f}"
+                f"{size:>4}  {case.label:<21}{a:>10.2f}{b:>8.2f}"
                 f"{f'{a / b:.2f}' if ok else '-':>7}{'yes' if ok else 'NO':>6}{rss:>9.0f} MiB",
                 flush=True,
             )

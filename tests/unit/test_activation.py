@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -343,3 +344,41 @@ def test_run_report_keeps_rolled_back_and_fails_the_run():
     deploy = report.DeployResult("deploys/pi.py", 1, 1.0, hosts)
     merged = report.merge_hosts([deploy])
     assert report.exit_code("deploy", [deploy], merged) == report.ExitCode.FAILED
+
+
+def follow(run_dir: Any, seen: int, known: str, wait: int) -> tuple[list[str], float]:
+    """The follow command as a real shell runs it against ``run_dir``: lines and seconds."""
+    command = StringCommand(
+        "sh", "-c", QuoteString(switch.FOLLOW), "nixpush-follow", QuoteString(str(run_dir)),
+        str(seen), QuoteString(known), str(wait), "",
+    )  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(
+        ["sh", "-c", command.get_raw_value()], capture_output=True, text=True, check=True
+    )
+    return done.stdout.splitlines(), time.monotonic() - started
+
+
+def test_follow_answers_new_lines_and_the_state_at_once(tmp_path):
+    (tmp_path / "output").write_text("one\ntwo\nthree\n")
+    (tmp_path / "status").write_text("state=activating\n")
+    lines, seconds = follow(tmp_path, 1, "activating", 5)
+    progress = parse_follow(lines)
+    assert progress.lines == ["two", "three"] and progress.state == "activating"
+    assert seconds < 2  # news: no waiting out the 5 s
+    lines, _ = follow(tmp_path, 3, "starting", 5)  # the state moved on: answered at once
+    assert parse_follow(lines).lines == [] and parse_follow(lines).state == "activating"
+
+
+def test_follow_waits_for_news_then_answers_what_it_has(tmp_path):
+    (tmp_path / "output").write_text("one\n")
+    (tmp_path / "status").write_text("state=awaiting-confirmation\ntimeout=30\n")
+    lines, seconds = follow(tmp_path, 1, "awaiting-confirmation", 1)
+    assert 0.9 < seconds < 3
+    progress = parse_follow(lines)
+    assert progress.lines == [] and progress.status["timeout"] == "30"
+
+
+def test_follow_of_a_run_that_is_not_there(tmp_path):
+    lines, _ = follow(tmp_path / "gone", 0, "starting", 1)
+    assert parse_follow(lines).state == "missing"

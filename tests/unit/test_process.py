@@ -12,7 +12,7 @@ from pyinfra.connectors.util import CommandOutput, OutputLine
 from pyinfra.facts.files import File
 
 from operations import process
-from operations.failures import DeployFailed
+from operations.failures import DeployFailed, Unable, attempt
 
 
 class Connector:
@@ -136,3 +136,20 @@ def test_a_step_that_raises_fails_only_its_host_in_one_line():
     assert logged == ["failed: copy failed: KeyError: 'injected'"]
     assert _sign(state, target) is False
     assert summary_for(state).causes["pi5"] == "copy failed: KeyError: 'injected'"
+
+
+def test_attempt_answers_the_plan_or_why_planning_failed():
+    assert attempt("planning pi4", lambda: 42) == 42
+    assert attempt("planning pi4", fails_with(DeployFailed("builder nas is unreachable"))) == (
+        Unable("builder nas is unreachable")
+    )
+    assert attempt("planning pi4", fails_with(KeyError("injected"))) == (
+        Unable("planning pi4 failed: KeyError: 'injected'")
+    )
+
+
+def fails_with(error: Exception) -> Any:
+    def compute() -> None:
+        raise error
+
+    return compute

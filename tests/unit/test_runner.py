@@ -430,3 +430,16 @@ def test_deploys_run_by_nixpush_run_are_told_it_holds_the_lock(checkout, monkeyp
     (env,) = [c["env"] for c in calls if c["args"][0] != "git"]
     assert env["NIXPUSH_LOCK_HELD"] == f"{state}/lock"
     assert env["NIXPUSH_STATE_DIR"] == state
+
+
+def test_deploys_run_by_nixpush_run_keep_their_evaluation_cache_in_the_state_dir(
+    checkout, monkeypatch
+):
+    monkeypatch.delenv("NIXPUSH_CACHE_DIR", raising=False)
+    calls = fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(), "")})
+    state = str(checkout / "state")
+    runner.main(["deploy", "--state-dir", state])
+    monkeypatch.setenv("NIXPUSH_CACHE_DIR", "/srv/cache")
+    runner.main(["deploy", "--state-dir", state])
+    envs = [c["env"] for c in calls if c["args"][0] != "git"]
+    assert [env["NIXPUSH_CACHE_DIR"] for env in envs] == [f"{state}/cache", "/srv/cache"]
