@@ -49,9 +49,10 @@ _IMAGE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 _MAX_PORT = 65535
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
 _MAX_SESSIONS = 64
-# Below sshd's default MaxSessions (10): pyinfra keeps one more channel open for SFTP once it
-# has uploaded a file, and a human's multiplexed `ssh` needs room too.
-DEFAULT_MAX_SESSIONS = 4
+# The default max_parallel_copies (4) and one session for progress reads, below sshd's default
+# MaxSessions (10): pyinfra keeps one more channel open for SFTP once it has uploaded a file,
+# and a human's multiplexed `ssh` needs room too.
+DEFAULT_MAX_SESSIONS = 5
 # The one key that lets a pushed-to or building host skip host key checks; its name says so.
 INSECURE_KEY = "insecure_ssh_host_key_checking"
 # Every data key nixpush reads, in one place: add new keys here. A key a typo or two away from

@@ -150,7 +150,7 @@ class Builder:
     # From the builder's data: max_parallel_copies, build_timeout, copy_timeout (fleet.py),
     # and max_ssh_sessions (copies hold sessions).
     max_parallel_copies: int = 4
-    max_ssh_sessions: int = 4
+    max_ssh_sessions: int = 5
     build_timeout: int = 4 * 3600
     copy_timeout: int = 3600
 
