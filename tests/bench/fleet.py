@@ -640,7 +640,7 @@ def init_pid(h: BenchHost) -> int | None:
     for pid in _netns_pids(h.netns):
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # it exited since it was listed
             continue
         # NSpid lists the PID in each nested PID namespace: init is "<root pid> 1".
         nspid = [line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")]
