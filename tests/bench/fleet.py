@@ -423,9 +423,18 @@ def _network(h: BenchHost) -> None:
         run(["ip", "link", "set", h.veth, "master", BRIDGE, "up"])
         ns = ["ip", "netns", "exec", h.netns]
         run([*ns, "ip", "addr", "add", f"{h.ip}/24", "dev", "eth0"])
+        # A fixed address per host: a host started again answers at the MAC the others
+        # remember for its IP (a new random one left them sending to the old for seconds).
+        run([*ns, "ip", "link", "set", "eth0", "address", _mac_of(h.ip)])
         run([*ns, "ip", "link", "set", "eth0", "up"])
         run([*ns, "ip", "link", "set", "lo", "up"])
         run([*ns, "ip", "route", "add", "default", "via", CONTROLLER_IP])
+
+
+def _mac_of(ip: str) -> str:
+    """A locally administered unicast MAC made of the IPv4 address: 10.231.57.21 ->
+    02:00:0a:e7:39:15."""
+    return "02:00:" + ":".join(f"{int(octet):02x}" for octet in ip.split("."))
 
 
 def _netns_list() -> list[str]:
