@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING
 
-from gevent.lock import BoundedSemaphore, Semaphore
+from gevent.lock import BoundedSemaphore
 from pyinfra import logger
 from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
@@ -35,6 +35,7 @@ from operations.push.commands import (
     plain_output,
     sign_command,
 )
+from operations.push.plan import once
 from operations.push.progress import run_watched, shower
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 # Per builder: how many copies may run at once.
 _copy_slots: dict[str, BoundedSemaphore] = {}
 # Per builder and store path: signed this run (None) or why not.
-_signing: dict[tuple[str, str], Semaphore] = {}
 _signed: dict[tuple[str, str], str | None] = {}
 
 
@@ -70,16 +70,15 @@ def sign_closure(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, None
 @host_step
 def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
     doing = f"signing {plan.desired} with {SIGNING_KEY_PATH}"
+
+    def sign() -> str | None:
+        ok, lines = run_on(
+            builder.host, sign_command(plan.desired), sudo=builder.sudo, timeout=3600, doing=doing
+        )
+        return None if ok else nix_error(lines)
+
     # Targets sharing a system share its signing: the first signs, the others wait for it.
-    key = (plan.builder, plan.desired)
-    with _signing.setdefault(key, Semaphore()):
-        if key not in _signed:
-            ok, lines = run_on(
-                builder.host, sign_command(plan.desired), sudo=builder.sudo, timeout=3600,
-                doing=doing,
-            )  # fmt: skip
-            _signed[key] = None if ok else nix_error(lines)
-    error = _signed[key]
+    error = once(_signed, (plan.builder, plan.desired), sign)
     if error is not None:
         return fail(host, f"{doing} on {plan.builder} failed: {error}")
     return True

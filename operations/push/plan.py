@@ -132,7 +132,7 @@ def _platforms_of(builder: Builder) -> frozenset[str | None]:
         )
         return frozenset({config.get("system"), *(config.get("extra-platforms") or [])})
 
-    return _once(_platforms, (builder.host.name, "platforms"), read)
+    return once(_platforms, (builder.host.name, "platforms"), read)
 
 
 def _check_push_keys(builder: Builder) -> None:
@@ -150,7 +150,7 @@ def _check_push_keys(builder: Builder) -> None:
                 return f"no {what} at {path}"
         return None
 
-    problem = _once(_push_keys_missing, (builder.host.name, "push keys"), missing)
+    problem = once(_push_keys_missing, (builder.host.name, "push keys"), missing)
     if problem is not None:
         raise DeployFailed(
             f"builder {builder.host.name} has {problem}: install it from sops with "
@@ -158,7 +158,7 @@ def _check_push_keys(builder: Builder) -> None:
         )
 
 
-def _once(cache: dict[tuple[str, str], T], key: tuple[str, str], compute: Callable[[], T]) -> T:
+def once(cache: dict[tuple[str, str], T], key: tuple[str, str], compute: Callable[[], T]) -> T:
     """``cache[key]``, computed by the first target that asks; the others wait for it."""
     with _locks.setdefault(key, Semaphore()):
         if key not in cache:
@@ -302,19 +302,19 @@ def flake_metadata(builder: Builder, flake: str) -> dict[str, Any]:
     What the builder resolves ``flake`` to: its git ``revision`` (None for a path or a dirty
     tree), ``narHash`` and ``lastModified``; ``{"error": ...}`` when Nix cannot tell. Cached.
     """
-    resolved = _once(
-        _flake_metadata, (builder.host.name, flake), lambda: _read_flake(builder, flake)
-    )
+    resolved = _resolved_flake(builder, flake)
     return {name: value for name, value in resolved.items() if name != "fingerprint"}
 
 
 def flake_fingerprint(builder: Builder, flake: str) -> str | None:
     """``evalcache.fingerprint`` of ``flake`` as the builder resolves it now (once per run)."""
-    resolved = _once(
-        _flake_metadata, (builder.host.name, flake), lambda: _read_flake(builder, flake)
-    )
-    answer = resolved.get("fingerprint")
+    answer = _resolved_flake(builder, flake).get("fingerprint")
     return answer if isinstance(answer, str) else None
+
+
+def _resolved_flake(builder: Builder, flake: str) -> dict[str, Any]:
+    """``_read_flake``, once per builder and flake per run."""
+    return once(_flake_metadata, (builder.host.name, flake), lambda: _read_flake(builder, flake))
 
 
 def _read_flake(builder: Builder, flake: str) -> dict[str, Any]:
@@ -348,7 +348,7 @@ def is_built(builder: Builder, path: str) -> bool:
         )
         return ok
 
-    return _once(_built, (builder.host.name, path), look_up)
+    return once(_built, (builder.host.name, path), look_up)
 
 
 def diff_closures(builder: Builder, before: str, after: str) -> list[str]:
@@ -366,7 +366,7 @@ def diff_closures(builder: Builder, before: str, after: str) -> list[str]:
         )
         return lines if ok else []
 
-    return _once(_diffs, (builder.host.name, f"{before} {after}"), compare)
+    return once(_diffs, (builder.host.name, f"{before} {after}"), compare)
 
 
 def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSummary) -> Plan:
