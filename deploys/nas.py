@@ -10,8 +10,8 @@ from pyinfra.context import host, state
 
 from operations import binfmt, nix, nixos_checks, pull
 from operations.fleet import builders
-from operations.nixos import runs_nixos
 from operations.start import start_deploy
+from operations.steady import runs_nixos
 
 specs = start_deploy(state).specs
 spec = specs[host.name]

@@ -17,8 +17,8 @@ from pyinfra.context import host, state
 
 from operations import keys, nix, nixos_checks, pull, schedule
 from operations.fleet import builders
-from operations.nixos import runs_nixos
 from operations.start import start_deploy
+from operations.steady import runs_nixos
 
 deploy = start_deploy(state)
 specs = deploy.specs

@@ -16,8 +16,8 @@ from __future__ import annotations
 from pyinfra.context import host, state
 
 from operations import nix, pull
-from operations.nixos import runs_nixos
 from operations.start import start_deploy
+from operations.steady import runs_nixos
 
 specs = start_deploy(state).specs
 spec = specs[host.name]

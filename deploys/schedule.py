@@ -16,12 +16,10 @@ data is described in ``operations/schedule.py``.
 from __future__ import annotations
 
 from pyinfra.context import host, state
-from pyinfra.facts.files import Directory
 
 from operations import failures, nixos_checks, schedule
-from operations.models import SYSTEMD_RUNNING
-from operations.nixos import runs_nixos
 from operations.start import start_deploy
+from operations.steady import runs_nixos, runs_systemd
 
 specs = start_deploy(state).specs
 if specs[host.name].is_image:
@@ -37,7 +35,7 @@ else:
         # /etc is generated: nothing is written (no units, no crontab line). The host's generated
         # fragment holds the same units; this checks the running system has them.
         nixos_checks.check_nixos_timers(name="Check nixpush's schedule (NixOS)", units=units)
-    elif units and wanted.activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
+    elif units and wanted.activate and not runs_systemd():
         # Nothing is written: unit files no systemd runs would look installed and never run.
         failures.unable(
             name="Fail: no systemd for the schedule",

@@ -25,7 +25,8 @@ from typing_extensions import override
 
 from operations.failures import fail_host, require_root
 from operations.files import LinesFact
-from operations.nixos import nix_list, nixos_options_error, runs_nixos
+from operations.nixos import nix_list, nixos_options_error
+from operations.steady import runs_nixos
 from operations.systems import KNOWN_SYSTEMS, natively_built, qemu_arch
 
 BINFMT_MISC = "/proc/sys/fs/binfmt_misc"

@@ -155,7 +155,12 @@ def or_unable(what: str, compute: Callable[[], T]) -> T | None:
 
 def require_root(why: str) -> None:
     """Raise a clear OperationError (bad input: the run stops) unless the current operation's
-    commands run as root."""
+    commands run as root. Plain sudo (no other user to become) runs them as root: the host is
+    asked only otherwise."""
+    args: dict[str, Any] = dict(current_host.current_op_global_arguments or {})
+    if args.get("_sudo") and args.get("_sudo_user") in (None, "root"):
+        if not any(args.get(other) for other in ("_su_user", "_doas")):
+            return
     user = current_host.get_fact(User)
     if user != "root":
         raise OperationError(

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 CURRENT_SYSTEM = "/run/current-system"
 SYSTEM_PROFILE = "/nix/var/nix/profiles/system"
 SYSTEMD_RUNNING = "/run/systemd/system"
+# Present on NixOS only.
+NIXOS_MARKER = "/etc/NIXOS"
 
 
 class Action(StrEnum):

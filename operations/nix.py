@@ -13,15 +13,14 @@ from pyinfra.api.exceptions import FactProcessError, OperationError
 from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
-from pyinfra.facts.files import Directory
 from typing_extensions import override
 
 from operations.binfmt import sandbox_path, validate_systems
 from operations.failures import DeployFailed, fail_host, host_step, require_root
 from operations.files import ACCOUNT_NAME, FileText, replace_file
-from operations.models import SYSTEMD_RUNNING
-from operations.nixos import nix_list, nixos_options_error, runs_nixos
+from operations.nixos import nix_list, nixos_options_error
 from operations.process import run_on
+from operations.steady import runs_nixos, runs_systemd
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -237,7 +236,7 @@ def restart_nix_daemon() -> Generator[PyinfraCommand, None, None]:
 
         nix.restart_nix_daemon()
     """
-    yield restart_daemon(bool(host.get_fact(Directory, path=SYSTEMD_RUNNING)))
+    yield restart_daemon(runs_systemd())
 
 
 def previous_nix_conf(nix_conf: str = NIX_CONF) -> str:
@@ -356,7 +355,7 @@ def update_nix_conf(
     if text is not None and new == current:
         host.noop(f"{nix_conf} already {what}")
         return
-    systemd = bool(host.get_fact(Directory, path=SYSTEMD_RUNNING))
+    systemd = runs_systemd()
     yield replace_nix_conf(new, nix_conf)
     sudo = bool(host.data.get("_sudo", False))
     yield FunctionCommand(_restart_or_restore, (nix_conf, systemd, sudo), {})
@@ -431,12 +430,11 @@ def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraC
         nix.trusted_public_key(key="nas-nixpush-1:8Kf...=")
     """
     _check_public_key(key)
-    config = host.get_fact(NixConfig)
-    if config is None:
-        yield nix_not_installed()
-        return
     if runs_nixos():
-        if key in (config.get("trusted-public-keys") or []):
+        config = host.get_fact(NixConfig)
+        if config is None:
+            yield nix_not_installed()
+        elif key in (config.get("trusted-public-keys") or []):
             host.noop(f"{host.name} runs NixOS and its Nix already trusts {key}")
         else:
             # extra-: trusted-public-keys itself would replace the default (cache.nixos.org).
@@ -450,6 +448,9 @@ def trusted_public_key(key: str, nix_conf: str = NIX_CONF) -> Generator[PyinfraC
     extra = nix_conf_values(current, "extra-trusted-public-keys") or []
     if key in extra or key in (nix_conf_values(current, "trusted-public-keys") or []):
         host.noop(f"{nix_conf} already trusts {key}")
+        return
+    if host.get_fact(NixConfig) is None:  # asked only now: a trusted key needs no Nix run
+        yield nix_not_installed()
         return
     yield from add_to_nix_conf_list(
         text, "extra-trusted-public-keys", key, extra, " ", f"trusts {key}", nix_conf

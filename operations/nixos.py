@@ -8,19 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyinfra.context import host
-from pyinfra.facts.files import File
-
 from operations.nixexpr import nix_value
 
-NIXOS_MARKER = "/etc/NIXOS"
 # Where NixOS puts each user's users.users.<name>.openssh.authorizedKeys (sshd reads it there).
 NIXOS_AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys.d"
-
-
-def runs_nixos() -> bool:
-    """Whether the current host is NixOS, whose /etc is generated and must not be written."""
-    return host.get_fact(File, path=NIXOS_MARKER) is not None
 
 
 def nix_list(values: Sequence[str]) -> str:

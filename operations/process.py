@@ -12,18 +12,17 @@ and every target planning in parallel opens channels on its builder's connection
 ``limit_sessions`` bounds them per host, for facts and commands alike, and retries a refused
 channel open with backoff. ``run_on`` and ``read_on`` turn a lost channel into
 ``DeployFailed`` naming the host and what was being done: a read that failed is never taken for
-a missing thing.
+a missing thing. ``fresh_login_run`` runs a command over a new login of its own (what the
+safe activation confirms over), closed afterwards.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,6 +31,7 @@ from gevent.lock import BoundedSemaphore
 from paramiko import ChannelException, SSHException
 from pyinfra import logger
 from pyinfra.api.command import StringCommand
+from pyinfra.api.exceptions import ConnectError
 
 from operations.failures import DeployFailed
 
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# Seconds a fresh ssh waits for its connection.
+# Seconds beyond a command's own timeout that a new login may take to connect.
 CONNECT_TIMEOUT = 5
 
 # Seconds to wait before each retry of a refused channel open (sshd's MaxSessions reached by
@@ -233,95 +233,50 @@ def read_on(target: Host, fact: type[FactBase[T]], *, sudo: bool, doing: str, **
     return instance.process(lines) if lines else instance.default()
 
 
-# -- a new SSH connection from the controller ------------------------------------------
+# -- a new SSH login from the controller -----------------------------------------------
+
+# pyinfra's words for a login that was made and refused (``raise_connect_error``): an answer
+# (the host is up, new logins fail), unlike a connection that could not be made at all.
+_REFUSED = ("Authentication error", "SSH host key error")
 
 
-@dataclass(frozen=True)
-class SshTarget:
-    """How a fresh ``ssh`` from the controller reaches a host: its own pyinfra ssh data."""
-
-    hostname: str
-    port: int | None = None
-    user: str | None = None
-    key: str | None = None
-    known_hosts: str | None = None
-    strict: str = "accept-new"
-    config_file: str | None = None
-
-    @classmethod
-    def of(cls, target: Host) -> SshTarget:
-        data = target.data
-        strict = str(data.get("ssh_strict_host_key_checking") or "accept-new")
-        if strict not in ("yes", "no", "accept-new", "ask", "off"):
-            strict = "yes"
-        port = data.get("ssh_port")
-        return cls(
-            hostname=str(data.get("ssh_hostname") or target.name),
-            port=int(port) if port else None,
-            user=data.get("ssh_user") or None,
-            key=data.get("ssh_key") or None,
-            known_hosts=data.get("ssh_known_hosts_file") or None,
-            strict=strict,
-            config_file=data.get("ssh_config_file") or None,
-        )
-
-
-def ssh_argv(target: SshTarget, remote: StringCommand, *, sudo: bool) -> list[str]:
-    """
-    A fresh ``ssh`` running ``remote`` on ``target``: no multiplexing (a new login is what is
-    being proven), batch mode, bounded connect and keep-alive times.
-    """
-    args = [
-        "ssh",
-        "-o", "ControlMaster=no",
-        "-o", "ControlPath=none",
-        "-o", "BatchMode=yes",
-        "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
-        "-o", "ServerAliveInterval=2",
-        "-o", "ServerAliveCountMax=3",
-        "-o", f"StrictHostKeyChecking={target.strict}",
-    ]  # fmt: skip
-    if target.config_file:
-        args += ["-F", target.config_file]
-    if target.port:
-        args += ["-p", str(target.port)]
-    if target.user:
-        args += ["-l", target.user]
-    if target.key:
-        args += ["-i", target.key, "-o", "IdentitiesOnly=yes"]
-    if target.known_hosts:
-        args += ["-o", f"UserKnownHostsFile={target.known_hosts}"]
-    # ssh hands the remote command to the login shell as one string: quoted here, once.
-    command = remote.get_raw_value()
-    if sudo:
-        command = f"sudo -n sh -c {shlex.quote(command)}"
-    return [*args, "--", target.hostname, command]
-
-
-def fresh_run(
-    target: SshTarget,
+def fresh_login_run(
+    target: Host,
     command: StringCommand,
     *,
     sudo: bool,
     timeout: float,
     stdin: str | None = None,
 ) -> tuple[bool, list[str]] | None:
-    """``command`` over a new SSH connection: (success, output lines), None when ssh failed."""
+    """
+    Run ``command`` over a new SSH login to ``target``, closed afterwards: a login of exactly
+    the kind pyinfra makes (the host's own connector and ssh data: address, port, user, key,
+    known hosts and strictness), sharing nothing with its running connection.
+
+    Returns (success, output lines); ``(False, [why])`` when the login itself was refused
+    (authentication, host key); None when no connection could be made, or it broke, within
+    ``timeout`` + ``CONNECT_TIMEOUT`` seconds.
+
+    .. code:: python
+
+        fresh_login_run(host, confirm_command(run), sudo=True, timeout=20)  # (True, [])
+    """
+    connector: Any = type(target.connector)(target.state, target)
+    kwargs: dict[str, Any] = {"_sudo": sudo, "_timeout": timeout}
+    if stdin is not None:
+        kwargs["_stdin"] = stdin
     try:
-        result = run_local(
-            ssh_argv(target, command, sudo=sudo), input=stdin, timeout=timeout + CONNECT_TIMEOUT
-        )
-    except Exception:  # subprocess.TimeoutExpired, OSError
+        with gevent.Timeout(timeout + CONNECT_TIMEOUT):
+            try:
+                connector.connect()
+            except ConnectError as error:
+                refused = str(error).startswith(_REFUSED)
+                return (False, [f"the login was refused: {error}"]) if refused else None
+            ok, output = connector.run_shell_command(command, **kwargs)
+            return ok, output.output_lines
+    except (Exception, gevent.Timeout):  # paramiko, socket, timeout: no answer
         return None
-    lines = (result.stdout + result.stderr).splitlines()
-    if result.returncode == 255:  # ssh's own failure: no connection, refused login
-        return None if not lines else _ssh_failure(lines)
-    return result.returncode == 0, lines
-
-
-def _ssh_failure(lines: list[str]) -> tuple[bool, list[str]] | None:
-    # A refused login is an answer (the target is up, logins fail); a timeout is not.
-    text = " ".join(lines)
-    if "Permission denied" in text or "Host key verification failed" in text:
-        return False, lines
-    return None
+    finally:
+        client = getattr(connector, "client", None)
+        if client is not None:
+            client.close()

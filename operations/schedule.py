@@ -42,7 +42,7 @@ from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.operation import operation
 from pyinfra.context import host
-from pyinfra.facts.files import Directory, Sha256File
+from pyinfra.facts.files import Sha256File
 from pyinfra.facts.systemd import SystemdEnabled
 
 from operations.failures import fail_host
@@ -50,6 +50,7 @@ from operations.files import ACCOUNT_NAME, MANAGED_HEADER, write_file
 from operations.lock import DEFAULT_STATE_DIR
 from operations.models import SYSTEMD_RUNNING
 from operations.run.runner import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
+from operations.steady import runs_systemd
 
 if TYPE_CHECKING:
     pass
@@ -385,7 +386,7 @@ def timers(
 
         timers(name="Install the schedule", units=unit_files(schedule))
     """
-    if activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is None:
+    if activate and not runs_systemd():
         yield fail_host(f"{host.name} has no systemd ({SYSTEMD_RUNNING})")
         return
     changed = []
@@ -432,7 +433,7 @@ def removed_timers(
     if not present:
         host.noop(f"no {', '.join(sorted(units))} installed")
         return
-    systemd = activate and host.get_fact(Directory, path=SYSTEMD_RUNNING) is not None
+    systemd = activate and runs_systemd()
     if systemd:
         for unit in present:
             if unit.endswith(".timer"):

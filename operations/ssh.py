@@ -23,9 +23,10 @@ from pyinfra.context import host
 from pyinfra.facts.files import Directory
 from typing_extensions import override
 
-from operations.files import LinesOfFile, as_account, lines_in_file
+from operations.files import LineFile, LinesOfFile, as_account, lines_in_file
 from operations.keys import DEPLOY_KEY_PATH, parse_public_key
-from operations.nixos import NIXOS_AUTHORIZED_KEYS_DIR, runs_nixos
+from operations.nixos import NIXOS_AUTHORIZED_KEYS_DIR
+from operations.steady import runs_nixos
 
 if TYPE_CHECKING:
     pass
@@ -75,6 +76,7 @@ class UserAccount(FactBase[Account | None]):
 def _line_in_file(
     path: str,
     line: str,
+    current: LineFile | None,
     *,
     present: Callable[[str], bool],
     replaces: Callable[[str], bool],
@@ -84,10 +86,9 @@ def _line_in_file(
     what: str,
     as_user: str | None = None,
 ) -> Generator[PyinfraCommand, None, None]:
-    """Make ``path`` hold ``line`` (lines it ``replaces`` dropped), owned and moded as given;
-    read and written as ``as_user`` when given (see ``lines_in_file``)."""
-    reader = {"as_user": as_user} if as_user is not None else {}
-    current = host.get_fact(LinesOfFile, path=path, **reader)
+    """Make ``path`` (now ``current``, its ``LinesOfFile``) hold ``line`` (lines it
+    ``replaces`` dropped), owned and moded as given; written as ``as_user`` when given (see
+    ``lines_in_file``)."""
     lines: Sequence[str] = current.lines if current else ()
     if current is None or not any(present(existing) for existing in lines):
         lines = [*(existing for existing in lines if not replaces(existing)), line]
@@ -135,12 +136,15 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
             f"{host.name}: user {user!r} does not exist; create it or fix ssh_user"
         )
     ssh_dir = f"{account.home.rstrip('/')}/.ssh"
-    if not host.get_fact(Directory, path=ssh_dir):
-        yield as_account(user, StringCommand("mkdir -m 0700 --", QuoteString(ssh_dir)))
+    path = f"{ssh_dir}/authorized_keys"
     # The user owns ~/.ssh and may put a symlink anywhere in it: read and write as the user.
+    current = host.get_fact(LinesOfFile, path=path, as_user=user)
+    if current is None and not host.get_fact(Directory, path=ssh_dir):
+        yield as_account(user, StringCommand("mkdir -m 0700 --", QuoteString(ssh_dir)))
     yield from _line_in_file(
-        f"{ssh_dir}/authorized_keys",
+        path,
         key.strip(),
+        current,
         present=lambda line: parse_public_key(line) == wanted,
         replaces=lambda line: False,
         owner=user,
@@ -191,6 +195,7 @@ def known_host(
     yield from _line_in_file(
         path,
         f"{host_pattern} {key_type} {blob}",
+        host.get_fact(LinesOfFile, path=path),
         present=lambda line: fields(line) == (host_pattern, (key_type, blob)),
         replaces=lambda line: (
             fields(line)[0] == host_pattern and (fields(line)[1] or ("",))[0] == key_type

@@ -3,12 +3,13 @@ Step 4, activate: ``switch-to-configuration dry-activate`` first, always, with i
 shown; then the activation itself, safely (``activate_safely``):
 
 1. it runs on the target detached from the SSH session, as its own watchdog
-   (``operations.push.switch``); the controller follows its output, reconnecting with fresh
-   ``ssh`` processes when the connection drops, until the outcome is known;
+   (``operations.push.switch``); the controller follows its output, logging in anew when the
+   connection drops, until the outcome is known;
 2. once it awaits confirmation, the controller runs the host's health checks
-   (``operations.health``), then confirms over a *new* SSH connection (a fresh ``ssh``
-   process, no multiplexing, the host's own address, port, user, key and known hosts): that a
-   new login works is part of what is confirmed. A failed check rejects at once;
+   (``operations.health``), then confirms over a *new* SSH login (``fresh_login_run``: a
+   connection of its own, made as pyinfra makes one from the host's own address, port, user,
+   key and known hosts): that a new login works is part of what is confirmed. A failed check
+   rejects at once;
 3. the outcome: ``deployed``, ``rolled-back: <cause>`` (the host is verified to run its
    previous system again) or ``failed`` (with the cause and what the host runs now).
 
@@ -29,7 +30,6 @@ from pyinfra import logger
 from pyinfra.api.command import FunctionCommand, PyinfraCommand, StringCommand
 from pyinfra.api.operation import operation
 from pyinfra.context import host
-from pyinfra.facts.files import Directory
 
 from operations.failures import fail, host_step
 from operations.fleet import FleetError
@@ -37,12 +37,11 @@ from operations.health import HealthCheck, run_checks
 from operations.models import (
     DEFAULT_ACTIVATION_TIMEOUT,
     DEFAULT_CONFIRM_TIMEOUT,
-    SYSTEMD_RUNNING,
     Action,
     Plan,
     Safety,
 )
-from operations.process import SshTarget, fresh_run, run_on
+from operations.process import fresh_login_run, run_on
 from operations.push.commands import nix_error, switch_command
 from operations.push.switch import (
     PROGRAM,
@@ -54,6 +53,7 @@ from operations.push.switch import (
     parse_follow,
     reject_command,
 )
+from operations.steady import runs_systemd
 from operations.summary import summary_for
 
 if TYPE_CHECKING:
@@ -169,13 +169,12 @@ def announce(target: Host, plan: Plan, safety: Safety, checks: Sequence[HealthCh
 class Channel:
     """
     Runs commands on the target: over pyinfra's connection while it works, then (after it
-    failed once: a cut link makes it unreliable) with a fresh ``ssh`` process each time.
-    ``run`` returns None when the target could not be reached.
+    failed once: a cut link makes it unreliable) over a new SSH login each time
+    (``fresh_login_run``). ``run`` returns None when the target could not be reached.
     """
 
     host: Host
     sudo: bool
-    ssh: SshTarget
     fresh: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -194,7 +193,7 @@ class Channel:
                 self.fresh = True
                 self.notes.append(f"{type(error).__name__}: {error}".strip(": "))
                 return None
-        return fresh_run(self.ssh, command, sudo=self.sudo, timeout=timeout, stdin=stdin)
+        return fresh_login_run(self.host, command, sudo=self.sudo, timeout=timeout, stdin=stdin)
 
 
 @dataclass(frozen=True)
@@ -266,7 +265,7 @@ def activate_safely(
     if plan.up_to_date or not plan.action.activates:
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: no activation")
         return
-    systemd = bool(host.get_fact(Directory, path=SYSTEMD_RUNNING))
+    systemd = runs_systemd()
     yield FunctionCommand(_activate, (plan, safety, checks, sudo, systemd), {})
 
 
@@ -303,7 +302,7 @@ def _follow_activation(
     systemd: bool,
 ) -> Outcome:
     run = ActivationRun.create(plan, safety, systemd)
-    channel = Channel(host, sudo, SshTarget.of(host))
+    channel = Channel(host, sudo)
 
     def say(text: str, **style: Any) -> None:
         host.log_styled(text, log_func=logger.info, **style)
@@ -382,12 +381,14 @@ def _check_and_confirm(
                 break
             if attempt:
                 gevent.sleep(1)
-            result = fresh_run(channel.ssh, confirm_command(run), sudo=channel.sudo, timeout=20)
+            result = fresh_login_run(
+                channel.host, confirm_command(run), sudo=channel.sudo, timeout=20
+            )
             if result is not None and result[0]:
                 say("confirmed over a new SSH connection")
                 return None
             if result is None:
-                last = "the new SSH connection timed out or was refused"
+                last = "no new SSH connection could be made"
             else:
                 text = [x.strip() for x in result[1] if x.strip()]
                 last = text[-1] if text else "the confirmation was refused"

@@ -17,28 +17,34 @@ from pyinfra.api.facts import FactBase
 from typing_extensions import override
 
 from operations.keys import SIGNING_KEY_PATH
-from operations.models import SYSTEM_PROFILE
+from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE
 from operations.ssh import SSH_OPTIONS
 
 NIX = ("nix", "--extra-experimental-features", QuoteString("nix-command flakes"))
 _SIMPLE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 
 
-class StorePathLink(FactBase[str | None]):
+class SystemLinks(FactBase[tuple[str | None, str | None]]):
     """
-    The store path a link resolves to, or None when it is missing:
-    ``host.get_fact(StorePathLink, path="/run/current-system")``.
+    The store paths ``/run/current-system`` and the system profile resolve to, read in one
+    command; None for a missing link: ``host.get_fact(SystemLinks)``.
     """
 
     @override
-    def command(self, path: str) -> StringCommand:
+    def command(self) -> StringCommand:
         return StringCommand(
-            "if [ -e", QuoteString(path), "]; then readlink -f", QuoteString(path), "; fi"
-        )
+            "for l in", QuoteString(CURRENT_SYSTEM), QuoteString(SYSTEM_PROFILE), ";",
+            'do if [ -e "$l" ]; then echo "$l=$(readlink -f "$l")"; else echo "$l="; fi; done',
+        )  # fmt: skip
+
+    @staticmethod
+    def default() -> tuple[str | None, str | None]:
+        return None, None
 
     @override
-    def process(self, output: list[str]) -> str | None:
-        return output[0].strip() if output and output[0].strip() else None
+    def process(self, output: list[str]) -> tuple[str | None, str | None]:
+        links = dict(line.strip().partition("=")[::2] for line in output)
+        return links.get(CURRENT_SYSTEM) or None, links.get(SYSTEM_PROFILE) or None
 
 
 def toplevel_attr(flake: str, config: str) -> str:
@@ -117,6 +123,7 @@ def nix_sshopts(port: int) -> str:
         (
             f"-p {port}",
             *SSH_OPTIONS,
+            "-o KexAlgorithms=^curve25519-sha256",
             "-o ConnectTimeout=10",
             "-o ServerAliveInterval=2",
             "-o ServerAliveCountMax=3",

@@ -32,7 +32,7 @@ from operations.process import read_on, run_on
 from operations.push import evalcache
 from operations.push.commands import (
     Evaluated,
-    StorePathLink,
+    SystemLinks,
     batch_eval_command,
     diff_closures_command,
     eval_command,
@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
 T = TypeVar("T")
+
+READING_LINKS = f"reading {CURRENT_SYSTEM} and {SYSTEM_PROFILE}"
 
 _builder_locks: dict[str, Semaphore] = {}
 _unreachable_builders: set[str] = set()
@@ -375,12 +377,11 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
         raise DeployFailed(f"{spec.name} has no flake; set flake in its host or group data")
     attr = toplevel_attr(spec.flake, spec.nixos_config)
     action = Action(spec.deploy_action)
-    sudo = bool(target.data.get("_sudo", False))
 
-    def link(path: str) -> str | None:
+    def links() -> tuple[str | None, str | None]:
         if not action.copies:  # `build` never contacts the target: it may be off or away
-            return None
-        return read_on(target, StorePathLink, path=path, sudo=sudo, doing=f"reading {path}")
+            return None, None
+        return read_on(target, SystemLinks, sudo=False, doing=READING_LINKS)  # world-readable
 
     # A target already on what this flake state evaluated to last time needs no evaluation;
     # any other evaluates afresh (evalcache). Read the target while the builder evaluates.
@@ -388,7 +389,7 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
     known = evalcache.remembered(fingerprint, spec.nixos_config) if fingerprint else None
     if known is None:
         start_evaluation(target, builder, spec.flake, spec.nixos_config, fingerprint)
-    current, profile = link(CURRENT_SYSTEM), link(SYSTEM_PROFILE)
+    current, profile = links()
 
     def plan_for(evaluated: Evaluated) -> Plan:
         return Plan(
@@ -431,9 +432,9 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
     The plan for ``deploy_action=rollback``: switch to the generation before the current one.
     Raises ``DeployFailed`` when there is none.
     """
-    sudo = bool(target.data.get("_sudo", False))
+    # The profile's links and /run/current-system are world-readable: no sudo.
     generations = read_on(
-        target, SystemGenerations, sudo=sudo, doing="reading the system's generations"
+        target, SystemGenerations, sudo=False, doing="reading the system's generations"
     )
     current = generations["current"]
     older = sorted(n for n in generations["paths"] if current is not None and n < current)
@@ -442,17 +443,14 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
             f"{spec.name} has no system generation before "
             f"{'its current one' if current is not None else 'none'} to roll back to"
         )
+    current, profile = read_on(target, SystemLinks, sudo=False, doing=READING_LINKS)
     plan = Plan(
         target=spec.name,
         builder=spec.builder_host or "",
         attr=f"{SYSTEM_PROFILE}-{older[-1]}-link",
         desired=generations["paths"][older[-1]],
-        current=read_on(
-            target, StorePathLink, path=CURRENT_SYSTEM, sudo=sudo, doing=f"reading {CURRENT_SYSTEM}"
-        ),
-        profile=read_on(
-            target, StorePathLink, path=SYSTEM_PROFILE, sudo=sudo, doing=f"reading {SYSTEM_PROFILE}"
-        ),
+        current=current,
+        profile=profile,
         action=Action.ROLLBACK,
         built=True,
     )

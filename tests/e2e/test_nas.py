@@ -27,6 +27,7 @@ from pyinfra_cli.inventory import make_inventory
 
 from operations.binfmt import LOCAL_BINFMT_DIR, MANAGED_MARKER, handler_name
 from operations.fleet import HostSpec, builders, check_fleet
+from operations.models import NIXOS_MARKER
 from operations.nix import (
     DAEMON_SOCKET,
     NIX_CONF,
@@ -34,7 +35,6 @@ from operations.nix import (
     stop_daemon_listener,
     wait_for_daemon_socket,
 )
-from operations.nixos import NIXOS_MARKER
 from tests.bench import fleet
 from tests.bench.client import BENCH_INVENTORY, REPO, pyinfra
 

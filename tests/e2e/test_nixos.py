@@ -20,7 +20,7 @@ import pytest
 
 from operations.fleet import check_fleet
 from operations.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
-from operations.nixos import NIXOS_MARKER
+from operations.models import NIXOS_MARKER
 from operations.pull import PULL_KEY_PATH
 from tests.bench import fleet, nixos
 from tests.bench import nixos_inventory as bench_nixos

@@ -211,7 +211,7 @@ def test_sshd_refusing_new_logins_rolls_back(good):
     text = output(result)
     assert result.returncode == 1, text
     assert "pi4: rolled back: a new SSH login to confirm failed" in text
-    assert "Permission denied" in text
+    assert "the login was refused: Authentication error" in text
     assert_back_on("pi4", old, wanted)
 
 

@@ -11,10 +11,15 @@ from pyinfra.api import Config
 from pyinfra.api.command import FunctionCommand, PyinfraCommand, StringCommand
 from pyinfra.api.state import StateStage
 from pyinfra.context import ctx_host, ctx_state
+from pyinfra.facts.files import Directory, File
+
+from operations.models import NIXOS_MARKER, SYSTEMD_RUNNING
+from operations.steady import HostKind
 
 
 def _key(cls: type, kwargs: dict[str, Any]) -> tuple[type, str]:
-    return cls, repr(sorted(kwargs.items()))
+    # pyinfra's global arguments (``_sudo=False``) say how a fact is read, not which one.
+    return cls, repr(sorted((k, v) for k, v in kwargs.items() if not k.startswith("_")))
 
 
 class FakeState:
@@ -48,7 +53,18 @@ class FakeHost:
         try:
             return self.facts[_key(cls, kwargs)]
         except KeyError:
+            if cls is HostKind:
+                return self._kind()
             raise KeyError(f"no recorded fact {cls.__name__}({kwargs})") from None
+
+    def _kind(self) -> frozenset[str]:
+        """``HostKind`` from the recorded facts of the paths it reads."""
+        nixos = _key(File, {"path": NIXOS_MARKER})
+        systemd = _key(Directory, {"path": SYSTEMD_RUNNING})
+        if nixos not in self.facts and systemd not in self.facts:
+            raise KeyError("no recorded fact HostKind (nor /etc/NIXOS, /run/systemd/system)")
+        kind = {"nixos"} if self.facts.get(nixos) is not None else set()
+        return frozenset(kind | ({"systemd"} if self.facts.get(systemd) else set()))
 
     def noop(self, description: str) -> None:
         self.noops.append(description)

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pyinfra.api import Config, Inventory, State
 from pyinfra.api.command import QuoteString, StringCommand
+from pyinfra.api.exceptions import ConnectError
 
 from operations import process
 from operations.fleet import FleetError
 from operations.health import HealthCheck
 from operations.models import Action, Plan, Safety
-from operations.process import SshTarget
 from operations.push import activate, switch
 from operations.push.activate import Outcome, judge
 from operations.push.switch import ActivationRun, SystemGenerations, parse_follow
@@ -129,61 +130,64 @@ def test_follow_and_confirm_commands():
     ]  # fmt: skip
 
 
-def test_fresh_ssh_uses_the_hosts_own_data_without_multiplexing():
-    target = SshTarget(
-        hostname="10.0.0.5", port=8023, user="beau", key="/k/id", known_hosts="/k/known",
-        strict="yes",
+def _local_host() -> Any:
+    inventory = Inventory((["@local"], {}))
+    State(inventory, Config())
+    return inventory.get_host("@local")
+
+
+def test_a_fresh_login_runs_over_a_connection_of_its_own_and_closes_it():
+    host = _local_host()
+    command = StringCommand("echo", "hi", "&&", "cat")
+    assert process.fresh_login_run(host, command, sudo=False, timeout=5, stdin="in\n") == (
+        True, ["hi", "in"],
     )  # fmt: skip
-    args = process.ssh_argv(target, switch.confirm_command(run_of()), sudo=True)
-    assert args[:15] == [
-        "ssh", "-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "BatchMode=yes",
-        "-o", "ConnectTimeout=5", "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=3",
-        "-o", "StrictHostKeyChecking=yes",
-    ]  # fmt: skip
-    assert args[15:-3] == [
-        "-p", "8023", "-l", "beau", "-i", "/k/id", "-o", "IdentitiesOnly=yes",
-        "-o", "UserKnownHostsFile=/k/known",
-    ]  # fmt: skip
-    assert args[-3:-1] == ["--", "10.0.0.5"]
-    # The remote command is quoted once for sudo's sh -c: the login shell sees one argument.
-    remote = shlex.split(args[-1])
-    assert remote[:4] == ["sudo", "-n", "sh", "-c"] and len(remote) == 5
-    assert shlex.split(remote[4])[-1] == run_of().dir
-
-
-def test_fresh_ssh_puts_a_hostile_hostname_after_the_option_end():
-    target = SshTarget(hostname="-oProxyCommand=touch /tmp/pwned")
-    args = process.ssh_argv(target, StringCommand("true"), sudo=False)
-    assert args[-3:] == ["--", "-oProxyCommand=touch /tmp/pwned", "true"]
-
-
-def test_ssh_target_from_pyinfra_data():
-    host = SimpleNamespace(
-        name="pi4",
-        data={"ssh_hostname": "h", "ssh_port": 22, "ssh_user": "u",
-              "ssh_strict_host_key_checking": "bogus"},
+    assert process.fresh_login_run(host, StringCommand("exit 3"), sudo=False, timeout=5) == (
+        False, [],
     )  # fmt: skip
-    target = SshTarget.of(host)  # type: ignore[arg-type]
-    assert (target.hostname, target.port, target.user, target.strict) == ("h", 22, "u", "yes")
-    assert SshTarget.of(SimpleNamespace(name="pi5", data={})).strict == "accept-new"  # type: ignore[arg-type]
+    assert not host.connected  # pyinfra's own connection was never made nor used
 
 
-def test_fresh_run_tells_a_refused_login_from_no_connection(monkeypatch):
-    answers = iter([(255, "ssh: connect to host h port 22: No route to host"),
-                    (255, "beau@h: Permission denied (publickey)."), (0, "ok")])  # fmt: skip
+class _Refusing:
+    """A connector whose connection fails the way pyinfra's ssh connector says it does."""
 
-    def fake(args: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
-        code, text = next(answers)
-        return subprocess.CompletedProcess(args, code, text, "")
+    message = ""
+    closed = 0
 
-    monkeypatch.setattr(process, "run_local", fake)
-    target = SshTarget(hostname="h")
-    assert process.fresh_run(target, StringCommand("true"), sudo=False, timeout=1) is None
-    refused = process.fresh_run(target, StringCommand("true"), sudo=False, timeout=1)
-    assert refused == (False, ["beau@h: Permission denied (publickey)."])
-    assert process.fresh_run(target, StringCommand("true"), sudo=False, timeout=1) == (
-        True, ["ok"],
-    )  # fmt: skip
+    def __init__(self, state: Any, host: Any) -> None:
+        self.client = SimpleNamespace(close=self._close)
+
+    def _close(self) -> None:
+        type(self).closed += 1
+
+    def connect(self) -> None:
+        raise ConnectError(self.message)
+
+
+@pytest.mark.parametrize(
+    ("message", "answer"),
+    [
+        ("Authentication error (username=beau) (Authentication failed.)",
+         (False, ["the login was refused: Authentication error (username=beau) "
+                  "(Authentication failed.)"])),
+        ("SSH host key error (Host key for h does not match.)",
+         (False, ["the login was refused: SSH host key error (Host key for h does not match.)"])),
+        ("Could not connect ([Errno 113] No route to host)", None),
+    ],
+)  # fmt: skip
+def test_a_fresh_login_tells_a_refused_login_from_no_connection(message, answer):
+    connector = type("Refusing", (_Refusing,), {"message": message})
+    host = SimpleNamespace(name="pi4", state=None, connector=connector(None, None))
+    assert process.fresh_login_run(host, StringCommand("true"), sudo=True, timeout=1) == answer  # type: ignore[arg-type]
+    assert connector.closed == 1
+
+
+def test_a_fresh_login_that_hangs_is_no_answer(monkeypatch):
+    monkeypatch.setattr(process, "CONNECT_TIMEOUT", 0)
+    host = _local_host()
+    started = time.monotonic()
+    assert process.fresh_login_run(host, StringCommand("sleep 5"), sudo=False, timeout=0.3) is None
+    assert time.monotonic() - started < 3
 
 
 # -- following and judging -------------------------------------------------------------

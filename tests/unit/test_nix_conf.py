@@ -305,6 +305,17 @@ def test_nix_settings_rejects_bad_input():
     host.fact(User, "beau")
     with pytest.raises(OperationError, match="connected as 'beau', not root"):
         run(host, nix_settings, ["aarch64-linux"], 8)
+    # Sudo to another user is not root either: the host is asked.
+    host.current_op_global_arguments = {"_sudo": True, "_sudo_user": "beau"}
+    with pytest.raises(OperationError, match="connected as 'beau', not root"):
+        run(host, nix_settings, ["aarch64-linux"], 8)
+
+
+def test_plain_sudo_is_root_without_asking_the_host():
+    host = debian_builder(DEBIAN_NIX_CONF)
+    host.fact(User, "beau")  # what the login user is: never asked
+    host.current_op_global_arguments = {"_sudo": True}
+    run(host, nix_settings, ["aarch64-linux"], 8)
 
 
 def nixos_builder(config) -> FakeHost:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from typing import Any
 
 import gevent
@@ -13,6 +15,9 @@ from pyinfra.facts.files import File
 
 from operations import process
 from operations.failures import DeployFailed, Unable, attempt
+from operations.models import SYSTEMD_RUNNING
+from operations.steady import HostKind, runs_nixos, runs_systemd
+from tests.unit.fake_host import FakeHost, on_host
 
 
 class Connector:
@@ -153,3 +158,34 @@ def fails_with(error: Exception) -> Any:
         raise error
 
     return compute
+
+
+def test_what_a_host_is_is_read_once_per_host_per_run_in_one_command():
+    class Counting(FakeHost):
+        reads = 0
+
+        def get_fact(self, cls: type, *args: Any, **kwargs: Any) -> Any:
+            type(self).reads += 1
+            assert kwargs.get("_sudo") is False  # world-readable: no sudo
+            return super().get_fact(cls, *args, **kwargs)
+
+    nixos = Counting("pi4").fact(HostKind, frozenset({"nixos"}))
+    with on_host(nixos):
+        assert runs_nixos() and runs_nixos() and not runs_systemd() and not runs_systemd()
+    assert Counting.reads == 1
+    other = Counting("pi5").fact(HostKind, frozenset({"systemd"}))
+    with on_host(other):
+        assert not runs_nixos() and runs_systemd()  # another host (or the next run's) asks
+    assert Counting.reads == 2
+
+
+def test_host_kind_reads_both_markers():
+    fact = HostKind()
+    assert fact.process(["nixos", "systemd"]) == {"nixos", "systemd"}
+    assert fact.process(["systemd", "junk"]) == {"systemd"}
+    # Run for real on this machine: no /etc/NIXOS; systemd as it is here.
+    out = subprocess.run(
+        ["sh", "-c", fact.command().get_raw_value()], capture_output=True, text=True, check=True
+    )
+    here = {"systemd"} if os.path.isdir(SYSTEMD_RUNNING) else set()
+    assert fact.process(out.stdout.splitlines()) == here

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from pyinfra.facts.files import Directory
 
-from operations.models import Action, Builder, Plan, Safety
+from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan, Safety
 from operations.push import activate, build, copy
-from operations.push.commands import copy_command, nix_sshopts, toplevel_attr
+from operations.push.commands import SystemLinks, copy_command, nix_sshopts, toplevel_attr
 from tests.unit.fake_host import FakeHost, run, shell
 
 OLD = "/nix/store/old-system"
@@ -126,3 +128,14 @@ def test_copy_goes_to_the_deploy_user_with_strict_host_keys_and_the_port():
     options = nix_sshopts(8023)
     assert options.startswith("-p 8023 -i /etc/nixpush/deploy_ed25519 ")
     assert "StrictHostKeyChecking=yes" in options
+
+
+def test_both_system_links_are_read_in_one_command():
+    fact = SystemLinks()
+    assert fact.process([f"{CURRENT_SYSTEM}={NEW}", f"{SYSTEM_PROFILE}={OLD}"]) == (NEW, OLD)
+    assert fact.process([f"{CURRENT_SYSTEM}=", f"{SYSTEM_PROFILE}={OLD}"]) == (None, OLD)
+    # Run for real: this machine has neither link, so both read as missing.
+    out = subprocess.run(
+        ["sh", "-c", fact.command().get_raw_value()], capture_output=True, text=True, check=True
+    )
+    assert fact.process(out.stdout.splitlines()) == (None, None)

@@ -1,0 +1,63 @@
+"""
+What a host *is*, which no operation of a run changes, read once per host per run and in one
+command: whether it runs NixOS (``/etc/NIXOS``), whether systemd runs it
+(``/run/systemd/system``).
+
+pyinfra keeps no fact cache: every ``host.get_fact`` is a command on the host (a new SSH
+session, and sudo when the host's data asks for it), and several operations of one run ask
+these same questions of every target. Both paths are world-readable: no sudo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from pyinfra.api.command import QuoteString, StringCommand
+from pyinfra.api.facts import FactBase
+from pyinfra.context import ctx_host
+from typing_extensions import override
+
+from operations.models import NIXOS_MARKER, SYSTEMD_RUNNING
+
+
+class HostKind(FactBase[frozenset[str]]):
+    """``nixos`` when ``/etc/NIXOS`` exists, ``systemd`` when systemd runs the host."""
+
+    @override
+    def command(self) -> StringCommand:
+        return StringCommand(
+            "if [ -e", QuoteString(NIXOS_MARKER), "] || [ -L", QuoteString(NIXOS_MARKER), "];",
+            "then echo nixos; fi;",
+            "if [ -d", QuoteString(SYSTEMD_RUNNING), "]; then echo systemd; fi",
+        )  # fmt: skip
+
+    @staticmethod
+    def default() -> frozenset[str]:
+        return frozenset()
+
+    @override
+    def process(self, output: list[str]) -> frozenset[str]:
+        return frozenset(line.strip() for line in output) & {"nixos", "systemd"}
+
+
+# Per host (pyinfra's Host: a new one each run): what it is.
+_kinds: WeakKeyDictionary[Any, frozenset[str]] = WeakKeyDictionary()
+
+
+def host_kind() -> frozenset[str]:
+    """The current host's ``HostKind``, read once per host per run."""
+    target = ctx_host.get()  # type: ignore[no-untyped-call]  # the Host, not the proxy
+    if target not in _kinds:
+        _kinds[target] = target.get_fact(HostKind, _sudo=False)
+    return _kinds[target]
+
+
+def runs_nixos() -> bool:
+    """Whether the current host is NixOS, whose /etc is generated and must not be written."""
+    return "nixos" in host_kind()
+
+
+def runs_systemd() -> bool:
+    """Whether systemd runs the current host."""
+    return "systemd" in host_kind()
