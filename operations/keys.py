@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ PULL_KEY_PATH = "/root/.ssh/nixpush_builder"
 
 _KEY_TYPE = re.compile(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)")
 _SSH_KEY_FIX = "store an OpenSSH ed25519 private key there (ssh-keygen -t ed25519 -N '')"
+# Public halves already derived this run, by the SHA-256 of their private key: every target of
+# a builder asks for the same one (an ssh-keygen process each, otherwise).
+_ssh_public_keys: dict[str, str] = {}
 
 
 def parse_public_key(line: str) -> tuple[str, str] | None:
@@ -50,6 +54,9 @@ def ssh_public_key(private_key: Plaintext) -> str:
     The public key line (``ssh-ed25519 AAAA...``) of an OpenSSH private key, derived on the
     controller by ``ssh-keygen -y`` reading the key from its stdin. Raises ValueError.
     """
+    digest = hashlib.sha256(private_key.reveal().encode()).hexdigest()
+    if digest in _ssh_public_keys:
+        return _ssh_public_keys[digest]
     keygen = find_program("ssh-keygen")
     if keygen is None:
         raise ValueError("ssh-keygen is not installed on the controller; install OpenSSH's client")
@@ -63,6 +70,7 @@ def ssh_public_key(private_key: Plaintext) -> str:
         raise ValueError(
             f"{private_key} is not an unencrypted OpenSSH private key ({result.stderr.strip()})"
         )
+    _ssh_public_keys[digest] = public
     return public
 
 

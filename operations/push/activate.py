@@ -49,7 +49,7 @@ from operations.push.switch import (
     ActivationRun,
     confirm_command,
     follow_command,
-    launch_command,
+    launch_and_follow_command,
     parse_follow,
     reject_command,
 )
@@ -309,10 +309,13 @@ def _follow_activation(
 
     how = f"systemd unit {run.unit}" if systemd else f"setsid, output in {run.dir}/output"
     say(f"activating detached from this session ({how})")
-    launched = channel.run(launch_command(run), timeout=60, stdin=PROGRAM)
+    launched = channel.run(
+        launch_and_follow_command(run, FOLLOW_WAIT), timeout=60 + FOLLOW_WAIT, stdin=PROGRAM
+    )
     if launched is not None and not launched[0]:
         detail = next((x.strip() for x in reversed(launched[1]) if x.strip()), "no output")
         return Outcome("failed", f"could not start the activation: {detail}")
+    pending = launched  # started: its output is the first follow's answer
 
     budget = 2 * safety.activation_timeout + safety.confirm_timeout + GRACE
     deadline = time.monotonic() + budget
@@ -328,7 +331,10 @@ def _follow_activation(
                 f"lost contact for good (last state {last}); the target rolls itself back "
                 "unless it was confirmed: check it once it is reachable",
             )
-        answer = channel.run(follow_command(run, seen, known, FOLLOW_WAIT), FOLLOW_WAIT + 5)
+        answer = pending or channel.run(
+            follow_command(run, seen, known, FOLLOW_WAIT), FOLLOW_WAIT + 5
+        )
+        pending = None
         if answer is None or not answer[0]:
             if lost_at is None:
                 lost_at = time.monotonic()

@@ -335,6 +335,12 @@ def launch_command(run: ActivationRun) -> StringCommand:
     )
 
 
+def launch_and_follow_command(run: ActivationRun, wait: int) -> StringCommand:
+    """``launch_command``, then, once the run started, the first ``follow_command``'s answer:
+    one round trip for both."""
+    return StringCommand(launch_command(run), "&&", follow_command(run, 0, "", wait))
+
+
 def follow_command(run: ActivationRun, seen: int, known: str, wait: int) -> StringCommand:
     """Output lines after the first ``seen``, once there is news or ``wait`` s passed."""
     return StringCommand(

@@ -386,3 +386,37 @@ def test_follow_waits_for_news_then_answers_what_it_has(tmp_path):
 def test_follow_of_a_run_that_is_not_there(tmp_path):
     lines, _ = follow(tmp_path / "gone", 0, "starting", 1)
     assert parse_follow(lines).state == "missing"
+
+
+def test_launch_and_first_follow_are_one_round_trip(tmp_path, monkeypatch):
+    # Launched for real, detached (setsid), with a stand-in program; the same command's output
+    # is the first follow's answer: the program's first line and its state.
+    monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
+    run = run_of()
+    stand_in = 'echo "started $2"; printf "state=activating\\n" > "$1/status"; sleep 1'
+    done = subprocess.run(
+        ["sh", "-c", switch.launch_and_follow_command(run, 5).get_raw_value()],
+        input=stand_in, capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert switch.STATUS_MARK in done.stdout.splitlines()  # a follow's answer
+    progress = parse_follow(done.stdout.splitlines())
+    assert progress.state in ("starting", "activating")  # as far as it got at once
+    assert progress.lines in ([], ["started switch"])
+    status = tmp_path / "runs" / run.id / "status"
+    for _ in range(50):  # the program runs on, detached
+        if status.exists():
+            break
+        time.sleep(0.1)
+    assert status.read_text() == "state=activating\n"
+
+
+def test_a_launch_that_fails_is_not_followed(tmp_path, monkeypatch):
+    monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / run_of().id).mkdir()  # taken: mkdir fails, nothing starts
+    done = subprocess.run(
+        ["sh", "-c", switch.launch_and_follow_command(run_of(), 5).get_raw_value()],
+        input="echo never", capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert done.returncode != 0 and switch.STATUS_MARK not in done.stdout

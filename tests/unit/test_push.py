@@ -128,6 +128,8 @@ def test_copy_goes_to_the_deploy_user_with_strict_host_keys_and_the_port():
     options = nix_sshopts(8023)
     assert options.startswith("-p 8023 -i /etc/nixpush/deploy_ed25519 ")
     assert "StrictHostKeyChecking=yes" in options
+    # curve25519 first, every default kept after it (a prefix, never a replacement list).
+    assert "-o KexAlgorithms=^curve25519-sha256 " in options
 
 
 def test_both_system_links_are_read_in_one_command():

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -319,6 +320,30 @@ def test_ssh_public_key_from_private_key_on_stdin():
         .decode()
     )
     assert keys.ssh_public_key(Plaintext("ssh/k", private)) == expected
+
+
+def test_ssh_public_key_is_derived_once_per_key(monkeypatch):
+    private = (
+        _ed25519()
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    calls: list[list[str]] = []
+    real = keys.run_local
+
+    def counting(args: list[str], **kwargs: Any) -> Any:
+        calls.append(args)
+        return real(args, **kwargs)
+
+    monkeypatch.setattr(keys, "run_local", counting)
+    first = keys.ssh_public_key(Plaintext("ssh/a", private))
+    assert keys.ssh_public_key(Plaintext("ssh/b", private)) == first  # same key: no new process
+    assert len(calls) == 1
+    assert private not in repr(keys._ssh_public_keys)  # kept by digest, never the key
 
 
 def test_ssh_public_key_rejects_junk_without_showing_it():
