@@ -28,10 +28,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import gevent
 from gevent.lock import BoundedSemaphore
+from paramiko import Channel as ParamikoChannel
 from paramiko import ChannelException, SSHException
 from pyinfra import logger
 from pyinfra.api.command import StringCommand
 from pyinfra.api.exceptions import ConnectError
+from pyinfra.connectors.ssh import SSHConnector
+from pyinfra.connectors.util import make_unix_command_for_host, read_output_buffers, write_stdin
 
 from operations.failures import DeployFailed
 
@@ -251,7 +254,8 @@ def fresh_login_run(
     """
     Run ``command`` over a new SSH login to ``target``, closed afterwards: a login of exactly
     the kind pyinfra makes (the host's own connector and ssh data: address, port, user, key,
-    known hosts and strictness), sharing nothing with its running connection.
+    known hosts and strictness), sharing nothing with its running connection. It never
+    prompts: a sudo that wants a password is an answer (pyinfra would ask for one).
 
     Returns (success, output lines); ``(False, [why])`` when the login itself was refused
     (authentication, host key); None when no connection could be made, or it broke, within
@@ -262,21 +266,62 @@ def fresh_login_run(
         fresh_login_run(host, confirm_command(run), sudo=True, timeout=20)  # (True, [])
     """
     connector: Any = type(target.connector)(target.state, target)
-    kwargs: dict[str, Any] = {"_sudo": sudo, "_timeout": timeout}
-    if stdin is not None:
-        kwargs["_stdin"] = stdin
+    limit = gevent.Timeout(timeout + CONNECT_TIMEOUT)
+    limit.start()
     try:
-        with gevent.Timeout(timeout + CONNECT_TIMEOUT):
-            try:
-                connector.connect()
-            except ConnectError as error:
-                refused = str(error).startswith(_REFUSED)
-                return (False, [f"the login was refused: {error}"]) if refused else None
-            ok, output = connector.run_shell_command(command, **kwargs)
-            return ok, output.output_lines
-    except (Exception, gevent.Timeout):  # paramiko, socket, timeout: no answer
+        try:
+            connector.connect()
+        except ConnectError as error:
+            refused = str(error).startswith(_REFUSED)
+            return (False, [f"the login was refused: {error}"]) if refused else None
+        return _run_unprompted(connector, target, command, sudo, timeout, stdin)
+    except gevent.Timeout as error:
+        if error is not limit:
+            raise
+        return None
+    except Exception:  # paramiko, socket: no answer
         return None
     finally:
-        client = getattr(connector, "client", None)
-        if client is not None:
-            client.close()
+        limit.cancel()
+        _close_login(getattr(connector, "client", None))
+
+
+def _run_unprompted(
+    connector: Any,
+    target: Host,
+    command: StringCommand,
+    sudo: bool,
+    timeout: float,
+    stdin: str | None,
+) -> tuple[bool, list[str]]:
+    """``command`` on a connected connector, without pyinfra's sudo-password prompt and retry
+    (``SSHConnector.run_shell_command``); other connectors (``@local``) run it their way."""
+    if not isinstance(connector, SSHConnector) or connector.client is None:
+        kwargs: dict[str, Any] = {"_sudo": sudo, "_timeout": timeout}
+        if stdin is not None:
+            kwargs["_stdin"] = stdin
+        ok, output = connector.run_shell_command(command, **kwargs)
+        return ok, output.output_lines
+    unix = make_unix_command_for_host(target.state, target, command, _sudo=sudo)
+    stdin_buffer, stdout_buffer, stderr_buffer = connector.client.exec_command(unix.get_raw_value())
+    if stdin is not None:
+        write_stdin(stdin, stdin_buffer)  # type: ignore[no-untyped-call]
+    stdin_buffer.close()
+    output = read_output_buffers(
+        stdout_buffer, stderr_buffer, timeout=int(timeout), print_output=False, print_prefix=""
+    )
+    return stdout_buffer.channel.recv_exit_status() == 0, output.output_lines
+
+
+def _close_login(client: Any) -> None:
+    """Close a new login's client and every ProxyJump hop it went through (paramiko closes
+    only the last connection; each hop is a channel on the previous hop's transport)."""
+    if client is None:
+        return
+    transport = client.get_transport()
+    client.close()
+    sock = getattr(transport, "sock", None)
+    while isinstance(sock, ParamikoChannel):
+        hop = sock.get_transport()
+        sock = getattr(hop, "sock", None)
+        hop.close()

@@ -44,6 +44,7 @@ from operations.models import (
 from operations.process import fresh_login_run, run_on
 from operations.push.commands import nix_error, switch_command
 from operations.push.switch import (
+    LAUNCHED_MARK,
     PROGRAM,
     TERMINAL,
     ActivationRun,
@@ -312,10 +313,15 @@ def _follow_activation(
     launched = channel.run(
         launch_and_follow_command(run, FOLLOW_WAIT), timeout=60 + FOLLOW_WAIT, stdin=PROGRAM
     )
-    if launched is not None and not launched[0]:
-        detail = next((x.strip() for x in reversed(launched[1]) if x.strip()), "no output")
-        return Outcome("failed", f"could not start the activation: {detail}")
-    pending = launched  # started: its output is the first follow's answer
+    pending: tuple[bool, list[str]] | None = None
+    if launched is not None:
+        ok, lines = launched
+        started = any(line.strip() == LAUNCHED_MARK for line in lines)
+        if not started:
+            detail = next((x.strip() for x in reversed(lines) if x.strip()), "no output")
+            return Outcome("failed", f"could not start the activation: {detail}")
+        if ok:  # its output after the mark is the first follow's answer
+            pending = (ok, [line for line in lines if line.strip() != LAUNCHED_MARK])
 
     budget = 2 * safety.activation_timeout + safety.confirm_timeout + GRACE
     deadline = time.monotonic() + budget

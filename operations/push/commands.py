@@ -126,6 +126,9 @@ def nix_sshopts(port: int) -> str:
             f"-p {port}",
             *SSH_OPTIONS,
             "-o KexAlgorithms=^curve25519-sha256",
+            # OpenSSH 10.1+ warns on every such connection; older ones skip the unknown option.
+            "-o IgnoreUnknown=WarnWeakCrypto",
+            "-o WarnWeakCrypto=no",
             "-o ConnectTimeout=10",
             "-o ServerAliveInterval=2",
             "-o ServerAliveCountMax=3",

@@ -436,12 +436,12 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
     generations = read_on(
         target, SystemGenerations, sudo=False, doing="reading the system's generations"
     )
-    current = generations["current"]
-    older = sorted(n for n in generations["paths"] if current is not None and n < current)
-    if current is None or not older:
+    number = generations["current"]
+    older = sorted(n for n in generations["paths"] if number is not None and n < number)
+    if number is None or not older:
         raise DeployFailed(
             f"{spec.name} has no system generation before "
-            f"{'its current one' if current is not None else 'none'} to roll back to"
+            f"{'its current one' if number is not None else 'none'} to roll back to"
         )
     current, profile = read_on(target, SystemLinks, sudo=False, doing=READING_LINKS)
     plan = Plan(

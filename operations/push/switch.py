@@ -34,6 +34,7 @@ from operations.models import SYSTEM_PROFILE, Action, Plan, Safety
 RUN_ROOT = "/run/nixpush"
 UNIT_PREFIX = "nixpush-switch-"
 STATUS_MARK = "@@nixpush-status@@"
+LAUNCHED_MARK = "@@nixpush-launched@@"
 TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "missing")
 
 # -- the program that runs on the target -----------------------------------------------
@@ -336,9 +337,12 @@ def launch_command(run: ActivationRun) -> StringCommand:
 
 
 def launch_and_follow_command(run: ActivationRun, wait: int) -> StringCommand:
-    """``launch_command``, then, once the run started, the first ``follow_command``'s answer:
-    one round trip for both."""
-    return StringCommand(launch_command(run), "&&", follow_command(run, 0, "", wait))
+    """``launch_command``, then, once the run started, ``LAUNCHED_MARK`` and the first
+    ``follow_command``'s answer: one round trip for both. Without the mark the run did not
+    start; with it, a command that failed lost its follow, not the run."""
+    return StringCommand(
+        launch_command(run), "&& echo", LAUNCHED_MARK, "&&", follow_command(run, 0, "", wait)
+    )
 
 
 def follow_command(run: ActivationRun, seen: int, known: str, wait: int) -> StringCommand:

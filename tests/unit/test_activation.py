@@ -155,7 +155,7 @@ class _Refusing:
     closed = 0
 
     def __init__(self, state: Any, host: Any) -> None:
-        self.client = SimpleNamespace(close=self._close)
+        self.client = SimpleNamespace(close=self._close, get_transport=lambda: None)
 
     def _close(self) -> None:
         type(self).closed += 1
@@ -399,8 +399,9 @@ def test_launch_and_first_follow_are_one_round_trip(tmp_path, monkeypatch):
         input=stand_in, capture_output=True, text=True, timeout=10,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert switch.STATUS_MARK in done.stdout.splitlines()  # a follow's answer
-    progress = parse_follow(done.stdout.splitlines())
+    lines = done.stdout.splitlines()
+    assert lines[0] == switch.LAUNCHED_MARK and switch.STATUS_MARK in lines  # then a follow's
+    progress = parse_follow(lines[1:])
     assert progress.state in ("starting", "activating")  # as far as it got at once
     assert progress.lines in ([], ["started switch"])
     status = tmp_path / "runs" / run.id / "status"
@@ -419,4 +420,5 @@ def test_a_launch_that_fails_is_not_followed(tmp_path, monkeypatch):
         ["sh", "-c", switch.launch_and_follow_command(run_of(), 5).get_raw_value()],
         input="echo never", capture_output=True, text=True, timeout=10,
     )  # fmt: skip
-    assert done.returncode != 0 and switch.STATUS_MARK not in done.stdout
+    assert done.returncode != 0
+    assert switch.LAUNCHED_MARK not in done.stdout and switch.STATUS_MARK not in done.stdout
