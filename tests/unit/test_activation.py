@@ -9,6 +9,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import paramiko
 import pytest
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.command import QuoteString, StringCommand
@@ -422,3 +423,26 @@ def test_a_launch_that_fails_is_not_followed(tmp_path, monkeypatch):
     )  # fmt: skip
     assert done.returncode != 0
     assert switch.LAUNCHED_MARK not in done.stdout and switch.STATUS_MARK not in done.stdout
+
+
+def test_a_fresh_login_closes_every_proxyjump_hop():
+    closed: list[str] = []
+
+    class Transport:
+        def __init__(self, name: str, sock: Any) -> None:
+            self.name, self.sock = name, sock
+
+        def close(self) -> None:
+            closed.append(self.name)
+
+    def channel_on(transport: Transport) -> paramiko.Channel:
+        channel = paramiko.Channel(0)
+        channel.transport = transport  # type: ignore[assignment]
+        return channel
+
+    first_hop = Transport("hop1", sock=object())  # a plain socket: the end of the chain
+    second_hop = Transport("hop2", sock=channel_on(first_hop))
+    target = Transport("target", sock=channel_on(second_hop))
+    client = SimpleNamespace(get_transport=lambda: target, close=lambda: closed.append("client"))
+    process._close_login(client)
+    assert closed == ["client", "hop2", "hop1"]
