@@ -19,6 +19,10 @@ the run.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
@@ -60,12 +64,34 @@ def check_inventory(inventory: Inventory) -> dict[str, HostSpec]:
 _started: WeakKeyDictionary[State, Deploy] = WeakKeyDictionary()
 
 
+def register_deploy_file(filename: str) -> types.ModuleType:
+    """
+    Make the deploy file pyinfra runs (``exec``, never imported) known as a module.
+
+    pyinfra orders every operation call by ``inspect.stack()``, which looks up the module of
+    each frame. For a file no module comes from, the standard library finds none and scans
+    all of ``sys.modules`` again, every time: 15 ms of CPU per operation call, on a controller
+    running 10 hosts' deploy code one greenlet at a time (half its CPU in a no-change run of 8
+    Pis). A module in ``sys.modules`` whose ``__file__`` is the deploy file ends that: the
+    first lookup finds it and ``inspect`` remembers the file. Nothing imports it.
+    """
+    path = os.path.abspath(filename)
+    name = "nixpush_deploy_file_" + hashlib.sha256(path.encode()).hexdigest()[:16]
+    if name not in sys.modules:
+        module = types.ModuleType(name, f"pyinfra's deploy file {filename}, for inspect only")
+        module.__file__ = path
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def start_deploy(state: State) -> Deploy:
     """Check the inventory, take the run lock, bound each host's SSH sessions, open the run
     summary. Deploy code runs once per host: the first call does this work, the others get
     its ``Deploy`` (checking the fleet costs CPU, and every greenlet waits while one spends it)."""
     if state in _started:
         return _started[state]
+    if state.current_deploy_filename:
+        register_deploy_file(state.current_deploy_filename)
     specs = check_inventory(state.inventory)
     hold_deploy_lock()
     for inventory_host in state.inventory:
