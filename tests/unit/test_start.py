@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import pytest
 
 from operations import lock
 from operations.fleet import FleetError
-from operations.start import check_inventory
+from operations.start import check_inventory, register_deploy_file
 from tests.unit.test_fleet import fleet
 
 
@@ -92,3 +94,24 @@ def test_a_free_lock_is_held_until_the_process_exits(tmp_path, monkeypatch):
 
 def test_no_state_dir_means_no_nixpush_run_to_wait_for(tmp_path):
     assert lock.hold_deploy_lock({"NIXPUSH_STATE_DIR": str(tmp_path / "none")}) is None
+
+
+def test_the_deploy_file_is_a_module_to_inspect_so_no_stack_rescans_sys_modules(
+    tmp_path, monkeypatch
+):
+    # pyinfra execs the deploy file (compiled under the name it was given) and orders each
+    # operation call with inspect.stack(): every frame's module is looked up.
+    monkeypatch.chdir(tmp_path)
+    Path("deploy.py").write_text("import inspect\nframe = inspect.currentframe()\n")
+    code = compile(Path("deploy.py").read_text(), "deploy.py", "exec")
+    exec_namespace: dict[str, Any] = {"__file__": "deploy.py"}
+    exec(code, exec_namespace)
+    frame = exec_namespace["frame"]
+    assert inspect.getmodule(frame) is None  # nothing to find: every lookup scans again
+
+    module = register_deploy_file("deploy.py")
+
+    assert inspect.getmodule(frame) is module
+    # Remembered by file: the next lookup is a dictionary hit, not a scan of sys.modules.
+    assert inspect.modulesbyfile[os.path.normcase(str(tmp_path / "deploy.py"))] == module.__name__
+    assert register_deploy_file("deploy.py") is module  # once per file
