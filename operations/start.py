@@ -88,10 +88,10 @@ def start_deploy(state: State) -> Deploy:
     """Check the inventory, take the run lock, bound each host's SSH sessions, open the run
     summary. Deploy code runs once per host: the first call does this work, the others get
     its ``Deploy`` (checking the fleet costs CPU, and every greenlet waits while one spends it)."""
+    if state.current_deploy_filename:  # each deploy file of the run, before any operation
+        register_deploy_file(state.current_deploy_filename)
     if state in _started:
         return _started[state]
-    if state.current_deploy_filename:
-        register_deploy_file(state.current_deploy_filename)
     specs = check_inventory(state.inventory)
     hold_deploy_lock()
     for inventory_host in state.inventory:
