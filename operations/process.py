@@ -229,11 +229,17 @@ def read_on(target: Host, fact: type[FactBase[T]], *, sudo: bool, doing: str, **
         read_on(builder, File, path=DEPLOY_KEY_PATH, sudo=True, doing="checking ...")
     """
     instance = fact()
-    ok, lines = run_on(target, StringCommand(instance.command(**args)), sudo=sudo, doing=doing)
+    lines = read_lines_on(target, StringCommand(instance.command(**args)), sudo=sudo, doing=doing)
+    return instance.process(lines) if lines else instance.default()
+
+
+def read_lines_on(target: Host, command: StringCommand, *, sudo: bool, doing: str) -> list[str]:
+    """``run_on``'s output lines; ``DeployFailed`` when the command fails (``read_on``)."""
+    ok, lines = run_on(target, command, sudo=sudo, doing=doing)
     if not ok:
         last = lines[-1].strip() if lines else "no output"
         raise DeployFailed(f"{target.name}: {doing} failed: {last}")
-    return instance.process(lines) if lines else instance.default()
+    return lines
 
 
 # -- a new SSH login from the controller -----------------------------------------------

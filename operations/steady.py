@@ -10,7 +10,7 @@ these same questions of every target. Both paths are world-readable: no sudo.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from weakref import WeakKeyDictionary
 
 from pyinfra.api.command import QuoteString, StringCommand
@@ -19,6 +19,12 @@ from pyinfra.context import ctx_host
 from typing_extensions import override
 
 from operations.models import NIXOS_MARKER, SYSTEMD_RUNNING
+from operations.process import read_lines_on
+
+if TYPE_CHECKING:
+    from pyinfra.api.host import Host
+
+T = TypeVar("T")
 
 
 class HostKind(FactBase[frozenset[str]]):
@@ -51,6 +57,20 @@ def host_kind() -> frozenset[str]:
     if target not in _kinds:
         _kinds[target] = target.get_fact(HostKind, _sudo=False)
     return _kinds[target]
+
+
+def read_with_host_kind(target: Host, fact: type[FactBase[T]], *, doing: str) -> T:
+    """
+    Read ``fact`` (world-readable: no sudo) on ``target`` and its ``HostKind`` in one command;
+    the kind is kept for ``host_kind``: a read the run makes anyway brings it along.
+    ``DeployFailed`` as ``read_on``.
+    """
+    instance, kind = fact(), HostKind()
+    command = StringCommand(instance.command(), ";", kind.command())
+    lines = read_lines_on(target, command, sudo=False, doing=doing)
+    # The Host itself (``target`` may be pyinfra's context proxy), as ``host_kind`` keys it.
+    _kinds[target.state.inventory.get_host(target.name)] = kind.process(lines)
+    return instance.process(lines) if lines else instance.default()
 
 
 def runs_nixos() -> bool:

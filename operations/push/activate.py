@@ -44,11 +44,15 @@ from operations.models import (
 from operations.process import fresh_login_run, run_on
 from operations.push.commands import nix_error, switch_command
 from operations.push.switch import (
+    AWAITING,
+    CONFIRMED_MARK,
     LAUNCHED_MARK,
     PROGRAM,
     TERMINAL,
+    TOO_LATE,
     ActivationRun,
-    confirm_command,
+    after_mark,
+    confirm_and_follow_command,
     follow_command,
     launch_and_follow_command,
     parse_follow,
@@ -316,12 +320,12 @@ def _follow_activation(
     pending: tuple[bool, list[str]] | None = None
     if launched is not None:
         ok, lines = launched
-        started = any(line.strip() == LAUNCHED_MARK for line in lines)
-        if not started:
+        first_answer = after_mark(lines, LAUNCHED_MARK)
+        if first_answer is None:
             detail = next((x.strip() for x in reversed(lines) if x.strip()), "no output")
             return Outcome("failed", f"could not start the activation: {detail}")
         if ok:  # its output after the mark is the first follow's answer
-            pending = (ok, [line for line in lines if line.strip() != LAUNCHED_MARK])
+            pending = (ok, first_answer)
 
     budget = 2 * safety.activation_timeout + safety.confirm_timeout + GRACE
     deadline = time.monotonic() + budget
@@ -360,9 +364,10 @@ def _follow_activation(
             say(f"activate: {line}")
         seen += len(progress.lines)
         status, known = progress.status or status, progress.state
-        if known == "awaiting-confirmation" and not confirming_done:
+        if known == AWAITING and not confirming_done:
             confirming_done = True
-            note = _check_and_confirm(channel, run, checks, systemd, say) or ""
+            problem, pending = _check_and_confirm(channel, run, checks, systemd, say, seen)
+            note = problem or ""
         if known in TERMINAL:
             break
     if known == "done" and not run.rolls_back and plan.action != "boot":
@@ -380,8 +385,12 @@ def _check_and_confirm(
     checks: list[HealthCheck],
     systemd: bool,
     say: Any,
-) -> str | None:
-    """Health checks, then the confirmation over a new login; the reason when not confirmed."""
+    seen: int,
+) -> tuple[str | None, tuple[bool, list[str]] | None]:
+    """
+    Health checks, then the confirmation over a new login: (None, the program's answer to it,
+    when the login brought one back) once confirmed, else (the reason, None).
+    """
     started = time.monotonic()
     problem = run_checks(
         checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m)
@@ -394,21 +403,25 @@ def _check_and_confirm(
             if attempt:
                 gevent.sleep(1)
             result = fresh_login_run(
-                channel.host, confirm_command(run), sudo=channel.sudo, timeout=20
+                channel.host,
+                confirm_and_follow_command(run, seen, FOLLOW_WAIT),
+                sudo=channel.sudo,
+                timeout=20 + FOLLOW_WAIT,
             )
-            if result is not None and result[0]:
+            answer = None if result is None else after_mark(result[1], CONFIRMED_MARK)
+            if result is not None and answer is not None:
                 say("confirmed over a new SSH connection")
-                return None
+                return None, ((True, answer) if result[0] else None)
             if result is None:
                 last = "no new SSH connection could be made"
             else:
                 text = [x.strip() for x in result[1] if x.strip()]
                 last = text[-1] if text else "the confirmation was refused"
-                if "No such file" in " ".join(text):
-                    return "the confirmation came too late"
+                if TOO_LATE in text:
+                    return "the confirmation came too late", None
         problem = f"a new SSH login to confirm failed: {last}"
     say(f"not confirming: {problem}", fg="yellow")
     rejected = channel.run(reject_command(run, problem), 20)
     if rejected is None or not rejected[0]:
         say("could not tell the target; it rolls back when its confirmation time is up")
-    return problem
+    return problem, None

@@ -35,6 +35,8 @@ RUN_ROOT = "/run/nixpush"
 UNIT_PREFIX = "nixpush-switch-"
 STATUS_MARK = "@@nixpush-status@@"
 LAUNCHED_MARK = "@@nixpush-launched@@"
+CONFIRMED_MARK = "@@nixpush-confirmed@@"
+AWAITING = "awaiting-confirmation"
 TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "missing")
 
 # -- the program that runs on the target -----------------------------------------------
@@ -87,12 +89,12 @@ roll_back() {
     echo "nixpush: no previous system to activate"; ok=0
   fi
   now=$(readlink -f /run/current-system 2>/dev/null)
+  echo "nixpush: now running ${now:-nothing}"
   if [ "$ok" = 1 ] && [ "$now" = "$prev_current" ]; then
     status rolled-back "cause=$1"
   else
     status rollback-failed "cause=$1"
   fi
-  echo "nixpush: now running ${now:-nothing}"
   exit 0
 }
 case $action in
@@ -124,8 +126,8 @@ if [ "$rollback" != 1 ]; then
   exit 0
 fi
 : > "$dir/awaiting"
-status awaiting-confirmation "timeout=$confirm_timeout"
 echo "nixpush: activated; rolling back unless confirmed within ${confirm_timeout}s"
+status awaiting-confirmation "timeout=$confirm_timeout"
 deadline=$(( $(date +%s) + confirm_timeout ))
 polls=0  # the clock is read once a second, not at every poll
 while [ -e "$dir/awaiting" ]; do
@@ -137,8 +139,8 @@ if mv "$dir/awaiting" "$dir/expired" 2>/dev/null; then
   roll_back "no confirmation within ${confirm_timeout}s"
 fi
 if [ -e "$dir/confirmed" ]; then
-  status confirmed
   echo "nixpush: confirmed"
+  status confirmed
   exit 0
 fi
 roll_back "$(cat "$dir/reject-cause" 2>/dev/null || echo rejected)"
@@ -151,49 +153,62 @@ INSTALL = (
     'cat > "$1/program"; d=$1; shift; exec "$@" </dev/null >>"$d/output" 2>&1'
 )
 
-# Prints the output lines after the first $2 (waiting up to $4 s for news: more lines or a
-# state other than $3), then STATUS_MARK, the status and what the links point at now.
-FOLLOW = r"""dir=$1 seen=$2 known=$3 wait=$4 unit=$5
-# Polled five times a second while the target activates: shell builtins, but one count.
-count() {
-  if [ -n "$unit" ]; then total=$(journalctl -q -u "$unit" -o cat --no-pager 2>/dev/null | wc -l)
-  elif [ -f "$dir/output" ]; then total=$(wc -l 2>/dev/null < "$dir/output")
-  else total=0; fi
-  total=$((total))
-}
+# States the program passes through on its own; every other one wants the controller (it
+# confirms, or reports the outcome).
+TRANSIENT = ("starting", "activating", "rolling-back")
+
+# Answers once the state is another than $3 and not TRANSIENT, or after $4 s with what there
+# is: the output lines after the first $2 (read after the state: the program writes its lines
+# before the state they lead to), STATUS_MARK, the status and, once the run is over
+# (TERMINAL), what the links point at. Polled five times a second: shell builtins and sleep,
+# nothing else (a real Pi pays for every process while it activates).
+FOLLOW = (
+    r"""dir=$1 seen=$2 known=$3 wait=$4 unit=$5
 state() {
+  text= now=
   if [ -f "$dir/status" ]; then
-    now=
-    while IFS= read -r line; do case $line in state=*) now=${line#state=} ;; esac; done \
-      < "$dir/status"
+    while IFS= read -r line; do
+      text="$text$line
+"
+      case $line in state=*) now=${line#state=} ;; esac
+    done < "$dir/status"
   elif [ -d "$dir" ]; then now=starting; else now=missing; fi
-}
-out() {
-  if [ -n "$unit" ]; then journalctl -q -u "$unit" -o cat --no-pager 2>/dev/null
-  else cat "$dir/output" 2>/dev/null; fi
 }
 polls=0
 while :; do
-  count; state
-  if [ "$total" -gt "$seen" ] || [ "$now" != "$known" ] || [ "$polls" -ge $((wait * 5)) ]; then
-    break
-  fi
+  state
+  case $now in @TRANSIENT@) ;; *) [ "$now" != "$known" ] && break ;; esac
+  [ "$polls" -ge $((wait * 5)) ] && break
   sleep 0.2; polls=$((polls + 1))
 done
-# New lines while the state holds: gather a little more, to spare round trips.
-if [ "$now" = "$known" ] && [ "$total" -gt "$seen" ]; then
-  sleep 0.3; count; state
+if [ -n "$unit" ]; then
+  journalctl -q -u "$unit" -o cat --no-pager 2>/dev/null | sed -n "$((seen + 1)),\$p"
+elif [ -f "$dir/output" ]; then
+  n=0
+  while IFS= read -r line; do
+    n=$((n + 1))
+    [ "$n" -gt "$seen" ] && printf '%s\n' "$line"
+  done < "$dir/output"
 fi
-if [ "$total" -gt "$seen" ]; then out | sed -n "$((seen + 1)),${total}p"; fi
 echo "@@nixpush-status@@"
-if [ -f "$dir/status" ]; then cat "$dir/status"; else echo "state=$now"; fi
-echo "current=$(readlink -f /run/current-system 2>/dev/null)"
-echo "profile=$(readlink -f /nix/var/nix/profiles/system 2>/dev/null)"
+if [ -n "$text" ]; then printf '%s' "$text"; else echo "state=$now"; fi
+case $now in @TERMINAL@)
+  echo "current=$(readlink -f /run/current-system 2>/dev/null)"
+  echo "profile=$(readlink -f /nix/var/nix/profiles/system 2>/dev/null)" ;;
+esac
 """
+    .replace("@TRANSIENT@", "|".join(TRANSIENT))
+    .replace("@TERMINAL@", "|".join(TERMINAL))
+)  # fmt: skip
 
 # The confirmation and the rejection race the program's own timeout for one rename: exactly
-# one of confirmed, rejected, expired wins.
-CONFIRM = 'mv "$1/awaiting" "$1/confirmed"'
+# one of confirmed, rejected, expired wins. A confirmation sent again (its answer was lost)
+# finds itself there.
+TOO_LATE = "nixpush: no confirmation awaited"
+CONFIRM = (
+    'mv "$1/awaiting" "$1/confirmed" 2>/dev/null || [ -e "$1/confirmed" ] || '
+    f'{{ echo "{TOO_LATE}"; exit 1; }}'
+)
 REJECT = 'printf "%s\\n" "$2" > "$1/reject-cause" && mv "$1/awaiting" "$1/rejected"'
 
 
@@ -337,12 +352,30 @@ def launch_command(run: ActivationRun) -> StringCommand:
 
 
 def launch_and_follow_command(run: ActivationRun, wait: int) -> StringCommand:
-    """``launch_command``, then, once the run started, ``LAUNCHED_MARK`` and the first
-    ``follow_command``'s answer: one round trip for both. Without the mark the run did not
-    start; with it, a command that failed lost its follow, not the run."""
-    return StringCommand(
-        launch_command(run), "&& echo", LAUNCHED_MARK, "&&", follow_command(run, 0, "", wait)
-    )
+    """``launch_command``, then ``LAUNCHED_MARK`` and the first follow's answer (at the first
+    state that wants the controller): one round trip. Without the mark the run did not start;
+    with it, a command that failed lost its follow, not the run."""
+    return then_follow(launch_command(run), LAUNCHED_MARK, run, 0, "", wait)
+
+
+def confirm_and_follow_command(run: ActivationRun, seen: int, wait: int) -> StringCommand:
+    """``confirm_command``, then ``CONFIRMED_MARK`` and a follow's answer (the program's
+    ``confirmed``, once it noticed): the confirmation and its outcome in one round trip."""
+    return then_follow(confirm_command(run), CONFIRMED_MARK, run, seen, AWAITING, wait)
+
+
+def then_follow(
+    first: StringCommand, mark: str, run: ActivationRun, seen: int, known: str, wait: int
+) -> StringCommand:
+    """``first``; once it succeeded, ``mark`` and a ``follow_command``'s answer."""
+    return StringCommand(first, "&& echo", mark, "&&", follow_command(run, seen, known, wait))
+
+
+def after_mark(lines: Sequence[str], mark: str) -> list[str] | None:
+    """The lines after ``mark`` (a ``then_follow`` answer); None when it is not there (the
+    first command failed)."""
+    at = next((i for i, line in enumerate(lines) if line.strip() == mark), None)
+    return None if at is None else list(lines[at + 1 :])
 
 
 def follow_command(run: ActivationRun, seen: int, known: str, wait: int) -> StringCommand:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -364,15 +365,37 @@ def follow(run_dir: Any, seen: int, known: str, wait: int) -> tuple[list[str], f
     return done.stdout.splitlines(), time.monotonic() - started
 
 
-def test_follow_answers_new_lines_and_the_state_at_once(tmp_path):
+def test_follow_holds_lines_of_a_running_activation_until_its_wait_is_up(tmp_path):
+    # New lines alone are no reason to answer: an activation's output comes at the state
+    # that wants the controller, or every `wait` seconds while it runs (fewer round trips).
     (tmp_path / "output").write_text("one\ntwo\nthree\n")
     (tmp_path / "status").write_text("state=activating\n")
-    lines, seconds = follow(tmp_path, 1, "activating", 5)
+    lines, seconds = follow(tmp_path, 1, "", 1)
     progress = parse_follow(lines)
     assert progress.lines == ["two", "three"] and progress.state == "activating"
-    assert seconds < 2  # news: no waiting out the 5 s
-    lines, _ = follow(tmp_path, 3, "starting", 5)  # the state moved on: answered at once
-    assert parse_follow(lines).lines == [] and parse_follow(lines).state == "activating"
+    assert 0.9 < seconds < 3
+    assert not any(line.startswith("current=") for line in lines)  # links only at the end
+
+
+def test_follow_answers_at_once_at_a_state_that_wants_the_controller(tmp_path):
+    (tmp_path / "output").write_text("one\ntwo\n")
+    (tmp_path / "status").write_text("state=awaiting-confirmation\ntimeout=30\n")
+    lines, seconds = follow(tmp_path, 0, "", 5)
+    progress = parse_follow(lines)
+    assert progress.lines == ["one", "two"] and progress.state == "awaiting-confirmation"
+    assert progress.status["timeout"] == "30" and seconds < 2
+    (tmp_path / "status").write_text("state=confirmed\n")
+    lines, seconds = follow(tmp_path, 2, "awaiting-confirmation", 5)
+    progress = parse_follow(lines)
+    assert progress.lines == [] and progress.state == "confirmed" and seconds < 2
+    assert "current" in progress.status and "profile" in progress.status  # over: the links
+
+
+def test_follow_counts_only_whole_lines(tmp_path):
+    (tmp_path / "output").write_text("one\ntw")  # the program is writing its second line
+    (tmp_path / "status").write_text("state=done\n")
+    lines, _ = follow(tmp_path, 0, "", 1)
+    assert parse_follow(lines).lines == ["one"]
 
 
 def test_follow_waits_for_news_then_answers_what_it_has(tmp_path):
@@ -411,6 +434,50 @@ def test_launch_and_first_follow_are_one_round_trip(tmp_path, monkeypatch):
             break
         time.sleep(0.1)
     assert status.read_text() == "state=activating\n"
+
+
+def _sh(command: StringCommand) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", "-c", command.get_raw_value()], capture_output=True, text=True, timeout=10
+    )
+
+
+def test_a_confirmation_brings_back_the_programs_answer_in_the_same_round_trip(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path))
+    run = run_of()
+    Path(run.dir).mkdir()
+    (Path(run.dir) / "awaiting").touch()
+    (Path(run.dir) / "status").write_text("state=awaiting-confirmation\n")
+    (Path(run.dir) / "output").write_text("activated\n")
+    # The program's side: it sees the confirmation and says so (in a fifth of a second).
+    watcher = subprocess.Popen([
+        "sh", "-c", 'while [ ! -e "$1/confirmed" ]; do sleep 0.05; done; '
+        'echo confirmed >> "$1/output"; echo state=confirmed > "$1/status"', "-", run.dir,
+    ])  # fmt: skip
+    done = _sh(switch.confirm_and_follow_command(run, 1, 5))
+    watcher.wait(timeout=5)
+    assert done.returncode == 0, done.stderr
+    answer = switch.after_mark(done.stdout.splitlines(), switch.CONFIRMED_MARK)
+    assert answer is not None
+    progress = parse_follow(answer)
+    assert progress.state == "confirmed" and progress.lines == ["confirmed"]
+    # Sent again (its answer lost on the way): still a confirmation, not "too late".
+    assert switch.after_mark(
+        _sh(switch.confirm_and_follow_command(run, 2, 1)).stdout.splitlines(),
+        switch.CONFIRMED_MARK,
+    ) is not None  # fmt: skip
+
+
+def test_a_confirmation_after_the_program_gave_up_is_too_late(tmp_path, monkeypatch):
+    monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path))
+    run = run_of()
+    Path(run.dir).mkdir()
+    (Path(run.dir) / "expired").touch()  # the program's timeout won the rename
+    done = _sh(switch.confirm_and_follow_command(run, 0, 1))
+    assert done.returncode != 0 and switch.TOO_LATE in done.stdout
+    assert switch.after_mark(done.stdout.splitlines(), switch.CONFIRMED_MARK) is None
 
 
 def test_a_launch_that_fails_is_not_followed(tmp_path, monkeypatch):
