@@ -9,14 +9,17 @@ from typing import Any
 import gevent
 import pytest
 from paramiko import ChannelException, SSHException
+from pyinfra.api import Config, Inventory, State
 from pyinfra.api.command import StringCommand
 from pyinfra.connectors.util import CommandOutput, OutputLine
+from pyinfra.context import ctx_host
 from pyinfra.facts.files import File
 
 from operations import process
 from operations.failures import DeployFailed, Unable, attempt
 from operations.models import SYSTEMD_RUNNING
-from operations.steady import HostKind, runs_nixos, runs_systemd
+from operations.push.commands import SystemLinks
+from operations.steady import HostKind, read_with_host_kind, runs_nixos, runs_systemd
 from tests.unit.fake_host import FakeHost, on_host
 
 
@@ -189,3 +192,19 @@ def test_host_kind_reads_both_markers():
     )
     here = {"systemd"} if os.path.isdir(SYSTEMD_RUNNING) else set()
     assert fact.process(out.stdout.splitlines()) == here
+
+
+def test_a_read_that_brings_the_host_kind_along_spares_the_kinds_own_command():
+    inventory = Inventory((["@local"], {}))
+    State(inventory, Config())
+    local = inventory.get_host("@local")
+    # Run for real on this machine: neither system link, no /etc/NIXOS, systemd as it is.
+    assert read_with_host_kind(local, SystemLinks, doing="reading the links") == (None, None)
+
+    def no_more_commands(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the kind was read again")
+
+    local.get_fact = no_more_commands  # type: ignore[method-assign]
+    with ctx_host.use(local):
+        assert not runs_nixos()
+        assert runs_systemd() == os.path.isdir(SYSTEMD_RUNNING)
