@@ -54,7 +54,7 @@ from operations.keys import pull_client_key as _client_key
 from operations.nix import MACHINES_FILE, NixConfig
 from operations.nixexpr import nix_value
 from operations.nixos import NIXOS_AUTHORIZED_KEYS_DIR, nixos_options_error
-from operations.ssh import UserAccount
+from operations.ssh import user_account
 from operations.systems import KNOWN_SYSTEMS
 
 if TYPE_CHECKING:
@@ -372,7 +372,7 @@ def builder_account(user: str) -> Generator[PyinfraCommand, None, None]:
     """
     check_account(user)
     require_root(f"creating the builder user {user!r} needs root")
-    account = host.get_fact(UserAccount, user=user)
+    account = user_account(user)
     if account is None:
         home = default_home(user)
         yield StringCommand(
@@ -441,7 +441,7 @@ def builder_authorized_keys(
     except ValueError as e:
         raise OperationError(f"{host.name}: {e}") from None
     blobs = {parse_public_key(key) for key in keys}
-    account = host.get_fact(UserAccount, user=user)
+    account = user_account(user)
     home = account.home if account is not None else default_home(user)
     ssh_dir = f"{home.rstrip('/')}/.ssh"
     path = f"{ssh_dir}/authorized_keys"

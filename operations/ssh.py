@@ -70,6 +70,12 @@ class UserAccount(FactBase[Account | None]):
         return Account(fields[5], fields[6]) if len(fields) == 7 else None
 
 
+def user_account(user: str) -> Account | None:
+    """The current host's ``UserAccount`` of ``user``, read without sudo: the account database
+    is world-readable, and a sudo costs the host a PAM session per read."""
+    return host.get_fact(UserAccount, user=user, _sudo=False)
+
+
 # Operations
 
 
@@ -130,7 +136,7 @@ def authorized_key(user: str, key: str) -> Generator[PyinfraCommand, None, None]
     if runs_nixos() and authorized_by_nixos(user, key):
         host.noop(f"{host.name} runs NixOS and its configuration already authorizes the key")
         return
-    account = host.get_fact(UserAccount, user=user)
+    account = user_account(user)
     if account is None:
         raise OperationError(
             f"{host.name}: user {user!r} does not exist; create it or fix ssh_user"

@@ -619,6 +619,22 @@ def test_authorized_key_present_with_other_comment_is_a_noop():
     assert host.noops == [f"{AUTH} already authorizes ssh-ed25519 key {PUB.split()[1][-12:]}"]
 
 
+def test_authorized_key_reads_the_account_without_sudo():
+    asked: list[Any] = []
+
+    class Recording(FakeHost):
+        def get_fact(self, cls: type, *args: Any, **kwargs: Any) -> Any:
+            if cls is UserAccount:
+                asked.append(kwargs.get("_sudo"))
+            return super().get_fact(cls, *args, **kwargs)
+
+    host = Recording("pi4").fact(File, None, path="/etc/NIXOS")
+    host.fact(UserAccount, Account("/home/beau", "/bin/bash"), user="beau")
+    host.fact(LinesOfFile, LineFile(0o600, "beau", "beau", (PUB,)), path=AUTH, as_user="beau")
+    assert run(host, authorized_key, user="beau", key=PUB) == []
+    assert asked == [False]  # the account database is world-readable: no sudo
+
+
 def test_authorized_key_appended_keeping_lines():
     host = _ssh_host(LineFile(0o600, "beau", "beau", (OTHER,)))
     (command,) = run(host, authorized_key, user="beau", key=PUB)
