@@ -51,19 +51,19 @@ def _plan() -> tuple[Plan, Builder | None]:
 for unreachable in plan.unreachable_builds(host, deploy.specs):
     # The real Host, not pyinfra's context proxy: steps may run it from greenlets of their own.
     itself = Builder(host=state.inventory.get_host(host.name), sudo=bool(host.data.get("_sudo")))
-    target_plan = attempt(
+    unreachable_plan = attempt(
         f"planning {unreachable.name}",
         partial(
             plan.plan_deploy,
             state.inventory.get_host(unreachable.name), unreachable, itself, deploy.summary,
         ),
     )  # fmt: skip
-    if isinstance(target_plan, Unable):
-        deploy.summary.fail(unreachable.name, target_plan.cause)
+    if isinstance(unreachable_plan, Unable):
+        deploy.summary.fail(unreachable.name, unreachable_plan.cause)
     else:
         build.build_toplevel(
             name=f"Build {unreachable.name}'s system (not connected: build only)",
-            plan=target_plan,
+            plan=unreachable_plan,
             builder=itself,
         )
 
@@ -85,9 +85,13 @@ else:
         safety = activate.safety_for(host, target_plan.action)
         checks = health.host_health_checks(host)
         activate.announce(host, target_plan, safety, checks)
+    # A target already on its system (planning logged it) gets no operations: each would be a
+    # no-op, and pyinfra's bookkeeping of an operation call costs the controller CPU per host,
+    # which is most of what a no-change run of a fleet does.
+    if planned is not None and not target_plan.up_to_date:
         # What lets the builder push, checked only when it will push: `build` leaves the
         # target alone, and a target already on its system needs nothing.
-        if trust is not None and target_plan.action.copies and not target_plan.up_to_date:
+        if trust is not None and target_plan.action.copies:
             ssh.authorized_key(
                 name="Authorize the builder's deploy key",
                 user=spec.ssh_user or "root",

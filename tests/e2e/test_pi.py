@@ -136,6 +136,11 @@ def test_second_run_changes_nothing_and_copies_nothing(push_ready):
     assert "Grand total" in text and " Success " in text
     totals = next(line for line in text.splitlines() if "Grand total" in line).split()
     assert totals[3:5] == ["-", "-"], totals  # no success, no error: all no-change
+    # Targets on their systems get no operations at all (each would be a no-op that costs
+    # the controller its bookkeeping): the results list none, only their header.
+    results = text.split("--> Results:")[1].split("Grand total")[0]
+    rows = [line for line in results.splitlines() if line.strip()]
+    assert len(rows) == 1 and rows[0].split()[0] == "Operation", rows
 
 
 def test_changing_one_pi_rebuilds_and_redeploys_only_that_pi(push_ready):
