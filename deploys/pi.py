@@ -10,9 +10,9 @@ Per target (operations/push/, one module a step): make sure it accepts the build
 (deploy key authorized, signing key trusted: the same operations as deploys/secrets.py, so the
 age key must be available); plan (desired toplevel evaluated on the builder vs.
 /run/current-system); build on the builder once per configuration; sign and copy the closure
-builder -> target over ssh-ng; dry-activate and show its report; then activate safely:
-detached from the SSH session, health-checked, confirmed over a new SSH login, rolled back by
-the target itself otherwise.
+builder -> target over ssh-ng; dry-activate and show its report, then (in the same round
+trip, only if that passed) activate safely: detached from the SSH session, health-checked,
+confirmed over a new SSH login, rolled back by the target itself otherwise.
 
 A host whose ``builder_host`` is itself (the NAS) evaluates and builds on itself, needs no
 trust and copies nothing, then activates with the same safety. Image hosts (``@image/NAME``)
@@ -117,7 +117,8 @@ else:
                 user=spec.ssh_user or "root",
             )
         sudo = bool(host.data.get("_sudo", False))
-        activate.dry_activate(name="Dry-activate", plan=target_plan, sudo=sudo)
+        if not target_plan.action.activates:  # an activation dry-activates first itself
+            activate.dry_activate(name="Dry-activate", plan=target_plan, sudo=sudo)
         activate.activate_safely(
             name="Activate (detached, confirmed, rolled back on failure)",
             plan=target_plan,

@@ -1,6 +1,7 @@
 """
 Step 4, activate: ``switch-to-configuration dry-activate`` first, always, with its report
-shown; then the activation itself, safely (``activate_safely``):
+shown (before an activation, in the round trip that starts it: nothing starts unless it
+passed); then the activation itself, safely (``activate_safely``):
 
 1. it runs on the target detached from the SSH session, as its own watchdog
    (``operations.push.switch``); the controller follows its output, logging in anew when the
@@ -46,6 +47,7 @@ from operations.push.commands import nix_error, switch_command
 from operations.push.switch import (
     AWAITING,
     CONFIRMED_MARK,
+    DRY_ACTIVATED_MARK,
     LAUNCHED_MARK,
     PROGRAM,
     TERMINAL,
@@ -53,8 +55,8 @@ from operations.push.switch import (
     ActivationRun,
     after_mark,
     confirm_and_follow_command,
+    dry_activate_and_launch_command,
     follow_command,
-    launch_and_follow_command,
     parse_follow,
     reject_command,
 )
@@ -69,7 +71,9 @@ if TYPE_CHECKING:
 @operation()
 def dry_activate(plan: Plan, sudo: bool) -> Generator[PyinfraCommand, None, None]:
     """
-    Run ``switch-to-configuration dry-activate`` and show its report; changes nothing.
+    Run ``switch-to-configuration dry-activate`` and show its report; changes nothing. For
+    ``deploy_action=dry-activate``: before an activation it is a no-op, ``activate_safely``
+    dry-activates first itself, in the round trip that starts it.
 
     + plan: the target's ``Plan``
     + sudo: run it with sudo (a non-root deploy user)
@@ -83,6 +87,9 @@ def dry_activate(plan: Plan, sudo: bool) -> Generator[PyinfraCommand, None, None
     if plan.up_to_date or plan.action is Action.BUILD:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to activate")
         return
+    if plan.action.activates:
+        host.noop("the activation dry-activates first (activate_safely)")
+        return
     yield FunctionCommand(_dry_activate, (plan, sudo), {})
 
 
@@ -94,11 +101,15 @@ def _dry_activate(state: State, host: Host, plan: Plan, sudo: bool) -> bool:
         sudo=sudo,
         doing=f"dry-activating {plan.desired}",
     )
+    problem = _show_dry_activation(host, plan, ok, lines)
+    return fail(host, problem) if problem else True
+
+
+def _show_dry_activation(host: Host, plan: Plan, ok: bool, lines: Sequence[str]) -> str | None:
+    """Log a dry activation's report; what went wrong when it failed."""
     for line in lines:
         host.log_styled(f"dry-activate: {line}", log_func=logger.info)
-    if not ok:
-        return fail(host, f"dry-activate of {plan.desired} failed: {nix_error(lines)}")
-    return True
+    return None if ok else f"dry-activate of {plan.desired} failed: {nix_error(lines)}"
 
 
 # How long one follow command waits on the target for news.
@@ -312,14 +323,24 @@ def _follow_activation(
     def say(text: str, **style: Any) -> None:
         host.log_styled(text, log_func=logger.info, **style)
 
-    how = f"systemd unit {run.unit}" if systemd else f"setsid, output in {run.dir}/output"
-    say(f"activating detached from this session ({how})")
+    # Dry-activate, launch and the first follow: one round trip; no launch unless the dry
+    # activation passed.
     launched = channel.run(
-        launch_and_follow_command(run, FOLLOW_WAIT), timeout=60 + FOLLOW_WAIT, stdin=PROGRAM
+        dry_activate_and_launch_command(run, FOLLOW_WAIT),
+        timeout=safety.activation_timeout + 60 + FOLLOW_WAIT,
+        stdin=PROGRAM,
     )
     pending: tuple[bool, list[str]] | None = None
     if launched is not None:
         ok, lines = launched
+        launch_lines = after_mark(lines, DRY_ACTIVATED_MARK)
+        if launch_lines is None:
+            problem = _show_dry_activation(host, plan, False, lines)
+            return Outcome("failed", problem or "dry-activate failed")
+        _show_dry_activation(host, plan, True, lines[: len(lines) - len(launch_lines) - 1])
+        how = f"systemd unit {run.unit}" if systemd else f"setsid, output in {run.dir}/output"
+        say(f"activating detached from this session ({how})")
+        lines = launch_lines
         first_answer = after_mark(lines, LAUNCHED_MARK)
         if first_answer is None:
             detail = next((x.strip() for x in reversed(lines) if x.strip()), "no output")

@@ -30,12 +30,14 @@ from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.facts import FactBase
 
 from operations.models import SYSTEM_PROFILE, Action, Plan, Safety
+from operations.push.commands import switch_command
 
 RUN_ROOT = "/run/nixpush"
 UNIT_PREFIX = "nixpush-switch-"
 STATUS_MARK = "@@nixpush-status@@"
 LAUNCHED_MARK = "@@nixpush-launched@@"
 CONFIRMED_MARK = "@@nixpush-confirmed@@"
+DRY_ACTIVATED_MARK = "@@nixpush-dry-activated@@"
 AWAITING = "awaiting-confirmation"
 TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "missing")
 
@@ -356,6 +358,16 @@ def launch_and_follow_command(run: ActivationRun, wait: int) -> StringCommand:
     state that wants the controller): one round trip. Without the mark the run did not start;
     with it, a command that failed lost its follow, not the run."""
     return then_follow(launch_command(run), LAUNCHED_MARK, run, 0, "", wait)
+
+
+def dry_activate_and_launch_command(run: ActivationRun, wait: int) -> StringCommand:
+    """``switch-to-configuration dry-activate`` of the new system (its report first, its stdin
+    kept from the program's), then ``DRY_ACTIVATED_MARK`` and ``launch_and_follow_command``:
+    nothing is launched unless the dry activation passed."""
+    return StringCommand(
+        switch_command(run.desired, "dry-activate"), "</dev/null && echo", DRY_ACTIVATED_MARK,
+        "&&", launch_and_follow_command(run, wait),
+    )  # fmt: skip
 
 
 def confirm_and_follow_command(run: ActivationRun, seen: int, wait: int) -> StringCommand:

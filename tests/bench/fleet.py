@@ -713,7 +713,8 @@ def _write_ssh_config() -> None:
 FLAKE_DIR = BENCH_DIR / "flake"
 # Nix system -> the flake's directory of its busybox (flake.nix's ``busybox``).
 BUSYBOX_DIRS = {"aarch64-linux": "aarch64", "armv7l-linux": "armv7l", "x86_64-linux": "x86_64"}
-# A configuration's attributes in hosts.nix: system, version, failActivation, padding,
+# A configuration's attributes in hosts.nix: system, version, failActivation,
+# failDryActivation, padding,
 # failEval ("throw" or "missing"), failBuild, slowBuild (seconds, a string).
 FlakeConfig = dict[str, str | bool]
 
@@ -727,8 +728,8 @@ def write_flake(configs: dict[str, FlakeConfig] | None = None) -> None:
 
     ``configs`` maps configuration name to attributes (``system``, ``version``, ``padding``
     and the failure knobs of switch-to-configuration.sh: ``failActivation``,
-    ``slowActivation`` (seconds, a string), ``breakNetwork``, ``breakSsh``); by default every
-    Pi at version 1.
+    ``failDryActivation``, ``slowActivation`` (seconds, a string), ``breakNetwork``,
+    ``breakSsh``); by default every Pi at version 1.
     """
     FLAKE_DIR.mkdir(parents=True, exist_ok=True)
     for item in FLAKE_TEMPLATE.iterdir():

@@ -23,7 +23,10 @@ from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra
 from tests.e2e.test_pi import current, current_configs, desired_path, output, profile
 
 PI = "deploys/pi.py"
-KNOBS = ("failActivation", "slowActivation", "breakNetwork", "breakSsh", "padding")
+KNOBS = (
+    "failActivation", "failDryActivation", "slowActivation", "breakNetwork", "breakSsh",
+    "padding",
+)  # fmt: skip
 FAST = ("--data", "confirm_timeout=10", "--data", "activation_timeout=60")
 _count = itertools.count(1)
 
@@ -178,6 +181,21 @@ def test_failing_activation_rolls_back_at_once(good):
     assert "pi4: rolled back: switch-to-configuration switch exited 4" in output(result)
     assert "activate: activation script failed: bench-app.service did not start" in output(result)
     assert_back_on("pi4", old, wanted)
+
+
+def test_a_failing_dry_activation_starts_nothing(good):
+    # Dry-activate and the launch are one round trip: the launch must not happen.
+    old, runs_before = good["pi4"], run_dirs("pi4")
+    wanted = configure("pi4", failDryActivation=True)
+    result = deploy("--limit", "pi4")
+    text = output(result)
+    assert result.returncode == 1, text
+    assert f"pi4: failed: dry-activate of {wanted} failed: " in text, text
+    assert "cannot read the units of" in text
+    assert "activating detached" not in text
+    assert run_dirs("pi4") == runs_before  # no activation was started
+    assert current("pi4") == old and profile("pi4") == old
+    assert wanted not in generations("pi4")
 
 
 def test_failing_health_check_rolls_back_without_waiting(good, tmp_path):

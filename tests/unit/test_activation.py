@@ -480,6 +480,45 @@ def test_a_confirmation_after_the_program_gave_up_is_too_late(tmp_path, monkeypa
     assert switch.after_mark(done.stdout.splitlines(), switch.CONFIRMED_MARK) is None
 
 
+def _stand_in_system(tmp_path: Path, dry_exit: int) -> str:
+    """A system whose switch-to-configuration reports (reading stdin, as no real one does:
+    it must not take the program's) and exits ``dry_exit``."""
+    system = tmp_path / "system"
+    (system / "bin").mkdir(parents=True)
+    stc = system / "bin" / "switch-to-configuration"
+    stc.write_text(f'#!/bin/sh\necho "would $1: stdin $(cat | wc -c) bytes"\nexit {dry_exit}\n')
+    stc.chmod(0o755)
+    return str(system)
+
+
+def test_dry_activation_comes_first_in_the_launch_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
+    run = run_of(desired=_stand_in_system(tmp_path, 0))
+    program = 'printf "state=done\\n" > "$1/status"'
+    done = subprocess.run(
+        ["sh", "-c", switch.dry_activate_and_launch_command(run, 5).get_raw_value()],
+        input=program, capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "would dry-activate: stdin 0 bytes"  # the program's stdin untouched
+    launch = switch.after_mark(lines, switch.DRY_ACTIVATED_MARK)
+    assert launch is not None and launch[0] == switch.LAUNCHED_MARK
+    assert (tmp_path / "runs" / run.id / "program").read_text() == program
+
+
+def test_a_failed_dry_activation_launches_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
+    run = run_of(desired=_stand_in_system(tmp_path, 3))
+    done = subprocess.run(
+        ["sh", "-c", switch.dry_activate_and_launch_command(run, 5).get_raw_value()],
+        input="echo never", capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    assert done.returncode == 3
+    assert switch.after_mark(done.stdout.splitlines(), switch.DRY_ACTIVATED_MARK) is None
+    assert not (tmp_path / "runs").exists()  # no run directory: nothing started
+
+
 def test_a_launch_that_fails_is_not_followed(tmp_path, monkeypatch):
     monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
     (tmp_path / "runs").mkdir()

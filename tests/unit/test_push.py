@@ -105,7 +105,11 @@ def test_rollback_dry_activates_and_activates_but_neither_builds_nor_copies():
     assert Action.ROLLBACK.activates and not Action.ROLLBACK.copies
     host = FakeHost("pi4")
     assert run(host, copy.copy_closure, back, BUILDER, "10.0.0.2", 22, "beau") == []
-    assert shell(run(host, activate.dry_activate, back, True)) == [f"_dry_activate: {back}"]
+    # The activation dry-activates the older generation first itself (one round trip).
+    assert run(host, activate.dry_activate, back, True) == []
+    assert host.noops[-1] == "the activation dry-activates first (activate_safely)"
+    only_dry = plan("dry-activate")
+    assert shell(run(host, activate.dry_activate, only_dry, True)) == [f"_dry_activate: {only_dry}"]
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ fi
   echo "bb=$bb"
   echo "top=$out"
   echo "fail_activation=$failActivation"
+  echo "fail_dry_activation=$failDryActivation"
   echo "slow_activation=$slowActivation"
   echo "break_network=$breakNetwork"
   echo "break_ssh=$breakSsh"

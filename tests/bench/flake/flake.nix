@@ -25,10 +25,11 @@
         hostName = name;
         version = cfg.version;
         # Failure knobs (tests/bench/fleet.py set_flake_configs): a configuration whose
-        # activation fails after making itself current, is slow, takes the host's network
-        # down, or makes sshd refuse new logins. Each one changes the toplevel, like a real
+        # dry activation fails, whose activation fails after making itself current, is slow,
+        # takes the host's network down, or makes sshd refuse new logins. Each one changes the toplevel, like a real
         # configuration change would.
         failActivation = if cfg.failActivation or false then "1" else "";
+        failDryActivation = if cfg.failDryActivation or false then "1" else "";
         slowActivation = cfg.slowActivation or "";
         breakNetwork = if cfg.breakNetwork or false then "1" else "";
         breakSsh = if cfg.breakSsh or false then "1" else "";

@@ -8,6 +8,8 @@
 #   break_network:     takes eth0 down (the host's only link)
 #   break_ssh:         sshd refuses new logins (authorized_keys moved aside), running sessions stay
 #   fail_activation:   exits 4 after making itself current, like a unit that failed to start
+#   fail_dry_activation: dry-activate exits 2, like an activation script that cannot even
+#                      tell what it would do
 # A configuration without them repairs what they broke (and only that), as activating a good
 # NixOS generation re-applies its network and sshd settings.
 action="$1"
@@ -23,6 +25,10 @@ if [ ! -w /run ]; then  # root's alone: what an activation writes
 fi
 current=$($bb readlink /run/current-system 2>/dev/null || true)
 if [ "$action" = dry-activate ]; then
+  if [ -n "$fail_dry_activation" ]; then
+    echo "error: dry-activate: cannot read the units of $top" >&2
+    exit 2
+  fi
   read -r version < "$top/nixos-version"
   echo "would activate the configuration $top (version $version)"
   echo "would replace ${current:-no running system}"
