@@ -53,12 +53,12 @@ from operations.push.switch import (
     TERMINAL,
     TOO_LATE,
     ActivationRun,
-    after_mark,
     confirm_and_follow_command,
     dry_activate_and_launch_command,
     follow_command,
     parse_follow,
     reject_command,
+    split_at_mark,
 )
 from operations.steady import runs_systemd
 from operations.summary import summary_for
@@ -333,15 +333,14 @@ def _follow_activation(
     pending: tuple[bool, list[str]] | None = None
     if launched is not None:
         ok, lines = launched
-        launch_lines = after_mark(lines, DRY_ACTIVATED_MARK)
+        report, launch_lines = split_at_mark(lines, DRY_ACTIVATED_MARK)
+        problem = _show_dry_activation(host, plan, launch_lines is not None, report)
         if launch_lines is None:
-            problem = _show_dry_activation(host, plan, False, lines)
             return Outcome("failed", problem or "dry-activate failed")
-        _show_dry_activation(host, plan, True, lines[: len(lines) - len(launch_lines) - 1])
         how = f"systemd unit {run.unit}" if systemd else f"setsid, output in {run.dir}/output"
         say(f"activating detached from this session ({how})")
         lines = launch_lines
-        first_answer = after_mark(lines, LAUNCHED_MARK)
+        _, first_answer = split_at_mark(lines, LAUNCHED_MARK)
         if first_answer is None:
             detail = next((x.strip() for x in reversed(lines) if x.strip()), "no output")
             return Outcome("failed", f"could not start the activation: {detail}")
@@ -429,7 +428,7 @@ def _check_and_confirm(
                 sudo=channel.sudo,
                 timeout=20 + FOLLOW_WAIT,
             )
-            answer = None if result is None else after_mark(result[1], CONFIRMED_MARK)
+            answer = None if result is None else split_at_mark(result[1], CONFIRMED_MARK)[1]
             if result is not None and answer is not None:
                 say("confirmed over a new SSH connection")
                 return None, ((True, answer) if result[0] else None)

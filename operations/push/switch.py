@@ -383,11 +383,13 @@ def then_follow(
     return StringCommand(first, "&& echo", mark, "&&", follow_command(run, seen, known, wait))
 
 
-def after_mark(lines: Sequence[str], mark: str) -> list[str] | None:
-    """The lines after ``mark`` (a ``then_follow`` answer); None when it is not there (the
-    first command failed)."""
+def split_at_mark(lines: Sequence[str], mark: str) -> tuple[list[str], list[str] | None]:
+    """A ``then_follow`` answer: the lines before ``mark`` and those after it; None after it
+    when it is not there (the first command failed), every line before it then."""
     at = next((i for i, line in enumerate(lines) if line.strip() == mark), None)
-    return None if at is None else list(lines[at + 1 :])
+    if at is None:
+        return list(lines), None
+    return list(lines[:at]), list(lines[at + 1 :])
 
 
 def follow_command(run: ActivationRun, seen: int, known: str, wait: int) -> StringCommand:

@@ -412,21 +412,27 @@ def test_follow_of_a_run_that_is_not_there(tmp_path):
     assert parse_follow(lines).state == "missing"
 
 
+def _sh(command: StringCommand, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """``command`` run for real by this machine's shell, ``stdin`` on its standard input."""
+    return subprocess.run(
+        ["sh", "-c", command.get_raw_value()],
+        input=stdin, capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+
+
 def test_launch_and_first_follow_are_one_round_trip(tmp_path, monkeypatch):
     # Launched for real, detached (setsid), with a stand-in program; the same command's output
-    # is the first follow's answer: the program's first line and its state.
+    # is the first follow's answer: the program's first line and its state once the follow's
+    # wait (1 s here) is up, the run still activating.
     monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
     run = run_of()
     stand_in = 'echo "started $2"; printf "state=activating\\n" > "$1/status"; sleep 1'
-    done = subprocess.run(
-        ["sh", "-c", switch.launch_and_follow_command(run, 5).get_raw_value()],
-        input=stand_in, capture_output=True, text=True, timeout=10,
-    )  # fmt: skip
+    done = _sh(switch.launch_and_follow_command(run, 1), stand_in)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == switch.LAUNCHED_MARK and switch.STATUS_MARK in lines  # then a follow's
     progress = parse_follow(lines[1:])
-    assert progress.state in ("starting", "activating")  # as far as it got at once
+    assert progress.state in ("starting", "activating")  # as far as it got within the wait
     assert progress.lines in ([], ["started switch"])
     status = tmp_path / "runs" / run.id / "status"
     for _ in range(50):  # the program runs on, detached
@@ -434,12 +440,6 @@ def test_launch_and_first_follow_are_one_round_trip(tmp_path, monkeypatch):
             break
         time.sleep(0.1)
     assert status.read_text() == "state=activating\n"
-
-
-def _sh(command: StringCommand) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["sh", "-c", command.get_raw_value()], capture_output=True, text=True, timeout=10
-    )
 
 
 def test_a_confirmation_brings_back_the_programs_answer_in_the_same_round_trip(
@@ -459,15 +459,13 @@ def test_a_confirmation_brings_back_the_programs_answer_in_the_same_round_trip(
     done = _sh(switch.confirm_and_follow_command(run, 1, 5))
     watcher.wait(timeout=5)
     assert done.returncode == 0, done.stderr
-    answer = switch.after_mark(done.stdout.splitlines(), switch.CONFIRMED_MARK)
+    answer = switch.split_at_mark(done.stdout.splitlines(), switch.CONFIRMED_MARK)[1]
     assert answer is not None
     progress = parse_follow(answer)
     assert progress.state == "confirmed" and progress.lines == ["confirmed"]
     # Sent again (its answer lost on the way): still a confirmation, not "too late".
-    assert switch.after_mark(
-        _sh(switch.confirm_and_follow_command(run, 2, 1)).stdout.splitlines(),
-        switch.CONFIRMED_MARK,
-    ) is not None  # fmt: skip
+    again = _sh(switch.confirm_and_follow_command(run, 2, 1)).stdout.splitlines()
+    assert switch.split_at_mark(again, switch.CONFIRMED_MARK)[1] is not None
 
 
 def test_a_confirmation_after_the_program_gave_up_is_too_late(tmp_path, monkeypatch):
@@ -477,7 +475,7 @@ def test_a_confirmation_after_the_program_gave_up_is_too_late(tmp_path, monkeypa
     (Path(run.dir) / "expired").touch()  # the program's timeout won the rename
     done = _sh(switch.confirm_and_follow_command(run, 0, 1))
     assert done.returncode != 0 and switch.TOO_LATE in done.stdout
-    assert switch.after_mark(done.stdout.splitlines(), switch.CONFIRMED_MARK) is None
+    assert switch.split_at_mark(done.stdout.splitlines(), switch.CONFIRMED_MARK)[1] is None
 
 
 def _stand_in_system(tmp_path: Path, dry_exit: int) -> str:
@@ -495,14 +493,12 @@ def test_dry_activation_comes_first_in_the_launch_round_trip(tmp_path, monkeypat
     monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
     run = run_of(desired=_stand_in_system(tmp_path, 0))
     program = 'printf "state=done\\n" > "$1/status"'
-    done = subprocess.run(
-        ["sh", "-c", switch.dry_activate_and_launch_command(run, 5).get_raw_value()],
-        input=program, capture_output=True, text=True, timeout=10,
-    )  # fmt: skip
+    done = _sh(switch.dry_activate_and_launch_command(run, 5), program)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "would dry-activate: stdin 0 bytes"  # the program's stdin untouched
-    launch = switch.after_mark(lines, switch.DRY_ACTIVATED_MARK)
+    report, launch = switch.split_at_mark(lines, switch.DRY_ACTIVATED_MARK)
+    assert report == ["would dry-activate: stdin 0 bytes"]
     assert launch is not None and launch[0] == switch.LAUNCHED_MARK
     assert (tmp_path / "runs" / run.id / "program").read_text() == program
 
@@ -510,12 +506,9 @@ def test_dry_activation_comes_first_in_the_launch_round_trip(tmp_path, monkeypat
 def test_a_failed_dry_activation_launches_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
     run = run_of(desired=_stand_in_system(tmp_path, 3))
-    done = subprocess.run(
-        ["sh", "-c", switch.dry_activate_and_launch_command(run, 5).get_raw_value()],
-        input="echo never", capture_output=True, text=True, timeout=10,
-    )  # fmt: skip
+    done = _sh(switch.dry_activate_and_launch_command(run, 5), "echo never")
     assert done.returncode == 3
-    assert switch.after_mark(done.stdout.splitlines(), switch.DRY_ACTIVATED_MARK) is None
+    assert switch.split_at_mark(done.stdout.splitlines(), switch.DRY_ACTIVATED_MARK)[1] is None
     assert not (tmp_path / "runs").exists()  # no run directory: nothing started
 
 
@@ -523,10 +516,7 @@ def test_a_launch_that_fails_is_not_followed(tmp_path, monkeypatch):
     monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / run_of().id).mkdir()  # taken: mkdir fails, nothing starts
-    done = subprocess.run(
-        ["sh", "-c", switch.launch_and_follow_command(run_of(), 5).get_raw_value()],
-        input="echo never", capture_output=True, text=True, timeout=10,
-    )  # fmt: skip
+    done = _sh(switch.launch_and_follow_command(run_of(), 5), "echo never")
     assert done.returncode != 0
     assert switch.LAUNCHED_MARK not in done.stdout and switch.STATUS_MARK not in done.stdout
 
