@@ -10,4 +10,6 @@ bash tests/install.sh
 # Deploy files are scripts (no package): checked apart, or deploys/secrets.py would shadow
 # the standard library's secrets module for the rest.
 .venv/bin/mypy deploys/*.py
+# The activation program, as POSIX sh.
+shellcheck -s sh operations/push/*.sh
 exec .venv/bin/pytest -v "$@"

@@ -50,6 +50,7 @@ APT_PACKAGES = (
     "iproute2",
     "psmisc",
     "procps",
+    "shellcheck",
 )
 # Static busybox per Nix system, from Debian's packages: the emulated Pis' and the native
 # x86_64 one (the NAS and the desktop build and run theirs without QEMU).
