@@ -6,7 +6,7 @@ deploys use. The owner imports it in the host's configuration and rebuilds.
 - a builder (``deploys/nas.py``'s hosts): ``boot.binfmt.emulatedSystems``,
   ``nix.settings.max-jobs``, ``nix.sshServe.*`` with the pulling targets' client keys, and
   nixpush's timers (``systemd.services``/``systemd.timers``, from ``operations.schedule``'s
-  unit files);
+  unit files; with schedule ``node_exporter`` also the node exporter reading their metrics);
 - a target (a host with ``builder_host``): ``nix.settings.extra-trusted-public-keys`` (the
   builder's signing key), the deploy user's ``openssh.authorizedKeys.keys`` (the builder's
   deploy key) and passwordless sudo for it, and with pull builds ``nix.distributedBuilds``,
@@ -160,6 +160,20 @@ def schedule_options(units: Mapping[str, str]) -> Options:
     return options
 
 
+def node_exporter_section(metrics_dir: str) -> Section:
+    """The node exporter, its textfile collector reading nixpush-run's ``metrics_dir``."""
+    node = "services.prometheus.exporters.node"
+    return Section(
+        "nixpush-run's metrics (schedule node_exporter): the node exporter's textfile\n"
+        "collector reads the directory nixpush-run writes nixpush_<mode>.prom in.",
+        {
+            f"{node}.enable": True,
+            f"{node}.enabledCollectors": ["textfile"],
+            f"{node}.extraFlags": [f"--collector.textfile.directory={metrics_dir}"],
+        },
+    )
+
+
 def _as_list(value: str | list[str]) -> list[str]:
     return value if isinstance(value, list) else [value]
 
@@ -261,6 +275,8 @@ def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str
     schedule = parse_schedule(name, inventory.get_host(name).data.get("schedule"))
     units = unit_files(schedule) if schedule.enabled else {}
     sections = builder_sections(spec if builds else None, pull_keys, units)
+    if schedule.enabled and schedule.node_exporter and schedule.metrics_dir:
+        sections.append(node_exporter_section(schedule.metrics_dir))
     if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
         trust = builder_trust(inventory.get_host(spec.pushed_by), name)
         pull = pull_client_options(spec, specs[spec.pushed_by]) if pulls(spec) else None

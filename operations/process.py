@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -86,6 +87,41 @@ def run_local(
         check=check,
         timeout=timeout,
     )
+
+
+def run_local_bounded(
+    args: Sequence[str], *, input: str = "", timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """
+    ``run_local`` for a command nixpush does not control (the owner's ``on_failure``), that
+    must never hold the run longer than ``timeout``: it runs in a process group of its own,
+    and on timeout the whole group is killed (a ``sh -c`` would otherwise leave its child
+    holding the output pipes open) before ``subprocess.TimeoutExpired`` is raised.
+
+    .. code:: python
+
+        run_local_bounded(["/usr/bin/curl", "-T", report, url], input=summary, timeout=60)
+    """
+    if isinstance(args, str):
+        raise TypeError(f"run_local_bounded takes an argument list, not the string {args!r}")
+    with subprocess.Popen(
+        list(args),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the group is gone already
+                pass
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(args, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(list(args), process.returncode, stdout, stderr)
 
 
 def find_program(name: str) -> str | None:

@@ -22,6 +22,9 @@ The data, checked once into a ``Schedule`` (``parse_schedule``), with the fix na
                        "limit": ["pi4"], "deploys": ["deploys/pi.py"]},
         },
         "activate": True,   # False: only write the unit files (no systemctl)
+        "metrics_dir": "/run/nixpush-metrics",  # node_exporter textfiles (--metrics-dir)
+        "on_failure": ["/bin/sh", "-c", "mail -s nixpush beau < \"$1\"", "sh"],
+        "node_exporter": True,  # NixOS fragment: the node exporter reads metrics_dir
     }
 
 Values go into unit files, which systemd parses: every value is checked (no control
@@ -49,6 +52,7 @@ from operations.failures import fail_host
 from operations.files import ACCOUNT_NAME, MANAGED_HEADER, write_file
 from operations.lock import DEFAULT_STATE_DIR
 from operations.models import SYSTEMD_RUNNING
+from operations.run.alerts import ALERT_TIMEOUT
 from operations.run.runner import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 from operations.steady import runs_systemd
 
@@ -135,6 +139,9 @@ class Schedule:
     timeout: int = int(DEFAULT_TIMEOUT)
     runs: tuple[Run, ...] = field(default_factory=tuple)
     activate: bool = True
+    metrics_dir: str | None = None
+    on_failure: tuple[str, ...] = ()
+    node_exporter: bool = False
 
 
 def _text(host_name: str, key: str, value: Any, pattern: re.Pattern[str], what: str) -> str:
@@ -157,6 +164,53 @@ def _count(host_name: str, key: str, value: Any, minimum: int) -> int:
             f"{host_name}: schedule {key} = {value!r} must be a whole number >= {minimum}"
         )
     return value
+
+
+def _normal_dir(host_name: str, key: str, value: Any, example: str) -> str:
+    path = "an absolute path without spaces, quotes, backslashes, % or $"
+    text = _text(host_name, key, value, _PATH, path)
+    if "//" in text or "/../" in f"{text}/" or "/./" in f"{text}/" or text == "/":
+        # systemd ignores a StateDirectory= or ReadWritePaths= that is not normalised.
+        raise ScheduleError(
+            f"{host_name}: schedule {key} = {text!r} has '//', '.' or '..'; write it "
+            f"normalised, e.g. {example}"
+        )
+    return text
+
+
+def _alerting(host_name: str, data: Mapping[str, Any], state_dir: str) -> dict[str, Any]:
+    """``metrics_dir``, ``on_failure`` and ``node_exporter``, checked."""
+    metrics_dir = data.get("metrics_dir")
+    if metrics_dir is not None:
+        metrics_dir = _normal_dir(host_name, "metrics_dir", metrics_dir, "/run/nixpush-metrics")
+        if f"{metrics_dir}/".startswith(f"{state_dir}/"):
+            raise ScheduleError(
+                f"{host_name}: schedule metrics_dir = {metrics_dir!r} is in state_dir, which "
+                "only the schedule's user and group may read; node_exporter runs as its own "
+                "user: set metrics_dir outside it, e.g. /run/nixpush-metrics"
+            )
+    on_failure = data.get("on_failure", [])
+    if (
+        isinstance(on_failure, str)
+        or not isinstance(on_failure, Sequence)
+        or (on_failure and not (isinstance(on_failure[0], str) and on_failure[0].startswith("/")))
+    ):
+        raise ScheduleError(
+            f"{host_name}: schedule on_failure = {on_failure!r} must be a list of arguments, "
+            'the first an absolute path, e.g. ["/usr/bin/curl", "-T"] (the report\'s path is '
+            "added last)"
+        )
+    node_exporter = data.get("node_exporter", False)
+    if not isinstance(node_exporter, bool) or (node_exporter and metrics_dir is None):
+        raise ScheduleError(
+            f"{host_name}: schedule node_exporter = {node_exporter!r} must be True or False, "
+            "and True needs metrics_dir (the directory its textfile collector reads)"
+        )
+    return {
+        "metrics_dir": metrics_dir,
+        "on_failure": tuple(_argument(host_name, "on_failure", a) for a in on_failure),
+        "node_exporter": node_exporter,
+    }
 
 
 def parse_schedule(host_name: str, data: Any) -> Schedule:
@@ -230,6 +284,7 @@ def parse_schedule(host_name: str, data: Any) -> Schedule:
         timeout=_count(host_name, "timeout", data.get("timeout", int(DEFAULT_TIMEOUT)), 1),
         runs=tuple(runs),
         activate=activate,
+        **_alerting(host_name, data, state_dir),
     )
 
 
@@ -264,6 +319,10 @@ def command_line(schedule: Schedule, run: Run) -> list[str]:
     ]  # fmt: skip
     args += [arg for limit in run.limit for arg in ("--limit", limit)]
     args += [arg for deploy in run.deploys for arg in ("--deploy", deploy)]
+    if schedule.metrics_dir:
+        args += ["--metrics-dir", schedule.metrics_dir]
+    # --on-failure=ARG: an argument of the command may start with "-".
+    args += [f"--on-failure={arg}" for arg in schedule.on_failure]
     return args
 
 
@@ -291,7 +350,7 @@ def render_service(schedule: Schedule, run: Run) -> str:
         lines.append(f"StateDirectory={schedule.state_dir.removeprefix('/var/lib/')}")
         lines.append("StateDirectoryMode=0750")
     # `-`: a state dir elsewhere that does not exist yet is nixpush-run's usage error (64).
-    lines += [f"ReadWritePaths=-{schedule.state_dir}", *HARDENING]
+    lines += [f"ReadWritePaths=-{schedule.state_dir}", *metrics_dir_lines(schedule), *HARDENING]
     lines += [
         f"TimeoutStartSec={timeout_start(schedule, run)}",
         "ExecStart=" + " ".join(exec_quote(arg) for arg in command_line(schedule, run)),
@@ -301,10 +360,27 @@ def render_service(schedule: Schedule, run: Run) -> str:
     return "\n".join(lines)
 
 
+def metrics_dir_lines(schedule: Schedule) -> list[str]:
+    """The service's way to write ``metrics_dir``: under ``/run`` systemd creates it for
+    ``User=``, 0755 so node_exporter's own user reads it, kept after the run (both modes'
+    services share it; a reboot empties it until the next run); elsewhere it must exist."""
+    if schedule.metrics_dir is None:
+        return []
+    if schedule.metrics_dir.startswith("/run/"):
+        return [
+            f"RuntimeDirectory={schedule.metrics_dir.removeprefix('/run/')}",
+            "RuntimeDirectoryMode=0755",
+            "RuntimeDirectoryPreserve=yes",
+        ]
+    return [f"ReadWritePaths=-{schedule.metrics_dir}"]
+
+
 def timeout_start(schedule: Schedule, run: Run) -> int:
-    """Seconds systemd gives a run: the lock wait, ``--timeout`` per deploy, and a margin."""
+    """Seconds systemd gives a run: the lock wait, ``--timeout`` per deploy, the on_failure
+    command's limit, and a margin."""
     deploys = len(run.deploys or SCHEDULE[run.mode])
-    return schedule.wait + schedule.timeout * deploys + TIMEOUT_MARGIN
+    alert = ALERT_TIMEOUT if schedule.on_failure else 0
+    return schedule.wait + schedule.timeout * deploys + alert + TIMEOUT_MARGIN
 
 
 def render_timer(run: Run) -> str:

@@ -38,7 +38,7 @@ from operations.lock import (
 )
 from operations.process import find_program, run_local
 from operations.push.evalcache import CACHE_DIR_ENV
-from operations.run import report
+from operations.run import alerts, metrics, report
 from operations.run.report import DeployResult, ExitCode
 
 DEFAULT_KEEP = 30
@@ -61,6 +61,9 @@ exit codes:
 
 reports: <state-dir>/reports/<UTC time>-<mode>.json (+ .log: pyinfra's output) and latest.json;
 the newest --keep are kept. The lock is <state-dir>/lock (flock), held for the whole run.
+--metrics-dir: <dir>/nixpush_<mode>.prom after every run that leaves a report (success times
+kept in <state-dir>/metrics-<mode>.json). --on-failure: after a run that exits 1, 2 or 64,
+stopped after 60s; neither changes the exit code.
 """
 
 
@@ -112,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop a deploy that runs longer (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--chdir", metavar="DIR", help="the nixpush checkout (default: here)")
+    parser.add_argument(
+        "--metrics-dir", metavar="DIR",
+        help="write node_exporter textfile metrics there (nixpush_<mode>.prom)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--on-failure", action="append", default=[], metavar="ARG",
+        help="a command to run when the run fails or finds drift, one --on-failure=ARG per "
+        "argument; it gets the report's path as its last argument, the summary on stdin",
+    )  # fmt: skip
     return parser
 
 
@@ -286,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path: Path | None = report.write_report(Path(args.state_dir) / "reports", result)
                 report.prune_reports(Path(args.state_dir) / "reports", args.keep)
                 unwritten: OSError | None = None
+                record_metrics(args, result)  # under the lock: it reads what the last run kept
             except OSError as error:  # the deploys ran: say what they did, and fail
                 path, unwritten = None, error
     except (UsageError, OSError) as error:
@@ -301,7 +314,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return ExitCode.FAILED
     print(f"report: {path}")
+    if args.on_failure and alerts.wants_alert(result):
+        assert path is not None
+        problem = alerts.alert_error(args.on_failure, result, path)
+        print(f"nixpush-run: {problem or 'on_failure ran'}", file=sys.stderr)
     return int(result["exit_code"])
+
+
+def record_metrics(args: argparse.Namespace, result: Mapping[str, Any]) -> None:
+    """The run's metrics, with --metrics-dir. A metrics file that cannot be written is printed
+    (the journal, cron's mail), never a failed run: the report says what happened."""
+    if args.metrics_dir:
+        try:
+            metrics.write_metrics(Path(args.metrics_dir), Path(args.state_dir), result)
+        except OSError as error:
+            print(f"nixpush-run: error: metrics not written: {error}", file=sys.stderr)
 
 
 if __name__ == "__main__":

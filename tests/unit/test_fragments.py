@@ -3,6 +3,7 @@ valid Nix (``nix-instantiate --parse``, ``nix eval`` against a stub module) with
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -93,3 +94,66 @@ def test_a_multi_line_string_renders_as_an_indented_string():
     assert "  programs.ssh.extraConfig = ''\n" not in text  # HOSTILE holds ${: quoted
     multi = nix_value({"x": "Host a\nPort 22\n"}, indent=2)
     assert multi == "{\n  x = ''\n    Host a\n    Port 22\n  '';\n}"
+
+
+NIXOS_EVAL = Path(os.environ.get("NIXOS_EVAL_CHECK", "/work/shared/nixos-eval/check"))
+
+
+class _Inventory:
+    """What ``host_fragment`` reads of a pyinfra inventory for a host that builds nothing."""
+
+    def __init__(self, data: dict[str, object]) -> None:
+        self.data = data
+
+    def get_host(self, name: str) -> _Inventory:
+        return self
+
+
+def _alerting_fragment(**changes: object) -> fragments.Fragment:
+    data = {
+        "enabled": True,
+        "checkout": "/home/beau/nixpush",
+        "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
+        "user": "beau",
+        "runs": {"check": {"on_calendar": "hourly"}, "deploy": {"on_calendar": "03:30"}},
+        "metrics_dir": "/run/nixpush-metrics",
+        "on_failure": ["/bin/sh", "-c", 'curl -fsS -T "$1" https://ntfy.sh/beau-nixpush', "sh"],
+        "node_exporter": True,
+        **changes,
+    }
+    specs = {"nas": HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas")}
+    return fragments.host_fragment(_Inventory({"schedule": data}), specs, "nas")  # type: ignore[arg-type]
+
+
+def test_the_fragment_wires_metrics_and_on_failure_and_the_node_exporter_when_asked():
+    options = _alerting_fragment().options
+    node = "services.prometheus.exporters.node"
+    assert options[f"{node}.enable"] is True
+    assert options[f"{node}.enabledCollectors"] == ["textfile"]
+    assert options[f"{node}.extraFlags"] == ["--collector.textfile.directory=/run/nixpush-metrics"]
+    service = options[("systemd", "services", "nixpush-deploy")]["serviceConfig"]
+    assert service["RuntimeDirectory"] == "nixpush-metrics"
+    assert service["RuntimeDirectoryMode"] == "0755"
+    assert '"--metrics-dir" "/run/nixpush-metrics"' in service["ExecStart"]
+    assert (
+        '"--on-failure=curl -fsS -T \\"$$1\\" https://ntfy.sh/beau-nixpush"'
+        in (service["ExecStart"])
+    )
+    unasked = _alerting_fragment(node_exporter=False).options
+    assert not [key for key in unasked if "prometheus" in str(key)]
+
+
+@pytest.mark.skipif(not NIXOS_EVAL.exists(), reason="no nixos-eval checker here")
+def test_a_fragment_with_metrics_on_failure_and_the_node_exporter_passes_the_nixos_check(
+    tmp_path: Path,
+):
+    for name, fragment in {
+        "exporter.nix": _alerting_fragment(),
+        "elsewhere.nix": _alerting_fragment(metrics_dir="/var/lib/node-exporter"),
+    }.items():
+        (tmp_path / name).write_text(fragment.render())
+    files = sorted(str(p) for p in tmp_path.glob("*.nix"))
+
+    result = subprocess.run([str(NIXOS_EVAL), *files], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stdout + result.stderr

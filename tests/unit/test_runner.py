@@ -443,3 +443,52 @@ def test_deploys_run_by_nixpush_run_keep_their_evaluation_cache_in_the_state_dir
     runner.main(["deploy", "--state-dir", state])
     envs = [c["env"] for c in calls if c["args"][0] != "git"]
     assert [env["NIXPUSH_CACHE_DIR"] for env in envs] == [f"{state}/cache", "/srv/cache"]
+
+
+def test_a_failed_run_writes_metrics_and_runs_on_failure_with_the_report(
+    checkout, monkeypatch, capsys
+):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (1, summary(pi4=target("failed", "boom")), "")})
+    alert = checkout / "alert.sh"
+    alert.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {checkout}/argv\ncat > {checkout}/stdin\n')
+    alert.chmod(0o755)
+    state, textfiles = checkout / "state", checkout / "textfiles"
+
+    code = runner.main([
+        "deploy", "--state-dir", str(state), "--metrics-dir", str(textfiles),
+        f"--on-failure={alert}", "--on-failure=-d",
+    ])  # fmt: skip
+
+    assert code == ExitCode.FAILED
+    report_path = (
+        state / "reports" / f"{json.loads((state / 'reports/latest.json').read_text())['id']}.json"
+    )
+    assert (checkout / "argv").read_text() == f"-d\n{report_path}\n"
+    assert "pi4: failed: deploys/pi.py: boom" in (checkout / "stdin").read_text()
+    prom = (textfiles / "nixpush_deploy.prom").read_text()
+    assert 'nixpush_run_exit_code{mode="deploy"} 1.0' in prom
+    assert 'nixpush_host_status{host="pi4",mode="deploy",status="failed"} 1.0' in prom
+    assert "nixpush-run: on_failure ran" in capsys.readouterr().err
+
+
+def test_an_ok_run_alerts_nobody_and_a_failed_alert_keeps_the_exit_code(
+    checkout, monkeypatch, capsys
+):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(pi4=target("unchanged")), "")})
+    state = checkout / "state"
+    assert runner.main(["deploy", "--state-dir", str(state), "--on-failure=/bin/false"]) == 0
+    assert "on_failure" not in capsys.readouterr().err
+
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (1, summary(pi4=target("failed", "boom")), "")})
+    assert runner.main(["deploy", "--state-dir", str(state), "--on-failure=/bin/false"]) == 1
+    assert "nixpush-run: on_failure /bin/false exited 1" in capsys.readouterr().err
+
+
+def test_metrics_that_cannot_be_written_are_reported_not_a_failure(checkout, monkeypatch, capsys):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(pi4=target("unchanged")), "")})
+    (checkout / "file").write_text("")
+    code = runner.main(
+        ["deploy", "--state-dir", str(checkout / "state"), "--metrics-dir", str(checkout / "file")]
+    )
+    assert code == 0
+    assert "nixpush-run: error: metrics not written:" in capsys.readouterr().err

@@ -309,3 +309,98 @@ def test_the_owners_schedule_data_is_valid_and_off_by_default():
     spec = parse_schedule("nas", {**data, "enabled": True})
     assert [run.mode for run in spec.runs] == ["check", "deploy"]
     assert spec.user == "beau" and spec.wait == 900
+
+
+# -- metrics and on_failure ------------------------------------------------------------
+
+NTFY = ["/bin/sh", "-c", 'curl -fsS -m 30 -T "$1" https://ntfy.sh/beau-nixpush', "sh"]
+
+
+def test_metrics_dir_and_on_failure_reach_the_command_line_and_the_unit():
+    spec = parsed(metrics_dir="/run/nixpush-metrics", on_failure=NTFY, node_exporter=True)
+    assert spec.metrics_dir == "/run/nixpush-metrics" and spec.on_failure == tuple(NTFY)
+    assert spec.node_exporter
+    check = spec.runs[0]
+    assert schedule.command_line(spec, check)[-6:] == [
+        "--metrics-dir", "/run/nixpush-metrics",
+        "--on-failure=/bin/sh", "--on-failure=-c",
+        '--on-failure=curl -fsS -m 30 -T "$1" https://ntfy.sh/beau-nixpush', "--on-failure=sh",
+    ]  # fmt: skip
+    service = schedule.render_service(spec, check)
+    # $ doubled (systemd's variables), the quote escaped: the command arrives as written.
+    assert '"--on-failure=curl -fsS -m 30 -T \\"$$1\\" https://ntfy.sh/beau-nixpush"' in service
+    for line in ("RuntimeDirectory=nixpush-metrics", "RuntimeDirectoryMode=0755",
+                 "RuntimeDirectoryPreserve=yes"):  # fmt: skip
+        assert f"\n{line}\n" in service
+    # The on_failure command's own limit is inside systemd's.
+    assert schedule.timeout_start(spec, check) == 3 * 3600 + 60 + 120
+    assert "OnFailure=" not in service  # nixpush-run alerts itself: see metrics_dir_lines
+
+
+def test_a_metrics_dir_outside_run_must_exist_and_is_made_writable():
+    spec = parsed(metrics_dir="/var/lib/node-exporter")
+    assert "\nReadWritePaths=-/var/lib/node-exporter\n" in schedule.render_service(
+        spec, spec.runs[0]
+    )
+    assert "RuntimeDirectory" not in schedule.render_service(spec, spec.runs[0])
+
+
+def test_without_metrics_or_on_failure_nothing_changes():
+    spec = parsed()
+    assert (spec.metrics_dir, spec.on_failure, spec.node_exporter) == (None, (), False)
+    assert "--metrics-dir" not in schedule.command_line(spec, spec.runs[0])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"metrics_dir": "metrics"},
+            "nas: schedule metrics_dir = 'metrics' is not an absolute path without spaces, ",
+        ),
+        (
+            {"metrics_dir": "/run//nixpush"},
+            "nas: schedule metrics_dir = '/run//nixpush' has '//', '.' or '..'; write it "
+            "normalised, e.g. /run/nixpush-metrics",
+        ),
+        (
+            {"metrics_dir": "/var/lib/nixpush/metrics"},
+            "nas: schedule metrics_dir = '/var/lib/nixpush/metrics' is in state_dir, which only "
+            "the schedule's user and group may read; node_exporter runs as its own user: set "
+            "metrics_dir outside it, e.g. /run/nixpush-metrics",
+        ),
+        (
+            {"on_failure": "curl -d @report ntfy.sh/x"},
+            "on_failure = 'curl -d @report ntfy.sh/x' must be a list of arguments, the first an "
+            "absolute path",
+        ),
+        ({"on_failure": ["curl", "-d"]}, "the first an absolute path, e.g. "),
+        ({"on_failure": [42]}, "must be a list of arguments"),
+        ({"on_failure": ["/usr/bin/curl", "a\nb"]}, "on_failure = 'a\\nb' must be text without"),
+        (
+            {"node_exporter": True},
+            "node_exporter = True must be True or False, and True needs metrics_dir",
+        ),
+        ({"node_exporter": "yes", "metrics_dir": "/run/m"}, "node_exporter = 'yes' must be True"),
+    ],
+)
+def test_bad_metrics_and_on_failure_values_are_refused_with_host_key_and_fix(changes, message):
+    with pytest.raises(ScheduleError) as error:
+        parsed(**changes)
+    assert message in str(error.value)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.parametrize("metrics_dir", ["/run/nixpush-metrics", "/var/lib/node-exporter"])
+def test_units_with_metrics_and_on_failure_pass_systemd_analyze_verify(tmp_path, metrics_dir):
+    program = str(Path(sys.executable).with_name("python3"))
+    spec = parsed(program=program, user="root", checkout=str(tmp_path), metrics_dir=metrics_dir,
+                  on_failure=NTFY)  # fmt: skip
+    for unit, content in schedule.unit_files(spec).items():
+        (tmp_path / unit).write_text(content)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *(str(p) for p in sorted(tmp_path.glob("nixpush-*")))],
+        text=True, capture_output=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "nixpush" not in result.stderr, result.stderr
