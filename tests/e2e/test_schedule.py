@@ -10,10 +10,12 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
@@ -212,6 +214,137 @@ def test_unreachable_pi_is_named_failed_and_the_other_pi_still_deploys(ready, st
     fleet.set_link(pi5_link, up=True)
     assert current("pi5") == pi5_before
     assert nixpush_run("deploy", state_dir).returncode == 0
+
+
+def metric_samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A metrics file as Prometheus reads it: (name, sorted labels) -> value."""
+    found = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def metric(found: dict[Any, float], name: str, **labels: str) -> float:
+    return found[(name, tuple(sorted(labels.items())))]
+
+
+def started_at(report: dict[str, Any]) -> float:
+    return datetime.fromisoformat(report["started"]).timestamp()
+
+
+@pytest.fixture
+def alert(tmp_path: Path) -> tuple[list[str], Path]:
+    """An on_failure command that records its arguments and stdin, one file per call."""
+    calls = tmp_path / "alerts"
+    calls.mkdir()
+    script = tmp_path / "alert.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"call={calls}/$(date +%s%N)\n"
+        'printf "%s\\n" "$@" > "$call.argv"\n'
+        'cat > "$call.stdin"\n'
+    )
+    script.chmod(0o755)
+    return [f"--on-failure={script}", "--on-failure=-d"], calls
+
+
+def alert_calls(calls: Path) -> list[tuple[list[str], str]]:
+    return [
+        (argv.read_text().splitlines(), argv.with_suffix(".stdin").read_text())
+        for argv in sorted(calls.glob("*.argv"))
+    ]
+
+
+def test_metrics_and_on_failure_follow_ok_drifted_failed_and_ok_runs(
+    ready, state_dir, tmp_path, pi5_link, alert
+):
+    flags, calls = alert
+    textfiles = tmp_path / "textfiles"
+    run_with = ("--metrics-dir", str(textfiles), *flags)
+    deploy_prom, check_prom = textfiles / "nixpush_deploy.prom", textfiles / "nixpush_check.prom"
+
+    ok = nixpush_run("deploy", state_dir, *run_with)
+
+    assert ok.returncode == 0, output(ok)
+    first = latest(state_dir)
+    found = metric_samples(deploy_prom)
+    assert metric(found, "nixpush_run_exit_code", mode="deploy") == 0
+    assert metric(found, "nixpush_run_last_success_timestamp_seconds", mode="deploy") == (
+        started_at(first)
+    )
+    for pi in PIS:
+        labels = {"mode": "deploy", "host": pi}
+        assert metric(found, "nixpush_host_generation_info", path=current(pi), **labels) == 1
+        assert metric(found, "nixpush_host_last_success_timestamp_seconds", **labels) == (
+            started_at(first)
+        )
+        assert metric(found, "nixpush_host_duration_seconds", **labels) > 0
+    assert alert_calls(calls) == []  # nothing failed: nobody is told
+
+    # A check that finds drift alerts, and its own file says which host drifted.
+    old_pi4, deploy_metrics = current("pi4"), deploy_prom.read_text()
+    new_versions("pi4")
+    drift = nixpush_run("check", state_dir, "--deploy", "deploys/pi.py", *run_with)
+
+    assert drift.returncode == 2, output(drift)
+    found = metric_samples(check_prom)
+    assert metric(found, "nixpush_host_drift", mode="check", host="pi4") == 1
+    assert metric(found, "nixpush_host_drift", mode="check", host="pi5") == 0
+    assert metric(found, "nixpush_host_generation_info", mode="check", host="pi4",
+                  path=old_pi4) == 1  # fmt: skip
+    [(argv, stdin)] = alert_calls(calls)
+    assert argv == ["-d", str(state_dir / "reports" / f"{latest(state_dir)['id']}.json")]
+    assert stdin.startswith("nixpush check: drift found (exit 2)")
+    assert deploy_prom.read_text() == deploy_metrics  # a check's metrics are its own file
+
+    # A deploy with pi5 unreachable fails: metrics updated, pi5's last success kept.
+    fleet.set_link(pi5_link, up=False)
+    failed = nixpush_run("deploy", state_dir, *run_with)
+
+    assert failed.returncode == 1, output(failed)
+    report = latest(state_dir)
+    found = metric_samples(deploy_prom)
+    assert metric(found, "nixpush_run_exit_code", mode="deploy") == 1
+    assert metric(found, "nixpush_run_start_timestamp_seconds", mode="deploy") == (
+        started_at(report)
+    )
+    assert metric(found, "nixpush_run_last_success_timestamp_seconds", mode="deploy") == (
+        started_at(first)
+    )
+    pi5 = {"mode": "deploy", "host": "pi5"}
+    assert metric(found, "nixpush_host_status", status="failed", **pi5) == 1
+    assert metric(found, "nixpush_host_status", status="unchanged", **pi5) == 0
+    assert metric(found, "nixpush_host_last_success_timestamp_seconds", **pi5) == (
+        started_at(first)
+    )
+    pi4 = {"mode": "deploy", "host": "pi4"}
+    assert metric(found, "nixpush_host_status", status="changed", **pi4) == 1
+    assert metric(found, "nixpush_host_generation_info", path=current("pi4"), **pi4) == 1
+    assert metric(found, "nixpush_host_last_success_timestamp_seconds", **pi4) == (
+        started_at(report)
+    )
+    [_, (argv, stdin)] = alert_calls(calls)
+    assert argv == ["-d", str(state_dir / "reports" / f"{report['id']}.json")]
+    assert json.loads(Path(argv[-1]).read_text())["hosts"]["pi5"]["status"] == "failed"
+    assert stdin.startswith("nixpush deploy: FAILED (exit 1)") and "pi5: failed:" in stdin
+    assert "nixpush-run: on_failure ran" in failed.stderr
+
+    # Back online: the next deploy is a success again, and says so.
+    fleet.set_link(pi5_link, up=True)
+    again = nixpush_run("deploy", state_dir, *run_with)
+
+    assert again.returncode == 0, output(again)
+    found = metric_samples(deploy_prom)
+    now = started_at(latest(state_dir))
+    assert metric(found, "nixpush_run_exit_code", mode="deploy") == 0
+    assert metric(found, "nixpush_run_last_success_timestamp_seconds", mode="deploy") == now
+    assert metric(found, "nixpush_host_last_success_timestamp_seconds", **pi5) == now
+    assert metric(found, "nixpush_host_status", status="unchanged", **pi5) == 1
+    assert len(alert_calls(calls)) == 2
+    assert sorted(p.name for p in textfiles.iterdir()) == [
+        "nixpush_check.prom", "nixpush_deploy.prom",
+    ]  # fmt: skip
 
 
 def test_only_the_newest_reports_are_kept(ready, state_dir):
