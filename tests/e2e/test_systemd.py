@@ -12,9 +12,12 @@ import shlex
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.bench import fleet, systemd_host
 from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
@@ -198,3 +201,108 @@ def test_schedule_enables_timers_and_a_fired_timer_leaves_a_report(runner):
     assert removed.returncode == 0, output(removed)
     assert not any(host.file(f"{UNIT_DIR}/{unit}").exists for unit in UNITS)
     assert "nixpush" not in systemctl("list-timers", "--all", "--no-pager")
+
+
+METRICS_DIR = "/run/nixpush-metrics"
+
+
+@pytest.fixture
+def alerting_inventory(runner: None, tmp_path: Path) -> Iterator[str]:
+    """The schedule inventory, its runs writing metrics under /run and alerting through a
+    script in the bench directory (which the host sees at the same path) that records its
+    arguments and stdin in the state dir (the one place the hardened unit may write)."""
+    script = fleet.BENCH_DIR / f"alert-{uuid.uuid4().hex[:8]}.sh"
+    script.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {STATE_DIR}/alert.argv\ncat > {STATE_DIR}/alert.stdin\n'
+    )
+    script.chmod(0o755)
+    extra = {"metrics_dir": METRICS_DIR, "on_failure": [str(script), "--title", "nixpush"]}
+    inventory = tmp_path / "alerting_inventory.py"
+    inventory.write_text(
+        "from tests.bench import schedule_inventory as _base\n"
+        f"_extra = {extra!r}\n"
+        "def _more(members):\n"
+        "    return [(n, {**d, 'schedule': {**d['schedule'], **_extra}} if 'schedule' in d "
+        "else d) for n, d in members]\n"
+        "minimal, common, network, main, server = (_more(_base.minimal), _more(_base.common), "
+        "_more(_base.network), _more(_base.main), _more(_base.server))\n"
+    )
+    yield str(inventory)
+    new_versions(SD.name, failEval="")  # whatever the test left
+    script.unlink(missing_ok=True)
+    sudo(["rm", "-rf", "--", METRICS_DIR])
+
+
+def check_metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = sudo(["cat", f"{METRICS_DIR}/nixpush_check.prom"])
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def fired_run(previous: set[str]) -> dict[str, Any]:
+    """Fire the check timer; the report of the run it started once that run is over."""
+    fire_now()
+    reports = f"{STATE_DIR}/reports"
+
+    def new_report() -> set[str]:
+        listed = sudo(["sh", "-c", f"ls {reports} 2>/dev/null || true"]).split()
+        return {name for name in listed if name.startswith("2") and name.endswith(".json")}
+
+    wait_for(
+        lambda: (
+            bool(new_report() - previous) and systemctl("is-active", CHECK_SERVICE) != "activating"
+        ),
+        timeout=300,
+        what=f"a new report from {CHECK_SERVICE}",
+    )
+    [name] = new_report() - previous
+    data: dict[str, Any] = json.loads(sudo(["cat", f"{reports}/{name}"]))
+    return data
+
+
+def test_a_failed_timer_run_updates_the_metrics_and_alerts_with_the_report(alerting_inventory):
+    assert deploy("--limit", SD.name).returncode == 0
+    installed = pyinfra("-y", alerting_inventory, SCHEDULE, "--limit", SD.name)
+    assert installed.returncode == 0, output(installed)
+    service = on_host(SD.name).file(f"{UNIT_DIR}/{CHECK_SERVICE}").content_string
+    assert f"RuntimeDirectory={METRICS_DIR.removeprefix('/run/')}\n" in service
+    new_versions(SD.name, failEval="throw")  # the check cannot evaluate pis: a failure
+
+    failed = fired_run(set())
+
+    assert failed["exit_code"] == 1 and failed["hosts"][SD.name]["status"] == "failed", failed
+    assert systemctl("show", "-p", "Result", "--value", CHECK_SERVICE) == "exit-code"
+    found = check_metrics()
+    pis = {"mode": "check", "host": SD.name}
+    key = ("nixpush_host_status", tuple(sorted({**pis, "status": "failed"}.items())))
+    assert found[key] == 1
+    assert found[("nixpush_run_exit_code", (("mode", "check"),))] == 1
+    assert ("nixpush_run_last_success_timestamp_seconds", (("mode", "check"),)) not in found
+    # Written by the hardened unit where node_exporter's own user can read it.
+    assert sudo(["stat", "-c", "%a %U", METRICS_DIR, f"{METRICS_DIR}/nixpush_check.prom"]) == (
+        "755 root\n644 root"
+    )
+    report_path = f"{STATE_DIR}/reports/{failed['id']}.json"
+    assert sudo(["cat", f"{STATE_DIR}/alert.argv"]).splitlines() == ["--title", "nixpush",
+                                                                        report_path]  # fmt: skip
+    assert sudo(["cat", f"{STATE_DIR}/alert.stdin"]).startswith("nixpush check: FAILED (exit 1)")
+    journal = sudo(["journalctl", "-u", CHECK_SERVICE, "--no-pager", "-o", "cat"])
+    assert "nixpush-run: on_failure ran" in journal
+
+    # Fixed: the next fired run succeeds and says so; the alert is not run again.
+    sudo(["rm", "-f", f"{STATE_DIR}/alert.argv"])
+    new_versions(SD.name, failEval="")
+    assert deploy("--limit", SD.name).returncode == 0
+    ok = fired_run({f"{failed['id']}.json"})
+
+    assert ok["exit_code"] == 0, ok
+    found = check_metrics()
+    assert found[("nixpush_run_exit_code", (("mode", "check"),))] == 0
+    started = datetime.fromisoformat(ok["started"]).timestamp()
+    assert found[("nixpush_run_last_success_timestamp_seconds", (("mode", "check"),))] == started
+    key = ("nixpush_host_last_success_timestamp_seconds", tuple(sorted(pis.items())))
+    assert found[key] == started
+    assert sudo(["sh", "-c", f"ls {STATE_DIR}/alert.argv 2>/dev/null || echo none"]) == "none"
