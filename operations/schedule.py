@@ -198,8 +198,8 @@ def _alerting(host_name: str, data: Mapping[str, Any], state_dir: str) -> dict[s
     ):
         raise ScheduleError(
             f"{host_name}: schedule on_failure = {on_failure!r} must be a list of arguments, "
-            'the first an absolute path, e.g. ["/usr/bin/curl", "-T"] (the report\'s path is '
-            "added last)"
+            'the first an absolute path, e.g. ["/bin/sh", "-c", "curl --data-binary @- '
+            'ntfy.sh/TOPIC", "sh"] (the report\'s path is added last, the summary on stdin)'
         )
     node_exporter = data.get("node_exporter", False)
     if not isinstance(node_exporter, bool) or (node_exporter and metrics_dir is None):
