@@ -55,4 +55,9 @@ schedule = {
         # Deploy the Pis at night.
         "deploy": {"on_calendar": "*-*-* 03:30:00", "randomized_delay": "30min"},
     },
+    # Metrics for node_exporter's textfile collector, and a command run after a failed or
+    # drifted run (README "Alerts and metrics"); pick an ntfy topic before uncommenting.
+    # "metrics_dir": "/run/nixpush-metrics",
+    # "on_failure": ["/bin/sh", "-c", "curl -fsS -m 30 -H 'Title: nixpush on nas' "
+    #                "--data-binary @- https://ntfy.sh/TOPIC", "sh"],
 }
