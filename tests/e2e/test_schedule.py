@@ -216,10 +216,11 @@ def test_unreachable_pi_is_named_failed_and_the_other_pi_still_deploys(ready, st
     assert nixpush_run("deploy", state_dir).returncode == 0
 
 
-def metric_samples(path: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """A metrics file as Prometheus reads it: (name, sorted labels) -> value."""
+def metric_samples(path: Path | str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A metrics file (or its text) as Prometheus reads it: (name, sorted labels) -> value."""
     found = {}
-    for family in text_string_to_metric_families(path.read_text()):
+    text = path.read_text() if isinstance(path, Path) else path
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return found

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.bench import fleet, systemd_host
 from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
 from tests.bench.schedule_inventory import STATE_DIR
 from tests.e2e.test_pi import current, deploy, desired_path, new_versions, output, profile
-from tests.e2e.test_schedule import UNIT_DIR, UNITS, unchanged
+from tests.e2e.test_schedule import UNIT_DIR, UNITS, metric_samples, unchanged
 
 SD = next(h for h in fleet.PIS if h.systemd)
 SCHEDULE_INVENTORY = "tests/bench/schedule_inventory.py"
@@ -234,12 +233,7 @@ def alerting_inventory(runner: None, tmp_path: Path) -> Iterator[str]:
 
 
 def check_metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = sudo(["cat", f"{METRICS_DIR}/nixpush_check.prom"])
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
+    return metric_samples(sudo(["cat", f"{METRICS_DIR}/nixpush_check.prom"]))
 
 
 def fired_run(previous: set[str]) -> dict[str, Any]:
