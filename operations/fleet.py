@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 
+from operations import grammar
 from operations.files import ACCOUNT_NAME
 from operations.models import ACTIONS
 from operations.systems import KNOWN_SYSTEMS, natively_built
@@ -44,7 +45,7 @@ DEPLOY_ACTIONS = ACTIONS
 IMAGE_CONNECTOR_GROUP = "@image"
 IMAGES_GROUP = "images"
 # image_attr: an attribute of config.system.build, e.g. isoImage, sdImage.
-_IMAGE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
+_IMAGE_ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 
 _MAX_PORT = 65535
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
@@ -72,7 +73,6 @@ PYINFRA_KEYS: tuple[str, ...] = (
 )  # fmt: skip
 # Where nixpush glues a value into a command, URL or Nix attribute path.
 _UNSAFE_REF = re.compile(r'^-|[\s#"]')
-_UNSAFE_ADDRESS = re.compile(r"^-|[\s@]")
 _KEY_TYPE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
 # A builder's copy concurrency (its uplink is shared) and step limits, in seconds.
 DEFAULT_MAX_PARALLEL_COPIES = 4
@@ -222,7 +222,7 @@ class _Reader:
 
     def image_attr(self) -> str | None:
         value = self.string("image_attr")
-        if value is not None and not _IMAGE_ATTR.match(value):
+        if value is not None and not _IMAGE_ATTR.fullmatch(value):
             self.problem(
                 "image_attr",
                 f"{value!r} is not an attribute name; set it to one under config.system.build, "
@@ -371,13 +371,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
                 key, f"{value!r} has whitespace, a leading '-', '#' or '\"'; write the bare "
                 "flake reference or attribute name (nixpush adds '#nixosConfigurations...')",
             )  # fmt: skip
-    for key in ("ssh_hostname", "ssh_user"):
-        value = read.string(key)
-        if value is not None and _UNSAFE_ADDRESS.search(value):
-            read.problem(
-                key, f"{value!r} has whitespace, '@' or a leading '-'; set the bare "
-                f"{'address' if key == 'ssh_hostname' else 'user name'}",
-            )  # fmt: skip
+    read.problems.extend(grammar.data_problems(host))
     host_key = read.string("ssh_host_key")
     if host_key is not None and not _is_host_key(host_key):
         read.problem(
@@ -611,7 +605,7 @@ def _address_problems(inventory: Inventory, specs: Mapping[str, HostSpec]) -> li
         if host.name not in involved:
             continue
         hostname = specs[host.name].ssh_hostname or ""
-        if ":" in hostname or hostname.startswith("["):
+        if grammar.is_ipv6(hostname):
             problems.append(
                 f"{host.name}: ssh_hostname {hostname!r} is an IPv6 address, which nixpush does "
                 "not support (Nix's ssh-ng URLs and known_hosts need it bracketed); use a DNS "
