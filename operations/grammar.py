@@ -15,6 +15,8 @@ value can't carry a second line into a generated file nor a ``?`` or ``&`` into 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from typing import TYPE_CHECKING
@@ -36,6 +38,8 @@ _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _NUMERIC = re.compile(r"[0-9.]+")
 _MAX_DNS_NAME = 253
+# An SSH public key's type: ssh-ed25519, ecdsa-sha2-nistp256, sk-ssh-ed25519@openssh.com.
+_KEY_TYPE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
 # Characters no path, name or address nixpush writes anywhere may hold.
 _LINE_BREAKS = ("\n", "\r", "\0")
 # What would make an address or a user name two words or an ssh option.
@@ -92,6 +96,21 @@ def address_problem(address: str) -> str | None:
 def is_one_line(text: str) -> bool:
     """No line break nor NUL: ``is_one_line("/srv/images/")``, not ``"/srv\\n/x"``."""
     return not any(c in text for c in _LINE_BREAKS)
+
+
+def is_host_key(line: str) -> bool:
+    """An SSH public key line ``TYPE BASE64 [comment]`` on one line, whose blob names its type:
+    ``is_host_key("ssh-ed25519 AAAAC3Nz...")``."""
+    # The blob starts with its own type as a length-prefixed string: "ssh-ed25519 AAAAC3Nz...".
+    fields = line.split()
+    if len(fields) < 2 or not _KEY_TYPE.fullmatch(fields[0]):
+        return False
+    try:
+        blob = base64.b64decode(fields[1], validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    size = int.from_bytes(blob[:4], "big")
+    return blob[4 : 4 + size] == fields[0].encode() and is_one_line(line)
 
 
 def data_problems(host: Host) -> list[str]:

@@ -11,7 +11,7 @@ import pytest
 from operations import grammar
 from operations.fleet import FleetError, fleet_errors
 from operations.fragments import fragment_path
-from tests.unit.test_fleet import fleet, only_problem
+from tests.unit.test_fleet import NAS_DATA, fleet, only_problem
 
 
 @pytest.mark.parametrize("name", ["pi4", "nas.lan", "pi_4", "4pi", "Pi-4"])
@@ -28,7 +28,7 @@ def test_host_names_that_are_not(name):
 @pytest.mark.parametrize("name", ["pi\nbuiltins.trace", "../../../tmp/x"])
 def test_an_inventory_host_with_a_name_that_is_no_name_is_refused(write_inventory, name):
     groups = fleet()
-    groups["minimal"].append((name, {"nix_system": "aarch64-linux"}))
+    groups["minimal"].append((name, NAS_DATA))
     problem = only_problem(write_inventory(groups))
     assert problem == (
         f"{name!r}: the host name is not letters, digits, '.', '_' and '-' starting with a "
