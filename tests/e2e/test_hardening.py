@@ -1,8 +1,9 @@
 """
-The controller's own connections pinned to the inventory's host keys (issue 25,
-operations/hostkeys.py): with no known_hosts file and no strict checking in the data, a bench
-host with ``ssh_host_key`` is reached only when it answers with that key, and nothing is
-accepted on first contact.
+Hardening, second pass (issue 25), end to end on the bench: the controller's own connections
+pinned to the inventory's host keys (operations/hostkeys.py: with no known_hosts file and no
+strict checking in the data, a bench host with ``ssh_host_key`` is reached only when it answers
+with that key, and nothing is accepted on first contact), and no Nix access token in pyinfra's
+debug output.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench import fleet
-from tests.bench.client import pyinfra
+from tests.bench.client import BENCH_INVENTORY, pyinfra, ssh
 from tests.e2e.test_pi import output
 
 PI = fleet.PIS[0].name
@@ -68,3 +69,31 @@ def test_a_host_answering_with_another_key_is_refused(bench, tmp_path, home):
     assert result.returncode != 0, text
     assert "SSH host key error" in text and "does not match" in text
     assert not (Path(home["HOME"]) / ".ssh" / "known_hosts").exists()
+
+
+# -- no access token in debug output -----------------------------------------------------
+
+TOKEN = "ghp_S3CRETbench0123456789"
+
+
+@pytest.fixture
+def nas_with_a_token(bench: None) -> object:
+    """The NAS's nix.conf with a GitHub access token, as an owner's flake fetches need."""
+    nas = fleet.BUILDER
+    ssh(nas, f"echo 'access-tokens = github.com={TOKEN}' >> /etc/nix/nix.conf")
+    yield nas
+    ssh(nas, "sed -i '/^access-tokens = /d' /etc/nix/nix.conf")
+
+
+def test_no_access_token_reaches_pyinfras_debug_output(nas_with_a_token):
+    nas = nas_with_a_token
+    assert TOKEN in ssh(nas, "nix --extra-experimental-features nix-command show-config").stdout
+
+    result = pyinfra(
+        "--dry", "-vvv", "--debug-facts", "--limit", nas, BENCH_INVENTORY, "deploys/nas.py"
+    )
+
+    text = output(result)
+    assert result.returncode == 0, text
+    assert "show-config --json" in text  # the Nix settings were read, and printed
+    assert TOKEN not in text
