@@ -59,6 +59,7 @@ def run_local(
     env: Mapping[str, str] | None = None,
     check: bool = False,
     timeout: float | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
     """
     Run ``args`` on the controller and capture its output as text.
@@ -68,6 +69,7 @@ def run_local(
     + env: variables added to (or replacing) the controller's environment for this process
     + check: raise ``subprocess.CalledProcessError`` on a non-zero exit
     + timeout: seconds before the process is killed and ``subprocess.TimeoutExpired`` raised
+    + pass_fds: descriptors the process inherits (every other one is closed in it)
 
     .. code:: python
 
@@ -85,6 +87,7 @@ def run_local(
         capture_output=True,
         check=check,
         timeout=timeout,
+        pass_fds=tuple(pass_fds),
     )
 
 
