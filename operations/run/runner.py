@@ -30,9 +30,11 @@ from typing import IO, Any, NoReturn
 from operations.files import create_text_file, make_dirs
 from operations.lock import (
     DEFAULT_STATE_DIR,
+    LOCK_FD_ENV,
     LOCK_HELD_ENV,
     STATE_DIR_ENV,
     STATE_DIR_MODE,
+    LockError,
     lock_path,
     run_lock,
 )
@@ -151,17 +153,21 @@ def pyinfra_args(
     return [program, *how, "--json", inventory, deploy, *limits]
 
 
-def deploy_env(summary_file: Path, state_dir: str) -> dict[str, str]:
+def deploy_env(summary_file: Path, state_dir: str, lock_fd: int | None = None) -> dict[str, str]:
     """What a deploy run by nixpush-run gets in its environment: where to write its summary,
-    that the run lock is held for it (``operations.lock``: it must not wait for it), and where
-    its evaluation cache is (``operations.push.evalcache``): in the state directory, the one
-    place a scheduled run may write, unless ``NIXPUSH_CACHE_DIR`` says otherwise."""
-    return {
+    the run lock's descriptor it inherits (``operations.lock``: it holds the lock with it, and
+    must not wait for it), and where its evaluation cache is (``operations.push.evalcache``):
+    in the state directory, the one place a scheduled run may write, unless
+    ``NIXPUSH_CACHE_DIR`` says otherwise."""
+    env = {
         "NIXPUSH_REPORT_FILE": str(summary_file),
         STATE_DIR_ENV: state_dir,
         LOCK_HELD_ENV: str(lock_path(state_dir)),
         CACHE_DIR_ENV: os.environ.get(CACHE_DIR_ENV) or str(Path(state_dir) / "cache"),
     }
+    if lock_fd is not None:
+        env[LOCK_FD_ENV] = str(lock_fd)
+    return env
 
 
 def run_deploy(
@@ -175,14 +181,21 @@ def run_deploy(
     timeout: float,
     log: IO[str],
     state_dir: str = DEFAULT_STATE_DIR,
+    lock_fd: int | None = None,
 ) -> tuple[DeployResult, Mapping[str, Any] | None]:
-    """Run one deploy; its result and the run summary it wrote (None when it wrote none)."""
+    """Run one deploy; its result and the run summary it wrote (None when it wrote none).
+    ``lock_fd``: the run lock's descriptor, which the deploy inherits and holds."""
     summary_file = scratch / f"{Path(deploy).stem}.summary.json"
     summary_file.unlink(missing_ok=True)
     args = pyinfra_args(program, mode, inventory, deploy, limit)
     started = time.monotonic()
     try:
-        result = run_local(args, env=deploy_env(summary_file, state_dir), timeout=timeout)
+        result = run_local(
+            args,
+            env=deploy_env(summary_file, state_dir, lock_fd),
+            timeout=timeout,
+            pass_fds=() if lock_fd is None else (lock_fd,),
+        )
         returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
         timed_out = False
     except subprocess.TimeoutExpired as expired:
@@ -223,8 +236,8 @@ def run_deploy(
     )
 
 
-def run(args: argparse.Namespace, started: datetime) -> dict[str, Any]:
-    """Run the mode's deploys (the lock is held); the run's report."""
+def run(args: argparse.Namespace, started: datetime, lock_fd: int | None = None) -> dict[str, Any]:
+    """Run the mode's deploys (the lock is held, on ``lock_fd``); the run's report."""
     checkout = Path.cwd()
     program = find_program("pyinfra")
     if program is None:
@@ -243,6 +256,7 @@ def run(args: argparse.Namespace, started: datetime) -> dict[str, Any]:
             result, summary = run_deploy(
                 program, args.mode, args.inventory, deploy, args.limit,
                 scratch=Path(scratch), timeout=args.timeout, log=log, state_dir=args.state_dir,
+                lock_fd=lock_fd,
             )  # fmt: skip
             deploys.append(result)
             summaries.append(summary)
@@ -285,15 +299,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.chdir:
             os.chdir(args.chdir)
         _check_args(args)
-        with run_lock(lock_path(args.state_dir), args.wait) as locked:
-            if not locked:
+        with run_lock(lock_path(args.state_dir), args.wait) as held:
+            if held is None:
                 print(
                     f"nixpush-run: already running (another run holds "
                     f"{Path(args.state_dir) / 'lock'}; waited {args.wait:g}s)",
                     file=sys.stderr,
                 )
                 return ExitCode.LOCKED
-            result = run(args, datetime.now(UTC))
+            result = run(args, datetime.now(UTC), held.fd)
             try:
                 path: Path | None = report.write_report(Path(args.state_dir) / "reports", result)
                 report.prune_reports(Path(args.state_dir) / "reports", args.keep)
@@ -301,6 +315,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record_metrics(args, result)  # under the lock: it reads what the last run kept
             except OSError as error:  # the deploys ran: say what they did, and fail
                 path, unwritten = None, error
+    except LockError as error:
+        print(
+            f"nixpush-run: error: cannot lock {lock_path(args.state_dir)} ({error}); keep "
+            "--state-dir on a local file system",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     except (UsageError, OSError) as error:
         print(f"nixpush-run: error: {error}", file=sys.stderr)
         return ExitCode.USAGE

@@ -184,9 +184,9 @@ def image_inventory(tmp_path: Path, dest: Path) -> Path:
     return inventory
 
 
-def new_iso() -> str:
+def new_iso(**knobs: str) -> str:
     configs = current_configs()
-    configs["iso"] = {"system": "x86_64-linux", "version": uuid.uuid4().hex[:8]}
+    configs["iso"] = {"system": "x86_64-linux", "version": uuid.uuid4().hex[:8], **knobs}
     fleet.set_flake_configs(configs)
     return str(configs["iso"]["version"])
 
@@ -232,6 +232,32 @@ def test_image_is_built_on_the_nas_copied_verified_and_a_rerun_does_nothing(push
     pushed = pyinfra("-y", inventory, "deploys/pi.py", "--limit", "iso", env=bench_sops.env())
     assert pushed.returncode == 0, output(pushed)
     assert "iso: skipped: an image: deploys/image.py builds it" in output(pushed)
+
+
+def test_an_image_naming_a_file_outside_its_store_path_fails_unread(push_ready, tmp_path):
+    # Any flake input can write hydra-build-products: here it names the NAS's /etc/shadow.
+    dest = tmp_path / "images"
+    dest.mkdir()
+    inventory = str(image_inventory(tmp_path, dest))
+    new_iso(imageProduct="/etc/shadow")
+
+    result = pyinfra("-y", inventory, "deploys/image.py", env=bench_sops.env())
+
+    text = output(result)
+    assert result.returncode == 1, text
+    assert (
+        "names /etc/shadow (resolving to /etc/shadow) as its image file, which is outside the "
+        "store path: nixpush does not read or copy it"
+    ) in text
+    assert "iso: failed: " in text
+    assert list(dest.iterdir()) == []
+    shadow = ssh(NAS, "sudo -n sha256sum /etc/shadow || sha256sum /etc/shadow").stdout.split()[0]
+    assert shadow not in text  # never hashed for the log either
+
+    # Planned again now that it is built: it fails at planning, with the same cause.
+    again = pyinfra("-y", inventory, "deploys/image.py", env=bench_sops.env())
+    assert again.returncode == 1 and "which is outside the store path" in output(again)
+    assert list(dest.iterdir()) == []
 
 
 def test_a_pis_sd_image_on_request_is_built_on_the_nas(push_ready, tmp_path):

@@ -17,8 +17,15 @@ from operations.fleet import (
 )
 from tests.unit.conftest import REPO
 
-NAS_DATA = {"nix_system": "x86_64-linux", "binfmt_emulated_systems": ["aarch64-linux"]}
-PI_DATA = {"nix_system": "aarch64-linux", "builder_host": "nas", "ssh_hostname": "pi.test"}
+# Every host nixpush connects to checks host keys (unset is pyinfra's accept-new: refused).
+STRICT = {"ssh_strict_host_key_checking": "yes"}
+NAS_DATA = {"nix_system": "x86_64-linux", "binfmt_emulated_systems": ["aarch64-linux"], **STRICT}
+PI_DATA = {
+    "nix_system": "aarch64-linux",
+    "builder_host": "nas",
+    "ssh_hostname": "pi.test",
+    **STRICT,
+}
 
 
 def fleet(nas=None, pi=None):
@@ -242,7 +249,7 @@ def test_builder_cycle(write_inventory):
 
 def test_builder_chain(write_inventory):
     groups = fleet()
-    mid = ("mid", {"nix_system": "aarch64-linux", "builder_host": "nas", "ssh_hostname": "mid"})
+    mid = ("mid", {**PI_DATA, "ssh_hostname": "mid"})
     groups["minimal"].append(mid)
     groups["minimal"][1] = ("pi", {**PI_DATA, "builder_host": "mid"})
     problem = only_problem(write_inventory(groups))
@@ -348,17 +355,10 @@ def test_unchecked_host_keys_on_targets_and_builders(write_inventory, value):
     inventory = write_inventory(fleet(pi={"ssh_strict_host_key_checking": value}))
     assert only_problem(inventory) == (
         f"pi: ssh_strict_host_key_checking is {value!r}, so an impostor could take this host's "
-        'place when nixpush pushes to or builds on it; set it to "yes", or set '
-        "insecure_ssh_host_key_checking = True to accept that"
+        'place when nixpush connects to it; set it to "yes" (the host\'s key in its known_hosts '
+        "file, or pinned from its ssh_host_key by operations.hostkeys.pin_host_keys in the "
+        "inventory), or set insecure_ssh_host_key_checking = True to accept that"
     )
     allowed = {"ssh_strict_host_key_checking": value, "insecure_ssh_host_key_checking": True}
     inventory = write_inventory(fleet(nas=allowed, pi=allowed), filename="allowed.py")
     assert fleet_errors(inventory) == []
-
-
-def test_unchecked_host_keys_are_fine_where_nixpush_neither_pushes_nor_builds(write_inventory):
-    groups = fleet()
-    groups["minimal"].append(
-        ("laptop", {"nix_system": "x86_64-linux", "ssh_strict_host_key_checking": "no"})
-    )
-    assert fleet_errors(write_inventory(groups)) == []

@@ -119,3 +119,50 @@ def test_owner_roots_declare_valid_checks():
         module = importlib.import_module(f"group_data.{root}")
         for entry in getattr(module, "health_checks", []):
             assert parse_check(entry)[1] == [], (root, entry)
+
+
+# -- issue 25: credentials in URLs never logged; values checked whole ---------------------
+
+SECRET_URL = "https://monitor:s3cret@127.0.0.1:8443/health?x=1"
+
+
+def test_a_urls_userinfo_is_never_logged_nor_printed():
+    check, problems = parse_check({"url": SECRET_URL, "retries": 0})
+    assert problems == [] and check is not None
+    assert check.url == SECRET_URL  # what the target fetches
+    assert check.name == "url https://***@127.0.0.1:8443/health?x=1"
+    assert check.description == (
+        "url https://***@127.0.0.1:8443/health?x=1: GET https://***@127.0.0.1:8443/health?x=1"
+    )
+    command = check_command(check)
+    assert SECRET_URL in shlex.split(command.get_raw_value())  # run with the credentials
+    assert "s3cret" not in str(command) and "s3cret" not in repr(command)  # printed without
+    assert "https://***@127.0.0.1:8443/health?x=1" in str(command)
+
+    logged: list[str] = []
+    answer = (False, [f"wget: server returned error for {SECRET_URL}: HTTP/1.1 500"])
+    cause = run_checks([check], systemd=True, run=lambda c, t: answer, log=logged.append)
+    assert cause is not None and "s3cret" not in cause and "monitor" not in cause
+    assert cause.endswith("for https://***@127.0.0.1:8443/health?x=1: HTTP/1.1 500")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://127.0.0.1/", "http://127.0.0.1/"),
+        ("http://user@host/x", "http://***@host/x"),
+        ("http://a:b@c@host:80/p?q=@", "http://***@host:80/p?q=@"),
+    ],
+)
+def test_redacted_urls(url, shown):
+    assert health.redacted(url) == shown
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [{"url": "http://127.0.0.1/\n"}, {"units": "sshd.service\n"}, {"units": ["a.service\n"]}],
+)
+def test_values_with_a_trailing_newline_are_refused(entry):
+    check, problems = parse_check({"name": "named", **entry})
+    assert check is None and len(problems) == 1, problems
+    assert problems[0].startswith(("url is ", "units is "))

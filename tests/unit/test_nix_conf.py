@@ -174,8 +174,28 @@ def test_nix_config_process_recorded_sample():
     assert CONFIG["extra-platforms"] == DEFAULT_PLATFORMS.split()
     assert NixConfig().requires_command() == "nix"
     assert NixConfig().command() == (
-        "nix --extra-experimental-features nix-command show-config --json"
+        "nix --extra-experimental-features nix-command --option access-tokens '' show-config --json"
     )
+
+
+def test_nix_config_never_prints_an_access_token(tmp_path):
+    # The fact's own command, run by the machine's Nix with a token in its settings: what
+    # pyinfra receives (and prints with -vvv / --debug-facts) holds no token.
+    import os
+    import subprocess
+
+    env = {**os.environ, "NIX_CONFIG": "access-tokens = github.com=ghp_S3CRET0123456789"}
+    printed = subprocess.run(
+        ["sh", "-c", NixConfig().command()], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert "ghp_S3CRET" not in printed
+    config = NixConfig().process(printed.splitlines())
+    assert "access-tokens" not in config and config["sandbox"] in (True, False)
+    unfiltered = subprocess.run(
+        ["nix", "--extra-experimental-features", "nix-command", "show-config", "--json"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    assert "ghp_S3CRET" in unfiltered  # the setting was there to leak
 
 
 def test_nix_conf_text_round_trips_exact_bytes():

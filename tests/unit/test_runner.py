@@ -299,7 +299,7 @@ def fake_pyinfra(monkeypatch, answers: dict[str, tuple[int, dict[str, Any] | Non
     """Stand in for run_local: record argument lists, write each deploy's summary file."""
     calls: list[dict[str, Any]] = []
 
-    def fake(args, *, input=None, env=None, check=False, timeout=None):
+    def fake(args, *, input=None, env=None, check=False, timeout=None, pass_fds=()):
         calls.append({"args": list(args), "env": env, "input": input})
         if args[0] == "git":
             return subprocess.CompletedProcess(args, 0, "v1-2-gabc\n", "")

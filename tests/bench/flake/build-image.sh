@@ -8,4 +8,4 @@ file="$out/$imageDir/$imageName"
   echo "nixpush bench stand-in $imageKind of $hostName, version $version, built as $($bb uname -m)"
   $bb dd if=/dev/zero bs=1024 count=256 2>/dev/null
 } > "$file"
-echo "file $imageKind $file" > "$out/nix-support/hydra-build-products"
+echo "file $imageKind ${imageProduct:-$file}" > "$out/nix-support/hydra-build-products"

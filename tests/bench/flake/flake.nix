@@ -60,6 +60,8 @@
         imageKind = kind;
         imageDir = dir;
         imageName = "nixos-${name}-${cfg.version}.${file}";
+        # imageProduct: the file hydra-build-products names instead (a path outside the image).
+        imageProduct = cfg.imageProduct or "";
       };
     in {
       nixosConfigurations = builtins.mapAttrs
