@@ -295,3 +295,139 @@ def test_pi_py_deploys_the_nixos_pi_through_the_trust_its_fragment_gives(nixos_h
     assert f"{PI} runs NixOS and its configuration already authorizes the key" in output(result)
     assert f"{PI} runs NixOS and its Nix already trusts nixpush-bench-1:" in output(result)
     assert watched.unchanged()  # nothing written on the NixOS Pi: the fragment did it
+
+
+# -- the owner's layout: the README's checklist, command by command ----------------------
+
+OWNER_INVENTORY = "tests/bench/nixos_owner_inventory.py"
+CHECKLIST = REPO / "docs" / "first-deploy.sh"
+BINFMT_MISC = "/proc/sys/fs/binfmt_misc"
+# Owner host -> the bench host standing in for it (the laptop is down: none).
+STAND_IN = {"nas": "nas", "pi4": "pi4", "grill": "pc1"}
+
+
+def checklist_steps(path: Path = CHECKLIST) -> list[tuple[str, list[list[str]]]]:
+    """``(step number, [command argv, ...])`` of the checklist file, in order."""
+    steps: list[tuple[str, list[list[str]]]] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            steps.append((line[3:].split(".", 1)[0], []))
+        elif line.strip() and not line.startswith("#"):
+            steps[-1][1].append(line.split())
+    return steps
+
+
+def target_files(options: dict, user: str) -> dict[str, str]:
+    """What NixOS generates in /etc for a push target's fragment (pull off or on)."""
+    keys = nixos.get(options, f"users.users.{user}.openssh.authorizedKeys.keys")
+    files = {f"/etc/ssh/authorized_keys.d/{user}": "".join(f"{key}\n" for key in keys)}
+    sudoers = nixos.sudoers_lines(options)
+    if sudoers:
+        files["/etc/sudoers.d/nixos"] = "".join(f"{line}\n" for line in sudoers)
+    return files
+
+
+class Bootstrap:
+    """Owner hosts marked NixOS with their fragments applied by hand (what the first
+    ``nixos-rebuild`` with the fragment imported does); ``undo`` puts every host back."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[nixos.Snapshot] = []
+        self.sshd: dict[str, str] = {}
+        self.mounts: list[fleet.BenchHost] = []
+        self.dirs: list[tuple[fleet.BenchHost, str]] = []
+
+    def apply(self, owner_name: str, fragment: Path) -> None:
+        h = fleet.host(STAND_IN[owner_name])
+        options = nixos.evaluate(fragment)
+        files = {**nas_files_of(options), **(target_files(options, h.user) if
+                 nixos.get(options, f"users.users.{h.user}") else {})}  # fmt: skip
+        wants = {
+            f"{UNIT_DIR}/{target}.wants/{unit}"
+            for unit, targets in nixos.wanted_by(options).items()
+            for target in targets
+        }
+        authorized = f"{h.home}/.ssh/authorized_keys"
+        self.snapshots.append(
+            nixos.Snapshot(h, [NIXOS_MARKER, NIX_CONF, authorized, *files, *wants])
+        )
+        for directory in sorted({str(Path(path).parent) for path in [*files, *wants]}):
+            if not nixos.shell(h, f"[ -d {directory} ] && echo yes || true").strip():
+                self.dirs.append((h, directory))
+        base = fleet.nix_conf_text(h).splitlines()
+        nixos.write(h, NIX_CONF, "\n".join([*base, *nixos.nix_conf_lines(options)]) + "\n")
+        for path, text in files.items():
+            nixos.write(h, path, text, "0440" if "sudoers" in path else "0444")
+        for link in wants:
+            unit = link.rsplit("/", 1)[1]
+            nixos.shell(h, f"mkdir -p {Path(link).parent} && ln -sfn ../{unit} {link}")
+        nixos.shell(h, f"touch {NIXOS_MARKER}")
+        if nixos.get(options, "boot.binfmt.emulatedSystems"):
+            # NixOS mounts binfmt_misc at boot (the handlers are the machine's, registered by
+            # the bench); a bench host's own mount namespace does not have it yet.
+            mounted = nixos.shell(h, f"[ -e {BINFMT_MISC}/status ] && echo yes || true")
+            if not mounted.strip():
+                nixos.shell(h, f"mount -t binfmt_misc binfmt_misc {BINFMT_MISC}")
+                self.mounts.append(h)
+        nixos.restart_nix_daemon(h)
+        if any(path.startswith("/etc/ssh/authorized_keys.d/") for path in files):
+            self.sshd[h.name] = fleet.sshd_options(h)["AuthorizedKeysFile"]
+            fleet.set_sshd_option(
+                h, "AuthorizedKeysFile", ".ssh/authorized_keys /etc/ssh/authorized_keys.d/%u"
+            )
+
+    def undo(self) -> None:
+        for h in self.mounts:
+            nixos.shell(h, f"umount {BINFMT_MISC}")
+        for name, before in self.sshd.items():
+            fleet.set_sshd_option(fleet.host(name), "AuthorizedKeysFile", before)
+        for snapshot in reversed(self.snapshots):
+            snapshot.restore()
+            h = snapshot.host
+            if h.user != "root":
+                nixos.shell(h, f"chown {h.user}: {h.home}/.ssh/authorized_keys 2>/dev/null || true")
+            nixos.restart_nix_daemon(h)
+            assert snapshot.unchanged()
+        for h, directory in reversed(self.dirs):
+            nixos.shell(h, f"rmdir {directory}")
+
+
+def nas_files_of(options: dict) -> dict[str, str]:
+    """A builder's generated files: its units, and nix-ssh's keys when pull is on."""
+    files = {f"{UNIT_DIR}/{unit}": text for unit, text in nixos.unit_files(options).items()}
+    keys = nixos.get(options, "nix.sshServe.keys")
+    if keys:
+        files["/etc/ssh/authorized_keys.d/nix-ssh"] = "".join(f"{key}\n" for key in keys)
+    return files
+
+
+def test_the_first_deploy_checklist_passes_command_by_command_on_the_owners_layout(bench):
+    """docs/first-deploy.sh, every command as the owner types it (with -y, and the bench's
+    copy of the owner's inventory), exits 0; the hand steps between them are the bootstrap."""
+    from tests.bench import nixos_owner_inventory as owner
+
+    bench_sops.ensure()
+    steps = checklist_steps()
+    assert [number for number, _ in steps] == ["6", "7", "8", "9", "10", "11"]
+    env = bench_sops.env()
+    bootstrap = Bootstrap()
+    new_versions("pi4", "pc1")
+    try:
+        for number, commands in steps:
+            if number == "7":  # the bootstrap: nas and pi4 rebuilt with their fragments
+                bootstrap.apply("nas", owner.FRAGMENTS_DIR / "nas.nix")
+                bootstrap.apply("pi4", owner.FRAGMENTS_DIR / "pi4.nix")
+            if number == "10":  # grill's and laptop's ssh_host_key in the inventory
+                env = {**env, "NIXPUSH_BENCH_OWNER_LATER": "1"}
+            if number == "11":  # grill rebuilt with its fragment (the laptop sleeps)
+                bootstrap.apply("grill", owner.FRAGMENTS_DIR / "grill.nix")
+            for command in commands:
+                assert command[:2] == ["pyinfra", "inventory.py"], command
+                result = pyinfra("-y", OWNER_INVENTORY, *command[2:], env=env, timeout=900)
+                assert result.returncode == 0, (number, command, output(result)[-4000:])
+        assert current("pi4") == desired_path("pi4")
+        assert current("pc1") == desired_path("pc1")
+    finally:
+        bootstrap.undo()
+        for path in owner.FRAGMENTS_DIR.glob("*.nix"):
+            path.unlink()
