@@ -9,8 +9,10 @@ deploys use. The owner imports it in the host's configuration and rebuilds.
   unit files);
 - a target (a host with ``builder_host``): ``nix.settings.extra-trusted-public-keys`` (the
   builder's signing key), the deploy user's ``openssh.authorizedKeys.keys`` (the builder's
-  deploy key) and passwordless sudo for it, and with pull builds ``nix.distributedBuilds``,
-  ``nix.buildMachines``, ``programs.ssh.extraConfig`` and ``programs.ssh.knownHosts``.
+  deploy key), and with pull builds ``nix.distributedBuilds``,
+  ``nix.buildMachines``, ``programs.ssh.extraConfig`` and ``programs.ssh.knownHosts``;
+- either, when nixpush logs in as an account other than root (``_sudo``): passwordless sudo for
+  it, as root (``security.sudo.extraRules``).
 
 Only public halves go in, derived in memory (``operations.keys``); no secret is ever rendered.
 
@@ -38,6 +40,7 @@ from operations.files import write_atomically
 from operations.fleet import FleetError, HostSpec, builders
 from operations.keys import builder_trust
 from operations.nixexpr import Raw, attr_path_of, nix_value
+from operations.nixos_checks import sudo_rule, sudo_user
 from operations.pull import build_machine_for, client_keys_by_user, nixos_ssh_serve, pulls
 from operations.schedule import parse_schedule, unit_files
 from operations.ssh import known_hosts_name
@@ -200,17 +203,6 @@ def target_sections(
             },
         )
     ]
-    if user != "root":
-        sections.append(
-            Section(
-                "pyinfra runs every command as `sudo -H sh -c ...`: passwordless sudo for all.",
-                {
-                    "security.sudo.extraRules": [
-                        {"users": [user], "commands": [{"command": "ALL", "options": ["NOPASSWD"]}]}
-                    ]
-                },
-            )
-        )
     if pull:
         sections.append(
             Section(
@@ -265,7 +257,22 @@ def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str
         trust = builder_trust(inventory.get_host(spec.pushed_by), name)
         pull = pull_client_options(spec, specs[spec.pushed_by]) if pulls(spec) else None
         sections += target_sections(spec, trust.ssh_public_key, trust.nix_public_key, pull)
+    user = sudo_user(inventory.get_host(name).data, spec)
+    if sections and user is not None:
+        sections.append(sudo_section(user))
     return Fragment(name, tuple(sections))
+
+
+def sudo_section(user: str) -> Section:
+    """Passwordless sudo for the account nixpush logs in as, on every host whose fragment
+    configures something nixpush then runs commands for under sudo (builds, copies, checks,
+    activations): as root only, for every command, since pyinfra runs each as
+    ``sudo -H sh -c ...``."""
+    return Section(
+        f"nixpush runs its commands here as {user} through `sudo -H sh -c ...`: passwordless\n"
+        "sudo, as root only (sudo sees only `sh`, so no narrower rule works).",
+        {"security.sudo.extraRules": [sudo_rule(user)]},
+    )
 
 
 def fragments_dir(host_data: Any, cwd: str | None = None) -> Path:

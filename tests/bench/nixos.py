@@ -97,7 +97,8 @@ def known_hosts_lines(options: Mapping[str, Any]) -> list[str]:
 def sudoers_lines(options: Mapping[str, Any]) -> list[str]:
     """What ``security.sudo.extraRules`` adds to ``/etc/sudoers``."""
     return [
-        f"{user} ALL=(ALL:ALL) {''.join(f'{o}: ' for o in command['options'])}{command['command']}"
+        f"{user} ALL=({rule.get('runAs', 'ALL:ALL')}) "
+        f"{''.join(f'{o}: ' for o in command['options'])}{command['command']}"
         for rule in get(options, "security.sudo.extraRules") or []
         for user in rule["users"]
         for command in rule["commands"]

@@ -105,7 +105,7 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
     deploy_public = derive_public(bench_sops.value("ssh/nas_deploy"))
     authorized = nixos.get(pi, "users.users.beau.openssh.authorizedKeys.keys")
     assert [" ".join(key.split()[:2]) for key in authorized] == [deploy_public]
-    assert nixos.sudoers_lines(pi) == ["beau ALL=(ALL:ALL) NOPASSWD: ALL"]
+    assert nixos.sudoers_lines(pi) == ["beau ALL=(root) NOPASSWD: ALL"]
     assert nixos.get(pi, "nix.distributedBuilds") is True
     (machine,) = nixos.get(pi, "nix.buildMachines")
     assert (machine["hostName"], machine["sshUser"], machine["sshKey"]) == (

@@ -3,16 +3,20 @@ valid Nix (``nix-instantiate --parse``, ``nix eval`` against a stub module) with
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from operations import fragments, schedule
-from operations.fleet import HostSpec
+from operations.fleet import HostSpec, check_fleet
+from operations.keys import BuilderTrust
 from operations.nixexpr import Attr, Raw, nix_string, nix_value
 from tests.bench import nixos
+from tests.unit.conftest import REPO, load_inventory
 
 NIX = shutil.which("nix-instantiate")
 HOSTILE = 'a"b\\c${builtins.abort "x"}\n\'\'${x}'
@@ -93,3 +97,73 @@ def test_a_multi_line_string_renders_as_an_indented_string():
     assert "  programs.ssh.extraConfig = ''\n" not in text  # HOSTILE holds ${: quoted
     multi = nix_value({"x": "Host a\nPort 22\n"}, indent=2)
     assert multi == "{\n  x = ''\n    Host a\n    Port 22\n  '';\n}"
+
+
+# -- the owner's shipped inventory -------------------------------------------------------
+
+NIXOS_EVAL_CANDIDATES = (
+    REPO.parent / "shared" / "nixos-eval" / "check",
+    REPO.parent.parent / "shared" / "nixos-eval" / "check",
+    Path("/work/shared/nixos-eval/check"),
+)
+
+
+def nixos_eval_check() -> Path | None:
+    """``shared/nixos-eval/check`` beside the checkout (CI) or the project's shared folder."""
+    return next((path for path in NIXOS_EVAL_CANDIDATES if path.is_file()), None)
+
+
+@pytest.fixture
+def shipped(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, HostSpec]]:
+    """The repository's inventory.py and group_data, the builder's keys stand-ins (no sops)."""
+    monkeypatch.setattr(fragments, "builder_trust", lambda builder, for_host: BuilderTrust(
+        SSH_KEY, NIX_KEY))  # fmt: skip
+    inventory = load_inventory(REPO / "inventory.py", REPO)
+    return inventory, check_fleet(inventory)
+
+
+def test_every_host_nixpush_runs_sudo_on_gets_the_rule_as_root_only(shipped):
+    inventory, specs = shipped
+    rule = {
+        "users": ["beau"],
+        "runAs": "root",
+        "commands": [{"command": "ALL", "options": ["NOPASSWD"]}],
+    }
+    for name in ("nas", "pi4", "grill", "laptop"):  # the NAS too: it builds and copies
+        options = fragments.host_fragment(inventory, specs, name).options
+        assert options["security.sudo.extraRules"] == [rule], name
+    assert not fragments.host_fragment(inventory, specs, "iso").sections  # an image: none
+
+
+def test_a_builder_nixpush_logs_in_to_as_root_gets_no_sudo_rule(write_inventory):
+    nas = {
+        "nix_system": "x86_64-linux",
+        "ssh_user": "root",
+        "_sudo": True,
+        "binfmt_emulated_systems": ["aarch64-linux"],
+    }
+    inventory = write_inventory({"server": [("nas", nas)]})
+    fragment = fragments.host_fragment(inventory, check_fleet(inventory), "nas")
+    assert "security.sudo.extraRules" not in fragment.options
+    assert fragment.options["boot.binfmt.emulatedSystems"] == ["aarch64-linux"]
+
+
+def test_every_shipped_fragment_passes_nixos_eval(shipped, tmp_path: Path):
+    """NixOS's own module system (shared/nixos-eval) accepts every fragment of the shipped
+    inventory: option names, types, sudo's rule, the units."""
+    check = nixos_eval_check()
+    if check is None:
+        if os.environ.get("CI"):
+            pytest.fail("shared/nixos-eval/check is missing: CI must check the fragments")
+        pytest.skip("shared/nixos-eval is not beside this checkout")
+    inventory, specs = shipped
+    paths = []
+    for name in specs:
+        fragment = fragments.host_fragment(inventory, specs, name)
+        if fragment.sections:
+            path = tmp_path / f"{name}.nix"
+            path.write_text(fragment.render())
+            paths.append(str(path))
+    assert len(paths) == 4
+    result = subprocess.run([str(check), *paths], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
