@@ -39,6 +39,7 @@ else:
     nixos_checks.check_nixos_timers(
         name="Check nixpush's schedule (NixOS)",
         units=schedule.unit_files(wanted) if wanted.enabled else {},
+        program=wanted.program,
     )
     if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
         trust = keys.builder_trust(state.inventory.get_host(spec.pushed_by), host.name)

@@ -36,3 +36,9 @@ else:
     fragments.fragment_file(
         name=f"Write {host.name}'s NixOS fragment", path=str(path), text=fragment.render()
     )
+    if fragment.uses_env:  # the schedule's units run nixpush from it
+        fragments.fragment_file(
+            name=f"Write {fragments.ENV_FILE}",
+            path=str(path.with_name(fragments.ENV_FILE)),
+            text=fragments.ENV_EXPRESSION,
+        )

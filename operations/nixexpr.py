@@ -36,6 +36,24 @@ class Raw:
             raise ValueError(f"not a plain Nix name: {self.expression!r}")
 
 
+@dataclass(frozen=True)
+class Interpolated:
+    """A Nix string with names spliced in, the text escaped like any string:
+    ``Interpolated(("", Raw("nixpush"), "/bin/python"))`` renders ``"${nixpush}/bin/python"``."""
+
+    parts: tuple[str | Raw, ...]
+
+    def render(self) -> str:
+        return (
+            '"'
+            + "".join(
+                f"${{{part.expression}}}" if isinstance(part, Raw) else nix_string(part)[1:-1]
+                for part in self.parts
+            )
+            + '"'
+        )
+
+
 def nix_string(text: str) -> str:
     """A double-quoted Nix string: ``\\``, ``"`` and ``${`` escaped, newlines as ``\\n``."""
     escaped = (
@@ -88,12 +106,15 @@ def nix_value(value: object, indent: int | None = None, level: int = 0) -> str:
     """
     ``value`` as a Nix expression.
 
-    + value: str, int, bool, None (``null``), ``Raw``, a list/tuple of values, or a dict whose
-      keys are attribute paths (str: split on ``.``; a tuple: its parts) or names (``Attr``)
+    + value: str, int, bool, None (``null``), ``Raw``, ``Interpolated``, a list/tuple of
+      values, or a dict whose keys are attribute paths (str: split on ``.``; a tuple: its
+      parts) or names (``Attr``)
     + indent: spaces per level for one element per line; None renders on one line
     """
     if isinstance(value, Raw):
         return value.expression
+    if isinstance(value, Interpolated):
+        return value.render()
     if value is None:
         return "null"
     if isinstance(value, bool):

@@ -24,7 +24,7 @@ from operations.files import ACCOUNT_NAME, LinesFact, LinesOfFile
 from operations.fleet import HostSpec
 from operations.nixexpr import attr_path_of, nix_value
 from operations.nixos import nixos_options_error
-from operations.schedule import MODES, UNIT_DIR, unit_names
+from operations.schedule import MODES, UNIT_DIR, exec_quote, unit_names
 from operations.ssh import authorized_by_nixos
 
 # `sudo -l` lists a rule granting every command as root without a password as
@@ -135,9 +135,26 @@ def unit_lines(text: str) -> list[str]:
     ]
 
 
+# How the fragment's units run nixpush-run: `"/nix/store/...-python3-...-env/bin/python" "-m"
+# "operations.run.runner" ARGS` (operations.fragments.nixos_exec_start), not the program.
+_NIXOS_RUNNER = '"/nix/store/[^"]*/bin/python" "-m" "operations.run.runner"'
+
+
+def same_unit_line(wanted: str, have: set[str], program: str | None) -> bool:
+    """Whether a unit's lines ``have`` hold the unit file line ``wanted``: as is, or for
+    ``ExecStart=`` of ``program``, as the NixOS fragment runs it."""
+    if wanted in have:
+        return True
+    quoted = exec_quote(program) if program else None
+    if quoted is None or not wanted.startswith(f"ExecStart={quoted}"):
+        return False
+    args = re.escape(wanted.removeprefix(f"ExecStart={quoted}"))
+    return any(re.fullmatch(f"ExecStart={_NIXOS_RUNNER}{args}", line) for line in have)
+
+
 @operation()
 def check_nixos_timers(
-    units: Mapping[str, str], unit_dir: str = UNIT_DIR
+    units: Mapping[str, str], unit_dir: str = UNIT_DIR, program: str | None = None
 ) -> Generator[PyinfraCommand, None, None]:
     """
     On a NixOS host, check the running configuration has nixpush's units (the fragment's
@@ -146,6 +163,8 @@ def check_nixos_timers(
 
     + units: file name -> content, ``schedule.unit_files(schedule)`` (empty: no schedule)
     + unit_dir: where NixOS links the units
+    + program: the schedule's ``program``: the fragment runs nixpush from its Nix environment
+      instead, with the same arguments
 
     **Example:**
 
@@ -157,7 +176,9 @@ def check_nixos_timers(
     for unit, text in sorted(units.items()):
         current = host.get_fact(LinesOfFile, path=f"{unit_dir}/{unit}")
         have = {line.strip() for line in (current.lines if current else ())}
-        if current is None or any(line not in have for line in unit_lines(text)):
+        if current is None or any(
+            not same_unit_line(line, have, program) for line in unit_lines(text)
+        ):
             missing.append(unit)
     wants = [f"{unit_dir}/timers.target.wants/{unit}" for unit in units if unit.endswith(".timer")]
     if wants:

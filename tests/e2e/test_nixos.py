@@ -51,7 +51,11 @@ def fragments(bench: None) -> Iterator[dict[str, Path]]:
     fragments_dir = bench_nixos.FRAGMENTS_DIR
     result = run(INVENTORY, "deploys/nixos_config.py")
     assert result.returncode == 0, output(result)
-    yield {path.stem: path for path in sorted(fragments_dir.glob("*.nix"))}
+    yield {
+        path.stem: path
+        for path in sorted(fragments_dir.glob("*.nix"))
+        if path.name != "nixpush-env.nix"  # the Nix environment the NAS's units run nixpush with
+    }
     for path in fragments_dir.glob("*.nix"):
         path.unlink()
     fragments_dir.rmdir()
@@ -75,7 +79,9 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
         assert parsed.returncode == 0, parsed.stderr
         assert not [value for value in secrets if value in text], name
         assert "PRIVATE KEY" not in text
-        assert "{ config, lib, pkgs, ... }:" in text
+        # Only the arguments it uses (deadnix would remove the others).
+        assert ("{ pkgs, ... }:" in text) == ("pkgs." in text or "nixpushPython" in text), name
+        assert "config," not in text and "lib," not in text
 
     nas = nixos.evaluate(fragments[NAS])
     assert nixos.get(nas, "boot.binfmt.emulatedSystems") == ["aarch64-linux"]
@@ -96,7 +102,13 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
         check["serviceConfig"]["ExecStart"].startswith('"')
         and '"check"' in (check["serviceConfig"]["ExecStart"])
     )
-    assert check["path"] == [f"{nixos.STUB_STORE}-openssh", f"{nixos.STUB_STORE}-git"]
+    # nixpush from nixpkgs' Python (the environment written beside the fragments), not a venv.
+    assert check["path"] == [
+        nixos.STUB_ENV,
+        *(f"{nixos.STUB_STORE}-{name}" for name in ("sops", "openssh", "git")),
+    ]
+    assert check["serviceConfig"]["ExecStart"].startswith(f'"{nixos.STUB_ENV}/bin/python" "-m"')
+    assert (fragments[NAS].parent / "nixpush-env.nix").is_file()
 
     pi = nixos.evaluate(fragments[PI])
     signing = bench_sops.value("nix/nas_signing_key").strip()

@@ -4,6 +4,7 @@ valid Nix (``nix-instantiate --parse``, ``nix eval`` against a stub module) with
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from operations import fragments, schedule
+from operations import fragments, nixos_checks, schedule
 from operations.fleet import HostSpec, check_fleet
 from operations.keys import BuilderTrust
 from operations.nixexpr import Attr, Raw, nix_string, nix_value
@@ -50,12 +51,23 @@ def test_strings_escape_quotes_backslashes_and_interpolation():
 
 def test_unit_files_round_trip_into_nixos_options():
     units = schedule.unit_files(SCHEDULE)
-    options = fragments.schedule_options(units)
+    options = fragments.schedule_options(units, SCHEDULE.program)
     service = options[("systemd", "services", "nixpush-check")]
     timer = options[("systemd", "timers", "nixpush-check")]
     assert service["serviceConfig"]["User"] == "beau"
     assert service["serviceConfig"]["SuccessExitStatus"] == "2 75"
-    assert service["path"] == [Raw("pkgs.openssh"), Raw("pkgs.git")]
+    # nixpush from nixpkgs' Python and sops, never the virtualenv's program.
+    assert service["path"] == [
+        Raw("nixpushPython"),
+        Raw("pkgs.sops"),
+        Raw("pkgs.openssh"),
+        Raw("pkgs.git"),
+    ]
+    exec_start = nix_value(service["serviceConfig"]["ExecStart"])
+    assert exec_start.startswith(
+        '"\\"${nixpushPython}/bin/python\\" \\"-m\\" \\"operations.run.runner\\" \\"check\\"'
+    )
+    assert ".venv" not in exec_start
     assert timer["wantedBy"] == ["timers.target"]
     assert timer["timerConfig"]["OnCalendar"] == "hourly"
     assert "Install" not in timer
@@ -68,7 +80,7 @@ def _fragment(value: str = "aarch64-linux") -> fragments.Fragment:
                   ssh_user="beau", ssh_hostname="192.168.1.122", ssh_port=8023)  # fmt: skip
     sections = [
         *fragments.builder_sections(nas, {"nix-ssh": [f"{SSH_KEY} nixpush-pull:pi4"]},
-                                    schedule.unit_files(SCHEDULE)),
+                                    schedule.unit_files(SCHEDULE), SCHEDULE.program),
         *fragments.target_sections(pi, SSH_KEY, NIX_KEY, {"programs.ssh.extraConfig": HOSTILE}),
     ]  # fmt: skip
     return fragments.Fragment("nas", tuple(sections))
@@ -78,6 +90,7 @@ def _fragment(value: str = "aarch64-linux") -> fragments.Fragment:
 def test_a_fragment_parses_and_evaluates_against_a_stub_module(tmp_path: Path):
     path = tmp_path / "nas.nix"
     path.write_text(_fragment().render())
+    (tmp_path / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
 
     parsed = subprocess.run([str(NIX), "--parse", str(path)], capture_output=True, text=True)
     assert parsed.returncode == 0, parsed.stderr
@@ -88,8 +101,15 @@ def test_a_fragment_parses_and_evaluates_against_a_stub_module(tmp_path: Path):
     assert nixos.get(options, "users.users.beau.openssh.authorizedKeys.keys") == [SSH_KEY]
     assert nixos.get(options, "programs.ssh.extraConfig") == HOSTILE  # data, never evaluated
     check = nixos.get(options, "systemd.services.nixpush-check.serviceConfig.ExecStart")
-    assert check == " ".join(schedule.exec_quote(a) for a in
-                             schedule.command_line(SCHEDULE, SCHEDULE.runs[0]))  # fmt: skip
+    args = schedule.command_line(SCHEDULE, SCHEDULE.runs[0])[1:]
+    runner = [f"{nixos.STUB_ENV}/bin/python", *fragments.RUNNER]
+    assert check == " ".join(schedule.exec_quote(a) for a in [*runner, *args])
+    # What deploys/schedule.py and nixos_check.py accept as the running unit's line.
+    assert nixos_checks.same_unit_line(
+        "ExecStart=" + " ".join(schedule.exec_quote(a) for a in [SCHEDULE.program, *args]),
+        {f"ExecStart={check}"},
+        SCHEDULE.program,
+    )
 
 
 def test_a_multi_line_string_renders_as_an_indented_string():
@@ -165,5 +185,31 @@ def test_every_shipped_fragment_passes_nixos_eval(shipped, tmp_path: Path):
             path.write_text(fragment.render())
             paths.append(str(path))
     assert len(paths) == 4
+    # The NAS with the shipped schedule enabled: its units, and the Nix environment they import
+    # (nixos-eval follows the relative import and checks the expression too).
+    shipped_schedule = runpy.run_path(str(REPO / "group_data" / "server.py"))["schedule"]
+    scheduled = load_inventory(REPO / "inventory.py", REPO,
+                               {"schedule": {**shipped_schedule, "enabled": True}})  # fmt: skip
+    nas = fragments.host_fragment(scheduled, check_fleet(scheduled), "nas")
+    assert nas.uses_env
+    (tmp_path / "scheduled").mkdir()
+    (tmp_path / "scheduled" / "nas.nix").write_text(nas.render())
+    (tmp_path / "scheduled" / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
+    paths.append(str(tmp_path / "scheduled" / "nas.nix"))
     result = subprocess.run([str(check), *paths], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("PASS") == 5, result.stdout
+
+
+def test_nixos_eval_fails_a_fragment_nixos_would_refuse(tmp_path: Path):
+    """The check above would catch a broken fragment: a sudo rule NixOS's module refuses."""
+    check = nixos_eval_check()
+    if check is None:
+        pytest.skip("shared/nixos-eval is not beside this checkout")
+    rule = {"users": ["beau"], "commands": [{"command": "ALL", "options": ["NOPASSWORD"]}]}
+    bad = fragments.Fragment(
+        "pi4", (fragments.Section("bad", {"security.sudo.extraRules": [rule]}),)
+    )
+    (tmp_path / "pi4.nix").write_text(bad.render())
+    result = subprocess.run([str(check), str(tmp_path / "pi4.nix")], capture_output=True)
+    assert result.returncode != 0
