@@ -32,13 +32,16 @@ secrets = [
     },
 ]
 
-# Unattended runs of nixpush on the NAS (deploys/schedule.py installs them; README "Unattended
-# runs"). Off until the owner has checked the paths below against the NAS: `enabled: True`
-# installs systemd timers running `nixpush-run` as `user`, which needs the checkout, its venv,
-# the age key and SSH access to the fleet.
+# Unattended runs of nixpush on the NAS (README "Unattended runs"; the README quotes this).
+# Off until the owner has checked the paths below against the NAS: `enabled: True` puts
+# systemd timers running nixpush-run as `user` into nas's fragment (NixOS: regenerate it and
+# rebuild nas) or, on Debian, has deploys/schedule.py install them. The user needs the
+# checkout, the age key and SSH access to the fleet.
 schedule = {
     "enabled": False,
     "checkout": "/home/beau/nixpush",
+    # Debian's units run this; NixOS's run `python -m operations.run.runner` of the Nix
+    # environment written beside the fragments (nixpush-env.nix), from `checkout`.
     "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
     "user": "beau",
     "age_key_file": "/home/beau/.config/sops/age/keys.txt",
@@ -52,7 +55,9 @@ schedule = {
         # Limited to the always-on hosts: the desktop and laptop may be asleep, and a host
         # that cannot be reached is a failure (exit 1) for nas.py and secrets.py.
         "check": {"on_calendar": "hourly", "randomized_delay": "10min", "limit": ["nas", "pi4"]},
-        # Deploy the Pis at night.
-        "deploy": {"on_calendar": "*-*-* 03:30:00", "randomized_delay": "30min"},
+        # Deploy the always-on targets at night: pi4. Not grill and laptop (asleep at 03:30:
+        # grill, not offline_ok, would fail every run), nor nas itself (the host running the
+        # deploy; switch it by hand: `pyinfra inventory.py deploys/pi.py --limit nas`).
+        "deploy": {"on_calendar": "*-*-* 03:30:00", "randomized_delay": "30min", "limit": ["pi4"]},
     },
 }
