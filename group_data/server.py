@@ -9,10 +9,12 @@ binfmt_emulated_systems = ["aarch64-linux"]
 # nix.conf max-jobs
 nix_max_jobs = 8
 
-# Secrets the builder pushes with (see group_data/network.py for the entry format). The
-# targets' trust is derived from them: each target's ssh_user authorizes the deploy key's
-# public half, and each target's Nix trusts the signing key's public half. No nix.conf
-# `secret-key-files` here: the push deploy signs closures itself (`nix store sign -k`).
+# Secrets the builder pushes with (see the README's "Secrets" for the entry format), decrypted
+# from nixpush's own sops file (`nixpush_sops_file`, inventory.py), never from one a host nas
+# pushes to could decrypt (sops-nix's). The targets' trust is derived from them: each
+# target's ssh_user authorizes the deploy key's public half, and each target's Nix trusts the
+# signing key's public half. No nix.conf `secret-key-files` here: the push deploy signs
+# closures itself (`nix store sign -k`).
 secrets = [
     {
         # OpenSSH private key (ed25519) for pushing to the Pis, as root over ssh-ng.

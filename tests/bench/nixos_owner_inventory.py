@@ -26,6 +26,7 @@ from tests.bench import fleet as _fleet
 from tests.bench import sops as _sops
 
 FRAGMENTS_DIR = _fleet.BENCH_DIR / "owner-fragments"
+OWN_SOPS_FILE = _sops.SOPS_DIR / "nixpush-secrets.yaml"
 # Where nothing answers: the laptop is asleep.
 LAPTOP_ADDRESS = f"{_fleet.SUBNET}.99"
 # A made-up ed25519 host key for the laptop that never answers (the later step sets one).
@@ -59,6 +60,9 @@ def _data(name: str, shipped: dict[str, _Any]) -> dict[str, _Any]:
     data.update(
         flake=_fleet.flake_ref(),
         sops_file=str(_sops.SECRETS_FILE),
+        # nixpush's own keys in a file of their own (tests/bench/nixos_sops.py writes it);
+        # NIXPUSH_BENCH_OWNER_SOPS names another (one a pushed host can decrypt, say).
+        nixpush_sops_file=_os.environ.get("NIXPUSH_BENCH_OWNER_SOPS", str(OWN_SOPS_FILE)),
         nixos_fragments_dir=str(FRAGMENTS_DIR),
         ssh_key=str(_fleet.BENCH_DIR / "id_ed25519"),
         ssh_known_hosts_file=str(_fleet.BENCH_DIR / "known_hosts"),

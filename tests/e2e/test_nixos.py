@@ -417,8 +417,10 @@ def test_the_first_deploy_checklist_passes_command_by_command_on_the_owners_layo
     """docs/first-deploy.sh, every command as the owner types it (with -y, and the bench's
     copy of the owner's inventory), exits 0; the hand steps between them are the bootstrap."""
     from tests.bench import nixos_owner_inventory as owner
+    from tests.bench import nixos_sops
 
     bench_sops.ensure()
+    nixos_sops.write_push_keys(owner.OWN_SOPS_FILE)  # nixpush's own file: the owner's key only
     steps = checklist_steps()
     assert [number for number, _ in steps] == ["6", "7", "8", "9", "10", "11"]
     env = bench_sops.env()
@@ -443,3 +445,56 @@ def test_the_first_deploy_checklist_passes_command_by_command_on_the_owners_layo
         bootstrap.undo()
         for path in owner.FRAGMENTS_DIR.glob("*.nix"):
             path.unlink()
+
+
+def test_a_push_key_file_a_pushed_host_can_decrypt_is_refused_before_anything_runs(bench):
+    """A real sops file holding the push keys, encrypted to the owner and to pi4's sops-nix
+    key (derived from its SSH host key, as ssh-to-age does): pi4 really can decrypt it, and
+    deploys/secrets.py stops before any host changes, naming the fix."""
+    from cryptography.hazmat.primitives import serialization
+
+    from operations.recipients import bech32_encode, ssh_to_age
+    from tests.bench import nixos_owner_inventory as owner
+    from tests.bench import nixos_sops
+
+    pi = fleet.host("pi4")
+    host_key = " ".join((pi.dir / "ssh" / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+    shared = bench_sops.SOPS_DIR / "shared-with-pi4.yaml"
+    nixos_sops.write_push_keys(shared, [ssh_to_age(host_key)])
+    # pi4's own age identity (sops-nix's, from its host key): it decrypts the deploy key.
+    private = serialization.load_ssh_private_key(
+        (pi.dir / "ssh" / "ssh_host_ed25519_key").read_bytes(), None
+    )
+    seed = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    import hashlib
+
+    identity = bech32_encode("age-secret-key-", hashlib.sha512(seed).digest()[:32]).upper()
+    pi_key_file = bench_sops.SOPS_DIR / "pi4-age-key.txt"
+    pi_key_file.write_text(identity + "\n")
+    pi_key_file.chmod(0o600)
+    try:
+        read = subprocess.run(
+            [bench_sops.sops_program(), "--disable-version-check", "-d", "--extract",
+             '["ssh"]["nas_deploy"]', str(shared)],
+            env={"SOPS_AGE_KEY_FILE": str(pi_key_file)}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert read.returncode == 0 and "PRIVATE KEY" in read.stdout  # what the check prevents
+        before = nixos.Snapshot(fleet.host(NAS), [DEPLOY_KEY_PATH, SIGNING_KEY_PATH])
+        env = {**bench_sops.env(), "NIXPUSH_BENCH_OWNER_SOPS": str(shared)}
+        result = pyinfra("-y", OWNER_INVENTORY, "deploys/secrets.py", "--limit", "nas",
+                         "--limit", "pi4", env=env, timeout=600)  # fmt: skip
+        text = output(result)
+        assert result.returncode != 0
+        assert f"{shared} is also encrypted to the age key of pi4's SSH host key" in text, text
+        assert "set nixpush_sops_file to it" in text
+        assert before.unchanged()
+        # nixpush's own file, encrypted to the owner only, is accepted.
+        nixos_sops.write_push_keys(owner.OWN_SOPS_FILE)
+        ok = pyinfra("-y", OWNER_INVENTORY, "deploys/secrets.py", "--limit", "nas",
+                     "--limit", "pi4", env=bench_sops.env(), timeout=600)  # fmt: skip
+        assert ok.returncode == 0, output(ok)[-3000:]
+    finally:
+        pi_key_file.unlink()
+        shared.unlink()
