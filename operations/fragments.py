@@ -19,7 +19,7 @@ Only public halves go in, derived in memory (``operations.keys``); no secret is 
 .. code:: python
 
     fragment = host_fragment(state.inventory, specs, "pi4")
-    fragment.render()   # "# nixpush's settings for pi4 ... { config, lib, pkgs, ... }: { ... }"
+    fragment.render()   # "# nixpush's settings for pi4 ... { pkgs, ... }: { ... }"
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 from pyinfra import logger
 from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
-from pyinfra.context import host
+from pyinfra.api.state import State
+from pyinfra.context import ctx_state, host
+from pyinfra_cli.inventory import make_inventory
 
 from operations.failures import host_step
 from operations.files import write_atomically
@@ -48,7 +50,6 @@ from operations.ssh import known_hosts_name
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.inventory import Inventory
-    from pyinfra.api.state import State
 
 # Where fragments go: the ``nixos_fragments_dir`` data key, relative to where pyinfra runs.
 FRAGMENTS_DIR_KEY = "nixos_fragments_dir"
@@ -374,6 +375,55 @@ def sudo_section(user: str) -> Section:
         "sudo, as root only (sudo sees only `sh`, so no narrower rule works).",
         {"security.sudo.extraRules": [sudo_rule(user)]},
     )
+
+
+# -- the whole fleet's, from the controller ------------------------------------------------
+
+# deploys/nixos_config.py runs as `pyinfra @local`: the fleet's inventory file is data.
+INVENTORY_KEY = "nixpush_inventory"
+
+
+def fleet_inventory(path: str, cwd: str | None = None) -> Inventory:
+    """The fleet's inventory as ``pyinfra PATH ...`` run from ``cwd`` (default: here) loads it,
+    ``group_data/`` included, without connecting to any host. ``FleetError`` when missing."""
+    directory = cwd or os.getcwd()
+    if not Path(directory, path).is_file():
+        raise FleetError(
+            [f"{INVENTORY_KEY}: {path} is not a file in {directory}; run from the nixpush "
+             f"checkout, or name the inventory with --data {INVENTORY_KEY}=FILE"]
+        )  # fmt: skip
+    # The CLI's loader executes the files under a State of its own (it records the file it
+    # runs); the deploy's state stays untouched.
+    with ctx_state.use(State()):
+        inventory: Inventory = make_inventory(path, cwd=directory)
+    return inventory
+
+
+@dataclass(frozen=True)
+class FleetFragments:
+    """Every file ``deploys/nixos_config.py`` writes: path -> (operation name, text); and the
+    hosts that need no fragment."""
+
+    files: dict[Path, tuple[str, str]]
+    without: tuple[str, ...]
+
+
+def fleet_fragments(inventory: Inventory, specs: Mapping[str, HostSpec]) -> FleetFragments:
+    """Each host's fragment (``host_fragment``) at its ``fragment_path``, and ``ENV_FILE``
+    beside the fragments of every directory one of them imports it from."""
+    files: dict[Path, tuple[str, str]] = {}
+    without: list[str] = []
+    for name in specs:
+        fragment = host_fragment(inventory, specs, name)
+        if not fragment.sections:
+            without.append(name)
+            continue
+        path = fragment_path(fragments_dir(inventory.get_host(name).data), name)
+        files[path] = (f"Write {name}'s NixOS fragment ({path.name})", fragment.render())
+        if fragment.uses_env:
+            env = path.with_name(ENV_FILE)
+            files[env] = (f"Write nixpush's Nix environment ({ENV_FILE})", ENV_EXPRESSION)
+    return FleetFragments(files, tuple(without))
 
 
 def fragments_dir(host_data: Any, cwd: str | None = None) -> Path:

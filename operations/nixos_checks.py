@@ -194,7 +194,7 @@ def check_nixos_timers(
         problems += [f"{', '.join(stray)} not scheduled"] if stray else []
         yield fail_host(
             f"{host.name} runs NixOS, so deploys/schedule.py writes no units: {'; '.join(problems)}"
-            f"; run `pyinfra inventory.py deploys/nixos_config.py` and rebuild {host.name} with "
+            f"; run `pyinfra @local deploys/nixos_config.py` and rebuild {host.name} with "
             "its fragment imported (its systemd.services and systemd.timers)"
         )
         return

@@ -32,6 +32,8 @@ LAPTOP_ADDRESS = f"{_fleet.SUBNET}.99"
 # A made-up ed25519 host key for the laptop that never answers (the later step sets one).
 LAPTOP_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOHz+U0YtjINc54dZiJNclfmEFifF7RXCFlNlTbuZBji"
 LATER = _os.environ.get("NIXPUSH_BENCH_OWNER_LATER") == "1"
+# With NIXPUSH_BENCH_OWNER_DOWN=1 every host is down (an address nothing answers on).
+DOWN = _os.environ.get("NIXPUSH_BENCH_OWNER_DOWN") == "1"
 
 _SHIPPED = _runpy.run_path(str(_fleet.REPO / "inventory.py"))
 _SERVER = _runpy.run_path(str(_fleet.REPO / "group_data" / "server.py"))
@@ -72,9 +74,13 @@ def _data(name: str, shipped: dict[str, _Any]) -> dict[str, _Any]:
             {"name": "tailscaled", "command": "true"},
         ],
     )
-    stand_in = _STAND_IN.get(name)
-    if stand_in is None:  # the laptop: down
+    if name == "nas":
+        data["schedule"] = SCHEDULE
+    stand_in = None if DOWN else _STAND_IN.get(name)
+    if stand_in is None:  # the laptop (or, with DOWN, every host): down
         data.update(ssh_hostname=LAPTOP_ADDRESS, ssh_port=22, nixos_config="pc1")
+        if DOWN:  # each its own address (targets may not share one)
+            data["ssh_hostname"] = f"{_fleet.SUBNET}.{90 + list(_SHIPPED['_FLEET']).index(name)}"
         if LATER:
             data["ssh_host_key"] = LAPTOP_HOST_KEY
         return data
@@ -84,8 +90,6 @@ def _data(name: str, shipped: dict[str, _Any]) -> dict[str, _Any]:
         data.pop("_sudo", None)
     if name == "pi4" or (name == "grill" and LATER):
         data["ssh_host_key"] = _host_key(stand_in)
-    if name == "nas":
-        data["schedule"] = SCHEDULE
     return data
 
 

@@ -49,7 +49,7 @@ def fragments(bench: None) -> Iterator[dict[str, Path]]:
     """The fragments as the CLI writes them: host -> path."""
     prepare_push()  # the NAS builds, the push keys are installed (as on the owner's NAS)
     fragments_dir = bench_nixos.FRAGMENTS_DIR
-    result = run(INVENTORY, "deploys/nixos_config.py")
+    result = run("@local", "deploys/nixos_config.py", "--data", f"nixpush_inventory={INVENTORY}")
     assert result.returncode == 0, output(result)
     yield {
         path.stem: path
@@ -127,7 +127,7 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
     nas_key = " ".join(nas_key_file.read_text().split()[:2])
     assert nixos.get(pi, "programs.ssh.knownHosts")["nixpush-builder-nas"]["publicKey"] == nas_key
 
-    again = run(INVENTORY, "deploys/nixos_config.py")
+    again = run("@local", "deploys/nixos_config.py", "--data", f"nixpush_inventory={INVENTORY}")
     assert again.returncode == 0, output(again)
     # A second run changes nothing: every host "No Changes".
     assert re.search(r"Grand total\s+(\d+)\s+-\s+-\s+\1\s", output(again)), output(again)
@@ -329,6 +329,46 @@ def checklist_steps(path: Path = CHECKLIST) -> list[tuple[str, list[list[str]]]]
     return steps
 
 
+def owner_command(command: list[str]) -> list[str]:
+    """A checklist command's pyinfra arguments, the bench's copy of the owner's inventory in
+    place of inventory.py (as the inventory, or as the fragments' @local run's data)."""
+    assert command[0] == "pyinfra", command
+    if command[1] == "@local":
+        return [*command[1:], "--data", f"nixpush_inventory={OWNER_INVENTORY}"]
+    assert command[1] == "inventory.py", command
+    return [OWNER_INVENTORY, *command[2:]]
+
+
+def test_fragments_are_written_with_every_host_of_the_fleet_down(bench):
+    """deploys/nixos_config.py reaches no host: with every address of the owner's fleet
+    unanswered, every fragment is written (the laptop's too), and nothing else."""
+    from tests.bench import nixos_owner_inventory as owner
+    from tests.bench import nixos_sops
+
+    nixos_sops.write_push_keys(owner.OWN_SOPS_FILE)
+    env = {**bench_sops.env(), "NIXPUSH_BENCH_OWNER_DOWN": "1"}
+    try:
+        result = pyinfra("-y", *owner_command(["pyinfra", "@local", "deploys/nixos_config.py"]),
+                         env=env, timeout=600)  # fmt: skip
+        assert result.returncode == 0, output(result)[-3000:]
+        written = sorted(path.name for path in owner.FRAGMENTS_DIR.glob("*.nix"))
+        # Every host's, and the Nix environment the NAS's scheduled units import.
+        assert written == ["grill.nix", "laptop.nix", "nas.nix", "nixpush-env.nix", "pi4.nix"]
+        for name in ("nas", "pi4", "grill", "laptop"):
+            assert f"Write {name}'s NixOS fragment ({name}.nix)" in output(result)
+        # Run over the fleet's inventory, pyinfra itself stops with every host down ("No hosts
+        # remaining"), before any deploy code; with hosts up, the deploy names the command.
+        down = pyinfra("-y", OWNER_INVENTORY, "deploys/nixos_config.py", env=env, timeout=600)
+        assert down.returncode != 0 and "No hosts remaining" in output(down)
+        refused = pyinfra("-y", OWNER_INVENTORY, "deploys/nixos_config.py", "--limit", "nas",
+                          env=bench_sops.env(), timeout=600)  # fmt: skip
+        assert refused.returncode != 0
+        assert "run `pyinfra @local deploys/nixos_config.py`" in output(refused)
+    finally:
+        for path in owner.FRAGMENTS_DIR.glob("*.nix"):
+            path.unlink()
+
+
 def target_files(options: dict, user: str) -> dict[str, str]:
     """What NixOS generates in /etc for a push target's fragment (pull off or on)."""
     keys = nixos.get(options, f"users.users.{user}.openssh.authorizedKeys.keys")
@@ -436,8 +476,8 @@ def test_the_first_deploy_checklist_passes_command_by_command_on_the_owners_layo
             if number == "11":  # grill rebuilt with its fragment (the laptop sleeps)
                 bootstrap.apply("grill", owner.FRAGMENTS_DIR / "grill.nix")
             for command in commands:
-                assert command[:2] == ["pyinfra", "inventory.py"], command
-                result = pyinfra("-y", OWNER_INVENTORY, *command[2:], env=env, timeout=900)
+                args = owner_command(command)
+                result = pyinfra("-y", *args, env=env, timeout=900)
                 assert result.returncode == 0, (number, command, output(result)[-4000:])
         assert current("pi4") == desired_path("pi4")
         assert current("pc1") == desired_path("pc1")
