@@ -15,7 +15,7 @@ import pytest
 from operations import fragments, nixos_checks, schedule
 from operations.fleet import HostSpec, check_fleet
 from operations.keys import BuilderTrust
-from operations.nixexpr import Attr, Raw, nix_string, nix_value
+from operations.nixexpr import Attr, Raw, nix_binding, nix_string, nix_value
 from tests.bench import nixos
 from tests.unit.conftest import REPO, load_inventory
 
@@ -213,3 +213,66 @@ def test_nixos_eval_fails_a_fragment_nixos_would_refuse(tmp_path: Path):
     (tmp_path / "pi4.nix").write_text(bad.render())
     result = subprocess.run([str(check), str(tmp_path / "pi4.nix")], capture_output=True)
     assert result.returncode != 0
+
+
+# -- nixfmt (RFC 166 style) shapes, from NixOS/nixfmt's tests and nixpkgs' formatted files ----
+
+
+def test_lists_of_two_or_more_go_one_per_line_and_a_lone_element_stays_when_it_fits():
+    # nixpkgs' pyinfra recipe, as nixfmt formats it: `build-system = [\n    hatchling\n
+    # uv-dynamic-versioning\n  ];` and `pythonImportsCheck = [ "pyinfra" ];`.
+    assert nix_binding("build-system", [Raw("hatchling"), Raw("uv-dynamic-versioning")], 2, 1) == (
+        "build-system = [\n    hatchling\n    uv-dynamic-versioning\n  ];"
+    )
+    assert nix_binding("pythonImportsCheck", ["pyinfra"], 2, 1) == (
+        'pythonImportsCheck = [ "pyinfra" ];'
+    )
+    # One element too long for the line (100 columns) is expanded too.
+    key = "nas-nixpush-1:" + "A" * 43 + "="
+    assert nix_binding("nix.settings.extra-trusted-public-keys", [key], 2, 1) == (
+        f'nix.settings.extra-trusted-public-keys = [\n    "{key}"\n  ];'
+    )
+    assert nix_binding("x", [], 2, 1) == "x = [ ];"
+
+
+def test_sets_of_two_or_more_go_one_per_line_and_a_lone_attribute_stays():
+    # nixfmt's test/diff/attr_set: `{ a = 1; }` stays; a set in a list is laid out inside it.
+    assert nix_binding("a", {"b": 1}, 2, 1) == "a = { b = 1; };"
+    rule = {"users": ["beau"], "commands": [{"command": "ALL", "options": ["NOPASSWD"]}]}
+    assert nix_binding("r", [rule], 2, 1) == "\n".join(
+        [
+            "r = [",
+            "    {",
+            '      users = [ "beau" ];',
+            "      commands = [",
+            "        {",
+            '          command = "ALL";',
+            '          options = [ "NOPASSWD" ];',
+            "        }",
+            "      ];",
+            "    }",
+            "  ];",
+        ]
+    )
+
+
+def test_a_value_too_long_for_its_line_goes_on_the_next_line_one_level_deeper():
+    # nixfmt's test/diff/lambda: `things ?\n        if null then true else "looo...ong",`.
+    long = "x" * 120
+    assert nix_binding("ExecStart", long, 2, 2) == f'ExecStart =\n      "{long}";'
+    assert nix_binding("ExecStart", "short", 2, 2) == 'ExecStart = "short";'
+
+
+def test_a_fragment_declares_only_the_arguments_it_uses():
+    # deadnix removes unused lambda arguments; nixfmt keeps `{ pkgs, ... }:` on one line and
+    # puts `let ... in` before the body's own line (test/diff/lambda: `{ pkgs, ... }:\nlet`).
+    plain = fragments.Fragment("pi4", (fragments.Section("c", {"nix.settings.max-jobs": 8}),))
+    assert "\n{ ... }:\n{\n" in plain.render()
+    text = _fragment().render()
+    assert (
+        "\n{ pkgs, ... }:\nlet\n  nixpushPython = import ./nixpush-env.nix { inherit pkgs; };\n"
+        "in\n{\n"
+    ) in text
+    assert "config" not in text.split("{ pkgs")[1].split("\n")[0]
+    uses_pkgs = fragments.Fragment("x", (fragments.Section("c", {"p": [Raw("pkgs.git")]}),))
+    assert "\n{ pkgs, ... }:\n{\n" in uses_pkgs.render()
