@@ -145,3 +145,26 @@ def test_both_system_links_are_read_in_one_command():
         ["sh", "-c", fact.command().get_raw_value()], capture_output=True, text=True, check=True
     )
     assert fact.process(out.stdout.splitlines()) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("nixos", "fix"),
+    [
+        (True, "import pi4's NixOS fragment (`pyinfra @local deploys/nixos_config.py` writes it)"),
+        (False, "run deploys/secrets.py"),
+    ],
+)
+def test_an_untrusted_copy_points_a_nixos_target_at_its_fragment(monkeypatch, nixos, fix):
+    """The bootstrap cannot loop: a NixOS target's missing trust is fixed by its fragment and
+    a rebuild, never by deploys/secrets.py (which cannot change a NixOS /etc)."""
+    failed: list[str] = []
+    lines = ["error: cannot add path '/nix/store/x' because it lacks a valid signature"]
+    monkeypatch.setattr(copy, "run_watched", lambda *a, **k: (False, lines))
+    monkeypatch.setattr(copy, "known_nixos", lambda target: nixos)
+    monkeypatch.setattr(copy, "fail", lambda host, reason: failed.append(reason) or False)
+    target = FakeHost("pi4")
+    step = copy._copy.__wrapped__  # type: ignore[attr-defined]
+    assert step(None, target, plan(), BUILDER, "10.0.0.2", 22, "beau") is False
+    (cause,) = failed
+    assert "pi4's Nix does not trust nas's signing key: " + fix in cause
+    assert ("deploys/secrets.py" in cause) is not nixos
