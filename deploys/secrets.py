@@ -8,7 +8,7 @@ Run with ``SOPS_AGE_KEY_FILE=~/.config/sops/age/keys.txt pyinfra inventory.py de
   authorizes the builder's deploy key and its Nix trusts the builder's signing key (both public
   halves derived in memory);
 - a builder: the public halves sit next to its deploy and signing keys (``ssh -i`` refuses a
-  key whose ``.pub`` differs), and ``/etc/nixpush/known_hosts`` holds each of its targets'
+  key whose ``.pub`` differs), and ``/root/.nixpush/known_hosts`` holds each of its targets'
   ``ssh_host_key``, for the targets in the run (``--limit``): a target left out needs none yet.
 
 Everything is decrypted and checked here, at prepare time, so a missing key, a wrong age key or

@@ -19,7 +19,7 @@ secrets = [
     {
         # OpenSSH private key (ed25519) for pushing to the Pis, as root over ssh-ng.
         "key": "ssh/nas_deploy",
-        "dest": "/etc/nixpush/deploy_ed25519",
+        "dest": "/root/.nixpush/deploy_ed25519",
         "owner": "root",
         "group": "root",
         "mode": "0600",
@@ -27,7 +27,7 @@ secrets = [
     {
         # Nix signing secret key (`nix key generate-secret --key-name nas-nixpush-1`).
         "key": "nix/nas_signing_key",
-        "dest": "/etc/nixpush/signing-key.sec",
+        "dest": "/root/.nixpush/signing-key.sec",
         "owner": "root",
         "group": "root",
         "mode": "0600",

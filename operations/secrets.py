@@ -62,9 +62,12 @@ DEFAULT_MODE = 0o600
 # Where the builder keeps what it pushes with (group_data/server.py declares them): nixpush's own
 # keys, which open every host the builder pushes to. They are decrypted from
 # ``NIXPUSH_SOPS_FILE_KEY``'s file when the host's data sets it (else from ``sops_file``), and
-# never from a file a pushed host can decrypt too (``check_push_key_file``).
-DEPLOY_KEY_PATH = "/etc/nixpush/deploy_ed25519"
-SIGNING_KEY_PATH = "/etc/nixpush/signing-key.sec"
+# never from a file a pushed host can decrypt too (``check_push_key_file``). In root's home, not
+# /etc: a NixOS builder's /etc is generated (and with system.etc.overlay.mutable = false, read
+# only), and not /var/lib/nixpush: the schedule's StateDirectory=, which systemd gives to the
+# schedule's user.
+DEPLOY_KEY_PATH = "/root/.nixpush/deploy_ed25519"
+SIGNING_KEY_PATH = "/root/.nixpush/signing-key.sec"
 PUSH_KEY_DESTS = (DEPLOY_KEY_PATH, SIGNING_KEY_PATH)
 NIXPUSH_SOPS_FILE_KEY = "nixpush_sops_file"
 _ENTRY_KEYS = ("key", "dest", "owner", "group", "mode")
@@ -218,7 +221,7 @@ def host_secrets(host: Host) -> list[Secret]:
     .. code:: python
 
         [s.dest for s in host_secrets(inventory.get_host("nas"))]
-        # ["/run/secrets/headscale-pre-auth", "/etc/nixpush/deploy_ed25519", ...]
+        # ["/root/.nixpush/deploy_ed25519", "/root/.nixpush/signing-key.sec"]
     """
     return merged_entries(
         host, "secrets", parse_secret, lambda s: s.dest, lambda s: f"installs {s.dest}"

@@ -130,7 +130,7 @@ def test_copy_goes_to_the_deploy_user_with_strict_host_keys_and_the_port():
         f"'ssh-ng://beau; id@10.0.0.2' {NEW}"
     )
     options = nix_sshopts(8023)
-    assert options.startswith("-p 8023 -i /etc/nixpush/deploy_ed25519 ")
+    assert options.startswith("-p 8023 -i /root/.nixpush/deploy_ed25519 ")
     assert "StrictHostKeyChecking=yes" in options
     # curve25519 first, every default kept after it (a prefix, never a replacement list).
     assert "-o KexAlgorithms=^curve25519-sha256 " in options
