@@ -276,3 +276,25 @@ def test_a_fragment_declares_only_the_arguments_it_uses():
     assert "config" not in text.split("{ pkgs")[1].split("\n")[0]
     uses_pkgs = fragments.Fragment("x", (fragments.Section("c", {"p": [Raw("pkgs.git")]}),))
     assert "\n{ pkgs, ... }:\n{\n" in uses_pkgs.render()
+
+
+def test_the_environments_metadata_registers_nixpushs_connector(tmp_path: Path):
+    """What nixpush-env.nix's metadata-only package writes (its two printf lines, as printf
+    reads them) is a distribution whose entry point pyinfra finds the @image connector by, the
+    code coming from the checkout."""
+    import importlib.metadata
+    import re
+
+    formats = re.findall(r"printf '([^']*)' *(?:\\\n *)?> \$dist/(\S+)", fragments.ENV_EXPRESSION)
+    assert [name for _, name in formats] == ["METADATA", "entry_points.txt"]
+    dist = tmp_path / "nixpush-0.1.0.dist-info"
+    dist.mkdir()
+    for text, name in formats:
+        (dist / name).write_text(text.replace("\\n", "\n"))
+    (found,) = importlib.metadata.distributions(path=[str(tmp_path)])
+    assert found.metadata["Name"] == "nixpush"
+    (entry,) = found.entry_points.select(group="pyinfra.connectors")
+    assert entry.name == "image"
+    from operations.connector import ImageConnector
+
+    assert entry.load() is ImageConnector
