@@ -12,12 +12,18 @@ from operations.hostkeys import pin_host_keys
 _FLAKE = "path:/home/beau/nixos-config"
 # The sops-encrypted secrets file, as the controller (where pyinfra runs) finds it.
 _SOPS_FILE = "/home/beau/nixos-config/secrets.yaml"
+# nixpush's own keys (nas's push and signing keys, group_data/server.py) in a sops file of
+# their own, encrypted only to the owner's age key: secrets.yaml is encrypted to the hosts' keys
+# too (sops-nix), and sops encrypts a whole file with one data key, so pi4 could decrypt the
+# key that opens every host nas pushes to. nixpush refuses a file a pushed host can decrypt.
+_NIXPUSH_SOPS_FILE = "/home/beau/nixos-config/nixpush/secrets.yaml"
 
 # Data every host gets. Kept here rather than in group_data/all.py, which would also apply to
 # every other inventory run from this directory (the bench fleet's, for one).
 _FLEET_WIDE = {
     "flake": _FLAKE,
     "sops_file": _SOPS_FILE,
+    "nixpush_sops_file": _NIXPUSH_SOPS_FILE,
     # pyinfra defaults to accept-new and ignores ssh_config's StrictHostKeyChecking.
     "ssh_strict_host_key_checking": "yes",
     # Where deploys/nixos_config.py writes each host's NixOS fragment: inside the flake, so

@@ -32,9 +32,14 @@ else:
     if host.name in builders(specs):
         served = pull.client_keys_by_user(state.inventory, specs, host.name)
         nixos_checks.check_nixos_builder(spec, served)
+        # Every build and copy runs under sudo; a target's sudo is checked with its key below.
+        user = nixos_checks.sudo_user(host.data, spec)
+        if user is not None and spec.pushed_by is None:
+            nixos_checks.check_nixos_sudo(name="Check the builder's sudo (NixOS)", user=user)
     nixos_checks.check_nixos_timers(
         name="Check nixpush's schedule (NixOS)",
         units=schedule.unit_files(wanted) if wanted.enabled else {},
+        program=wanted.program,
     )
     if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
         trust = keys.builder_trust(state.inventory.get_host(spec.pushed_by), host.name)

@@ -1,10 +1,17 @@
 """
-Write each host's NixOS fragment: the Nix module that gives a NixOS host what nixpush would
-otherwise write into its generated ``/etc`` (see ``operations/fragments.py``).
+Write every host's NixOS fragment on the controller: the Nix module that gives a NixOS host
+what nixpush would otherwise write into its generated ``/etc`` (``operations/fragments.py``),
+and ``nixpush-env.nix`` beside them (the Python environment nixpush's units run it with).
 
-    pyinfra inventory.py deploys/nixos_config.py            # write nixos/<host>.nix
-    pyinfra inventory.py deploys/nixos_config.py --dry      # say which would change
-    pyinfra inventory.py deploys/nixos_check.py             # does each host run what it asks?
+    pyinfra @local deploys/nixos_config.py            # write nixos/<host>.nix for inventory.py
+    pyinfra @local deploys/nixos_config.py --dry      # say which would change
+    pyinfra @local deploys/nixos_config.py --data nixpush_inventory=other_inventory.py
+
+It runs on the controller (``@local``) and reaches no host of the fleet: a fragment is needed
+before a host can be deployed, often before its first boot, and a sleeping laptop needs one as
+much as an awake NAS. The fleet is read from ``inventory.py`` in the directory pyinfra runs in
+(``nixpush_inventory`` to name another), with its ``group_data/``, and checked as every deploy
+checks it.
 
 Fragments go to ``nixos_fragments_dir`` (data; default ``nixos`` under the directory pyinfra
 runs in), one ``<host>.nix`` per host that builds for others, is pushed to, or runs the
@@ -14,25 +21,28 @@ sops on the controller (``SOPS_AGE_KEY_FILE``); only public halves are written.
 
 from __future__ import annotations
 
+from pyinfra import logger
 from pyinfra.context import host, state
 
 from operations import fragments
-from operations.fleet import builders
-from operations.start import start_deploy
+from operations.fleet import FleetError
+from operations.start import check_inventory
 
-deploy = start_deploy(state)
-specs = deploy.specs
-# Only hosts with a fragment need to be up; the others (a sleeping laptop) are skipped.
-fragment = fragments.host_fragment(state.inventory, specs, host.name)
-deploy.summary.forgive(
-    [*builders(specs), *(name for name, spec in specs.items() if spec.builder_host)]
-)
-
-if not fragment.sections:
-    deploy.summary.skip(host.name, "nixpush configures nothing here: no fragment")
-    host.noop(f"{host.name} needs no NixOS fragment")
-else:
-    path = fragments.fragment_path(fragments.fragments_dir(host.data), host.name)
-    fragments.fragment_file(
-        name=f"Write {host.name}'s NixOS fragment", path=str(path), text=fragment.render()
+if host.name != "@local" or len(state.inventory) != 1:
+    raise FleetError(
+        [
+            "deploys/nixos_config.py writes files on the controller and reaches no host: run "
+            "`pyinfra @local deploys/nixos_config.py` (it reads inventory.py; add --data "
+            "nixpush_inventory=FILE for another inventory)"
+        ]
     )
+
+fleet = fragments.fleet_inventory(str(host.data.get(fragments.INVENTORY_KEY) or "inventory.py"))
+specs = check_inventory(fleet)
+written = fragments.fleet_fragments(fleet, specs)
+if not written.files:
+    host.noop("nixpush configures nothing on any host: no fragment")
+for name in written.without:
+    logger.info(f"    {name}: nixpush configures nothing here: no fragment")
+for path, (label, text) in written.files.items():
+    fragments.fragment_file(name=label, path=str(path), text=text)

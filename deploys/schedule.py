@@ -37,7 +37,9 @@ else:
     if runs_nixos():
         # /etc is generated: nothing is written (no units, no crontab line). The host's generated
         # fragment holds the same units; this checks the running system has them.
-        nixos_checks.check_nixos_timers(name="Check nixpush's schedule (NixOS)", units=units)
+        nixos_checks.check_nixos_timers(
+            name="Check nixpush's schedule (NixOS)", units=units, program=wanted.program
+        )
     elif units and wanted.activate and not runs_systemd():
         # Nothing is written: unit files no systemd runs would look installed and never run.
         failures.unable(

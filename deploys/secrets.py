@@ -8,8 +8,8 @@ Run with ``SOPS_AGE_KEY_FILE=~/.config/sops/age/keys.txt pyinfra inventory.py de
   authorizes the builder's deploy key and its Nix trusts the builder's signing key (both public
   halves derived in memory);
 - a builder: the public halves sit next to its deploy and signing keys (``ssh -i`` refuses a
-  key whose ``.pub`` differs), and ``/etc/nixpush/known_hosts`` holds each of its targets'
-  ``ssh_host_key``.
+  key whose ``.pub`` differs), and ``/root/.nixpush/known_hosts`` holds each of its targets'
+  ``ssh_host_key``, for the targets in the run (``--limit``): a target left out needs none yet.
 
 Everything is decrypted and checked here, at prepare time, so a missing key, a wrong age key or
 a missing owner stops the run before any host changes. ``--dry`` lists the secret files that
@@ -36,7 +36,13 @@ trust = None
 if spec.pushed_by is not None:  # a host that builds itself pushes to nobody but itself
     trust = keys.builder_trust(inventory.get_host(spec.pushed_by), host.name)
 
-targets = [other for other in specs.values() if other.pushed_by == host.name]
+# Targets of this run only (`--limit nas --limit pi4`): a target left out (a desktop not set up
+# yet) needs no host key until a run includes it.
+targets = [
+    other
+    for other in specs.values()
+    if other.pushed_by == host.name and state.is_host_in_limit(inventory.get_host(other.name))
+]
 unknown = [t.name for t in targets if t.ssh_host_key is None or t.ssh_hostname is None]
 if unknown:
     raise FleetError(
@@ -46,7 +52,8 @@ if unknown:
             for name in unknown
         ]
     )
-own = keys.builder_trust(host, host.name) if targets else None
+pushes = any(other.pushed_by == host.name for other in specs.values())
+own = keys.builder_trust(host, host.name) if pushes else None
 # Pull builds: a target's builder-client key is one of its `secrets` (installed below like any
 # other); deploys/nas.py authorizes it on the builder, deploys/pull.py configures Nix to use it.
 

@@ -3,20 +3,11 @@ network root: tailnet machines (Tailscale, joined to the owner's headscale) and 
 bits that come with them (Kitty).
 """
 
-# Secrets to install from the sops file (``sops_file``): the sops key path, where the decrypted
-# value goes on the host, and its owner, group and mode (default root, root, "0600").
-# pyinfra would let one root's ``secrets`` replace another's; deploys/secrets.py merges the
-# ``secrets`` of every root a host is in (operations.secrets.host_secrets).
-secrets = [
-    {
-        # The Tailscale pre-auth key, as modules/services/tailscale/network.nix reads it.
-        "key": "headscale/pre_auth",
-        "dest": "/run/secrets/headscale-pre-auth",
-        "owner": "root",
-        "group": "root",
-        "mode": "0600",
-    },
-]
+# No `secrets` here: on the owner's hosts sops-nix installs the Tailscale pre-auth key
+# (sops.secrets."headscale/pre_auth", which modules/services/tailscale/network.nix reads) at
+# every activation, and a second copy from nixpush would only go stale beside it. A host
+# without sops-nix can still get it from nixpush through its `secrets` data (README "Secrets
+# (sops)"), e.g. {"key": "headscale/pre_auth", "dest": "/run/secrets/headscale-pre-auth"}.
 
 # Safe switching: a tailnet machine whose tailscaled does not come up after a switch is cut
 # off from the owner's other machines (and from a remote fix), so it rolls back. Only the unit:

@@ -9,15 +9,17 @@ binfmt_emulated_systems = ["aarch64-linux"]
 # nix.conf max-jobs
 nix_max_jobs = 8
 
-# Secrets the builder pushes with (see group_data/network.py for the entry format). The
-# targets' trust is derived from them: each target's ssh_user authorizes the deploy key's
-# public half, and each target's Nix trusts the signing key's public half. No nix.conf
-# `secret-key-files` here: the push deploy signs closures itself (`nix store sign -k`).
+# Secrets the builder pushes with (see the README's "Secrets" for the entry format), decrypted
+# from nixpush's own sops file (`nixpush_sops_file`, inventory.py), never from one a host nas
+# pushes to could decrypt (sops-nix's). The targets' trust is derived from them: each
+# target's ssh_user authorizes the deploy key's public half, and each target's Nix trusts the
+# signing key's public half. No nix.conf `secret-key-files` here: the push deploy signs
+# closures itself (`nix store sign -k`).
 secrets = [
     {
         # OpenSSH private key (ed25519) for pushing to the Pis, as root over ssh-ng.
         "key": "ssh/nas_deploy",
-        "dest": "/etc/nixpush/deploy_ed25519",
+        "dest": "/root/.nixpush/deploy_ed25519",
         "owner": "root",
         "group": "root",
         "mode": "0600",
@@ -25,20 +27,23 @@ secrets = [
     {
         # Nix signing secret key (`nix key generate-secret --key-name nas-nixpush-1`).
         "key": "nix/nas_signing_key",
-        "dest": "/etc/nixpush/signing-key.sec",
+        "dest": "/root/.nixpush/signing-key.sec",
         "owner": "root",
         "group": "root",
         "mode": "0600",
     },
 ]
 
-# Unattended runs of nixpush on the NAS (deploys/schedule.py installs them; README "Unattended
-# runs"). Off until the owner has checked the paths below against the NAS: `enabled: True`
-# installs systemd timers running `nixpush-run` as `user`, which needs the checkout, its venv,
-# the age key and SSH access to the fleet.
+# Unattended runs of nixpush on the NAS (README "Unattended runs"; the README quotes this).
+# Off until the owner has checked the paths below against the NAS: `enabled: True` puts
+# systemd timers running nixpush-run as `user` into nas's fragment (NixOS: regenerate it and
+# rebuild nas) or, on Debian, has deploys/schedule.py install them. The user needs the
+# checkout, the age key and SSH access to the fleet.
 schedule = {
     "enabled": False,
     "checkout": "/home/beau/nixpush",
+    # Debian's units run this; NixOS's run `python -m operations.run.runner` of the Nix
+    # environment written beside the fragments (nixpush-env.nix), from `checkout`.
     "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
     "user": "beau",
     "age_key_file": "/home/beau/.config/sops/age/keys.txt",
@@ -52,8 +57,10 @@ schedule = {
         # Limited to the always-on hosts: the desktop and laptop may be asleep, and a host
         # that cannot be reached is a failure (exit 1) for nas.py and secrets.py.
         "check": {"on_calendar": "hourly", "randomized_delay": "10min", "limit": ["nas", "pi4"]},
-        # Deploy the Pis at night.
-        "deploy": {"on_calendar": "*-*-* 03:30:00", "randomized_delay": "30min"},
+        # Deploy the always-on targets at night: pi4. Not grill and laptop (asleep at 03:30:
+        # grill, not offline_ok, would fail every run), nor nas itself (the host running the
+        # deploy; switch it by hand: `pyinfra inventory.py deploys/pi.py --limit nas`).
+        "deploy": {"on_calendar": "*-*-* 03:30:00", "randomized_delay": "30min", "limit": ["pi4"]},
     },
     # Metrics for node_exporter's textfile collector, and a command run after a failed or
     # drifted run (README "Alerts and metrics"); pick an ntfy topic before uncommenting.

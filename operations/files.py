@@ -5,7 +5,7 @@ stdin, and ``lines_in_file``, the one way a small line-based file is kept in sha
 
 .. code:: python
 
-    yield write_file("/etc/nixpush/known_hosts", text, "root", "root", 0o644)
+    yield write_file("/root/.nixpush/known_hosts", text, "root", "root", 0o644)
     yield from lines_in_file(path, lines, owner="root", group="root", mode=0o644, what="...")
 """
 

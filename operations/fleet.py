@@ -63,7 +63,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "max_ssh_sessions", "sops_file", "secrets", "schedule", "rollback", "confirm_timeout",
     "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
-    INSECURE_KEY,
+    "nixpush_sops_file", INSECURE_KEY,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (

@@ -19,17 +19,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from operations.process import find_program, run_local
+from operations.secrets import DEPLOY_KEY_PATH as DEPLOY_KEY_PATH
+from operations.secrets import SIGNING_KEY_PATH as SIGNING_KEY_PATH
 from operations.secrets import SecretError, decrypt_secret, host_secrets
 from operations.sops import Plaintext
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
-# Where the builder keeps what it pushes with (group_data/server.py declares them).
-DEPLOY_KEY_PATH = "/etc/nixpush/deploy_ed25519"
-# Nix's `secret-key-files` is not set on the builder: the push deploy signs each closure
-# explicitly (`nix store sign -k SIGNING_KEY_PATH`), so the daemon never needs the key.
-SIGNING_KEY_PATH = "/etc/nixpush/signing-key.sec"
+# DEPLOY_KEY_PATH and SIGNING_KEY_PATH, where the builder keeps what it pushes with, are defined
+# with the secrets (which decrypt them from nixpush's own sops file). Nix's `secret-key-files`
+# is not set on the builder: the push deploy signs each closure explicitly
+# (`nix store sign -k SIGNING_KEY_PATH`), so the daemon never needs the key.
 # Where a target keeps its builder-client key for pull builds (its `secrets` data installs it).
 PULL_KEY_PATH = "/root/.ssh/nixpush_builder"
 

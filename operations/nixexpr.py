@@ -10,7 +10,8 @@ advice in error messages are written with, so every string is escaped in one pla
 
 Keys of a dict may be attribute paths (``a.b.c``): each part that is not a plain Nix
 identifier is quoted (``users.users."my user".openssh``). Lists and dicts render on one line
-unless ``indent`` is given, then one element per line.
+unless ``indent`` is given, then laid out as nixfmt (RFC 166 style, nixfmt-rfc-style) lays
+them out, so a formatter in the owner's pre-commit leaves generated files alone.
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ class Raw:
     def __post_init__(self) -> None:
         if not _RAW.fullmatch(self.expression):
             raise ValueError(f"not a plain Nix name: {self.expression!r}")
+
+
+@dataclass(frozen=True)
+class Interpolated:
+    """A Nix string with names spliced in, the text escaped like any string:
+    ``Interpolated(("", Raw("nixpush"), "/bin/python"))`` renders ``"${nixpush}/bin/python"``."""
+
+    parts: tuple[str | Raw, ...]
+
+    def render(self) -> str:
+        return (
+            '"'
+            + "".join(
+                f"${{{part.expression}}}" if isinstance(part, Raw) else nix_string(part)[1:-1]
+                for part in self.parts
+            )
+            + '"'
+        )
 
 
 def nix_string(text: str) -> str:
@@ -84,16 +103,22 @@ def _key(key: str | Attr | tuple[str, ...]) -> str:
     return attr_path_of(key) if isinstance(key, tuple) else attr_path(key)
 
 
-def nix_value(value: object, indent: int | None = None, level: int = 0) -> str:
+def nix_value(value: object, indent: int | None = None, level: int = 0, used: int = 0) -> str:
     """
     ``value`` as a Nix expression.
 
-    + value: str, int, bool, None (``null``), ``Raw``, a list/tuple of values, or a dict whose
-      keys are attribute paths (str: split on ``.``; a tuple: its parts) or names (``Attr``)
-    + indent: spaces per level for one element per line; None renders on one line
+    + value: str, int, bool, None (``null``), ``Raw``, ``Interpolated``, a list/tuple of
+      values, or a dict whose keys are attribute paths (str: split on ``.``; a tuple: its
+      parts) or names (``Attr``)
+    + indent: spaces per level, laid out as nixfmt (RFC 166 style) does: a list or set of two
+      or more elements one element per line, a single element on one line when it fits in
+      ``WIDTH`` columns; None renders everything on one line
+    + used: columns of the line already taken before the value (its key, for a binding)
     """
     if isinstance(value, Raw):
         return value.expression
+    if isinstance(value, Interpolated):
+        return value.render()
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -105,18 +130,34 @@ def nix_value(value: object, indent: int | None = None, level: int = 0) -> str:
             return _indented_string(value, " " * (indent * (level + 1)), " " * (indent * level))
         return nix_string(value)
     if isinstance(value, Mapping):
-        items = [
-            f"{_key(key)} = {nix_value(item, indent, level + 1)};" for key, item in value.items()
-        ]
-        return _block("{", items, "}", indent, level)
+        items = [nix_binding(_key(key), item, indent, level + 1) for key, item in value.items()]
+        return _block("{", items, "}", indent, level, used)
     if isinstance(value, Sequence):
-        items = [nix_value(item, indent, level + 1) for item in value]
-        return _block("[", items, "]", indent, level)
+        inner = 0 if indent is None else indent * (level + 1)
+        items = [nix_value(item, indent, level + 1, inner) for item in value]
+        return _block("[", items, "]", indent, level, used)
     raise TypeError(f"no Nix value for {type(value).__name__}: {value!r}")
 
 
-# A list or attribute set this short, with nothing nested over lines, stays on one line.
-_ONE_LINE = 72
+def nix_binding(key: str, value: object, indent: int | None = None, level: int = 0) -> str:
+    """
+    ``key = value;`` at ``level`` (``indent * level`` columns in). As nixfmt lays it out, a
+    value that is no list, set or multi-line string and does not fit in ``WIDTH`` columns
+    goes on the next line, one level deeper: ``key =\n    "...";``.
+    """
+    if indent is None:
+        return f"{key} = {nix_value(value)};"
+    start = indent * level + len(key) + len(" = ")
+    rendered = nix_value(value, indent, level, start)
+    absorbed = isinstance(value, Mapping | list | tuple) or "\n" in rendered
+    if not absorbed and start + len(rendered) + 1 > WIDTH:
+        deeper = " " * (indent * (level + 1))
+        return f"{key} =\n{deeper}{nix_value(value, indent, level + 1, len(deeper))};"
+    return f"{key} = {rendered};"
+
+
+# nixfmt's line width.
+WIDTH = 100
 
 
 def _multiline(text: str) -> bool:
@@ -140,11 +181,17 @@ def _indented_string(text: str, inner: str, outer: str) -> str:
     return f"''\n{lines}{outer}''"
 
 
-def _block(opening: str, items: list[str], closing: str, indent: int | None, level: int) -> str:
+def _block(
+    opening: str, items: list[str], closing: str, indent: int | None, level: int, used: int
+) -> str:
     if not items:
         return f"{opening} {closing}"
     one_line = f"{opening} {' '.join(items)} {closing}"
-    if indent is None or (len(one_line) <= _ONE_LINE and "\n" not in one_line):
+    if indent is None:
+        return one_line
+    # nixfmt: one element stays on the line when it fits (";" or "," may follow); two or
+    # more always go one per line.
+    if len(items) == 1 and "\n" not in one_line and used + len(one_line) + 1 <= WIDTH:
         return one_line
     inner = " " * (indent * (level + 1))
     outer = " " * (indent * level)

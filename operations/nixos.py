@@ -24,6 +24,6 @@ def nixos_options_error(host_name: str, options: Sequence[str]) -> str:
     wanted = " and ".join(options)
     return (
         f"{host_name} runs NixOS: set {wanted} in its configuration, then rebuild it "
-        f"(`pyinfra inventory.py deploys/nixos_config.py` writes them to {host_name}'s "
+        f"(`pyinfra @local deploys/nixos_config.py` writes them to {host_name}'s "
         "generated fragment, which its configuration imports)"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Generator, Mapping, Sequence
+from typing import Any
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.exceptions import OperationError
@@ -23,12 +24,12 @@ from operations.files import ACCOUNT_NAME, LinesFact, LinesOfFile
 from operations.fleet import HostSpec
 from operations.nixexpr import attr_path_of, nix_value
 from operations.nixos import nixos_options_error
-from operations.schedule import MODES, UNIT_DIR, unit_names
+from operations.schedule import MODES, UNIT_DIR, exec_quote, unit_names
 from operations.ssh import authorized_by_nixos
 
-# `sudo -l` lists a rule granting every command without a password as `(ALL) NOPASSWD: ALL`
-# (or `(ALL : ALL) ...`, as NixOS's security.sudo.extraRules renders).
-_PASSWORDLESS_ALL = re.compile(r"\(ALL(\s*:\s*ALL)?\)\s+NOPASSWD:\s*ALL")
+# `sudo -l` lists a rule granting every command as root without a password as
+# `(root) NOPASSWD: ALL` (the fragment's), or wider: `(ALL) ...`, `(ALL : ALL) ...`.
+_PASSWORDLESS_ALL = re.compile(r"\((ALL|root)(\s*:\s*[\w-]+)?\)\s+NOPASSWD:\s*ALL")
 
 
 class SudoRules(LinesFact):
@@ -45,8 +46,53 @@ def passwordless_for_all(rules: list[str]) -> bool:
 
 
 def sudo_rule(user: str) -> dict[str, object]:
-    """The ``security.sudo.extraRules`` entry the fragment gives the deploy user."""
-    return {"users": [user], "commands": [{"command": "ALL", "options": ["NOPASSWD"]}]}
+    """
+    The ``security.sudo.extraRules`` entry the fragment gives the account nixpush logs in as:
+    every command, as root only, without a password. No narrower rule works: pyinfra runs each
+    command as ``sudo -H sh -c '...'``, so sudo only ever sees ``sh``.
+    """
+    return {
+        "users": [user],
+        "runAs": "root",
+        "commands": [{"command": "ALL", "options": ["NOPASSWD"]}],
+    }
+
+
+def sudo_user(data: Any, spec: HostSpec) -> str | None:
+    """The account nixpush runs commands as under sudo on the host (``_sudo`` set, ``ssh_user``
+    not root), or None: ``sudo_user(host.data, spec) == "beau"``."""
+    user = spec.ssh_user
+    return user if data.get("_sudo") and user not in (None, "root") else None
+
+
+def _sudo_option(user: str) -> str | None:
+    """The option to set when ``user`` lacks passwordless sudo (facts of the current host)."""
+    if passwordless_for_all(host.get_fact(SudoRules, user=user)):
+        return None
+    return f"security.sudo.extraRules = {nix_value([sudo_rule(user)])};"
+
+
+@operation()
+def check_nixos_sudo(user: str) -> Generator[PyinfraCommand, None, None]:
+    """
+    On a NixOS host nixpush runs commands on under sudo (a builder: every build and copy),
+    check its configuration gives ``user`` passwordless sudo as root (the fragment's rule).
+
+    + user: the account nixpush logs in as (``sudo_user``)
+
+    **Example:**
+
+    .. code:: python
+
+        nixos_checks.check_nixos_sudo(user="beau")
+    """
+    if not ACCOUNT_NAME.fullmatch(user):
+        raise OperationError(f"{host.name}: {user!r} is not an account name")
+    option = _sudo_option(user)
+    if option is not None:
+        yield fail_host(nixos_options_error(host.name, [option]))
+    else:
+        host.noop(f"{host.name} runs NixOS and already gives {user} passwordless sudo")
 
 
 @operation()
@@ -70,8 +116,9 @@ def check_nixos_deploy_user(user: str, key: str) -> Generator[PyinfraCommand, No
     if not authorized_by_nixos(user, key):
         path = attr_path_of(("users", "users", user, "openssh", "authorizedKeys", "keys"))
         options.append(f"{path} = {nix_value([key])};")
-    if user != "root" and not passwordless_for_all(host.get_fact(SudoRules, user=user)):
-        options.append(f"security.sudo.extraRules = {nix_value([sudo_rule(user)])};")
+    sudo = _sudo_option(user) if user != "root" else None
+    if sudo is not None:
+        options.append(sudo)
     if options:
         yield fail_host(nixos_options_error(host.name, options))
     else:
@@ -88,9 +135,26 @@ def unit_lines(text: str) -> list[str]:
     ]
 
 
+# How the fragment's units run nixpush-run: `"/nix/store/...-python3-...-env/bin/python" "-m"
+# "operations.run.runner" ARGS` (operations.fragments.nixos_exec_start), not the program.
+_NIXOS_RUNNER = '"/nix/store/[^"]*/bin/python" "-m" "operations.run.runner"'
+
+
+def same_unit_line(wanted: str, have: set[str], program: str | None) -> bool:
+    """Whether a unit's lines ``have`` hold the unit file line ``wanted``: as is, or for
+    ``ExecStart=`` of ``program``, as the NixOS fragment runs it."""
+    if wanted in have:
+        return True
+    quoted = exec_quote(program) if program else None
+    if quoted is None or not wanted.startswith(f"ExecStart={quoted}"):
+        return False
+    args = re.escape(wanted.removeprefix(f"ExecStart={quoted}"))
+    return any(re.fullmatch(f"ExecStart={_NIXOS_RUNNER}{args}", line) for line in have)
+
+
 @operation()
 def check_nixos_timers(
-    units: Mapping[str, str], unit_dir: str = UNIT_DIR
+    units: Mapping[str, str], unit_dir: str = UNIT_DIR, program: str | None = None
 ) -> Generator[PyinfraCommand, None, None]:
     """
     On a NixOS host, check the running configuration has nixpush's units (the fragment's
@@ -99,6 +163,8 @@ def check_nixos_timers(
 
     + units: file name -> content, ``schedule.unit_files(schedule)`` (empty: no schedule)
     + unit_dir: where NixOS links the units
+    + program: the schedule's ``program``: the fragment runs nixpush from its Nix environment
+      instead, with the same arguments
 
     **Example:**
 
@@ -110,7 +176,9 @@ def check_nixos_timers(
     for unit, text in sorted(units.items()):
         current = host.get_fact(LinesOfFile, path=f"{unit_dir}/{unit}")
         have = {line.strip() for line in (current.lines if current else ())}
-        if current is None or any(line not in have for line in unit_lines(text)):
+        if current is None or any(
+            not same_unit_line(line, have, program) for line in unit_lines(text)
+        ):
             missing.append(unit)
     wants = [f"{unit_dir}/timers.target.wants/{unit}" for unit in units if unit.endswith(".timer")]
     if wants:
@@ -126,7 +194,7 @@ def check_nixos_timers(
         problems += [f"{', '.join(stray)} not scheduled"] if stray else []
         yield fail_host(
             f"{host.name} runs NixOS, so deploys/schedule.py writes no units: {'; '.join(problems)}"
-            f"; run `pyinfra inventory.py deploys/nixos_config.py` and rebuild {host.name} with "
+            f"; run `pyinfra @local deploys/nixos_config.py` and rebuild {host.name} with "
             "its fragment imported (its systemd.services and systemd.timers)"
         )
         return

@@ -52,12 +52,24 @@ from operations.files import (
     write_file,
 )
 from operations.fleet import merged_entries
+from operations.recipients import file_recipients, pushed_readers
 from operations.sops import KeyPath, Plaintext, SopsError, decrypt, key_path_text, parse_key_path
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
 DEFAULT_MODE = 0o600
+# Where the builder keeps what it pushes with (group_data/server.py declares them): nixpush's own
+# keys, which open every host the builder pushes to. They are decrypted from
+# ``NIXPUSH_SOPS_FILE_KEY``'s file when the host's data sets it (else from ``sops_file``), and
+# never from a file a pushed host can decrypt too (``check_push_key_file``). In root's home, not
+# /etc: a NixOS builder's /etc is generated (and with system.etc.overlay.mutable = false, read
+# only), and not /var/lib/nixpush: the schedule's StateDirectory=, which systemd gives to the
+# schedule's user.
+DEPLOY_KEY_PATH = "/root/.nixpush/deploy_ed25519"
+SIGNING_KEY_PATH = "/root/.nixpush/signing-key.sec"
+PUSH_KEY_DESTS = (DEPLOY_KEY_PATH, SIGNING_KEY_PATH)
+NIXPUSH_SOPS_FILE_KEY = "nixpush_sops_file"
 _ENTRY_KEYS = ("key", "dest", "owner", "group", "mode")
 
 
@@ -209,7 +221,7 @@ def host_secrets(host: Host) -> list[Secret]:
     .. code:: python
 
         [s.dest for s in host_secrets(inventory.get_host("nas"))]
-        # ["/run/secrets/headscale-pre-auth", "/etc/nixpush/deploy_ed25519", ...]
+        # ["/root/.nixpush/deploy_ed25519", "/root/.nixpush/signing-key.sec"]
     """
     return merged_entries(
         host, "secrets", parse_secret, lambda s: s.dest, lambda s: f"installs {s.dest}"
@@ -220,8 +232,11 @@ def host_secrets(host: Host) -> list[Secret]:
 
 
 def sops_file(host: Host, secret: Secret) -> str:
-    """The host's ``sops_file``, or ``SecretError`` saying to set it."""
-    path = host.data.get("sops_file")
+    """The sops file ``secret`` is decrypted from: the host's ``nixpush_sops_file`` for the
+    builder's push and signing keys when set, else its ``sops_file``; ``SecretError`` saying
+    to set it."""
+    own = host.data.get(NIXPUSH_SOPS_FILE_KEY) if secret.dest in PUSH_KEY_DESTS else None
+    path = own or host.data.get("sops_file")
     if not isinstance(path, str) or not path:
         raise SecretError(
             host.name,
@@ -232,12 +247,48 @@ def sops_file(host: Host, secret: Secret) -> str:
     return path
 
 
-def decrypt_secret(host: Host, secret: Secret) -> Plaintext:
-    """``secret``'s value from ``host``'s sops file (once per run), or ``SecretError``."""
+def check_push_key_file(host: Host, secret: Secret, file: str) -> None:
+    """
+    ``SecretError`` when ``file`` (holding ``host``'s push or signing key) is encrypted to the
+    age key of a host ``host`` pushes to (its ``ssh_host_key`` as sops-nix derives one): sops
+    encrypts a whole file with one data key, so that host could decrypt the key that opens
+    every host ``host`` pushes to. A file that cannot be read is left to sops to report.
+    """
+    pushed = {
+        other.name: other.data.get("ssh_host_key")
+        for other in host.inventory
+        if other.data.get("builder_host") == host.name and other.name != host.name
+    }
     try:
-        return decrypt(sops_file(host, secret), secret.key)
+        recipients = file_recipients(file)
+    except (OSError, UnicodeDecodeError):
+        return
+    readers = pushed_readers(recipients, pushed)
+    if readers:
+        names = ", ".join(readers)
+        raise SecretError(
+            host.name,
+            f"{secret.label} ({secret.dest})",
+            f"{file} is also encrypted to the age key of {names}'s SSH host key (sops-nix's), "
+            f"and sops encrypts a whole file with one data key, so {names} could decrypt the "
+            f"key that opens every host {host.name} pushes to",
+            f"keep nixpush's push and signing keys in a sops file of their own, encrypted only "
+            f"to your age key (set {NIXPUSH_SOPS_FILE_KEY} to it, with a .sops.yaml creation "
+            f"rule listing only your key), and remove them from {file}",
+        )
+
+
+def decrypt_secret(host: Host, secret: Secret) -> Plaintext:
+    """``secret``'s value from ``host``'s sops file (once per run), or ``SecretError``; for the
+    push and signing keys, only from a file no pushed host can decrypt."""
+    label = f"{secret.label} ({secret.dest})"
+    try:
+        file = sops_file(host, secret)
+        if secret.dest in PUSH_KEY_DESTS:
+            check_push_key_file(host, secret, file)
+        return decrypt(file, secret.key)
     except SopsError as e:
-        raise SecretError(host.name, f"{secret.label} ({secret.dest})", e.problem, e.fix) from None
+        raise SecretError(host.name, label, e.problem, e.fix) from None
 
 
 def plan_secrets(host: Host, secrets: Sequence[Secret] | None = None) -> list[PlannedSecret]:

@@ -5,8 +5,8 @@ verifying each target against ``BUILDER_KNOWN_HOSTS``:
 
 .. code:: python
 
-    ssh -i /etc/nixpush/deploy_ed25519 -o IdentitiesOnly=yes \\
-        -o UserKnownHostsFile=/etc/nixpush/known_hosts -o StrictHostKeyChecking=yes ...
+    ssh -i /root/.nixpush/deploy_ed25519 -o IdentitiesOnly=yes \\
+        -o UserKnownHostsFile=/root/.nixpush/known_hosts -o StrictHostKeyChecking=yes ...
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from operations.steady import runs_nixos
 if TYPE_CHECKING:
     pass
 
-BUILDER_KNOWN_HOSTS = "/etc/nixpush/known_hosts"
+BUILDER_KNOWN_HOSTS = "/root/.nixpush/known_hosts"
 # ssh options for pushing from the builder (as root) to a target.
 SSH_OPTIONS = (
     "-i", DEPLOY_KEY_PATH,

@@ -73,6 +73,12 @@ def read_with_host_kind(target: Host, fact: type[FactBase[T]], *, doing: str) ->
     return instance.process(lines) if lines else instance.default()
 
 
+def known_nixos(target: Any) -> bool:
+    """Whether ``target`` (a Host) is known to run NixOS: its kind was read this run. For
+    advice after a step failed, where reading the host again is not worth a round trip."""
+    return "nixos" in _kinds.get(target, frozenset())
+
+
 def runs_nixos() -> bool:
     """Whether the current host is NixOS, whose /etc is generated and must not be written."""
     return "nixos" in host_kind()

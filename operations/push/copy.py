@@ -37,6 +37,7 @@ from operations.push.commands import (
 )
 from operations.push.plan import once
 from operations.push.progress import run_watched, shower
+from operations.steady import known_nixos
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -153,10 +154,14 @@ def _copy(
     if not ok:
         cause = nix_error(lines)
         if "lacks a valid signature" in cause:
-            cause += (
-                f"; {plan.target}'s Nix does not trust {plan.builder}'s signing key: "
-                "run deploys/secrets.py"
+            # A NixOS target trusts the key through its fragment, never through secrets.py.
+            fix = (
+                f"import {plan.target}'s NixOS fragment (`pyinfra @local "
+                "deploys/nixos_config.py` writes it) and rebuild it with your own nixos-rebuild"
+                if known_nixos(host)
+                else "run deploys/secrets.py"
             )
+            cause += f"; {plan.target}'s Nix does not trust {plan.builder}'s signing key: {fix}"
         elif "Host key verification failed" in " ".join(lines):
             cause = (
                 f"{plan.builder} cannot verify {plan.target}'s SSH host key: set its "

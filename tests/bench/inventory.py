@@ -25,6 +25,9 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
         "flake": _fleet.flake_ref(),
         # The bench's test-only secrets, encrypted to the bench's age key (tests/bench/sops.py).
         "sops_file": str(_sops.SECRETS_FILE),
+        # Debian hosts without sops-nix: nixpush installs their Tailscale pre-auth key (the
+        # owner's NixOS hosts get theirs from sops-nix: group_data/network.py has none).
+        "secrets": [{"key": "headscale/pre_auth", "dest": "/run/secrets/headscale-pre-auth"}],
     }
     if h.user != "root":
         data["_sudo"] = True

@@ -22,13 +22,24 @@ STUB_LIB = (
     " mkMerge = xs: xs; mkBefore = x: x; mkAfter = x: x; }"
 )
 STUB_STORE = "/nix/store/00000000000000000000000000000000-stub"
+# What nixpush's environment (operations.fragments.ENV_EXPRESSION) asks of nixpkgs: a Python
+# whose withPackages gives the environment's path (``STUB_ENV``).
+STUB_ENV = f"{STUB_STORE}-python3-env"
+STUB_PKGS = (
+    "{ lib = { versionAtLeast = a: b: builtins.compareVersions a b >= 0; };"
+    ' fetchFromGitHub = x: "stub-src";'
+    ' python3 = rec { sitePackages = "lib/python3/site-packages";'
+    " pkgs = { pyyaml = {}; buildPythonPackage = x: {};"
+    ' pyinfra = { version = "3.10.0"; overridePythonAttrs = f: {}; }; };'
+    f' withPackages = f: builtins.seq (f pkgs) "{STUB_ENV}"; }}; }}'
+)
 
 
 def evaluate(fragment: Path) -> dict[str, Any]:
     """The options ``fragment`` sets, from ``nix eval`` (Nix 2.8, no nixpkgs)."""
     expression = (
         f"let lib = {STUB_LIB}; pkgs = builtins.listToAttrs (map (name: {{ inherit name;"
-        f' value = "{STUB_STORE}-${{name}}"; }}) [ "openssh" "git" "nix" ]);'
+        f' value = "{STUB_STORE}-${{name}}"; }}) [ "openssh" "git" "nix" "sops" ]) // {STUB_PKGS};'
         f" in (import (/. + {json.dumps(str(fragment.resolve()))}))"
         " { config = {}; inherit lib pkgs; }"
     )
@@ -97,7 +108,8 @@ def known_hosts_lines(options: Mapping[str, Any]) -> list[str]:
 def sudoers_lines(options: Mapping[str, Any]) -> list[str]:
     """What ``security.sudo.extraRules`` adds to ``/etc/sudoers``."""
     return [
-        f"{user} ALL=(ALL:ALL) {''.join(f'{o}: ' for o in command['options'])}{command['command']}"
+        f"{user} ALL=({rule.get('runAs', 'ALL:ALL')}) "
+        f"{''.join(f'{o}: ' for o in command['options'])}{command['command']}"
         for rule in get(options, "security.sudo.extraRules") or []
         for user in rule["users"]
         for command in rule["commands"]

@@ -6,7 +6,7 @@ the NAS and pi4 NixOS (``/etc/NIXOS``), applies those fragments by hand the way 
 and checks that every deploy finds them already configured.
 
 Run from the repository root:
-``pyinfra tests/bench/nixos_inventory.py deploys/nixos_config.py``.
+``pyinfra @local deploys/nixos_config.py --data nixpush_inventory=tests/bench/nixos_inventory.py``.
 """
 
 from typing import Any

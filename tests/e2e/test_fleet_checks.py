@@ -28,7 +28,7 @@ def host_states() -> dict[str, tuple[str, str]]:
     for pi in fleet.PIS:
         current = on_host(pi.name).run("readlink /run/current-system || true").stdout.strip()
         states[pi.name] = (current, "")
-    known = on_host(fleet.BUILDER).file("/etc/nixpush/known_hosts")
+    known = on_host(fleet.BUILDER).file("/root/.nixpush/known_hosts")
     states[fleet.BUILDER] = ("", known.sha256sum if known.exists else "missing")
     return states
 

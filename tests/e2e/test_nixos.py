@@ -49,9 +49,13 @@ def fragments(bench: None) -> Iterator[dict[str, Path]]:
     """The fragments as the CLI writes them: host -> path."""
     prepare_push()  # the NAS builds, the push keys are installed (as on the owner's NAS)
     fragments_dir = bench_nixos.FRAGMENTS_DIR
-    result = run(INVENTORY, "deploys/nixos_config.py")
+    result = run("@local", "deploys/nixos_config.py", "--data", f"nixpush_inventory={INVENTORY}")
     assert result.returncode == 0, output(result)
-    yield {path.stem: path for path in sorted(fragments_dir.glob("*.nix"))}
+    yield {
+        path.stem: path
+        for path in sorted(fragments_dir.glob("*.nix"))
+        if path.name != "nixpush-env.nix"  # the Nix environment the NAS's units run nixpush with
+    }
     for path in fragments_dir.glob("*.nix"):
         path.unlink()
     fragments_dir.rmdir()
@@ -75,7 +79,9 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
         assert parsed.returncode == 0, parsed.stderr
         assert not [value for value in secrets if value in text], name
         assert "PRIVATE KEY" not in text
-        assert "{ config, lib, pkgs, ... }:" in text
+        # Only the arguments it uses (deadnix would remove the others).
+        assert ("{ pkgs, ... }:" in text) == ("pkgs." in text or "nixpushPython" in text), name
+        assert "config," not in text and "lib," not in text
 
     nas = nixos.evaluate(fragments[NAS])
     assert nixos.get(nas, "boot.binfmt.emulatedSystems") == ["aarch64-linux"]
@@ -96,7 +102,13 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
         check["serviceConfig"]["ExecStart"].startswith('"')
         and '"check"' in (check["serviceConfig"]["ExecStart"])
     )
-    assert check["path"] == [f"{nixos.STUB_STORE}-openssh", f"{nixos.STUB_STORE}-git"]
+    # nixpush from nixpkgs' Python (the environment written beside the fragments), not a venv.
+    assert check["path"] == [
+        nixos.STUB_ENV,
+        *(f"{nixos.STUB_STORE}-{name}" for name in ("sops", "openssh", "git")),
+    ]
+    assert check["serviceConfig"]["ExecStart"].startswith(f'"{nixos.STUB_ENV}/bin/python" "-m"')
+    assert (fragments[NAS].parent / "nixpush-env.nix").is_file()
 
     pi = nixos.evaluate(fragments[PI])
     signing = bench_sops.value("nix/nas_signing_key").strip()
@@ -105,7 +117,7 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
     deploy_public = derive_public(bench_sops.value("ssh/nas_deploy"))
     authorized = nixos.get(pi, "users.users.beau.openssh.authorizedKeys.keys")
     assert [" ".join(key.split()[:2]) for key in authorized] == [deploy_public]
-    assert nixos.sudoers_lines(pi) == ["beau ALL=(ALL:ALL) NOPASSWD: ALL"]
+    assert nixos.sudoers_lines(pi) == ["beau ALL=(root) NOPASSWD: ALL"]
     assert nixos.get(pi, "nix.distributedBuilds") is True
     (machine,) = nixos.get(pi, "nix.buildMachines")
     assert (machine["hostName"], machine["sshUser"], machine["sshKey"]) == (
@@ -115,7 +127,7 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
     nas_key = " ".join(nas_key_file.read_text().split()[:2])
     assert nixos.get(pi, "programs.ssh.knownHosts")["nixpush-builder-nas"]["publicKey"] == nas_key
 
-    again = run(INVENTORY, "deploys/nixos_config.py")
+    again = run("@local", "deploys/nixos_config.py", "--data", f"nixpush_inventory={INVENTORY}")
     assert again.returncode == 0, output(again)
     # A second run changes nothing: every host "No Changes".
     assert re.search(r"Grand total\s+(\d+)\s+-\s+-\s+\1\s", output(again)), output(again)
@@ -295,3 +307,234 @@ def test_pi_py_deploys_the_nixos_pi_through_the_trust_its_fragment_gives(nixos_h
     assert f"{PI} runs NixOS and its configuration already authorizes the key" in output(result)
     assert f"{PI} runs NixOS and its Nix already trusts nixpush-bench-1:" in output(result)
     assert watched.unchanged()  # nothing written on the NixOS Pi: the fragment did it
+
+
+# -- the owner's layout: the README's checklist, command by command ----------------------
+
+OWNER_INVENTORY = "tests/bench/nixos_owner_inventory.py"
+CHECKLIST = REPO / "docs" / "first-deploy.sh"
+BINFMT_MISC = "/proc/sys/fs/binfmt_misc"
+# Owner host -> the bench host standing in for it (the laptop is down: none).
+STAND_IN = {"nas": "nas", "pi4": "pi4", "grill": "pc1"}
+
+
+def checklist_steps(path: Path = CHECKLIST) -> list[tuple[str, list[list[str]]]]:
+    """``(step number, [command argv, ...])`` of the checklist file, in order."""
+    steps: list[tuple[str, list[list[str]]]] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            steps.append((line[3:].split(".", 1)[0], []))
+        elif line.strip() and not line.startswith("#"):
+            steps[-1][1].append(line.split())
+    return steps
+
+
+def owner_command(command: list[str]) -> list[str]:
+    """A checklist command's pyinfra arguments, the bench's copy of the owner's inventory in
+    place of inventory.py (as the inventory, or as the fragments' @local run's data)."""
+    assert command[0] == "pyinfra", command
+    if command[1] == "@local":
+        return [*command[1:], "--data", f"nixpush_inventory={OWNER_INVENTORY}"]
+    assert command[1] == "inventory.py", command
+    return [OWNER_INVENTORY, *command[2:]]
+
+
+def test_fragments_are_written_with_every_host_of_the_fleet_down(bench):
+    """deploys/nixos_config.py reaches no host: with every address of the owner's fleet
+    unanswered, every fragment is written (the laptop's too), and nothing else."""
+    from tests.bench import nixos_owner_inventory as owner
+    from tests.bench import nixos_sops
+
+    nixos_sops.write_push_keys(owner.OWN_SOPS_FILE)
+    env = {**bench_sops.env(), "NIXPUSH_BENCH_OWNER_DOWN": "1"}
+    try:
+        result = pyinfra("-y", *owner_command(["pyinfra", "@local", "deploys/nixos_config.py"]),
+                         env=env, timeout=600)  # fmt: skip
+        assert result.returncode == 0, output(result)[-3000:]
+        written = sorted(path.name for path in owner.FRAGMENTS_DIR.glob("*.nix"))
+        # Every host's, and the Nix environment the NAS's scheduled units import.
+        assert written == ["grill.nix", "laptop.nix", "nas.nix", "nixpush-env.nix", "pi4.nix"]
+        for name in ("nas", "pi4", "grill", "laptop"):
+            assert f"Write {name}'s NixOS fragment ({name}.nix)" in output(result)
+        # Run over the fleet's inventory, pyinfra itself stops with every host down ("No hosts
+        # remaining"), before any deploy code; with hosts up, the deploy names the command.
+        down = pyinfra("-y", OWNER_INVENTORY, "deploys/nixos_config.py", env=env, timeout=600)
+        assert down.returncode != 0 and "No hosts remaining" in output(down)
+        refused = pyinfra("-y", OWNER_INVENTORY, "deploys/nixos_config.py", "--limit", "nas",
+                          env=bench_sops.env(), timeout=600)  # fmt: skip
+        assert refused.returncode != 0
+        assert "run `pyinfra @local deploys/nixos_config.py`" in output(refused)
+    finally:
+        for path in owner.FRAGMENTS_DIR.glob("*.nix"):
+            path.unlink()
+
+
+def target_files(options: dict, user: str) -> dict[str, str]:
+    """What NixOS generates in /etc for a push target's fragment (pull off or on)."""
+    keys = nixos.get(options, f"users.users.{user}.openssh.authorizedKeys.keys")
+    files = {f"/etc/ssh/authorized_keys.d/{user}": "".join(f"{key}\n" for key in keys)}
+    sudoers = nixos.sudoers_lines(options)
+    if sudoers:
+        files["/etc/sudoers.d/nixos"] = "".join(f"{line}\n" for line in sudoers)
+    return files
+
+
+class Bootstrap:
+    """Owner hosts marked NixOS with their fragments applied by hand (what the first
+    ``nixos-rebuild`` with the fragment imported does); ``undo`` puts every host back."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[nixos.Snapshot] = []
+        self.sshd: dict[str, str] = {}
+        self.mounts: list[fleet.BenchHost] = []
+        self.dirs: list[tuple[fleet.BenchHost, str]] = []
+
+    def apply(self, owner_name: str, fragment: Path) -> None:
+        h = fleet.host(STAND_IN[owner_name])
+        options = nixos.evaluate(fragment)
+        files = {**nas_files_of(options), **(target_files(options, h.user) if
+                 nixos.get(options, f"users.users.{h.user}") else {})}  # fmt: skip
+        wants = {
+            f"{UNIT_DIR}/{target}.wants/{unit}"
+            for unit, targets in nixos.wanted_by(options).items()
+            for target in targets
+        }
+        authorized = f"{h.home}/.ssh/authorized_keys"
+        self.snapshots.append(
+            nixos.Snapshot(h, [NIXOS_MARKER, NIX_CONF, authorized, *files, *wants])
+        )
+        for directory in sorted({str(Path(path).parent) for path in [*files, *wants]}):
+            if not nixos.shell(h, f"[ -d {directory} ] && echo yes || true").strip():
+                self.dirs.append((h, directory))
+        base = fleet.nix_conf_text(h).splitlines()
+        nixos.write(h, NIX_CONF, "\n".join([*base, *nixos.nix_conf_lines(options)]) + "\n")
+        for path, text in files.items():
+            nixos.write(h, path, text, "0440" if "sudoers" in path else "0444")
+        for link in wants:
+            unit = link.rsplit("/", 1)[1]
+            nixos.shell(h, f"mkdir -p {Path(link).parent} && ln -sfn ../{unit} {link}")
+        nixos.shell(h, f"touch {NIXOS_MARKER}")
+        if nixos.get(options, "boot.binfmt.emulatedSystems"):
+            # NixOS mounts binfmt_misc at boot (the handlers are the machine's, registered by
+            # the bench); a bench host's own mount namespace does not have it yet.
+            mounted = nixos.shell(h, f"[ -e {BINFMT_MISC}/status ] && echo yes || true")
+            if not mounted.strip():
+                nixos.shell(h, f"mount -t binfmt_misc binfmt_misc {BINFMT_MISC}")
+                self.mounts.append(h)
+        nixos.restart_nix_daemon(h)
+        if any(path.startswith("/etc/ssh/authorized_keys.d/") for path in files):
+            self.sshd[h.name] = fleet.sshd_options(h)["AuthorizedKeysFile"]
+            fleet.set_sshd_option(
+                h, "AuthorizedKeysFile", ".ssh/authorized_keys /etc/ssh/authorized_keys.d/%u"
+            )
+
+    def undo(self) -> None:
+        for h in self.mounts:
+            nixos.shell(h, f"umount {BINFMT_MISC}")
+        for name, before in self.sshd.items():
+            fleet.set_sshd_option(fleet.host(name), "AuthorizedKeysFile", before)
+        for snapshot in reversed(self.snapshots):
+            snapshot.restore()
+            h = snapshot.host
+            if h.user != "root":
+                nixos.shell(h, f"chown {h.user}: {h.home}/.ssh/authorized_keys 2>/dev/null || true")
+            nixos.restart_nix_daemon(h)
+            assert snapshot.unchanged()
+        for h, directory in reversed(self.dirs):
+            nixos.shell(h, f"rmdir {directory}")
+
+
+def nas_files_of(options: dict) -> dict[str, str]:
+    """A builder's generated files: its units, and nix-ssh's keys when pull is on."""
+    files = {f"{UNIT_DIR}/{unit}": text for unit, text in nixos.unit_files(options).items()}
+    keys = nixos.get(options, "nix.sshServe.keys")
+    if keys:
+        files["/etc/ssh/authorized_keys.d/nix-ssh"] = "".join(f"{key}\n" for key in keys)
+    return files
+
+
+def test_the_first_deploy_checklist_passes_command_by_command_on_the_owners_layout(bench):
+    """docs/first-deploy.sh, every command as the owner types it (with -y, and the bench's
+    copy of the owner's inventory), exits 0; the hand steps between them are the bootstrap."""
+    from tests.bench import nixos_owner_inventory as owner
+    from tests.bench import nixos_sops
+
+    bench_sops.ensure()
+    nixos_sops.write_push_keys(owner.OWN_SOPS_FILE)  # nixpush's own file: the owner's key only
+    steps = checklist_steps()
+    assert [number for number, _ in steps] == ["6", "7", "8", "9", "10", "11"]
+    env = bench_sops.env()
+    bootstrap = Bootstrap()
+    new_versions("pi4", "pc1")
+    try:
+        for number, commands in steps:
+            if number == "7":  # the bootstrap: nas and pi4 rebuilt with their fragments
+                bootstrap.apply("nas", owner.FRAGMENTS_DIR / "nas.nix")
+                bootstrap.apply("pi4", owner.FRAGMENTS_DIR / "pi4.nix")
+            if number == "10":  # grill's and laptop's ssh_host_key in the inventory
+                env = {**env, "NIXPUSH_BENCH_OWNER_LATER": "1"}
+            if number == "11":  # grill rebuilt with its fragment (the laptop sleeps)
+                bootstrap.apply("grill", owner.FRAGMENTS_DIR / "grill.nix")
+            for command in commands:
+                args = owner_command(command)
+                result = pyinfra("-y", *args, env=env, timeout=900)
+                assert result.returncode == 0, (number, command, output(result)[-4000:])
+        assert current("pi4") == desired_path("pi4")
+        assert current("pc1") == desired_path("pc1")
+    finally:
+        bootstrap.undo()
+        for path in owner.FRAGMENTS_DIR.glob("*.nix"):
+            path.unlink()
+
+
+def test_a_push_key_file_a_pushed_host_can_decrypt_is_refused_before_anything_runs(bench):
+    """A real sops file holding the push keys, encrypted to the owner and to pi4's sops-nix
+    key (derived from its SSH host key, as ssh-to-age does): pi4 really can decrypt it, and
+    deploys/secrets.py stops before any host changes, naming the fix."""
+    from cryptography.hazmat.primitives import serialization
+
+    from operations.recipients import bech32_encode, ssh_to_age
+    from tests.bench import nixos_owner_inventory as owner
+    from tests.bench import nixos_sops
+
+    pi = fleet.host("pi4")
+    host_key = " ".join((pi.dir / "ssh" / "ssh_host_ed25519_key.pub").read_text().split()[:2])
+    shared = bench_sops.SOPS_DIR / "shared-with-pi4.yaml"
+    nixos_sops.write_push_keys(shared, [ssh_to_age(host_key)])
+    # pi4's own age identity (sops-nix's, from its host key): it decrypts the deploy key.
+    private = serialization.load_ssh_private_key(
+        (pi.dir / "ssh" / "ssh_host_ed25519_key").read_bytes(), None
+    )
+    seed = private.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    import hashlib
+
+    identity = bech32_encode("age-secret-key-", hashlib.sha512(seed).digest()[:32]).upper()
+    pi_key_file = bench_sops.SOPS_DIR / "pi4-age-key.txt"
+    pi_key_file.write_text(identity + "\n")
+    pi_key_file.chmod(0o600)
+    try:
+        read = subprocess.run(
+            [bench_sops.sops_program(), "--disable-version-check", "-d", "--extract",
+             '["ssh"]["nas_deploy"]', str(shared)],
+            env={"SOPS_AGE_KEY_FILE": str(pi_key_file)}, capture_output=True, text=True,
+        )  # fmt: skip
+        assert read.returncode == 0 and "PRIVATE KEY" in read.stdout  # what the check prevents
+        before = nixos.Snapshot(fleet.host(NAS), [DEPLOY_KEY_PATH, SIGNING_KEY_PATH])
+        env = {**bench_sops.env(), "NIXPUSH_BENCH_OWNER_SOPS": str(shared)}
+        result = pyinfra("-y", OWNER_INVENTORY, "deploys/secrets.py", "--limit", "nas",
+                         "--limit", "pi4", env=env, timeout=600)  # fmt: skip
+        text = output(result)
+        assert result.returncode != 0
+        assert f"{shared} is also encrypted to the age key of pi4's SSH host key" in text, text
+        assert "set nixpush_sops_file to it" in text
+        assert before.unchanged()
+        # nixpush's own file, encrypted to the owner only, is accepted.
+        nixos_sops.write_push_keys(owner.OWN_SOPS_FILE)
+        ok = pyinfra("-y", OWNER_INVENTORY, "deploys/secrets.py", "--limit", "nas",
+                     "--limit", "pi4", env=bench_sops.env(), timeout=600)  # fmt: skip
+        assert ok.returncode == 0, output(ok)[-3000:]
+    finally:
+        pi_key_file.unlink()
+        shared.unlink()

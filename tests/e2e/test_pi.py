@@ -305,7 +305,7 @@ def test_untrusted_pi_without_a_signing_key_on_the_nas_fails_clearly(push_ready)
     assert "trusted-users" not in on_host("pi5").file("/etc/nix/nix.conf").content_string
     before = current("pi5")
     new_versions("pi5")
-    key = "/etc/nixpush/signing-key.sec"
+    key = "/root/.nixpush/signing-key.sec"
     saved = ssh("nas", f"cat {key}").stdout
     ssh("nas", f"rm {key}")
     try:

@@ -85,7 +85,7 @@ def host_files(host_name: str, *paths: str) -> str:
 
 
 WATCHED = {
-    NAS: ("/etc/nix/nix.conf", "/etc/nixpush/known_hosts", "/etc/nixpush/signing-key.sec"),
+    NAS: ("/etc/nix/nix.conf", "/root/.nixpush/known_hosts", "/root/.nixpush/signing-key.sec"),
     **{pi: ("/etc/nix/nix.conf",) for pi in PIS},
 }
 

@@ -132,7 +132,7 @@ def test_targets_trust_the_builders_keys(values, converged):
     signing = values["nix/nas_signing_key"]
     nas = on_host("nas")
     deploy_public = nas.file(f"{keys.DEPLOY_KEY_PATH}.pub").content_string.split()[:2]
-    nix_public = nas.file("/etc/nixpush/signing-key.pub").content_string.strip()
+    nix_public = nas.file("/root/.nixpush/signing-key.pub").content_string.strip()
     assert nix_public.split(":")[0] == signing.split(":")[0]
     assert deploy_public[0] == "ssh-ed25519" and deploy_private.startswith("-----BEGIN OPENSSH")
     for pi in fleet.PIS:

@@ -184,9 +184,9 @@ def bare_deploy(name: str, config: str) -> None:
     if current_system(name) == path:
         return
     ssh(fleet.BUILDER, f"{NIX} build {shlex.quote(attr)} --no-link")
-    ssh(fleet.BUILDER, f"{NIX} store sign -k /etc/nixpush/signing-key.sec -r {path}")
+    ssh(fleet.BUILDER, f"{NIX} store sign -k /root/.nixpush/signing-key.sec -r {path}")
     opts = (
-        f"-p {pi.port} -i /etc/nixpush/deploy_ed25519 -o IdentitiesOnly=yes "
+        f"-p {pi.port} -i /root/.nixpush/deploy_ed25519 -o IdentitiesOnly=yes "
         f"-o UserKnownHostsFile={BUILDER_KNOWN_HOSTS} -o StrictHostKeyChecking=yes"
     )
     ssh(

@@ -75,7 +75,7 @@ AARCH64 = BinfmtHandler(
 )
 
 FRAGMENT_HINT = (
-    "(`pyinfra inventory.py deploys/nixos_config.py` writes them to nas's generated fragment, "
+    "(`pyinfra @local deploys/nixos_config.py` writes them to nas's generated fragment, "
     "which its configuration imports)"
 )
 

@@ -4,16 +4,20 @@ valid Nix (``nix-instantiate --parse``, ``nix eval`` against a stub module) with
 from __future__ import annotations
 
 import os
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from operations import fragments, schedule
-from operations.fleet import HostSpec
-from operations.nixexpr import Attr, Raw, nix_string, nix_value
+from operations import fragments, nixos_checks, schedule
+from operations.fleet import HostSpec, check_fleet
+from operations.keys import BuilderTrust
+from operations.nixexpr import Attr, Raw, nix_binding, nix_string, nix_value
 from tests.bench import nixos
+from tests.unit.conftest import REPO, load_inventory
 
 NIX = shutil.which("nix-instantiate")
 HOSTILE = 'a"b\\c${builtins.abort "x"}\n\'\'${x}'
@@ -47,12 +51,23 @@ def test_strings_escape_quotes_backslashes_and_interpolation():
 
 def test_unit_files_round_trip_into_nixos_options():
     units = schedule.unit_files(SCHEDULE)
-    options = fragments.schedule_options(units)
+    options = fragments.schedule_options(units, SCHEDULE.program)
     service = options[("systemd", "services", "nixpush-check")]
     timer = options[("systemd", "timers", "nixpush-check")]
     assert service["serviceConfig"]["User"] == "beau"
     assert service["serviceConfig"]["SuccessExitStatus"] == "2 75"
-    assert service["path"] == [Raw("pkgs.openssh"), Raw("pkgs.git")]
+    # nixpush from nixpkgs' Python and sops, never the virtualenv's program.
+    assert service["path"] == [
+        Raw("nixpushPython"),
+        Raw("pkgs.sops"),
+        Raw("pkgs.openssh"),
+        Raw("pkgs.git"),
+    ]
+    exec_start = nix_value(service["serviceConfig"]["ExecStart"])
+    assert exec_start.startswith(
+        '"\\"${nixpushPython}/bin/python\\" \\"-m\\" \\"operations.run.runner\\" \\"check\\"'
+    )
+    assert ".venv" not in exec_start
     assert timer["wantedBy"] == ["timers.target"]
     assert timer["timerConfig"]["OnCalendar"] == "hourly"
     assert "Install" not in timer
@@ -65,7 +80,7 @@ def _fragment(value: str = "aarch64-linux") -> fragments.Fragment:
                   ssh_user="beau", ssh_hostname="192.168.1.122", ssh_port=8023)  # fmt: skip
     sections = [
         *fragments.builder_sections(nas, {"nix-ssh": [f"{SSH_KEY} nixpush-pull:pi4"]},
-                                    schedule.unit_files(SCHEDULE)),
+                                    schedule.unit_files(SCHEDULE), SCHEDULE.program),
         *fragments.target_sections(pi, SSH_KEY, NIX_KEY, {"programs.ssh.extraConfig": HOSTILE}),
     ]  # fmt: skip
     return fragments.Fragment("nas", tuple(sections))
@@ -75,6 +90,7 @@ def _fragment(value: str = "aarch64-linux") -> fragments.Fragment:
 def test_a_fragment_parses_and_evaluates_against_a_stub_module(tmp_path: Path):
     path = tmp_path / "nas.nix"
     path.write_text(_fragment().render())
+    (tmp_path / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
 
     parsed = subprocess.run([str(NIX), "--parse", str(path)], capture_output=True, text=True)
     assert parsed.returncode == 0, parsed.stderr
@@ -85,8 +101,15 @@ def test_a_fragment_parses_and_evaluates_against_a_stub_module(tmp_path: Path):
     assert nixos.get(options, "users.users.beau.openssh.authorizedKeys.keys") == [SSH_KEY]
     assert nixos.get(options, "programs.ssh.extraConfig") == HOSTILE  # data, never evaluated
     check = nixos.get(options, "systemd.services.nixpush-check.serviceConfig.ExecStart")
-    assert check == " ".join(schedule.exec_quote(a) for a in
-                             schedule.command_line(SCHEDULE, SCHEDULE.runs[0]))  # fmt: skip
+    args = schedule.command_line(SCHEDULE, SCHEDULE.runs[0])[1:]
+    runner = [f"{nixos.STUB_ENV}/bin/python", *fragments.RUNNER]
+    assert check == " ".join(schedule.exec_quote(a) for a in [*runner, *args])
+    # What deploys/schedule.py and nixos_check.py accept as the running unit's line.
+    assert nixos_checks.same_unit_line(
+        "ExecStart=" + " ".join(schedule.exec_quote(a) for a in [SCHEDULE.program, *args]),
+        {f"ExecStart={check}"},
+        SCHEDULE.program,
+    )
 
 
 def test_a_multi_line_string_renders_as_an_indented_string():
@@ -96,7 +119,26 @@ def test_a_multi_line_string_renders_as_an_indented_string():
     assert multi == "{\n  x = ''\n    Host a\n    Port 22\n  '';\n}"
 
 
-NIXOS_EVAL = Path(os.environ.get("NIXOS_EVAL_CHECK", "/work/shared/nixos-eval/check"))
+NIXOS_EVAL_CANDIDATES = (
+    REPO.parent / "shared" / "nixos-eval" / "check",
+    REPO.parent.parent / "shared" / "nixos-eval" / "check",
+    Path("/work/shared/nixos-eval/check"),
+)
+
+
+def nixos_eval_check() -> Path | None:
+    """``shared/nixos-eval/check`` beside the checkout (CI) or the project's shared folder."""
+    return next((path for path in NIXOS_EVAL_CANDIDATES if path.is_file()), None)
+
+
+def required_nixos_eval_check() -> Path:
+    """The checker; a test needing it fails under CI without it, else is skipped."""
+    check = nixos_eval_check()
+    if check is None:
+        if os.environ.get("CI"):
+            pytest.fail("shared/nixos-eval/check is missing: CI must check the fragments")
+        pytest.skip("shared/nixos-eval is not beside this checkout")
+    return check
 
 
 class _Inventory:
@@ -134,16 +176,13 @@ def test_the_fragment_wires_metrics_and_on_failure_and_the_node_exporter_when_as
     service = options[("systemd", "services", "nixpush-deploy")]["serviceConfig"]
     assert service["RuntimeDirectory"] == "nixpush-metrics"
     assert service["RuntimeDirectoryMode"] == "0755"
-    assert '"--metrics-dir" "/run/nixpush-metrics"' in service["ExecStart"]
-    assert (
-        '"--on-failure=curl -fsS -T \\"$$1\\" https://ntfy.sh/beau-nixpush"'
-        in (service["ExecStart"])
-    )
+    exec_start = service["ExecStart"].render()
+    assert '\\"--metrics-dir\\" \\"/run/nixpush-metrics\\"' in exec_start
+    assert "--on-failure=curl -fsS -T" in exec_start
     unasked = _alerting_fragment(node_exporter=False).options
     assert not [key for key in unasked if "prometheus" in str(key)]
 
 
-@pytest.mark.skipif(not NIXOS_EVAL.exists(), reason="no nixos-eval checker here")
 def test_a_fragment_with_metrics_on_failure_and_the_node_exporter_passes_the_nixos_check(
     tmp_path: Path,
 ):
@@ -152,8 +191,179 @@ def test_a_fragment_with_metrics_on_failure_and_the_node_exporter_passes_the_nix
         "elsewhere.nix": _alerting_fragment(metrics_dir="/var/lib/node-exporter"),
     }.items():
         (tmp_path / name).write_text(fragment.render())
-    files = sorted(str(p) for p in tmp_path.glob("*.nix"))
+    # The env expression the units import is checked through them.
+    (tmp_path / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
+    files = [str(tmp_path / "exporter.nix"), str(tmp_path / "elsewhere.nix")]
 
-    result = subprocess.run([str(NIXOS_EVAL), *files], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(required_nixos_eval_check()), *files], capture_output=True, text=True
+    )
 
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- the owner's shipped inventory -------------------------------------------------------
+
+
+@pytest.fixture
+def shipped(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, HostSpec]]:
+    """The repository's inventory.py and group_data, the builder's keys stand-ins (no sops)."""
+    monkeypatch.setattr(fragments, "builder_trust", lambda builder, for_host: BuilderTrust(
+        SSH_KEY, NIX_KEY))  # fmt: skip
+    inventory = load_inventory(REPO / "inventory.py", REPO)
+    return inventory, check_fleet(inventory)
+
+
+def test_every_host_nixpush_runs_sudo_on_gets_the_rule_as_root_only(shipped):
+    inventory, specs = shipped
+    rule = {
+        "users": ["beau"],
+        "runAs": "root",
+        "commands": [{"command": "ALL", "options": ["NOPASSWD"]}],
+    }
+    for name in ("nas", "pi4", "grill", "laptop"):  # the NAS too: it builds and copies
+        options = fragments.host_fragment(inventory, specs, name).options
+        assert options["security.sudo.extraRules"] == [rule], name
+    assert not fragments.host_fragment(inventory, specs, "iso").sections  # an image: none
+
+
+def test_a_builder_nixpush_logs_in_to_as_root_gets_no_sudo_rule(write_inventory):
+    nas = {
+        "nix_system": "x86_64-linux",
+        "ssh_user": "root",
+        "ssh_strict_host_key_checking": "yes",
+        "_sudo": True,
+        "binfmt_emulated_systems": ["aarch64-linux"],
+    }
+    inventory = write_inventory({"server": [("nas", nas)]})
+    fragment = fragments.host_fragment(inventory, check_fleet(inventory), "nas")
+    assert "security.sudo.extraRules" not in fragment.options
+    assert fragment.options["boot.binfmt.emulatedSystems"] == ["aarch64-linux"]
+
+
+def test_every_shipped_fragment_passes_nixos_eval(shipped, tmp_path: Path):
+    """NixOS's own module system (shared/nixos-eval) accepts every fragment of the shipped
+    inventory: option names, types, sudo's rule, the units."""
+    check = required_nixos_eval_check()
+    inventory, specs = shipped
+    paths = []
+    for name in specs:
+        fragment = fragments.host_fragment(inventory, specs, name)
+        if fragment.sections:
+            path = tmp_path / f"{name}.nix"
+            path.write_text(fragment.render())
+            paths.append(str(path))
+    assert len(paths) == 4
+    # The NAS with the shipped schedule enabled: its units, and the Nix environment they import
+    # (nixos-eval follows the relative import and checks the expression too).
+    shipped_schedule = runpy.run_path(str(REPO / "group_data" / "server.py"))["schedule"]
+    scheduled = load_inventory(REPO / "inventory.py", REPO,
+                               {"schedule": {**shipped_schedule, "enabled": True}})  # fmt: skip
+    nas = fragments.host_fragment(scheduled, check_fleet(scheduled), "nas")
+    assert nas.uses_env
+    (tmp_path / "scheduled").mkdir()
+    (tmp_path / "scheduled" / "nas.nix").write_text(nas.render())
+    (tmp_path / "scheduled" / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
+    paths.append(str(tmp_path / "scheduled" / "nas.nix"))
+    result = subprocess.run([str(check), *paths], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("PASS") == 5, result.stdout
+
+
+def test_nixos_eval_fails_a_fragment_nixos_would_refuse(tmp_path: Path):
+    """The check above would catch a broken fragment: a sudo rule NixOS's module refuses."""
+    check = nixos_eval_check()
+    if check is None:
+        pytest.skip("shared/nixos-eval is not beside this checkout")
+    rule = {"users": ["beau"], "commands": [{"command": "ALL", "options": ["NOPASSWORD"]}]}
+    bad = fragments.Fragment(
+        "pi4", (fragments.Section("bad", {"security.sudo.extraRules": [rule]}),)
+    )
+    (tmp_path / "pi4.nix").write_text(bad.render())
+    result = subprocess.run([str(check), str(tmp_path / "pi4.nix")], capture_output=True)
+    assert result.returncode != 0
+
+
+# -- nixfmt (RFC 166 style) shapes, from NixOS/nixfmt's tests and nixpkgs' formatted files ----
+
+
+def test_lists_of_two_or_more_go_one_per_line_and_a_lone_element_stays_when_it_fits():
+    # nixpkgs' pyinfra recipe, as nixfmt formats it: `build-system = [\n    hatchling\n
+    # uv-dynamic-versioning\n  ];` and `pythonImportsCheck = [ "pyinfra" ];`.
+    assert nix_binding("build-system", [Raw("hatchling"), Raw("uv-dynamic-versioning")], 2, 1) == (
+        "build-system = [\n    hatchling\n    uv-dynamic-versioning\n  ];"
+    )
+    assert nix_binding("pythonImportsCheck", ["pyinfra"], 2, 1) == (
+        'pythonImportsCheck = [ "pyinfra" ];'
+    )
+    # One element too long for the line (100 columns) is expanded too.
+    key = "nas-nixpush-1:" + "A" * 43 + "="
+    assert nix_binding("nix.settings.extra-trusted-public-keys", [key], 2, 1) == (
+        f'nix.settings.extra-trusted-public-keys = [\n    "{key}"\n  ];'
+    )
+    assert nix_binding("x", [], 2, 1) == "x = [ ];"
+
+
+def test_sets_of_two_or_more_go_one_per_line_and_a_lone_attribute_stays():
+    # nixfmt's test/diff/attr_set: `{ a = 1; }` stays; a set in a list is laid out inside it.
+    assert nix_binding("a", {"b": 1}, 2, 1) == "a = { b = 1; };"
+    rule = {"users": ["beau"], "commands": [{"command": "ALL", "options": ["NOPASSWD"]}]}
+    assert nix_binding("r", [rule], 2, 1) == "\n".join(
+        [
+            "r = [",
+            "    {",
+            '      users = [ "beau" ];',
+            "      commands = [",
+            "        {",
+            '          command = "ALL";',
+            '          options = [ "NOPASSWD" ];',
+            "        }",
+            "      ];",
+            "    }",
+            "  ];",
+        ]
+    )
+
+
+def test_a_value_too_long_for_its_line_goes_on_the_next_line_one_level_deeper():
+    # nixfmt's test/diff/lambda: `things ?\n        if null then true else "looo...ong",`.
+    long = "x" * 120
+    assert nix_binding("ExecStart", long, 2, 2) == f'ExecStart =\n      "{long}";'
+    assert nix_binding("ExecStart", "short", 2, 2) == 'ExecStart = "short";'
+
+
+def test_a_fragment_declares_only_the_arguments_it_uses():
+    # deadnix removes unused lambda arguments; nixfmt keeps `{ pkgs, ... }:` on one line and
+    # puts `let ... in` before the body's own line (test/diff/lambda: `{ pkgs, ... }:\nlet`).
+    plain = fragments.Fragment("pi4", (fragments.Section("c", {"nix.settings.max-jobs": 8}),))
+    assert "\n{ ... }:\n{\n" in plain.render()
+    text = _fragment().render()
+    assert (
+        "\n{ pkgs, ... }:\nlet\n  nixpushPython = import ./nixpush-env.nix { inherit pkgs; };\n"
+        "in\n{\n"
+    ) in text
+    assert "config" not in text.split("{ pkgs")[1].split("\n")[0]
+    uses_pkgs = fragments.Fragment("x", (fragments.Section("c", {"p": [Raw("pkgs.git")]}),))
+    assert "\n{ pkgs, ... }:\n{\n" in uses_pkgs.render()
+
+
+def test_the_environments_metadata_registers_nixpushs_connector(tmp_path: Path):
+    """What nixpush-env.nix's metadata-only package writes (its two printf lines, as printf
+    reads them) is a distribution whose entry point pyinfra finds the @image connector by, the
+    code coming from the checkout."""
+    import importlib.metadata
+    import re
+
+    formats = re.findall(r"printf '([^']*)' *(?:\\\n *)?> \$dist/(\S+)", fragments.ENV_EXPRESSION)
+    assert [name for _, name in formats] == ["METADATA", "entry_points.txt"]
+    dist = tmp_path / "nixpush-0.1.0.dist-info"
+    dist.mkdir()
+    for text, name in formats:
+        (dist / name).write_text(text.replace("\\n", "\n"))
+    (found,) = importlib.metadata.distributions(path=[str(tmp_path)])
+    assert found.metadata["Name"] == "nixpush"
+    (entry,) = found.entry_points.select(group="pyinfra.connectors")
+    assert entry.name == "image"
+    from operations.connector import ImageConnector
+
+    assert entry.load() is ImageConnector

@@ -114,11 +114,11 @@ def test_server_root_makes_nas_a_builder_for_aarch64(inventory):
     assert spec.is_target and spec.builds_itself and spec.pushed_by is None
 
 
-def test_network_root_installs_the_tailscale_pre_auth_key(inventory):
-    # host_secrets merges every root's list (pyinfra's data keeps only one group's).
+def test_nixpush_installs_nothing_sops_nix_already_installs(inventory):
+    # The owner's sops-nix installs the Tailscale pre-auth key: the network root has no copy.
     for host in inventory.get_group("network"):
         keys = [secret.label for secret in host_secrets(host)]
-        assert "headscale/pre_auth" in keys, host.name
+        assert "headscale/pre_auth" not in keys, host.name
 
 
 def test_group_data_holds_no_host_specific_values(inventory):

@@ -46,7 +46,7 @@ DEFAULT_PLATFORMS = "i686-linux x86_64-v1-linux x86_64-v2-linux x86_64-v3-linux"
 CONFIG = NixConfig().process([SHOW_CONFIG])
 
 FRAGMENT_HINT = (
-    "(`pyinfra inventory.py deploys/nixos_config.py` writes them to nas's generated fragment, "
+    "(`pyinfra @local deploys/nixos_config.py` writes them to nas's generated fragment, "
     "which its configuration imports)"
 )
 

@@ -85,11 +85,11 @@ def test_refusals_past_the_retries_name_the_host_and_what_was_being_done(monkeyp
     process.limit_sessions(host, 1)  # type: ignore[arg-type]
 
     with pytest.raises(DeployFailed) as failure:
-        process.read_on(host, File, path="/etc/nixpush/deploy_ed25519", sudo=True,  # type: ignore[arg-type]
-                        doing="checking /etc/nixpush/deploy_ed25519")  # fmt: skip
+        process.read_on(host, File, path="/root/.nixpush/deploy_ed25519", sudo=True,  # type: ignore[arg-type]
+                        doing="checking /root/.nixpush/deploy_ed25519")  # fmt: skip
 
     assert str(failure.value).startswith("lost the SSH channel to nas (sshd refused a session: ")
-    assert str(failure.value).endswith("while checking /etc/nixpush/deploy_ed25519")
+    assert str(failure.value).endswith("while checking /root/.nixpush/deploy_ed25519")
     assert host.connector.calls == 3
 
 

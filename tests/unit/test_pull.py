@@ -49,7 +49,7 @@ LINE = (
 ALIAS_CONF = "/etc/ssh/ssh_config.d/nixpush-builder-nas.conf"
 
 FRAGMENT_HINT = (
-    "(`pyinfra inventory.py deploys/nixos_config.py` writes them to nas's generated fragment, "
+    "(`pyinfra @local deploys/nixos_config.py` writes them to nas's generated fragment, "
     "which its configuration imports)"
 )
 

@@ -130,7 +130,7 @@ def test_copy_goes_to_the_deploy_user_with_strict_host_keys_and_the_port():
         f"'ssh-ng://beau; id@10.0.0.2' {NEW}"
     )
     options = nix_sshopts(8023)
-    assert options.startswith("-p 8023 -i /etc/nixpush/deploy_ed25519 ")
+    assert options.startswith("-p 8023 -i /root/.nixpush/deploy_ed25519 ")
     assert "StrictHostKeyChecking=yes" in options
     # curve25519 first, every default kept after it (a prefix, never a replacement list).
     assert "-o KexAlgorithms=^curve25519-sha256 " in options
@@ -145,3 +145,26 @@ def test_both_system_links_are_read_in_one_command():
         ["sh", "-c", fact.command().get_raw_value()], capture_output=True, text=True, check=True
     )
     assert fact.process(out.stdout.splitlines()) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("nixos", "fix"),
+    [
+        (True, "import pi4's NixOS fragment (`pyinfra @local deploys/nixos_config.py` writes it)"),
+        (False, "run deploys/secrets.py"),
+    ],
+)
+def test_an_untrusted_copy_points_a_nixos_target_at_its_fragment(monkeypatch, nixos, fix):
+    """The bootstrap cannot loop: a NixOS target's missing trust is fixed by its fragment and
+    a rebuild, never by deploys/secrets.py (which cannot change a NixOS /etc)."""
+    failed: list[str] = []
+    lines = ["error: cannot add path '/nix/store/x' because it lacks a valid signature"]
+    monkeypatch.setattr(copy, "run_watched", lambda *a, **k: (False, lines))
+    monkeypatch.setattr(copy, "known_nixos", lambda target: nixos)
+    monkeypatch.setattr(copy, "fail", lambda host, reason: failed.append(reason) or False)
+    target = FakeHost("pi4")
+    step = copy._copy.__wrapped__  # type: ignore[attr-defined]
+    assert step(None, target, plan(), BUILDER, "10.0.0.2", 22, "beau") is False
+    (cause,) = failed
+    assert "pi4's Nix does not trust nas's signing key: " + fix in cause
+    assert ("deploys/secrets.py" in cause) is not nixos

@@ -130,7 +130,7 @@ def test_parse_secret_problems(entry, expected):
 
 # Merging: every root's secrets, deduplicated by dest
 
-DEPLOY = {"key": "ssh/nas_deploy", "dest": "/etc/nixpush/deploy_ed25519"}
+DEPLOY = {"key": "ssh/nas_deploy", "dest": "/root/.nixpush/deploy_ed25519"}
 
 
 def test_host_secrets_merges_every_root(write_inventory):
@@ -194,9 +194,10 @@ def test_the_repo_inventory_gives_each_root_its_secrets():
 
     inventory = load_inventory(REPO / "inventory.py", REPO)
     nas = [s.dest for s in host_secrets(inventory.get_host("nas"))]
-    assert nas == [PRE_AUTH["dest"], keys.DEPLOY_KEY_PATH, keys.SIGNING_KEY_PATH]
+    assert nas == [keys.DEPLOY_KEY_PATH, keys.SIGNING_KEY_PATH]
     pi4 = [s.dest for s in host_secrets(inventory.get_host("pi4"))]
-    assert pi4 == [PRE_AUTH["dest"]]  # pull builds (and their key) are off until turned on
+    # sops-nix installs the pre-auth key; pull builds (and their key) are off until turned on.
+    assert pi4 == []
 
 
 # Planning: every error before any host changes
@@ -697,7 +698,7 @@ def test_authorized_key_on_nixos_not_generated_goes_to_the_home_directory():
 
 
 def test_known_host_replaces_a_changed_key_for_the_same_host():
-    kh = "/etc/nixpush/known_hosts"
+    kh = "/root/.nixpush/known_hosts"
     old = f"[10.0.0.2]:8023 {' '.join(OTHER.split()[:2])}"
     keep = f"10.0.0.3 {' '.join(OTHER.split()[:2])}"
     host = FakeHost("nas").fact(LinesOfFile, LineFile(0o644, "root", "root", (old, keep)), path=kh)
@@ -708,7 +709,7 @@ def test_known_host_replaces_a_changed_key_for_the_same_host():
 
 
 def test_known_host_present_is_a_noop():
-    kh = "/etc/nixpush/known_hosts"
+    kh = "/root/.nixpush/known_hosts"
     line = f"[10.0.0.2]:8023 {' '.join(PUB.split()[:2])}"
     host = FakeHost("nas").fact(LinesOfFile, LineFile(0o644, "root", "root", (line,)), path=kh)
     assert run(host, known_host, host_pattern="[10.0.0.2]:8023", key=PUB) == []
