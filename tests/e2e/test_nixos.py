@@ -26,6 +26,7 @@ from tests.bench import fleet, nixos
 from tests.bench import nixos_inventory as bench_nixos
 from tests.bench import sops as bench_sops
 from tests.bench.client import prepare_push, pyinfra
+from tests.checklist import checklist_steps
 from tests.e2e.test_pi import current, desired_path, new_versions
 from tests.unit.conftest import REPO, load_inventory
 
@@ -312,21 +313,9 @@ def test_pi_py_deploys_the_nixos_pi_through_the_trust_its_fragment_gives(nixos_h
 # -- the owner's layout: the README's checklist, command by command ----------------------
 
 OWNER_INVENTORY = "tests/bench/nixos_owner_inventory.py"
-CHECKLIST = REPO / "docs" / "first-deploy.sh"
 BINFMT_MISC = "/proc/sys/fs/binfmt_misc"
 # Owner host -> the bench host standing in for it (the laptop is down: none).
 STAND_IN = {"nas": "nas", "pi4": "pi4", "grill": "pc1"}
-
-
-def checklist_steps(path: Path = CHECKLIST) -> list[tuple[str, list[list[str]]]]:
-    """``(step number, [command argv, ...])`` of the checklist file, in order."""
-    steps: list[tuple[str, list[list[str]]]] = []
-    for line in path.read_text().splitlines():
-        if line.startswith("## "):
-            steps.append((line[3:].split(".", 1)[0], []))
-        elif line.strip() and not line.startswith("#"):
-            steps[-1][1].append(line.split())
-    return steps
 
 
 def owner_command(command: list[str]) -> list[str]:
@@ -454,8 +443,9 @@ def nas_files_of(options: dict) -> dict[str, str]:
 
 
 def test_the_first_deploy_checklist_passes_command_by_command_on_the_owners_layout(bench):
-    """docs/first-deploy.sh, every command as the owner types it (with -y, and the bench's
-    copy of the owner's inventory), exits 0; the hand steps between them are the bootstrap."""
+    """The README's first-deploy checklist, every command as the owner types it (with -y, and
+    the bench's copy of the owner's inventory), exits 0; the hand steps between them are the
+    bootstrap."""
     from tests.bench import nixos_owner_inventory as owner
     from tests.bench import nixos_sops
 

@@ -5,10 +5,10 @@ hosts that exist."""
 from __future__ import annotations
 
 import runpy
-import shlex
 
 from operations.fleet import check_fleet
 from operations.schedule import parse_schedule
+from tests.checklist import checklist_steps
 from tests.unit.conftest import REPO, load_inventory
 
 
@@ -29,14 +29,23 @@ def test_the_nightly_deploy_is_limited_to_the_always_on_targets():
 
 def test_every_checklist_command_names_a_deploy_and_hosts_that_exist():
     specs = check_fleet(load_inventory(REPO / "inventory.py", REPO))
-    commands = [
-        shlex.split(line)
-        for line in (REPO / "docs" / "first-deploy.sh").read_text().splitlines()
-        if line.strip() and not line.startswith("#")
-    ]
+    steps = checklist_steps()
+    assert [number for number, _ in steps] == ["6", "7", "8", "9", "10", "11"]
+    commands = [command for _, step in steps for command in step]
     assert commands
     for command in commands:
         assert command[0] == "pyinfra", command
         assert (REPO / command[2]).is_file(), command
         limits = [command[i + 1] for i, arg in enumerate(command) if arg == "--limit"]
         assert set(limits) <= set(specs), command
+
+
+def test_the_readme_quotes_the_shipped_schedule_word_for_word():
+    """One truth for the schedule: the README's example is group_data/server.py's own text."""
+    server = (REPO / "group_data" / "server.py").read_text()
+    shipped = server[server.index("schedule = {") :]
+    shipped = shipped[: shipped.index("\n}\n") + 3]
+    readme = (REPO / "README.md").read_text()
+    quoted = readme[readme.index("<!-- quoted from group_data/server.py -->") :]
+    quoted = quoted[quoted.index("```python\n") + len("```python\n") :]
+    assert quoted[: quoted.index("```")] == shipped
