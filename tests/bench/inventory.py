@@ -40,13 +40,14 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
     if h.systemd:
         # The roots' unit checks (group_data/) as this bench host has them: its sshd is a unit
         # of the bench's own, and the bench has no tailnet. Host data replaces checks by name.
+        # Timed like the roots' (their worst case must fit in confirm_timeout).
         checks += [
-            {"name": "sshd", "units": [_systemd_host.SSHD_UNIT]},
-            {"name": "tailscaled", "command": "true"},
+            {"name": "sshd", "units": [_systemd_host.SSHD_UNIT], "timeout": 3, "retries": 1},
+            {"name": "tailscaled", "command": "true", "timeout": 1, "retries": 0},
         ]
     if "main" in h.roots:
         # group_data/main.py checks Syncthing's health URL; the bench runs no Syncthing.
-        checks.append({"name": "syncthing", "command": "true"})
+        checks.append({"name": "syncthing", "command": "true", "timeout": 1, "retries": 0})
     if checks:
         data["health_checks"] = checks
     host_key = h.dir / "ssh" / "ssh_host_ed25519_key.pub"
