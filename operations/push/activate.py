@@ -371,6 +371,9 @@ def _follow_activation(
         stdin=PROGRAM,
     )
     pending: tuple[bool, list[str]] | None = None
+    # Whether the run is known to have started on the target (its run directory gone since
+    # means the host restarted): once the launch answered, or a follow saw it.
+    ran = False
     if launched is not None:
         ok, lines = launched
         report, launch_lines = split_at_mark(lines, DRY_ACTIVATED_MARK)
@@ -387,13 +390,13 @@ def _follow_activation(
         if first_answer is None:
             detail = next((x.strip() for x in reversed(lines) if x.strip()), "no output")
             return Outcome("failed", f"could not start the activation: {detail}")
+        ran = True
         if ok:  # its output after the mark is the first follow's answer
             pending = (ok, first_answer)
 
     budget = 2 * safety.activation_timeout + safety.confirm_timeout + GRACE
     deadline = time.monotonic() + budget
     seen, known, note = 0, "", ""
-    ran = False  # the run was seen on the target: its directory gone since means a restart
     status: dict[str, str] = {}
     confirming_done = False
     lost_at: float | None = None

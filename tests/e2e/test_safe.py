@@ -334,15 +334,17 @@ def test_url_health_checks_are_fetched_on_the_target(good, web_on_pi4, tmp_path)
 # -- issue 23: one activation per host, reboots, GC, slow checks ---------------------------
 
 
-def inventory_with_checks(tmp_path: Path, checks: list[dict[str, object]]) -> str:
-    """The bench inventory with pi4's health_checks replaced by ``checks``."""
+def inventory_with_checks(
+    tmp_path: Path, checks: list[dict[str, object]], name: str = "pi4"
+) -> str:
+    """The bench inventory with ``checks`` added to ``name``'s health_checks."""
     path = tmp_path / f"checks_{next(_count)}.py"
     path.write_text(
         "from tests.bench.inventory import _data, _fleet, common, main, minimal, network, server\n"
         f"_CHECKS = {checks!r}\n"
         "def _with(members):\n"
-        "    return [(n, {**d, 'health_checks': _CHECKS}) if n == 'pi4' else (n, d)\n"
-        "            for n, d in members]\n"
+        "    return [(n, {**d, 'health_checks': [*d.get('health_checks', []), *_CHECKS]})\n"
+        f"            if n == {name!r} else (n, d) for n, d in members]\n"
         "minimal, common, network = _with(minimal), _with(common), _with(network)\n"
     )
     return str(path)
@@ -420,7 +422,7 @@ def test_ctrl_c_in_the_confirmation_window_then_run_again_ends_on_the_new_system
     old = good["pi4"]
     inventory = inventory_with_checks(tmp_path, [SLOW_CHECK])
     wanted = configure("pi4")
-    args = ("--limit", "pi4", "--data", "confirm_timeout=10")
+    args = ("--limit", "pi4", "--data", "confirm_timeout=20")
     with start_deploy_with(*args, inventory=inventory) as first:
         wait_for_state("pi4", "awaiting-confirmation", 120)
         run = latest_run("pi4")
@@ -430,12 +432,16 @@ def test_ctrl_c_in_the_confirmation_window_then_run_again_ends_on_the_new_system
         assert current("pi4") == wanted and profile("pi4") == old  # activated as test
         first.send_signal(signal.SIGINT)  # Ctrl-C
         first.communicate(timeout=60)
+    # The run left behind is pending: not up to date, and --dry says so.
+    dry = pyinfra(inventory, PI, *args, "--dry", env=bench_sops.env())
+    assert dry.returncode == 0, output(dry)
+    assert f"[pi4] not up to date: activation {run.rsplit('/', 1)[-1]}, started " in output(dry)
     again = deploy(*args, inventory=inventory)
     text = output(again)
     assert again.returncode == 0, text
     assert "is pending there" in text
     assert f"pi4: deployed: switch {wanted}" in text
-    time.sleep(12)  # past the first run's window: it rolled back before, not after
+    time.sleep(22)  # past the first run's window: it rolled back before, not after
     assert current("pi4") == wanted and profile("pi4") == wanted
     assert boot_default("pi4") == wanted
     assert in_pi("pi4", "ls /nix/var/nix/gcroots | grep -c nixpush-").strip() == "0"
@@ -461,7 +467,7 @@ def test_a_restart_in_the_window_comes_back_on_the_old_system_and_says_so(good, 
         )
         out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
-    assert f"pi4: rolled back: restarted before confirmation: still on {old}" in out
+    assert f"pi4: rolled back: restarted before confirmation: still on {old}" in out, out
     assert "pi4: deployed" not in out
     assert current("pi4") == old and profile("pi4") == old and boot_default("pi4") == old
     assert wanted not in generations("pi4")

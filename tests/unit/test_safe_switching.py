@@ -130,7 +130,7 @@ def confirm_with(monkeypatch, checks, answers, step):
 def test_a_check_passing_after_the_window_closed_is_reported_as_outlasting_it(monkeypatch):
     # The case: a URL check passing on its third 12 s attempt, confirm_timeout 30.
     web = HealthCheck(name="web", kind="url", url="http://x/", timeout=12, retries=2)
-    problem, answer, logins, sent, said = confirm_with(
+    problem, answer, logins, sent, _ = confirm_with(
         monkeypatch, [web], [(False, ["refused"]), (False, ["refused"]), (True, [])], 12
     )
     assert problem == "the health checks took 36s, outlasting the 30s confirmation window"
