@@ -12,7 +12,13 @@ passed); then the activation itself, safely (``activate_safely``):
    key and known hosts): that a new login works is part of what is confirmed. A failed check
    rejects at once;
 3. the outcome: ``deployed``, ``rolled-back: <cause>`` (the host is verified to run its
-   previous system again) or ``failed`` (with the cause and what the host runs now).
+   previous system again; ``restarted before confirmation: still on <old>`` when the run
+   vanished with the host's /run) or ``failed`` (with the cause and what the host runs now).
+
+Only one activation runs on a host at a time (the program holds the host's lock): a launch
+waits for a pending one up to ``ActivationRun.lock_wait`` seconds, then fails naming it. A
+host whose health checks may outlast the confirmation window is refused when its safety is
+read (``safety_for``), with the numbers.
 
 ``boot`` gets no automatic rollback: nothing can be confirmed without a reboot.
 ``deploy_action=rollback`` (``plan.plan_rollback``) goes back to the previous generation, the
@@ -394,7 +400,9 @@ def _follow_activation(
         if ok:  # its output after the mark is the first follow's answer
             pending = (ok, first_answer)
 
-    budget = 2 * safety.activation_timeout + safety.confirm_timeout + GRACE
+    # At worst: the activation, the window, making it the boot default, and a rollback of
+    # that (the old boot default, then the old system), each bounded by activation_timeout.
+    budget = 4 * safety.activation_timeout + safety.confirm_timeout + GRACE
     deadline = time.monotonic() + budget
     seen, known, note = 0, "", ""
     status: dict[str, str] = {}
