@@ -38,9 +38,7 @@ now() { read -r up _ < /proc/uptime; now=${up%.*}; }
 # Every child runs without the lock's descriptor: a daemon an activation leaves behind must
 # not hold the host's lock.
 stc() { timeout "$activation_timeout" "$1/bin/switch-to-configuration" "$2" 9>&-; }
-prev_current=$(readlink -f "$running" 2>/dev/null)
-prev_profile=$(readlink -f "$profile" 2>/dev/null)
-prev_gen=$(generation_of "$(readlink "$profile" 2>/dev/null)")
+prev_current='' prev_profile='' prev_gen=''
 echo "$$" > "$dir/pid"
 # shellcheck disable=SC2317  # called by the EXIT trap
 release() {
@@ -64,6 +62,10 @@ until flock -n 9; do
   sleep 0.2
 done
 locked=1
+# What ran and booted before, read once no other run can change it.
+prev_current=$(readlink -f "$running" 2>/dev/null)
+prev_profile=$(readlink -f "$profile" 2>/dev/null)
+prev_gen=$(generation_of "$(readlink "$profile" 2>/dev/null)")
 printf 'id=%s\nstarted=%s\ncontroller=%s\npid=%s\n' "${dir##*/}" \
   "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$controller" "$$" > "$lock"
 # Holding the lock, no other run is alive: another run's GC roots are left over (its program
