@@ -80,10 +80,12 @@ else:
     planned = or_unable(f"planning {host.name}", _plan)
     if planned is not None:
         target_plan, builder = planned
-        # Rollback, timers and health checks from data (bad data stops the run); --dry shows
-        # whether rollback is armed and which checks will run.
-        safety = activate.safety_for(host, target_plan.action)
+        # Rollback, timers and health checks from data (bad data stops the run, so do checks
+        # that may outlast the confirmation window); --dry shows whether rollback is armed and
+        # which checks will run.
         checks = health.host_health_checks(host)
+        activates = target_plan.action.activates  # else nothing is confirmed (nor contacted)
+        safety = activate.safety_for(host, target_plan.action, checks if activates else ())
         activate.announce(host, target_plan, safety, checks)
     # A target already on its system (planning logged it) gets no operations: each would be a
     # no-op, and pyinfra's bookkeeping of an operation call costs the controller CPU per host,

@@ -12,6 +12,7 @@ bits that come with them (Kitty).
 # Safe switching: a tailnet machine whose tailscaled does not come up after a switch is cut
 # off from the owner's other machines (and from a remote fix), so it rolls back. Only the unit:
 # whether the tailnet is reachable at 03:30 says nothing about the new configuration.
+# 8 s at worst: with minimal's checks, 24 s of the default 30 s confirm_timeout.
 health_checks = [
-    {"name": "tailscaled", "units": ["tailscaled.service"], "timeout": 10, "retries": 3},
+    {"name": "tailscaled", "units": ["tailscaled.service"], "timeout": 3, "retries": 1},
 ]

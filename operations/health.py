@@ -81,6 +81,11 @@ class HealthCheck:
         return self.kind == "units"
 
     @property
+    def worst_case(self) -> float:
+        """Seconds it takes at most: every attempt timing out, with the pauses between them."""
+        return (self.retries + 1) * self.timeout + self.retries * RETRY_INTERVAL
+
+    @property
     def description(self) -> str:
         """``check.description == "sshd: units sshd.service active"``."""
         if self.kind == "units":
@@ -220,6 +225,7 @@ def run_checks(
     run: Runner,
     log: Callable[[str], None],
     sleep: Callable[[float], None] = gevent.sleep,
+    window: tuple[float, Callable[[], float]] | None = None,
 ) -> str | None:
     """
     Run ``checks`` in order, each with its retries; the first failure's cause, else None.
@@ -228,6 +234,8 @@ def run_checks(
     + systemd: whether the target has systemd (``units`` checks are skipped without it)
     + run: how to run a command on the target
     + log: where to say what passed, was skipped or failed
+    + window: (the deadline, the clock it is on): a check still not passed when it closes is
+      reported as outlasting it, and nothing more is run
     """
     for check in checks:
         if check.needs_systemd and not systemd:
@@ -237,6 +245,12 @@ def run_checks(
         for attempt in range(check.retries + 1):
             if attempt:
                 sleep(RETRY_INTERVAL)
+            if window is not None and window[1]() >= window[0]:
+                return (
+                    f"health check {check.name!r} outlasted the confirmation window "
+                    f"({attempt} attempt{'s' if attempt != 1 else ''} made"
+                    f"{f', last: {detail}' if detail else ''})"
+                )
             result = run(check_command(check), check.timeout + 15)
             if result is not None and result[0]:
                 log(f"health check {check.description}: passed")

@@ -84,6 +84,7 @@ class Plan:
     + action: the ``Action``
     + built: whether the builder already has ``desired`` (looked up only when it matters)
     + derivation: the ``.drv`` that builds ``desired`` (None: build from ``attr``)
+    + pending: another activation the target has not finished (who, when), else None
     """
 
     target: str
@@ -95,12 +96,16 @@ class Plan:
     action: Action
     built: bool = False
     derivation: str | None = None
+    pending: str | None = None
 
     @property
     def up_to_date(self) -> bool:
-        """Nothing to do: the target already runs (or boots, or has built) the desired system."""
+        """Nothing to do: the target already runs (or boots, or has built) the desired system,
+        and no other activation is pending there (it may still roll the links back)."""
         if self.action is Action.BUILD:
             return self.built
+        if self.pending:
+            return False
         if self.action.makes_current and self.current != self.desired:
             return False
         if self.action.sets_profile and self.profile != self.desired:

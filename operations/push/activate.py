@@ -12,7 +12,13 @@ passed); then the activation itself, safely (``activate_safely``):
    key and known hosts): that a new login works is part of what is confirmed. A failed check
    rejects at once;
 3. the outcome: ``deployed``, ``rolled-back: <cause>`` (the host is verified to run its
-   previous system again) or ``failed`` (with the cause and what the host runs now).
+   previous system again; ``restarted before confirmation: still on <old>`` when the run
+   vanished with the host's /run) or ``failed`` (with the cause and what the host runs now).
+
+Only one activation runs on a host at a time (the program holds the host's lock): a launch
+waits for a pending one up to ``ActivationRun.lock_wait`` seconds, then fails naming it. A
+host whose health checks may outlast the confirmation window is refused when its safety is
+read (``safety_for``), with the numbers.
 
 ``boot`` gets no automatic rollback: nothing can be confirmed without a reboot.
 ``deploy_action=rollback`` (``plan.plan_rollback``) goes back to the previous generation, the
@@ -21,6 +27,7 @@ same way.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +41,7 @@ from pyinfra.context import host
 
 from operations.failures import fail, host_step
 from operations.fleet import FleetError
-from operations.health import HealthCheck, run_checks
+from operations.health import RETRY_INTERVAL, HealthCheck, run_checks
 from operations.models import (
     DEFAULT_ACTIVATION_TIMEOUT,
     DEFAULT_CONFIRM_TIMEOUT,
@@ -49,6 +56,7 @@ from operations.push.switch import (
     CONFIRMED_MARK,
     DRY_ACTIVATED_MARK,
     LAUNCHED_MARK,
+    PENDING_MARK,
     PROGRAM,
     TERMINAL,
     TOO_LATE,
@@ -57,6 +65,7 @@ from operations.push.switch import (
     dry_activate_and_launch_command,
     follow_command,
     parse_follow,
+    pending_activation,
     reject_command,
     split_at_mark,
 )
@@ -130,10 +139,11 @@ def _seconds(host: Host, key: str, default: int, problems: list[str]) -> int:
     return value
 
 
-def safety_for(host: Host, action: str) -> Safety:
+def safety_for(host: Host, action: str, checks: Sequence[HealthCheck] = ()) -> Safety:
     """
     The host's ``rollback``, ``confirm_timeout`` and ``activation_timeout`` data for ``action``;
-    rollback is off for ``boot``. Raises ``FleetError`` naming the key and the fix.
+    rollback is off for ``boot``. Raises ``FleetError`` naming the key and the fix, also when
+    ``checks`` (those the activation runs) may not fit in the confirmation window.
     """
     problems: list[str] = []
     rollback = host.data.get("rollback", True)
@@ -149,9 +159,29 @@ def safety_for(host: Host, action: str) -> Safety:
             host, "activation_timeout", DEFAULT_ACTIVATION_TIMEOUT, problems
         ),
     )
+    if safety.rollback and checks and not problems:
+        problem = window_problem(safety, checks, runs_systemd())
+        if problem:
+            problems.append(f"{host.name}: {problem}")
     if problems:
         raise FleetError(problems)
     return safety
+
+
+def window_problem(safety: Safety, checks: Sequence[HealthCheck], systemd: bool) -> str | None:
+    """Why ``checks`` (those that run: unit checks need systemd) may outlast the confirmation
+    window, with the numbers; None when their worst case fits in it."""
+    running = [check for check in checks if systemd or not check.needs_systemd]
+    worst = sum(check.worst_case for check in running)
+    if worst <= safety.confirm_timeout:
+        return None
+    each = ", ".join(f"{check.name} {check.worst_case:g}s" for check in running)
+    return (
+        f"health_checks take up to {worst:g}s ({each}; each (retries + 1) x timeout + retries "
+        f"x {RETRY_INTERVAL:g}s), longer than confirm_timeout ({safety.confirm_timeout}s): "
+        f"set confirm_timeout to {math.ceil(worst)} or more, or lower the checks' timeout or "
+        "retries"
+    )
 
 
 def describe(plan: Plan, safety: Safety, checks: Sequence[HealthCheck]) -> list[str]:
@@ -163,6 +193,8 @@ def describe(plan: Plan, safety: Safety, checks: Sequence[HealthCheck]) -> list[
             f"rollback armed: the target rolls back unless confirmed within "
             f"{safety.confirm_timeout}s over a new SSH login"
         )
+        if plan.action in ("switch", "rollback"):
+            guard += " (activated as test; what it boots changes only once confirmed)"
     elif plan.action == "boot":
         guard = "no automatic rollback for boot (nothing can be confirmed without a reboot)"
     else:
@@ -220,13 +252,18 @@ class Outcome:
     cause: str = ""
 
 
-def judge(plan: Plan, status: dict[str, str], note: str = "") -> Outcome:
+def judge(plan: Plan, status: dict[str, str], note: str = "", seen: bool = False) -> Outcome:
     """
     The outcome of a finished run from its last status (with the links read by the follow
-    command) and the controller's own reason for not confirming (``note``).
+    command), the controller's own reason for not confirming (``note``) and whether the run
+    was ``seen`` on the target before (its run directory gone since: the host restarted).
     """
     state = status.get("state", "")
     current, profile = status.get("current") or None, status.get("profile") or None
+    # What ran and booted before, as the program found it (another run may have changed it
+    # since the plan was made), else as planned.
+    previous = status.get("previous", plan.current or "") or None
+    previous_profile = status.get("previous-profile", plan.profile or "") or None
     cause = status.get("cause", "")
     runs = f"it now runs {current or 'nothing'}"
     action = "switch" if plan.action == "rollback" else plan.action
@@ -239,7 +276,7 @@ def judge(plan: Plan, status: dict[str, str], note: str = "") -> Outcome:
     if state == "rolled-back":
         if note and cause.startswith("no confirmation"):
             cause = f"{cause} ({note})"
-        if current != plan.current or (action == "switch" and profile != plan.profile):
+        if current != previous or (action == "switch" and profile != previous_profile):
             return Outcome("failed", f"rolled back after {cause}, but {runs}")
         return Outcome("rolled-back", cause)
     if state == "rollback-failed":
@@ -247,6 +284,15 @@ def judge(plan: Plan, status: dict[str, str], note: str = "") -> Outcome:
     if state == "failed":
         kept = " (rollback is off: the new system stays)" if current == plan.desired else ""
         return Outcome("failed", f"{cause}{kept}; {runs}")
+    if state == "missing" and seen:
+        # Its run directory (in /run) is gone: the host restarted (or /run was emptied).
+        if action != "boot" and profile == plan.profile and profile != plan.desired:
+            return Outcome("rolled-back", f"restarted before confirmation: still on {profile}")
+        return Outcome(
+            "failed",
+            f"the target restarted during the activation; it boots {profile or 'nothing'} and "
+            f"{runs}",
+        )
     if state == "missing":
         return Outcome("failed", "the activation did not start on the target")
     return Outcome("failed", f"activation outcome unknown (last state: {state or 'none'})")
@@ -327,10 +373,13 @@ def _follow_activation(
     # activation passed.
     launched = channel.run(
         dry_activate_and_launch_command(run, FOLLOW_WAIT),
-        timeout=safety.activation_timeout + 60 + FOLLOW_WAIT,
+        timeout=safety.activation_timeout + 60 + FOLLOW_WAIT + run.lock_wait,
         stdin=PROGRAM,
     )
     pending: tuple[bool, list[str]] | None = None
+    # Whether the run is known to have started on the target (its run directory gone since
+    # means the host restarted): once the launch answered, or a follow saw it.
+    ran = False
     if launched is not None:
         ok, lines = launched
         report, launch_lines = split_at_mark(lines, DRY_ACTIVATED_MARK)
@@ -341,13 +390,19 @@ def _follow_activation(
         say(f"activating detached from this session ({how})")
         lines = launch_lines
         _, first_answer = split_at_mark(lines, LAUNCHED_MARK)
+        _, holder = split_at_mark(lines, PENDING_MARK)
+        if first_answer is None and holder is not None:
+            return Outcome("failed", pending_cause(pending_activation(holder, held=True), run))
         if first_answer is None:
             detail = next((x.strip() for x in reversed(lines) if x.strip()), "no output")
             return Outcome("failed", f"could not start the activation: {detail}")
+        ran = True
         if ok:  # its output after the mark is the first follow's answer
             pending = (ok, first_answer)
 
-    budget = 2 * safety.activation_timeout + safety.confirm_timeout + GRACE
+    # At worst: the activation, the window, making it the boot default, and a rollback of
+    # that (the old boot default, then the old system), each bounded by activation_timeout.
+    budget = 4 * safety.activation_timeout + safety.confirm_timeout + GRACE
     deadline = time.monotonic() + budget
     seen, known, note = 0, "", ""
     status: dict[str, str] = {}
@@ -384,6 +439,7 @@ def _follow_activation(
             say(f"activate: {line}")
         seen += len(progress.lines)
         status, known = progress.status or status, progress.state
+        ran = ran or known != "missing"
         if known == AWAITING and not confirming_done:
             confirming_done = True
             problem, pending = _check_and_confirm(channel, run, checks, systemd, say, seen)
@@ -396,7 +452,17 @@ def _follow_activation(
         )
         if failed:
             return Outcome("failed", f"{failed} (rollback is off: it stays on {plan.desired})")
-    return judge(plan, status, note)
+    return judge(plan, status, note, seen=ran)
+
+
+def pending_cause(holder: str | None, run: ActivationRun) -> str:
+    """Why a launch gave up: another activation held the host's lock all the time it waited."""
+    return (
+        f"another activation is pending on the target ({holder or 'holder unknown'}); waited "
+        f"{run.lock_wait}s for it to end. It ends on its own: confirmed by its controller, or "
+        "rolled back once its confirmation time is up. Run again once it has ended (its state: "
+        "/run/nixpush/<id>/status on the target)"
+    )
 
 
 def _check_and_confirm(
@@ -412,13 +478,21 @@ def _check_and_confirm(
     when the login brought one back) once confirmed, else (the reason, None).
     """
     started = time.monotonic()
+    window = run.safety.confirm_timeout
     problem = run_checks(
-        checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m)
-    )
+        checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m),
+        window=(started + window, time.monotonic),
+    )  # fmt: skip
+    took = time.monotonic() - started
+    if problem is None and took >= window:
+        problem = (
+            f"the health checks took {took:.0f}s, outlasting the {window}s confirmation window"
+        )
     if problem is None:
         last = "no answer"
         for attempt in range(CONFIRM_ATTEMPTS):
-            if time.monotonic() - started > run.safety.confirm_timeout:
+            if time.monotonic() - started > window:
+                last = f"the {window}s confirmation window closed before another attempt"
                 break
             if attempt:
                 gevent.sleep(1)

@@ -32,7 +32,6 @@ from operations.process import read_on, run_on
 from operations.push import evalcache
 from operations.push.commands import (
     Evaluated,
-    SystemLinks,
     batch_eval_command,
     diff_closures_command,
     eval_command,
@@ -43,7 +42,7 @@ from operations.push.commands import (
     toplevel_attr,
 )
 from operations.push.progress import report_progress, shower
-from operations.push.switch import SystemGenerations
+from operations.push.switch import LinksAndPending, SystemGenerations
 from operations.steady import read_with_host_kind
 from operations.summary import RunSummary
 
@@ -379,11 +378,12 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
     attr = toplevel_attr(spec.flake, spec.nixos_config)
     action = Action(spec.deploy_action)
 
-    def links() -> tuple[str | None, str | None]:
+    def links() -> tuple[str | None, str | None, str | None]:
         if not action.copies:  # `build` never contacts the target: it may be off or away
-            return None, None
-        # With the target's kind: the activation asks for it (one round trip less).
-        return read_with_host_kind(target, SystemLinks, doing=READING_LINKS)
+            return None, None, None
+        # With the target's kind: the activation asks for it (one round trip less); with the
+        # activation pending there, if any: it may still roll the links back.
+        return read_with_host_kind(target, LinksAndPending, doing=READING_LINKS)
 
     # A target already on what this flake state evaluated to last time needs no evaluation;
     # any other evaluates afresh (evalcache). Read the target while the builder evaluates.
@@ -391,7 +391,7 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
     known = evalcache.remembered(fingerprint, spec.nixos_config) if fingerprint else None
     if known is None:
         start_evaluation(target, builder, spec.flake, spec.nixos_config, fingerprint)
-    current, profile = links()
+    current, profile, pending = links()
 
     def plan_for(evaluated: Evaluated) -> Plan:
         return Plan(
@@ -403,6 +403,7 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
             profile=profile,
             action=action,
             derivation=evaluated.derivation,
+            pending=pending,
         )
 
     plan = plan_for(known) if known is not None else None
@@ -417,6 +418,13 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
     _plans.setdefault(plan.builder, {})[plan.target] = plan
     if summary.wants_report:
         summary.flake_seen(spec.flake, flake_metadata(builder, spec.flake))
+    if plan.pending:
+        target.log_styled(
+            f"not up to date: {plan.pending} is pending there (this run's activation waits "
+            "for it to end)",
+            fg="yellow",
+            log_func=logger.warning,
+        )
     if plan.up_to_date:
         target.log_styled(plan.noop_reason, log_func=logger.info)
     else:
@@ -445,7 +453,7 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
             f"{spec.name} has no system generation before "
             f"{'its current one' if number is not None else 'none'} to roll back to"
         )
-    current, profile = read_on(target, SystemLinks, sudo=False, doing=READING_LINKS)
+    current, profile, pending = read_on(target, LinksAndPending, sudo=False, doing=READING_LINKS)
     plan = Plan(
         target=spec.name,
         builder=spec.builder_host or "",
@@ -455,6 +463,7 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
         profile=profile,
         action=Action.ROLLBACK,
         built=True,
+        pending=pending,
     )
     summary.planned(plan)
     target.log_styled(

@@ -2,25 +2,35 @@
 What runs on the target during an activation, detached from the SSH session: the program, the
 commands that start it, follow it, confirm or reject it, and how their answers read.
 
-1. ``launch_command`` installs ``PROGRAM`` (``switch.sh``, given on stdin) into a root-only run
+1. ``launch_command`` waits (up to ``ActivationRun.lock_wait``) until no other activation holds
+   the host's lock (``/run/nixpush/lock``), installs ``PROGRAM`` (``switch.sh``, given on
+   stdin, checked against its SHA-256: a truncated upload starts nothing) into a root-only run
    directory, ``/run/nixpush/<id>/``, and starts it detached: a transient systemd unit
    ``nixpush-switch-<id>`` where the target has systemd (output in its journal), else a
    ``setsid`` process (output in ``<run dir>/output``). Neither belongs to the session, so a
    dropped link, Ctrl-C or a killed controller cannot interrupt it.
-2. The program is its own watchdog, armed before anything changes: it records what the target
-   runs and boots, sets the system profile (``switch``/``boot``), runs
-   ``switch-to-configuration`` (bounded by ``activation_timeout``), then waits up to
-   ``confirm_timeout`` seconds for a confirmation (``confirm_command``). Without one, on a
-   rejection (``reject_command``) or when ``switch-to-configuration`` exits non-zero, it rolls
-   back: profile to the previous generation (the new one deleted), the previous system's
-   ``switch-to-configuration`` (``switch``; ``test`` for a test), which restores the boot
-   default too. Its state is in ``<run dir>/status``; ``follow_command`` reads it with the
-   output.
+2. The program holds the host's lock until it ends (its holder, id, start and controller, is
+   written in the lock file, world-readable: the planner reads it with the links). It pins the
+   previous and the new system as GC roots (``/nix/var/nix/gcroots/nixpush-<id>``, removed at
+   its end) and is its own watchdog, armed before anything changes: it records what the target
+   runs and boots, runs ``switch-to-configuration`` (bounded by ``activation_timeout``), then
+   waits up to ``confirm_timeout`` seconds, measured on the time since boot (the wall clock
+   steps), for a confirmation (``confirm_command``). With a rollback armed, ``switch``
+   activates as ``test`` and only once confirmed sets the system profile and runs the new
+   system's ``switch-to-configuration boot``: a reboot in the window comes back on the old
+   system. Without a confirmation, on a rejection (``reject_command``) or when
+   ``switch-to-configuration`` exits non-zero, it rolls back: the previous system's
+   ``switch-to-configuration test``, and when it had set the profile, the profile back and only
+   the generation this run created deleted, the previous boot default restored. Its state is in
+   ``<run dir>/status``; ``follow_command`` reads it with the output.
 """
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +41,7 @@ from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.facts import FactBase
 
 from operations.models import SYSTEM_PROFILE, Action, Plan, Safety
-from operations.push.commands import switch_command
+from operations.push.commands import SystemLinks, switch_command
 
 RUN_ROOT = "/run/nixpush"
 UNIT_PREFIX = "nixpush-switch-"
@@ -39,6 +49,8 @@ STATUS_MARK = "@@nixpush-status@@"
 LAUNCHED_MARK = "@@nixpush-launched@@"
 CONFIRMED_MARK = "@@nixpush-confirmed@@"
 DRY_ACTIVATED_MARK = "@@nixpush-dry-activated@@"
+PENDING_MARK = "@@nixpush-pending@@"
+LOCK = f"{RUN_ROOT}/lock"
 AWAITING = "awaiting-confirmation"
 TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "missing")
 
@@ -46,17 +58,34 @@ TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "mi
 
 # The program (switch.sh beside this file, package data): POSIX sh, run as root.
 PROGRAM = (resources.files("operations.push") / "switch.sh").read_text(encoding="utf-8")
+PROGRAM_SHA256 = hashlib.sha256(PROGRAM.encode()).hexdigest()
 
-# Installs the program (stdin) in a new root-only run directory, then execs the starter given
-# as the remaining arguments, with no tie to the session's stdin/stdout.
-INSTALL = (
-    'set -e; umask 077; mkdir -p -m 0700 "${1%/*}"; mkdir -m 0700 "$1"; '
-    'cat > "$1/program"; d=$1; shift; exec "$@" </dev/null >>"$d/output" 2>&1'
-)
+# Waits up to $3 s for the host's lock to be free (another activation's program holds it until
+# it ends), else prints PENDING_MARK and its holder and fails; then installs the program
+# (stdin) in a new root-only run directory, checks it against its SHA-256 ($2: an upload cut
+# short starts nothing), and execs the starter given as the remaining arguments, with no tie
+# to the session's stdin/stdout. The lock file and its directory are world-readable: the
+# planner reads the holder without sudo. Polled with `flock -n` (busybox's flock has no -w).
+INSTALL = r"""set -e; umask 077; d=$1 sum=$2 wait=$3; shift 3
+mkdir -p "${d%/*}"; chmod 0755 "${d%/*}"; l=${d%/*}/lock
+[ -e "$l" ] || { : >> "$l"; chmod 0644 "$l"; }
+command -v flock >/dev/null || { echo "nixpush: the target has no flock command"; exit 3; }
+i=0
+until flock -n "$l" true; do
+  if [ "$i" -ge "$wait" ]; then echo "@@nixpush-pending@@"; cat "$l"; exit 3; fi
+  sleep 1; i=$((i + 1))
+done
+mkdir -m 0700 "$d"; cat > "$d/program"
+got=$(sha256sum < "$d/program")
+if [ "${got%% *}" != "$sum" ]; then
+  echo "nixpush: the program arrived cut short ($(wc -c < "$d/program") bytes): nothing started"
+  rm -rf "$d"; exit 3
+fi
+exec "$@" </dev/null >>"$d/output" 2>&1"""
 
 # States the program passes through on its own; every other one wants the controller (it
 # confirms, or reports the outcome).
-TRANSIENT = ("starting", "activating", "rolling-back")
+TRANSIENT = ("starting", "activating", "committing", "rolling-back")
 
 # Answers once the state is another than $3 and not TRANSIENT, or after $4 s with what there
 # is: the output lines after the first $2 (read after the state: the program writes its lines
@@ -155,6 +184,56 @@ def generation_number(link: str) -> int | None:
     return int(middle) if middle.isdecimal() else None
 
 
+# -- the activation pending on a target -------------------------------------------------
+
+# The lock file's holder (world-readable), each line prefixed ``pending-``, and whether its
+# program still runs; nothing when no activation holds it. Shell builtins only.
+PENDING_READ = (
+    f'l={LOCK}; if [ -s "$l" ]; then while IFS= read -r x; do echo "pending-$x"; '
+    'case $x in pid=*) if [ -d "/proc/${x#pid=}" ]; then echo pending-alive=1; fi ;; esac; '
+    'done < "$l"; fi'
+)
+
+
+class LinksAndPending(FactBase[tuple[str | None, str | None, str | None]]):
+    """
+    ``SystemLinks`` and the activation pending on the target (``pending_activation``), in one
+    command: ``(current, profile, pending)``.
+    """
+
+    def command(self) -> StringCommand:
+        return StringCommand(SystemLinks().command(), ";", PENDING_READ)
+
+    @staticmethod
+    def default() -> tuple[str | None, str | None, str | None]:
+        return None, None, None
+
+    def process(self, output: list[str]) -> tuple[str | None, str | None, str | None]:
+        links = [line for line in output if not line.startswith("pending-")]
+        current, profile = SystemLinks().process(links)
+        return current, profile, pending_activation(output)
+
+
+def pending_activation(lines: Sequence[str], held: bool = False) -> str | None:
+    """Who holds the host's lock, from its lock file's lines (prefixed ``pending-`` or not):
+    ``"activation <id>, started <when> by <controller>"``; None when nobody does. ``held``: the
+    lock is known to be held, else the ``alive`` line says whether its program still runs."""
+    fields: dict[str, str] = {}
+    for line in lines:
+        key, sep, value = line.strip().removeprefix("pending-").partition("=")
+        if sep:
+            fields[key] = value
+    if "id" not in fields:
+        return None
+    text = (
+        f"activation {fields['id']}, started {fields.get('started', '?')} by "
+        f"{fields.get('controller') or '?'}"
+    )
+    if held or "alive" in fields:
+        return text
+    return f"{text} (its program is gone: it never finished)"
+
+
 # -- one activation run and its commands -----------------------------------------------
 
 
@@ -169,6 +248,7 @@ class ActivationRun:
     + generation: an existing profile generation to switch to (rollback), else None
     + safety: the timers and whether the target rolls back
     + systemd: start it as a transient unit (the target has systemd), else with ``setsid``
+    + controller: who launched it (``user@machine pid N``), for a run that finds it pending
     """
 
     id: str
@@ -177,6 +257,7 @@ class ActivationRun:
     generation: int | None
     safety: Safety
     systemd: bool
+    controller: str = ""
 
     @classmethod
     def create(cls, plan: Plan, safety: Safety, systemd: bool) -> ActivationRun:
@@ -190,6 +271,7 @@ class ActivationRun:
             generation=generation,
             safety=safety,
             systemd=systemd,
+            controller=f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}",
         )
 
     @property
@@ -204,6 +286,12 @@ class ActivationRun:
     def rolls_back(self) -> bool:
         return self.safety.rollback and self.action != "boot"
 
+    @property
+    def lock_wait(self) -> int:
+        """How long the launch waits for another activation to end: what one with the same
+        timers takes to be confirmed or to roll back once it awaits confirmation."""
+        return self.safety.confirm_timeout + self.safety.activation_timeout
+
 
 def program_args(run: ActivationRun) -> list[QuoteString]:
     """PROGRAM's positional arguments."""
@@ -215,6 +303,7 @@ def program_args(run: ActivationRun) -> list[QuoteString]:
         "1" if run.rolls_back else "0",
         str(run.safety.confirm_timeout),
         str(run.safety.activation_timeout),
+        run.controller,
     )
     return [QuoteString(value) for value in values]
 
@@ -245,11 +334,13 @@ def systemd_starter(run: ActivationRun) -> list[Any]:
 
 
 def launch_command(run: ActivationRun) -> StringCommand:
-    """Install PROGRAM (given on stdin) into the run directory and start it detached."""
+    """Once no other activation holds the host's lock, install PROGRAM (given on stdin) into
+    the run directory and start it detached."""
     starter = systemd_starter(run) if run.systemd else setsid_starter(run)
     return StringCommand(
-        "sh", "-c", QuoteString(INSTALL), "nixpush-launch", QuoteString(run.dir), *starter
-    )
+        "sh", "-c", QuoteString(INSTALL), "nixpush-launch", QuoteString(run.dir),
+        PROGRAM_SHA256, str(run.lock_wait), *starter,
+    )  # fmt: skip
 
 
 def launch_and_follow_command(run: ActivationRun, wait: int) -> StringCommand:

@@ -1,80 +1,147 @@
 # nixpush activation (operations/push/switch.sh), detached from the SSH session.
 # shellcheck shell=sh
 # POSIX sh, run as root, every value positional: dir action new generation rollback
-# confirm_timeout activation_timeout. `generation` (a number) switches the profile to an
-# existing generation (deploy_action=rollback) instead of adding one for `new`.
+# confirm_timeout activation_timeout controller. `generation` (a number) switches the profile
+# to an existing generation (deploy_action=rollback) instead of adding one for `new`.
+#
+# The whole program is one function, called on the last line: sh parses a function whole
+# before it runs any of it, so a truncated copy runs nothing (the launch checks its checksum
+# first too).
+nixpush_switch() {
+if [ "$#" != 8 ]; then echo "nixpush: 8 arguments expected, $# given" >&2; exit 2; fi
 dir=$1 action=$2 new=$3 generation=$4 rollback=$5 confirm_timeout=$6 activation_timeout=$7
+controller=$8
 profile=/nix/var/nix/profiles/system
+running=/run/current-system
+gcroots=/nix/var/nix/gcroots
+# One activation per host: the run directories' parent holds the host's lock (flock: the
+# kernel releases it when the program ends, however it ends); what it says names the holder.
+lock=${dir%/*}/lock
+roots=$gcroots/nixpush-${dir##*/}
 PATH=$PATH:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export PATH
 cd /
+state='' locked='' created='' profile_set=''
 status() {
-  { echo "state=$1"; shift; for line in "$@"; do echo "$line"; done; } > "$dir/status.new"
+  state=$1
+  { echo "state=$1"; shift; for line in "$@"; do echo "$line"; done
+    echo "previous=$prev_current"; echo "previous-profile=$prev_profile"
+  } > "$dir/status.new"
   mv -f "$dir/status.new" "$dir/status"
 }
-generation_of() { g=${1#system-}; echo "${g%-link}"; }
-prev_current=$(readlink -f /run/current-system 2>/dev/null)
+generation_of() { g=${1##*/}; g=${g#system-}; echo "${g%-link}"; }
+generations() {
+  for link in "$profile"-*-link; do [ -L "$link" ] && generation_of "$link"; done
+}
+# Deadlines from the time since boot: the wall clock steps (a Pi has no RTC; NTP sets it).
+now() { read -r up _ < /proc/uptime; now=${up%.*}; }
+# Every child runs without the lock's descriptor: a daemon an activation leaves behind must
+# not hold the host's lock.
+stc() { timeout "$activation_timeout" "$1/bin/switch-to-configuration" "$2" 9>&-; }
+prev_current='' prev_profile='' prev_gen=''
+echo "$$" > "$dir/pid"
+# shellcheck disable=SC2317  # called by the EXIT trap
+release() {
+  rm -rf "$roots"
+  if [ "$locked" = 1 ]; then : > "$lock"; fi
+}
+trap release EXIT
+trap 'status failed "cause=the activation program was stopped (a signal) while $state"; exit 0' \
+  HUP INT TERM
+status starting
+exec 9>>"$lock"
+tries=0
+# A moment's wait: another launch's look at the lock holds it for an instant.
+until flock -n 9; do
+  tries=$((tries + 1))
+  if [ "$tries" -ge 25 ]; then
+    holder=$(tr '\n' ' ' < "$lock")
+    status failed "cause=another activation is pending on the target: ${holder:-unknown}"
+    exit 0
+  fi
+  sleep 0.2
+done
+locked=1
+# What ran and booted before, read once no other run can change it.
+prev_current=$(readlink -f "$running" 2>/dev/null)
 prev_profile=$(readlink -f "$profile" 2>/dev/null)
 prev_gen=$(generation_of "$(readlink "$profile" 2>/dev/null)")
-new_gen=
-status activating
-echo "nixpush: $action $new (was ${prev_current:-nothing})"
-stc() { timeout "$activation_timeout" "$1/bin/switch-to-configuration" "$2"; }
+printf 'id=%s\nstarted=%s\ncontroller=%s\npid=%s\n' "${dir##*/}" \
+  "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$controller" "$$" > "$lock"
+# Holding the lock, no other run is alive: another run's GC roots are left over (its program
+# was killed, or the host restarted).
+for other in "$gcroots"/nixpush-*; do
+  if [ "$other" != "$roots" ] && [ -d "$other" ]; then rm -rf "$other"; fi
+done
+mkdir -p "$roots"
+for pin in "previous:$prev_current" "previous-profile:$prev_profile" "new:$new"; do
+  if [ -n "${pin#*:}" ]; then ln -sfn "${pin#*:}" "$roots/${pin%%:*}"; fi
+done
+# What survives a reboot (profile, boot default) points at the new system only once it is
+# confirmed: with a rollback armed, `switch` activates as `test` first.
+first=$action
+commit=''
+if [ "$action" = switch ] && [ "$rollback" = 1 ]; then first=test commit=1; fi
+set_profile() {
+  before=" $(generations | tr '\n' ' ') "
+  if [ -n "$generation" ]; then
+    nix-env -p "$profile" --switch-generation "$generation" 9>&-
+  else
+    nix-env -p "$profile" --set "$new" 9>&-
+  fi
+  rc=$?
+  [ "$rc" = 0 ] || return "$rc"
+  profile_set=1
+  new_gen=$(generation_of "$(readlink "$profile" 2>/dev/null)")
+  # `--set` reuses the newest generation when it holds the same system: not this run's.
+  case $before in *" $new_gen "*) created= ;; *) created=$new_gen ;; esac
+}
 roll_back() {
   status rolling-back "cause=$1"
   echo "nixpush: rolling back: $1"
   ok=1
-  if [ "$action" != test ]; then
+  if [ -n "$profile_set" ]; then
     if [ -n "$prev_gen" ]; then
-      nix-env -p "$profile" --switch-generation "$prev_gen" || ok=0
-      if [ -z "$generation" ] && [ -n "$new_gen" ] && [ "$new_gen" != "$prev_gen" ]; then
-        nix-env -p "$profile" --delete-generations "$new_gen" || ok=0
+      nix-env -p "$profile" --switch-generation "$prev_gen" 9>&- || ok=0
+      if [ -n "$created" ]; then
+        nix-env -p "$profile" --delete-generations "$created" 9>&- || ok=0
       fi
     else
       echo "nixpush: no previous generation of $profile"; ok=0
     fi
+    if [ -x "$prev_profile/bin/switch-to-configuration" ]; then
+      stc "$prev_profile" boot || ok=0
+    fi
   fi
   if [ -n "$prev_current" ] && [ -x "$prev_current/bin/switch-to-configuration" ]; then
-    if [ "$action" = test ] || [ "$prev_current" != "$prev_profile" ]; then
-      stc "$prev_current" test || ok=0
-      if [ "$action" != test ] && [ -x "$prev_profile/bin/switch-to-configuration" ]; then
-        stc "$prev_profile" boot || ok=0
-      fi
-    else
-      stc "$prev_current" switch || ok=0
-    fi
+    stc "$prev_current" test || ok=0
   else
     echo "nixpush: no previous system to activate"; ok=0
   fi
-  now=$(readlink -f /run/current-system 2>/dev/null)
-  echo "nixpush: now running ${now:-nothing}"
-  if [ "$ok" = 1 ] && [ "$now" = "$prev_current" ]; then
+  back=$(readlink -f "$running" 2>/dev/null)
+  echo "nixpush: now running ${back:-nothing}"
+  if [ "$ok" = 1 ] && [ "$back" = "$prev_current" ]; then
     status rolled-back "cause=$1"
   else
     status rollback-failed "cause=$1"
   fi
   exit 0
 }
-case $action in
-  switch|boot)
-    if [ -n "$generation" ]; then
-      nix-env -p "$profile" --switch-generation "$generation"
-    else
-      nix-env -p "$profile" --set "$new"
-    fi
-    rc=$?
-    if [ "$rc" != 0 ]; then
-      status failed "cause=setting the system profile failed (nix-env exited $rc)"
-      exit 0
-    fi
-    new_gen=$(generation_of "$(readlink "$profile" 2>/dev/null)")
-    ;;
-esac
-stc "$new" "$action"
+status activating
+echo "nixpush: $action $new (was ${prev_current:-nothing})"
+if [ -z "$commit" ] && { [ "$action" = switch ] || [ "$action" = boot ]; }; then
+  set_profile
+  rc=$?
+  if [ "$rc" != 0 ]; then
+    status failed "cause=setting the system profile failed (nix-env exited $rc)"
+    exit 0
+  fi
+fi
+stc "$new" "$first"
 rc=$?
 if [ "$rc" != 0 ]; then
-  why="switch-to-configuration $action exited $rc"
-  [ "$rc" = 124 ] && why="switch-to-configuration $action timed out after ${activation_timeout}s"
+  why="switch-to-configuration $first exited $rc"
+  [ "$rc" = 124 ] && why="switch-to-configuration $first timed out after ${activation_timeout}s"
   [ "$rollback" = 1 ] && roll_back "$why"
   status failed "cause=$why"
   exit 0
@@ -86,19 +153,35 @@ fi
 : > "$dir/awaiting"
 echo "nixpush: activated; rolling back unless confirmed within ${confirm_timeout}s"
 status awaiting-confirmation "timeout=$confirm_timeout"
-deadline=$(( $(date +%s) + confirm_timeout ))
+now
+deadline=$((now + confirm_timeout))
 polls=0  # the clock is read once a second, not at every poll
 while [ -e "$dir/awaiting" ]; do
   polls=$((polls + 1))
-  if [ $((polls % 5)) = 0 ] && [ "$(date +%s)" -ge "$deadline" ]; then break; fi
+  if [ $((polls % 5)) = 0 ]; then
+    now
+    [ "$now" -ge "$deadline" ] && break
+  fi
   sleep 0.2
 done
 if mv "$dir/awaiting" "$dir/expired" 2>/dev/null; then
   roll_back "no confirmation within ${confirm_timeout}s"
 fi
-if [ -e "$dir/confirmed" ]; then
-  echo "nixpush: confirmed"
-  status confirmed
-  exit 0
+if [ ! -e "$dir/confirmed" ]; then
+  roll_back "$(cat "$dir/reject-cause" 2>/dev/null || echo rejected)"
 fi
-roll_back "$(cat "$dir/reject-cause" 2>/dev/null || echo rejected)"
+echo "nixpush: confirmed"
+if [ -n "$commit" ]; then
+  status committing
+  set_profile
+  rc=$?
+  [ "$rc" = 0 ] || roll_back "confirmed, but setting the system profile failed (nix-env exited $rc)"
+  stc "$new" boot
+  rc=$?
+  [ "$rc" = 0 ] || roll_back "confirmed, but switch-to-configuration boot exited $rc"
+  echo "nixpush: $new is the boot default"
+fi
+status confirmed
+exit 0
+}
+nixpush_switch "$@"

@@ -43,13 +43,15 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
     if h.systemd:
         # The roots' unit checks (group_data/) as this bench host has them: its sshd is a unit
         # of the bench's own, and the bench has no tailnet. Host data replaces checks by name.
+        # Their worst case fits in the 10 s confirm_timeout tests use (6 + 2 + 1 s).
         checks += [
-            {"name": "sshd", "units": [_systemd_host.SSHD_UNIT]},
-            {"name": "tailscaled", "command": "true"},
+            {"name": "sshd", "units": [_systemd_host.SSHD_UNIT], "timeout": 2, "retries": 1},
+            {"name": "nix-daemon", "units": ["nix-daemon.socket"], "timeout": 2, "retries": 0},
+            {"name": "tailscaled", "command": "true", "timeout": 1, "retries": 0},
         ]
     if "main" in h.roots:
         # group_data/main.py checks Syncthing's health URL; the bench runs no Syncthing.
-        checks.append({"name": "syncthing", "command": "true"})
+        checks.append({"name": "syncthing", "command": "true", "timeout": 1, "retries": 0})
     if checks:
         data["health_checks"] = checks
     host_key = h.dir / "ssh" / "ssh_host_ed25519_key.pub"

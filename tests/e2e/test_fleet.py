@@ -103,7 +103,7 @@ def test_x86_64_desktop_is_built_on_the_nas_pushed_and_activated(push_ready):
     assert current(DESKTOP) == wanted and profile(DESKTOP) == wanted
     desktop = on_host(DESKTOP)
     assert desktop.file("/run/bench-activations").content_string.splitlines()[-1] == (
-        f"switch {wanted} x86_64"
+        f"test {wanted} x86_64"  # activated as test; its boot default set once confirmed
     )
     assert not desktop.file(derivation(DESKTOP)).exists  # built on the NAS only
     assert f"{DESKTOP}: deployed: switch {wanted}" in text

@@ -112,7 +112,7 @@ def test_cold_deploy_of_two_pis_builds_on_the_nas_and_activates_as_aarch64(push_
         assert pi.file("/boot/default-system").content_string.strip() == path
         assert nas.file(f"{path}/build-arch").content_string.strip() == "aarch64"
         assert pi.file("/run/bench-activations").content_string.splitlines()[-1] == (
-            f"switch {path} aarch64"
+            f"test {path} aarch64"  # activated as test; made the boot default once confirmed
         )
         # Built on the NAS only: the derivation never reached the Pi's store.
         assert not pi.file(derivation(name)).exists

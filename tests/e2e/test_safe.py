@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -178,7 +179,8 @@ def test_failing_activation_rolls_back_at_once(good):
     wanted = configure("pi4", failActivation=True)
     result = deploy("--limit", "pi4")
     assert result.returncode == 1, output(result)
-    assert "pi4: rolled back: switch-to-configuration switch exited 4" in output(result)
+    # Activated as `test` (what boots changes only once confirmed): `test` is what failed.
+    assert "pi4: rolled back: switch-to-configuration test exited 4" in output(result)
     assert "activate: activation script failed: bench-app.service did not start" in output(result)
     assert_back_on("pi4", old, wanted)
 
@@ -280,6 +282,7 @@ def test_no_change_run_arms_nothing_and_dry_run_says_what_would_be_armed(good):
     text = output(dry)
     assert dry.returncode == 0, text
     assert "[pi4] rollback armed: the target rolls back unless confirmed within 30s" in text
+    assert "(activated as test; what it boots changes only once confirmed)" in text
     assert "[pi4] health check sshd: units sshd.service active" in text
     assert run_dirs("pi4") == before
 
@@ -326,3 +329,160 @@ def test_url_health_checks_are_fetched_on_the_target(good, web_on_pi4, tmp_path)
     assert result.returncode == 1, output(result)
     assert "pi4: rolled back: health check 'web' failed after 2 attempts" in output(result)
     assert_back_on("pi4", wanted, broken)
+
+
+# -- issue 23: one activation per host, reboots, GC, slow checks ---------------------------
+
+
+def inventory_with_checks(
+    tmp_path: Path, checks: list[dict[str, object]], name: str = "pi4"
+) -> str:
+    """The bench inventory with ``checks`` added to ``name``'s health_checks."""
+    path = tmp_path / f"checks_{next(_count)}.py"
+    path.write_text(
+        "from tests.bench.inventory import _data, _fleet, common, main, minimal, network, server\n"
+        f"_CHECKS = {checks!r}\n"
+        "def _with(members):\n"
+        "    return [(n, {**d, 'health_checks': [*d.get('health_checks', []), *_CHECKS]})\n"
+        f"            if n == {name!r} else (n, d) for n, d in members]\n"
+        "minimal, common, network = _with(minimal), _with(common), _with(network)\n"
+    )
+    return str(path)
+
+
+def start_deploy_with(*args: str, inventory: str = BENCH_INVENTORY) -> subprocess.Popen[str]:
+    exe = str(Path(sys.executable).with_name("pyinfra"))
+    return subprocess.Popen(
+        [exe, "-y", inventory, PI, *args],
+        cwd=fleet.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.DEVNULL, env=bench_sops.env(),
+    )  # fmt: skip
+
+
+def in_pi(name: str, script: str) -> str:
+    """``script`` run by sh inside the host (its namespaces, as root): its stdout."""
+    result = fleet.run(fleet.in_host(fleet.host(name), ["sh", "-c", script]), check=False)
+    return result.stdout
+
+
+def latest_run(name: str) -> str:
+    return in_pi(name, "ls -1d /run/nixpush/*/ 2>/dev/null | tail -n 1").strip().rstrip("/")
+
+
+def boot_default(name: str) -> str:
+    return on_host(name).file("/boot/default-system").content_string.strip()
+
+
+# A check that keeps the run in its confirmation window for a while (8 s at worst: fits in 10).
+SLOW_CHECK = {"name": "slow", "command": "sleep 6", "timeout": 8, "retries": 0}
+
+
+def test_two_controllers_at_once_the_second_waits_for_the_first(good):
+    first_wanted = configure("pi4", slowActivation="4")
+    with start_deploy("--limit", "pi4") as first:
+        wait_for_state("pi4", "activating", 120)
+        first_run = latest_run("pi4")
+        second_wanted = configure("pi4")  # the second controller deploys a newer system
+        with start_deploy("--limit", "pi4") as second:
+            first_out, _ = first.communicate(timeout=240)
+            second_out, _ = second.communicate(timeout=240)
+    assert first.returncode == 0, first_out
+    assert f"pi4: deployed: switch {first_wanted}" in first_out
+    assert second.returncode == 0, second_out
+    assert "is pending there (this run's activation waits for it to end)" in second_out
+    assert f"activation {first_run.rsplit('/', 1)[-1]}, started " in second_out
+    assert f"pi4: deployed: switch {second_wanted}" in second_out
+    # Neither undid the other: the host is on the second's system, for good.
+    assert current("pi4") == second_wanted and profile("pi4") == second_wanted
+    assert boot_default("pi4") == second_wanted
+    assert in_pi("pi4", "cat /run/nixpush/lock") == ""  # nobody holds it
+
+
+def test_a_second_controller_gives_up_naming_the_pending_run(good):
+    wanted = configure("pi4", slowActivation="50")
+    with start_deploy("--limit", "pi4", "--data", "confirm_timeout=10") as first:
+        wait_for_state("pi4", "activating", 120)
+        first_run = latest_run("pi4").rsplit("/", 1)[-1]
+        # Its own timers make it wait 10 + 10 s for the lock.
+        second = deploy("--limit", "pi4", "--data", "confirm_timeout=10",
+                        "--data", "activation_timeout=10")  # fmt: skip
+        first_out, _ = first.communicate(timeout=240)
+    text = output(second)
+    assert second.returncode == 1, text
+    assert (
+        f"pi4: failed: another activation is pending on the target (activation {first_run}, "
+        "started "
+    ) in text, text
+    assert "waited 20s for it to end" in text and "Run again once it has ended" in text
+    assert first.returncode == 0, first_out
+    assert current("pi4") == wanted and profile("pi4") == wanted
+
+
+def test_ctrl_c_in_the_confirmation_window_then_run_again_ends_on_the_new_system(good, tmp_path):
+    old = good["pi4"]
+    inventory = inventory_with_checks(tmp_path, [SLOW_CHECK])
+    wanted = configure("pi4")
+    args = ("--limit", "pi4", "--data", "confirm_timeout=20")
+    with start_deploy_with(*args, inventory=inventory) as first:
+        wait_for_state("pi4", "awaiting-confirmation", 120)
+        run = latest_run("pi4")
+        # The run's systems are GC roots while it is pending.
+        roots = in_pi("pi4", f"ls /nix/var/nix/gcroots/nixpush-{run.rsplit('/', 1)[-1]}")
+        assert roots.split() == ["new", "previous", "previous-profile"]
+        assert current("pi4") == wanted and profile("pi4") == old  # activated as test
+        first.send_signal(signal.SIGINT)  # Ctrl-C
+        first.communicate(timeout=60)
+    # The run left behind is pending: not up to date, and --dry says so.
+    dry = pyinfra(inventory, PI, *args, "--dry", env=bench_sops.env())
+    assert dry.returncode == 0, output(dry)
+    assert f"[pi4] not up to date: activation {run.rsplit('/', 1)[-1]}, started " in output(dry)
+    again = deploy(*args, inventory=inventory)
+    text = output(again)
+    assert again.returncode == 0, text
+    assert "is pending there" in text
+    assert f"pi4: deployed: switch {wanted}" in text
+    time.sleep(22)  # past the first run's window: it rolled back before, not after
+    assert current("pi4") == wanted and profile("pi4") == wanted
+    assert boot_default("pi4") == wanted
+    assert in_pi("pi4", "ls /nix/var/nix/gcroots | grep -c nixpush-").strip() == "0"
+
+
+def test_a_restart_in_the_window_comes_back_on_the_old_system_and_says_so(good, tmp_path):
+    old = good["pi4"]
+    inventory = inventory_with_checks(tmp_path, [SLOW_CHECK])
+    wanted = configure("pi4")
+    with start_deploy_with(
+        "--limit", "pi4", "--data", "confirm_timeout=10", inventory=inventory
+    ) as proc:
+        wait_for_state("pi4", "awaiting-confirmation", 120)
+        run = latest_run("pi4")
+        # The bench's stand-in for a power cut and a reboot: the program dies, /run is emptied
+        # (sshd's privilege separation directory made again), and the boot comes up on the
+        # boot default, as NixOS's stage 2 links /run/current-system.
+        in_pi(
+            "pi4",
+            f'kill -9 "$(cat {run}/pid)"; '
+            "find /run -mindepth 1 -maxdepth 1 ! -name sshd -exec rm -rf {} +; "
+            'ln -sfn "$(cat /boot/default-system)" /run/current-system',
+        )
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert f"pi4: rolled back: restarted before confirmation: still on {old}" in out, out
+    assert "pi4: deployed" not in out
+    assert current("pi4") == old and profile("pi4") == old and boot_default("pi4") == old
+    assert wanted not in generations("pi4")
+
+
+def test_health_checks_that_may_outlast_the_window_are_refused_before_anything_runs(good, tmp_path):
+    before = run_dirs("pi4")
+    slow = {"name": "web", "command": "true", "timeout": 12, "retries": 2}
+    configure("pi4")
+    result = deploy("--limit", "pi4", inventory=inventory_with_checks(tmp_path, [slow]))
+    text = output(result)
+    assert result.returncode != 0, text
+    assert (
+        "pi4: health_checks take up to 40s (web 40s; each (retries + 1) x timeout + retries x "
+        "2s), longer than confirm_timeout (30s): set confirm_timeout to 40 or more, or lower "
+        "the checks' timeout or retries"
+    ) in text
+    assert run_dirs("pi4") == before and current("pi4") == good["pi4"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,9 +20,18 @@ from typing import Any
 import pytest
 
 from tests.bench import fleet, systemd_host
+from tests.bench import sops as bench_sops
 from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
 from tests.bench.schedule_inventory import STATE_DIR
 from tests.e2e.test_pi import current, deploy, desired_path, new_versions, output, profile
+from tests.e2e.test_safe import (
+    SLOW_CHECK,
+    in_pi,
+    inventory_with_checks,
+    latest_run,
+    start_deploy_with,
+    wait_for_state,
+)
 from tests.e2e.test_schedule import UNIT_DIR, UNITS, metric_samples, unchanged
 
 SD = next(h for h in fleet.PIS if h.systemd)
@@ -89,7 +99,9 @@ def test_push_deploy_switches_the_systemd_pi(ready):
     assert result.returncode == 0, output(result)
     assert current(SD.name) == wanted and profile(SD.name) == wanted
     activations = on_host(SD.name).file("/run/bench-activations").content_string
-    assert activations.splitlines()[-1] == f"switch {wanted} aarch64"
+    # Activated as test, then (once confirmed) the profile and the boot default.
+    assert activations.splitlines()[-1] == f"test {wanted} aarch64"
+    assert on_host(SD.name).file("/boot/default-system").content_string.strip() == wanted
     assert f"{SD.name}: deployed: switch {wanted}" in output(result)
     # The switch ran in a transient unit, not in the SSH session; its output is in the journal.
     started = [
@@ -312,3 +324,31 @@ def test_a_failed_timer_run_updates_the_metrics_and_alerts_with_the_report(alert
     key = ("nixpush_host_last_success_timestamp_seconds", tuple(sorted(pis.items())))
     assert found[key] == started
     assert sudo(["sh", "-c", f"ls {STATE_DIR}/alert.argv 2>/dev/null || echo none"]) == "none"
+
+
+def test_ctrl_c_in_the_window_then_run_again_on_the_systemd_pi(ready, tmp_path):
+    # The pending run is a transient unit: it holds the host's lock after its controller is
+    # gone, rolls back on its own, and the next run waits for it rather than be undone by it.
+    old = current(SD.name)
+    new_versions(SD.name)
+    wanted = desired_path(SD.name)
+    inventory = inventory_with_checks(tmp_path, [SLOW_CHECK], name=SD.name)
+    args = ("--limit", SD.name, "--data", "confirm_timeout=20")
+    with start_deploy_with(*args, inventory=inventory) as first:
+        wait_for_state(SD.name, "awaiting-confirmation", 120)
+        run_id = latest_run(SD.name).rsplit("/", 1)[-1]
+        assert systemctl("is-active", f"nixpush-switch-{run_id}") == "active"
+        assert current(SD.name) == wanted and profile(SD.name) == old  # activated as test
+        first.send_signal(signal.SIGINT)  # Ctrl-C
+        first.communicate(timeout=60)
+    again = pyinfra("-y", inventory, "deploys/pi.py", *args, env=bench_sops.env())
+    text = output(again)
+    assert again.returncode == 0, text
+    assert f"not up to date: activation {run_id}, started " in text
+    assert f"{SD.name}: deployed: switch {wanted}" in text
+    journal = sudo(["journalctl", "-u", f"nixpush-switch-{run_id}", "--no-pager", "-o", "cat"])
+    assert "nixpush: rolling back: no confirmation within 20s" in journal
+    time.sleep(22)  # past the first run's window: nothing undoes the second
+    assert current(SD.name) == wanted and profile(SD.name) == wanted
+    assert in_pi(SD.name, "cat /run/nixpush/lock") == ""
+    assert in_pi(SD.name, "ls /nix/var/nix/gcroots | grep -c nixpush-").strip() == "0"

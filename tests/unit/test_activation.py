@@ -3,6 +3,7 @@ protocol, the outcome logic, data parsing, and the rolled-back status in summari
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import subprocess
 import time
@@ -59,15 +60,15 @@ def test_setsid_launch_installs_the_program_then_starts_it_in_a_new_session():
     args = argv(switch.launch_command(run_of()))
     assert args[:2] == ["sh", "-c"] and args[2] == switch.INSTALL
     assert args[3:] == [
-        "nixpush-launch", "/run/nixpush/20250101T000000-abcd",
+        "nixpush-launch", "/run/nixpush/20250101T000000-abcd", switch.PROGRAM_SHA256, "630",
         "setsid", "-f", "sh", "/run/nixpush/20250101T000000-abcd/program",
-        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600",
+        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600", "",
     ]  # fmt: skip
 
 
 def test_systemd_launch_is_a_transient_unit_logging_to_the_journal():
     args = argv(switch.launch_command(run_of(systemd=True)))
-    starter = args[5:]
+    starter = args[7:]
     assert starter[:8] == [
         "systemd-run", "--unit=nixpush-switch-20250101T000000-abcd", "--collect",
         "--no-ask-password", "--service-type=exec", "--quiet", "--setenv=PATH", "sh",
@@ -75,7 +76,7 @@ def test_systemd_launch_is_a_transient_unit_logging_to_the_journal():
     assert "--pipe" not in args and "--wait" not in args
     assert starter[8:] == [
         "/run/nixpush/20250101T000000-abcd/program",
-        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600",
+        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600", "",
     ]  # fmt: skip
 
 
@@ -95,7 +96,7 @@ def test_the_launch_really_runs_hostile_values_as_data(tmp_path):
     )
     command = StringCommand(
         "sh", "-c", QuoteString(switch.INSTALL), "nixpush-launch",
-        QuoteString(str(tmp_path / "runs" / "x")),
+        QuoteString(str(tmp_path / "runs" / "x")), sha256("echo program"), "1",
         "sh", "-c", QuoteString('printf "%s\\n" "$@" > "$0"'),
         QuoteString(str(tmp_path / "args")), *switch.program_args(run),
     )  # fmt: skip
@@ -106,6 +107,16 @@ def test_the_launch_really_runs_hostile_values_as_data(tmp_path):
     assert (tmp_path / "runs" / "x").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "args").read_text().splitlines()[2] == HOSTILE
     assert not (tmp_path / "pwned").exists()
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stand_in_program(monkeypatch: pytest.MonkeyPatch, text: str) -> str:
+    """``text`` as the program the launch accepts (its checksum)."""
+    monkeypatch.setattr(switch, "PROGRAM_SHA256", sha256(text))
+    return text
 
 
 def test_rollback_action_switches_to_an_existing_generation():
@@ -305,7 +316,8 @@ def test_describe_says_what_is_armed_and_which_checks_run():
     check = HealthCheck(name="sshd", kind="units", units=("sshd.service",))
     assert activate.describe(plan(), Safety(), [check]) == [
         "rollback armed: the target rolls back unless confirmed within 30s over a new SSH "
-        "login; activation timeout 600s",
+        "login (activated as test; what it boots changes only once confirmed); activation "
+        "timeout 600s",
         "health check sshd: units sshd.service active",
     ]
     assert activate.describe(plan("boot"), Safety(rollback=False), [])[0].startswith(
@@ -426,7 +438,9 @@ def test_launch_and_first_follow_are_one_round_trip(tmp_path, monkeypatch):
     # wait (1 s here) is up, the run still activating.
     monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
     run = run_of()
-    stand_in = 'echo "started $2"; printf "state=activating\\n" > "$1/status"; sleep 1'
+    stand_in = stand_in_program(
+        monkeypatch, 'echo "started $2"; printf "state=activating\\n" > "$1/status"; sleep 1'
+    )
     done = _sh(switch.launch_and_follow_command(run, 1), stand_in)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -492,7 +506,7 @@ def _stand_in_system(tmp_path: Path, dry_exit: int) -> str:
 def test_dry_activation_comes_first_in_the_launch_round_trip(tmp_path, monkeypatch):
     monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
     run = run_of(desired=_stand_in_system(tmp_path, 0))
-    program = 'printf "state=done\\n" > "$1/status"'
+    program = stand_in_program(monkeypatch, 'printf "state=done\\n" > "$1/status"')
     done = _sh(switch.dry_activate_and_launch_command(run, 5), program)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()

@@ -1,0 +1,441 @@
+"""
+The activation program (operations/push/switch.sh) run for real by ``sh``: a real
+``nix-env -p`` on a temporary profile, stand-in systems added to this machine's Nix store whose
+``switch-to-configuration`` records what it did, and the program's fixed paths (profile,
+/run/current-system, GC roots) pointed into a temporary directory. What each safety guarantee
+of issue 23 rests on: the host's lock, deadlines on the time since boot, nothing that survives
+a reboot pointing at an unconfirmed system, rollbacks removing only their own generation, a
+truncated program running nothing, GC roots for the run's systems.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from pyinfra.api.command import QuoteString, StringCommand
+
+from operations.models import Safety
+from operations.push import switch
+from operations.push.switch import ActivationRun, LinksAndPending
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nix-store") is None or os.geteuid() != 0,
+    reason="needs this machine's Nix store, as root",
+)
+
+# switch-to-configuration of a stand-in system: records "<action> <system>" in $LOG, points
+# $RUNNING at the system for switch/test and writes it to $BOOT for switch/boot, like NixOS;
+# a file fail-<action> in the system makes that action exit 4.
+STC = r"""#!/bin/sh
+top=${0%/bin/switch-to-configuration}
+echo "$1 $top" >> "$LOG"
+if [ -e "$top/fail-$1" ]; then echo "failing $1"; exit 4; fi
+case $1 in switch|test) ln -sfn "$top" "$RUNNING" ;; esac
+case $1 in switch|boot) echo "$top" > "$BOOT" ;; esac
+echo "$1: done"
+"""
+
+
+def stand_in_system(tmp_path: Path, name: str, *fails: str) -> str:
+    """A system in the Nix store (unique per test) whose actions ``fails`` exit 4."""
+    source = tmp_path / "systems" / name
+    (source / "bin").mkdir(parents=True)
+    (source / "id").write_text(f"{name} {tmp_path}\n")
+    stc = source / "bin" / "switch-to-configuration"
+    stc.write_text(STC)
+    stc.chmod(0o755)
+    for action in fails:
+        (source / f"fail-{action}").touch()
+    added = subprocess.run(
+        ["nix-store", "--add", str(source)], capture_output=True, text=True, check=True
+    )
+    return added.stdout.strip()
+
+
+@dataclass
+class Target:
+    """A temporary stand-in for a host: its profile, running link, boot default, run root."""
+
+    root: Path
+    program: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    runs: int = 0
+
+    def __post_init__(self) -> None:
+        for sub in ("profiles", "gcroots", "runs", "fakebin"):
+            (self.root / sub).mkdir()
+        self.program = program_for(self.root, switch.PROGRAM)
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.root / 'fakebin'}:{os.environ['PATH']}",
+            "LOG": str(self.root / "log"),
+            "RUNNING": str(self.root / "current-system"),
+            "BOOT": str(self.root / "boot-default"),
+        }
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profiles" / "system"
+
+    def install(self, system: str) -> None:
+        """The host as first installed: ``system`` in its profile, running and booted."""
+        subprocess.run(["nix-env", "-p", str(self.profile), "--set", system], check=True,
+                       capture_output=True)  # fmt: skip
+        (self.root / "current-system").symlink_to(system)
+        (self.root / "boot-default").write_text(f"{system}\n")
+
+    def running(self) -> str:
+        return os.path.realpath(self.root / "current-system")
+
+    def booted(self) -> str:
+        return (self.root / "boot-default").read_text().strip()
+
+    def profiled(self) -> str:
+        return os.path.realpath(self.profile)
+
+    def generations(self) -> dict[int, str]:
+        found = {}
+        for link in (self.root / "profiles").glob("system-*-link"):
+            found[int(link.name.split("-")[1])] = os.path.realpath(link)
+        return found
+
+    def log(self) -> list[str]:
+        path = self.root / "log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def start(
+        self, new: str, action: str = "switch", *, generation: str = "", rollback: bool = True,
+        confirm: int = 30, program: str | None = None,
+    ) -> tuple[subprocess.Popen[str], Path]:  # fmt: skip
+        """The program started for a new run (not detached: the test holds it)."""
+        self.runs += 1
+        run_dir = self.root / "runs" / f"run{self.runs}"
+        run_dir.mkdir(mode=0o700)
+        (run_dir / "program").write_text(self.program if program is None else program)
+        args = [str(run_dir), action, new, generation, "1" if rollback else "0", str(confirm),
+                "60", f"tester@here pid {os.getpid()}"]  # fmt: skip
+        process = subprocess.Popen(
+            ["sh", str(run_dir / "program"), *args], env=self.env, text=True,
+            stdout=(run_dir / "output").open("w"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        return process, run_dir
+
+
+def program_for(root: Path, program: str) -> str:
+    """The program with its fixed paths pointed into ``root``."""
+    return (
+        program.replace("/nix/var/nix/profiles/system", str(root / "profiles" / "system"))
+        .replace("running=/run/current-system", f"running={root / 'current-system'}")
+        .replace("gcroots=/nix/var/nix/gcroots", f"gcroots={root / 'gcroots'}")
+    )
+
+
+def state_of(run_dir: Path) -> str:
+    status = run_dir / "status"
+    if not status.exists():
+        return ""
+    lines = [x for x in status.read_text().splitlines() if x.startswith("state=")]
+    return lines[0].removeprefix("state=") if lines else ""
+
+
+def wait_for(run_dir: Path, *states: str, timeout: float = 15) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if state_of(run_dir) in states:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    output = (run_dir / "output").read_text()
+    raise AssertionError(f"never {states}: {state_of(run_dir)!r}\n{output}")
+
+
+def confirm(run_dir: Path) -> None:
+    (run_dir / "awaiting").rename(run_dir / "confirmed")
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Target]:
+    host = Target(tmp_path)
+    yield host
+
+
+@pytest.fixture
+def systems(tmp_path: Path) -> dict[str, str]:
+    return {
+        "A": stand_in_system(tmp_path, "A"),
+        "B": stand_in_system(tmp_path, "B"),
+        "B-no-boot": stand_in_system(tmp_path, "B-no-boot", "boot"),
+    }
+
+
+# -- 3. nothing that survives a reboot points at an unconfirmed system ------------------
+
+
+def test_switch_activates_as_test_and_moves_profile_and_boot_only_once_confirmed(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    process, run_dir = target.start(b)
+    wait_for(run_dir, "awaiting-confirmation")
+    assert target.running() == b
+    assert target.profiled() == a and target.booted() == a  # a reboot now comes back on A
+    assert target.log() == [f"test {b}"]
+    confirm(run_dir)
+    assert process.wait(timeout=15) == 0
+    assert state_of(run_dir) == "confirmed", (run_dir / "output").read_text()
+    assert target.running() == b and target.profiled() == b and target.booted() == b
+    assert target.log() == [f"test {b}", f"boot {b}"]
+    assert target.generations() == {1: a, 2: b}
+
+
+def test_killed_in_the_window_the_profile_and_boot_default_still_name_the_old_system(
+    target, systems
+):
+    # A power cut in the window: the program dies, /run is gone. What survives is the old.
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    process, run_dir = target.start(b)
+    wait_for(run_dir, "awaiting-confirmation")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=5)
+    assert target.profiled() == a and target.booted() == a
+    assert target.generations() == {1: a}
+
+
+def test_unconfirmed_switch_rolls_back_without_touching_profile_or_boot(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    process, run_dir = target.start(b, confirm=1)
+    assert process.wait(timeout=15) == 0
+    assert state_of(run_dir) == "rolled-back"
+    assert target.running() == a and target.profiled() == a and target.booted() == a
+    assert target.log() == [f"test {b}", f"test {a}"]
+    assert target.generations() == {1: a}
+
+
+def test_without_rollback_switch_is_a_plain_switch(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    process, run_dir = target.start(b, rollback=False)
+    assert process.wait(timeout=15) == 0
+    assert state_of(run_dir) == "done"
+    assert target.log() == [f"switch {b}"]
+    assert target.profiled() == b and target.booted() == b
+
+
+def test_boot_sets_profile_and_boot_default_only(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    process, run_dir = target.start(b, "boot", rollback=False)
+    assert process.wait(timeout=15) == 0
+    assert state_of(run_dir) == "done"
+    assert target.running() == a and target.profiled() == b and target.booted() == b
+
+
+# -- 4. a rollback removes only what its run created -------------------------------------
+
+
+def test_a_failed_commit_restores_the_old_boot_default_and_deletes_its_new_generation(
+    target, systems
+):
+    a, b = systems["A"], systems["B-no-boot"]
+    target.install(a)
+    process, run_dir = target.start(b)
+    wait_for(run_dir, "awaiting-confirmation")
+    confirm(run_dir)
+    assert process.wait(timeout=15) == 0
+    assert state_of(run_dir) == "rolled-back"
+    assert "boot exited 4" in (run_dir / "status").read_text()
+    assert target.running() == a and target.profiled() == a and target.booted() == a
+    assert target.generations() == {1: a}  # the generation it created is gone
+
+
+def test_a_rollback_keeps_a_generation_it_did_not_create(target, systems):
+    # Generation 1 = A (current), generation 2 = B from before: `nix-env --set B` reuses
+    # generation 2, which is not this run's to delete.
+    a, b = systems["A"], systems["B-no-boot"]
+    target.install(a)
+    subprocess.run(["nix-env", "-p", str(target.profile), "--set", b], check=True)
+    subprocess.run(["nix-env", "-p", str(target.profile), "--switch-generation", "1"],
+                   check=True, capture_output=True)  # fmt: skip
+    assert target.generations() == {1: a, 2: b} and target.profiled() == a
+    process, run_dir = target.start(b)
+    wait_for(run_dir, "awaiting-confirmation")
+    confirm(run_dir)
+    assert process.wait(timeout=15) == 0
+    assert state_of(run_dir) == "rolled-back"
+    assert target.profiled() == a
+    assert target.generations() == {1: a, 2: b}
+
+
+# -- 2. deadlines on a clock that never jumps -------------------------------------------
+
+
+@pytest.mark.parametrize("step", [3600, -3600])
+def test_a_wall_clock_step_does_not_move_the_confirmation_deadline(target, systems, step):
+    # A `date` first on PATH answers an hour ahead (or behind): NTP stepping a Pi's clock.
+    real = shutil.which("date")
+    fake = target.root / "fakebin" / "date"
+    fake.write_text(
+        f'#!/bin/sh\ncase "$*" in *%s*) echo $(( $({real} +%s) + ({step}) )) ;; '
+        f'*) exec {real} "$@" ;; esac\n'
+    )
+    fake.chmod(0o755)
+    assert int(subprocess.check_output(["date", "+%s"], env=target.env)) - time.time() == (
+        pytest.approx(step, abs=5)
+    )
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    process, run_dir = target.start(b, confirm=3)
+    wait_for(run_dir, "awaiting-confirmation")
+    took = wait_for(run_dir, "rolled-back", "rolling-back", timeout=20)
+    process.wait(timeout=15)
+    assert 1.5 < took < 6, took  # the 3 s window, neither cut short nor stretched
+    assert state_of(run_dir) == "rolled-back" and target.running() == a
+
+
+# -- 1. one activation per host ----------------------------------------------------------
+
+
+def test_a_second_program_fails_naming_the_pending_one_and_changes_nothing(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    first, first_dir = target.start(b)
+    wait_for(first_dir, "awaiting-confirmation")
+    holder = (target.root / "runs" / "lock").read_text()
+    assert "id=run1\n" in holder and f"controller=tester@here pid {os.getpid()}\n" in holder
+    second, second_dir = target.start(a)
+    assert second.wait(timeout=15) == 0
+    status = (second_dir / "status").read_text()
+    assert "state=failed" in status and "another activation is pending" in status
+    assert "id=run1" in status
+    assert target.log() == [f"test {b}"]  # the second changed nothing
+    confirm(first_dir)
+    assert first.wait(timeout=15) == 0
+    assert (target.root / "runs" / "lock").read_text() == ""  # released, nobody named
+
+
+def launch(
+    target: Target, run_id: str, wait: int, program: str
+) -> subprocess.CompletedProcess[str]:
+    """The real launch command (lock wait ``wait`` s, ``program`` on stdin) with a stand-in
+    starter that only says it started."""
+    run_dir = target.root / "runs" / run_id
+    command = StringCommand(
+        "sh", "-c", QuoteString(switch.INSTALL), "nixpush-launch", QuoteString(str(run_dir)),
+        switch.PROGRAM_SHA256, str(wait), "sh", "-c", QuoteString("echo started"),
+    )  # fmt: skip
+    return subprocess.run(
+        ["sh", "-c", command.get_raw_value()], input=program, capture_output=True, text=True,
+        timeout=30, env=target.env,
+    )  # fmt: skip
+
+
+def test_a_launch_waits_for_the_pending_run_then_gives_up_naming_it(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    first, first_dir = target.start(b)
+    wait_for(first_dir, "awaiting-confirmation")
+    started = time.monotonic()
+    done = launch(target, "second", 2, switch.PROGRAM)
+    assert 1.5 < time.monotonic() - started < 6
+    assert done.returncode == 3
+    lines = done.stdout.splitlines()
+    _, holder = switch.split_at_mark(lines, switch.PENDING_MARK)
+    assert holder is not None
+    assert switch.pending_activation(holder, held=True) == (
+        f"activation run1, started {holder[1].removeprefix('started=')} by tester@here pid "
+        f"{os.getpid()}"
+    )
+    assert not (target.root / "runs" / "second").exists()  # nothing installed
+    # Once the pending run ends, a launch goes ahead at once.
+    confirm(first_dir)
+    first.wait(timeout=15)
+    done = launch(target, "third", 2, switch.PROGRAM)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (target.root / "runs" / "third" / "output").read_text() == "started\n"
+
+
+def test_the_planner_reads_the_pending_run_with_the_links(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    read = (
+        LinksAndPending()
+        .command()
+        .get_raw_value()
+        .replace(switch.LOCK, str(target.root / "runs" / "lock"))
+    )
+
+    def fact() -> tuple[str | None, str | None, str | None]:
+        out = subprocess.run(["sh", "-c", read], capture_output=True, text=True, check=True)
+        return LinksAndPending().process(out.stdout.splitlines())
+
+    assert fact()[2] is None  # no lock file: nothing pending
+    first, first_dir = target.start(b)
+    wait_for(first_dir, "awaiting-confirmation")
+    pending = fact()[2]
+    assert pending is not None and pending.startswith("activation run1, started ")
+    assert pending.endswith(f"by tester@here pid {os.getpid()}")
+    first.send_signal(signal.SIGKILL)  # no chance to clear its name
+    first.wait(timeout=5)
+    assert fact()[2] == f"{pending} (its program is gone: it never finished)"
+
+
+# -- 5. the program is read whole before anything runs ----------------------------------
+
+
+def test_a_truncated_program_runs_nothing_wherever_it_is_cut(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    program = target.program
+    call = program.rindex("nixpush_switch")  # the last line: nixpush_switch "$@"
+    whole = len(program.rstrip("\n"))
+    cuts = sorted({*range(0, whole, 211), *range(call - 3, whole)})
+    for cut in cuts:
+        process, run_dir = target.start(b, rollback=False, program=program[:cut])
+        process.wait(timeout=15)
+        assert not (run_dir / "status").exists(), f"cut at {cut} ran: {program[cut - 80 : cut]!r}"
+    assert target.log() == [] and target.running() == a
+
+
+def test_a_launch_with_a_truncated_upload_starts_nothing(target):
+    done = launch(target, "cut", 1, switch.PROGRAM[: len(switch.PROGRAM) // 2])
+    assert done.returncode == 3
+    assert "the program arrived cut short" in done.stdout
+    assert not (target.root / "runs" / "cut").exists()
+
+
+# -- 7. GC roots ---------------------------------------------------------------------------
+
+
+def test_the_runs_systems_are_gc_roots_until_it_ends(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    stale = target.root / "gcroots" / "nixpush-killed-long-ago"
+    stale.mkdir()
+    (stale / "new").symlink_to(a)
+    process, run_dir = target.start(b)
+    wait_for(run_dir, "awaiting-confirmation")
+    roots = target.root / "gcroots" / f"nixpush-{run_dir.name}"
+    assert {p.name: os.readlink(p) for p in roots.iterdir()} == {
+        "previous": a, "previous-profile": a, "new": b,
+    }  # fmt: skip
+    assert not stale.exists()  # a run that is not alive (the lock says so) pins nothing
+    confirm(run_dir)
+    process.wait(timeout=15)
+    assert list((target.root / "gcroots").iterdir()) == []
+
+
+def test_an_activation_program_args_carry_the_controller():
+    run = ActivationRun(
+        id="x", action="switch", desired="/nix/store/b", generation=None, safety=Safety(),
+        systemd=False, controller="me@box pid 1",
+    )  # fmt: skip
+    assert [a.obj for a in switch.program_args(run)][-1] == "me@box pid 1"
+    assert run.lock_wait == Safety().confirm_timeout + Safety().activation_timeout
