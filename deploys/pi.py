@@ -31,6 +31,7 @@ from operations.start import start_deploy
 
 deploy = start_deploy(state)
 spec = deploy.specs[host.name]
+cache = deploy.cache
 deploy.summary.forgive(
     plan.needed_hosts(deploy.specs, {h.name for h in state.inventory if state.is_host_in_limit(h)})
 )
@@ -41,21 +42,21 @@ def _plan() -> tuple[Plan, Builder | None]:
     target then fails alone: ``or_unable``)."""
     if spec.deploy_action == Action.ROLLBACK:  # back to the previous generation
         return plan.plan_rollback(host, spec, deploy.summary), None
-    builder = plan.reach_builder(host, spec)
-    plan.check_builder(builder, spec)
-    return plan.plan_deploy(host, spec, builder, deploy.summary), builder
+    builder = plan.reach_builder(host, spec, cache)
+    plan.check_builder(builder, spec, cache)
+    return plan.plan_deploy(host, spec, builder, deploy.summary, cache), builder
 
 
 # Targets that are only built need no connection: those that are off or away are built from
 # their builder's run (when the builder is in it: `--limit nas --limit pi4`).
 for unreachable in plan.unreachable_builds(host, deploy.specs):
     # The real Host, not pyinfra's context proxy: steps may run it from greenlets of their own.
-    itself = Builder(host=state.inventory.get_host(host.name), sudo=bool(host.data.get("_sudo")))
+    itself = plan.builder_of(state.inventory.get_host(host.name), spec)
     unreachable_plan = attempt(
         f"planning {unreachable.name}",
         partial(
             plan.plan_deploy,
-            state.inventory.get_host(unreachable.name), unreachable, itself, deploy.summary,
+            state.inventory.get_host(unreachable.name), unreachable, itself, deploy.summary, cache,
         ),
     )  # fmt: skip
     if isinstance(unreachable_plan, Unable):
@@ -65,6 +66,7 @@ for unreachable in plan.unreachable_builds(host, deploy.specs):
             name=f"Build {unreachable.name}'s system (not connected: build only)",
             plan=unreachable_plan,
             builder=itself,
+            cache=cache,
         )
 
 if spec.is_image:
@@ -102,16 +104,23 @@ else:
             )
         if builder is not None:  # a rollback's system is on the target already
             build.build_toplevel(
-                name="Build the system on its builder", plan=target_plan, builder=builder
+                name="Build the system on its builder",
+                plan=target_plan,
+                builder=builder,
+                cache=cache,
             )
         if builder is not None and trust is not None:  # built on itself: nothing to copy
             copy.sign_closure(
-                name="Sign the closure on the builder", plan=target_plan, builder=builder
+                name="Sign the closure on the builder",
+                plan=target_plan,
+                builder=builder,
+                cache=cache,
             )
             copy.copy_closure(
                 name="Copy the closure from the builder",
                 plan=target_plan,
                 builder=builder,
+                cache=cache,
                 address=spec.ssh_hostname,
                 port=spec.ssh_port,
                 user=spec.ssh_user or "root",

@@ -35,40 +35,37 @@ from operations.push.commands import (
     plain_output,
     sign_command,
 )
-from operations.push.plan import once
 from operations.push.progress import run_watched, shower
+from operations.push.runcache import RunCache
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
 
-# Per builder: how many copies may run at once.
-_copy_slots: dict[str, BoundedSemaphore] = {}
-# Per builder and store path: signed this run (None) or why not.
-_signed: dict[tuple[str, str], str | None] = {}
-
 
 @operation()
-def sign_closure(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, None, None]:
+def sign_closure(
+    plan: Plan, builder: Builder, cache: RunCache
+) -> Generator[PyinfraCommand, None, None]:
     """
     Sign the plan's closure on the builder with its Nix signing key.
 
-    + plan, builder: as for ``build.build_toplevel``
+    + plan, builder, cache: as for ``build.build_toplevel``
 
     **Example:**
 
     .. code:: python
 
-        copy.sign_closure(plan=plan, builder=builder)
+        copy.sign_closure(plan=plan, builder=builder, cache=deploy.cache)
     """
     if plan.up_to_date or not plan.action.copies:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
         return
-    yield FunctionCommand(_sign, (plan, builder), {})
+    yield FunctionCommand(_sign, (plan, builder, cache), {})
 
 
 @host_step
-def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
+def _sign(state: State, host: Host, plan: Plan, builder: Builder, cache: RunCache) -> bool:
     doing = f"signing {plan.desired} with {SIGNING_KEY_PATH}"
 
     def sign() -> str | None:
@@ -78,7 +75,7 @@ def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
         return None if ok else nix_error(lines)
 
     # Targets sharing a system share its signing: the first signs, the others wait for it.
-    error = once(_signed, (plan.builder, plan.desired), sign)
+    error = cache.signed((plan.builder, plan.desired), sign)
     if error is not None:
         return fail(host, f"{doing} on {plan.builder} failed: {error}")
     return True
@@ -88,6 +85,7 @@ def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
 def copy_closure(
     plan: Plan,
     builder: Builder,
+    cache: RunCache,
     address: str,
     port: int,
     user: str,
@@ -95,7 +93,7 @@ def copy_closure(
     """
     Copy the plan's signed closure from the builder to the target over ssh-ng.
 
-    + plan, builder: as for ``build.build_toplevel``
+    + plan, builder, cache: as for ``build.build_toplevel``
     + address, port, user: how the builder reaches the target (its inventory SSH data); the
       builder verifies the target's host key against its known_hosts (never accept-new)
 
@@ -103,21 +101,28 @@ def copy_closure(
 
     .. code:: python
 
-        copy.copy_closure(plan=plan, builder=builder, address="192.168.1.122",
-                          port=8023, user="beau")
+        copy.copy_closure(plan=plan, builder=builder, cache=deploy.cache,
+                          address="192.168.1.122", port=8023, user="beau")
     """
     if plan.up_to_date or not plan.action.copies:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
         return
-    yield FunctionCommand(_copy, (plan, builder, address, port, user), {})
+    yield FunctionCommand(_copy, (plan, builder, cache, address, port, user), {})
 
 
 @host_step
 def _copy(
-    state: State, host: Host, plan: Plan, builder: Builder, address: str, port: int, user: str
+    state: State,
+    host: Host,
+    plan: Plan,
+    builder: Builder,
+    cache: RunCache,
+    address: str,
+    port: int,
+    user: str,
 ) -> bool:
     doing = f"copying to {user}@{address}:{port}"
-    slots = copy_slots(builder)
+    slots = copy_slots(builder, cache)
     if slots.locked():
         host.log_styled(
             f"waiting for a copy slot on {plan.builder} (max_parallel_copies "
@@ -167,12 +172,13 @@ def _copy(
     return True
 
 
-def copy_slots(builder: Builder) -> BoundedSemaphore:
+def copy_slots(builder: Builder, cache: RunCache) -> BoundedSemaphore:
     """The builder's copy slots: ``max_parallel_copies``, but leaving one of its SSH sessions
     (``max_ssh_sessions``) free, since every running copy holds one and its progress needs
     another."""
     name = builder.host.name
-    if name not in _copy_slots:
+    if name not in cache.copy_slots:
         sessions = builder.max_ssh_sessions
-        _copy_slots[name] = BoundedSemaphore(max(1, min(builder.max_parallel_copies, sessions - 1)))
-    return _copy_slots[name]
+        slots = BoundedSemaphore(max(1, min(builder.max_parallel_copies, sessions - 1)))
+        cache.copy_slots[name] = slots
+    return cache.copy_slots[name]
