@@ -49,8 +49,8 @@ from operations.failures import fail_host
 from operations.files import ACCOUNT_NAME, MANAGED_HEADER, write_file
 from operations.lock import DEFAULT_STATE_DIR
 from operations.models import SYSTEMD_RUNNING
-from operations.run.runner import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 from operations.steady import runs_systemd
+from operations.unattended import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 
 if TYPE_CHECKING:
     pass
