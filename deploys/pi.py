@@ -23,7 +23,7 @@ from functools import partial
 
 from pyinfra.context import host, state
 
-from operations import health, keys, nix, ssh
+from operations import keys, nix, ssh
 from operations.failures import Unable, attempt, or_unable
 from operations.models import Action, Builder, Plan
 from operations.push import activate, build, copy, plan
@@ -82,10 +82,10 @@ else:
     planned = or_unable(f"planning {host.name}", _plan)
     if planned is not None:
         target_plan, builder = planned
-        # Rollback, timers and health checks from data (bad data stops the run); --dry shows
+        # Rollback, timers and health checks from data (checked at the start); --dry shows
         # whether rollback is armed and which checks will run.
-        safety = activate.safety_for(host, target_plan.action)
-        checks = health.host_health_checks(host)
+        safety = spec.safety(target_plan.action)
+        checks = spec.health_checks
         activate.announce(host, target_plan, safety, checks)
     # A target already on its system (planning logged it) gets no operations: each would be a
     # no-op, and pyinfra's bookkeeping of an operation call costs the controller CPU per host,
@@ -125,7 +125,7 @@ else:
                 port=spec.ssh_port,
                 user=spec.ssh_user or "root",
             )
-        sudo = bool(host.data.get("_sudo", False))
+        sudo = spec.sudo
         if not target_plan.action.activates:  # an activation dry-activates first itself
             activate.dry_activate(name="Dry-activate", plan=target_plan, sudo=sudo)
         activate.activate_safely(

@@ -20,14 +20,22 @@ import binascii
 import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 
 from operations.files import ACCOUNT_NAME
-from operations.models import ACTIONS
+from operations.health import HealthCheck, parse_check
+from operations.models import (
+    ACTIONS,
+    DEFAULT_ACTIVATION_TIMEOUT,
+    DEFAULT_CONFIRM_TIMEOUT,
+    Action,
+    Safety,
+)
+from operations.schedule import Schedule, ScheduleError, parse_schedule
 from operations.systems import KNOWN_SYSTEMS, natively_built
 
 if TYPE_CHECKING:
@@ -47,6 +55,8 @@ IMAGES_GROUP = "images"
 _IMAGE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
 
 _MAX_PORT = 65535
+# A day: the longest a target waits for its confirmation, or its activation may take.
+_MAX_SAFETY_SECONDS = 86400
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
 _MAX_SESSIONS = 64
 # The default max_parallel_copies (4) and one session for progress reads, below sshd's default
@@ -125,6 +135,14 @@ class HostSpec:
     + image_attr: the image's attribute under ``config.system.build`` (None: not requested;
       image hosts default to ``default_image_attr``)
     + image_dest: where the controller keeps the image file (None: it stays on the builder)
+    + sudo: pyinfra's ``_sudo``: commands nixpush runs itself on the host (on a builder, over
+      another host's operation) need it too
+    + rollback: the target rolls back unless its activation is confirmed (``safety_for``)
+    + confirm_timeout, activation_timeout: seconds the target waits for the confirmation, and
+      ``switch-to-configuration`` may take
+    + health_checks: what must pass before confirming (``operations.health``), merged across
+      the host's roots by name
+    + schedule: the controller's ``schedule`` (``operations.schedule``; not enabled: none)
     """
 
     name: str
@@ -150,6 +168,12 @@ class HostSpec:
     is_image: bool = False
     image_attr: str | None = None
     image_dest: str | None = None
+    sudo: bool = False
+    rollback: bool = True
+    confirm_timeout: int = DEFAULT_CONFIRM_TIMEOUT
+    activation_timeout: int = DEFAULT_ACTIVATION_TIMEOUT
+    health_checks: tuple[HealthCheck, ...] = ()
+    schedule: Schedule = field(default_factory=lambda: Schedule(enabled=False))
 
     @property
     def is_target(self) -> bool:
@@ -166,6 +190,15 @@ class HostSpec:
         """The builder that pushes closures to this host, which must therefore trust it: None
         for a host that builds itself, an image, or a host that is no target."""
         return self.builder_host if self.is_target and not self.builds_itself else None
+
+    def safety(self, action: Action) -> Safety:
+        """How an activation for ``action`` is guarded: the host's rollback, where the action
+        can be confirmed (``Action.confirmable``), and its timers."""
+        return Safety(
+            rollback=self.rollback and action.confirmable,
+            confirm_timeout=self.confirm_timeout,
+            activation_timeout=self.activation_timeout,
+        )
 
     @property
     def builder_systems(self) -> tuple[str, ...]:
@@ -193,7 +226,9 @@ class _Reader:
             return None
         return value
 
-    def positive_int(self, key: str, maximum: int | None = None) -> int | None:
+    def positive_int(
+        self, key: str, maximum: int | None = None, unit: str = "a whole number"
+    ) -> int | None:
         # `--data key=8` arrives as an int, but data written by hand or by other tools may be
         # the string "8"; accept both, reject bools (an int subclass) and anything else.
         value = self.host.data.get(key)
@@ -206,19 +241,47 @@ class _Reader:
             number = int(value.strip())
         if number is None or number < 1 or (maximum is not None and number > maximum):
             wanted = f"from 1 to {maximum}" if maximum is not None else "of 1 or more"
-            self.problem(key, f"is {value!r}; set it to a whole number {wanted}")
+            self.problem(key, f"is {value!r}; set it to {unit} {wanted}")
             return None
         return number
 
-    def boolean(self, key: str) -> bool:
-        # `--data offline_ok=true` arrives as a bool; data written by hand may say "true".
-        value = self.host.data.get(key, False)
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    def seconds(self, key: str, default: int, maximum: int) -> int:
+        """A duration in whole seconds, from 1 to ``maximum``; ``default`` when unset."""
+        return self.positive_int(key, maximum, unit="a number of seconds") or default
+
+    def boolean(self, key: str, default: bool = False, *, text: bool = True) -> bool:
+        # `--data offline_ok=true` arrives as a bool; data written by hand may say "true"
+        # (not for pyinfra's own keys: pyinfra would take the text "false" as true).
+        value = self.host.data.get(key, default)
+        if text and isinstance(value, str) and value.strip().lower() in ("true", "false"):
             value = value.strip().lower() == "true"
         if not isinstance(value, bool):
             self.problem(key, f"is {value!r}; set it to True or False")
-            return False
+            return default
         return value
+
+    def health_checks(self) -> tuple[HealthCheck, ...]:
+        try:
+            return tuple(
+                merged_entries(
+                    self.host,
+                    "health_checks",
+                    parse_check,
+                    lambda c: c.name,
+                    lambda c: f"defines check {c.name!r}",
+                    lone_entry_ok=True,
+                )
+            )
+        except FleetError as error:
+            self.problems.extend(error.problems)
+            return ()
+
+    def schedule(self) -> Schedule:
+        try:
+            return parse_schedule(self.host.name, self.host.data.get("schedule"))
+        except ScheduleError as error:
+            self.problems.append(str(error))
+            return Schedule(enabled=False)
 
     def image_attr(self) -> str | None:
         value = self.string("image_attr")
@@ -419,6 +482,16 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         is_image=is_image,
         image_attr=read.image_attr(),
         image_dest=read.absolute_path("image_dest"),
+        sudo=read.boolean("_sudo", text=False),
+        rollback=read.boolean("rollback", True),
+        confirm_timeout=read.seconds(
+            "confirm_timeout", DEFAULT_CONFIRM_TIMEOUT, _MAX_SAFETY_SECONDS
+        ),
+        activation_timeout=read.seconds(
+            "activation_timeout", DEFAULT_ACTIVATION_TIMEOUT, _MAX_SAFETY_SECONDS
+        ),
+        health_checks=read.health_checks(),
+        schedule=read.schedule(),
     )
     return spec, read.problems
 

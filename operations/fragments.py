@@ -39,7 +39,7 @@ from operations.fleet import FleetError, HostSpec, builders
 from operations.keys import builder_trust
 from operations.nixexpr import Raw, attr_path_of, nix_value
 from operations.pull import build_machine_for, client_keys_by_user, nixos_ssh_serve, pulls
-from operations.schedule import parse_schedule, unit_files
+from operations.schedule import unit_files
 from operations.ssh import known_hosts_name
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def pull_client_options(target: HostSpec, builder: HostSpec) -> Options:
 def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str) -> Fragment:
     """
     ``name``'s fragment, its keys derived on the controller from sops (``SecretError``,
-    ``SopsError``) and its data checked (``FleetError``, ``ScheduleError``): bad input stops
+    ``SopsError``) and its data checked (``FleetError``): bad input stops
     the run before anything is written. A host nixpush configures nothing on has no sections.
     """
     spec = specs[name]
@@ -258,8 +258,7 @@ def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str
                 if target.builder_host == name and target.builder_user in others
             ]
         )
-    schedule = parse_schedule(name, inventory.get_host(name).data.get("schedule"))
-    units = unit_files(schedule) if schedule.enabled else {}
+    units = unit_files(spec.schedule) if spec.schedule.enabled else {}
     sections = builder_sections(spec if builds else None, pull_keys, units)
     if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
         trust = builder_trust(inventory.get_host(spec.pushed_by), name)

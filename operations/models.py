@@ -62,6 +62,13 @@ class Action(StrEnum):
         return self in (Action.SWITCH, Action.TEST, Action.ROLLBACK)
 
     @property
+    def confirmable(self) -> bool:
+        """Whether the new system runs before anything is confirmed, so health checks and a
+        new login can confirm it and the target can roll back without one (not for boot:
+        nothing can be confirmed without a reboot)."""
+        return self.activates and self.makes_current
+
+    @property
     def verified_link(self) -> str:
         """The link that shows the action took effect: the profile for boot, else the running
         system."""

@@ -33,15 +33,8 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 
 from operations.failures import fail, host_step
-from operations.fleet import FleetError
 from operations.health import HealthCheck, run_checks
-from operations.models import (
-    DEFAULT_ACTIVATION_TIMEOUT,
-    DEFAULT_CONFIRM_TIMEOUT,
-    Action,
-    Plan,
-    Safety,
-)
+from operations.models import Action, Plan, Safety
 from operations.process import fresh_login_run, run_on
 from operations.push.commands import nix_error, switch_command
 from operations.push.switch import (
@@ -118,40 +111,6 @@ FOLLOW_WAIT = 5
 # keeps trying to learn the outcome after losing contact.
 GRACE = 60
 CONFIRM_ATTEMPTS = 3
-
-
-def _seconds(host: Host, key: str, default: int, problems: list[str]) -> int:
-    value = host.data.get(key, default)
-    if isinstance(value, str) and value.strip().isdecimal():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 86400:
-        problems.append(f"{host.name}: {key} is {value!r}; set it to seconds, from 1 to 86400")
-        return default
-    return value
-
-
-def safety_for(host: Host, action: str) -> Safety:
-    """
-    The host's ``rollback``, ``confirm_timeout`` and ``activation_timeout`` data for ``action``;
-    rollback is off for ``boot``. Raises ``FleetError`` naming the key and the fix.
-    """
-    problems: list[str] = []
-    rollback = host.data.get("rollback", True)
-    if isinstance(rollback, str) and rollback.lower() in ("true", "false"):
-        rollback = rollback.lower() == "true"
-    if not isinstance(rollback, bool):
-        problems.append(f"{host.name}: rollback is {rollback!r}; set it to True or False")
-        rollback = True
-    safety = Safety(
-        rollback=rollback and action != "boot",
-        confirm_timeout=_seconds(host, "confirm_timeout", DEFAULT_CONFIRM_TIMEOUT, problems),
-        activation_timeout=_seconds(
-            host, "activation_timeout", DEFAULT_ACTIVATION_TIMEOUT, problems
-        ),
-    )
-    if problems:
-        raise FleetError(problems)
-    return safety
 
 
 def describe(plan: Plan, safety: Safety, checks: Sequence[HealthCheck]) -> list[str]:
@@ -259,7 +218,7 @@ def judge(plan: Plan, status: dict[str, str], note: str = "") -> Outcome:
 def activate_safely(
     plan: Plan,
     safety: Safety,
-    checks: list[HealthCheck],
+    checks: Sequence[HealthCheck],
     sudo: bool,
 ) -> Generator[PyinfraCommand, None, None]:
     """
@@ -267,16 +226,16 @@ def activate_safely(
     confirmation over a new SSH login and the target's own rollback (see the module's doc).
 
     + plan: the target's ``Plan`` (``switch``, ``boot``, ``test`` or ``rollback``)
-    + safety: ``safety_for(host, plan.action)``
-    + checks: ``operations.health.host_health_checks(host)``
+    + safety: ``spec.safety(plan.action)``
+    + checks: ``spec.health_checks``
     + sudo: run with sudo (a non-root deploy user)
 
     **Example:**
 
     .. code:: python
 
-        activate.activate_safely(plan=plan, safety=safety_for(host, plan.action),
-                                 checks=host_health_checks(host), sudo=True)
+        activate.activate_safely(plan=plan, safety=spec.safety(plan.action),
+                                 checks=spec.health_checks, sudo=spec.sudo)
     """
     if plan.up_to_date or not plan.action.activates:
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: no activation")
@@ -290,7 +249,7 @@ def _activate(
     host: Host,
     plan: Plan,
     safety: Safety,
-    checks: list[HealthCheck],
+    checks: Sequence[HealthCheck],
     sudo: bool,
     systemd: bool,
 ) -> bool:
@@ -313,7 +272,7 @@ def _follow_activation(
     host: Host,
     plan: Plan,
     safety: Safety,
-    checks: list[HealthCheck],
+    checks: Sequence[HealthCheck],
     sudo: bool,
     systemd: bool,
 ) -> Outcome:
@@ -402,7 +361,7 @@ def _follow_activation(
 def _check_and_confirm(
     channel: Channel,
     run: ActivationRun,
-    checks: list[HealthCheck],
+    checks: Sequence[HealthCheck],
     systemd: bool,
     say: Any,
     seen: int,

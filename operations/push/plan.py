@@ -81,7 +81,7 @@ def builder_of(host: Host, spec: HostSpec) -> Builder:
     """``host`` as a ``Builder``, with its sudo and limits from its spec."""
     return Builder(
         host=host,
-        sudo=bool(host.data.get("_sudo", False)),
+        sudo=spec.sudo,
         max_parallel_copies=spec.max_parallel_copies,
         max_ssh_sessions=spec.max_ssh_sessions,
         build_timeout=spec.build_timeout,
