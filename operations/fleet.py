@@ -31,7 +31,11 @@ from operations.health import HealthCheck, parse_check
 from operations.models import (
     ACTIONS,
     DEFAULT_ACTIVATION_TIMEOUT,
+    DEFAULT_BUILD_TIMEOUT,
     DEFAULT_CONFIRM_TIMEOUT,
+    DEFAULT_COPY_TIMEOUT,
+    DEFAULT_MAX_PARALLEL_COPIES,
+    DEFAULT_MAX_SESSIONS,
     Action,
     Safety,
 )
@@ -59,10 +63,6 @@ _MAX_PORT = 65535
 _MAX_SAFETY_SECONDS = 86400
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
 _MAX_SESSIONS = 64
-# The default max_parallel_copies (4) and one session for progress reads, below sshd's default
-# MaxSessions (10): pyinfra keeps one more channel open for SFTP once it has uploaded a file,
-# and a human's multiplexed `ssh` needs room too.
-DEFAULT_MAX_SESSIONS = 5
 # The one key that lets a pushed-to or building host skip host key checks; its name says so.
 INSECURE_KEY = "insecure_ssh_host_key_checking"
 # Every data key nixpush reads, in one place: add new keys here. A key a typo or two away from
@@ -84,10 +84,6 @@ PYINFRA_KEYS: tuple[str, ...] = (
 _UNSAFE_REF = re.compile(r'^-|[\s#"]')
 _UNSAFE_ADDRESS = re.compile(r"^-|[\s@]")
 _KEY_TYPE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
-# A builder's copy concurrency (its uplink is shared) and step limits, in seconds.
-DEFAULT_MAX_PARALLEL_COPIES = 4
-DEFAULT_BUILD_TIMEOUT = 4 * 3600
-DEFAULT_COPY_TIMEOUT = 3600
 
 
 class FleetError(PyinfraError):

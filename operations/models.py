@@ -149,6 +149,16 @@ class Safety:
     activation_timeout: int = DEFAULT_ACTIVATION_TIMEOUT
 
 
+# The default max_parallel_copies (4) and one session for progress reads, below sshd's default
+# MaxSessions (10): pyinfra keeps one more channel open for SFTP once it has uploaded a file,
+# and a human's multiplexed `ssh` needs room too.
+DEFAULT_MAX_SESSIONS = 5
+# A builder's copy concurrency (its uplink is shared) and step limits, in seconds.
+DEFAULT_MAX_PARALLEL_COPIES = 4
+DEFAULT_BUILD_TIMEOUT = 4 * 3600
+DEFAULT_COPY_TIMEOUT = 3600
+
+
 @dataclass(frozen=True)
 class Builder:
     """How a target's operations reach its builder: the inventory host, and whether commands
@@ -156,12 +166,12 @@ class Builder:
 
     host: Host
     sudo: bool
-    # From the builder's data: max_parallel_copies, build_timeout, copy_timeout (fleet.py),
-    # and max_ssh_sessions (copies hold sessions).
-    max_parallel_copies: int = 4
-    max_ssh_sessions: int = 5
-    build_timeout: int = 4 * 3600
-    copy_timeout: int = 3600
+    # From the builder's spec (fleet.py, push.plan.builder_of): max_parallel_copies,
+    # build_timeout, copy_timeout, and max_ssh_sessions (copies hold sessions).
+    max_parallel_copies: int = DEFAULT_MAX_PARALLEL_COPIES
+    max_ssh_sessions: int = DEFAULT_MAX_SESSIONS
+    build_timeout: int = DEFAULT_BUILD_TIMEOUT
+    copy_timeout: int = DEFAULT_COPY_TIMEOUT
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,22 @@ def judge(plan: Plan, status: dict[str, str], note: str = "") -> Outcome:
 # -- the operation ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Activation:
+    """
+    One target's activation, as ``activate_safely`` hands it to the controller's side.
+
+    + plan, safety, checks, sudo: as for ``activate_safely``
+    + systemd: the target has systemd (a transient unit; ``units`` checks run)
+    """
+
+    plan: Plan
+    safety: Safety
+    checks: tuple[HealthCheck, ...]
+    sudo: bool
+    systemd: bool
+
+
 @operation(is_idempotent=False)
 def activate_safely(
     plan: Plan,
@@ -240,21 +256,14 @@ def activate_safely(
     if plan.up_to_date or not plan.action.activates:
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: no activation")
         return
-    systemd = runs_systemd()
-    yield FunctionCommand(_activate, (plan, safety, checks, sudo, systemd), {})
+    activation = Activation(plan, safety, tuple(checks), sudo, runs_systemd())
+    yield FunctionCommand(_activate, (activation,), {})
 
 
-def _activate(
-    state: State,
-    host: Host,
-    plan: Plan,
-    safety: Safety,
-    checks: Sequence[HealthCheck],
-    sudo: bool,
-    systemd: bool,
-) -> bool:
+def _activate(state: State, host: Host, activation: Activation) -> bool:
+    plan = activation.plan
     try:
-        outcome = _follow_activation(host, plan, safety, checks, sudo, systemd)
+        outcome = _follow_activation(host, activation)
     except Exception as error:  # never a traceback out of a deploy
         outcome = Outcome("failed", f"activation broke off: {type(error).__name__}: {error}")
     if outcome.status == "deployed":
@@ -268,16 +277,11 @@ def _activate(
     return fail(host, outcome.cause)
 
 
-def _follow_activation(
-    host: Host,
-    plan: Plan,
-    safety: Safety,
-    checks: Sequence[HealthCheck],
-    sudo: bool,
-    systemd: bool,
-) -> Outcome:
+def _follow_activation(host: Host, activation: Activation) -> Outcome:
+    plan, safety, checks = activation.plan, activation.safety, activation.checks
+    systemd = activation.systemd
     run = ActivationRun.create(plan, safety, systemd)
-    channel = Channel(host, sudo)
+    channel = Channel(host, activation.sudo)
 
     def say(text: str, **style: Any) -> None:
         host.log_styled(text, log_func=logger.info, **style)

@@ -12,6 +12,7 @@ trust the builder's key before it copies).
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gevent.lock import BoundedSemaphore
@@ -41,6 +42,18 @@ from operations.push.runcache import RunCache
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
+
+
+def copy_slots(builder: Builder, cache: RunCache) -> BoundedSemaphore:
+    """The builder's copy slots: ``max_parallel_copies``, but leaving one of its SSH sessions
+    (``max_ssh_sessions``) free, since every running copy holds one and its progress needs
+    another."""
+    name = builder.host.name
+    if name not in cache.copy_slots:
+        sessions = builder.max_ssh_sessions
+        slots = BoundedSemaphore(max(1, min(builder.max_parallel_copies, sessions - 1)))
+        cache.copy_slots[name] = slots
+    return cache.copy_slots[name]
 
 
 @operation()
@@ -107,20 +120,23 @@ def copy_closure(
     if plan.up_to_date or not plan.action.copies:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
         return
-    yield FunctionCommand(_copy, (plan, builder, cache, address, port, user), {})
+    yield FunctionCommand(_copy, (plan, builder, cache, Destination(address, port, user)), {})
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a copy goes: the target as its builder reaches it."""
+
+    address: str
+    port: int
+    user: str
 
 
 @host_step
 def _copy(
-    state: State,
-    host: Host,
-    plan: Plan,
-    builder: Builder,
-    cache: RunCache,
-    address: str,
-    port: int,
-    user: str,
+    state: State, host: Host, plan: Plan, builder: Builder, cache: RunCache, to: Destination
 ) -> bool:
+    address, port, user = to.address, to.port, to.user
     doing = f"copying to {user}@{address}:{port}"
     slots = copy_slots(builder, cache)
     if slots.locked():
@@ -170,15 +186,3 @@ def _copy(
         return fail(host, f"{doing} on {plan.builder} failed: {cause}")
     host.log_styled(f"copied {plan.desired} from {plan.builder}", log_func=logger.info)
     return True
-
-
-def copy_slots(builder: Builder, cache: RunCache) -> BoundedSemaphore:
-    """The builder's copy slots: ``max_parallel_copies``, but leaving one of its SSH sessions
-    (``max_ssh_sessions``) free, since every running copy holds one and its progress needs
-    another."""
-    name = builder.host.name
-    if name not in cache.copy_slots:
-        sessions = builder.max_ssh_sessions
-        slots = BoundedSemaphore(max(1, min(builder.max_parallel_copies, sessions - 1)))
-        cache.copy_slots[name] = slots
-    return cache.copy_slots[name]

@@ -99,7 +99,9 @@ def test_activation_runs_detached_the_way_the_target_allows(systemd):
     fake = FakeHost("pi4").fact(Directory, systemd, path="/run/systemd/system")
     (command,) = run(fake, activate.activate_safely, plan("test"), Safety(), [], True)
     assert command.function.__name__ == "_activate"
-    assert command.args == (plan("test"), Safety(), [], True, systemd is not None)
+    assert command.args == (
+        activate.Activation(plan("test"), Safety(), (), True, systemd is not None),
+    )
 
 
 def test_rollback_dry_activates_and_activates_but_neither_builds_nor_copies():
