@@ -25,7 +25,7 @@ from pyinfra.context import host, state
 
 from operations import keys, nix, ssh
 from operations.failures import Unable, attempt, or_unable
-from operations.models import Action, Builder, Plan
+from operations.models import Builder, Plan
 from operations.push import activate, build, copy, plan
 from operations.start import start_deploy
 
@@ -40,7 +40,7 @@ deploy.summary.forgive(
 def _plan() -> tuple[Plan, Builder | None]:
     """The target's plan and builder (none for a rollback); raises when planning fails (the
     target then fails alone: ``or_unable``)."""
-    if spec.deploy_action == Action.ROLLBACK:  # back to the previous generation
+    if not spec.deploy_action.builds:  # a rollback: back to the previous generation
         return plan.plan_rollback(host, spec, deploy.summary), None
     builder = plan.reach_builder(host, spec, cache)
     plan.check_builder(builder, spec, cache)

@@ -120,7 +120,7 @@ class HostSpec:
     + nix_max_jobs: nix.conf ``max-jobs`` when building
     + ssh_hostname, ssh_port, ssh_user: how the controller and the builder reach this host
     + ssh_host_key: the host's public SSH host key, so other hosts can verify it
-    + deploy_action: one of ``DEPLOY_ACTIONS``
+    + deploy_action: the ``Action`` (``DEPLOY_ACTIONS`` names them), what each step reads
     + max_ssh_sessions: at most this many commands at once on nixpush's SSH connection to the
       host (keep it below its sshd's ``MaxSessions``, 10 by default)
     + max_parallel_copies: as a builder, at most this many copies to targets at once
@@ -155,7 +155,7 @@ class HostSpec:
     ssh_port: int = 22
     ssh_user: str | None = None
     ssh_host_key: str | None = None
-    deploy_action: str = "switch"
+    deploy_action: Action = Action.SWITCH
     max_ssh_sessions: int = DEFAULT_MAX_SESSIONS
     max_parallel_copies: int = DEFAULT_MAX_PARALLEL_COPIES
     build_timeout: int = DEFAULT_BUILD_TIMEOUT
@@ -397,11 +397,12 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         read.problem(
             "deploy_action", f"is empty; leave it out for switch, or set one of: {_listed(ACTIONS)}"
         )
-    deploy_action = read.string("deploy_action") or "switch"
-    if deploy_action not in DEPLOY_ACTIONS:
+    action_name = read.string("deploy_action") or Action.SWITCH.value
+    deploy_action = Action(action_name) if action_name in DEPLOY_ACTIONS else Action.SWITCH
+    if action_name not in DEPLOY_ACTIONS:
         read.problem(
             "deploy_action",
-            f"{deploy_action!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
+            f"{action_name!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
         )
 
     is_image = IMAGE_CONNECTOR_GROUP in host.groups

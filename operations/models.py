@@ -5,6 +5,7 @@ reaches its builder. Frozen and free of I/O; every other layer builds on them.
 .. code:: python
 
     Action("switch").activates, Action("build").copies      # True, False
+    Action("rollback").contacts_target                       # True: it runs on the target
     plan.up_to_date, plan.noop_reason
 """
 
@@ -35,6 +36,12 @@ class Action(StrEnum):
     DRY_ACTIVATE = "dry-activate"
     BUILD = "build"
     ROLLBACK = "rollback"
+
+    @property
+    def contacts_target(self) -> bool:
+        """Whether the run reaches the target at all (not for build: it may be off or away),
+        so an unreachable target fails it."""
+        return self is not Action.BUILD
 
     @property
     def builds(self) -> bool:

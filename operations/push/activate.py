@@ -34,7 +34,7 @@ from pyinfra.context import host
 
 from operations.failures import fail, host_step
 from operations.health import HealthCheck, run_checks
-from operations.models import Action, Plan, Safety
+from operations.models import Plan, Safety
 from operations.process import fresh_login_run, run_on
 from operations.push.commands import nix_error, switch_command
 from operations.push.switch import (
@@ -77,7 +77,7 @@ def dry_activate(plan: Plan, sudo: bool) -> Generator[PyinfraCommand, None, None
 
         activate.dry_activate(plan=plan, sudo=True)
     """
-    if plan.up_to_date or plan.action is Action.BUILD:
+    if plan.up_to_date or not plan.action.contacts_target:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to activate")
         return
     if plan.action.activates:
@@ -122,7 +122,7 @@ def describe(plan: Plan, safety: Safety, checks: Sequence[HealthCheck]) -> list[
             f"rollback armed: the target rolls back unless confirmed within "
             f"{safety.confirm_timeout}s over a new SSH login"
         )
-    elif plan.action == "boot":
+    elif not plan.action.confirmable:
         guard = "no automatic rollback for boot (nothing can be confirmed without a reboot)"
     else:
         guard = "rollback off (rollback: False): a failure leaves the new system in place"
@@ -188,17 +188,17 @@ def judge(plan: Plan, status: dict[str, str], note: str = "") -> Outcome:
     current, profile = status.get("current") or None, status.get("profile") or None
     cause = status.get("cause", "")
     runs = f"it now runs {current or 'nothing'}"
-    action = "switch" if plan.action == "rollback" else plan.action
+    action = plan.action
     if state in ("confirmed", "done"):
-        if action in ("switch", "test") and current != plan.desired:
+        if action.makes_current and current != plan.desired:
             return Outcome("failed", f"after {action}, /run/current-system is {current}")
-        if action in ("switch", "boot") and profile != plan.desired:
+        if action.sets_profile and profile != plan.desired:
             return Outcome("failed", f"after {action}, the system profile is {profile}")
         return Outcome("deployed")
     if state == "rolled-back":
         if note and cause.startswith("no confirmation"):
             cause = f"{cause} ({note})"
-        if current != plan.current or (action == "switch" and profile != plan.profile):
+        if current != plan.current or (action.sets_profile and profile != plan.profile):
             return Outcome("failed", f"rolled back after {cause}, but {runs}")
         return Outcome("rolled-back", cause)
     if state == "rollback-failed":
@@ -267,7 +267,7 @@ def _activate(state: State, host: Host, activation: Activation) -> bool:
     except Exception as error:  # never a traceback out of a deploy
         outcome = Outcome("failed", f"activation broke off: {type(error).__name__}: {error}")
     if outcome.status == "deployed":
-        verb = "boots" if plan.action == "boot" else "runs"
+        verb = "runs" if plan.action.makes_current else "boots"
         host.log_styled(f"{plan.target} now {verb} {plan.desired}", log_func=logger.info)
         return True
     if outcome.status == "rolled-back":
@@ -353,7 +353,7 @@ def _follow_activation(host: Host, activation: Activation) -> Outcome:
             note = problem or ""
         if known in TERMINAL:
             break
-    if known == "done" and not run.rolls_back and plan.action != "boot":
+    if known == "done" and not run.rolls_back and plan.action.confirmable:
         failed = run_checks(
             checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m)
         )

@@ -366,17 +366,18 @@ def plan_deploy(
     if not spec.flake:
         raise DeployFailed(f"{spec.name} has no flake; set flake in its host or group data")
     attr = toplevel_attr(spec.flake, spec.nixos_config)
-    action = Action(spec.deploy_action)
+    action = spec.deploy_action
 
     def links() -> tuple[str | None, str | None]:
-        if not action.copies:  # `build` never contacts the target: it may be off or away
+        if not action.contacts_target:  # `build`: the target may be off or away
             return None, None
         # With the target's kind: the activation asks for it (one round trip less).
         return read_with_host_kind(target, SystemLinks, doing=READING_LINKS)
 
     # A target already on what this flake state evaluated to last time needs no evaluation;
     # any other evaluates afresh (evalcache). Read the target while the builder evaluates.
-    fingerprint = flake_fingerprint(builder, spec.flake, cache) if action.copies else None
+    # (Only for a target whose links are read: a remembered answer only finds one up to date.)
+    fingerprint = flake_fingerprint(builder, spec.flake, cache) if action.contacts_target else None
     known = evalcache.remembered(fingerprint, spec.nixos_config) if fingerprint else None
     if known is None:
         start_evaluation(target, builder, spec.flake, spec.nixos_config, cache, fingerprint)
@@ -399,7 +400,7 @@ def plan_deploy(
         start_evaluation(target, builder, spec.flake, spec.nixos_config, cache, fingerprint)
         plan = plan_for(evaluate_toplevel(target, builder, spec.flake, spec.nixos_config, cache))
     desired = plan.desired
-    if plan.action is Action.BUILD or not plan.up_to_date:
+    if not plan.action.contacts_target or not plan.up_to_date:
         # Whether the builder has it matters only when something will be built or copied.
         plan = replace(plan, built=is_built(builder, desired, cache))
     summary.planned(plan)
@@ -454,11 +455,11 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
 
 
 def needed_hosts(specs: Mapping[str, HostSpec], active: set[str]) -> set[str]:
-    """Hosts a push deploy needs: the active targets and their builders; a target that is only
-    built (``deploy_action=build``) needs only its builder."""
+    """Hosts a push deploy needs: the active targets it contacts (``Action.contacts_target``:
+    not those only built) and their builders."""
     targets = {name for name in active if specs[name].is_target}
     builders = {specs[name].builder_host for name in targets}
-    contacted = {name for name in targets if Action(specs[name].deploy_action).copies}
+    contacted = {name for name in targets if specs[name].deploy_action.contacts_target}
     return contacted | {name for name in builders if name}
 
 
@@ -471,7 +472,7 @@ def unreachable_builds(builder: Host, specs: Mapping[str, HostSpec]) -> list[Hos
         for spec in specs.values()
         if spec.builder_host == builder.name
         and spec.name != builder.name
-        and Action(spec.deploy_action) is Action.BUILD
+        and not spec.deploy_action.contacts_target
         and state.is_host_in_limit(target := builder.inventory.get_host(spec.name))
         and not target.connected
     ]

@@ -46,6 +46,7 @@ class FakeHost:
         self.data = data or {}
         self.facts: dict[tuple[type, str], Any] = {}
         self.noops: list[str] = []
+        self.logged: list[str] = []
 
     def fact(self, cls: type, value: Any, **kwargs: Any) -> FakeHost:
         self.facts[_key(cls, kwargs)] = value
@@ -70,6 +71,9 @@ class FakeHost:
 
     def noop(self, description: str) -> None:
         self.noops.append(description)
+
+    def log_styled(self, message: str, **kwargs: Any) -> None:
+        self.logged.append(message)
 
     def get_temp_filename(self, *args: Any, **kwargs: Any) -> str:
         return "_tempfile_"

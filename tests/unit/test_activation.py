@@ -216,6 +216,11 @@ def status(state: str, current: str = NEW, profile: str = NEW, cause: str = "") 
         (plan(), status("confirmed"), "", Outcome("deployed")),
         (plan("test"), status("confirmed", profile=OLD), "", Outcome("deployed")),
         (plan("boot"), status("done", current=OLD), "", Outcome("deployed")),
+        (plan("rollback"), status("confirmed"), "", Outcome("deployed")),
+        (
+            plan("rollback"), status("confirmed", profile=OLD), "",
+            Outcome("failed", f"after rollback, the system profile is {OLD}"),
+        ),
         (
             plan(), status("confirmed", current=OLD), "",
             Outcome("failed", f"after switch, /run/current-system is {OLD}"),

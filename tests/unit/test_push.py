@@ -57,6 +57,8 @@ def test_each_action_knows_what_it_copies_activates_and_verifies():
     assert [a.value for a in Action if a.copies] == ["switch", "boot", "test", "dry-activate"]
     assert [a.value for a in Action if a.activates] == ["switch", "boot", "test", "rollback"]
     assert [a.value for a in Action if a.sets_profile] == ["switch", "boot", "rollback"]
+    assert [a.value for a in Action if not a.contacts_target] == ["build"]
+    assert [a.value for a in Action if a.confirmable] == ["switch", "test", "rollback"]
     assert Action.BOOT.verified_link == "/nix/var/nix/profiles/system"
     assert Action.TEST.verified_link == "/run/current-system"
 
