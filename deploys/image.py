@@ -31,8 +31,8 @@ deploy.summary.forgive(
 def _plan() -> tuple[ImagePlan, Builder]:
     """The image's plan and builder; raises when planning fails (this image then fails alone:
     ``or_unable``)."""
-    builder = plan.reach_builder(host, spec)
-    plan.check_builds_system(builder, spec)
+    builder = plan.reach_builder(host, spec, deploy.cache)
+    plan.check_builds_system(builder, spec, deploy.cache)
     return image.plan_image(host, spec, builder, deploy.summary), builder
 
 

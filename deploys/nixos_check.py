@@ -23,7 +23,7 @@ from operations.steady import runs_nixos
 deploy = start_deploy(state)
 specs = deploy.specs
 spec = specs[host.name]
-wanted = schedule.parse_schedule(host.name, host.data.get("schedule"))
+wanted = spec.schedule
 
 if not runs_nixos():
     deploy.summary.skip(host.name, "not NixOS: the deploys configure it directly")

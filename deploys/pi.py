@@ -23,14 +23,15 @@ from functools import partial
 
 from pyinfra.context import host, state
 
-from operations import health, keys, nix, ssh
+from operations import keys, nix, ssh
 from operations.failures import Unable, attempt, or_unable
-from operations.models import Action, Builder, Plan
+from operations.models import Builder, Plan
 from operations.push import activate, build, copy, plan
 from operations.start import start_deploy
 
 deploy = start_deploy(state)
 spec = deploy.specs[host.name]
+cache = deploy.cache
 deploy.summary.forgive(
     plan.needed_hosts(deploy.specs, {h.name for h in state.inventory if state.is_host_in_limit(h)})
 )
@@ -39,23 +40,23 @@ deploy.summary.forgive(
 def _plan() -> tuple[Plan, Builder | None]:
     """The target's plan and builder (none for a rollback); raises when planning fails (the
     target then fails alone: ``or_unable``)."""
-    if spec.deploy_action == Action.ROLLBACK:  # back to the previous generation
+    if not spec.deploy_action.builds:  # a rollback: back to the previous generation
         return plan.plan_rollback(host, spec, deploy.summary), None
-    builder = plan.reach_builder(host, spec)
-    plan.check_builder(builder, spec)
-    return plan.plan_deploy(host, spec, builder, deploy.summary), builder
+    builder = plan.reach_builder(host, spec, cache)
+    plan.check_builder(builder, spec, cache)
+    return plan.plan_deploy(host, spec, builder, deploy.summary, cache), builder
 
 
 # Targets that are only built need no connection: those that are off or away are built from
 # their builder's run (when the builder is in it: `--limit nas --limit pi4`).
 for unreachable in plan.unreachable_builds(host, deploy.specs):
     # The real Host, not pyinfra's context proxy: steps may run it from greenlets of their own.
-    itself = Builder(host=state.inventory.get_host(host.name), sudo=bool(host.data.get("_sudo")))
+    itself = plan.builder_of(state.inventory.get_host(host.name), spec)
     unreachable_plan = attempt(
         f"planning {unreachable.name}",
         partial(
             plan.plan_deploy,
-            state.inventory.get_host(unreachable.name), unreachable, itself, deploy.summary,
+            state.inventory.get_host(unreachable.name), unreachable, itself, deploy.summary, cache,
         ),
     )  # fmt: skip
     if isinstance(unreachable_plan, Unable):
@@ -65,6 +66,7 @@ for unreachable in plan.unreachable_builds(host, deploy.specs):
             name=f"Build {unreachable.name}'s system (not connected: build only)",
             plan=unreachable_plan,
             builder=itself,
+            cache=cache,
         )
 
 if spec.is_image:
@@ -80,12 +82,12 @@ else:
     planned = or_unable(f"planning {host.name}", _plan)
     if planned is not None:
         target_plan, builder = planned
-        # Rollback, timers and health checks from data (bad data stops the run, so do checks
-        # that may outlast the confirmation window); --dry shows whether rollback is armed and
-        # which checks will run.
-        checks = health.host_health_checks(host)
-        activates = target_plan.action.activates  # else nothing is confirmed (nor contacted)
-        safety = activate.safety_for(host, target_plan.action, checks if activates else ())
+        # Rollback, timers and health checks from data (checked at the start); checks that may
+        # outlast the confirmation window stop the run here (whether unit checks run needs the
+        # host's systemd); --dry shows whether rollback is armed and which checks will run.
+        safety = spec.safety(target_plan.action)
+        checks = spec.health_checks
+        activate.check_window(host, safety, checks if target_plan.action.activates else ())
         activate.announce(host, target_plan, safety, checks)
     # A target already on its system (planning logged it) gets no operations: each would be a
     # no-op, and pyinfra's bookkeeping of an operation call costs the controller CPU per host,
@@ -104,21 +106,28 @@ else:
             )
         if builder is not None:  # a rollback's system is on the target already
             build.build_toplevel(
-                name="Build the system on its builder", plan=target_plan, builder=builder
+                name="Build the system on its builder",
+                plan=target_plan,
+                builder=builder,
+                cache=cache,
             )
         if builder is not None and trust is not None:  # built on itself: nothing to copy
             copy.sign_closure(
-                name="Sign the closure on the builder", plan=target_plan, builder=builder
+                name="Sign the closure on the builder",
+                plan=target_plan,
+                builder=builder,
+                cache=cache,
             )
             copy.copy_closure(
                 name="Copy the closure from the builder",
                 plan=target_plan,
                 builder=builder,
+                cache=cache,
                 address=spec.ssh_hostname,
                 port=spec.ssh_port,
                 user=spec.ssh_user or "root",
             )
-        sudo = bool(host.data.get("_sudo", False))
+        sudo = spec.sudo
         if not target_plan.action.activates:  # an activation dry-activates first itself
             activate.dry_activate(name="Dry-activate", plan=target_plan, sudo=sudo)
         activate.activate_safely(

@@ -25,7 +25,7 @@ specs = start_deploy(state).specs
 if specs[host.name].is_image:
     host.noop(f"{host.name} is an image: nothing is scheduled on it")
 else:
-    wanted = schedule.parse_schedule(host.name, host.data.get("schedule"))
+    wanted = specs[host.name].schedule
     units = schedule.unit_files(wanted) if wanted.enabled else {}
     unwanted = [
         unit for mode in schedule.MODES for unit in schedule.unit_names(mode) if unit not in units

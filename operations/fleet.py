@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyinfra.api.connectors import get_all_connectors
@@ -27,7 +27,19 @@ from pyinfra.connectors.ssh import SSHConnector
 
 from operations import grammar
 from operations.files import ACCOUNT_NAME
-from operations.models import ACTIONS
+from operations.health import HealthCheck, parse_check
+from operations.models import (
+    ACTIONS,
+    DEFAULT_ACTIVATION_TIMEOUT,
+    DEFAULT_BUILD_TIMEOUT,
+    DEFAULT_CONFIRM_TIMEOUT,
+    DEFAULT_COPY_TIMEOUT,
+    DEFAULT_MAX_PARALLEL_COPIES,
+    DEFAULT_MAX_SESSIONS,
+    Action,
+    Safety,
+)
+from operations.schedule import Schedule, ScheduleError, parse_schedule
 from operations.systems import KNOWN_SYSTEMS, natively_built
 
 if TYPE_CHECKING:
@@ -47,12 +59,10 @@ IMAGES_GROUP = "images"
 _IMAGE_ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 
 _MAX_PORT = 65535
+# A day: the longest a target waits for its confirmation, or its activation may take.
+_MAX_SAFETY_SECONDS = 86400
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
 _MAX_SESSIONS = 64
-# The default max_parallel_copies (4) and one session for progress reads, below sshd's default
-# MaxSessions (10): pyinfra keeps one more channel open for SFTP once it has uploaded a file,
-# and a human's multiplexed `ssh` needs room too.
-DEFAULT_MAX_SESSIONS = 5
 # The one key that lets a pushed-to or building host skip host key checks; its name says so.
 INSECURE_KEY = "insecure_ssh_host_key_checking"
 # Every data key nixpush reads, in one place: add new keys here. A key a typo or two away from
@@ -72,10 +82,6 @@ PYINFRA_KEYS: tuple[str, ...] = (
 )  # fmt: skip
 # Where nixpush glues a value into a command, URL or Nix attribute path.
 _UNSAFE_REF = re.compile(r'^-|[\s#"]')
-# A builder's copy concurrency (its uplink is shared) and step limits, in seconds.
-DEFAULT_MAX_PARALLEL_COPIES = 4
-DEFAULT_BUILD_TIMEOUT = 4 * 3600
-DEFAULT_COPY_TIMEOUT = 3600
 
 
 class FleetError(PyinfraError):
@@ -112,7 +118,7 @@ class HostSpec:
     + nix_max_jobs: nix.conf ``max-jobs`` when building
     + ssh_hostname, ssh_port, ssh_user: how the controller and the builder reach this host
     + ssh_host_key: the host's public SSH host key, so other hosts can verify it
-    + deploy_action: one of ``DEPLOY_ACTIONS``
+    + deploy_action: the ``Action`` (``DEPLOY_ACTIONS`` names them), what each step reads
     + max_ssh_sessions: at most this many commands at once on nixpush's SSH connection to the
       host (keep it below its sshd's ``MaxSessions``, 10 by default)
     + max_parallel_copies: as a builder, at most this many copies to targets at once
@@ -123,6 +129,14 @@ class HostSpec:
     + image_attr: the image's attribute under ``config.system.build`` (None: not requested;
       image hosts default to ``default_image_attr``)
     + image_dest: where the controller keeps the image file (None: it stays on the builder)
+    + sudo: pyinfra's ``_sudo``: commands nixpush runs itself on the host (on a builder, over
+      another host's operation) need it too
+    + rollback: the target rolls back unless its activation is confirmed (``safety_for``)
+    + confirm_timeout, activation_timeout: seconds the target waits for the confirmation, and
+      ``switch-to-configuration`` may take
+    + health_checks: what must pass before confirming (``operations.health``), merged across
+      the host's roots by name
+    + schedule: the controller's ``schedule`` (``operations.schedule``; not enabled: none)
     """
 
     name: str
@@ -139,7 +153,7 @@ class HostSpec:
     ssh_port: int = 22
     ssh_user: str | None = None
     ssh_host_key: str | None = None
-    deploy_action: str = "switch"
+    deploy_action: Action = Action.SWITCH
     max_ssh_sessions: int = DEFAULT_MAX_SESSIONS
     max_parallel_copies: int = DEFAULT_MAX_PARALLEL_COPIES
     build_timeout: int = DEFAULT_BUILD_TIMEOUT
@@ -148,6 +162,12 @@ class HostSpec:
     is_image: bool = False
     image_attr: str | None = None
     image_dest: str | None = None
+    sudo: bool = False
+    rollback: bool = True
+    confirm_timeout: int = DEFAULT_CONFIRM_TIMEOUT
+    activation_timeout: int = DEFAULT_ACTIVATION_TIMEOUT
+    health_checks: tuple[HealthCheck, ...] = ()
+    schedule: Schedule = field(default_factory=lambda: Schedule(enabled=False))
 
     @property
     def is_target(self) -> bool:
@@ -164,6 +184,15 @@ class HostSpec:
         """The builder that pushes closures to this host, which must therefore trust it: None
         for a host that builds itself, an image, or a host that is no target."""
         return self.builder_host if self.is_target and not self.builds_itself else None
+
+    def safety(self, action: Action) -> Safety:
+        """How an activation for ``action`` is guarded: the host's rollback, where the action
+        can be confirmed (``Action.confirmable``), and its timers."""
+        return Safety(
+            rollback=self.rollback and action.confirmable,
+            confirm_timeout=self.confirm_timeout,
+            activation_timeout=self.activation_timeout,
+        )
 
     @property
     def builder_systems(self) -> tuple[str, ...]:
@@ -191,7 +220,9 @@ class _Reader:
             return None
         return value
 
-    def positive_int(self, key: str, maximum: int | None = None) -> int | None:
+    def positive_int(
+        self, key: str, maximum: int | None = None, unit: str = "a whole number"
+    ) -> int | None:
         # `--data key=8` arrives as an int, but data written by hand or by other tools may be
         # the string "8"; accept both, reject bools (an int subclass) and anything else.
         value = self.host.data.get(key)
@@ -204,19 +235,47 @@ class _Reader:
             number = int(value.strip())
         if number is None or number < 1 or (maximum is not None and number > maximum):
             wanted = f"from 1 to {maximum}" if maximum is not None else "of 1 or more"
-            self.problem(key, f"is {value!r}; set it to a whole number {wanted}")
+            self.problem(key, f"is {value!r}; set it to {unit} {wanted}")
             return None
         return number
 
-    def boolean(self, key: str) -> bool:
-        # `--data offline_ok=true` arrives as a bool; data written by hand may say "true".
-        value = self.host.data.get(key, False)
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+    def seconds(self, key: str, default: int, maximum: int) -> int:
+        """A duration in whole seconds, from 1 to ``maximum``; ``default`` when unset."""
+        return self.positive_int(key, maximum, unit="a number of seconds") or default
+
+    def boolean(self, key: str, default: bool = False, *, text: bool = True) -> bool:
+        # `--data offline_ok=true` arrives as a bool; data written by hand may say "true"
+        # (not for pyinfra's own keys: pyinfra would take the text "false" as true).
+        value = self.host.data.get(key, default)
+        if text and isinstance(value, str) and value.strip().lower() in ("true", "false"):
             value = value.strip().lower() == "true"
         if not isinstance(value, bool):
             self.problem(key, f"is {value!r}; set it to True or False")
-            return False
+            return default
         return value
+
+    def health_checks(self) -> tuple[HealthCheck, ...]:
+        try:
+            return tuple(
+                merged_entries(
+                    self.host,
+                    "health_checks",
+                    parse_check,
+                    lambda c: c.name,
+                    lambda c: f"defines check {c.name!r}",
+                    lone_entry_ok=True,
+                )
+            )
+        except FleetError as error:
+            self.problems.extend(error.problems)
+            return ()
+
+    def schedule(self) -> Schedule:
+        try:
+            return parse_schedule(self.host.name, self.host.data.get("schedule"))
+        except ScheduleError as error:
+            self.problems.append(str(error))
+            return Schedule(enabled=False)
 
     def image_attr(self) -> str | None:
         value = self.string("image_attr")
@@ -336,11 +395,12 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         read.problem(
             "deploy_action", f"is empty; leave it out for switch, or set one of: {_listed(ACTIONS)}"
         )
-    deploy_action = read.string("deploy_action") or "switch"
-    if deploy_action not in DEPLOY_ACTIONS:
+    action_name = read.string("deploy_action") or Action.SWITCH.value
+    deploy_action = Action(action_name) if action_name in DEPLOY_ACTIONS else Action.SWITCH
+    if action_name not in DEPLOY_ACTIONS:
         read.problem(
             "deploy_action",
-            f"{deploy_action!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
+            f"{action_name!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
         )
 
     is_image = IMAGE_CONNECTOR_GROUP in host.groups
@@ -411,6 +471,16 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         is_image=is_image,
         image_attr=read.image_attr(),
         image_dest=read.absolute_path("image_dest"),
+        sudo=read.boolean("_sudo", text=False),
+        rollback=read.boolean("rollback", True),
+        confirm_timeout=read.seconds(
+            "confirm_timeout", DEFAULT_CONFIRM_TIMEOUT, _MAX_SAFETY_SECONDS
+        ),
+        activation_timeout=read.seconds(
+            "activation_timeout", DEFAULT_ACTIVATION_TIMEOUT, _MAX_SAFETY_SECONDS
+        ),
+        health_checks=read.health_checks(),
+        schedule=read.schedule(),
     )
     return spec, read.problems
 

@@ -45,7 +45,7 @@ from operations.keys import builder_trust
 from operations.nixexpr import Interpolated, Raw, attr_path_of, nix_binding
 from operations.nixos_checks import sudo_rule, sudo_user
 from operations.pull import build_machine_for, client_keys_by_user, nixos_ssh_serve, pulls
-from operations.schedule import exec_quote, parse_schedule, unit_files
+from operations.schedule import exec_quote, unit_files
 from operations.ssh import known_hosts_name
 
 if TYPE_CHECKING:
@@ -350,7 +350,7 @@ def pull_client_options(target: HostSpec, builder: HostSpec) -> Options:
 def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str) -> Fragment:
     """
     ``name``'s fragment, its keys derived on the controller from sops (``SecretError``,
-    ``SopsError``) and its data checked (``FleetError``, ``ScheduleError``): bad input stops
+    ``SopsError``) and its data checked (``FleetError``): bad input stops
     the run before anything is written. A host nixpush configures nothing on has no sections.
     """
     spec = specs[name]
@@ -367,7 +367,7 @@ def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str
                 if target.builder_host == name and target.builder_user in others
             ]
         )
-    schedule = parse_schedule(name, inventory.get_host(name).data.get("schedule"))
+    schedule = spec.schedule
     units = unit_files(schedule) if schedule.enabled else {}
     sections = builder_sections(spec if builds else None, pull_keys, units, schedule.program)
     if schedule.enabled and schedule.node_exporter and schedule.metrics_dir:

@@ -20,25 +20,21 @@ or ``url`` (fetched on the target with curl or wget; a 2xx/3xx answer passes), a
 
 A host gets the checks of every root it is in plus its own, merged by ``name`` like ``secrets``
 are merged by ``dest`` (``operations.secrets.host_secrets``): host data and ``--data`` replace a
-check of the same name; two roots declaring one name differently is an error.
+check of the same name; two roots declaring one name differently is an error. The fleet's check
+(``operations.fleet``) parses them with ``parse_check`` into ``HostSpec.health_checks``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import gevent
 from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.hiddenvalue import HiddenValue
-
-from operations.fleet import merged_entries
-
-if TYPE_CHECKING:
-    from pyinfra.api.host import Host
 
 KINDS = ("command", "units", "url")
 _FIELDS = ("name", *KINDS, "timeout", "retries")
@@ -190,27 +186,6 @@ def parse_check(entry: Any) -> tuple[HealthCheck | None, list[str]]:
     return HealthCheck(name=str(name), kind=kind, **fields), []
 
 
-def host_health_checks(host: Host) -> list[HealthCheck]:
-    """
-    Every check ``host`` gets: the ``health_checks`` of all data, of every group it is in, of
-    its host data and of ``--data``, in that order, merged by name. Raises ``FleetError``.
-
-    + host: a pyinfra ``Host``
-
-    .. code:: python
-
-        [c.name for c in host_health_checks(inventory.get_host("pi4"))]  # ["sshd", ...]
-    """
-    return merged_entries(
-        host,
-        "health_checks",
-        parse_check,
-        lambda c: c.name,
-        lambda c: f"defines check {c.name!r}",
-        lone_entry_ok=True,
-    )
-
-
 # -- running ---------------------------------------------------------------------------
 
 # Runs a command on the target: (success, output lines), or None when the target could not be
@@ -219,7 +194,7 @@ Runner = Callable[[StringCommand, float], "tuple[bool, list[str]] | None"]
 
 
 def run_checks(
-    checks: list[HealthCheck],
+    checks: Sequence[HealthCheck],
     *,
     systemd: bool,
     run: Runner,

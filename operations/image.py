@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 
 # Systems that boot from an SD card (Raspberry Pis and friends) rather than an ISO.
 SD_CARD_SYSTEMS = ("aarch64-linux", "armv7l-linux", "armv6l-linux")
-BUILD_TIMEOUT = 3600
 
 
 def default_image_attr(nix_system: str) -> str:
@@ -266,7 +265,7 @@ def build_image(plan: ImagePlan, builder: Builder) -> Generator[PyinfraCommand, 
 @host_step
 def _build(state: State, host: Host, plan: ImagePlan, builder: Builder) -> bool:
     ok, lines = run_on(
-        builder.host, build_command(plan.attr), sudo=builder.sudo, timeout=BUILD_TIMEOUT,
+        builder.host, build_command(plan.attr), sudo=builder.sudo, timeout=builder.build_timeout,
         doing=f"building {plan.attr}",
     )  # fmt: skip
     if not ok or plan.path not in built_paths(lines):

@@ -5,6 +5,7 @@ reaches its builder. Frozen and free of I/O; every other layer builds on them.
 .. code:: python
 
     Action("switch").activates, Action("build").copies      # True, False
+    Action("rollback").contacts_target                       # True: it runs on the target
     plan.up_to_date, plan.noop_reason
 """
 
@@ -37,6 +38,12 @@ class Action(StrEnum):
     ROLLBACK = "rollback"
 
     @property
+    def contacts_target(self) -> bool:
+        """Whether the run reaches the target at all (not for build: it may be off or away),
+        so an unreachable target fails it."""
+        return self is not Action.BUILD
+
+    @property
     def builds(self) -> bool:
         """Whether the system comes from the builder (not for a rollback: it is on the target)."""
         return self is not Action.ROLLBACK
@@ -60,6 +67,13 @@ class Action(StrEnum):
     def makes_current(self) -> bool:
         """Whether the new system runs afterwards (``/run/current-system``)."""
         return self in (Action.SWITCH, Action.TEST, Action.ROLLBACK)
+
+    @property
+    def confirmable(self) -> bool:
+        """Whether the new system runs before anything is confirmed, so health checks and a
+        new login can confirm it and the target can roll back without one (not for boot:
+        nothing can be confirmed without a reboot)."""
+        return self.activates and self.makes_current
 
     @property
     def verified_link(self) -> str:
@@ -147,6 +161,16 @@ class Safety:
     activation_timeout: int = DEFAULT_ACTIVATION_TIMEOUT
 
 
+# The default max_parallel_copies (4) and one session for progress reads, below sshd's default
+# MaxSessions (10): pyinfra keeps one more channel open for SFTP once it has uploaded a file,
+# and a human's multiplexed `ssh` needs room too.
+DEFAULT_MAX_SESSIONS = 5
+# A builder's copy concurrency (its uplink is shared) and step limits, in seconds.
+DEFAULT_MAX_PARALLEL_COPIES = 4
+DEFAULT_BUILD_TIMEOUT = 4 * 3600
+DEFAULT_COPY_TIMEOUT = 3600
+
+
 @dataclass(frozen=True)
 class Builder:
     """How a target's operations reach its builder: the inventory host, and whether commands
@@ -154,12 +178,12 @@ class Builder:
 
     host: Host
     sudo: bool
-    # From the builder's data: max_parallel_copies, build_timeout, copy_timeout (fleet.py),
-    # and max_ssh_sessions (copies hold sessions).
-    max_parallel_copies: int = 4
-    max_ssh_sessions: int = 5
-    build_timeout: int = 4 * 3600
-    copy_timeout: int = 3600
+    # From the builder's spec (fleet.py, push.plan.builder_of): max_parallel_copies,
+    # build_timeout, copy_timeout, and max_ssh_sessions (copies hold sessions).
+    max_parallel_copies: int = DEFAULT_MAX_PARALLEL_COPIES
+    max_ssh_sessions: int = DEFAULT_MAX_SESSIONS
+    build_timeout: int = DEFAULT_BUILD_TIMEOUT
+    copy_timeout: int = DEFAULT_COPY_TIMEOUT
 
 
 @dataclass(frozen=True)

@@ -371,7 +371,10 @@ def update_nix_conf(
         return
     systemd = runs_systemd()
     yield replace_nix_conf(new, nix_conf)
-    sudo = bool(host.data.get("_sudo", False))
+    # The operation's own _sudo, as pyinfra resolved it from data and arguments: pyinfra does
+    # not apply it to a command run from a FunctionCommand.
+    arguments = host.current_op_global_arguments
+    sudo = bool(arguments and arguments.get("_sudo"))
     yield FunctionCommand(_restart_or_restore, (nix_conf, systemd, sudo), {})
 
 

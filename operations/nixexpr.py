@@ -1,6 +1,7 @@
 """
-Nix expressions from plain Python values: what the generated NixOS fragments and the NixOS
-advice in error messages are written with, so every string is escaped in one place.
+Nix expressions from plain Python values: what the generated NixOS fragments, the NixOS
+advice in error messages and the push flow's batched evaluation (``push/commands.py``) are
+written with, so every string is escaped in one place.
 
 .. code:: python
 

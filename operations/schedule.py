@@ -55,9 +55,8 @@ from operations.failures import fail_host
 from operations.files import ACCOUNT_NAME, MANAGED_HEADER, write_file
 from operations.lock import DEFAULT_STATE_DIR
 from operations.models import SYSTEMD_RUNNING
-from operations.run.alerts import ALERT_TIMEOUT
-from operations.run.runner import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 from operations.steady import runs_systemd
+from operations.unattended import ALERT_TIMEOUT, DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 
 if TYPE_CHECKING:
     pass

@@ -4,17 +4,19 @@ What every deploy does first, in one call: check the fleet's data and every host
 nixpush-run's lock (``operations.lock``: a deploy by hand never overlaps a scheduled run),
 bound the SSH sessions nixpush opens on each host's connection (``max_ssh_sessions``), and open
 the run summary, which prints one line per host when the run exits (and writes
-``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``).
-Unreachable hosts whose data says ``offline_ok`` are reported ``offline`` instead of failing
-the run.
+``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``), and the run's ``RunCache``, which the push
+steps share. Unreachable hosts whose data says ``offline_ok`` are reported ``offline``
+instead of failing the run.
 
 .. code:: python
 
     from pyinfra import host, state
+    from operations.push import plan
     from operations.start import start_deploy
 
     deploy = start_deploy(state)
     spec = deploy.specs[host.name]
+    plan.reach_builder(host, spec, deploy.cache)  # push steps share the run's cache
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from weakref import WeakKeyDictionary
 from operations.fleet import FleetError, HostSpec, read_fleet
 from operations.lock import hold_deploy_lock
 from operations.process import limit_sessions
+from operations.push.runcache import RunCache
 from operations.secrets import host_secrets
 from operations.summary import RunSummary, summary_for
 
@@ -40,10 +43,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Deploy:
-    """The checked fleet and the run's summary."""
+    """The checked fleet, the run's summary, and what the run's push steps learn once and
+    share (``RunCache``: every deploy file of a run, every host, prepare and execute time)."""
 
     specs: dict[str, HostSpec]
     summary: RunSummary
+    cache: RunCache
 
 
 def check_inventory(inventory: Inventory) -> dict[str, HostSpec]:
@@ -99,5 +104,5 @@ def start_deploy(state: State) -> Deploy:
     summary = summary_for(state)
     # A host that may be asleep (offline_ok) is offline, not failed, in every deploy.
     summary.excuse_offline(name for name, spec in specs.items() if spec.offline_ok)
-    deploy = _started[state] = Deploy(specs, summary)
+    deploy = _started[state] = Deploy(specs, summary, RunCache(specs))
     return deploy

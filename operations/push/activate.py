@@ -42,13 +42,7 @@ from pyinfra.context import host
 from operations.failures import fail, host_step
 from operations.fleet import FleetError
 from operations.health import RETRY_INTERVAL, HealthCheck, run_checks
-from operations.models import (
-    DEFAULT_ACTIVATION_TIMEOUT,
-    DEFAULT_CONFIRM_TIMEOUT,
-    Action,
-    Plan,
-    Safety,
-)
+from operations.models import Plan, Safety
 from operations.process import fresh_login_run, run_on
 from operations.push.commands import nix_error, switch_command
 from operations.push.switch import (
@@ -93,7 +87,7 @@ def dry_activate(plan: Plan, sudo: bool) -> Generator[PyinfraCommand, None, None
 
         activate.dry_activate(plan=plan, sudo=True)
     """
-    if plan.up_to_date or plan.action is Action.BUILD:
+    if plan.up_to_date or not plan.action.contacts_target:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to activate")
         return
     if plan.action.activates:
@@ -129,43 +123,15 @@ GRACE = 60
 CONFIRM_ATTEMPTS = 3
 
 
-def _seconds(host: Host, key: str, default: int, problems: list[str]) -> int:
-    value = host.data.get(key, default)
-    if isinstance(value, str) and value.strip().isdecimal():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 86400:
-        problems.append(f"{host.name}: {key} is {value!r}; set it to seconds, from 1 to 86400")
-        return default
-    return value
-
-
-def safety_for(host: Host, action: str, checks: Sequence[HealthCheck] = ()) -> Safety:
-    """
-    The host's ``rollback``, ``confirm_timeout`` and ``activation_timeout`` data for ``action``;
-    rollback is off for ``boot``. Raises ``FleetError`` naming the key and the fix, also when
-    ``checks`` (those the activation runs) may not fit in the confirmation window.
-    """
-    problems: list[str] = []
-    rollback = host.data.get("rollback", True)
-    if isinstance(rollback, str) and rollback.lower() in ("true", "false"):
-        rollback = rollback.lower() == "true"
-    if not isinstance(rollback, bool):
-        problems.append(f"{host.name}: rollback is {rollback!r}; set it to True or False")
-        rollback = True
-    safety = Safety(
-        rollback=rollback and action != "boot",
-        confirm_timeout=_seconds(host, "confirm_timeout", DEFAULT_CONFIRM_TIMEOUT, problems),
-        activation_timeout=_seconds(
-            host, "activation_timeout", DEFAULT_ACTIVATION_TIMEOUT, problems
-        ),
-    )
-    if safety.rollback and checks and not problems:
-        problem = window_problem(safety, checks, runs_systemd())
-        if problem:
-            problems.append(f"{host.name}: {problem}")
-    if problems:
-        raise FleetError(problems)
-    return safety
+def check_window(host: Host, safety: Safety, checks: Sequence[HealthCheck]) -> None:
+    """Stop the run (``FleetError``, naming the numbers and the fix) when ``checks``, those the
+    activation runs, may outlast the confirmation window; whether unit checks run needs the
+    host's systemd, so this is checked at plan time, not with the rest of the host's data."""
+    if not safety.rollback or not checks:
+        return
+    problem = window_problem(safety, checks, runs_systemd())
+    if problem:
+        raise FleetError([f"{host.name}: {problem}"])
 
 
 def window_problem(safety: Safety, checks: Sequence[HealthCheck], systemd: bool) -> str | None:
@@ -193,9 +159,9 @@ def describe(plan: Plan, safety: Safety, checks: Sequence[HealthCheck]) -> list[
             f"rollback armed: the target rolls back unless confirmed within "
             f"{safety.confirm_timeout}s over a new SSH login"
         )
-        if plan.action in ("switch", "rollback"):
+        if plan.action.sets_profile:
             guard += " (activated as test; what it boots changes only once confirmed)"
-    elif plan.action == "boot":
+    elif not plan.action.confirmable:
         guard = "no automatic rollback for boot (nothing can be confirmed without a reboot)"
     else:
         guard = "rollback off (rollback: False): a failure leaves the new system in place"
@@ -266,17 +232,17 @@ def judge(plan: Plan, status: dict[str, str], note: str = "", seen: bool = False
     previous_profile = status.get("previous-profile", plan.profile or "") or None
     cause = status.get("cause", "")
     runs = f"it now runs {current or 'nothing'}"
-    action = "switch" if plan.action == "rollback" else plan.action
+    action = plan.action
     if state in ("confirmed", "done"):
-        if action in ("switch", "test") and current != plan.desired:
+        if action.makes_current and current != plan.desired:
             return Outcome("failed", f"after {action}, /run/current-system is {current}")
-        if action in ("switch", "boot") and profile != plan.desired:
+        if action.sets_profile and profile != plan.desired:
             return Outcome("failed", f"after {action}, the system profile is {profile}")
         return Outcome("deployed")
     if state == "rolled-back":
         if note and cause.startswith("no confirmation"):
             cause = f"{cause} ({note})"
-        if current != previous or (action == "switch" and profile != previous_profile):
+        if current != previous or (action.sets_profile and profile != previous_profile):
             return Outcome("failed", f"rolled back after {cause}, but {runs}")
         return Outcome("rolled-back", cause)
     if state == "rollback-failed":
@@ -301,11 +267,27 @@ def judge(plan: Plan, status: dict[str, str], note: str = "", seen: bool = False
 # -- the operation ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Activation:
+    """
+    One target's activation, as ``activate_safely`` hands it to the controller's side.
+
+    + plan, safety, checks, sudo: as for ``activate_safely``
+    + systemd: the target has systemd (a transient unit; ``units`` checks run)
+    """
+
+    plan: Plan
+    safety: Safety
+    checks: tuple[HealthCheck, ...]
+    sudo: bool
+    systemd: bool
+
+
 @operation(is_idempotent=False)
 def activate_safely(
     plan: Plan,
     safety: Safety,
-    checks: list[HealthCheck],
+    checks: Sequence[HealthCheck],
     sudo: bool,
 ) -> Generator[PyinfraCommand, None, None]:
     """
@@ -313,39 +295,32 @@ def activate_safely(
     confirmation over a new SSH login and the target's own rollback (see the module's doc).
 
     + plan: the target's ``Plan`` (``switch``, ``boot``, ``test`` or ``rollback``)
-    + safety: ``safety_for(host, plan.action)``
-    + checks: ``operations.health.host_health_checks(host)``
+    + safety: ``spec.safety(plan.action)``
+    + checks: ``spec.health_checks``
     + sudo: run with sudo (a non-root deploy user)
 
     **Example:**
 
     .. code:: python
 
-        activate.activate_safely(plan=plan, safety=safety_for(host, plan.action),
-                                 checks=host_health_checks(host), sudo=True)
+        activate.activate_safely(plan=plan, safety=spec.safety(plan.action),
+                                 checks=spec.health_checks, sudo=spec.sudo)
     """
     if plan.up_to_date or not plan.action.activates:
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: no activation")
         return
-    systemd = runs_systemd()
-    yield FunctionCommand(_activate, (plan, safety, checks, sudo, systemd), {})
+    activation = Activation(plan, safety, tuple(checks), sudo, runs_systemd())
+    yield FunctionCommand(_activate, (activation,), {})
 
 
-def _activate(
-    state: State,
-    host: Host,
-    plan: Plan,
-    safety: Safety,
-    checks: list[HealthCheck],
-    sudo: bool,
-    systemd: bool,
-) -> bool:
+def _activate(state: State, host: Host, activation: Activation) -> bool:
+    plan = activation.plan
     try:
-        outcome = _follow_activation(host, plan, safety, checks, sudo, systemd)
+        outcome = _follow_activation(host, activation)
     except Exception as error:  # never a traceback out of a deploy
         outcome = Outcome("failed", f"activation broke off: {type(error).__name__}: {error}")
     if outcome.status == "deployed":
-        verb = "boots" if plan.action == "boot" else "runs"
+        verb = "runs" if plan.action.makes_current else "boots"
         host.log_styled(f"{plan.target} now {verb} {plan.desired}", log_func=logger.info)
         return True
     if outcome.status == "rolled-back":
@@ -355,16 +330,11 @@ def _activate(
     return fail(host, outcome.cause)
 
 
-def _follow_activation(
-    host: Host,
-    plan: Plan,
-    safety: Safety,
-    checks: list[HealthCheck],
-    sudo: bool,
-    systemd: bool,
-) -> Outcome:
+def _follow_activation(host: Host, activation: Activation) -> Outcome:
+    plan, safety, checks = activation.plan, activation.safety, activation.checks
+    systemd = activation.systemd
     run = ActivationRun.create(plan, safety, systemd)
-    channel = Channel(host, sudo)
+    channel = Channel(host, activation.sudo)
 
     def say(text: str, **style: Any) -> None:
         host.log_styled(text, log_func=logger.info, **style)
@@ -446,7 +416,7 @@ def _follow_activation(
             note = problem or ""
         if known in TERMINAL:
             break
-    if known == "done" and not run.rolls_back and plan.action != "boot":
+    if known == "done" and not run.rolls_back and plan.action.confirmable:
         failed = run_checks(
             checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m)
         )
@@ -468,7 +438,7 @@ def pending_cause(holder: str | None, run: ActivationRun) -> str:
 def _check_and_confirm(
     channel: Channel,
     run: ActivationRun,
-    checks: list[HealthCheck],
+    checks: Sequence[HealthCheck],
     systemd: bool,
     say: Any,
     seen: int,

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING
 
-from gevent.lock import Semaphore
 from pyinfra import logger
 from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
@@ -30,33 +29,32 @@ from operations.push.commands import (
     plain_output,
     read_build_log_command,
 )
-from operations.push.plan import plans_for
 from operations.push.progress import run_watched, shower
+from operations.push.runcache import RunCache
 from operations.summary import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
 
-# Per builder and desired path, the outcome of its build (None: built; else why not).
-_outcomes: dict[tuple[str, str], str | None] = {}
-_locks: dict[str, Semaphore] = {}
-
 
 @operation()
-def build_toplevel(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, None, None]:
+def build_toplevel(
+    plan: Plan, builder: Builder, cache: RunCache
+) -> Generator[PyinfraCommand, None, None]:
     """
     Build the plan's toplevel on its builder, in one build with every other toplevel that
     builder needs this run.
 
     + plan: the target's ``Plan``
     + builder: its ``Builder``
+    + cache: the run's ``RunCache`` (``deploy.cache``): the plans the one build covers
 
     **Example:**
 
     .. code:: python
 
-        build.build_toplevel(plan=plan, builder=builder)
+        build.build_toplevel(plan=plan, builder=builder, cache=deploy.cache)
     """
     if plan.up_to_date:
         host.noop(plan.noop_reason)
@@ -64,27 +62,28 @@ def build_toplevel(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, No
     if plan.built:
         host.noop(f"{plan.builder} has already built {plan.desired}")
         return
-    yield FunctionCommand(_build, (plan, builder), {})
+    yield FunctionCommand(_build, (plan, builder, cache), {})
 
 
 @host_step
-def _build(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
+def _build(state: State, host: Host, plan: Plan, builder: Builder, cache: RunCache) -> bool:
     key = (plan.builder, plan.desired)
-    with _locks.setdefault(plan.builder, Semaphore()):
-        if key not in _outcomes:
+    outcomes = cache.build_outcomes
+    with cache.building(plan.builder):
+        if key not in outcomes:
             failed = {h.name for h in state.failed_hosts}
             batch = {
                 p.desired: p
-                for p in plans_for(plan.builder)
+                for p in cache.plans_for(plan.builder)
                 if not (p.up_to_date or p.built)
                 and p.target not in failed
-                and (plan.builder, p.desired) not in _outcomes
+                and (plan.builder, p.desired) not in outcomes
             }
             batch[plan.desired] = plan
-            _outcomes.update(
+            outcomes.update(
                 {(plan.builder, path): cause for path, cause in build_all(builder, batch).items()}
             )
-    cause = _outcomes[key]
+    cause = outcomes[key]
     if cause is not None:
         reason = f"building {plan.attr} on {plan.builder} failed: {cause}"
         if host.name != plan.target:  # built from the builder's run: the target's failure

@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from operations.keys import SIGNING_KEY_PATH
 from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE
+from operations.nixexpr import nix_string
 from operations.ssh import SSH_OPTIONS
 
 NIX = ("nix", "--extra-experimental-features", QuoteString("nix-command flakes"))
@@ -154,13 +155,6 @@ class Evaluated:
 
     path: str
     derivation: str
-
-
-def nix_string(text: str) -> str:
-    """``text`` as a Nix string literal: ``nix_string('a"${b}') == '"a\\"\\${b}"'``."""
-    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
-    escaped = escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
-    return f'"{escaped}"'
 
 
 def batch_eval_expression(configs: Sequence[str]) -> str:

@@ -12,6 +12,7 @@ trust the builder's key before it copies).
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gevent.lock import BoundedSemaphore
@@ -35,41 +36,50 @@ from operations.push.commands import (
     plain_output,
     sign_command,
 )
-from operations.push.plan import once
 from operations.push.progress import run_watched, shower
+from operations.push.runcache import RunCache
 from operations.steady import known_nixos
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
 
-# Per builder: how many copies may run at once.
-_copy_slots: dict[str, BoundedSemaphore] = {}
-# Per builder and store path: signed this run (None) or why not.
-_signed: dict[tuple[str, str], str | None] = {}
+
+def copy_slots(builder: Builder, cache: RunCache) -> BoundedSemaphore:
+    """The builder's copy slots: ``max_parallel_copies``, but leaving one of its SSH sessions
+    (``max_ssh_sessions``) free, since every running copy holds one and its progress needs
+    another."""
+    name = builder.host.name
+    if name not in cache.copy_slots:
+        sessions = builder.max_ssh_sessions
+        slots = BoundedSemaphore(max(1, min(builder.max_parallel_copies, sessions - 1)))
+        cache.copy_slots[name] = slots
+    return cache.copy_slots[name]
 
 
 @operation()
-def sign_closure(plan: Plan, builder: Builder) -> Generator[PyinfraCommand, None, None]:
+def sign_closure(
+    plan: Plan, builder: Builder, cache: RunCache
+) -> Generator[PyinfraCommand, None, None]:
     """
     Sign the plan's closure on the builder with its Nix signing key.
 
-    + plan, builder: as for ``build.build_toplevel``
+    + plan, builder, cache: as for ``build.build_toplevel``
 
     **Example:**
 
     .. code:: python
 
-        copy.sign_closure(plan=plan, builder=builder)
+        copy.sign_closure(plan=plan, builder=builder, cache=deploy.cache)
     """
     if plan.up_to_date or not plan.action.copies:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
         return
-    yield FunctionCommand(_sign, (plan, builder), {})
+    yield FunctionCommand(_sign, (plan, builder, cache), {})
 
 
 @host_step
-def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
+def _sign(state: State, host: Host, plan: Plan, builder: Builder, cache: RunCache) -> bool:
     doing = f"signing {plan.desired} with {SIGNING_KEY_PATH}"
 
     def sign() -> str | None:
@@ -79,7 +89,7 @@ def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
         return None if ok else nix_error(lines)
 
     # Targets sharing a system share its signing: the first signs, the others wait for it.
-    error = once(_signed, (plan.builder, plan.desired), sign)
+    error = cache.signed((plan.builder, plan.desired), sign)
     if error is not None:
         return fail(host, f"{doing} on {plan.builder} failed: {error}")
     return True
@@ -89,6 +99,7 @@ def _sign(state: State, host: Host, plan: Plan, builder: Builder) -> bool:
 def copy_closure(
     plan: Plan,
     builder: Builder,
+    cache: RunCache,
     address: str,
     port: int,
     user: str,
@@ -96,7 +107,7 @@ def copy_closure(
     """
     Copy the plan's signed closure from the builder to the target over ssh-ng.
 
-    + plan, builder: as for ``build.build_toplevel``
+    + plan, builder, cache: as for ``build.build_toplevel``
     + address, port, user: how the builder reaches the target (its inventory SSH data); the
       builder verifies the target's host key against its known_hosts (never accept-new)
 
@@ -104,21 +115,31 @@ def copy_closure(
 
     .. code:: python
 
-        copy.copy_closure(plan=plan, builder=builder, address="192.168.1.122",
-                          port=8023, user="beau")
+        copy.copy_closure(plan=plan, builder=builder, cache=deploy.cache,
+                          address="192.168.1.122", port=8023, user="beau")
     """
     if plan.up_to_date or not plan.action.copies:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
         return
-    yield FunctionCommand(_copy, (plan, builder, address, port, user), {})
+    yield FunctionCommand(_copy, (plan, builder, cache, Destination(address, port, user)), {})
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a copy goes: the target as its builder reaches it."""
+
+    address: str
+    port: int
+    user: str
 
 
 @host_step
 def _copy(
-    state: State, host: Host, plan: Plan, builder: Builder, address: str, port: int, user: str
+    state: State, host: Host, plan: Plan, builder: Builder, cache: RunCache, to: Destination
 ) -> bool:
+    address, port, user = to.address, to.port, to.user
     doing = f"copying to {user}@{address}:{port}"
-    slots = copy_slots(builder)
+    slots = copy_slots(builder, cache)
     if slots.locked():
         host.log_styled(
             f"waiting for a copy slot on {plan.builder} (max_parallel_copies "
@@ -170,14 +191,3 @@ def _copy(
         return fail(host, f"{doing} on {plan.builder} failed: {cause}")
     host.log_styled(f"copied {plan.desired} from {plan.builder}", log_func=logger.info)
     return True
-
-
-def copy_slots(builder: Builder) -> BoundedSemaphore:
-    """The builder's copy slots: ``max_parallel_copies``, but leaving one of its SSH sessions
-    (``max_ssh_sessions``) free, since every running copy holds one and its progress needs
-    another."""
-    name = builder.host.name
-    if name not in _copy_slots:
-        sessions = builder.max_ssh_sessions
-        _copy_slots[name] = BoundedSemaphore(max(1, min(builder.max_parallel_copies, sessions - 1)))
-    return _copy_slots[name]

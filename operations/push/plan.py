@@ -7,7 +7,8 @@ Called from deploy code (prepare time, once per host). A problem that concerns o
 raises ``DeployFailed``; the deploy reports it, fails that host, and the others go on.
 Evaluation is once per builder and flake per run: the first target to need it evaluates the
 toplevels of every selected target of that builder in one ``nix eval`` process (what they share,
-nixpkgs, is evaluated once), the others wait for it. Deploy code runs once per host.
+nixpkgs, is evaluated once), the others wait for it. Deploy code runs once per host. What a
+builder answered once is kept in the run's ``RunCache`` (``deploy.cache``), passed to every step.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import gevent
-from gevent.lock import Semaphore
 from pyinfra import logger
 from pyinfra.context import ctx_config, ctx_host
 from pyinfra.facts.files import File
 
 from operations.failures import DeployFailed
-from operations.fleet import HostSpec, host_spec
+from operations.fleet import HostSpec
 from operations.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
 from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan
 from operations.nix import NixConfig
@@ -42,6 +42,7 @@ from operations.push.commands import (
     toplevel_attr,
 )
 from operations.push.progress import report_progress, shower
+from operations.push.runcache import RunCache
 from operations.push.switch import LinksAndPending, SystemGenerations
 from operations.steady import read_with_host_kind
 from operations.summary import RunSummary
@@ -49,27 +50,10 @@ from operations.summary import RunSummary
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
-T = TypeVar("T")
-
 READING_LINKS = f"reading {CURRENT_SYSTEM} and {SYSTEM_PROFILE}"
 
-_builder_locks: dict[str, Semaphore] = {}
-_unreachable_builders: set[str] = set()
-# Per builder and flake, the greenlet evaluating every selected target's toplevel.
-_evaluations: dict[tuple[str, str], gevent.Greenlet[..., dict[str, Evaluated | str]]] = {}
-_flake_metadata: dict[tuple[str, str], dict[str, Any]] = {}
-# Per builder, the plans made this run (target -> Plan): what its one build covers.
-_plans: dict[str, dict[str, Plan]] = {}
-_locks: dict[tuple[str, str], Semaphore] = {}
-# Per builder, what every target's check reads: its Nix's systems, and which push key is missing.
-_platforms: dict[tuple[str, str], frozenset[str | None]] = {}
-_push_keys_missing: dict[tuple[str, str], str | None] = {}
-# Per builder and store path (or pair of paths): in its store? what changes between them?
-_built: dict[tuple[str, str], bool] = {}
-_diffs: dict[tuple[str, str], list[str]] = {}
 
-
-def reach_builder(target: Host, spec: HostSpec) -> Builder:
+def reach_builder(target: Host, spec: HostSpec, cache: RunCache) -> Builder:
     """The target's builder, connected; ``DeployFailed`` when it cannot be reached."""
     assert spec.builder_host is not None
     builder = target.inventory.get_host(spec.builder_host)
@@ -79,28 +63,32 @@ def reach_builder(target: Host, spec: HostSpec) -> Builder:
             f"bring it up or point {spec.name}'s builder_host at another builder"
         )
     # Targets plan in parallel greenlets: one connects (once), the others wait for it.
-    with _builder_locks.setdefault(builder.name, Semaphore()):
-        if not builder.connected and builder.name not in _unreachable_builders:
+    with cache.connecting(builder.name):
+        if not builder.connected and builder.name not in cache.unreachable_builders:
             builder.connect(reason=f"builds for {spec.name}")
             if not builder.connected:
-                _unreachable_builders.add(builder.name)
+                cache.unreachable_builders.add(builder.name)
     if not builder.connected:
         raise DeployFailed(
             f"builder {builder.name} is unreachable; bring it up or point "
             f"{spec.name}'s builder_host at another builder"
         )
-    limits = host_spec(builder)  # checked with the whole fleet before anything connected
+    return builder_of(builder, cache.specs[builder.name])
+
+
+def builder_of(host: Host, spec: HostSpec) -> Builder:
+    """``host`` as a ``Builder``, with its sudo and limits from its spec."""
     return Builder(
-        host=builder,
-        sudo=bool(builder.data.get("_sudo", False)),
-        max_parallel_copies=limits.max_parallel_copies,
-        max_ssh_sessions=limits.max_ssh_sessions,
-        build_timeout=limits.build_timeout,
-        copy_timeout=limits.copy_timeout,
+        host=host,
+        sudo=spec.sudo,
+        max_parallel_copies=spec.max_parallel_copies,
+        max_ssh_sessions=spec.max_ssh_sessions,
+        build_timeout=spec.build_timeout,
+        copy_timeout=spec.copy_timeout,
     )
 
 
-def check_builder(builder: Builder, spec: HostSpec) -> None:
+def check_builder(builder: Builder, spec: HostSpec, cache: RunCache) -> None:
     """Fail unless the builder's Nix accepts the target's system and, when it pushes to the
     target (not to itself), has the push keys."""
     if spec.pushed_by is not None and not spec.ssh_host_key:
@@ -108,15 +96,15 @@ def check_builder(builder: Builder, spec: HostSpec) -> None:
             f"{spec.name} has no ssh_host_key, so {builder.host.name} cannot verify it: set it "
             "to the host's public key and run `pyinfra inventory.py deploys/secrets.py`"
         )
-    check_builds_system(builder, spec)
+    check_builds_system(builder, spec, cache)
     if spec.pushed_by is not None:
-        _check_push_keys(builder)
+        _check_push_keys(builder, cache)
 
 
-def check_builds_system(builder: Builder, spec: HostSpec) -> None:
+def check_builds_system(builder: Builder, spec: HostSpec, cache: RunCache) -> None:
     """Fail unless the builder's Nix accepts ``spec``'s system (natively or emulated)."""
     name = builder.host.name
-    if spec.nix_system not in _platforms_of(builder):
+    if spec.nix_system not in _platforms_of(builder, cache):
         raise DeployFailed(
             f"builder {name} cannot build {spec.nix_system} yet (its Nix has no "
             f"extra-platforms for it): add {spec.nix_system} to {name}'s "
@@ -124,7 +112,7 @@ def check_builds_system(builder: Builder, spec: HostSpec) -> None:
         )
 
 
-def _platforms_of(builder: Builder) -> frozenset[str | None]:
+def _platforms_of(builder: Builder, cache: RunCache) -> frozenset[str | None]:
     """The systems the builder's Nix builds: read once per run, whichever target asks first."""
 
     def read() -> frozenset[str | None]:
@@ -134,10 +122,10 @@ def _platforms_of(builder: Builder) -> frozenset[str | None]:
         )
         return frozenset({config.get("system"), *(config.get("extra-platforms") or [])})
 
-    return once(_platforms, (builder.host.name, "platforms"), read)
+    return cache.platforms(builder.host.name, read)
 
 
-def _check_push_keys(builder: Builder) -> None:
+def _check_push_keys(builder: Builder, cache: RunCache) -> None:
     """Fail unless the builder has both push keys (looked for once per run)."""
 
     def missing() -> str | None:
@@ -152,7 +140,7 @@ def _check_push_keys(builder: Builder) -> None:
                 return f"no {what} at {path}"
         return None
 
-    problem = once(_push_keys_missing, (builder.host.name, "push keys"), missing)
+    problem = cache.push_keys_missing(builder.host.name, missing)
     if problem is not None:
         raise DeployFailed(
             f"builder {builder.host.name} has {problem}: install it from sops with "
@@ -160,15 +148,7 @@ def _check_push_keys(builder: Builder) -> None:
         )
 
 
-def once(cache: dict[tuple[str, str], T], key: tuple[str, str], compute: Callable[[], T]) -> T:
-    """``cache[key]``, computed by the first target that asks; the others wait for it."""
-    with _locks.setdefault(key, Semaphore()):
-        if key not in cache:
-            cache[key] = compute()
-    return cache[key]
-
-
-def selected_configs(target: Host, builder: Builder, flake: str) -> list[str]:
+def selected_configs(target: Host, builder: Builder, flake: str, cache: RunCache) -> list[str]:
     """The configurations of every target this run deploys with ``builder`` and ``flake``:
     those in ``--limit``, not already failed (unreachable)."""
     state = target.state
@@ -177,14 +157,19 @@ def selected_configs(target: Host, builder: Builder, flake: str) -> list[str]:
     for candidate in state.inventory:
         if not state.is_host_in_limit(candidate) or candidate.name in failed:
             continue
-        spec = host_spec(candidate)
+        spec = cache.specs[candidate.name]
         if spec.builder_host == builder.host.name and spec.flake == flake:
             configs.add(spec.nixos_config)
     return sorted(configs)
 
 
 def start_evaluation(
-    target: Host, builder: Builder, flake: str, config: str, fingerprint: str | None = None
+    target: Host,
+    builder: Builder,
+    flake: str,
+    config: str,
+    cache: RunCache,
+    fingerprint: str | None = None,
 ) -> None:
     """Start the builder's one evaluation of every selected target's configuration in
     ``flake``, in a greenlet of its own, unless a target already started it: the caller reads
@@ -192,11 +177,11 @@ def start_evaluation(
     ``fingerprint`` (read before), the answers are remembered if the flake is still the same
     after the evaluation."""
     key = (builder.host.name, flake)
-    if key in _evaluations:
+    if key in cache.evaluations:
         return
 
     def evaluate_all() -> dict[str, Evaluated | str]:
-        configs = selected_configs(target, builder, flake)
+        configs = selected_configs(target, builder, flake, cache)
         if config not in configs:
             configs.append(config)
         show = shower(builder.host, f"evaluating {len(configs)} configurations")
@@ -217,18 +202,20 @@ def start_evaluation(
         with ctx_host.use(host_context), ctx_config.use(config_context):
             return evaluate_all()
 
-    _evaluations[key] = gevent.spawn(evaluate_in_context)
+    cache.evaluations[key] = gevent.spawn(evaluate_in_context)
 
 
-def evaluate_toplevel(target: Host, builder: Builder, flake: str, config: str) -> Evaluated:
+def evaluate_toplevel(
+    target: Host, builder: Builder, flake: str, config: str, cache: RunCache
+) -> Evaluated:
     """
     ``config``'s toplevel as the builder evaluates ``flake``; ``DeployFailed`` with Nix's
     error when it does not evaluate. The first target of a builder evaluates every selected
     target's configuration in one process (``start_evaluation``); the others wait for it and
     take their answer.
     """
-    start_evaluation(target, builder, flake, config)
-    results = _evaluations[(builder.host.name, flake)].get()
+    start_evaluation(target, builder, flake, config, cache)
+    results = cache.evaluations[(builder.host.name, flake)].get()
     if config not in results:  # a target the first one did not know of: evaluate it alone
         results.update(evaluate_configs(builder, flake, [config], lambda _: None))
     result = results[config]
@@ -299,24 +286,24 @@ def _eval_error(lines: list[str]) -> str:
     )
 
 
-def flake_metadata(builder: Builder, flake: str) -> dict[str, Any]:
+def flake_metadata(builder: Builder, flake: str, cache: RunCache) -> dict[str, Any]:
     """
     What the builder resolves ``flake`` to: its git ``revision`` (None for a path or a dirty
     tree), ``narHash`` and ``lastModified``; ``{"error": ...}`` when Nix cannot tell. Cached.
     """
-    resolved = _resolved_flake(builder, flake)
+    resolved = _resolved_flake(builder, flake, cache)
     return {name: value for name, value in resolved.items() if name != "fingerprint"}
 
 
-def flake_fingerprint(builder: Builder, flake: str) -> str | None:
+def flake_fingerprint(builder: Builder, flake: str, cache: RunCache) -> str | None:
     """``evalcache.fingerprint`` of ``flake`` as the builder resolves it now (once per run)."""
-    answer = _resolved_flake(builder, flake).get("fingerprint")
+    answer = _resolved_flake(builder, flake, cache).get("fingerprint")
     return answer if isinstance(answer, str) else None
 
 
-def _resolved_flake(builder: Builder, flake: str) -> dict[str, Any]:
+def _resolved_flake(builder: Builder, flake: str, cache: RunCache) -> dict[str, Any]:
     """``_read_flake``, once per builder and flake per run."""
-    return once(_flake_metadata, (builder.host.name, flake), lambda: _read_flake(builder, flake))
+    return cache.flakes((builder.host.name, flake), lambda: _read_flake(builder, flake))
 
 
 def _read_flake(builder: Builder, flake: str) -> dict[str, Any]:
@@ -341,7 +328,7 @@ def _read_flake(builder: Builder, flake: str) -> dict[str, Any]:
     }
 
 
-def is_built(builder: Builder, path: str) -> bool:
+def is_built(builder: Builder, path: str, cache: RunCache) -> bool:
     """Whether the builder's store has ``path`` (asked once per run: targets share systems)."""
 
     def look_up() -> bool:
@@ -350,15 +337,15 @@ def is_built(builder: Builder, path: str) -> bool:
         )
         return ok
 
-    return once(_built, (builder.host.name, path), look_up)
+    return cache.built((builder.host.name, path), look_up)
 
 
-def diff_closures(builder: Builder, before: str, after: str) -> list[str]:
+def diff_closures(builder: Builder, before: str, after: str, cache: RunCache) -> list[str]:
     """What changes between two closures both present on the builder (empty when unknown);
     once per run for each pair."""
 
     def compare() -> list[str]:
-        if not (is_built(builder, before) and is_built(builder, after)):
+        if not (is_built(builder, before, cache) and is_built(builder, after, cache)):
             return []
         ok, lines = run_on(
             builder.host,
@@ -368,18 +355,20 @@ def diff_closures(builder: Builder, before: str, after: str) -> list[str]:
         )
         return lines if ok else []
 
-    return once(_diffs, (builder.host.name, f"{before} {after}"), compare)
+    return cache.diffs((builder.host.name, before, after), compare)
 
 
-def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSummary) -> Plan:
+def plan_deploy(
+    target: Host, spec: HostSpec, builder: Builder, summary: RunSummary, cache: RunCache
+) -> Plan:
     """The target's ``Plan``; logs current -> desired and what changes where Nix can tell."""
     if not spec.flake:
         raise DeployFailed(f"{spec.name} has no flake; set flake in its host or group data")
     attr = toplevel_attr(spec.flake, spec.nixos_config)
-    action = Action(spec.deploy_action)
+    action = spec.deploy_action
 
     def links() -> tuple[str | None, str | None, str | None]:
-        if not action.copies:  # `build` never contacts the target: it may be off or away
+        if not action.contacts_target:  # `build`: the target may be off or away
             return None, None, None
         # With the target's kind: the activation asks for it (one round trip less); with the
         # activation pending there, if any: it may still roll the links back.
@@ -387,10 +376,11 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
 
     # A target already on what this flake state evaluated to last time needs no evaluation;
     # any other evaluates afresh (evalcache). Read the target while the builder evaluates.
-    fingerprint = flake_fingerprint(builder, spec.flake) if action.copies else None
+    # (Only for a target whose links are read: a remembered answer only finds one up to date.)
+    fingerprint = flake_fingerprint(builder, spec.flake, cache) if action.contacts_target else None
     known = evalcache.remembered(fingerprint, spec.nixos_config) if fingerprint else None
     if known is None:
-        start_evaluation(target, builder, spec.flake, spec.nixos_config, fingerprint)
+        start_evaluation(target, builder, spec.flake, spec.nixos_config, cache, fingerprint)
     current, profile, pending = links()
 
     def plan_for(evaluated: Evaluated) -> Plan:
@@ -408,16 +398,16 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
 
     plan = plan_for(known) if known is not None else None
     if plan is None or not plan.up_to_date:
-        start_evaluation(target, builder, spec.flake, spec.nixos_config, fingerprint)
-        plan = plan_for(evaluate_toplevel(target, builder, spec.flake, spec.nixos_config))
+        start_evaluation(target, builder, spec.flake, spec.nixos_config, cache, fingerprint)
+        plan = plan_for(evaluate_toplevel(target, builder, spec.flake, spec.nixos_config, cache))
     desired = plan.desired
-    if plan.action is Action.BUILD or not plan.up_to_date:
+    if not plan.action.contacts_target or not plan.up_to_date:
         # Whether the builder has it matters only when something will be built or copied.
-        plan = replace(plan, built=is_built(builder, desired))
+        plan = replace(plan, built=is_built(builder, desired, cache))
     summary.planned(plan)
-    _plans.setdefault(plan.builder, {})[plan.target] = plan
+    cache.planned(plan)
     if summary.wants_report:
-        summary.flake_seen(spec.flake, flake_metadata(builder, spec.flake))
+        summary.flake_seen(spec.flake, flake_metadata(builder, spec.flake, cache))
     if plan.pending:
         target.log_styled(
             f"not up to date: {plan.pending} is pending there (this run's activation waits "
@@ -432,7 +422,7 @@ def plan_deploy(target: Host, spec: HostSpec, builder: Builder, summary: RunSumm
             f"{plan.action}: {plan.before or 'no system'} -> {desired}", log_func=logger.info
         )
         if plan.before:
-            for line in diff_closures(builder, plan.before, desired):
+            for line in diff_closures(builder, plan.before, desired, cache):
                 target.log_styled(f"  {line}", log_func=logger.info)
     return plan
 
@@ -473,18 +463,12 @@ def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:
     return plan
 
 
-def plans_for(builder: str) -> list[Plan]:
-    """Every plan made this run for targets of ``builder`` (deploy code runs for all of them
-    before any operation executes)."""
-    return list(_plans.get(builder, {}).values())
-
-
 def needed_hosts(specs: Mapping[str, HostSpec], active: set[str]) -> set[str]:
-    """Hosts a push deploy needs: the active targets and their builders; a target that is only
-    built (``deploy_action=build``) needs only its builder."""
+    """Hosts a push deploy needs: the active targets it contacts (``Action.contacts_target``:
+    not those only built) and their builders."""
     targets = {name for name in active if specs[name].is_target}
     builders = {specs[name].builder_host for name in targets}
-    contacted = {name for name in targets if Action(specs[name].deploy_action).copies}
+    contacted = {name for name in targets if specs[name].deploy_action.contacts_target}
     return contacted | {name for name in builders if name}
 
 
@@ -497,7 +481,7 @@ def unreachable_builds(builder: Host, specs: Mapping[str, HostSpec]) -> list[Hos
         for spec in specs.values()
         if spec.builder_host == builder.name
         and spec.name != builder.name
-        and Action(spec.deploy_action) is Action.BUILD
+        and not spec.deploy_action.contacts_target
         and state.is_host_in_limit(target := builder.inventory.get_host(spec.name))
         and not target.connected
     ]

@@ -21,8 +21,7 @@ from typing import Any
 
 from operations.process import run_local_bounded
 from operations.run.report import ExitCode, human_summary
-
-ALERT_TIMEOUT = 60
+from operations.unattended import ALERT_TIMEOUT
 
 
 def wants_alert(report: Mapping[str, Any]) -> bool:

@@ -26,6 +26,7 @@ from typing import Any
 
 from operations.files import make_dirs, write_atomically
 from operations.lock import STATE_DIR_MODE
+from operations.models import ACTIONS, Action
 
 REPORT_VERSION = 1
 # Group readable (a monitor in the state dir's group), nobody else: reports and their logs.
@@ -165,9 +166,10 @@ def _paths(entry: Mapping[str, Any], status: str) -> dict[str, Any]:
     before = {"current": current, "profile": profile}
     after: dict[str, Any] | None
     if status == "changed":
+        does = Action(action) if action in ACTIONS else None
         after = {
-            "current": desired if action in ("switch", "test") else current,
-            "profile": desired if action in ("switch", "boot") else profile,
+            "current": desired if does is not None and does.makes_current else current,
+            "profile": desired if does is not None and does.sets_profile else profile,
         }
     elif status in ("unchanged", "drifted", "rolled-back"):
         after = dict(before)  # nothing was done, or it was undone (verified by the deploy)

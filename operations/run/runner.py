@@ -42,14 +42,8 @@ from operations.process import find_program, run_local
 from operations.push.evalcache import CACHE_DIR_ENV
 from operations.run import alerts, metrics, report
 from operations.run.report import DeployResult, ExitCode
+from operations.unattended import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 
-DEFAULT_KEEP = 30
-DEFAULT_TIMEOUT = 3600
-# Which deploys each mode runs, in order, unless --deploy says otherwise.
-SCHEDULE: dict[str, tuple[str, ...]] = {
-    "check": ("deploys/nas.py", "deploys/secrets.py", "deploys/pi.py"),
-    "deploy": ("deploys/pi.py",),
-}
 NO_HOST_MATCHED = "No host matches found for --limit pattern"
 
 EPILOG = """\

@@ -72,10 +72,10 @@ def test_an_exception_while_planning_one_target_fails_that_target_alone(push_rea
         "from operations.push import plan as _plan\n"
         "_real = getattr(_plan, '_real_plan_deploy', _plan.plan_deploy)\n"
         "_plan._real_plan_deploy = _real\n"
-        "def _buggy(target, spec, builder, summary):\n"
+        "def _buggy(target, spec, *rest):\n"
         "    if spec.name == 'pi5':\n"
         "        raise KeyError('injected')\n"
-        "    return _real(target, spec, builder, summary)\n"
+        "    return _real(target, spec, *rest)\n"
         "_plan.plan_deploy = _buggy\n"
         f"local.include({str(REPO / 'deploys/pi.py')!r})\n"
     )

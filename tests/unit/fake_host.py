@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -11,9 +11,11 @@ from pyinfra.api import Config
 from pyinfra.api.command import FunctionCommand, PyinfraCommand, StringCommand
 from pyinfra.api.state import StateStage
 from pyinfra.context import ctx_host, ctx_state
-from pyinfra.facts.files import Directory, File
+from pyinfra.facts.files import Directory, File, Sha1File
+from pyinfra.facts.server import User
 
 from operations.models import NIXOS_MARKER, SYSTEMD_RUNNING
+from operations.nix import NIX_CONF, NixConfig, NixConfText
 from operations.steady import HostKind
 
 
@@ -44,6 +46,7 @@ class FakeHost:
         self.data = data or {}
         self.facts: dict[tuple[type, str], Any] = {}
         self.noops: list[str] = []
+        self.logged: list[str] = []
 
     def fact(self, cls: type, value: Any, **kwargs: Any) -> FakeHost:
         self.facts[_key(cls, kwargs)] = value
@@ -69,8 +72,38 @@ class FakeHost:
     def noop(self, description: str) -> None:
         self.noops.append(description)
 
+    def log_styled(self, message: str, **kwargs: Any) -> None:
+        self.logged.append(message)
+
     def get_temp_filename(self, *args: Any, **kwargs: Any) -> str:
         return "_tempfile_"
+
+
+def nix_host(
+    name: str = "nas",
+    nix_conf: str | None = "",
+    config: Mapping[str, object] | None = None,
+    *,
+    nixos: bool = False,
+    systemd: bool = False,
+) -> FakeHost:
+    """
+    A host whose Nix the nix.conf operations read and write, facts recorded the way the
+    operations ask for them: ``nix_conf`` is the file's text (None: missing), ``config`` what
+    ``nix show-config`` answers; root runs them; ``/etc/NIXOS`` when ``nixos``, systemd when
+    ``systemd``; an existing nix.conf whose content differs from what is written (what
+    ``files.put`` reads: mode, its directory, a checksum).
+    """
+    host = FakeHost(name)
+    host.fact(NixConfig, config)
+    host.fact(File, {"mode": 644} if nixos else None, path=NIXOS_MARKER)
+    host.fact(Directory, {"mode": 755} if systemd else None, path=SYSTEMD_RUNNING)
+    host.fact(User, "root")
+    host.fact(NixConfText, nix_conf, path=NIX_CONF)
+    host.fact(File, {"mode": 644}, path=NIX_CONF)
+    host.fact(Directory, {"mode": 755}, path="/etc/nix")
+    host.fact(Sha1File, "0" * 40, path=NIX_CONF)
+    return host
 
 
 @contextmanager
@@ -83,6 +116,13 @@ def run(fake: FakeHost, op: Any, *args: Any, **kwargs: Any) -> list[PyinfraComma
     """All commands ``op`` yields on ``fake`` (its noops land in ``fake.noops``)."""
     with on_host(fake):
         return list(op._inner(*args, **kwargs))
+
+
+def failure(fake: FakeHost, op: Any, *args: Any, **kwargs: Any) -> str:
+    """Why ``op`` fails ``fake``: it yields one command, which fails the host with this."""
+    (command,) = run(fake, op, *args, **kwargs)
+    assert isinstance(command, FunctionCommand), command
+    return str(command.args[0])
 
 
 def shell(commands: list[Any]) -> list[str]:

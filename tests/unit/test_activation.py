@@ -18,7 +18,6 @@ from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.exceptions import ConnectError
 
 from operations import process
-from operations.fleet import FleetError
 from operations.health import HealthCheck
 from operations.models import Action, Plan, Safety
 from operations.push import activate, switch
@@ -228,6 +227,11 @@ def status(state: str, current: str = NEW, profile: str = NEW, cause: str = "") 
         (plan(), status("confirmed"), "", Outcome("deployed")),
         (plan("test"), status("confirmed", profile=OLD), "", Outcome("deployed")),
         (plan("boot"), status("done", current=OLD), "", Outcome("deployed")),
+        (plan("rollback"), status("confirmed"), "", Outcome("deployed")),
+        (
+            plan("rollback"), status("confirmed", profile=OLD), "",
+            Outcome("failed", f"after rollback, the system profile is {OLD}"),
+        ),
         (
             plan(), status("confirmed", current=OLD), "",
             Outcome("failed", f"after switch, /run/current-system is {OLD}"),
@@ -277,28 +281,6 @@ def test_judge(the_plan, the_status, note, expected):
 
 
 # -- data, facts, --dry ----------------------------------------------------------------
-
-
-def fake_host(**data: Any) -> Any:
-    return SimpleNamespace(name="pi4", data=data)
-
-
-def test_safety_defaults_and_boot():
-    assert activate.safety_for(fake_host(), "switch") == Safety(True, 30, 600)
-    assert activate.safety_for(fake_host(), "boot").rollback is False
-    parsed = activate.safety_for(
-        fake_host(rollback="false", confirm_timeout="12", activation_timeout=90), "test"
-    )
-    assert parsed == Safety(False, 12, 90)
-
-
-def test_bad_safety_data_names_host_key_and_fix():
-    with pytest.raises(FleetError) as error:
-        activate.safety_for(fake_host(rollback="maybe", confirm_timeout=0), "switch")
-    assert error.value.problems == (
-        "pi4: rollback is 'maybe'; set it to True or False",
-        "pi4: confirm_timeout is 0; set it to seconds, from 1 to 86400",
-    )
 
 
 def test_system_generations_fact():

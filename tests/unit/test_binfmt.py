@@ -17,7 +17,7 @@ from operations.binfmt import (
     emulated_systems,
 )
 from operations.summary import summary_for
-from tests.unit.fake_host import FakeHost, FakeState, run, shell
+from tests.unit.fake_host import FakeHost, FakeState, failure, nix_host, run, shell
 
 # /usr/lib/binfmt.d/qemu-aarch64.conf and qemu-arm.conf from Debian 12's qemu-user-static.
 AARCH64_LINE = (
@@ -355,10 +355,7 @@ def test_non_root_without_sudo_rejected():
 
 
 def nixos_builder(handlers: dict[str, BinfmtHandler]) -> FakeHost:
-    host = FakeHost("nas")
-    host.fact(File, {"mode": 644}, path="/etc/NIXOS")
-    host.fact(BinfmtHandlers, handlers)
-    return host
+    return nix_host("nas", None, nixos=True).fact(BinfmtHandlers, handlers)
 
 
 def test_nixos_with_handlers_is_a_noop():
@@ -370,9 +367,7 @@ def test_nixos_with_handlers_is_a_noop():
 
 def test_nixos_without_handlers_fails_with_the_option():
     host = nixos_builder({})
-    (command,) = run(host, emulated_systems, ["aarch64-linux", "armv7l-linux"])
-    assert isinstance(command, FunctionCommand)
-    assert str(command.args[0]) == (
+    assert failure(host, emulated_systems, ["aarch64-linux", "armv7l-linux"]) == (
         'nas runs NixOS: set boot.binfmt.emulatedSystems = [ "aarch64-linux" "armv7l-linux" ]; '
         "in its configuration, then rebuild it"
         f" {FRAGMENT_HINT}"

@@ -15,6 +15,9 @@ from operations.fleet import (
     fleet_errors,
     host_spec,
 )
+from operations.models import Action, Safety
+from operations.schedule import Schedule
+from operations.start import check_inventory
 from tests.unit.conftest import REPO
 
 # Every host nixpush connects to checks host keys (unset is pyinfra's accept-new: refused).
@@ -362,3 +365,55 @@ def test_unchecked_host_keys_on_targets_and_builders(write_inventory, value):
     allowed = {"ssh_strict_host_key_checking": value, "insecure_ssh_host_key_checking": True}
     inventory = write_inventory(fleet(nas=allowed, pi=allowed), filename="allowed.py")
     assert fleet_errors(inventory) == []
+
+
+# -- what the activation and the schedule read: parsed here, once, for every host --------
+
+
+def test_safety_health_checks_schedule_and_sudo_defaults(write_inventory):
+    spec = check_fleet(write_inventory(fleet()))["pi"]
+    assert (spec.sudo, spec.rollback, spec.confirm_timeout, spec.activation_timeout) == (
+        False, True, 30, 600,
+    )  # fmt: skip
+    assert spec.health_checks == () and spec.schedule == Schedule(enabled=False)
+    assert spec.safety(Action.SWITCH) == Safety(True, 30, 600)
+    assert spec.safety(Action.BOOT).rollback is False  # nothing is confirmed without a reboot
+
+
+def test_safety_health_checks_schedule_and_sudo_are_typed(write_inventory):
+    data = {
+        "_sudo": True,
+        "rollback": "false",
+        "confirm_timeout": "12",
+        "activation_timeout": 90,
+        "health_checks": {"name": "sshd", "units": "sshd.service"},
+        "schedule": {"enabled": False, "activate": False},
+    }
+    spec = check_fleet(write_inventory(fleet(pi=data)))["pi"]
+    assert spec.sudo is True
+    assert spec.safety(Action.TEST) == Safety(False, 12, 90)
+    assert [(c.name, c.units) for c in spec.health_checks] == [("sshd", ("sshd.service",))]
+    assert spec.schedule == Schedule(enabled=False, activate=False)
+
+
+def test_bad_safety_checks_schedule_and_sudo_stop_every_deploy_at_its_start(write_inventory):
+    data = {
+        "_sudo": "yes",
+        "rollback": "maybe",
+        "confirm_timeout": 0,
+        "activation_timeout": 86401,
+        "health_checks": [{"name": "web", "url": "ftp://x/"}],
+        "schedule": {"enabled": True, "checkout": "relative", "program": "/p"},
+    }
+    with pytest.raises(FleetError) as error:
+        check_inventory(write_inventory(fleet(pi=data)))
+    assert error.value.problems == (
+        "pi: _sudo is 'yes'; set it to True or False",
+        "pi: rollback is 'maybe'; set it to True or False",
+        "pi: confirm_timeout is 0; set it to a number of seconds from 1 to 86400",
+        "pi: activation_timeout is 86401; set it to a number of seconds from 1 to 86400",
+        "pi: health_checks[0] in host data url is 'ftp://x/'; set it to an http(s) URL like "
+        '"http://127.0.0.1/"',
+        "pi: schedule runs must map a mode (check, deploy) to {'on_calendar': ..., "
+        "'randomized_delay': ...}",
+    )

@@ -7,6 +7,7 @@ import os
 import runpy
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from operations import fragments, nixos_checks, schedule
 from operations.fleet import HostSpec, check_fleet
 from operations.keys import BuilderTrust
 from operations.nixexpr import Attr, Raw, nix_binding, nix_string, nix_value
+from operations.schedule import parse_schedule
 from tests.bench import nixos
 from tests.unit.conftest import REPO, load_inventory
 
@@ -163,7 +165,8 @@ def _alerting_fragment(**changes: object) -> fragments.Fragment:
         "node_exporter": True,
         **changes,
     }
-    specs = {"nas": HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas")}
+    spec = HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas")
+    specs = {"nas": replace(spec, schedule=parse_schedule("nas", data))}
     return fragments.host_fragment(_Inventory({"schedule": data}), specs, "nas")  # type: ignore[arg-type]
 
 

@@ -7,7 +7,7 @@ import shlex
 import pytest
 
 from operations import health
-from operations.fleet import FleetError
+from operations.fleet import FleetError, host_spec
 from operations.health import HealthCheck, check_command, parse_check, run_checks
 
 PI = ("pi4", {"nix_system": "aarch64-linux"})
@@ -53,7 +53,7 @@ def test_checks_merge_across_roots_and_host_data_overrides(write_inventory):
             "network": 'health_checks = [{"name": "tailnet", "command": "tailscale status"}]\n',
         },
     )  # fmt: skip
-    checks = health.host_health_checks(inventory.get_host("pi4"))
+    checks = host_spec(inventory.get_host("pi4")).health_checks
     assert [(c.name, c.units or c.command) for c in checks] == [
         ("sshd", ("x.service",)),
         ("tailnet", "tailscale status"),
@@ -69,7 +69,7 @@ def test_two_roots_defining_one_check_differently_is_an_error(write_inventory):
         },
     )
     with pytest.raises(FleetError) as error:
-        health.host_health_checks(inventory.get_host("pi4"))
+        host_spec(inventory.get_host("pi4"))
     assert "defines check 'web' differently from group minimal" in error.value.message
 
 

@@ -5,8 +5,6 @@ import json
 
 import pytest
 from pyinfra.api import OperationError
-from pyinfra.api.command import FunctionCommand
-from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.server import User
 
 from operations import nix
@@ -20,7 +18,7 @@ from operations.nix import (
     set_nix_conf,
     wanted_nix_settings,
 )
-from tests.unit.fake_host import FakeHost, run, shell, written
+from tests.unit.fake_host import FakeHost, failure, nix_host, run, shell, written
 
 # `nix --extra-experimental-features nix-command show-config --json` from Debian 12's Nix 2.8.0
 # (nix.conf: `sandbox = false`), descriptions dropped.
@@ -217,17 +215,7 @@ def test_nix_conf_text_command_quotes_path():
 
 
 def debian_builder(text: str | None, config=CONFIG, systemd: bool = False) -> FakeHost:
-    host = FakeHost("nas")
-    host.fact(NixConfig, config)
-    host.fact(File, None, path="/etc/NIXOS")
-    host.fact(User, "root")
-    host.fact(NixConfText, text, path="/etc/nix/nix.conf")
-    # files.put's own facts for an existing nix.conf whose content differs
-    host.fact(File, {"mode": 644}, path="/etc/nix/nix.conf")
-    host.fact(Directory, {"mode": 755}, path="/etc/nix")
-    host.fact(Sha1File, "0" * 40, path="/etc/nix/nix.conf")
-    host.fact(Directory, {"mode": 755} if systemd else None, path="/run/systemd/system")
-    return host
+    return nix_host("nas", text, config, systemd=systemd)
 
 
 WAIT = (
@@ -311,9 +299,7 @@ def test_restart_nix_daemon_is_not_idempotent():
 
 def test_nix_settings_missing_nix_fails_host():
     host = debian_builder(None, config=None)
-    (command,) = run(host, nix_settings, ["aarch64-linux"], 8)
-    assert isinstance(command, FunctionCommand)
-    assert str(command.args[0]) == "nas: nix is not installed"
+    assert failure(host, nix_settings, ["aarch64-linux"], 8) == "nas: nix is not installed"
 
 
 def test_nix_settings_rejects_bad_input():
@@ -339,10 +325,7 @@ def test_plain_sudo_is_root_without_asking_the_host():
 
 
 def nixos_builder(config) -> FakeHost:
-    host = FakeHost("nas")
-    host.fact(NixConfig, config)
-    host.fact(File, {"mode": 644}, path="/etc/NIXOS")
-    return host
+    return nix_host("nas", None, config, nixos=True)
 
 
 def test_nixos_already_right_is_a_noop():
@@ -356,9 +339,7 @@ def test_nixos_already_right_is_a_noop():
 
 def test_nixos_missing_settings_fails_with_the_options():
     host = nixos_builder(CONFIG)
-    (command,) = run(host, nix_settings, ["aarch64-linux"], 8)
-    assert isinstance(command, FunctionCommand)
-    assert str(command.args[0]) == (
+    assert failure(host, nix_settings, ["aarch64-linux"], 8) == (
         'nas runs NixOS: set boot.binfmt.emulatedSystems = [ "aarch64-linux" ]; and '
         "nix.settings.max-jobs = 8; in its configuration, then rebuild it"
         f" {FRAGMENT_HINT}"

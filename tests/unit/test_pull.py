@@ -8,13 +8,13 @@ import dataclasses
 import pytest
 from pyinfra.api import OperationError
 from pyinfra.api.command import FunctionCommand, StringCommand
-from pyinfra.facts.files import Directory, File, Sha1File
+from pyinfra.facts.files import Directory
 from pyinfra.facts.server import User
 
 from operations import nix, pull
 from operations.files import FileState, LineFile, LinesOfFile, SecretFile
 from operations.fleet import FleetError, HostSpec
-from operations.nix import NixConfig, NixConfText
+from operations.nix import NixConfig
 from operations.pull import (
     BuildMachine,
     ProgramPath,
@@ -23,7 +23,7 @@ from operations.pull import (
     restricted_key_line,
 )
 from operations.ssh import Account, UserAccount
-from tests.unit.fake_host import FakeHost, run, shell, written
+from tests.unit.fake_host import FakeHost, nix_host, run, shell, written
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJRMwHca5yENjEsDlRj//qRs+Z+ddJffpxF39eU5/d1F"
 PI4_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICjyJ6x1+Qicm0O5bQ7lYbw8pYIQzAgmkf9eSkfwuk6/"
@@ -289,26 +289,14 @@ def test_authorized_keys_without_nix_daemon_fails_the_host():
 NIX_CONF_TEXT = "sandbox = false\nmax-jobs = 8\n"
 
 
-def nix_host(text: str, config: dict[str, object]) -> FakeHost:
-    host = FakeHost("nas")
-    host.fact(User, "root")
-    host.fact(NixConfig, config)
-    host.fact(NixConfText, text, path="/etc/nix/nix.conf")
-    host.fact(File, {"mode": 644}, path="/etc/nix/nix.conf")
-    host.fact(Directory, {"mode": 755}, path="/etc/nix")
-    host.fact(Sha1File, "0" * 40, path="/etc/nix/nix.conf")
-    host.fact(Directory, None, path="/run/systemd/system")
-    return host
-
-
 def test_trusted_user_already_trusted_is_a_noop():
-    host = nix_host(NIX_CONF_TEXT + "trusted-users = root nix-ssh\n", {})
+    host = nix_host("nas", NIX_CONF_TEXT + "trusted-users = root nix-ssh\n", {})
     assert run(host, nix.trusted_user, user="nix-ssh") == []
     assert host.noops == ["/etc/nix/nix.conf already trusts nix-ssh"]
 
 
 def test_trusted_user_keeps_nixs_default_and_restarts_the_daemon():
-    host = nix_host(NIX_CONF_TEXT, {"trusted-users": ["root"]})
+    host = nix_host("nas", NIX_CONF_TEXT, {"trusted-users": ["root"]})
     commands = run(host, nix.trusted_user, user="nix-ssh")
     assert written(commands[0]) == NIX_CONF_TEXT + "trusted-users = root nix-ssh\n"
     assert shell(commands)[1] == "_restart_or_restore: /etc/nix/nix.conf"
@@ -394,13 +382,13 @@ def test_machines_line_without_the_client_key_fails_the_host():
 
 
 def test_nix_builders_already_set_is_a_noop():
-    host = nix_host(NIX_CONF_TEXT + "builders = @/etc/nix/machines\n", {})
+    host = nix_host("nas", NIX_CONF_TEXT + "builders = @/etc/nix/machines\n", {})
     assert run(host, nix.remote_builders) == []
     assert host.noops == ["/etc/nix/nix.conf already uses @/etc/nix/machines"]
 
 
 def test_nix_builders_appended_to_other_builders():
-    host = nix_host(NIX_CONF_TEXT + "builders = ssh://big x86_64-linux\n", {})
+    host = nix_host("nas", NIX_CONF_TEXT + "builders = ssh://big x86_64-linux\n", {})
     upload = run(host, nix.remote_builders)[0]
     assert written(upload) == (
         NIX_CONF_TEXT + "builders = ssh://big x86_64-linux ; @/etc/nix/machines\n"
@@ -409,7 +397,7 @@ def test_nix_builders_appended_to_other_builders():
 
 def test_nix_builders_refuses_a_hostile_path():
     with pytest.raises(OperationError, match=r"can't be named in nix\.conf"):
-        run(nix_host(NIX_CONF_TEXT, {}), nix.remote_builders, machines_file="/etc/m; x")
+        run(nix_host("nas", NIX_CONF_TEXT, {}), nix.remote_builders, machines_file="/etc/m; x")
 
 
 def test_nixos_target_is_told_the_build_machines_options():

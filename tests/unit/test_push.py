@@ -10,6 +10,7 @@ from pyinfra.facts.files import Directory
 from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan, Safety
 from operations.push import activate, build, copy
 from operations.push.commands import SystemLinks, copy_command, nix_sshopts, toplevel_attr
+from operations.push.runcache import RunCache
 from tests.unit.fake_host import FakeHost, run, shell
 
 OLD = "/nix/store/old-system"
@@ -31,6 +32,7 @@ def plan(action: str = "switch", current: str | None = OLD, profile: str | None 
 
 
 BUILDER = Builder(host=FakeHost("nas"), sudo=False)  # type: ignore[arg-type]
+CACHE = RunCache({})
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,8 @@ def test_each_action_knows_what_it_copies_activates_and_verifies():
     assert [a.value for a in Action if a.copies] == ["switch", "boot", "test", "dry-activate"]
     assert [a.value for a in Action if a.activates] == ["switch", "boot", "test", "rollback"]
     assert [a.value for a in Action if a.sets_profile] == ["switch", "boot", "rollback"]
+    assert [a.value for a in Action if not a.contacts_target] == ["build"]
+    assert [a.value for a in Action if a.confirmable] == ["switch", "test", "rollback"]
     assert Action.BOOT.verified_link == "/nix/var/nix/profiles/system"
     assert Action.TEST.verified_link == "/run/current-system"
 
@@ -62,9 +66,9 @@ def test_each_action_knows_what_it_copies_activates_and_verifies():
 def test_up_to_date_target_builds_copies_and_activates_nothing_and_says_why():
     done = plan(current=NEW, profile=NEW)
     for op, args in (
-        (build.build_toplevel, (done, BUILDER)),
-        (copy.sign_closure, (done, BUILDER)),
-        (copy.copy_closure, (done, BUILDER, "10.0.0.2", 22, "beau")),
+        (build.build_toplevel, (done, BUILDER, CACHE)),
+        (copy.sign_closure, (done, BUILDER, CACHE)),
+        (copy.copy_closure, (done, BUILDER, CACHE, "10.0.0.2", 22, "beau")),
         (activate.dry_activate, (done, True)),
         (activate.activate_safely, (done, Safety(), [], True)),
     ):
@@ -75,14 +79,14 @@ def test_up_to_date_target_builds_copies_and_activates_nothing_and_says_why():
 
 def test_built_system_is_not_built_again():
     host = FakeHost("pi4")
-    assert run(host, build.build_toplevel, plan(built=True), BUILDER) == []
+    assert run(host, build.build_toplevel, plan(built=True), BUILDER, CACHE) == []
     assert host.noops == [f"nas has already built {NEW}"]
 
 
 def test_build_action_copies_and_activates_nothing():
     only_build = plan("build")
     host = FakeHost("pi4")
-    assert run(host, copy.copy_closure, only_build, BUILDER, "10.0.0.2", 22, "beau") == []
+    assert run(host, copy.copy_closure, only_build, BUILDER, CACHE, "10.0.0.2", 22, "beau") == []
     assert run(host, activate.dry_activate, only_build, True) == []
     assert run(host, activate.activate_safely, only_build, Safety(), [], True) == []
     assert host.noops == [
@@ -97,14 +101,16 @@ def test_activation_runs_detached_the_way_the_target_allows(systemd):
     fake = FakeHost("pi4").fact(Directory, systemd, path="/run/systemd/system")
     (command,) = run(fake, activate.activate_safely, plan("test"), Safety(), [], True)
     assert command.function.__name__ == "_activate"
-    assert command.args == (plan("test"), Safety(), [], True, systemd is not None)
+    assert command.args == (
+        activate.Activation(plan("test"), Safety(), (), True, systemd is not None),
+    )
 
 
 def test_rollback_dry_activates_and_activates_but_neither_builds_nor_copies():
     back = plan("rollback", built=True)
     assert Action.ROLLBACK.activates and not Action.ROLLBACK.copies
     host = FakeHost("pi4")
-    assert run(host, copy.copy_closure, back, BUILDER, "10.0.0.2", 22, "beau") == []
+    assert run(host, copy.copy_closure, back, BUILDER, CACHE, "10.0.0.2", 22, "beau") == []
     # The activation dry-activates the older generation first itself (one round trip).
     assert run(host, activate.dry_activate, back, True) == []
     assert host.noops[-1] == "the activation dry-activates first (activate_safely)"
@@ -164,7 +170,8 @@ def test_an_untrusted_copy_points_a_nixos_target_at_its_fragment(monkeypatch, ni
     monkeypatch.setattr(copy, "fail", lambda host, reason: failed.append(reason) or False)
     target = FakeHost("pi4")
     step = copy._copy.__wrapped__  # type: ignore[attr-defined]
-    assert step(None, target, plan(), BUILDER, "10.0.0.2", 22, "beau") is False
+    to = copy.Destination("10.0.0.2", 22, "beau")
+    assert step(None, target, plan(), BUILDER, RunCache({}), to) is False
     (cause,) = failed
     assert "pi4's Nix does not trust nas's signing key: " + fix in cause
     assert ("deploys/secrets.py" in cause) is not nixos

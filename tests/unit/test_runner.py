@@ -68,6 +68,22 @@ def test_deploy_records_paths_before_and_after():
     assert hosts["pi5"].paths["after"] == {"current": OLD, "profile": NEW}  # boot: next boot only
 
 
+@pytest.mark.parametrize(
+    ("action", "after"),
+    [
+        ("rollback", {"current": NEW, "profile": NEW}),  # NEW: the older generation it runs
+        ("test", {"current": NEW, "profile": OLD}),
+        ("dry-activate", {"current": OLD, "profile": OLD}),
+        ("build", {"current": OLD, "profile": OLD}),
+    ],
+)
+def test_after_paths_follow_what_the_action_does(action, after):
+    hosts = report.host_outcomes(
+        {"hosts": {"pi4": target("deployed", action=action)}}, None, "", executed=True
+    )
+    assert hosts["pi4"].paths["after"] == after
+
+
 def test_failed_host_has_no_known_after_and_gets_pyinfras_connect_error():
     log = "    [pi5] \x1b[31mCould not connect (timed out)\x1b[0m\n"
     hosts = report.host_outcomes(

@@ -51,20 +51,19 @@ def test_checks_that_may_outlast_the_window_are_refused_with_the_numbers(monkeyp
         HealthCheck(name="sshd", kind="units", units=("sshd.service",)),  # skipped: no systemd
     ]
     with pytest.raises(FleetError) as error:
-        activate.safety_for(fake_host(), "switch", checks)
+        activate.check_window(fake_host(), Safety(True, 30, 600), checks)
     assert error.value.problems == (
         "pi4: health_checks take up to 40s (web 40s; each (retries + 1) x timeout + retries x "
         "2s), longer than confirm_timeout (30s): set confirm_timeout to 40 or more, or lower "
         "the checks' timeout or retries",
     )
-    assert activate.safety_for(fake_host(confirm_timeout=40), "switch", checks).rollback
-    # Nothing is confirmed without a rollback armed: no window to fit in.
-    assert not activate.safety_for(fake_host(), "boot", checks).rollback
-    assert not activate.safety_for(fake_host(rollback=False), "switch", checks).rollback
+    activate.check_window(fake_host(), Safety(True, 40, 600), checks)  # fits
+    # Nothing is confirmed without a rollback armed (boot, rollback: False): no window.
+    activate.check_window(fake_host(), Safety(False, 30, 600), checks)
     # With systemd, the unit check counts too.
     monkeypatch.setattr(activate, "runs_systemd", lambda: True)
     with pytest.raises(FleetError, match=r"take up to 74s \(web 40s, sshd 34s"):
-        activate.safety_for(fake_host(confirm_timeout=40), "switch", checks)
+        activate.check_window(fake_host(), Safety(True, 40, 600), checks)
 
 
 def test_the_owners_roots_checks_fit_their_confirmation_window():

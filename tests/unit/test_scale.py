@@ -11,6 +11,7 @@ import subprocess
 import gevent
 import pytest
 
+from operations.nixexpr import nix_string
 from operations.push.commands import (
     INVALID_MARK,
     RUNNING_MARK,
@@ -25,7 +26,6 @@ from operations.push.commands import (
     failure_for,
     logged,
     missing_outputs_command,
-    nix_string,
     not_built,
     parse_batch_eval,
     plain_output,
@@ -42,6 +42,14 @@ HOSTILE = [
     "$(reboot); `id`",
     "ünïcode ☃",
     "",
+    # Every way a dollar sign meets the escapes: alone, doubled, before the closing quote,
+    # before an escaped interpolation, after a backslash, in an indented-string quote.
+    "a$",
+    "$${builtins.abort x}",
+    "$$$${x}",
+    "\\${x}",
+    "$\\",
+    "''${x}",
 ]
 
 

@@ -10,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyinfra.api import Config
+from pyinfra.api.state import State
 
-from operations import lock
+from operations import lock, start
 from operations.fleet import FleetError
 from operations.start import check_inventory, register_deploy_file
+from operations.summary import RunSummary
 from tests.unit.test_fleet import fleet
 
 
@@ -108,3 +111,27 @@ def test_the_deploy_file_is_a_module_to_inspect_so_no_stack_rescans_sys_modules(
     # Remembered by file: the next lookup is a dictionary hit, not a scan of sys.modules.
     assert inspect.modulesbyfile[os.path.normcase(str(tmp_path / "deploy.py"))] == module.__name__
     assert register_deploy_file("deploy.py") is module  # once per file
+
+
+def _started_run(monkeypatch, tmp_path, inventory):  # type: ignore[no-untyped-def]
+    """``start_deploy`` on a new pyinfra State, with no lock to take and a summary that
+    prints nothing at exit."""
+    monkeypatch.setenv("NIXPUSH_STATE_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(start, "summary_for", RunSummary)
+    return State(inventory, Config())
+
+
+def test_each_run_gets_its_own_cache_and_every_deploy_file_of_a_run_shares_it(
+    write_inventory, monkeypatch, tmp_path
+):
+    inventory = write_inventory(fleet())
+    run = _started_run(monkeypatch, tmp_path, inventory)
+    secrets = start.start_deploy(run)
+    run.current_deploy_filename = "deploys/pi.py"  # the next file of a chained run
+    pi = start.start_deploy(run)
+    other_run = start.start_deploy(State(inventory, Config()))
+
+    assert pi is secrets and pi.cache is secrets.cache
+    assert other_run.cache is not pi.cache
+    # The checked specs, passed on: nothing parses a host's data again.
+    assert pi.cache.specs is pi.specs and pi.specs["pi"].builder_host == "nas"

@@ -10,10 +10,12 @@ import pytest
 
 from operations import image
 from operations.connector import ImageConnector, refusal
+from operations.failures import DeployFailed
 from operations.fleet import check_fleet, fleet_errors
-from operations.models import ImagePlan
+from operations.models import Builder, ImagePlan
 from operations.push.commands import system_build_attr
 from operations.run import report
+from tests.unit.fake_host import FakeHost
 from tests.unit.test_fleet import fleet, only_problem
 
 ISO = ("@image/iso", {"nix_system": "x86_64-linux", "builder_host": "nas", "flake": "path:/f"})
@@ -144,3 +146,18 @@ def test_report_offline_is_neither_failure_nor_change():
     failed = report.DeployResult("deploys/nas.py", 1, 1.0, {"laptop": report.HostOutcome("failed")})
     merged = report.merge_hosts([deploy, failed])
     assert merged["laptop"]["status"] == "failed"
+
+
+def test_an_image_build_is_bounded_by_its_builders_build_timeout(monkeypatch):
+    asked: dict[str, object] = {}
+
+    def run_on(host, command, **kwargs):  # type: ignore[no-untyped-def]
+        asked.update(kwargs)
+        raise DeployFailed("stopped here")
+
+    monkeypatch.setattr(image, "run_on", run_on)
+    builder = Builder(host=FakeHost("nas"), sudo=True, build_timeout=123)  # type: ignore[arg-type]
+    plan = ImagePlan("iso", "nas", "f#iso", "/nix/store/abc-iso", built=False)
+    with pytest.raises(DeployFailed):
+        image._build.__wrapped__(None, FakeHost("iso"), plan, builder)
+    assert (asked["timeout"], asked["sudo"]) == (123, True)
