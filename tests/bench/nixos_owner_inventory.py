@@ -70,8 +70,9 @@ def _data(name: str, shipped: dict[str, _Any]) -> dict[str, _Any]:
         ssh_known_hosts_file=str(_fleet.BENCH_DIR / "known_hosts"),
         # The bench runs neither Syncthing nor a tailnet (group_data/main.py, network.py).
         health_checks=[
-            {"name": "syncthing", "command": "true"},
-            {"name": "tailscaled", "command": "true"},
+            # Timed like the shipped checks they stand for: within the confirmation window.
+            {"name": "syncthing", "command": "true", "timeout": 3, "retries": 1},
+            {"name": "tailscaled", "command": "true", "timeout": 3, "retries": 1},
         ],
     )
     if name == "nas":
