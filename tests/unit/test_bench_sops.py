@@ -1,0 +1,61 @@
+"""What the leak tests look for: the lines of a bench secret that hold secret material."""
+
+from __future__ import annotations
+
+import base64
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.bench.sops import secret_lines
+
+
+def openssh_key() -> tuple[str, bytes]:
+    """A new unencrypted OpenSSH ed25519 private key, as the bench makes them, and its seed."""
+    key = Ed25519PrivateKey.generate()
+    text = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    seed = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return text, seed
+
+
+def test_no_secret_line_of_a_key_is_found_in_another_key_of_its_kind():
+    first, _ = openssh_key()
+    second, _ = openssh_key()
+    # The first body line (magic, cipher "none", KDF "none", one key, its type) is every
+    # such key's: a leak test comparing it flags any OpenSSH key lying in /tmp.
+    assert first.splitlines()[1] == second.splitlines()[1]
+
+    for number, line in secret_lines(first):
+        assert line not in second, number
+
+
+def test_secret_lines_skip_armour_and_the_public_header_and_keep_every_private_byte():
+    text, seed = openssh_key()
+    lines = text.splitlines()
+
+    found = secret_lines(text)
+
+    numbers = [number for number, _ in found]
+    assert all(line == lines[number] for number, line in found)
+    assert 0 not in numbers and len(lines) - 1 not in numbers  # BEGIN and END armour
+    assert 1 not in numbers  # the header shared by every key of its kind
+    # From the first line that holds a byte past the public key, every line to the end:
+    # whatever holds the private key is looked for.
+    assert numbers == list(range(numbers[0], len(lines) - 1))
+    body = "".join(lines[1:-1])
+    kept = "".join(lines[numbers[0] : -1])
+    seed_at = base64.b64decode(body).index(seed)
+    assert len(body) - len(kept) <= seed_at * 4 // 3  # the seed's characters are all kept
+
+
+def test_a_value_without_pem_keeps_every_long_enough_line():
+    nix_key = "nixpush-bench-1:" + base64.b64encode(bytes(range(64))).decode()
+
+    assert secret_lines(nix_key) == [(0, nix_key)]
+    assert secret_lines("first line is long enough\nshort\n") == [(0, "first line is long enough")]
