@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench import fleet, systemd_host
-from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
+from tests.bench.client import BENCH_INVENTORY, on_host, pyinfra, ssh
 from tests.bench.schedule_inventory import STATE_DIR
 from tests.e2e.test_pi import current, deploy, desired_path, new_versions, output, profile
 from tests.e2e.test_schedule import UNIT_DIR, UNITS, unchanged
@@ -31,9 +31,8 @@ FIRE_NOW = Path("/run/systemd/system") / f"{CHECK_TIMER}.d" / "nixpush-test-fire
 
 
 @pytest.fixture(scope="module")
-def ready(bench: None) -> None:
-    """The NAS prepared as builder and the push keys installed, as a user would first do."""
-    prepare_push()
+def ready(push_ready: None) -> None:
+    """The session's push preparation (``push_ready``, tests/conftest.py)."""
 
 
 def sudo(command: list[str], check: bool = True) -> str:
