@@ -1,4 +1,4 @@
-"""Fixtures shared by the end-to-end tests: the bench fleet."""
+"""Fixtures shared by the end-to-end tests: the bench fleet and its push preparation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.bench import fleet
-from tests.bench.client import prepare_push
+from tests.bench.client import PushPreparation
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +24,13 @@ def bench() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def push_ready(bench: None) -> None:
-    """The NAS prepared as builder and the push keys installed, as a user would first do.
+def push_preparation(bench: None) -> PushPreparation:
+    return PushPreparation()
 
-    Once per session: the two deploys are idempotent, and a module that changes what they set
-    up (another fleet, a key taken away) puts it back before it ends.
-    """
-    prepare_push()
+
+@pytest.fixture(scope="module")
+def push_ready(push_preparation: PushPreparation) -> None:
+    """The NAS prepared as builder and the push keys installed, as a user would first do: once
+    per session, unless the fleet's hosts changed or started again since (``PushPreparation``).
+    A module that changes what the two deploys set up otherwise puts it back before it ends."""
+    push_preparation.ensure()

@@ -64,6 +64,21 @@ def on_host(host_name: str) -> Any:
     )
 
 
+class PushPreparation:
+    """``prepare_push`` once for the fleet as it runs, and again only when that changed: other
+    hosts (``up --pis``), or a host started again (its init writes its ``authorized_keys`` anew
+    and its ``/run`` is empty). What tests change otherwise, they put back themselves."""
+
+    def __init__(self) -> None:
+        self._prepared_for: tuple[tuple[str, int | None], ...] | None = None
+
+    def ensure(self) -> None:
+        running = tuple((h.name, fleet.init_pid(h)) for h in fleet.HOSTS)
+        if running != self._prepared_for:
+            prepare_push()
+            self._prepared_for = running
+
+
 def prepare_push() -> None:
     """Prepare the bench NAS as builder and install the push keys, as a user first would."""
     bench_sops.ensure()

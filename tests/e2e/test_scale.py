@@ -59,7 +59,7 @@ _COMMANDS = ("eval", "build", "copy", "store", "path-info", "flake")
 @pytest.fixture(scope="module")
 def four_pis(push_ready: None) -> Iterator[None]:
     """Four Pis (one armv7l) on the NAS, prepared as a user would; the default fleet after,
-    prepared again (the session's ``push_ready``: the NAS emulates no armv7l)."""
+    prepared again, as the session's ``push_ready`` found it (the NAS emulates no armv7l)."""
     default = len(fleet.PIS)
     fleet.up(pis=4)
     prepare_push()  # the NAS emulates armv7l for pi6; push keys for the new Pi

@@ -1,13 +1,38 @@
-"""What the leak tests look for: the lines of a bench secret that hold secret material."""
+"""The bench's pure parts the end-to-end tests lean on: when the push preparation runs again,
+and what the leak tests look for (the lines of a bench secret that hold secret material)."""
 
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.bench import client, fleet
 from tests.bench.sops import secret_lines
+
+
+def test_push_preparation_runs_again_only_when_hosts_changed_or_started_again(monkeypatch):
+    pids = {h.name: 100 + i for i, h in enumerate(fleet.HOSTS)}
+    monkeypatch.setattr(fleet, "init_pid", lambda h: pids.get(h.name))
+    runs: list[None] = []
+    monkeypatch.setattr(client, "prepare_push", lambda: runs.append(None))
+    preparation = client.PushPreparation()
+
+    preparation.ensure()
+    preparation.ensure()
+    assert len(runs) == 1  # the same hosts, still running: nothing to do
+
+    pids[fleet.HOSTS[1].name] += 1000  # a host started again (down and up, say)
+    preparation.ensure()
+    preparation.ensure()
+    assert len(runs) == 2
+
+    more = (*fleet.HOSTS, replace(fleet.HOSTS[1], name="pi9"))  # up --pis: another fleet
+    monkeypatch.setattr(fleet, "HOSTS", more)
+    preparation.ensure()
+    assert len(runs) == 3
 
 
 def openssh_key() -> tuple[str, bytes]:
