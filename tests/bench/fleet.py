@@ -883,8 +883,18 @@ def _kill_pids(pids: list[int]) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        while time.monotonic() < deadline and not all(_exited(p) for p in pids):
             time.sleep(0.05)
+
+
+def _exited(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie: a host's launcher this process started stays one
+    until reaped (waiting for it to vanish cost 10 s a host, SIGTERM's and SIGKILL's waits)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # the state, after "pid (name)"
 
 
 def leftovers() -> list[str]:

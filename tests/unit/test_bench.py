@@ -4,7 +4,12 @@ and what the leak tests look for (the lines of a bench secret that hold secret m
 from __future__ import annotations
 
 import base64
+import os
+import signal
+import subprocess
+import time
 from dataclasses import replace
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -33,6 +38,26 @@ def test_push_preparation_runs_again_only_when_hosts_changed_or_started_again(mo
     monkeypatch.setattr(fleet, "HOSTS", more)
     preparation.ensure()
     assert len(runs) == 3
+
+
+def test_a_killed_process_not_yet_reaped_counts_as_exited():
+    # The background sleep's parent becomes the exec'd sleep, which never reaps it.
+    parent = subprocess.Popen(
+        ["sh", "-c", "sleep 60 & echo $!; exec sleep 60"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        assert not fleet._exited(pid)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not fleet._exited(pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert Path(f"/proc/{pid}").exists()  # a zombie, not gone
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def openssh_key() -> tuple[str, bytes]:
