@@ -48,6 +48,10 @@ def test_a_killed_process_not_yet_reaped_counts_as_exited():
     try:
         assert parent.stdout is not None
         pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{parent.pid}/comm").read_text() != "sleep\n":  # sh, until its exec
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         assert not fleet._exited(pid)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
