@@ -39,6 +39,8 @@ BRIDGE = f"npbr{INSTANCE}"
 SUBNET = f"10.231.{57 + INSTANCE}"
 CONTROLLER_IP = f"{SUBNET}.1"
 NETNS_PREFIX = f"np{INSTANCE or ''}-"
+# Sockets of the SSH connections testinfra's checks share, one per host (``client.on_host``).
+SSH_CONTROL_DIR = BENCH_DIR / "ssh-control"
 VETH_PREFIX = f"npv{INSTANCE or ''}-"
 
 APT_PACKAGES = (
@@ -93,6 +95,11 @@ class BenchHost:
     @property
     def home(self) -> str:
         return "/root" if self.user == "root" else f"/home/{self.user}"
+
+    @property
+    def ssh_control(self) -> Path:
+        """The socket of the SSH connection testinfra's checks share (``client.on_host``)."""
+        return SSH_CONTROL_DIR / f"{self.user}@{self.name}"
 
     @property
     def known_hosts_name(self) -> str:
@@ -715,6 +722,7 @@ def _write_ssh_config() -> None:
         for h in HOSTS
     ]
     (BENCH_DIR / "ssh_config").write_text("\n\n".join(blocks) + "\n")
+    SSH_CONTROL_DIR.mkdir(exist_ok=True)
 
 
 # -- the test flake --------------------------------------------------------------------
@@ -865,6 +873,8 @@ def _stop(h: BenchHost) -> None:
     if h.systemd:
         systemd_host.stop(h, init_pid(h))
     _remove_netns(h.netns)
+    # Checks after a restart get a new connection, not the one to the host that was.
+    h.ssh_control.unlink(missing_ok=True)
     if run(["ip", "link", "show", h.veth], check=False).returncode == 0:
         run(["ip", "link", "del", h.veth], check=False)
 

@@ -40,6 +40,17 @@ def test_push_preparation_runs_again_only_when_hosts_changed_or_started_again(mo
     assert len(runs) == 3
 
 
+def test_testinfra_checks_share_one_connection_per_host_of_this_bench():
+    pi = next(h for h in fleet.HOSTS if h.user != "root")
+
+    command, args = client.on_host(pi.name).backend._build_ssh_command("true")
+
+    line = " ".join(command) % tuple(args)
+    assert f"-o ControlPath={pi.ssh_control} " in line and "ControlMaster=auto" in line
+    assert pi.ssh_control.is_relative_to(fleet.BENCH_DIR)  # one per bench instance
+    assert len({h.ssh_control for h in fleet.HOSTS}) == len(fleet.HOSTS)
+
+
 def test_a_killed_process_not_yet_reaped_counts_as_exited():
     # The background sleep's parent becomes the exec'd sleep, which never reaps it.
     parent = subprocess.Popen(
