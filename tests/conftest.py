@@ -1,4 +1,4 @@
-"""Fixtures shared by the end-to-end tests: the bench fleet."""
+"""Fixtures shared by the end-to-end tests: the bench fleet and its push preparation."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.bench import fleet
+from tests.bench.client import PushPreparation
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,16 @@ def bench() -> Iterator[None]:
     if os.environ.get("NIXPUSH_BENCH_KEEP") != "1":
         fleet.down()
         assert fleet.leftovers() == []
+
+
+@pytest.fixture(scope="session")
+def push_preparation(bench: None) -> PushPreparation:
+    return PushPreparation()
+
+
+@pytest.fixture(scope="module")
+def push_ready(push_preparation: PushPreparation) -> None:
+    """The NAS prepared as builder and the push keys installed, as a user would first do: once
+    per session, unless the fleet's hosts changed or started again since (``PushPreparation``).
+    A module that changes what the two deploys set up otherwise puts it back before it ends."""
+    push_preparation.ensure()

@@ -12,4 +12,5 @@ bash tests/install.sh
 .venv/bin/mypy deploys/*.py
 # The activation program, as POSIX sh.
 shellcheck -s sh operations/push/*.sh
-exec .venv/bin/pytest -v "$@"
+# The ten slowest tests (setup and teardown apart), to keep CI time in view.
+exec .venv/bin/pytest -v --durations=10 "$@"

@@ -54,14 +54,38 @@ def ssh(host_name: str, command: str, check: bool = True) -> subprocess.Complete
     )
 
 
+# Seconds an idle shared connection of testinfra's stays open.
+CONTROL_PERSIST = 30
+
+
 def on_host(host_name: str) -> Any:
+    """testinfra's host, its checks over one shared SSH connection (``BenchHost.ssh_control``):
+    a full handshake per check cost 0.25 s, and tests make hundreds. Stopping a host removes
+    its socket; a cut link ends the connection in seconds (``ServerAliveInterval``)."""
     import testinfra  # imported late: only the end-to-end layer needs it
 
     h = fleet.host(host_name)
     return testinfra.get_host(
         f"ssh://{h.name}?sudo={'false' if h.user == 'root' else 'true'}",
         ssh_config=str(fleet.BENCH_DIR / "ssh_config"),
+        controlpath=str(h.ssh_control).replace("%", "%%"),  # testinfra %-formats the command
+        controlpersist=CONTROL_PERSIST,
     )
+
+
+class PushPreparation:
+    """``prepare_push`` once for the fleet as it runs, and again only when that changed: other
+    hosts (``up --pis``), or a host started again (its init writes its ``authorized_keys`` anew
+    and its ``/run`` is empty). What tests change otherwise, they put back themselves."""
+
+    def __init__(self) -> None:
+        self._prepared_for: tuple[tuple[str, int | None], ...] | None = None
+
+    def ensure(self) -> None:
+        running = tuple((h.name, fleet.init_pid(h)) for h in fleet.HOSTS)
+        if running != self._prepared_for:
+            prepare_push()
+            self._prepared_for = running
 
 
 def prepare_push() -> None:

@@ -2,8 +2,9 @@
 
 Each host is a network namespace joined to a bridge, with its own mount, UTS and PID
 namespaces in which ``/etc`` is an overlay of the machine's, and ``/nix``, ``/root``,
-``/home``, ``/tmp`` and ``/boot`` are the host's own directories. Its init starts a
-nix-daemon, then becomes the host's sshd, so every SSH session lands inside the host.
+``/home``, ``/tmp``, ``/boot`` and ``/var/lib/nix-ssh`` are the host's own directories. Its
+init starts a nix-daemon, then becomes the host's sshd, so every SSH session lands inside the
+host.
 The controller (where pyinfra runs) is the root namespace, on the bridge.
 
 Command line: ``python -m tests.bench install|up|down|status|env``.
@@ -38,6 +39,8 @@ BRIDGE = f"npbr{INSTANCE}"
 SUBNET = f"10.231.{57 + INSTANCE}"
 CONTROLLER_IP = f"{SUBNET}.1"
 NETNS_PREFIX = f"np{INSTANCE or ''}-"
+# Sockets of the SSH connections testinfra's checks share, one per host (``client.on_host``).
+SSH_CONTROL_DIR = BENCH_DIR / "ssh-control"
 VETH_PREFIX = f"npv{INSTANCE or ''}-"
 
 APT_PACKAGES = (
@@ -92,6 +95,11 @@ class BenchHost:
     @property
     def home(self) -> str:
         return "/root" if self.user == "root" else f"/home/{self.user}"
+
+    @property
+    def ssh_control(self) -> Path:
+        """The socket of the SSH connection testinfra's checks share (``client.on_host``)."""
+        return SSH_CONTROL_DIR / f"{self.user}@{self.name}"
 
     @property
     def known_hosts_name(self) -> str:
@@ -299,7 +307,10 @@ def _fetch_busybox() -> None:
 
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
+# The home nixpush gives the NAS's nix-ssh account (pull builds) is under the machine's /var,
+# which the hosts share: each host binds its own directory there (``_init_script``).
 SHARED_VAR_LEFTOVER = Path("/var/lib/nix-ssh")
+_OWN_VAR_DIR = "var-lib-nix-ssh"
 
 
 def mount_binfmt_misc() -> None:
@@ -459,7 +470,7 @@ def nix_conf_text(h: BenchHost) -> str:
 
 def _prepare_host_dir(h: BenchHost) -> bool:
     """Lay out the host's own directories and files; True when its sshd_config changed."""
-    for sub in ("nix", "etc-upper", "etc-work", "root", "home", "tmp", "boot", "ssh"):
+    for sub in ("nix", "etc-upper", "etc-work", "root", "home", "tmp", "boot", "ssh", _OWN_VAR_DIR):
         (h.dir / sub).mkdir(parents=True, exist_ok=True)
     (h.dir / "tmp").chmod(0o1777)
     (h.dir / "root").chmod(0o700)
@@ -610,6 +621,10 @@ def _init_script(h: BenchHost) -> str:
 set -e
 mount -t overlay overlay -o lowerdir=/etc,upperdir={d}/etc-upper,workdir={d}/etc-work /etc
 for dir in nix root home tmp boot; do mount --bind {d}/$dir /$dir; done
+# /var is the machine's: the home nixpush makes a pull builder's account there is the host's own
+# (bench instances side by side would otherwise authorize each other's keys, and remove them).
+mkdir -p {SHARED_VAR_LEFTOVER}
+mount --bind {d}/{_OWN_VAR_DIR} {SHARED_VAR_LEFTOVER}
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/sshd
 hostname {h.name}
@@ -707,6 +722,7 @@ def _write_ssh_config() -> None:
         for h in HOSTS
     ]
     (BENCH_DIR / "ssh_config").write_text("\n\n".join(blocks) + "\n")
+    SSH_CONTROL_DIR.mkdir(exist_ok=True)
 
 
 # -- the test flake --------------------------------------------------------------------
@@ -833,10 +849,23 @@ def down(purge: bool = False) -> None:
     if purge:
         if BENCH_DIR.exists():
             shutil.rmtree(BENCH_DIR)
-        # /var is the machine's, shared by the hosts: the home nixpush gives the NAS's
-        # nix-ssh user (pull builds) lands there.
-        shutil.rmtree(SHARED_VAR_LEFTOVER, ignore_errors=True)
+        _remove_shared_var_leftover()
         _use_fleet(fleet_of(DEFAULT_PIS), save=False)
+
+
+def _remove_shared_var_leftover() -> None:
+    """Empty ``SHARED_VAR_LEFTOVER`` (what benches before the hosts' own directory wrote there),
+    and remove it unless a bench host, of any instance, runs: removing it would unmount that
+    host's own directory."""
+    if not SHARED_VAR_LEFTOVER.is_dir():
+        return
+    for item in SHARED_VAR_LEFTOVER.iterdir():
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+    if not any(re.match(r"np\d?-", netns) for netns in _netns_list()):
+        SHARED_VAR_LEFTOVER.rmdir()
 
 
 def _stop(h: BenchHost) -> None:
@@ -844,6 +873,8 @@ def _stop(h: BenchHost) -> None:
     if h.systemd:
         systemd_host.stop(h, init_pid(h))
     _remove_netns(h.netns)
+    # Checks after a restart get a new connection, not the one to the host that was.
+    h.ssh_control.unlink(missing_ok=True)
     if run(["ip", "link", "show", h.veth], check=False).returncode == 0:
         run(["ip", "link", "del", h.veth], check=False)
 
@@ -862,8 +893,18 @@ def _kill_pids(pids: list[int]) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        while time.monotonic() < deadline and not all(_exited(p) for p in pids):
             time.sleep(0.05)
+
+
+def _exited(pid: int) -> bool:
+    """True once ``pid`` is gone or a zombie: a host's launcher this process started stays one
+    until reaped (waiting for it to vanish cost 10 s a host, SIGTERM's and SIGKILL's waits)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # the state, after "pid (name)"
 
 
 def leftovers() -> list[str]:

@@ -3,9 +3,10 @@
 
 The same hosts and data as ``tests/bench/inventory.py``, plus ``schedule`` (enabled) for every
 systemd host. The timer's run is a drift check of that host alone, against the plain bench
-inventory, as root, from this checkout, with the bench's age key; its reports land in the
-host's own ``/var/lib/nixpush``. The program is the bench's runner virtualenv (made by
-``tests.bench.systemd_host.ensure_runner_venv``, see there why not ``.venv``). The calendar is
+inventory, as root, from a copy of this checkout under the bench directory, with the bench's age
+key; its reports land in the host's own ``/var/lib/nixpush``. The program is the bench's runner
+virtualenv, made from that copy (``tests.bench.systemd_host.ensure_runner_venv``, see there why
+neither this checkout nor its ``.venv``: the host may not see them). The calendar is
 hourly: tests make a timer fire sooner with a runtime drop-in.
 
 Run from the repository root:
@@ -26,7 +27,7 @@ STATE_DIR = "/var/lib/nixpush"
 def _schedule(name: str) -> dict[str, Any]:
     return {
         "enabled": True,
-        "checkout": str(_fleet.REPO),
+        "checkout": str(_systemd_host.runner_checkout(_fleet.BENCH_DIR)),
         "program": str(_systemd_host.runner_venv(_fleet.BENCH_DIR) / "bin" / "nixpush-run"),
         "user": "root",
         "age_key_file": str(_sops.AGE_KEY_FILE),

@@ -12,6 +12,7 @@ import base64
 import fcntl
 import json
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,58 @@ def _write_encrypted(document: dict[str, Any]) -> None:
     partial = SECRETS_FILE.with_suffix(".yaml.partial")
     partial.write_text(result.stdout)
     partial.replace(SECRETS_FILE)
+
+
+# PEM armour (``-----BEGIN OPENSSH PRIVATE KEY-----``): the same in every key of its kind.
+_ARMOUR = re.compile(r"^-----(BEGIN|END) [A-Z0-9 ]+-----$")
+_OPENSSH_MAGIC = b"openssh-key-v1\0"
+
+
+def secret_lines(value: str, shortest: int = 16) -> list[tuple[int, str]]:
+    """
+    (number, line) for each line of ``value`` that holds secret material, to look for in
+    leaks: every line of at least ``shortest`` characters but PEM armour and, in an OpenSSH
+    private key, the lines holding nothing but its public header (format, cipher, KDF, public
+    key): the first is alike in every unencrypted key of a type, found in any other such key.
+    """
+    lines = value.splitlines()
+    public_chars = _openssh_public_chars([line for line in lines if not _ARMOUR.match(line)])
+    found = []
+    body_chars = 0  # base64 characters of the PEM body before this line
+    for number, line in enumerate(lines):
+        if _ARMOUR.match(line):
+            continue
+        body_chars += len(line)
+        if body_chars > public_chars and len(line) >= shortest:
+            found.append((number, line))
+    return found
+
+
+def _openssh_public_chars(body: list[str]) -> int:
+    """How many leading base64 characters of an OpenSSH private key's body encode only its
+    public header (``PROTOCOL.key``: magic, cipher, KDF and its options, the public keys);
+    0 for anything else."""
+    try:
+        blob = base64.b64decode("".join(body), validate=True)
+    except ValueError:
+        return 0
+    if not blob.startswith(_OPENSSH_MAGIC):
+        return 0
+
+    def uint32(at: int) -> int:
+        return int.from_bytes(blob[at : at + 4], "big")
+
+    end = len(_OPENSSH_MAGIC)
+    for _ in range(3):  # cipher name, KDF name, KDF options
+        end += 4 + uint32(end)
+    count, end = uint32(end), end + 4
+    for _ in range(count):
+        end += 4 + uint32(end)
+    # Base64 character k carries bits of bytes (6k) // 8 to (6k + 5) // 8.
+    chars = 0
+    while (6 * chars + 5) // 8 < end:
+        chars += 1
+    return chars
 
 
 def env(key_file: Path = AGE_KEY_FILE) -> dict[str, str]:

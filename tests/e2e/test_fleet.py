@@ -16,7 +16,7 @@ import pytest
 
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
-from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
+from tests.bench.client import BENCH_INVENTORY, on_host, pyinfra, ssh
 from tests.e2e.test_pi import (
     current,
     current_configs,
@@ -30,11 +30,6 @@ from tests.e2e.test_pi import (
 
 NAS = fleet.BUILDER
 DESKTOP = fleet.DESKTOP.name  # pc1: x86_64, built on the NAS, pushed
-
-
-@pytest.fixture(scope="module")
-def push_ready(bench: None) -> None:
-    prepare_push()
 
 
 @pytest.fixture

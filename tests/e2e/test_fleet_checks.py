@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.bench import fleet
-from tests.bench.client import on_host, prepare_push, pyinfra
+from tests.bench.client import on_host, pyinfra
 from tests.bench.sops import env as sops_env
 from tests.e2e.test_secrets import overlay_inventory
 
@@ -18,8 +18,8 @@ DEPLOY = "deploys/pi.py"
 
 
 @pytest.fixture(scope="module")
-def ready(bench: None) -> None:
-    prepare_push()
+def ready(push_ready: None) -> None:
+    """The session's push preparation (``push_ready``, tests/conftest.py)."""
 
 
 def host_states() -> dict[str, tuple[str, str]]:

@@ -25,7 +25,7 @@ from operations.pull import PULL_KEY_PATH
 from tests.bench import fleet, nixos
 from tests.bench import nixos_inventory as bench_nixos
 from tests.bench import sops as bench_sops
-from tests.bench.client import prepare_push, pyinfra
+from tests.bench.client import pyinfra
 from tests.checklist import checklist_steps
 from tests.e2e.test_pi import current, desired_path, new_versions
 from tests.unit.conftest import REPO, load_inventory
@@ -46,9 +46,9 @@ def output(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def fragments(bench: None) -> Iterator[dict[str, Path]]:
-    """The fragments as the CLI writes them: host -> path."""
-    prepare_push()  # the NAS builds, the push keys are installed (as on the owner's NAS)
+def fragments(push_ready: None) -> Iterator[dict[str, Path]]:
+    """The fragments as the CLI writes them: host -> path (the NAS builds, the push keys are
+    installed, as on the owner's NAS)."""
     fragments_dir = bench_nixos.FRAGMENTS_DIR
     result = run("@local", "deploys/nixos_config.py", "--data", f"nixpush_inventory={INVENTORY}")
     assert result.returncode == 0, output(result)

@@ -19,7 +19,6 @@ from tests.bench import sops as bench_sops
 from tests.bench.client import (
     BENCH_INVENTORY,
     on_host,
-    prepare_push,
     pyinfra,
     pyinfra_argv,
     ssh,
@@ -27,12 +26,6 @@ from tests.bench.client import (
 
 PI = "deploys/pi.py"
 _versions = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def push_ready(bench: None) -> None:
-    """The NAS prepared as builder and the push keys installed, as a user would first do."""
-    prepare_push()
 
 
 @pytest.fixture

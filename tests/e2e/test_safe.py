@@ -20,7 +20,7 @@ import pytest
 
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
-from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra
+from tests.bench.client import BENCH_INVENTORY, on_host, pyinfra
 from tests.e2e.test_pi import current, current_configs, desired_path, output, profile
 
 PI = "deploys/pi.py"
@@ -30,11 +30,6 @@ KNOBS = (
 )  # fmt: skip
 FAST = ("--data", "confirm_timeout=10", "--data", "activation_timeout=60")
 _count = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def push_ready(bench: None) -> None:
-    prepare_push()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests.bench import fleet
-from tests.bench.client import ssh
+from tests.bench.client import prepare_push, ssh
 from tests.e2e.test_pi import (
     current,
     deploy,
@@ -25,10 +25,7 @@ from tests.e2e.test_pi import (
     desired_path,
     new_versions,
     output,
-    push_ready,
 )
-
-__all__ = ["push_ready"]  # the fixture, shared with test_pi
 
 PIS = ("pi4", "pi5", "pis", "pi6")  # pi6 is armv7l
 COUNTER_DIR = "/root/nixpush-nix-counter"
@@ -61,15 +58,15 @@ _COMMANDS = ("eval", "build", "copy", "store", "path-info", "flake")
 
 @pytest.fixture(scope="module")
 def four_pis(push_ready: None) -> Iterator[None]:
-    """Four Pis (one armv7l) on the NAS, prepared as a user would; the default fleet after."""
+    """Four Pis (one armv7l) on the NAS, prepared as a user would; the default fleet after,
+    prepared again, as the session's ``push_ready`` found it (the NAS emulates no armv7l)."""
     default = len(fleet.PIS)
     fleet.up(pis=4)
-    from tests.bench.client import prepare_push
-
     prepare_push()  # the NAS emulates armv7l for pi6; push keys for the new Pi
     yield
     fleet.set_library_weight("light")
     fleet.up(pis=default)
+    prepare_push()
 
 
 @pytest.fixture

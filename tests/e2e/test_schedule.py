@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
-from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
+from tests.bench.client import BENCH_INVENTORY, on_host, pyinfra, ssh
 from tests.e2e.test_pi import current, desired_path, new_versions, profile
 
 PIS = [h.name for h in fleet.PIS]
@@ -29,9 +29,8 @@ UNIT_DIR = "/etc/systemd/system"
 
 
 @pytest.fixture(scope="module")
-def ready(bench: None) -> None:
-    """The NAS prepared as builder and the push keys installed, as a user would first do."""
-    prepare_push()
+def ready(push_ready: None) -> None:
+    """The session's push preparation (``push_ready``, tests/conftest.py)."""
 
 
 @pytest.fixture
@@ -364,16 +363,6 @@ def test_limit_that_matches_no_host_is_a_usage_error(ready, state_dir):
     assert (
         "No host matches found for --limit pattern pi9" in latest(state_dir)["deploys"][0]["error"]
     )
-
-
-def test_usage_errors_exit_64(state_dir):
-    assert nixpush_run("sometimes", state_dir).returncode == 64
-    assert nixpush_run("check", state_dir, "--inventory", "missing.py").returncode == 64
-    assert nixpush_run("check", state_dir, "--keep", "0").returncode == 64
-    helped = nixpush_run("check", state_dir, "--help")
-    assert helped.returncode == 0
-    for code in ("0 ", "1 ", "2 ", "64", "75"):
-        assert f"\n  {code}" in helped.stdout
 
 
 # -- deploys/schedule.py ---------------------------------------------------------------

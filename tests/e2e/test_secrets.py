@@ -52,14 +52,14 @@ def run_deploy(*args: str, env: dict[str, str] | None = None) -> str:
 
 
 def leaked_forms(values: dict[str, str]) -> dict[str, str]:
-    """What counts as a leak: each value, each line of it, and its base64 (the stdin form)."""
+    """What counts as a leak: each value, each line of it with secret material (no PEM armour,
+    no key's public header), and its base64 (the stdin form)."""
     forms: dict[str, str] = {}
     for key, value in values.items():
         forms[f"{key} (whole)"] = value.strip()
         forms[f"{key} (base64)"] = base64.b64encode(value.encode()).decode()
-        for number, line in enumerate(value.splitlines()):
-            if len(line) >= 16 and "PRIVATE KEY-----" not in line:
-                forms[f"{key} (line {number})"] = line
+        for number, line in bench_sops.secret_lines(value):
+            forms[f"{key} (line {number})"] = line
     return forms
 
 

@@ -14,9 +14,7 @@ import pytest
 
 from tests.bench import fleet
 from tests.bench.client import REPO
-from tests.e2e.test_pi import current, deploy, desired_path, new_versions, output, push_ready
-
-__all__ = ["push_ready"]  # the fixture, shared with test_pi
+from tests.e2e.test_pi import current, deploy, desired_path, new_versions, output
 
 
 @pytest.fixture

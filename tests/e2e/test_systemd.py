@@ -21,7 +21,7 @@ import pytest
 
 from tests.bench import fleet, systemd_host
 from tests.bench import sops as bench_sops
-from tests.bench.client import BENCH_INVENTORY, on_host, prepare_push, pyinfra, ssh
+from tests.bench.client import BENCH_INVENTORY, on_host, pyinfra, ssh
 from tests.bench.schedule_inventory import STATE_DIR
 from tests.e2e.test_pi import current, deploy, desired_path, new_versions, output, profile
 from tests.e2e.test_safe import (
@@ -43,9 +43,8 @@ FIRE_NOW = Path("/run/systemd/system") / f"{CHECK_TIMER}.d" / "nixpush-test-fire
 
 
 @pytest.fixture(scope="module")
-def ready(bench: None) -> None:
-    """The NAS prepared as builder and the push keys installed, as a user would first do."""
-    prepare_push()
+def ready(push_ready: None) -> None:
+    """The session's push preparation (``push_ready``, tests/conftest.py)."""
 
 
 def sudo(command: list[str], check: bool = True) -> str:
@@ -202,7 +201,8 @@ def test_schedule_enables_timers_and_a_fired_timer_leaves_a_report(runner):
     )
     report = json.loads(sudo(["cat", latest]))
     assert report["mode"] == "check" and report["exit_code"] == 0, report
-    assert report["limit"] == [SD.name] and report["checkout"] == str(fleet.REPO)
+    checkout = systemd_host.runner_checkout(fleet.BENCH_DIR)  # the schedule's: a copy of ours
+    assert report["limit"] == [SD.name] and report["checkout"] == str(checkout)
     assert list(report["hosts"]) == [SD.name]
     assert report["hosts"][SD.name]["status"] == "unchanged"
     assert systemctl("show", "-p", "Result", "--value", CHECK_SERVICE) == "success"

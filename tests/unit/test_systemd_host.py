@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,3 +87,48 @@ def test_schedule_inventory_schedules_a_check_of_the_systemd_pi_only():
     assert schedule.enabled and schedule.activate
     assert [(run.mode, run.limit) for run in schedule.runs] == [("check", (SD.name,))]
     assert schedule.program.startswith(str(fleet.BENCH_DIR))  # visible inside the host
+    # So is the checkout it runs from, wherever this one is (its /root, /home, /tmp are its own).
+    assert schedule.checkout == str(systemd_host.runner_checkout(fleet.BENCH_DIR))
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+
+def test_copy_checkout_copies_the_work_tree_as_it_is_but_what_git_ignores(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "operations").mkdir(parents=True)
+    (repo / ".gitignore").write_text(".venv/\n__pycache__/\n")
+    (repo / "operations" / "a.py").write_text("committed\n")
+    (repo / "gone.py").write_text("deleted, not committed\n")
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    (repo / "operations" / "a.py").write_text("changed, not committed\n")
+    (repo / "operations" / "new.py").write_text("untracked\n")
+    (repo / "gone.py").unlink()
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").write_text("ignored\n")
+    dest = tmp_path / "copy"
+    (dest / "stale").mkdir(parents=True)  # from an earlier copy: goes
+
+    systemd_host.copy_checkout(repo, dest)
+
+    copied = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
+    assert copied == [".gitignore", "operations/a.py", "operations/new.py"]
+    assert (dest / "operations" / "a.py").read_text() == "changed, not committed\n"
+
+
+def test_copy_checkout_of_a_plain_directory_leaves_out_virtualenvs_caches_and_git(tmp_path):
+    repo = tmp_path / "unpacked"
+    for name in ("operations/a.py", ".venv/bin/python", "operations/__pycache__/a.pyc",
+                 ".mypy_cache/x", "nixpush.egg-info/PKG-INFO", ".git/HEAD"):  # fmt: skip
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(name)
+    dest = tmp_path / "copy"
+
+    systemd_host.copy_checkout(repo, dest)
+
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "operations/a.py"
+    ]
