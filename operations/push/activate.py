@@ -20,6 +20,10 @@ waits for a pending one up to ``ActivationRun.lock_wait`` seconds, then fails na
 host whose health checks may outlast the confirmation window is refused when its safety is
 read (``safety_for``), with the numbers.
 
+With more than one ``deploy_wave`` in the run, the activation launches only once every host
+of the earlier waves deployed and, ``wave_soak`` seconds later, passed its health checks again
+(``operations.push.waves``); otherwise the host is ``held`` and nothing starts on it.
+
 ``boot`` gets no automatic rollback: nothing can be confirmed without a reboot.
 ``deploy_action=rollback`` (``plan.plan_rollback``) goes back to the previous generation, the
 same way.
