@@ -29,6 +29,10 @@ _FLEET_WIDE = {
     # Where deploys/nixos_config.py writes each host's NixOS fragment: inside the flake, so
     # hosts/<host>/default.nix can import ../../nixpush/<host>.nix (git add them).
     "nixos_fragments_dir": "/home/beau/nixos-config/nixpush",
+    # Activation waves (deploy_wave, per host below; 0 when unset): pi4 first, the desktops
+    # next, the NAS last. A deployed host of a wave waits this long before its health checks
+    # run again and the next wave starts.
+    "wave_soak": 60,
 }
 
 # Host name -> roots and data. The owner edits addresses here.
@@ -42,6 +46,7 @@ _FLEET = {
             "ssh_hostname": "grill.lan",
             "ssh_user": "beau",
             "_sudo": True,
+            "deploy_wave": 1,
             "builder_host": "nas",
             # Fill in from `ssh-keyscan -t ed25519 grill.lan`, checked against grill's
             # /etc/ssh/ssh_host_ed25519_key.pub out of band (nas verifies it before pushing):
@@ -58,13 +63,14 @@ _FLEET = {
             "_sudo": True,
             "builder_host": "nas",
             "offline_ok": True,
+            "deploy_wave": 1,
             # From `ssh-keyscan -t ed25519 laptop.lan`, checked out of band:
             # "ssh_host_key": "ssh-ed25519 AAAA...",
         },
     },
     # server: the builder (QEMU binfmt and max-jobs come from group_data/server.py). It builds
     # and deploys itself too (builder_host is itself): nothing is copied, the switch is as safe
-    # as a Pi's.
+    # as a Pi's. Last: it builds every other host, so it changes only once they are fine.
     "nas": {
         "roots": ["minimal", "common", "network", "main", "server"],
         "data": {
@@ -73,9 +79,10 @@ _FLEET = {
             "ssh_user": "beau",
             "_sudo": True,
             "builder_host": "nas",
+            "deploy_wave": 2,
         },
     },
-    # Raspberry Pi 4: built on nas, pushed over SSH
+    # Raspberry Pi 4: built on nas, pushed over SSH; wave 0 (the default): activated first
     "pi4": {
         "roots": ["minimal", "common", "network"],
         "data": {

@@ -12,7 +12,9 @@ age key must be available); plan (desired toplevel evaluated on the builder vs.
 /run/current-system); build on the builder once per configuration; sign and copy the closure
 builder -> target over ssh-ng; dry-activate and show its report, then (in the same round
 trip, only if that passed) activate safely: detached from the SSH session, health-checked,
-confirmed over a new SSH login, rolled back by the target itself otherwise.
+confirmed over a new SSH login, rolled back by the target itself otherwise. With more than
+one ``deploy_wave`` in the run, a wave activates only once the earlier ones deployed and stayed
+healthy for their ``wave_soak`` (``operations.push.waves``); builds and copies do not wait.
 
 A host whose ``builder_host`` is itself (the NAS) evaluates and builds on itself, needs no
 trust and copies nothing, then activates with the same safety. Image hosts (``@image/NAME``)
@@ -21,20 +23,22 @@ are deploys/image.py's.
 
 from functools import partial
 
+from pyinfra import logger
 from pyinfra.context import host, state
 
 from operations import keys, nix, ssh
 from operations.failures import Unable, attempt, or_unable
 from operations.models import Builder, Plan
-from operations.push import activate, build, copy, plan
+from operations.push import activate, build, copy, plan, waves
 from operations.start import start_deploy
 
 deploy = start_deploy(state)
 spec = deploy.specs[host.name]
 cache = deploy.cache
-deploy.summary.forgive(
-    plan.needed_hosts(deploy.specs, {h.name for h in state.inventory if state.is_host_in_limit(h)})
-)
+in_run = {h.name for h in state.inventory if state.is_host_in_limit(h)}
+deploy.summary.forgive(plan.needed_hosts(deploy.specs, in_run))
+# The activation waves of this run's targets (deploy_wave); hosts outside --limit have none.
+run_waves = {s.deploy_wave for s in deploy.specs.values() if s.is_target and s.name in in_run}
 
 
 def _plan() -> tuple[Plan, Builder | None]:
@@ -89,6 +93,10 @@ else:
         checks = spec.health_checks
         activate.check_window(host, safety, checks if target_plan.action.activates else ())
         activate.announce(host, target_plan, safety, checks)
+        if target_plan.action.activates and not target_plan.up_to_date:
+            wave_line = waves.describe_wave(run_waves, spec.deploy_wave, spec.wave_soak)
+            if wave_line:
+                host.log_styled(wave_line, log_func=logger.info)
     # A target already on its system (planning logged it) gets no operations: each would be a
     # no-op, and pyinfra's bookkeeping of an operation call costs the controller CPU per host,
     # which is most of what a no-change run of a fleet does.
@@ -130,10 +138,16 @@ else:
         sudo = spec.sudo
         if not target_plan.action.activates:  # an activation dry-activates first itself
             activate.dry_activate(name="Dry-activate", plan=target_plan, sudo=sudo)
+        if target_plan.action.activates:
+            # Its wave waits for the earlier ones at execute time; builds and copies do not.
+            worst = activate.worst_case(safety, checks, spec.wave_soak)
+            cache.waves.join(host.name, spec.deploy_wave, worst)
         activate.activate_safely(
             name="Activate (detached, confirmed, rolled back on failure)",
             plan=target_plan,
             safety=safety,
             checks=checks,
             sudo=sudo,
+            waves=cache.waves,
+            soak=spec.wave_soak,
         )

@@ -61,6 +61,8 @@ _IMAGE_ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 _MAX_PORT = 65535
 # A day: the longest a target waits for its confirmation, or its activation may take.
 _MAX_SAFETY_SECONDS = 86400
+# Waves are a handful (canary, the rest, the builder); a bigger number is a typo.
+_MAX_WAVE = 99
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
 _MAX_SESSIONS = 64
 # The one key that lets a pushed-to or building host skip host key checks; its name says so.
@@ -73,7 +75,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "max_ssh_sessions", "sops_file", "secrets", "schedule", "rollback", "confirm_timeout",
     "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
-    "nixpush_sops_file", INSECURE_KEY,
+    "nixpush_sops_file", "deploy_wave", "wave_soak", INSECURE_KEY,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -137,6 +139,10 @@ class HostSpec:
     + health_checks: what must pass before confirming (``operations.health``), merged across
       the host's roots by name
     + schedule: the controller's ``schedule`` (``operations.schedule``; not enabled: none)
+    + deploy_wave: the activation wave (``operations.push.waves``): wave 0 first, a later one
+      once every host of the earlier ones deployed and stayed healthy
+    + wave_soak: seconds a deployed host waits before its health checks run again, when a
+      later wave waits for it
     """
 
     name: str
@@ -168,6 +174,8 @@ class HostSpec:
     activation_timeout: int = DEFAULT_ACTIVATION_TIMEOUT
     health_checks: tuple[HealthCheck, ...] = ()
     schedule: Schedule = field(default_factory=lambda: Schedule(enabled=False))
+    deploy_wave: int = 0
+    wave_soak: int = 0
 
     @property
     def is_target(self) -> bool:
@@ -223,6 +231,13 @@ class _Reader:
     def positive_int(
         self, key: str, maximum: int | None = None, unit: str = "a whole number"
     ) -> int | None:
+        return self.number(key, 1, maximum, unit)
+
+    def whole_number(self, key: str, maximum: int, unit: str = "a whole number") -> int:
+        """From 0 to ``maximum``; 0 when unset."""
+        return self.number(key, 0, maximum, unit) or 0
+
+    def number(self, key: str, minimum: int, maximum: int | None, unit: str) -> int | None:
         # `--data key=8` arrives as an int, but data written by hand or by other tools may be
         # the string "8"; accept both, reject bools (an int subclass) and anything else.
         value = self.host.data.get(key)
@@ -233,8 +248,10 @@ class _Reader:
             number = value
         elif isinstance(value, str) and value.strip().isdecimal():
             number = int(value.strip())
-        if number is None or number < 1 or (maximum is not None and number > maximum):
-            wanted = f"from 1 to {maximum}" if maximum is not None else "of 1 or more"
+        if number is None or number < minimum or (maximum is not None and number > maximum):
+            wanted = (
+                f"from {minimum} to {maximum}" if maximum is not None else f"of {minimum} or more"
+            )
             self.problem(key, f"is {value!r}; set it to {unit} {wanted}")
             return None
         return number
@@ -481,6 +498,8 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         ),
         health_checks=read.health_checks(),
         schedule=read.schedule(),
+        deploy_wave=read.whole_number("deploy_wave", _MAX_WAVE),
+        wave_soak=read.whole_number("wave_soak", _MAX_SAFETY_SECONDS, unit="a number of seconds"),
     )
     return spec, read.problems
 

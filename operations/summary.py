@@ -51,6 +51,8 @@ class RunSummary:
     flakes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # safe switching (operations/activation.py): hosts that rolled back, with the cause.
     rollbacks: dict[str, str] = field(default_factory=dict)
+    # Activation waves (operations/push/waves.py): hosts held because an earlier wave failed.
+    held_back: dict[str, str] = field(default_factory=dict)
     # offline_ok hosts that could not be reached: neither deployed nor failed.
     offline: set[str] = field(default_factory=set)
     # deploys/image.py: each image's plan, and what was done (store path, size, copy).
@@ -74,6 +76,11 @@ class RunSummary:
     def rolled_back(self, host_name: str, cause: str) -> None:
         """The host is back on its previous system (pyinfra counts it failed: exit 1)."""
         self.rollbacks[host_name] = cause
+
+    def held(self, host_name: str, cause: str) -> None:
+        """The host was not activated: an earlier wave failed (pyinfra counts it failed:
+        exit 1)."""
+        self.held_back[host_name] = cause
 
     def skip(self, host_name: str, reason: str) -> None:
         self.skipped[host_name] = reason
@@ -104,8 +111,8 @@ class RunSummary:
         self.images_done[name] = detail
 
     def outcomes(self) -> dict[str, tuple[str, str]]:
-        """Host -> (status, detail): unchanged, deployed, rolled-back, failed, planned, offline,
-        skipped."""
+        """Host -> (status, detail): unchanged, deployed, rolled-back, held, failed, planned,
+        offline, skipped."""
         executed = self.state.current_stage >= StateStage.Execute
         failed = {host.name for host in self.state.failed_hosts}
         result: dict[str, tuple[str, str]] = {}
@@ -115,6 +122,8 @@ class RunSummary:
             image = self.images.get(name)
             if name in self.rollbacks and name not in self.causes:
                 result[name] = ("rolled-back", self.rollbacks[name])
+            elif name in self.held_back and name not in self.causes:
+                result[name] = ("held", self.held_back[name])
             elif name in self.offline:
                 result[name] = ("offline", "unreachable, and offline_ok: not deployed this run")
             elif name in failed or name in self.causes:

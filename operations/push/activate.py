@@ -20,6 +20,10 @@ waits for a pending one up to ``ActivationRun.lock_wait`` seconds, then fails na
 host whose health checks may outlast the confirmation window is refused when its safety is
 read (``safety_for``), with the numbers.
 
+With more than one ``deploy_wave`` in the run, the activation launches only once every host
+of the earlier waves deployed and, ``wave_soak`` seconds later, passed its health checks again
+(``operations.push.waves``); otherwise the host is ``held`` and nothing starts on it.
+
 ``boot`` gets no automatic rollback: nothing can be confirmed without a reboot.
 ``deploy_action=rollback`` (``plan.plan_rollback``) goes back to the previous generation, the
 same way.
@@ -63,6 +67,7 @@ from operations.push.switch import (
     reject_command,
     split_at_mark,
 )
+from operations.push.waves import Waves
 from operations.steady import runs_systemd
 from operations.summary import summary_for
 
@@ -274,6 +279,7 @@ class Activation:
 
     + plan, safety, checks, sudo: as for ``activate_safely``
     + systemd: the target has systemd (a transient unit; ``units`` checks run)
+    + waves, soak: the run's activation waves and the host's ``wave_soak`` (``activate_safely``)
     """
 
     plan: Plan
@@ -281,6 +287,8 @@ class Activation:
     checks: tuple[HealthCheck, ...]
     sudo: bool
     systemd: bool
+    waves: Waves | None = None
+    soak: int = 0
 
 
 @operation(is_idempotent=False)
@@ -289,6 +297,8 @@ def activate_safely(
     safety: Safety,
     checks: Sequence[HealthCheck],
     sudo: bool,
+    waves: Waves | None = None,
+    soak: int = 0,
 ) -> Generator[PyinfraCommand, None, None]:
     """
     Activate the plan's system detached from the SSH session, with health checks, a
@@ -298,6 +308,10 @@ def activate_safely(
     + safety: ``spec.safety(plan.action)``
     + checks: ``spec.health_checks``
     + sudo: run with sudo (a non-root deploy user)
+    + waves: the run's activation waves (``RunCache.waves``; the deploy code ``join``ed the
+      host): launch only once the earlier waves passed, and report this host's result
+    + soak: ``spec.wave_soak``: once deployed, when a later wave waits, seconds to wait before
+      the health checks run again
 
     **Example:**
 
@@ -309,11 +323,46 @@ def activate_safely(
     if plan.up_to_date or not plan.action.activates:
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: no activation")
         return
-    activation = Activation(plan, safety, tuple(checks), sudo, runs_systemd())
+    activation = Activation(plan, safety, tuple(checks), sudo, runs_systemd(), waves, soak)
     yield FunctionCommand(_activate, (activation,), {})
 
 
+def worst_case(safety: Safety, checks: Sequence[HealthCheck], soak: int) -> float:
+    """The longest one activation may keep a later wave waiting: the launch (waiting for the
+    host's lock), following it to its outcome, the soak and its health checks."""
+    lock_wait = safety.confirm_timeout + safety.activation_timeout
+    launch = safety.activation_timeout + 60 + FOLLOW_WAIT + lock_wait
+    follow = 4 * safety.activation_timeout + safety.confirm_timeout + GRACE
+    return launch + follow + soak + sum(check.worst_case for check in checks)
+
+
 def _activate(state: State, host: Host, activation: Activation) -> bool:
+    waves = activation.waves
+    wave = waves.wave_of(host.name) if waves is not None else None
+    if waves is None or wave is None or not waves.many:
+        return _activate_now(state, host, activation)
+    held = waves.wait_turn(host.name, wave, lambda: [h.name for h in state.failed_hosts])
+    if held is not None:
+        waves.report(host.name, f"{host.name} held")
+        host.log_styled(f"held: {held}", fg="yellow", log_func=logger.error)
+        summary_for(state).held(host.name, held)
+        return False
+    trouble: str | None = f"{host.name} failed"
+    try:
+        ok = _activate_now(state, host, activation)
+        if host.name in summary_for(state).rollbacks:
+            trouble = f"{host.name} rolled back"
+        elif ok and waves.has_later(wave):
+            problem = _soak(host, activation, wave)
+            ok = fail(host, problem) if problem else True
+        if ok:
+            trouble = None
+        return ok
+    finally:  # always: a later wave waits for it
+        waves.report(host.name, trouble)
+
+
+def _activate_now(state: State, host: Host, activation: Activation) -> bool:
     plan = activation.plan
     try:
         outcome = _follow_activation(host, activation)
@@ -328,6 +377,34 @@ def _activate(state: State, host: Host, activation: Activation) -> bool:
         summary_for(state).rolled_back(host.name, outcome.cause)
         return False
     return fail(host, outcome.cause)
+
+
+def _soak(host: Host, activation: Activation, wave: int) -> str | None:
+    """Wait ``soak`` seconds, then run the health checks again (and check the host still runs
+    the new system): why the next wave must not start, else None. Confirmed before, so a
+    failure here leaves the host on its new system: it fails the wave, not the host's switch."""
+    plan, soak = activation.plan, activation.soak
+    host.log_styled(
+        f"wave {wave} deployed here: soaking {soak}s, then health checks again before the next "
+        "wave",
+        log_func=logger.info,
+    )
+    gevent.sleep(soak)
+    channel = Channel(host, activation.sudo)
+    problem = run_checks(
+        activation.checks,
+        systemd=activation.systemd,
+        run=lambda c, t: channel.run(c, t),
+        log=lambda m: host.log_styled(f"after the soak: {m}", log_func=logger.info),
+    )
+    if problem is None and plan.action.makes_current:
+        answer = channel.run(StringCommand("readlink", "-f", "/run/current-system"), 20)
+        now = answer[1][0].strip() if answer and answer[0] and answer[1] else None
+        if now != plan.desired:
+            problem = f"it runs {now or 'an unknown system'}, not {plan.desired}"
+    if problem is None:
+        return None
+    return f"{problem}, {soak}s after its confirmation (wave_soak): it stays on {plan.desired}"
 
 
 def _follow_activation(host: Host, activation: Activation) -> Outcome:

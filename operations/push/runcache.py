@@ -1,7 +1,8 @@
 """
 What one push run learns once and shares among its targets: the checked fleet, every answer
 a builder gave (its Nix's systems, its push keys, a flake's metadata, whether a path is built),
-the evaluations under way, the plans made, each build's outcome, the signatures, the copy slots.
+the evaluations under way, the plans made, each build's outcome, the signatures, the copy slots,
+the activation waves' gate.
 
 One ``RunCache`` per pyinfra run, on ``operations.start.Deploy`` (``deploy.cache``), passed to
 every push step. Deploy code runs once per host and operation bodies run again at execute
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from gevent.lock import BoundedSemaphore, Semaphore
 
 from operations.models import Plan
+from operations.push.waves import Waves
 
 if TYPE_CHECKING:
     import gevent
@@ -98,6 +100,8 @@ class RunCache:
     signed: Once[tuple[str, str], str | None] = field(default_factory=Once)
     # Per builder: how many copies may run at once.
     copy_slots: dict[str, BoundedSemaphore] = field(default_factory=dict)
+    # The activation waves (deploy_wave): who activates in which, and who passed.
+    waves: Waves = field(default_factory=Waves)
 
     def planned(self, plan: Plan) -> None:
         """Remember ``plan`` among its builder's (deploy code, prepare time)."""

@@ -38,7 +38,16 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONNECT_ERROR = re.compile(r"^\s*\[(?P<host>[^\]]+)\] (?P<cause>Could not connect.*)$")
 
 # Worst first: a host's status over several deploys is the worst of them.
-STATUS_ORDER = ("failed", "rolled-back", "drifted", "changed", "unchanged", "offline", "skipped")
+STATUS_ORDER = (
+    "failed",
+    "rolled-back",
+    "held",
+    "drifted",
+    "changed",
+    "unchanged",
+    "offline",
+    "skipped",
+)
 
 
 class ExitCode(IntEnum):
@@ -56,7 +65,8 @@ class HostOutcome:
     """
     One host in one deploy.
 
-    + status: unchanged, changed, drifted, rolled-back (back on its previous system), failed,
+    + status: unchanged, changed, drifted, rolled-back (back on its previous system), held (not
+      activated: an earlier deploy wave failed), failed,
       offline (unreachable, and its data says offline_ok: not a failure) or skipped
     + cause: why (the summary's detail, pyinfra's connect error, the operations that change)
     + paths: for push targets: action, current, profile, desired (before) and after
@@ -171,7 +181,7 @@ def _paths(entry: Mapping[str, Any], status: str) -> dict[str, Any]:
             "current": desired if does is not None and does.makes_current else current,
             "profile": desired if does is not None and does.sets_profile else profile,
         }
-    elif status in ("unchanged", "drifted", "rolled-back"):
+    elif status in ("unchanged", "drifted", "rolled-back", "held"):
         after = dict(before)  # nothing was done, or it was undone (verified by the deploy)
     else:
         after = None  # failed: not known what the host runs now
@@ -207,6 +217,7 @@ def host_outcomes(
             "planned": changed_status,
             "failed": "failed",
             "rolled-back": "rolled-back",
+            "held": "held",
             "offline": "offline",
             "skipped": "skipped",
         }.get(str(entry.get("status")), "failed")
@@ -260,7 +271,9 @@ def exit_code(mode: str, deploys: Sequence[DeployResult], hosts: Mapping[str, An
     if any(d.no_host_matched for d in deploys):
         return ExitCode.USAGE
     statuses = {entry["status"] for entry in hosts.values()}
-    if statuses & {"failed", "rolled-back"} or any(d.returncode != 0 or d.error for d in deploys):
+    if statuses & {"failed", "rolled-back", "held"} or any(
+        d.returncode != 0 or d.error for d in deploys
+    ):
         return ExitCode.FAILED
     if mode == "check" and "drifted" in statuses:
         return ExitCode.DRIFT

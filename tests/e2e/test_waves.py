@@ -1,0 +1,120 @@
+"""
+Activation waves (deploy_wave, wave_soak) on a bench of four Pis, two per wave: a good
+configuration deploys wave 0, soaks, checks it again, then deploys wave 1 (the launch times
+read on the targets prove the order); a configuration that fails in wave 0 rolls back there
+and leaves wave 1 untouched and ``held`` (its closures copied ahead, nothing activated), exit 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.bench import fleet
+from tests.bench import sops as bench_sops
+from tests.bench.client import pyinfra
+from tests.e2e.test_pi import current, output
+from tests.e2e.test_safe import FAST, KNOBS, configure, in_pi, run_dirs
+from tests.e2e.test_scale import PIS
+
+WAVES = {"pi4": 0, "pi5": 0, "pis": 1, "pi6": 1}
+SOAK = 4
+LIMIT = [arg for pi in PIS for arg in ("--limit", pi)]
+
+
+@pytest.fixture(scope="module")
+def four_pis(bench: None) -> Iterator[None]:
+    """Four Pis (one armv7l) on the NAS, prepared as a user would; the default fleet after."""
+    default = len(fleet.PIS)
+    fleet.up(pis=4)
+    from tests.bench.client import prepare_push
+
+    prepare_push()  # the NAS emulates armv7l for pi6; push keys for the new Pis
+    yield
+    configs = fleet.flake_configs()
+    fleet.set_flake_configs(
+        {
+            name: {k: v for k, v in attrs.items() if k not in KNOBS}
+            for name, attrs in configs.items()
+        }
+    )
+    fleet.up(pis=default)
+
+
+@pytest.fixture
+def inventory(tmp_path: Path, four_pis: None) -> str:
+    """The bench inventory with the Pis in two waves, each deployed host soaking SOAK s."""
+    extra = {name: {"deploy_wave": wave, "wave_soak": SOAK} for name, wave in WAVES.items()}
+    path = tmp_path / "waves_inventory.py"
+    path.write_text(
+        "from tests.bench.inventory import _overlay, common, main, minimal, network, server, work\n"
+        f"_EXTRA = {extra!r}\n"
+        "minimal, common, network, main, work, server = (\n"
+        "    _overlay(g, _EXTRA) for g in (minimal, common, network, main, work, server)\n"
+        ")\n"
+    )
+    return str(path)
+
+
+def deploy(inventory: str, *args: str, report: Path | None = None):
+    env = {**bench_sops.env(), **({"NIXPUSH_REPORT_FILE": str(report)} if report else {})}
+    return pyinfra(inventory, "deploys/pi.py", *LIMIT, *FAST, *args, env=env, timeout=900)
+
+
+def launched_at(name: str) -> float:
+    """When the Pi's newest activation was launched (its program installed), on the target."""
+    script = 'd=$(ls -1d /run/nixpush/*/ | tail -n 1); stat -c %.3Y "$d/program"'
+    return float(in_pi(name, script).strip())
+
+
+def test_a_good_configuration_deploys_wave_0_then_wave_1(inventory):
+    wanted = {pi: configure(pi) for pi in PIS}
+
+    dry = deploy(inventory, "--dry")
+    assert dry.returncode == 0, output(dry)
+    assert "deploy wave 0 (of 0, 1): activates first; then soaks 4s" in output(dry)
+    assert "deploy wave 1 (of 0, 1): activates once wave 0 is deployed and healthy" in output(dry)
+
+    result = deploy(inventory, "-y")
+    text = output(result)
+    assert result.returncode == 0, text
+    assert {pi: current(pi) for pi in PIS} == wanted
+    launches = {pi: launched_at(pi) for pi in PIS}
+    first = max(launches[pi] for pi, wave in WAVES.items() if wave == 0)
+    second = min(launches[pi] for pi, wave in WAVES.items() if wave == 1)
+    # Wave 1 launched after wave 0 was confirmed and had soaked SOAK s.
+    assert second - first >= SOAK, launches
+    soaked = text.index("[pi4] wave 0 deployed here: soaking 4s")
+    assert "after the soak: health check" in text
+    assert text.index("[pis] activating detached") > soaked
+    assert text.index("[pi6] activating detached") > soaked
+    assert "[pis] wave 1 deployed here" not in text  # the last wave soaks for nobody
+
+
+def test_a_failing_configuration_in_wave_0_holds_wave_1_untouched(inventory, tmp_path):
+    before = {pi: current(pi) for pi in PIS}
+    runs_before = {pi: run_dirs(pi) for pi in ("pis", "pi6")}
+    configure("pi4", failActivation=True)
+    wanted = {pi: configure(pi) for pi in ("pi5", "pis", "pi6")}
+
+    report = tmp_path / "report.json"
+    result = deploy(inventory, "-y", report=report)
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "pi4: rolled back: switch-to-configuration test exited 4" in text
+    assert "pis: held: wave 0 failed (pi4 rolled back)" in text
+    assert "pi6: held: wave 0 failed (pi4 rolled back)" in text
+    assert current("pi4") == before["pi4"]
+    assert current("pi5") == wanted["pi5"]  # wave 0's other host deployed
+    for pi in ("pis", "pi6"):
+        assert current(pi) == before[pi]
+        assert run_dirs(pi) == runs_before[pi]  # no activation was even launched
+        # Builds and copies run ahead: the closure is there, only the activation waited.
+        assert in_pi(pi, f"test -e {wanted[pi]} && echo there").strip() == "there"
+    hosts = json.loads(report.read_text())["hosts"]
+    assert hosts["pis"]["status"] == "held"
+    assert hosts["pis"]["cause"] == "wave 0 failed (pi4 rolled back)"
+    assert hosts["pi4"]["status"] == "rolled-back"
