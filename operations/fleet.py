@@ -36,7 +36,9 @@ from operations.models import (
     DEFAULT_COPY_TIMEOUT,
     DEFAULT_MAX_PARALLEL_COPIES,
     DEFAULT_MAX_SESSIONS,
+    DEFAULT_MIN_FREE_SPACE,
     Action,
+    Margin,
     Safety,
 )
 from operations.schedule import Schedule, ScheduleError, parse_schedule
@@ -59,6 +61,8 @@ IMAGES_GROUP = "images"
 _IMAGE_ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 
 _MAX_PORT = 65535
+# Systems whose NixOS boots with extlinux (generic-extlinux-compatible) by default in nixpush.
+_EXTLINUX_SYSTEMS = ("aarch64-linux", "armv7l-linux")
 # A day: the longest a target waits for its confirmation, or its activation may take.
 _MAX_SAFETY_SECONDS = 86400
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
@@ -73,7 +77,8 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "max_ssh_sessions", "sops_file", "secrets", "schedule", "rollback", "confirm_timeout",
     "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
-    "nixpush_sops_file", INSECURE_KEY,
+    "nixpush_sops_file", "min_free_space", "boot_dir", "keep_generations", "gc_after_deploy",
+    INSECURE_KEY,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -137,6 +142,11 @@ class HostSpec:
     + health_checks: what must pass before confirming (``operations.health``), merged across
       the host's roots by name
     + schedule: the controller's ``schedule`` (``operations.schedule``; not enabled: none)
+    + min_free_space: what a target's store keeps free after a copy (``push.space.Margin``)
+    + boot_dir: where the boot loader installs kernels and initrds (extlinux's layout:
+      ``boot_dir/nixos``), checked for room before a switch or boot; None: not checked
+    + keep_generations: after a confirmed switch, the system generations kept (None: all)
+    + gc_after_deploy: collect garbage after pruning generations
     """
 
     name: str
@@ -168,6 +178,10 @@ class HostSpec:
     activation_timeout: int = DEFAULT_ACTIVATION_TIMEOUT
     health_checks: tuple[HealthCheck, ...] = ()
     schedule: Schedule = field(default_factory=lambda: Schedule(enabled=False))
+    min_free_space: Margin = field(default_factory=lambda: Margin.parse(DEFAULT_MIN_FREE_SPACE))
+    boot_dir: str | None = None
+    keep_generations: int | None = None
+    gc_after_deploy: bool = False
 
     @property
     def is_target(self) -> bool:
@@ -276,6 +290,36 @@ class _Reader:
         except ScheduleError as error:
             self.problems.append(str(error))
             return Schedule(enabled=False)
+
+    def margin(self, key: str) -> Margin:
+        value = self.host.data.get(key)
+        if value is None:
+            return Margin.parse(DEFAULT_MIN_FREE_SPACE)
+        if isinstance(value, str):
+            try:
+                return Margin.parse(value)
+            except ValueError as error:
+                problem = str(error)
+        else:
+            problem = "is not text"
+        self.problem(
+            key, f"{value!r} {problem}; set it to a size like '1G' or '500M', or a percentage "
+            "of the store's filesystem like '5%'",
+        )  # fmt: skip
+        return Margin.parse(DEFAULT_MIN_FREE_SPACE)
+
+    def boot_dir(self, nix_system: str) -> str | None:
+        if self.host.data.get("boot_dir") is None:
+            # The Pis' NixOS boots with extlinux from /boot; an x86 host's loader is unknown.
+            return "/boot" if nix_system in _EXTLINUX_SYSTEMS else None
+        value = self.string("boot_dir")
+        if value is None or not value.startswith("/") or "\n" in value:
+            self.problem(
+                "boot_dir", f"is {self.host.data.get('boot_dir')!r}; set it to the absolute "
+                "path on the target whose nixos/ directory holds the kernels (e.g. /boot)",
+            )  # fmt: skip
+            return None
+        return value.rstrip("/") or "/"
 
     def image_attr(self) -> str | None:
         value = self.string("image_attr")
@@ -481,6 +525,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         ),
         health_checks=read.health_checks(),
         schedule=read.schedule(),
+        min_free_space=read.margin("min_free_space"),
+        boot_dir=read.boot_dir(nix_system),
+        keep_generations=read.positive_int("keep_generations", unit="a number of generations"),
+        gc_after_deploy=read.boolean("gc_after_deploy"),
     )
     return spec, read.problems
 
