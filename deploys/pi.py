@@ -26,7 +26,7 @@ from pyinfra.context import host, state
 from operations import keys, nix, ssh
 from operations.failures import Unable, attempt, or_unable
 from operations.models import Builder, Plan
-from operations.push import activate, build, copy, plan
+from operations.push import activate, build, copy, plan, prune
 from operations.start import start_deploy
 
 deploy = start_deploy(state)
@@ -137,3 +137,12 @@ else:
             checks=checks,
             sudo=sudo,
         )
+        # Runs only when the activation was confirmed (a failed host runs no later step).
+        if spec.keep_generations is not None or spec.gc_after_deploy:
+            prune.prune_generations(
+                name="Prune old system generations",
+                plan=target_plan,
+                keep=spec.keep_generations or prune.KEEP_ALL,
+                gc=spec.gc_after_deploy,
+                sudo=sudo,
+            )

@@ -308,6 +308,17 @@ class _Reader:
         )  # fmt: skip
         return Margin.parse(DEFAULT_MIN_FREE_SPACE)
 
+    def keep_generations(self) -> int | None:
+        keep = self.positive_int("keep_generations", unit="a number of generations")
+        if keep == 1:
+            # deploy_action=rollback goes back to the previous generation: keep it.
+            self.problem(
+                "keep_generations", "is 1, which leaves no generation to roll back to; set it "
+                "to 2 or more, or leave it out to keep every generation",
+            )  # fmt: skip
+            return None
+        return keep
+
     def boot_dir(self, nix_system: str) -> str | None:
         if self.host.data.get("boot_dir") is None:
             # The Pis' NixOS boots with extlinux from /boot; an x86 host's loader is unknown.
@@ -527,7 +538,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         schedule=read.schedule(),
         min_free_space=read.margin("min_free_space"),
         boot_dir=read.boot_dir(nix_system),
-        keep_generations=read.positive_int("keep_generations", unit="a number of generations"),
+        keep_generations=read.keep_generations(),
         gc_after_deploy=read.boolean("gc_after_deploy"),
     )
     return spec, read.problems

@@ -104,3 +104,54 @@ def test_a_pi_with_room_deploys_once_space_is_freed(push_ready):
     result = deploy("--limit", "pi5")
     assert result.returncode == 0, output(result)
     assert current("pi5") == desired_path("pi5")
+
+
+def generations(host_name: str) -> dict[int, str]:
+    """The host's system generations: number -> system."""
+    listing = ssh(
+        host_name,
+        'for l in /nix/var/nix/profiles/system-*-link; do echo "$l $(readlink -f $l)"; done',
+    ).stdout
+    found = {}
+    for line in listing.splitlines():
+        link, system = line.split()
+        found[int(link.rsplit("/system-", 1)[1].removesuffix("-link"))] = system
+    return found
+
+
+def test_keep_generations_prunes_after_each_switch_keeps_the_booted_one_and_rollback_works(
+    push_ready,
+):
+    new_versions("pi5")
+    assert deploy("--limit", "pi5").returncode == 0
+    booted = current("pi5")
+    # As NixOS's stage 2 links it at boot: the system the Pi booted, kept whatever its age.
+    ssh("pi5", f"sudo ln -sfn {booted} /run/booted-system")
+    try:
+        for _ in range(5):
+            new_versions("pi5")
+            result = deploy("--limit", "pi5", "--data", "keep_generations=3")
+            assert result.returncode == 0, output(result)
+        text = output(result)
+        assert "keep_generations 3: deleted system generation" in text, text
+        kept = generations("pi5")
+        numbers = sorted(kept)
+        # The newest three, and the booted one (older than those: kept besides).
+        assert len(kept) == 4, kept
+        assert kept[numbers[0]] == booted
+        assert f"kept besides: {numbers[0]} (booted)" in text, text
+        assert kept[numbers[-1]] == current("pi5") == profile("pi5")
+
+        # --dry says what the next switch would delete, and nothing goes.
+        new_versions("pi5")
+        dry = deploy("--limit", "pi5", "--dry", "--data", "keep_generations=3")
+        assert dry.returncode == 0, output(dry)
+        assert f"keep_generations 3: would delete system generation {numbers[1]}" in output(dry)
+        assert generations("pi5") == kept
+
+        # A rollback still goes back to the previous generation.
+        back = deploy("--limit", "pi5", "--data", "deploy_action=rollback")
+        assert back.returncode == 0, output(back)
+        assert current("pi5") == profile("pi5") == kept[numbers[-2]]
+    finally:
+        ssh("pi5", "sudo rm -f /run/booted-system")

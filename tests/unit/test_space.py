@@ -55,6 +55,10 @@ def test_bad_min_free_space_and_boot_dir_stop_the_run_naming_host_key_and_fix(wr
     assert problem.startswith("pi: boot_dir is 'boot'; set it to the absolute path")
     problem = only_problem(write_inventory(fleet(pi={"keep_generations": 0}), filename="k.py"))
     assert problem.startswith("pi: keep_generations is 0; set it to a number of generations")
+    problem = only_problem(write_inventory(fleet(pi={"keep_generations": 1}), filename="one.py"))
+    assert problem.startswith("pi: keep_generations is 1, which leaves no generation to roll")
+    problem = only_problem(write_inventory(fleet(pi={"gc_after_deploy": "yes"}), filename="g.py"))
+    assert problem.startswith("pi: gc_after_deploy is 'yes'; set it to True or False")
 
 
 def test_a_pi_checks_its_boot_dir_by_default_and_an_x86_host_does_not(write_inventory):
