@@ -139,10 +139,8 @@ else:
         )
         # Runs only when the activation was confirmed (a failed host runs no later step).
         if spec.keep_generations is not None or spec.gc_after_deploy:
+            keep, gc = spec.keep_generations or prune.KEEP_ALL, spec.gc_after_deploy
+            prune.announce(host, target_plan, keep, gc, sudo)  # --dry: what would go
             prune.prune_generations(
-                name="Prune old system generations",
-                plan=target_plan,
-                keep=spec.keep_generations or prune.KEEP_ALL,
-                gc=spec.gc_after_deploy,
-                sudo=sudo,
+                name="Prune old system generations", plan=target_plan, keep=keep, gc=gc, sudo=sudo
             )

@@ -9,7 +9,7 @@ rolled back), and a garbage collection may take minutes that no confirmation sho
 It takes the host's activation lock (``/run/nixpush/lock``) while generations go, so none is
 deleted under an activation awaiting its confirmation (whose rollback needs the previous
 one), and lets it go before collecting (GC roots keep what a later activation pins).
-``--dry`` reads what would go (one round trip, only then).
+``--dry`` reads what would go (``announce``: one round trip, only then).
 
 .. code:: python
 
@@ -98,6 +98,20 @@ def describe(pruned: Pruned, keep: int, *, dry: bool) -> str:
     return text
 
 
+def announce(target: Host, plan: Plan, keep: int, gc: bool, sudo: bool) -> None:
+    """Under ``--dry`` only (deploy code, prepare time: pyinfra runs no operation then), read
+    and log what the switch's pruning would delete: one round trip."""
+    if not is_dry_run() or plan.up_to_date or plan.action is not Action.SWITCH:
+        return
+    ok, lines = run_on(
+        target, prune_command("dry", keep, gc), sudo=sudo, stdin=PROGRAM,
+        doing="reading the system generations",
+    )  # fmt: skip
+    pruned = parse_pruned(lines)
+    if ok and pruned.complete:
+        target.log_styled(describe(pruned, keep, dry=True), log_func=logger.info)
+
+
 @operation()
 def prune_generations(
     plan: Plan, keep: int, gc: bool, sudo: bool
@@ -121,14 +135,6 @@ def prune_generations(
     if plan.up_to_date or plan.action is not Action.SWITCH:
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: nothing pruned")
         return
-    if is_dry_run():
-        ok, lines = run_on(
-            host, prune_command("dry", keep, gc), sudo=sudo, stdin=PROGRAM,
-            doing="reading the system generations",
-        )  # fmt: skip
-        pruned = parse_pruned(lines)
-        if ok and pruned.complete:
-            host.log_styled(describe(pruned, keep, dry=True), log_func=logger.info)
     yield FunctionCommand(_prune, (keep, gc, sudo), {})
 
 
