@@ -29,7 +29,7 @@ from pyinfra.context import host, state
 from operations import keys, nix, ssh
 from operations.failures import Unable, attempt, or_unable
 from operations.models import Builder, Plan
-from operations.push import activate, build, copy, plan, waves
+from operations.push import activate, build, copy, plan, prune, waves
 from operations.start import start_deploy
 
 deploy = start_deploy(state)
@@ -151,3 +151,10 @@ else:
             waves=cache.waves,
             soak=spec.wave_soak,
         )
+        # Runs only when the activation was confirmed (a failed host runs no later step).
+        if spec.keep_generations is not None or spec.gc_after_deploy:
+            keep, gc = spec.keep_generations or prune.KEEP_ALL, spec.gc_after_deploy
+            prune.announce(host, target_plan, keep, gc, sudo)  # --dry: what would go
+            prune.prune_generations(
+                name="Prune old system generations", plan=target_plan, keep=keep, gc=gc, sudo=sudo
+            )

@@ -36,7 +36,9 @@ from operations.models import (
     DEFAULT_COPY_TIMEOUT,
     DEFAULT_MAX_PARALLEL_COPIES,
     DEFAULT_MAX_SESSIONS,
+    DEFAULT_MIN_FREE_SPACE,
     Action,
+    Margin,
     Safety,
 )
 from operations.schedule import Schedule, ScheduleError, parse_schedule
@@ -59,6 +61,8 @@ IMAGES_GROUP = "images"
 _IMAGE_ATTR = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
 
 _MAX_PORT = 65535
+# Systems whose NixOS boots with extlinux (generic-extlinux-compatible) by default in nixpush.
+_EXTLINUX_SYSTEMS = ("aarch64-linux", "armv7l-linux")
 # A day: the longest a target waits for its confirmation, or its activation may take.
 _MAX_SAFETY_SECONDS = 86400
 # Waves are a handful (canary, the rest, the builder); a bigger number is a typo.
@@ -75,7 +79,8 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "max_ssh_sessions", "sops_file", "secrets", "schedule", "rollback", "confirm_timeout",
     "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
-    "nixpush_sops_file", "deploy_wave", "wave_soak", INSECURE_KEY,
+    "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
+    "keep_generations", "gc_after_deploy", INSECURE_KEY,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -143,6 +148,11 @@ class HostSpec:
       once every host of the earlier ones deployed and stayed healthy
     + wave_soak: seconds a deployed host waits before its health checks run again, when a
       later wave waits for it
+    + min_free_space: what a target's store keeps free after a copy (``push.space.Margin``)
+    + boot_dir: where the boot loader installs kernels and initrds (extlinux's layout:
+      ``boot_dir/nixos``), checked for room before a switch or boot; None: not checked
+    + keep_generations: after a confirmed switch, the system generations kept (None: all)
+    + gc_after_deploy: collect garbage after pruning generations
     """
 
     name: str
@@ -176,6 +186,10 @@ class HostSpec:
     schedule: Schedule = field(default_factory=lambda: Schedule(enabled=False))
     deploy_wave: int = 0
     wave_soak: int = 0
+    min_free_space: Margin = field(default_factory=lambda: Margin.parse(DEFAULT_MIN_FREE_SPACE))
+    boot_dir: str | None = None
+    keep_generations: int | None = None
+    gc_after_deploy: bool = False
 
     @property
     def is_target(self) -> bool:
@@ -293,6 +307,47 @@ class _Reader:
         except ScheduleError as error:
             self.problems.append(str(error))
             return Schedule(enabled=False)
+
+    def margin(self, key: str) -> Margin:
+        value = self.host.data.get(key)
+        if value is None:
+            return Margin.parse(DEFAULT_MIN_FREE_SPACE)
+        if isinstance(value, str):
+            try:
+                return Margin.parse(value)
+            except ValueError as error:
+                problem = str(error)
+        else:
+            problem = "is not text"
+        self.problem(
+            key, f"{value!r} {problem}; set it to a size like '1G' or '500M', or a percentage "
+            "of the store's filesystem like '5%'",
+        )  # fmt: skip
+        return Margin.parse(DEFAULT_MIN_FREE_SPACE)
+
+    def keep_generations(self) -> int | None:
+        keep = self.positive_int("keep_generations", unit="a number of generations")
+        if keep == 1:
+            # deploy_action=rollback goes back to the previous generation: keep it.
+            self.problem(
+                "keep_generations", "is 1, which leaves no generation to roll back to; set it "
+                "to 2 or more, or leave it out to keep every generation",
+            )  # fmt: skip
+            return None
+        return keep
+
+    def boot_dir(self, nix_system: str) -> str | None:
+        if self.host.data.get("boot_dir") is None:
+            # The Pis' NixOS boots with extlinux from /boot; an x86 host's loader is unknown.
+            return "/boot" if nix_system in _EXTLINUX_SYSTEMS else None
+        value = self.string("boot_dir")
+        if value is None or not value.startswith("/") or "\n" in value:
+            self.problem(
+                "boot_dir", f"is {self.host.data.get('boot_dir')!r}; set it to the absolute "
+                "path on the target whose nixos/ directory holds the kernels (e.g. /boot)",
+            )  # fmt: skip
+            return None
+        return value.rstrip("/") or "/"
 
     def image_attr(self) -> str | None:
         value = self.string("image_attr")
@@ -500,6 +555,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         schedule=read.schedule(),
         deploy_wave=read.whole_number("deploy_wave", _MAX_WAVE),
         wave_soak=read.whole_number("wave_soak", _MAX_SAFETY_SECONDS, unit="a number of seconds"),
+        min_free_space=read.margin("min_free_space"),
+        boot_dir=read.boot_dir(nix_system),
+        keep_generations=read.keep_generations(),
+        gc_after_deploy=read.boolean("gc_after_deploy"),
     )
     return spec, read.problems
 

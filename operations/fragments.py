@@ -376,10 +376,26 @@ def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str
         trust = builder_trust(inventory.get_host(spec.pushed_by), name)
         pull = pull_client_options(spec, specs[spec.pushed_by]) if pulls(spec) else None
         sections += target_sections(spec, trust.ssh_public_key, trust.nix_public_key, pull)
+    if spec.is_target and spec.keep_generations is not None:
+        sections.append(generations_section(spec.keep_generations))
     user = sudo_user(inventory.get_host(name).data, spec)
     if sections and user is not None:
         sections.append(sudo_section(user))
     return Fragment(name, tuple(sections))
+
+
+def generations_section(keep: int) -> Section:
+    """keep_generations for the boot loader: NixOS then lists (and, with extlinux, keeps in
+    /boot) only the newest ``keep`` generations. Each loader reads its own option only when it
+    is enabled, so all three are set: the fragment need not know which one the host uses."""
+    return Section(
+        f"keep_generations = {keep}: nixpush deletes older system generations after a confirmed\n"
+        "switch; the boot loader lists (extlinux: keeps in /boot) as many.",
+        {
+            f"boot.loader.{loader}.configurationLimit": keep
+            for loader in ("generic-extlinux-compatible", "systemd-boot", "grub")
+        },
+    )
 
 
 def sudo_section(user: str) -> Section:

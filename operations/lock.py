@@ -194,3 +194,9 @@ def hold_deploy_lock(environ: Mapping[str, str] = os.environ, poll: float = 0.1)
             )
         _held[path] = handle
         return path
+
+
+def is_dry_run() -> bool:
+    """Whether this process is a ``pyinfra --dry`` run: deploy code may then read (never
+    change) what a step would do, to show it."""
+    return _dry_run()

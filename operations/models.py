@@ -11,6 +11,7 @@ reaches its builder. Frozen and free of I/O; every other layer builds on them.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -225,3 +226,40 @@ class ImagePlan:
         if self.dest and not self.at_dest:
             steps.append(f"copy its image file to {self.dest}")
         return ", ".join(steps) or "nothing"
+
+
+# What a target's store keeps free after a copy unless min_free_space says otherwise: a new
+# system's closure is often hundreds of MiB, and Nix needs room for its database besides.
+DEFAULT_MIN_FREE_SPACE = "1G"
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+
+
+@dataclass(frozen=True)
+class Margin:
+    """How much a target's store keeps free after a copy: bytes, or a percentage of its
+    filesystem (``min_free_space`` data, ``"1G"``, ``"500M"``, ``"5%"``)."""
+
+    text: str
+    size: int = 0
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Margin:
+        """``Margin.parse("1G").size == 1024**3``; ``ValueError`` naming what is wrong."""
+        value = text.strip()
+        percent = _PERCENT.fullmatch(value)
+        if percent is not None:
+            number = float(percent.group(1))
+            if number >= 100:
+                raise ValueError("is 100% or more, which no filesystem ever has free")
+            return cls(value, percent=number)
+        size = _SIZE.fullmatch(value)
+        if size is None:
+            raise ValueError("is neither a size nor a percentage")
+        return cls(value, size=int(float(size.group(1)) * _UNITS[size.group(2).upper()]))
+
+    def of(self, total: int) -> int:
+        """The bytes kept free on a filesystem of ``total`` bytes."""
+        return int(total * self.percent / 100) if self.percent is not None else self.size

@@ -399,23 +399,3 @@ def copy_progress(lines: Sequence[str], sizes: Mapping[str, int]) -> str | None:
     if running:
         text += f", copying {', '.join(_store_name(path) for path in running)}"
     return text
-
-
-def closure_sizes_command(path: str) -> StringCommand:
-    return StringCommand(*NIX, "path-info", "--json", "--recursive", QuoteString(path))
-
-
-def closure_sizes(lines: Sequence[str]) -> dict[str, int]:
-    """Each path's NAR size from ``nix path-info --json``'s answer (empty when unreadable)."""
-    for line in reversed(lines):
-        if line.startswith("["):
-            try:
-                infos = json.loads(line)
-            except json.JSONDecodeError:
-                return {}
-            return {
-                info["path"]: int(info.get("narSize", 0))
-                for info in infos
-                if isinstance(info, dict) and "path" in info
-            }
-    return {}

@@ -4,6 +4,10 @@ to the target over ``ssh-ng`` as root, with its deploy key, verifying the target
 At most ``max_parallel_copies`` copies leave one builder at once (its uplink is shared; the
 others queue); a long copy shows its progress (paths and bytes), ``copy_timeout`` stops it.
 
+Before a copy, ``push.space`` checks that it fits on the target (and, for switch and boot,
+that the new kernel and initrd fit in its boot directory): a target without the room fails
+before anything on it changes.
+
 Why sign: ``nix copy`` to a user the target's Nix does not trust is accepted only with a
 signature by a key in the target's ``trusted-public-keys`` (``deploys/pi.py`` makes the target
 trust the builder's key before it copies).
@@ -25,9 +29,8 @@ from operations.failures import fail, host_step
 from operations.keys import SIGNING_KEY_PATH
 from operations.models import Builder, Plan
 from operations.process import run_on
+from operations.push import space
 from operations.push.commands import (
-    closure_sizes,
-    closure_sizes_command,
     copy_command,
     copy_progress,
     logged,
@@ -139,6 +142,12 @@ def _copy(
 ) -> bool:
     address, port, user = to.address, to.port, to.user
     doing = f"copying to {user}@{address}:{port}"
+    closure = _closure(plan, builder, cache)
+    if isinstance(closure, str):
+        return fail(host, closure)
+    problem = _room_problem(host, plan, closure, cache)
+    if problem is not None:
+        return fail(host, problem)
     slots = copy_slots(builder, cache)
     if slots.locked():
         host.log_styled(
@@ -147,16 +156,9 @@ def _copy(
             log_func=logger.info,
         )
     with slots:
-        sizes: dict[str, int] = {}
 
         def describe(lines: Sequence[str]) -> str | None:
-            if not sizes:  # read once, when the copy turns out to be long
-                _, info = run_on(
-                    builder.host, closure_sizes_command(plan.desired), sudo=builder.sudo,
-                    doing=f"reading the size of {plan.desired}",
-                )  # fmt: skip
-                sizes.update(closure_sizes(info))
-            return copy_progress(lines, sizes)
+            return copy_progress(lines, closure.sizes)
 
         ok, lines = run_watched(
             builder.host,
@@ -191,3 +193,43 @@ def _copy(
         return fail(host, f"{doing} on {plan.builder} failed: {cause}")
     host.log_styled(f"copied {plan.desired} from {plan.builder}", log_func=logger.info)
     return True
+
+
+def _closure(plan: Plan, builder: Builder, cache: RunCache) -> space.Closure | str:
+    """The closure's sizes and boot files, read on the builder once per system; else why not."""
+
+    def read() -> space.Closure | str:
+        doing = f"reading the size of {plan.desired}"
+        ok, lines = run_on(
+            builder.host, space.closure_command(plan.desired), sudo=builder.sudo, doing=doing
+        )
+        closure = space.parse_closure(lines) if ok else None
+        if closure is None:
+            return f"{doing} on {plan.builder} failed: {nix_error(lines)}"
+        return closure
+
+    return cache.closures((plan.builder, plan.desired), read)
+
+
+def _room_problem(host: Host, plan: Plan, closure: space.Closure, cache: RunCache) -> str | None:
+    """Why the copy (and for switch or boot, the new kernel and initrd) does not fit on the
+    target: one round trip to it. None: it fits."""
+    spec = cache.specs[plan.target]
+    boot_dir = spec.boot_dir if plan.action.sets_profile else None
+    doing = f"reading the free space of {plan.target}"
+    ok, lines = run_on(
+        host,
+        space.target_space_command(closure, boot_dir),
+        sudo=False,  # df, test and Nix's validity query need no root
+        stdin="\n".join(closure.sizes),
+        doing=doing,
+    )
+    room = space.parse_target_space(lines, closure, boot_dir) if ok else None
+    if room is None:
+        return f"{doing} failed: {nix_error(lines)}"
+    host.log_styled(
+        f"{room.missing_paths} of {len(closure.sizes)} paths to copy; "
+        f"{room.store.mount} has {space.human(room.store.free)} free",
+        log_func=logger.info,
+    )
+    return space.shortfall(plan.target, room, spec.min_free_space, boot_dir)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from operations.fleet import HostSpec
     from operations.push.commands import Evaluated
+    from operations.push.space import Closure
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -98,6 +99,8 @@ class RunCache:
     building: Locks[str] = field(default_factory=Locks)
     # Per builder and store path: signed this run (None) or why not.
     signed: Once[tuple[str, str], str | None] = field(default_factory=Once)
+    # Per builder and desired path: its closure's sizes and boot files (or why unread).
+    closures: Once[tuple[str, str], Closure | str] = field(default_factory=Once)
     # Per builder: how many copies may run at once.
     copy_slots: dict[str, BoundedSemaphore] = field(default_factory=dict)
     # The activation waves (deploy_wave): who activates in which, and who passed.

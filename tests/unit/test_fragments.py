@@ -370,3 +370,26 @@ def test_the_environments_metadata_registers_nixpushs_connector(tmp_path: Path):
     from operations.connector import ImageConnector
 
     assert entry.load() is ImageConnector
+
+
+def test_keep_generations_limits_every_boot_loader_and_passes_the_nixos_check(tmp_path: Path):
+    fragment = fragments.Fragment("pi4", (fragments.generations_section(3),))
+    options = fragment.options
+    for loader in ("generic-extlinux-compatible", "systemd-boot", "grub"):
+        assert options[f"boot.loader.{loader}.configurationLimit"] == 3
+    (tmp_path / "pi4.nix").write_text(fragment.render())
+
+    result = subprocess.run(
+        [str(required_nixos_eval_check()), str(tmp_path / "pi4.nix")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "configurationLimit = 3;" in fragment.render()
+
+
+def test_a_target_with_keep_generations_gets_the_limit_in_its_fragment():
+    spec = HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas")
+    specs = {"nas": replace(spec, builder_host="nas", keep_generations=4)}
+    fragment = fragments.host_fragment(_Inventory({}), specs, "nas")  # type: ignore[arg-type]
+    assert fragment.options["boot.loader.grub.configurationLimit"] == 4

@@ -166,6 +166,8 @@ def test_an_untrusted_copy_points_a_nixos_target_at_its_fragment(monkeypatch, ni
     failed: list[str] = []
     lines = ["error: cannot add path '/nix/store/x' because it lacks a valid signature"]
     monkeypatch.setattr(copy, "run_watched", lambda *a, **k: (False, lines))
+    monkeypatch.setattr(copy, "_closure", lambda *a: copy.space.Closure({}))
+    monkeypatch.setattr(copy, "_room_problem", lambda *a: None)
     monkeypatch.setattr(copy, "known_nixos", lambda target: nixos)
     monkeypatch.setattr(copy, "fail", lambda host, reason: failed.append(reason) or False)
     target = FakeHost("pi4")

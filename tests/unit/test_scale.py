@@ -21,7 +21,6 @@ from operations.push.commands import (
     batch_eval_expression,
     build_all_command,
     build_progress,
-    closure_sizes,
     copy_progress,
     failure_for,
     logged,
@@ -31,6 +30,7 @@ from operations.push.commands import (
     plain_output,
 )
 from operations.push.progress import report_progress
+from operations.push.space import parse_closure
 
 HOSTILE = [
     "pi4",
@@ -190,15 +190,17 @@ def test_copy_progress_counts_paths_and_bytes():
         _entry(action="stop", id=10),
         _entry(action="start", id=11, type=100, fields=[pi4, "local", "ssh-ng://x"]),
     ]
-    sizes = closure_sizes([json.dumps([{"path": bb, "narSize": 2**20}, {"path": pi4,
-                                        "narSize": 3 * 2**20}])])  # fmt: skip
+    closure = parse_closure([json.dumps([{"path": bb, "narSize": 2**20}, {"path": pi4,
+                                          "narSize": 3 * 2**20}])])  # fmt: skip
+    assert closure is not None
+    sizes = closure.sizes
 
     assert copy_progress(lines, sizes) == (
         "1 of 2 paths, 1.0 of 4.0 MiB, copying nixos-system-pi4-6"
     )
     assert copy_progress(lines, {}) == "1 of 2 paths, copying nixos-system-pi4-6"
     assert copy_progress(lines[1:], sizes) is None
-    assert closure_sizes(["error: no"]) == {}
+    assert parse_closure(["error: no"]) is None
 
 
 def test_a_long_step_reports_at_first_and_then_regularly_and_a_short_one_not_at_all():

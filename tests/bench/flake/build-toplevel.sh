@@ -14,6 +14,10 @@ $bb mkdir -p "$out/bin"
 $bb uname -m > "$out/build-arch"
 echo "$version" > "$out/nixos-version"
 echo "$hostName" > "$out/hostname"
+# What a real toplevel links to its kernel and initrd: the boot loader installs them in
+# /boot/nixos (nixpush checks they fit there before a switch or boot).
+echo "bench kernel of $hostName $version" > "$out/kernel"
+echo "bench initrd of $hostName $version" > "$out/initrd"
 if [ -n "$padding" ]; then
   $bb dd if=/dev/urandom of="$out/padding" bs=1024 count=4096 2>/dev/null
 fi

@@ -1,0 +1,58 @@
+# nixpush: prune old system generations (operations/push/prune.sh), after a confirmed switch.
+# shellcheck shell=sh
+# POSIX sh, run as root, every value positional: mode (prune, or dry: only say what would go),
+# keep (the newest generations kept), gc (1: collect garbage afterwards).
+# One function called on the last line: sh parses it whole before running any of it.
+nixpush_prune() {
+if [ "$#" != 3 ]; then echo "nixpush: 3 arguments expected, $# given" >&2; exit 2; fi
+mode=$1 keep=$2 gc=$3
+profile=/nix/var/nix/profiles/system
+lock=/run/nixpush/lock
+PATH=$PATH:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
+export PATH
+if [ "$mode" = prune ]; then
+  # The host's activation lock (switch.sh's): no activation starts, and none awaits its
+  # confirmation, while generations go. Polled: busybox's flock has no -w.
+  mkdir -p /run/nixpush
+  exec 9>>"$lock"
+  tries=0
+  until flock -n 9; do
+    tries=$((tries + 1))
+    if [ "$tries" -ge 50 ]; then echo "nixpush-busy $(tr '\n' ' ' < "$lock")"; exit 0; fi
+    sleep 0.2
+  done
+else
+  keep=$((keep - 1))  # the switch to come adds one
+fi
+booted=$(readlink -f /run/booted-system 2>/dev/null)
+running=$(readlink -f /run/current-system 2>/dev/null)
+chosen=$(readlink "$profile" 2>/dev/null)
+chosen=${chosen#system-} chosen=${chosen%-link}
+numbers=$(for link in "$profile"-*-link; do
+  [ -L "$link" ] || continue
+  g=${link##*/system-}; echo "${g%-link}"
+done | sort -rn)
+n=0 doomed=''
+for g in $numbers; do
+  n=$((n + 1))
+  [ "$n" -le "$keep" ] && continue
+  system=$(readlink -f "$profile-$g-link")
+  if [ "$g" = "$chosen" ]; then echo "nixpush-kept $g (the profile's)"; continue; fi
+  if [ -n "$booted" ] && [ "$system" = "$booted" ]; then echo "nixpush-kept $g (booted)"; continue; fi
+  if [ "$system" = "$running" ]; then echo "nixpush-kept $g (running)"; continue; fi
+  doomed="$doomed $g"
+done
+echo "nixpush-doomed$doomed"
+[ "$mode" = prune ] || exit 0
+if [ -n "$doomed" ]; then
+  # shellcheck disable=SC2086  # one argument per generation number
+  nix-env -p "$profile" --delete-generations $doomed 9>&- || exit 1
+fi
+flock -u 9
+if [ "$gc" = 1 ]; then
+  # Nix's last line: "N store paths deleted, X MiB freed".
+  nix-store --gc 9>&- 2>&1 | tail -n 1 | sed 's/^/nixpush-gc /'
+fi
+exit 0
+}
+nixpush_prune "$@"
