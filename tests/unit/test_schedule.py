@@ -211,16 +211,21 @@ def test_cron_line_is_shell_quoted():
     assert "cron instead: 0 * * * * beau" in schedule.no_systemd_reason("nas", spec)
 
 
+def verified_units(spec, directory: Path) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify`` of the units ``spec`` renders, written into ``directory``."""
+    for unit, content in schedule.unit_files(spec).items():
+        (directory / unit).write_text(content)
+    return subprocess.run(
+        ["systemd-analyze", "verify", *(str(p) for p in sorted(directory.glob("nixpush-*")))],
+        text=True, capture_output=True, check=False,
+    )  # fmt: skip
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_rendered_units_pass_systemd_analyze_verify(tmp_path):
     program = str(Path(sys.executable).with_name("python3"))  # must exist for verify
     spec = parsed(program=program, user="root", checkout=str(tmp_path))
-    for unit, content in schedule.unit_files(spec).items():
-        (tmp_path / unit).write_text(content)
-    result = subprocess.run(
-        ["systemd-analyze", "verify", *(str(p) for p in sorted(tmp_path.glob("nixpush-*")))],
-        text=True, capture_output=True, check=False,
-    )  # fmt: skip
+    result = verified_units(spec, tmp_path)
     assert result.returncode == 0, result.stderr
 
 
@@ -396,12 +401,7 @@ def test_units_with_metrics_and_on_failure_pass_systemd_analyze_verify(tmp_path,
     program = str(Path(sys.executable).with_name("python3"))
     spec = parsed(program=program, user="root", checkout=str(tmp_path), metrics_dir=metrics_dir,
                   on_failure=NTFY)  # fmt: skip
-    for unit, content in schedule.unit_files(spec).items():
-        (tmp_path / unit).write_text(content)
-    result = subprocess.run(
-        ["systemd-analyze", "verify", *(str(p) for p in sorted(tmp_path.glob("nixpush-*")))],
-        text=True, capture_output=True, check=False,
-    )  # fmt: skip
+    result = verified_units(spec, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "nixpush" not in result.stderr, result.stderr
 
