@@ -6,7 +6,7 @@ are not pyinfra groups.
 Root data lives in ``group_data/<root>.py``; the keys are described in the README's data contract.
 """
 
-from operations.hostkeys import pin_host_keys
+from operations.trust.hostkeys import pin_host_keys
 
 # The owner's flake checkout, as the builder (nas) resolves it.
 _FLAKE = "path:/home/beau/nixos-config"
@@ -105,7 +105,7 @@ _FLEET = {
     },
 }
 
-# Built but never connected to: image hosts (`@image/NAME`, operations/connector.py), which
+# Built but never connected to: image hosts (`@image/NAME`, operations/builder/connector.py), which
 # deploys/image.py builds on their builder and nothing else acts on. "roots" is what the flake
 # gives the configuration; roots' group data (secrets, health checks) is for running machines,
 # so images are in the `images` group instead.
@@ -125,7 +125,7 @@ _IMAGES = {
 
 def _members(root):
     # A host with ssh_host_key is pinned to it: the controller's own connection checks that key
-    # (operations/hostkeys.py), never trusting whoever answers first.
+    # (operations/trust/hostkeys.py), never trusting whoever answers first.
     return pin_host_keys(
         [
             (name, {**_FLEET_WIDE, **host["data"]})

@@ -6,20 +6,20 @@ Build the inventory's images on their builders; keep each image file on the cont
     pyinfra inventory.py deploys/image.py --dry              # what would be built and copied
     pyinfra inventory.py deploys/image.py --limit pi4 --data image_attr=sdImage   # pi4's SD image
 
-Image hosts (``@image/NAME`` in the inventory, operations/connector.py) are never connected to;
-any other host gets its image built only when its data names one (``image_attr``), and nothing
-runs on it either: everything runs on the builder (evaluate, build, hash) and the controller
-(the file's copy, checked against the builder's sha256, renamed into place). A second run finds
-the image built and the file in place, and does nothing.
+Image hosts (``@image/NAME`` in the inventory, operations/builder/connector.py) are never
+connected to; any other host gets its image built only when its data names one
+(``image_attr``), and nothing runs on it either: everything runs on the builder (evaluate,
+build, hash) and the controller (the file's copy, checked against the builder's sha256,
+renamed into place). A second run finds the image built and the file in place, and does nothing.
 """
 
 from pyinfra.context import host, state
 
-from operations import image
-from operations.failures import or_unable, report_unable
-from operations.models import Builder, ImagePlan
+from operations.builder import image
+from operations.core.failures import or_unable, report_unable
+from operations.core.models import Builder, ImagePlan
 from operations.push import plan
-from operations.start import start_deploy
+from operations.push.start import start_deploy
 
 deploy = start_deploy(state)
 spec = deploy.specs[host.name]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pyinfra.context import host, state
 
-from operations import binfmt, nix, nixos_checks, pull
-from operations.fleet import builders
-from operations.start import start_deploy
-from operations.steady import runs_nixos
+from operations.builder import binfmt, nix, pull
+from operations.data.fleet import builders
+from operations.data.steady import runs_nixos
+from operations.nixos import checks as nixos_checks
+from operations.push.start import start_deploy
 
 specs = start_deploy(state).specs
 spec = specs[host.name]

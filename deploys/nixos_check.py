@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from pyinfra.context import host, state
 
-from operations import keys, nix, nixos_checks, pull, schedule
-from operations.fleet import builders
-from operations.start import start_deploy
-from operations.steady import runs_nixos
+from operations.builder import nix, pull, timers
+from operations.data.fleet import builders
+from operations.data.steady import runs_nixos
+from operations.nixos import checks as nixos_checks
+from operations.push.start import start_deploy
+from operations.trust import keys
 
 deploy = start_deploy(state)
 specs = deploy.specs
@@ -38,7 +40,7 @@ else:
             nixos_checks.check_nixos_sudo(name="Check the builder's sudo (NixOS)", user=user)
     nixos_checks.check_nixos_timers(
         name="Check nixpush's schedule (NixOS)",
-        units=schedule.unit_files(wanted) if wanted.enabled else {},
+        units=timers.unit_files(wanted) if wanted.enabled else {},
         program=wanted.program,
     )
     if spec.pushed_by is not None:  # a host that builds itself is pushed nothing

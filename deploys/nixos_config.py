@@ -1,6 +1,6 @@
 """
 Write every host's NixOS fragment on the controller: the Nix module that gives a NixOS host
-what nixpush would otherwise write into its generated ``/etc`` (``operations/fragments.py``),
+what nixpush would otherwise write into its generated ``/etc`` (``operations/nixos/fragments.py``),
 and ``nixpush-env.nix`` beside them (the Python environment nixpush's units run it with).
 
     pyinfra @local deploys/nixos_config.py            # write nixos/<host>.nix for inventory.py
@@ -24,9 +24,9 @@ from __future__ import annotations
 from pyinfra import logger
 from pyinfra.context import host, state
 
-from operations import fragments
-from operations.fleet import FleetError
-from operations.start import check_inventory
+from operations.data.fleet import FleetError
+from operations.nixos import fragments
+from operations.push.start import check_inventory
 
 if host.name != "@local" or len(state.inventory) != 1:
     raise FleetError(

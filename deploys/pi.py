@@ -26,11 +26,12 @@ from functools import partial
 from pyinfra import logger
 from pyinfra.context import host, state
 
-from operations import keys, nix, ssh
-from operations.failures import Unable, attempt, or_unable
-from operations.models import Builder, Plan
+from operations.builder import nix
+from operations.core.failures import Unable, attempt, or_unable
+from operations.core.models import Builder, Plan
 from operations.push import activate, build, copy, plan, prune, waves
-from operations.start import start_deploy
+from operations.push.start import start_deploy
+from operations.trust import keys, ssh
 
 deploy = start_deploy(state)
 spec = deploy.specs[host.name]

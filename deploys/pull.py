@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from pyinfra.context import host, state
 
-from operations import nix, pull
-from operations.start import start_deploy
-from operations.steady import runs_nixos
+from operations.builder import nix, pull
+from operations.data.steady import runs_nixos
+from operations.push.start import start_deploy
 
 specs = start_deploy(state).specs
 spec = specs[host.name]

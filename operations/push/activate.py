@@ -7,7 +7,7 @@ passed); then the activation itself, safely (``activate_safely``):
    (``operations.push.switch``); the controller follows its output, logging in anew when the
    connection drops, until the outcome is known;
 2. once it awaits confirmation, the controller runs the host's health checks
-   (``operations.health``), then confirms over a *new* SSH login (``fresh_login_run``: a
+   (``operations.data.health``), then confirms over a *new* SSH login (``fresh_login_run``: a
    connection of its own, made as pyinfra makes one from the host's own address, port, user,
    key and known hosts): that a new login works is part of what is confirmed. A failed check
    rejects at once;
@@ -43,12 +43,16 @@ from pyinfra.api.command import FunctionCommand, PyinfraCommand, StringCommand
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from operations.failures import fail, host_step
-from operations.fleet import FleetError
-from operations.health import RETRY_INTERVAL, HealthCheck, run_checks
-from operations.models import Plan, Safety
-from operations.process import fresh_login_run, run_on
-from operations.push.commands import nix_error, switch_command
+from operations.builder.nix_commands import nix_error
+from operations.core.failures import fail, host_step
+from operations.core.models import Plan, Safety
+from operations.core.process import fresh_login_run, run_on
+from operations.core.summary import summary_for
+from operations.data.fleet import FleetError
+from operations.data.health import RETRY_INTERVAL, HealthCheck
+from operations.data.steady import runs_systemd
+from operations.push.commands import switch_command
+from operations.push.health import run_checks
 from operations.push.switch import (
     AWAITING,
     CONFIRMED_MARK,
@@ -68,8 +72,6 @@ from operations.push.switch import (
     split_at_mark,
 )
 from operations.push.waves import Waves
-from operations.steady import runs_systemd
-from operations.summary import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

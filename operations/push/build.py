@@ -16,22 +16,22 @@ from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from operations.failures import DeployFailed, fail, host_step
-from operations.models import Builder, Plan
+from operations.builder.nix_commands import nix_error
+from operations.core.failures import DeployFailed, fail, host_step
+from operations.core.models import Builder, Plan
+from operations.core.summary import summary_for
 from operations.push.commands import (
     build_all_command,
     build_progress,
     failure_for,
     logged,
     missing_outputs_command,
-    nix_error,
     not_built,
     plain_output,
     read_build_log_command,
 )
 from operations.push.progress import run_watched, shower
 from operations.push.runcache import RunCache
-from operations.summary import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

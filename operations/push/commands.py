@@ -16,13 +16,13 @@ from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.facts import FactBase
 from typing_extensions import override
 
-from operations.keys import SIGNING_KEY_PATH
-from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE
-from operations.nixexpr import nix_string
-from operations.ssh import SSH_OPTIONS
-
-NIX = ("nix", "--extra-experimental-features", QuoteString("nix-command flakes"))
-_SIMPLE_ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_'-]*$")
+from operations.builder.nix_commands import (
+    NIX,
+)
+from operations.core.models import CURRENT_SYSTEM, SYSTEM_PROFILE
+from operations.core.nixexpr import nix_string
+from operations.trust.keys import SIGNING_KEY_PATH
+from operations.trust.ssh import SSH_OPTIONS
 
 
 class SystemLinks(FactBase[tuple[str | None, str | None]]):
@@ -46,57 +46,6 @@ class SystemLinks(FactBase[tuple[str | None, str | None]]):
     def process(self, output: list[str]) -> tuple[str | None, str | None]:
         links = dict(line.strip().partition("=")[::2] for line in output)
         return links.get(CURRENT_SYSTEM) or None, links.get(SYSTEM_PROFILE) or None
-
-
-def toplevel_attr(flake: str, config: str) -> str:
-    """``toplevel_attr("path:/f", "pi4") == "path:/f#nixosConfigurations.pi4.config.system..."``."""
-    return system_build_attr(flake, config, "toplevel")
-
-
-def system_build_attr(flake: str, config: str, output: str) -> str:
-    """The flake attribute of ``config.system.build.<output>`` (toplevel, isoImage, sdImage)."""
-    name = config if _SIMPLE_ATTR.match(config) else json.dumps(config)
-    return f"{flake}#nixosConfigurations.{name}.config.system.build.{output}"
-
-
-def nix_error(lines: Sequence[str]) -> str:
-    """The last ``error:`` line of Nix's output, else its last line."""
-    errors = [line.strip() for line in lines if line.strip().startswith("error:")]
-    if errors:
-        return errors[-1].removeprefix("error:").strip()
-    return (lines[-1].strip() if lines else "no output") or "no output"
-
-
-def eval_command(attr: str) -> StringCommand:
-    return StringCommand(*NIX, "eval", "--raw", QuoteString(f"{attr}.outPath"))
-
-
-def flake_metadata_command(flake: str) -> StringCommand:
-    return StringCommand(*NIX, "flake", "metadata", "--json", QuoteString(flake))
-
-
-def path_info_command(path: str) -> StringCommand:
-    return StringCommand(*NIX, "path-info", QuoteString(path))
-
-
-def diff_closures_command(before: str, after: str) -> StringCommand:
-    return StringCommand(*NIX, "store", "diff-closures", QuoteString(before), QuoteString(after))
-
-
-def build_command(attr: str) -> StringCommand:
-    return StringCommand(*NIX, "build", QuoteString(attr), "--no-link", "--json")
-
-
-def built_paths(lines: Sequence[str]) -> list[str]:
-    """The output paths in ``nix build --json``'s answer (Nix 2.8 has no --print-out-paths)."""
-    for line in reversed(lines):
-        if line.startswith("["):
-            try:
-                results = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            return [out for r in results for out in r.get("outputs", {}).values()]
-    return []
 
 
 def sign_command(path: str, key_file: str = SIGNING_KEY_PATH) -> StringCommand:

@@ -25,23 +25,23 @@ from pyinfra.api.command import FunctionCommand, PyinfraCommand
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from operations.failures import fail, host_step
-from operations.keys import SIGNING_KEY_PATH
-from operations.models import Builder, Plan
-from operations.process import run_on
+from operations.builder.nix_commands import nix_error
+from operations.core.failures import fail, host_step
+from operations.core.models import Builder, Plan
+from operations.core.process import run_on
+from operations.data.steady import known_nixos
 from operations.push import space
 from operations.push.commands import (
     copy_command,
     copy_progress,
     logged,
-    nix_error,
     nix_sshopts,
     plain_output,
     sign_command,
 )
 from operations.push.progress import run_watched, shower
 from operations.push.runcache import RunCache
-from operations.steady import known_nixos
+from operations.trust.keys import SIGNING_KEY_PATH
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

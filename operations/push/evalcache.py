@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from operations.files import make_dirs, write_atomically
+from operations.core.files import make_dirs, write_atomically
 from operations.push.commands import Evaluated
 
 # Bump when the meaning of an answer changes (e.g. the evaluation expression).

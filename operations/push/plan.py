@@ -23,29 +23,27 @@ from pyinfra import logger
 from pyinfra.context import ctx_config, ctx_host
 from pyinfra.facts.files import File
 
-from operations.failures import DeployFailed
-from operations.fleet import HostSpec
-from operations.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
-from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan
-from operations.nix import NixConfig
-from operations.process import read_on, run_on
-from operations.push import evalcache
-from operations.push.commands import (
-    Evaluated,
-    batch_eval_command,
+from operations.builder.nix import NixConfig
+from operations.builder.nix_commands import (
     diff_closures_command,
     eval_command,
     flake_metadata_command,
     nix_error,
-    parse_batch_eval,
     path_info_command,
     toplevel_attr,
 )
+from operations.core.failures import DeployFailed
+from operations.core.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan
+from operations.core.process import read_on, run_on
+from operations.core.summary import RunSummary
+from operations.data.fleet import HostSpec
+from operations.data.steady import read_with_host_kind
+from operations.push import evalcache
+from operations.push.commands import Evaluated, batch_eval_command, parse_batch_eval
 from operations.push.progress import report_progress, shower
 from operations.push.runcache import RunCache
 from operations.push.switch import LinksAndPending, SystemGenerations
-from operations.steady import read_with_host_kind
-from operations.summary import RunSummary
+from operations.trust.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import gevent
 from pyinfra import logger
 
-from operations.failures import DeployFailed
-from operations.process import run_on
+from operations.core.failures import DeployFailed
+from operations.core.process import run_on
 from operations.push.commands import TIMED_OUT_MARK, read_log_command
 
 if TYPE_CHECKING:

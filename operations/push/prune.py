@@ -28,10 +28,10 @@ from pyinfra.api.command import FunctionCommand, PyinfraCommand, QuoteString, St
 from pyinfra.api.operation import operation
 from pyinfra.context import host
 
-from operations.failures import fail, host_step
-from operations.lock import is_dry_run
-from operations.models import Action, Plan
-from operations.process import run_on
+from operations.core.failures import fail, host_step
+from operations.core.lock import is_dry_run
+from operations.core.models import Action, Plan
+from operations.core.process import run_on
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

@@ -4,7 +4,7 @@ a builder gave (its Nix's systems, its push keys, a flake's metadata, whether a 
 the evaluations under way, the plans made, each build's outcome, the signatures, the copy slots,
 the activation waves' gate.
 
-One ``RunCache`` per pyinfra run, on ``operations.start.Deploy`` (``deploy.cache``), passed to
+One ``RunCache`` per pyinfra run, on ``operations.push.start.Deploy`` (``deploy.cache``), passed to
 every push step. Deploy code runs once per host and operation bodies run again at execute
 time, in greenlets; a run chaining deploy files (``deploys/secrets.py deploys/pi.py``) keeps
 one ``Deploy``, so it keeps this cache too. Nothing here outlives its run.
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from gevent.lock import BoundedSemaphore, Semaphore
 
-from operations.models import Plan
+from operations.core.models import Plan
 from operations.push.waves import Waves
 
 if TYPE_CHECKING:
     import gevent
 
-    from operations.fleet import HostSpec
+    from operations.data.fleet import HostSpec
     from operations.push.commands import Evaluated
     from operations.push.space import Closure
 

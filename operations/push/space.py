@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from pyinfra.api.command import QuoteString, StringCommand
 
-from operations.models import Margin
-from operations.push.commands import NIX
+from operations.builder.nix_commands import NIX
+from operations.core.models import Margin
 
 STORE = "/nix/store"
 # Where each part of the answers starts.

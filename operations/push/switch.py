@@ -40,7 +40,7 @@ from typing import Any
 from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.facts import FactBase
 
-from operations.models import SYSTEM_PROFILE, Action, Plan, Safety
+from operations.core.models import SYSTEM_PROFILE, Action, Plan, Safety
 from operations.push.commands import SystemLinks, switch_command
 
 RUN_ROOT = "/run/nixpush"

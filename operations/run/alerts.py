@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from operations.process import run_local_bounded
+from operations.core.process import run_local_bounded
+from operations.core.unattended import ALERT_TIMEOUT
 from operations.run.report import ExitCode, human_summary
-from operations.unattended import ALERT_TIMEOUT
 
 
 def wants_alert(report: Mapping[str, Any]) -> bool:

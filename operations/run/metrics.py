@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from operations.files import make_dirs, write_atomically
+from operations.core.files import make_dirs, write_atomically
 from operations.run.report import STATUS_ORDER, ExitCode
 
 # node_exporter runs as its own user: the metrics are world-readable (they hold host names,

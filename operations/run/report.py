@@ -5,7 +5,7 @@ the exit code a monitor acts on, a short human summary, and the report files on 
 Pure functions over plain data, so each piece is unit tested without pyinfra:
 
 - ``host_outcomes`` reads one deploy's results: the run summary nixpush's deploys write
-  (``NIXPUSH_REPORT_FILE``, see ``operations.summary``) and pyinfra's own ``--json`` output
+  (``NIXPUSH_REPORT_FILE``, see ``operations.core.summary``) and pyinfra's own ``--json`` output
   (which hosts an operation would change, did change or failed on);
 - ``merge_hosts`` folds the deploys of a run into one status per host;
 - ``exit_code`` maps a run to ``ExitCode``;
@@ -24,9 +24,9 @@ from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-from operations.files import make_dirs, write_atomically
-from operations.lock import STATE_DIR_MODE
-from operations.models import ACTIONS, Action
+from operations.core.files import make_dirs, write_atomically
+from operations.core.lock import STATE_DIR_MODE
+from operations.core.models import ACTIONS, Action
 
 REPORT_VERSION = 1
 # Group readable (a monitor in the state dir's group), nobody else: reports and their logs.

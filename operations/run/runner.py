@@ -6,7 +6,7 @@
     nixpush-run deploy --limit pi4 --wait 600 --state-dir /var/lib/nixpush
 
 Each deploy is one pyinfra CLI run (``--dry`` for check, ``-y`` for deploy; ``--json``; stdin
-empty), through ``operations.process.run_local``. nixpush's deploys write their run summary to
+empty), through ``operations.core.process.run_local``. nixpush's deploys write their run summary to
 ``NIXPUSH_REPORT_FILE``; with pyinfra's JSON they make one report per run (see
 ``operations.run.report``). The runner decrypts nothing itself: deploys/secrets.py does, inside
 pyinfra, and pyinfra's log never holds a secret's value.
@@ -27,8 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
-from operations.files import create_text_file, make_dirs
-from operations.lock import (
+from operations.core.files import create_text_file, make_dirs
+from operations.core.lock import (
     DEFAULT_STATE_DIR,
     LOCK_FD_ENV,
     LOCK_HELD_ENV,
@@ -38,11 +38,11 @@ from operations.lock import (
     lock_path,
     run_lock,
 )
-from operations.process import find_program, run_local
+from operations.core.process import find_program, run_local
+from operations.core.unattended import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 from operations.push.evalcache import CACHE_DIR_ENV
 from operations.run import alerts, metrics, report
 from operations.run.report import DeployResult, ExitCode
-from operations.unattended import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
 
 NO_HOST_MATCHED = "No host matches found for --limit pattern"
 
@@ -149,7 +149,7 @@ def pyinfra_args(
 
 def deploy_env(summary_file: Path, state_dir: str, lock_fd: int | None = None) -> dict[str, str]:
     """What a deploy run by nixpush-run gets in its environment: where to write its summary,
-    the run lock's descriptor it inherits (``operations.lock``: it holds the lock with it, and
+    the run lock's descriptor it inherits (``operations.core.lock``: it holds the lock with it, and
     must not wait for it), and where its evaluation cache is (``operations.push.evalcache``):
     in the state directory, the one place a scheduled run may write, unless
     ``NIXPUSH_CACHE_DIR`` says otherwise."""

@@ -399,7 +399,7 @@ def _forget_unemulated_systems() -> None:
         for system, handler in QEMU_HANDLERS.items()
         if system not in wanted
     ]
-    from operations.binfmt import MANAGED_MARKER  # needs the virtualenv, as sops below
+    from operations.builder.binfmt import MANAGED_MARKER  # needs the virtualenv, as sops below
 
     script = (
         'mark=$1; shift; for f in "$@"; do '

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from operations.process import run_local
+from operations.core.process import run_local
 from tests.bench import fleet
 
 STUB_LIB = (
@@ -22,7 +22,7 @@ STUB_LIB = (
     " mkMerge = xs: xs; mkBefore = x: x; mkAfter = x: x; }"
 )
 STUB_STORE = "/nix/store/00000000000000000000000000000000-stub"
-# What nixpush's environment (operations.fragments.ENV_EXPRESSION) asks of nixpkgs: a Python
+# What nixpush's environment (operations.nixos.fragments.ENV_EXPRESSION) asks of nixpkgs: a Python
 # whose withPackages gives the environment's path (``STUB_ENV``).
 STUB_ENV = f"{STUB_STORE}-python3-env"
 STUB_PKGS = (
@@ -205,7 +205,11 @@ class Snapshot:
 
 def restart_nix_daemon(h: fleet.BenchHost) -> None:
     """Make the host's nix-daemon read nix.conf again (as a NixOS switch would)."""
-    from operations.nix import start_daemon_detached, stop_daemon_listener, wait_for_daemon_socket
+    from operations.builder.nix import (
+        start_daemon_detached,
+        stop_daemon_listener,
+        wait_for_daemon_socket,
+    )
 
     for command in (stop_daemon_listener(), start_daemon_detached(), wait_for_daemon_socket()):
         shell(h, command.get_raw_value())

@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from operations.process import run_local
+from operations.core.process import run_local
 from tests.bench import sops as bench_sops
 
 OWN_FILE = bench_sops.SOPS_DIR / "nixpush-secrets.yaml"

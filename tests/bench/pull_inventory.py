@@ -9,7 +9,7 @@ tests) stay push-only and need no age key for ``deploys/nas.py``.
 Run from the repository root: ``pyinfra tests/bench/pull_inventory.py deploys/pull.py``.
 """
 
-from operations.keys import PULL_KEY_PATH as _KEY_PATH
+from operations.trust.keys import PULL_KEY_PATH as _KEY_PATH
 from tests.bench import fleet as _fleet
 from tests.bench import inventory as _bench
 from tests.bench import sops as _sops

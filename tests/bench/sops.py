@@ -20,8 +20,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from operations.process import find_program, run_local
-from operations.sops import extract_expression, parse_key_path
+from operations.core.process import find_program, run_local
+from operations.trust.sops import extract_expression, parse_key_path
 from tests.bench import fleet
 
 SOPS_DIR = fleet.BENCH_DIR / "sops"

@@ -1,6 +1,6 @@
 """
 Hardening, second pass (issue 25), end to end on the bench: the controller's own connections
-pinned to the inventory's host keys (operations/hostkeys.py: with no known_hosts file and no
+pinned to the inventory's host keys (operations/trust/hostkeys.py: with no known_hosts file and no
 strict checking in the data, a bench host with ``ssh_host_key`` is reached only when it answers
 with that key, and nothing is accepted on first contact), and no Nix access token in pyinfra's
 debug output.
@@ -27,7 +27,7 @@ def pinned_inventory(tmp_path: Path, pi_key: str | None = None) -> str:
     ``pin_host_keys`` (``pi_key`` replaces the Pi's ``ssh_host_key``)."""
     inventory = tmp_path / "pinned.py"
     inventory.write_text(
-        "from operations.hostkeys import pin_host_keys\n"
+        "from operations.trust.hostkeys import pin_host_keys\n"
         "from tests.bench import inventory as _bench\n"
         "_DROPPED = ('ssh_known_hosts_file', 'ssh_strict_host_key_checking')\n"
         f"_PI, _KEY = {PI!r}, {pi_key!r}\n"

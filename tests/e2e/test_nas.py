@@ -25,16 +25,16 @@ from pyinfra.api.state import State
 from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory
 
-from operations.binfmt import LOCAL_BINFMT_DIR, MANAGED_MARKER, handler_name
-from operations.fleet import HostSpec, builders, check_fleet
-from operations.models import NIXOS_MARKER
-from operations.nix import (
+from operations.builder.binfmt import LOCAL_BINFMT_DIR, MANAGED_MARKER, handler_name
+from operations.builder.nix import (
     DAEMON_SOCKET,
     NIX_CONF,
     start_daemon_detached,
     stop_daemon_listener,
     wait_for_daemon_socket,
 )
+from operations.core.models import NIXOS_MARKER
+from operations.data.fleet import HostSpec, builders, check_fleet
 from tests.bench import fleet
 from tests.bench.client import BENCH_INVENTORY, REPO, pyinfra
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from operations.fleet import check_fleet
-from operations.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
-from operations.models import NIXOS_MARKER
-from operations.pull import PULL_KEY_PATH
+from operations.builder.pull import PULL_KEY_PATH
+from operations.core.models import NIXOS_MARKER
+from operations.data.fleet import check_fleet
+from operations.trust.keys import DEPLOY_KEY_PATH, SIGNING_KEY_PATH
 from tests.bench import fleet, nixos
 from tests.bench import nixos_inventory as bench_nixos
 from tests.bench import sops as bench_sops
@@ -483,7 +483,7 @@ def test_a_push_key_file_a_pushed_host_can_decrypt_is_refused_before_anything_ru
     deploys/secrets.py stops before any host changes, naming the fix."""
     from cryptography.hazmat.primitives import serialization
 
-    from operations.recipients import bech32_encode, ssh_to_age
+    from operations.trust.recipients import bech32_encode, ssh_to_age
     from tests.bench import nixos_owner_inventory as owner
     from tests.bench import nixos_sops
 

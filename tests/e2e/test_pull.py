@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from operations.fleet import check_fleet
-from operations.pull import MACHINES_FILE, PULL_KEY_PATH, builder_alias, pulling_targets
+from operations.builder.pull import MACHINES_FILE, PULL_KEY_PATH, builder_alias, pulling_targets
+from operations.data.fleet import check_fleet
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
 from tests.bench.client import pyinfra, ssh

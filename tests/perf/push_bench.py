@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from operations.push.commands import batch_eval_command
-from operations.ssh import BUILDER_KNOWN_HOSTS
+from operations.trust.ssh import BUILDER_KNOWN_HOSTS
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
 from tests.bench.client import BENCH_INVENTORY, REPO, prepare_push, pyinfra_argv, ssh

@@ -14,9 +14,9 @@ from pyinfra.context import ctx_host, ctx_state
 from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.server import User
 
-from operations.models import NIXOS_MARKER, SYSTEMD_RUNNING
-from operations.nix import NIX_CONF, NixConfig, NixConfText
-from operations.steady import HostKind
+from operations.builder.nix import NIX_CONF, NixConfig, NixConfText
+from operations.core.models import NIXOS_MARKER, SYSTEMD_RUNNING
+from operations.data.steady import HostKind
 
 
 def _key(cls: type, kwargs: dict[str, Any]) -> tuple[type, str]:
@@ -30,7 +30,7 @@ class FakeState:
 
     def __init__(self) -> None:
         self.config = Config()
-        # What the run summary reads (operations/summary.py).
+        # What the run summary reads (operations/core/summary.py).
         self.failed_hosts: set[Any] = set()
         self.inventory: list[Any] = []
 

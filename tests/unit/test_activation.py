@@ -17,14 +17,14 @@ from pyinfra.api import Config, Inventory, State
 from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.exceptions import ConnectError
 
-from operations import process
-from operations.health import HealthCheck
-from operations.models import Action, Plan, Safety
+from operations.core import process
+from operations.core.models import Action, Plan, Safety
+from operations.core.summary import RunSummary
+from operations.data.health import HealthCheck
 from operations.push import activate, switch
 from operations.push.activate import Outcome, judge
 from operations.push.switch import ActivationRun, SystemGenerations, parse_follow
 from operations.run import report
-from operations.summary import RunSummary
 
 OLD, NEW = "/nix/store/aaa-nixos-system-pi4-1", "/nix/store/bbb-nixos-system-pi4-2"
 HOSTILE = "/nix/store/x'; touch /tmp/pwned; echo '$(id)"

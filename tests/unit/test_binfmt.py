@@ -7,8 +7,8 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import Directory, File, FileContents
 from pyinfra.facts.server import User, Which
 
-from operations import binfmt
-from operations.binfmt import (
+from operations.builder import binfmt
+from operations.builder.binfmt import (
     BinfmtHandler,
     BinfmtHandlers,
     BinfmtRegistration,
@@ -16,7 +16,7 @@ from operations.binfmt import (
     MissingPaths,
     emulated_systems,
 )
-from operations.summary import summary_for
+from operations.core.summary import summary_for
 from tests.unit.fake_host import FakeHost, FakeState, failure, nix_host, run, shell
 
 # /usr/lib/binfmt.d/qemu-aarch64.conf and qemu-arm.conf from Debian 12's qemu-user-static.

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from operations.fleet import (
+from operations.core.models import Action, Safety
+from operations.data.fleet import (
     FleetError,
     HostSpec,
     builders,
@@ -15,9 +16,8 @@ from operations.fleet import (
     fleet_errors,
     host_spec,
 )
-from operations.models import Action, Safety
-from operations.schedule import Schedule
-from operations.start import check_inventory
+from operations.data.schedule import Schedule
+from operations.push.start import check_inventory
 from tests.unit.conftest import REPO
 
 # Every host nixpush connects to checks host keys (unset is pyinfra's accept-new: refused).
@@ -215,7 +215,7 @@ def test_cli_prints_fleet_error_as_a_message_not_a_traceback(tmp_path):
     )
     (tmp_path / "deploy.py").write_text(
         "from pyinfra import state\n"
-        "from operations.fleet import check_fleet\n"
+        "from operations.data.fleet import check_fleet\n"
         "check_fleet(state.inventory)\n"
     )
     run = subprocess.run(
@@ -359,7 +359,7 @@ def test_unchecked_host_keys_on_targets_and_builders(write_inventory, value):
     assert only_problem(inventory) == (
         f"pi: ssh_strict_host_key_checking is {value!r}, so an impostor could take this host's "
         'place when nixpush connects to it; set it to "yes" (the host\'s key in its known_hosts '
-        "file, or pinned from its ssh_host_key by operations.hostkeys.pin_host_keys in the "
+        "file, or pinned from its ssh_host_key by operations.trust.hostkeys.pin_host_keys in the "
         "inventory), or set insecure_ssh_host_key_checking = True to accept that"
     )
     allowed = {"ssh_strict_host_key_checking": value, "insecure_ssh_host_key_checking": True}

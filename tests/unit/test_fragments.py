@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
-from operations import fragments, nixos_checks, schedule
-from operations.fleet import HostSpec, check_fleet
-from operations.keys import BuilderTrust
-from operations.nixexpr import Attr, Raw, nix_binding, nix_string, nix_value
-from operations.schedule import parse_schedule
+from operations.builder import timers
+from operations.core.nixexpr import Attr, Raw, nix_binding, nix_string, nix_value
+from operations.data.fleet import HostSpec, check_fleet
+from operations.data.schedule import parse_schedule
+from operations.nixos import checks as nixos_checks
+from operations.nixos import fragments
+from operations.trust.keys import BuilderTrust
 from tests.bench import nixos
 from tests.unit.conftest import REPO, load_inventory
 
@@ -26,7 +28,7 @@ HOSTILE = 'a"b\\c${builtins.abort "x"}\n\'\'${x}'
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGNixpushTestKeyBlobAAAAAAAAAAAAAAAAAAAAAA"
 NIX_KEY = "nas-nixpush-1:" + "A" * 43 + "="
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtherKeyBlobBBBBBBBBBBBBBBBBBBBBBBBBBBB"
-SCHEDULE = schedule.parse_schedule(
+SCHEDULE = parse_schedule(
     "nas",
     {
         "enabled": True,
@@ -52,7 +54,7 @@ def test_strings_escape_quotes_backslashes_and_interpolation():
 
 
 def test_unit_files_round_trip_into_nixos_options():
-    units = schedule.unit_files(SCHEDULE)
+    units = timers.unit_files(SCHEDULE)
     options = fragments.schedule_options(units, SCHEDULE.program)
     service = options[("systemd", "services", "nixpush-check")]
     timer = options[("systemd", "timers", "nixpush-check")]
@@ -82,7 +84,7 @@ def _fragment(value: str = "aarch64-linux") -> fragments.Fragment:
                   ssh_user="beau", ssh_hostname="192.168.1.122", ssh_port=8023)  # fmt: skip
     sections = [
         *fragments.builder_sections(nas, {"nix-ssh": [f"{SSH_KEY} nixpush-pull:pi4"]},
-                                    schedule.unit_files(SCHEDULE), SCHEDULE.program),
+                                    timers.unit_files(SCHEDULE), SCHEDULE.program),
         *fragments.target_sections(pi, SSH_KEY, NIX_KEY, {"programs.ssh.extraConfig": HOSTILE}),
     ]  # fmt: skip
     return fragments.Fragment("nas", tuple(sections))
@@ -103,12 +105,12 @@ def test_a_fragment_parses_and_evaluates_against_a_stub_module(tmp_path: Path):
     assert nixos.get(options, "users.users.beau.openssh.authorizedKeys.keys") == [SSH_KEY]
     assert nixos.get(options, "programs.ssh.extraConfig") == HOSTILE  # data, never evaluated
     check = nixos.get(options, "systemd.services.nixpush-check.serviceConfig.ExecStart")
-    args = schedule.command_line(SCHEDULE, SCHEDULE.runs[0])[1:]
+    args = timers.command_line(SCHEDULE, SCHEDULE.runs[0])[1:]
     runner = [f"{nixos.STUB_ENV}/bin/python", *fragments.RUNNER]
-    assert check == " ".join(schedule.exec_quote(a) for a in [*runner, *args])
+    assert check == " ".join(timers.exec_quote(a) for a in [*runner, *args])
     # What deploys/schedule.py and nixos_check.py accept as the running unit's line.
     assert nixos_checks.same_unit_line(
-        "ExecStart=" + " ".join(schedule.exec_quote(a) for a in [SCHEDULE.program, *args]),
+        "ExecStart=" + " ".join(timers.exec_quote(a) for a in [SCHEDULE.program, *args]),
         {f"ExecStart={check}"},
         SCHEDULE.program,
     )
@@ -367,7 +369,7 @@ def test_the_environments_metadata_registers_nixpushs_connector(tmp_path: Path):
     assert found.metadata["Name"] == "nixpush"
     (entry,) = found.entry_points.select(group="pyinfra.connectors")
     assert entry.name == "image"
-    from operations.connector import ImageConnector
+    from operations.builder.connector import ImageConnector
 
     assert entry.load() is ImageConnector
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from operations import grammar
-from operations.fleet import FleetError, fleet_errors
-from operations.fragments import fragment_path
+from operations.core import grammar
+from operations.data.fleet import FleetError, fleet_errors
+from operations.nixos.fragments import fragment_path
 from tests.unit.test_fleet import NAS_DATA, fleet, only_problem
 
 
@@ -107,7 +107,7 @@ def test_image_attr_with_a_trailing_newline_is_refused(write_inventory):
 
 def test_fragments_dir_refusal_is_unchanged_outside_the_fleet_check(tmp_path):
     # fragments_dir's own check stays: a caller that skips check_fleet still gets a refusal.
-    from operations.fragments import fragments_dir
+    from operations.nixos.fragments import fragments_dir
 
     with pytest.raises(FleetError):
         fragments_dir({"nixos_fragments_dir": "/x\n"})

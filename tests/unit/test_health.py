@@ -6,9 +6,10 @@ import shlex
 
 import pytest
 
-from operations import health
-from operations.fleet import FleetError, host_spec
-from operations.health import HealthCheck, check_command, parse_check, run_checks
+from operations.data import health
+from operations.data.fleet import FleetError, host_spec
+from operations.data.health import HealthCheck, parse_check
+from operations.push.health import check_command, run_checks
 
 PI = ("pi4", {"nix_system": "aarch64-linux"})
 

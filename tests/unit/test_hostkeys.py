@@ -1,6 +1,6 @@
 """No host key accepted blind (issue 25): an unset ``ssh_strict_host_key_checking`` is pyinfra's
 accept-new and is refused like it on every host nixpush connects to; a host with
-``ssh_host_key`` is pinned to it (``operations.hostkeys``)."""
+``ssh_host_key`` is pinned to it (``operations.trust.hostkeys``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from operations import hostkeys
-from operations.fleet import fleet_errors
+from operations.data.fleet import fleet_errors
+from operations.trust import hostkeys
 from tests.unit.conftest import REPO, load_inventory
 from tests.unit.test_fleet import HOST_KEY, NAS_DATA, fleet, only_problem
 
 FIX = (
     'set it to "yes" (the host\'s key in its known_hosts file, or pinned from its ssh_host_key '
-    "by operations.hostkeys.pin_host_keys in the inventory), or set "
+    "by operations.trust.hostkeys.pin_host_keys in the inventory), or set "
     "insecure_ssh_host_key_checking = True to accept that"
 )
 

@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from pyinfra.api.util import get_file_io
 
-from operations import image, process
-from operations.failures import DeployFailed
-from operations.models import Builder, ImagePlan
-from operations.summary import summary_for
+from operations.builder import image
+from operations.core import process
+from operations.core.failures import DeployFailed
+from operations.core.models import Builder, ImagePlan
+from operations.core.summary import summary_for
 from tests.unit.fake_host import FakeState
 
 

@@ -7,10 +7,10 @@ import shutil
 import pytest
 from pyinfra.api.inventory import Inventory
 
-from operations.connector import ImageConnector
-from operations.fleet import ROOTS, builders, check_fleet, host_spec
-from operations.pull import pulling_targets
-from operations.secrets import host_secrets
+from operations.builder.connector import ImageConnector
+from operations.builder.pull import pulling_targets
+from operations.data.fleet import ROOTS, builders, check_fleet, host_spec
+from operations.trust.secrets import host_secrets
 from tests.unit.conftest import REPO, load_inventory
 
 # The roots table from the owner's notes (seeds/000): root -> hosts.

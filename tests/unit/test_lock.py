@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from operations import lock
+from operations.core import lock
 from operations.run import runner
 from operations.run.report import ExitCode
 from tests.unit.conftest import REPO
@@ -147,7 +147,10 @@ def test_a_lock_file_on_a_read_only_file_system_is_taken_read_only(tmp_path, mon
 
 def pyinfra_run(tmp_path: Path, *flags: str, state: Path) -> subprocess.CompletedProcess[str]:
     """A real ``pyinfra @local deploy.py`` whose deploy code takes the deploy lock."""
-    deploy = ["from operations.lock import hold_deploy_lock", "print('lock:', hold_deploy_lock())"]
+    deploy = [
+        "from operations.core.lock import hold_deploy_lock",
+        "print('lock:', hold_deploy_lock())",
+    ]
     (tmp_path / "deploy.py").write_text("\n".join(deploy) + "\n")
     env = {
         "PATH": "/usr/bin:/bin",

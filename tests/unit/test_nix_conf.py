@@ -7,8 +7,8 @@ import pytest
 from pyinfra.api import OperationError
 from pyinfra.facts.server import User
 
-from operations import nix
-from operations.nix import (
+from operations.builder import nix
+from operations.builder.nix import (
     NIX_CONF,
     NixConfig,
     NixConfText,

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from operations.nixexpr import nix_value
+from operations.core.nixexpr import nix_value
 
 needs_nix = pytest.mark.skipif(
     shutil.which("nix-instantiate") is None, reason="needs the machine's Nix"

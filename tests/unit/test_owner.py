@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import runpy
 
-from operations.fleet import check_fleet
-from operations.schedule import parse_schedule
+from operations.data.fleet import check_fleet
+from operations.data.schedule import parse_schedule
 from tests.checklist import checklist_steps
 from tests.unit.conftest import REPO, load_inventory
 

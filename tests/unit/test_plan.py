@@ -14,13 +14,13 @@ import gevent
 import pytest
 from pyinfra.api.state import StateStage
 
-from operations.failures import DeployFailed
-from operations.fleet import check_fleet
-from operations.models import Action, Builder, Plan
+from operations.core.failures import DeployFailed
+from operations.core.models import Action, Builder, Plan
+from operations.core.summary import RunSummary
+from operations.data.fleet import check_fleet
 from operations.push import plan as push_plan
 from operations.push.runcache import RunCache
 from operations.push.switch import LinksAndPending, SystemGenerations
-from operations.summary import RunSummary
 from tests.unit.fake_host import FakeHost, on_host
 from tests.unit.test_fleet import PI_DATA, fleet
 

@@ -15,11 +15,11 @@ from pyinfra.connectors.util import CommandOutput, OutputLine
 from pyinfra.context import ctx_host
 from pyinfra.facts.files import File
 
-from operations import process
-from operations.failures import DeployFailed, Unable, attempt
-from operations.models import SYSTEMD_RUNNING
+from operations.core import process
+from operations.core.failures import DeployFailed, Unable, attempt
+from operations.core.models import SYSTEMD_RUNNING
+from operations.data.steady import HostKind, read_with_host_kind, runs_nixos, runs_systemd
 from operations.push.commands import SystemLinks
-from operations.steady import HostKind, read_with_host_kind, runs_nixos, runs_systemd
 from tests.unit.fake_host import FakeHost, on_host
 
 
@@ -117,8 +117,8 @@ def test_read_on_quotes_the_fact_arguments():
 
 
 def test_a_step_that_raises_fails_only_its_host_in_one_line():
-    from operations.failures import host_step
-    from operations.summary import summary_for
+    from operations.core.failures import host_step
+    from operations.core.summary import summary_for
     from tests.unit.fake_host import FakeState
 
     logged: list[str] = []

@@ -11,18 +11,18 @@ from pyinfra.api.command import FunctionCommand, StringCommand
 from pyinfra.facts.files import Directory
 from pyinfra.facts.server import User
 
-from operations import nix, pull
-from operations.files import FileState, LineFile, LinesOfFile, SecretFile
-from operations.fleet import FleetError, HostSpec
-from operations.nix import NixConfig
-from operations.pull import (
+from operations.builder import nix, pull
+from operations.builder.nix import NixConfig
+from operations.builder.pull import (
     BuildMachine,
     ProgramPath,
     SshResolved,
     build_machine_for,
     restricted_key_line,
 )
-from operations.ssh import Account, UserAccount
+from operations.core.files import FileState, LineFile, LinesOfFile, SecretFile
+from operations.data.fleet import FleetError, HostSpec
+from operations.trust.ssh import Account, UserAccount
 from tests.unit.fake_host import FakeHost, nix_host, run, shell, written
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJRMwHca5yENjEsDlRj//qRs+Z+ddJffpxF39eU5/d1F"

@@ -7,9 +7,10 @@ import subprocess
 import pytest
 from pyinfra.facts.files import Directory
 
-from operations.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan, Safety
+from operations.builder.nix_commands import toplevel_attr
+from operations.core.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan, Safety
 from operations.push import activate, build, copy
-from operations.push.commands import SystemLinks, copy_command, nix_sshopts, toplevel_attr
+from operations.push.commands import SystemLinks, copy_command, nix_sshopts
 from operations.push.runcache import RunCache
 from tests.unit.fake_host import FakeHost, run, shell
 

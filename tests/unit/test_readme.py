@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from operations.fleet import NIXPUSH_KEYS, PYINFRA_KEYS
-from operations.models import Action
+from operations.core.models import Action
+from operations.data.fleet import NIXPUSH_KEYS, PYINFRA_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from operations import secrets, sops
-from operations.recipients import bech32_encode, file_recipients, pushed_readers, ssh_to_age
-from operations.secrets import SecretError, decrypt_secret, host_secrets
-from operations.sops import Plaintext
+from operations.trust import secrets, sops
+from operations.trust.recipients import bech32_encode, file_recipients, pushed_readers, ssh_to_age
+from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
+from operations.trust.sops import Plaintext
 
 # Mic92/ssh-to-age's test vectors: cmd/ssh-to-age/test-assets/keyscan.txt's ed25519 keys and
 # the recipients its README prints for them (`ssh-keyscan eve.thalheim.io eva.thalheim.io |

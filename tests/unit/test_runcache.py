@@ -5,7 +5,7 @@ from __future__ import annotations
 import gevent
 import pytest
 
-from operations.models import Action, Builder, Plan
+from operations.core.models import Action, Builder, Plan
 from operations.push import plan as push_plan
 from operations.push.runcache import Once, RunCache
 from tests.unit.fake_host import FakeHost

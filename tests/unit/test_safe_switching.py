@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from operations import health
-from operations.fleet import FleetError
-from operations.health import HealthCheck, parse_check
-from operations.models import Action, Plan, Safety
+from operations.core.models import Action, Plan, Safety
+from operations.data import health
+from operations.data.fleet import FleetError
+from operations.data.health import HealthCheck, parse_check
 from operations.push import activate
 from operations.push.activate import Outcome, judge
 from operations.push.switch import ActivationRun

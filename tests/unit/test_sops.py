@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from operations import process, sops
-from operations.sops import (
+from operations.core import process
+from operations.trust import sops
+from operations.trust.sops import (
     Plaintext,
     SopsError,
     decrypt,

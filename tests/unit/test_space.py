@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from operations.models import Margin
+from operations.core.models import Margin
 from operations.push.space import (
     Closure,
     Filesystem,
@@ -62,7 +62,7 @@ def test_bad_min_free_space_and_boot_dir_stop_the_run_naming_host_key_and_fix(wr
 
 
 def test_a_pi_checks_its_boot_dir_by_default_and_an_x86_host_does_not(write_inventory):
-    from operations.fleet import check_fleet
+    from operations.data.fleet import check_fleet
 
     specs = check_fleet(write_inventory(fleet()))
     assert specs["pi"].boot_dir == "/boot"
@@ -182,7 +182,7 @@ def test_the_target_command_runs_in_sh_against_a_real_store(tmp_path):
 
 
 def test_a_copy_that_does_not_fit_fails_the_target_before_copying(monkeypatch):
-    from operations.fleet import HostSpec
+    from operations.data.fleet import HostSpec
     from operations.push import copy
     from operations.push.runcache import RunCache
     from tests.unit.fake_host import FakeHost

@@ -13,10 +13,11 @@ import pytest
 from pyinfra.api import Config
 from pyinfra.api.state import State
 
-from operations import lock, start
-from operations.fleet import FleetError
-from operations.start import check_inventory, register_deploy_file
-from operations.summary import RunSummary
+from operations.core import lock
+from operations.core.summary import RunSummary
+from operations.data.fleet import FleetError
+from operations.push import start
+from operations.push.start import check_inventory, register_deploy_file
 from tests.unit.test_fleet import fleet
 
 

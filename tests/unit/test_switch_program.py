@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from pyinfra.api.command import QuoteString, StringCommand
 
-from operations.models import Safety
+from operations.core.models import Safety
 from operations.push import switch
 from operations.push.switch import ActivationRun, LinksAndPending
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from operations.schedule import parse_schedule
+from operations.data.schedule import parse_schedule
 from tests.bench import fleet, systemd_host
 from tests.unit.conftest import REPO, load_inventory
 

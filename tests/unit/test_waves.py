@@ -9,16 +9,16 @@ from typing import Any
 import gevent
 import pytest
 
-from operations import failures
-from operations.fleet import host_spec
-from operations.health import HealthCheck
-from operations.models import Safety
+from operations.core import failures
+from operations.core.models import Safety
+from operations.core.summary import RunSummary
+from operations.data.fleet import host_spec
+from operations.data.health import HealthCheck
 from operations.push import activate, waves
 from operations.push.activate import Activation
 from operations.push.runcache import RunCache
 from operations.push.waves import Waves
 from operations.run import report
-from operations.summary import RunSummary
 from tests.unit.test_activation import OLD, plan
 from tests.unit.test_fleet import fleet, only_problem
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from operations import image
-from operations.connector import ImageConnector, refusal
-from operations.failures import DeployFailed
-from operations.fleet import check_fleet, fleet_errors
-from operations.models import Builder, ImagePlan
-from operations.push.commands import system_build_attr
+from operations.builder import image
+from operations.builder.connector import ImageConnector, refusal
+from operations.builder.nix_commands import system_build_attr
+from operations.core.failures import DeployFailed
+from operations.core.models import Builder, ImagePlan
+from operations.data.fleet import check_fleet, fleet_errors
 from operations.run import report
 from tests.unit.fake_host import FakeHost
 from tests.unit.test_fleet import fleet, only_problem

@@ -5,7 +5,7 @@ deploys use. The owner imports it in the host's configuration and rebuilds.
 
 - a builder (``deploys/nas.py``'s hosts): ``boot.binfmt.emulatedSystems``,
   ``nix.settings.max-jobs``, ``nix.sshServe.*`` with the pulling targets' client keys, and
-  nixpush's timers (``systemd.services``/``systemd.timers``, from ``operations.schedule``'s
+  nixpush's timers (``systemd.services``/``systemd.timers``, from ``operations.builder.timers``'s
   unit files; with schedule ``node_exporter`` also the node exporter reading their metrics);
 - a target (a host with ``builder_host``): ``nix.settings.extra-trusted-public-keys`` (the
   builder's signing key), the deploy user's ``openssh.authorizedKeys.keys`` (the builder's
@@ -14,7 +14,7 @@ deploys use. The owner imports it in the host's configuration and rebuilds.
 - either, when nixpush logs in as an account other than root (``_sudo``): passwordless sudo for
   it, as root (``security.sudo.extraRules``).
 
-Only public halves go in, derived in memory (``operations.keys``); no secret is ever rendered.
+Only public halves go in, derived in memory (``operations.trust.keys``); no secret is ever rendered.
 
 .. code:: python
 
@@ -37,16 +37,16 @@ from pyinfra.api.state import State
 from pyinfra.context import ctx_state, host
 from pyinfra_cli.inventory import make_inventory
 
-from operations.failures import host_step
-from operations.files import write_atomically
-from operations.fleet import FleetError, HostSpec, builders
-from operations.grammar import is_host_name
-from operations.keys import builder_trust
-from operations.nixexpr import Interpolated, Raw, attr_path_of, nix_binding
-from operations.nixos_checks import sudo_rule, sudo_user
-from operations.pull import build_machine_for, client_keys_by_user, nixos_ssh_serve, pulls
-from operations.schedule import exec_quote, unit_files
-from operations.ssh import known_hosts_name
+from operations.builder.pull import build_machine_for, client_keys_by_user, nixos_ssh_serve, pulls
+from operations.builder.timers import exec_quote, unit_files
+from operations.core.failures import host_step
+from operations.core.files import write_atomically
+from operations.core.grammar import is_host_name
+from operations.core.nixexpr import Interpolated, Raw, attr_path_of, nix_binding
+from operations.data.fleet import FleetError, HostSpec, builders
+from operations.nixos.checks import sudo_rule, sudo_user
+from operations.trust.keys import builder_trust
+from operations.trust.ssh import known_hosts_name
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -101,7 +101,7 @@ Name: nixpush
 Version: 0.1.0
 ' > $dist/METADATA
       printf '[pyinfra.connectors]
-image = operations.connector:ImageConnector
+image = operations.builder.connector:ImageConnector
 '         > $dist/entry_points.txt
     '';
   };

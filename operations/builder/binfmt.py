@@ -23,11 +23,11 @@ from pyinfra.facts.server import Which
 from pyinfra.operations import apt, files
 from typing_extensions import override
 
-from operations.failures import fail_host, require_root
-from operations.files import LinesFact
-from operations.nixos import nix_list, nixos_options_error
-from operations.steady import runs_nixos
-from operations.systems import KNOWN_SYSTEMS, natively_built, qemu_arch
+from operations.core.failures import fail_host, require_root
+from operations.core.files import LinesFact
+from operations.core.nixos_advice import nix_list, nixos_options_error
+from operations.core.systems import KNOWN_SYSTEMS, natively_built, qemu_arch
+from operations.data.steady import runs_nixos
 
 BINFMT_MISC = "/proc/sys/fs/binfmt_misc"
 REGISTER = f"{BINFMT_MISC}/register"

@@ -1,6 +1,6 @@
 """
 Checks that a NixOS host's running system has what its generated fragment asks
-(``operations/fragments.py``) where no other module checks it: the deploy user's authorized
+(``operations/nixos/fragments.py``) where no other module checks it: the deploy user's authorized
 key and passwordless sudo, and nixpush's timers. Nothing is written (``/etc`` is generated on
 NixOS); a host that lacks something fails, naming the options to set.
 """
@@ -17,15 +17,16 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 from typing_extensions import override
 
-from operations import binfmt, nix, pull
-from operations.binfmt import MissingPaths
-from operations.failures import fail_host
-from operations.files import ACCOUNT_NAME, LinesFact, LinesOfFile
-from operations.fleet import HostSpec
-from operations.nixexpr import attr_path_of, nix_value
-from operations.nixos import nixos_options_error
-from operations.schedule import MODES, UNIT_DIR, exec_quote, unit_names
-from operations.ssh import authorized_by_nixos
+from operations.builder import binfmt, nix, pull
+from operations.builder.binfmt import MissingPaths
+from operations.builder.timers import UNIT_DIR, exec_quote, unit_names
+from operations.core.failures import fail_host
+from operations.core.files import ACCOUNT_NAME, LinesFact, LinesOfFile
+from operations.core.nixexpr import attr_path_of, nix_value
+from operations.core.nixos_advice import nixos_options_error
+from operations.data.fleet import HostSpec
+from operations.data.schedule import MODES
+from operations.trust.ssh import authorized_by_nixos
 
 # `sudo -l` lists a rule granting every command as root without a password as
 # `(root) NOPASSWD: ALL` (the fragment's), or wider: `(ALL) ...`, `(ALL : ALL) ...`.
@@ -136,7 +137,7 @@ def unit_lines(text: str) -> list[str]:
 
 
 # How the fragment's units run nixpush-run: `"/nix/store/...-python3-...-env/bin/python" "-m"
-# "operations.run.runner" ARGS` (operations.fragments.nixos_exec_start), not the program.
+# "operations.run.runner" ARGS` (operations.nixos.fragments.nixos_exec_start), not the program.
 _NIXOS_RUNNER = '"/nix/store/[^"]*/bin/python" "-m" "operations.run.runner"'
 
 

@@ -1,7 +1,7 @@
 """
 What every deploy does first, in one call: check the fleet's data and every host's
 ``secrets`` entries (a broken inventory stops the run before anything connects on), take
-nixpush-run's lock (``operations.lock``: a deploy by hand never overlaps a scheduled run),
+nixpush-run's lock (``operations.core.lock``: a deploy by hand never overlaps a scheduled run),
 bound the SSH sessions nixpush opens on each host's connection (``max_ssh_sessions``), and open
 the run summary, which prints one line per host when the run exits (and writes
 ``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``), and the run's ``RunCache``, which the push
@@ -12,7 +12,7 @@ instead of failing the run.
 
     from pyinfra import host, state
     from operations.push import plan
-    from operations.start import start_deploy
+    from operations.push.start import start_deploy
 
     deploy = start_deploy(state)
     spec = deploy.specs[host.name]
@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
-from operations.fleet import FleetError, HostSpec, read_fleet
-from operations.lock import hold_deploy_lock
-from operations.process import limit_sessions
+from operations.core.lock import hold_deploy_lock
+from operations.core.process import limit_sessions
+from operations.core.summary import RunSummary, summary_for
+from operations.data.fleet import FleetError, HostSpec, read_fleet
 from operations.push.runcache import RunCache
-from operations.secrets import host_secrets
-from operations.summary import RunSummary, summary_for
+from operations.trust.secrets import host_secrets
 
 if TYPE_CHECKING:
     from pyinfra.api.inventory import Inventory

@@ -3,7 +3,7 @@ Images: a configuration's ``config.system.build.<image_attr>`` (``isoImage``, ``
 built on its builder, and its image file kept on the controller when ``image_dest`` says where.
 
 The image host itself is never asked anything (an ``@image`` host cannot be: see
-operations/connector.py). Everything runs on the builder (``run_on``, ``read_on``) or on the
+operations/builder/connector.py). Everything runs on the builder (``run_on``, ``read_on``) or on the
 controller, where the file arrives over the builder's connection into a temp file beside
 ``image_dest``, is checked against the sha256 the builder computed, and only then renamed into
 place. A second run finds the store path built and ``image_dest`` holding the same bytes, and
@@ -35,11 +35,7 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 from typing_extensions import override
 
-from operations.failures import DeployFailed, fail, host_step
-from operations.fleet import HostSpec
-from operations.models import Builder, ImagePlan
-from operations.process import LocalWriteError, fetch_from, read_on, run_on
-from operations.push.commands import (
+from operations.builder.nix_commands import (
     build_command,
     built_paths,
     eval_command,
@@ -47,7 +43,11 @@ from operations.push.commands import (
     path_info_command,
     system_build_attr,
 )
-from operations.summary import RunSummary, summary_for
+from operations.core.failures import DeployFailed, fail, host_step
+from operations.core.models import Builder, ImagePlan
+from operations.core.process import LocalWriteError, fetch_from, read_on, run_on
+from operations.core.summary import RunSummary, summary_for
+from operations.data.fleet import HostSpec
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

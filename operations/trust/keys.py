@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from operations.process import find_program, run_local
-from operations.secrets import DEPLOY_KEY_PATH as DEPLOY_KEY_PATH
-from operations.secrets import SIGNING_KEY_PATH as SIGNING_KEY_PATH
-from operations.secrets import SecretError, decrypt_secret, host_secrets
-from operations.sops import Plaintext
+from operations.core.process import find_program, run_local
+from operations.trust.secrets import DEPLOY_KEY_PATH as DEPLOY_KEY_PATH
+from operations.trust.secrets import SIGNING_KEY_PATH as SIGNING_KEY_PATH
+from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
+from operations.trust.sops import Plaintext
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

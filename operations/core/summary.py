@@ -26,12 +26,12 @@ from pyinfra import logger
 from pyinfra.api.state import State, StateStage
 from pyinfra.context import ContextObject, ctx_state
 
-from operations.files import write_atomically
+from operations.core.files import write_atomically
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from operations.models import ImagePlan, Plan
+    from operations.core.models import ImagePlan, Plan
 
 REPORT_FILE_ENV = "NIXPUSH_REPORT_FILE"
 

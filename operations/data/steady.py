@@ -18,8 +18,8 @@ from pyinfra.api.facts import FactBase
 from pyinfra.context import ctx_host
 from typing_extensions import override
 
-from operations.models import NIXOS_MARKER, SYSTEMD_RUNNING
-from operations.process import read_lines_on
+from operations.core.models import NIXOS_MARKER, SYSTEMD_RUNNING
+from operations.core.process import read_lines_on
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

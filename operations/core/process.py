@@ -37,7 +37,7 @@ from pyinfra.api.exceptions import ConnectError
 from pyinfra.connectors.ssh import SSHConnector
 from pyinfra.connectors.util import make_unix_command_for_host, read_output_buffers, write_stdin
 
-from operations.failures import DeployFailed
+from operations.core.failures import DeployFailed
 
 if TYPE_CHECKING:
     from pyinfra.api.facts import FactBase

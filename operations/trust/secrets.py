@@ -41,8 +41,8 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 from typing_extensions import override
 
-from operations.failures import fail_host
-from operations.files import (
+from operations.core.failures import fail_host
+from operations.core.files import (
     ACCOUNT_NAME,
     LinesFact,
     SecretFile,
@@ -51,9 +51,16 @@ from operations.files import (
     chown_file,
     write_file,
 )
-from operations.fleet import merged_entries
-from operations.recipients import file_recipients, pushed_readers
-from operations.sops import KeyPath, Plaintext, SopsError, decrypt, key_path_text, parse_key_path
+from operations.data.fleet import merged_entries
+from operations.trust.recipients import file_recipients, pushed_readers
+from operations.trust.sops import (
+    KeyPath,
+    Plaintext,
+    SopsError,
+    decrypt,
+    key_path_text,
+    parse_key_path,
+)
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

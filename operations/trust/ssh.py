@@ -23,10 +23,10 @@ from pyinfra.context import host
 from pyinfra.facts.files import Directory
 from typing_extensions import override
 
-from operations.files import LineFile, LinesOfFile, as_account, lines_in_file
-from operations.keys import DEPLOY_KEY_PATH, parse_public_key
-from operations.nixos import NIXOS_AUTHORIZED_KEYS_DIR
-from operations.steady import runs_nixos
+from operations.core.files import LineFile, LinesOfFile, as_account, lines_in_file
+from operations.core.nixos_advice import NIXOS_AUTHORIZED_KEYS_DIR
+from operations.data.steady import runs_nixos
+from operations.trust.keys import DEPLOY_KEY_PATH, parse_public_key
 
 if TYPE_CHECKING:
     pass

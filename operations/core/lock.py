@@ -1,6 +1,6 @@
 """
 One nixpush run at a time on a controller: the ``flock`` that ``nixpush-run`` holds for a whole
-run (``<state-dir>/lock``), and that every deploy takes too (``operations.start``), so a
+run (``<state-dir>/lock``), and that every deploy takes too (``operations.push.start``), so a
 ``pyinfra inventory.py deploys/pi.py`` typed by hand never runs alongside a timer-fired run.
 
 ``nixpush-run`` runs its deploys as child processes while it holds the lock, and hands them its
@@ -35,7 +35,7 @@ import click
 import pyinfra
 from pyinfra.api.exceptions import PyinfraError
 
-from operations.files import make_dirs
+from operations.core.files import make_dirs
 
 DEFAULT_STATE_DIR = "/var/lib/nixpush"
 # Group readable, so a monitor in the state dir's group can read reports; nobody else.

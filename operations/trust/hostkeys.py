@@ -14,7 +14,7 @@ the pin is made where the inventory is written: ``pin_host_keys`` gives each hos
 .. code:: python
 
     # inventory.py
-    from operations.hostkeys import pin_host_keys
+    from operations.trust.hostkeys import pin_host_keys
 
     pis = pin_host_keys([
         ("pi4", {"ssh_hostname": "192.168.1.122", "ssh_port": 8023,
@@ -36,9 +36,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from operations.files import write_atomically
-from operations.grammar import address_problem, is_host_key
-from operations.ssh import known_hosts_name
+from operations.core.files import write_atomically
+from operations.core.grammar import address_problem, is_host_key
+from operations.trust.ssh import known_hosts_name
 
 Member = tuple[str, Mapping[str, Any]]
 

@@ -38,8 +38,9 @@ from pyinfra.context import host
 from pyinfra.facts.files import Directory
 from typing_extensions import override
 
-from operations.failures import fail_host, require_root
-from operations.files import (
+from operations.builder.nix import MACHINES_FILE, NixConfig
+from operations.core.failures import fail_host, require_root
+from operations.core.files import (
     ACCOUNT_NAME,
     MANAGED_HEADER,
     LinesOfFile,
@@ -48,14 +49,13 @@ from operations.files import (
     chown_file,
     lines_in_file,
 )
-from operations.fleet import FleetError, HostSpec
-from operations.keys import PULL_KEY_PATH, parse_public_key
-from operations.keys import pull_client_key as _client_key
-from operations.nix import MACHINES_FILE, NixConfig
-from operations.nixexpr import nix_value
-from operations.nixos import NIXOS_AUTHORIZED_KEYS_DIR, nixos_options_error
-from operations.ssh import user_account
-from operations.systems import KNOWN_SYSTEMS
+from operations.core.nixexpr import nix_value
+from operations.core.nixos_advice import NIXOS_AUTHORIZED_KEYS_DIR, nixos_options_error
+from operations.core.systems import KNOWN_SYSTEMS
+from operations.data.fleet import FleetError, HostSpec
+from operations.trust.keys import PULL_KEY_PATH, parse_public_key
+from operations.trust.keys import pull_client_key as _client_key
+from operations.trust.ssh import user_account
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

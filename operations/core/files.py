@@ -25,8 +25,8 @@ from pyinfra.api.facts import FactBase
 from pyinfra.context import host
 from typing_extensions import override
 
-# Account names' grammar lives in operations.grammar; modules import it from here too.
-from operations.grammar import ACCOUNT_NAME as ACCOUNT_NAME
+# Account names' grammar lives in operations.core.grammar; modules import it from here too.
+from operations.core.grammar import ACCOUNT_NAME as ACCOUNT_NAME
 
 # What a fact command prints before a file's details, and for a path that is not a regular
 # file: the line that tells "here it is" from output that merely looks like a file.

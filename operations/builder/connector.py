@@ -17,7 +17,7 @@ image's builder (``run_on``) and keeps files on the controller through the proce
     images = [("@image/iso", {"nix_system": "x86_64-linux", "builder_host": "nas"})]
 
 ``@image/iso`` makes a host named ``iso`` in the connector's group ``@image``
-(``operations.fleet.IMAGE_CONNECTOR_GROUP``). Registered as a pyinfra connector by nixpush's
+(``operations.data.fleet.IMAGE_CONNECTOR_GROUP``). Registered as a pyinfra connector by nixpush's
 package metadata (``pyproject.toml``, entry point ``image``).
 """
 
@@ -30,7 +30,7 @@ from pyinfra.connectors.base import BaseConnector
 from pyinfra.connectors.util import CommandOutput, OutputLine
 from typing_extensions import override
 
-from operations.fleet import IMAGE_CONNECTOR_GROUP
+from operations.data.fleet import IMAGE_CONNECTOR_GROUP
 
 
 def refusal(host_name: str) -> str:

@@ -1,7 +1,7 @@
 """
 What an unattended run (``nixpush-run``) does, as plain values: its modes, the deploy files each
 runs, and its defaults. Both the runner (``operations.run.runner``) and the schedule that starts
-it (``operations.schedule``) read them here, so the schedule does not depend on the program.
+it (``operations.builder.timers``) read them here, so the schedule does not depend on the program.
 
 .. code:: python
 

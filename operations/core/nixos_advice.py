@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from operations.nixexpr import nix_value
+from operations.core.nixexpr import nix_value
 
 # Where NixOS puts each user's users.users.<name>.openssh.authorizedKeys (sshd reads it there).
 NIXOS_AUTHORIZED_KEYS_DIR = "/etc/ssh/authorized_keys.d"

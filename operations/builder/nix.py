@@ -15,12 +15,12 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host
 from typing_extensions import override
 
-from operations.binfmt import sandbox_path, validate_systems
-from operations.failures import DeployFailed, fail_host, host_step, require_root
-from operations.files import ACCOUNT_NAME, FileText, replace_file
-from operations.nixos import nix_list, nixos_options_error
-from operations.process import run_on
-from operations.steady import runs_nixos, runs_systemd
+from operations.builder.binfmt import sandbox_path, validate_systems
+from operations.core.failures import DeployFailed, fail_host, host_step, require_root
+from operations.core.files import ACCOUNT_NAME, FileText, replace_file
+from operations.core.nixos_advice import nix_list, nixos_options_error
+from operations.core.process import run_on
+from operations.data.steady import runs_nixos, runs_systemd
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

@@ -7,7 +7,7 @@ Deploy files start with:
 .. code:: python
 
     from pyinfra import host, state
-    from operations.fleet import check_fleet
+    from operations.data.fleet import check_fleet
 
     specs = check_fleet(state.inventory)
     spec = specs[host.name]
@@ -25,10 +25,9 @@ from pyinfra.api.connectors import get_all_connectors
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.connectors.ssh import SSHConnector
 
-from operations import grammar
-from operations.files import ACCOUNT_NAME
-from operations.health import HealthCheck, parse_check
-from operations.models import (
+from operations.core import grammar
+from operations.core.files import ACCOUNT_NAME
+from operations.core.models import (
     ACTIONS,
     DEFAULT_ACTIVATION_TIMEOUT,
     DEFAULT_BUILD_TIMEOUT,
@@ -41,8 +40,9 @@ from operations.models import (
     Margin,
     Safety,
 )
-from operations.schedule import Schedule, ScheduleError, parse_schedule
-from operations.systems import KNOWN_SYSTEMS, natively_built
+from operations.core.systems import KNOWN_SYSTEMS, natively_built
+from operations.data.health import HealthCheck, parse_check
+from operations.data.schedule import Schedule, ScheduleError, parse_schedule
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -52,9 +52,10 @@ E = TypeVar("E")
 
 ROOTS: tuple[str, ...] = ("minimal", "common", "network", "main", "work", "gaming", "server")
 DEPLOY_ACTIONS = ACTIONS
-# Image hosts (``@image/NAME`` in an inventory, operations/connector.py) are in this group of
-# the connector's, and may be in an ``images`` group of the inventory's instead of roots: roots
-# bring what running machines get (secrets, health checks), nothing an image is built with.
+# Image hosts (``@image/NAME`` in an inventory, operations/builder/connector.py) are in this
+# group of the connector's, and may be in an ``images`` group of the inventory's instead of
+# roots: roots bring what running machines get (secrets, health checks), nothing an image is
+# built with.
 IMAGE_CONNECTOR_GROUP = "@image"
 IMAGES_GROUP = "images"
 # image_attr: an attribute of config.system.build, e.g. isoImage, sdImage.
@@ -141,9 +142,9 @@ class HostSpec:
     + rollback: the target rolls back unless its activation is confirmed (``safety_for``)
     + confirm_timeout, activation_timeout: seconds the target waits for the confirmation, and
       ``switch-to-configuration`` may take
-    + health_checks: what must pass before confirming (``operations.health``), merged across
+    + health_checks: what must pass before confirming (``operations.data.health``), merged across
       the host's roots by name
-    + schedule: the controller's ``schedule`` (``operations.schedule``; not enabled: none)
+    + schedule: the controller's ``schedule`` (``operations.builder.timers``; not enabled: none)
     + deploy_wave: the activation wave (``operations.push.waves``): wave 0 first, a later one
       once every host of the earlier ones deployed and stayed healthy
     + wave_soak: seconds a deployed host waits before its health checks run again, when a
@@ -765,7 +766,7 @@ def _host_key_problems(host: Host) -> list[str]:
         f"{host.name}: ssh_strict_host_key_checking {how} an impostor could take this host's "
         'place when nixpush connects to it; set it to "yes" (the host\'s key in its '
         "known_hosts file, or pinned from its ssh_host_key by "
-        "operations.hostkeys.pin_host_keys in the inventory), or set "
+        "operations.trust.hostkeys.pin_host_keys in the inventory), or set "
         f"{INSECURE_KEY} = True to accept that"
     ]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
 
-from operations.process import find_program, run_local
+from operations.core.process import find_program, run_local
 
 # sops exits with 128 when no master key (age, PGP, KMS, ...) decrypts the file's data key.
 SOPS_NO_KEY_EXIT = 128

@@ -1,0 +1,1 @@
+"""What builds: Nix, QEMU emulation, pull builds, images, the schedule's timers."""

@@ -1,0 +1,1 @@
+"""Values and seams: what every other floor stands on (no pyinfra deploy state)."""

@@ -1,0 +1,1 @@
+"""The data contract: inventory data parsed once into typed specs."""

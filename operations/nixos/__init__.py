@@ -1,0 +1,1 @@
+"""NixOS hosts: the generated fragments, and the checks of what they already run."""

@@ -1,0 +1,1 @@
+"""Keys, host keys, SSH and secrets: who trusts whom, and what is decrypted."""
