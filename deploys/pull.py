@@ -18,6 +18,7 @@ from pyinfra.context import host, state
 from operations.builder import nix, pull
 from operations.data.steady import runs_nixos
 from operations.push.start import start_deploy
+from operations.trust import keys
 
 specs = start_deploy(state).specs
 spec = specs[host.name]
@@ -27,7 +28,7 @@ if spec.builder_host is None or not pull.pulls(spec):
 else:
     machine = pull.build_machine_for(spec, specs[spec.builder_host])
     # Fails here, before any host changes, when the key is not declared or can't be read.
-    pull.pull_client_key(host, host.name)
+    keys.pull_client_key(host, host.name)
     if runs_nixos():
         pull.check_nixos_pull_client(
             name=f"Check Nix builds on {spec.builder_host} (NixOS)", machine=machine

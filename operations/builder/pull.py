@@ -53,18 +53,15 @@ from operations.core.nixexpr import nix_value
 from operations.core.nixos_advice import NIXOS_AUTHORIZED_KEYS_DIR, nixos_options_error
 from operations.core.systems import KNOWN_SYSTEMS
 from operations.data.fleet import FleetError, HostSpec
-from operations.trust.keys import PULL_KEY_PATH, parse_public_key
-from operations.trust.keys import pull_client_key as _client_key
+from operations.trust.keys import PULL_KEY_COMMENT, PULL_KEY_PATH, parse_public_key, pull_client_key
 from operations.trust.ssh import user_account
 
 if TYPE_CHECKING:
-    from pyinfra.api.host import Host
     from pyinfra.api.inventory import Inventory
 
 SSH_CONFIG_DIR = "/etc/ssh/ssh_config.d"
 PULL_FEATURES = ("nixos-test", "benchmark", "big-parallel")
 # The comment closing each authorized_keys line nixpush writes: how it finds its own lines.
-KEY_COMMENT = "nixpush-pull:"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*")
@@ -271,15 +268,6 @@ def build_machine_for(target: HostSpec, builder: HostSpec) -> BuildMachine:
         raise FleetError([f"{target.name}: pull builds from {builder.name}: {e}"]) from None
 
 
-def pull_client_key(target: Host, for_host: str) -> str:
-    """
-    The public half of ``target``'s builder-client key (its secret installed at
-    ``PULL_KEY_PATH``), derived in memory on the controller, with ``KEY_COMMENT`` naming
-    the target. ``SecretError`` naming ``for_host``, the target and the fix.
-    """
-    return _client_key(target, for_host, f"{KEY_COMMENT}{target.name}")
-
-
 def client_keys_by_user(
     inventory: Inventory, specs: Mapping[str, HostSpec], builder: str
 ) -> dict[str, list[str]]:
@@ -414,7 +402,7 @@ def builder_authorized_keys(
     Let each of ``keys`` run ``nix-daemon --stdio`` as ``user``, and nothing else.
 
     + user: the builder account (``builder_account``)
-    + keys: public key lines, each ending in ``KEY_COMMENT<target>`` (``pull_client_key``)
+    + keys: public key lines, each ending in ``PULL_KEY_COMMENT<target>`` (``pull_client_key``)
     + daemon: absolute path of nix-daemon; default: where the host's PATH finds it
 
     Each key gets ``restrict,command="<daemon> --stdio"``: no shell, no forwarding, no pty,
@@ -457,7 +445,7 @@ def builder_authorized_keys(
     def ours(line: str) -> bool:
         tokens = line.split()
         return bool(tokens) and (
-            tokens[-1].startswith(KEY_COMMENT) or parse_public_key(line) in blobs
+            tokens[-1].startswith(PULL_KEY_COMMENT) or parse_public_key(line) in blobs
         )
 
     kept = [line for line in (current.lines if current else ()) if line and not ours(line)]

@@ -76,12 +76,6 @@ class Action(StrEnum):
         nothing can be confirmed without a reboot)."""
         return self.activates and self.makes_current
 
-    @property
-    def verified_link(self) -> str:
-        """The link that shows the action took effect: the profile for boot, else the running
-        system."""
-        return SYSTEM_PROFILE if self is Action.BOOT else CURRENT_SYSTEM
-
 
 ACTIONS: tuple[str, ...] = tuple(action.value for action in Action)
 

@@ -90,10 +90,6 @@ def switch_command(path: str, action: str) -> StringCommand:
     return StringCommand(QuoteString(f"{path}/bin/switch-to-configuration"), QuoteString(action))
 
 
-def set_profile_command(path: str) -> StringCommand:
-    return StringCommand("nix-env", "-p", SYSTEM_PROFILE, "--set", QuoteString(path))
-
-
 # -- many targets of one builder at once -------------------------------------------------
 
 

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 # (`nix store sign -k SIGNING_KEY_PATH`), so the daemon never needs the key.
 # Where a target keeps its builder-client key for pull builds (its `secrets` data installs it).
 PULL_KEY_PATH = "/root/.ssh/nixpush_builder"
+# Ends each pulling target's key line on its builder: the key's owner, and nixpush's mark.
+PULL_KEY_COMMENT = "nixpush-pull:"
 
 _KEY_TYPE = re.compile(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)")
 _SSH_KEY_FIX = "store an OpenSSH ed25519 private key there (ssh-keygen -t ed25519 -N '')"
@@ -152,10 +154,12 @@ def builder_trust(builder: Host, for_host: str) -> BuilderTrust:
     )  # fmt: skip
 
 
-def pull_client_key(target: Host, for_host: str, comment: str) -> str:
+def pull_client_key(target: Host, for_host: str) -> str:
     """
     The public half of ``target``'s builder-client key (its secret at ``PULL_KEY_PATH``),
-    ``type base64 {comment}``. ``SecretError`` naming ``for_host``, the target and the fix.
+    derived in memory on the controller: ``type base64 nixpush-pull:<target>``
+    (``PULL_KEY_COMMENT`` names the target). ``SecretError`` naming ``for_host``, the target
+    and the fix.
     """
     value = installed_secret(
         target,
@@ -168,4 +172,4 @@ def pull_client_key(target: Host, for_host: str, comment: str) -> str:
     public = _derived(for_host, f"{value.label} (of {target.name})", _SSH_KEY_FIX,
                       ssh_public_key, value)  # fmt: skip
     kind, blob = public.split()[:2]
-    return f"{kind} {blob} {comment}"
+    return f"{kind} {blob} {PULL_KEY_COMMENT}{target.name}"
