@@ -40,6 +40,8 @@ from operations.core.lock import (
 )
 from operations.core.process import find_program, run_local
 from operations.core.unattended import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
+from operations.data.fleet import read_fleet
+from operations.nixos.fragments import fleet_inventory
 from operations.push.evalcache import CACHE_DIR_ENV
 from operations.run import alerts, metrics, report
 from operations.run.report import DeployResult, ExitCode
@@ -206,16 +208,24 @@ def run_deploy(
             summary = json.loads(summary_file.read_text())
         except json.JSONDecodeError:
             summary = None
+    # No summary, yet hosts pyinfra could not connect to: it stopped before any deploy code
+    # ran ("No hosts remaining!"), so which of them may be away is read from the inventory.
+    away = offline_ok_hosts(inventory) if summary is None and report.connect_errors(stderr) else ()
     hosts = report.host_outcomes(
-        summary, report.parse_pyinfra_json(stdout), stderr, executed=mode == "deploy"
-    )
+        summary, report.parse_pyinfra_json(stdout), stderr, executed=mode == "deploy",
+        offline_ok=away,
+    )  # fmt: skip
     no_match = NO_HOST_MATCHED in stderr
     error: str | None = None
     if timed_out:
         error = f"timed out after {timeout:g}s"
     elif no_match:
         error = f"{NO_HOST_MATCHED} {' '.join(limit)}"
-    elif returncode != 0 and not any(o.status == "failed" for o in hosts.values()):
+    elif (
+        returncode != 0
+        and not any(o.status == "failed" for o in hosts.values())
+        and not (hosts and all(o.status == "offline" for o in hosts.values()))
+    ):
         error = report.last_error(stderr) or f"pyinfra exited {returncode}"
     return (
         DeployResult(
@@ -228,6 +238,17 @@ def run_deploy(
         ),
         summary,
     )
+
+
+def offline_ok_hosts(inventory: str) -> set[str]:
+    """The inventory's hosts whose data says ``offline_ok``, for a deploy that wrote no summary;
+    none when the inventory cannot be read (its unreachable hosts are then failed: the safe
+    side)."""
+    try:
+        specs, _ = read_fleet(fleet_inventory(inventory))
+    except Exception:  # the owner's file, run again here: whatever it raises, report failed
+        return set()
+    return {name for name, spec in specs.items() if spec.offline_ok}
 
 
 def run(args: argparse.Namespace, started: datetime, lock_fd: int | None = None) -> dict[str, Any]:
