@@ -605,3 +605,78 @@ def test_a_lone_offline_ok_host_away_is_offline_and_no_failure(checkout, monkeyp
     assert runner.main(["deploy", "--limit", "laptop", "--state-dir", str(state)]) == 0
     latest = json.loads((state / "reports" / "latest.json").read_text())
     assert latest["hosts"]["laptop"]["status"] == "offline"
+
+
+# -- alerts that cannot change the result --------------------------------------------------
+
+
+def test_an_alert_printing_undecodable_bytes_keeps_the_exit_code(checkout, monkeypatch, capsys):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (1, summary(pi4=target("failed", "boom")), "")})
+    alert = checkout / "alert.sh"
+    alert.write_text("#!/bin/sh\nprintf 'bad \\377\\376 bytes\\n' >&2\nexit 3\n")
+    alert.chmod(0o755)
+    code = runner.main(["deploy", "--state-dir", str(checkout / "state"), f"--on-failure={alert}"])
+    assert code == ExitCode.FAILED
+    assert f"nixpush-run: on_failure {alert} exited 3: bad \ufffd\ufffd bytes" in (
+        capsys.readouterr().err
+    )
+    # An argument no process can take (a NUL) is said, not raised.
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (1, summary(pi4=target("failed", "boom")), "")})
+    assert runner.main(["deploy", "--state-dir", str(checkout / "state"), "--on-failure=a\0b"]) == 1
+    assert "nixpush-run: on_failure a\0b could not run:" in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_be_written_still_gives_metrics_and_the_alert(
+    checkout, monkeypatch, capsys
+):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(pi4=target("unchanged")), "")})
+
+    def full_disk(reports, result):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full_disk)
+    alert = checkout / "alert.sh"
+    alert.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {checkout}/argv\ncat > {checkout}/stdin\n')
+    alert.chmod(0o755)
+    state, textfiles = checkout / "state", checkout / "textfiles"
+    code = runner.main([
+        "deploy", "--state-dir", str(state), "--metrics-dir", str(textfiles),
+        f"--on-failure={alert}",
+    ])  # fmt: skip
+    assert code == ExitCode.FAILED  # every host was fine, but the run left no record
+    prom = (textfiles / "nixpush_deploy.prom").read_text()
+    assert 'nixpush_run_exit_code{mode="deploy"} 1.0' in prom
+    assert 'nixpush_host_status{host="pi4",mode="deploy",status="unchanged"} 1.0' in prom
+    stdin = (checkout / "stdin").read_text()
+    assert "nixpush deploy: FAILED (exit 1)" in stdin
+    assert (
+        f"report: missing: the report could not be written in {state / 'reports'}: "
+        "[Errno 28] No space left on device"
+    ) in stdin
+    assert (checkout / "argv").read_text().strip().startswith(str(state / "reports"))
+    assert "nixpush-run: on_failure ran" in capsys.readouterr().err
+
+
+def test_metrics_are_written_even_when_the_success_times_cannot_be_kept(
+    checkout, monkeypatch, capsys
+):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(pi4=target("unchanged")), "")})
+    state, textfiles = checkout / "state", checkout / "textfiles"
+    (state / "metrics-deploy.json").mkdir(parents=True)  # cannot be replaced by a file
+    code = runner.main(["deploy", "--state-dir", str(state), "--metrics-dir", str(textfiles)])
+    assert code == 0
+    assert (
+        'nixpush_run_exit_code{mode="deploy"} 0.0'
+        in (textfiles / "nixpush_deploy.prom").read_text()
+    )
+    assert "nixpush-run: error: metrics written, but the success times were not kept in" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_full_state_dir_loses_the_log_not_the_run(tmp_path):
+    log = runner.RunLog(tmp_path / "missing-dir" / "x.log")  # cannot even be created
+    log.write("anything")
+    log.close()
+    with runner.scratch_dir(str(tmp_path / "missing-dir")) as scratch:
+        assert Path(scratch).is_dir()  # the system's temporary directory instead
