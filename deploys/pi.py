@@ -98,6 +98,8 @@ else:
             wave_line = waves.describe_wave(run_waves, spec.deploy_wave, spec.wave_soak)
             if wave_line:
                 host.log_styled(wave_line, log_func=logger.info)
+    if planned is not None and (target_plan.up_to_date or not target_plan.action.activates):
+        cache.waves.excuse(host.name)  # nothing to activate: it holds no wave up
     # A target already on its system (planning logged it) gets no operations: each would be a
     # no-op, and pyinfra's bookkeeping of an operation call costs the controller CPU per host,
     # which is most of what a no-change run of a fleet does.

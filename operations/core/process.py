@@ -112,7 +112,8 @@ def run_local_bounded(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        text=True,
+        encoding="utf-8",
+        errors="replace",  # a command nixpush does not control may print any bytes
         start_new_session=True,
     ) as process:
         try:

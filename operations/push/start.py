@@ -6,7 +6,8 @@ bound the SSH sessions nixpush opens on each host's connection (``max_ssh_sessio
 the run summary, which prints one line per host when the run exits (and writes
 ``$NIXPUSH_REPORT_FILE`` for ``nixpush-run``), and the run's ``RunCache``, which the push
 steps share. Unreachable hosts whose data says ``offline_ok`` are reported ``offline``
-instead of failing the run.
+instead of failing the run. Every target in ``--limit`` that activates is expected in its
+activation wave before any host is planned (``expect_waves``).
 
 .. code:: python
 
@@ -34,6 +35,7 @@ from operations.core.process import limit_sessions
 from operations.core.summary import RunSummary, summary_for
 from operations.data.fleet import FleetError, HostSpec, read_fleet
 from operations.push.runcache import RunCache
+from operations.push.waves import Waves
 from operations.trust.secrets import host_secrets
 
 if TYPE_CHECKING:
@@ -105,4 +107,25 @@ def start_deploy(state: State) -> Deploy:
     # A host that may be asleep (offline_ok) is offline, not failed, in every deploy.
     summary.excuse_offline(name for name, spec in specs.items() if spec.offline_ok)
     deploy = _started[state] = Deploy(specs, summary, RunCache(specs))
+    expect_waves(state, specs, summary, deploy.cache.waves)
     return deploy
+
+
+def expect_waves(
+    state: State, specs: dict[str, HostSpec], summary: RunSummary, waves: Waves
+) -> None:
+    """Expect every activating target in ``--limit`` in its wave, from the parsed inventory:
+    pyinfra runs no deploy code for a host it could not connect to, so a canary that is down
+    would otherwise be in no wave, and the later waves would activate at once. One that could
+    not connect has failed its wave already; an ``offline_ok`` one that is away holds none."""
+    for inventory_host in state.inventory:
+        spec = specs[inventory_host.name]
+        if not (spec.is_target and spec.deploy_action.activates):
+            continue
+        if not state.is_host_in_limit(inventory_host):
+            continue
+        waves.expect(spec.name, spec.deploy_wave)
+        if spec.name in summary.offline:
+            waves.excuse(spec.name)
+        elif spec.name in summary.unreachable:
+            waves.report(spec.name, f"{spec.name} could not connect")

@@ -7,14 +7,20 @@ hold stops the rest: their hosts are ``held: wave 0 failed (pi4 rolled back)``.
 Only activation waits: builds and copies run ahead for every wave. The gate is one run's
 state (``RunCache.waves``):
 
-- deploy code (prepare time) ``join``s each host whose activation is planned, with its wave:
-  a host that needs no activation (unchanged, build only), one outside ``--limit`` or an
-  ``offline_ok`` host that is away has no operation, so it is in no wave and holds nothing up;
+- ``start_deploy`` ``expect``s every target in ``--limit`` whose action activates, with its
+  wave, from the parsed inventory, before any host is planned: a host pyinfra could not
+  connect to runs no deploy code, and it must still count. One that could not connect is
+  reported failed at once (``pi4 could not connect``); an ``offline_ok`` host that is away is
+  ``excuse``d: it holds nothing up;
+- deploy code (prepare time) ``join``s each host whose activation is planned, with the
+  longest it may take, and ``excuse``s one that needs none (unchanged, build only);
 - each activation ``wait_turn``s (at once for the lowest wave) and ``report``s its result,
   always (``None``: passed; else what stopped it, e.g. ``pi4 rolled back``);
-- a host dropped by pyinfra before its activation (its build or copy failed) never reports:
-  ``wait_turn`` counts it failed (``pi4 failed before its activation``) from pyinfra's failed
-  hosts, read while it waits.
+- an expected host that never joined (its planning failed) or that pyinfra dropped before its
+  activation (its build or copy failed) never reports: ``wait_turn`` counts it failed
+  (``pi4 failed before its activation``), the first from the gate itself (every host was
+  planned before anything executes), the second from pyinfra's failed hosts, read while it
+  waits.
 
 pyinfra runs an operation on all hosts at once (one greenlet each), so a later wave's hosts
 wait beside the earlier wave's activations. ``--serial``, ``--no-wait`` or a ``--parallel``
@@ -23,6 +29,7 @@ yet: a wait is bounded (the earlier hosts' worst case), then the host is held.
 
 .. code:: python
 
+    waves.expect("pi4", 0); waves.expect("pi5", 1)    # start_deploy, from the inventory
     waves.join("pi4", 0, worst=600); waves.join("pi5", 1, worst=600)  # deploy code
     held = waves.wait_turn("pi5", 1, dropped)   # None: go; else why it is held
     waves.report("pi4", None)                              # deployed and healthy after the soak
@@ -44,32 +51,49 @@ POLL = 1.0
 class Waves:
     """One run's activation waves (see the module's doc)."""
 
+    # Wave -> the hosts expected to activate in it (``expect``, ``join``), less those excused.
     members: dict[int, set[str]] = field(default_factory=dict)
-    # Host -> the longest its activation may keep a later wave waiting (``activate.worst_case``).
+    # Host -> the longest its activation may keep a later wave waiting (``activate.worst_case``):
+    # the hosts whose activation is planned (``join``).
     worst: dict[str, float] = field(default_factory=dict)
     # Host -> None (passed) or what stopped it, once known.
     results: dict[str, str | None] = field(default_factory=dict)
     _done: dict[int, Event] = field(default_factory=dict)
 
+    def expect(self, host: str, wave: int) -> None:
+        """``host`` is a target of this run that activates in ``wave`` (``start_deploy``,
+        before any host is planned): until it joins or is excused, it counts."""
+        self.members.setdefault(wave, set()).add(host)
+        self._done.setdefault(wave, Event())
+
     def join(self, host: str, wave: int, worst: float) -> None:
         """``host`` activates in ``wave`` this run (deploy code, prepare time), at worst in
         ``worst`` seconds."""
-        self.members.setdefault(wave, set()).add(host)
+        self.expect(host, wave)
         self.worst[host] = worst
-        self._done.setdefault(wave, Event())
+
+    def excuse(self, host: str) -> None:
+        """``host`` does not activate this run after all (nothing to activate; ``offline_ok``
+        and away): it holds no wave up."""
+        for wave, names in list(self.members.items()):
+            if host in names:
+                names.discard(host)
+                if not names:
+                    del self.members[wave]
+                    self._done.pop(wave, None)
 
     def wave_of(self, host: str) -> int | None:
         return next((w for w, names in self.members.items() if host in names), None)
 
     @property
     def many(self) -> bool:
-        """More than one wave activates this run (only then does anything wait or soak)."""
+        """More than one wave counts this run (only then does anything wait or soak)."""
         return len(self.members) > 1
 
     def has_later(self, wave: int) -> bool:
-        """Whether hosts of a later wave wait for this one (a host of the last wave, or of the
-        only one, need not soak)."""
-        return any(w > wave for w in self.members)
+        """Whether hosts of a later wave will wait for this one (a host of the last wave, or of
+        the only one, need not soak; nor one whose later waves all failed before activating)."""
+        return any(w > wave and names & set(self.worst) for w, names in self.members.items())
 
     def report(self, host: str, trouble: str | None) -> None:
         """``host``'s result: None when it passed, else what stopped it; the first one holds."""
@@ -100,10 +124,18 @@ class Waves:
           reported failed before its activation)
 
         It waits at most the earlier waves' worst case (each wave's slowest host's
-        ``worst``), then holds ``host``: their hosts could not run beside it.
+        ``worst``), then holds ``host``: their hosts could not run beside it. It runs at
+        execute time, when every host was planned: an expected host of an earlier wave that
+        never joined failed before its activation (it could not connect or be planned).
         """
         earlier_waves = sorted(w for w in self.members if w < wave)
-        bound = sum(max(self.worst[name] for name in self.members[w]) for w in earlier_waves)
+        for earlier in earlier_waves:
+            for name in sorted(self.members[earlier] - set(self.worst)):
+                self.report(name, f"{name} failed before its activation")
+        bound = sum(
+            max((self.worst.get(name, 0.0) for name in self.members[w]), default=0.0)
+            for w in earlier_waves
+        )
         deadline = clock() + bound
         for earlier in earlier_waves:
             event = self._done[earlier]

@@ -163,16 +163,26 @@ def render(report: Mapping[str, Any], last: LastSuccess) -> str:
     return "\n".join(lines) + "\n"
 
 
+class TimesNotKept(OSError):
+    """The metrics file was written, but the success times could not be kept in the state
+    directory (a full disk): the next run reports the older ones."""
+
+
 def write_metrics(
     metrics_dir: Path, state_dir: Path, report: Mapping[str, Any]
 ) -> tuple[Path, LastSuccess]:
-    """Count ``report``'s run in the kept success times, then write its mode's metrics file;
-    the file's path and the times. ``OSError`` when either cannot be written."""
+    """Count ``report``'s run in the kept success times, write its mode's metrics file, then
+    keep the times; the file's path and the times. ``OSError`` when the metrics file cannot be
+    written, ``TimesNotKept`` (after it was) when the times cannot: a full state directory
+    must not hide the run that found it from the monitor."""
     mode = str(report["mode"])
     kept = state_path(state_dir, mode)
     last = load_last_success(kept).updated(report)
-    write_atomically(kept, json.dumps(last.as_json(), indent=2) + "\n", 0o640)
     make_dirs(metrics_dir, METRICS_DIR_MODE)
     path = metrics_path(metrics_dir, mode)
     write_atomically(path, render(report, last), METRICS_MODE)
+    try:
+        write_atomically(kept, json.dumps(last.as_json(), indent=2) + "\n", 0o640)
+    except OSError as error:
+        raise TimesNotKept(f"the success times were not kept in {kept}: {error}") from error
     return path, last

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -35,7 +35,28 @@ LATEST = "latest.json"
 # <YYYYmmddTHHMMSS.ffffffZ>-<mode>.json: sorts by time as text.
 _REPORT_NAME = re.compile(r"^\d{8}T\d{6}(\.\d+)?Z-[a-z]+\.json$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_CONNECT_ERROR = re.compile(r"^\s*\[(?P<host>[^\]]+)\] (?P<cause>Could not connect.*)$")
+# pyinfra logs a failed connection as "[pi4]<padding> <reason>", the reason starting with one
+# of its connectors' phrases (connectors/ssh.py): timeout, refused, unreachable network, unknown
+# name, authentication, host key. While it connects ("--> Connecting to hosts..."), any such
+# line but "Connected" is one; later (a builder connected at prepare time) only these phrases.
+_HOST_LINE = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<said>\S.*)$")
+_CONNECT_REASONS = (
+    "Could not connect",
+    "Could not resolve hostname",
+    "SSH error",
+    "SSH host key error",
+    "EOF error",
+    "Authentication error",
+    "Unable to establish SFTP connection",
+    "Unsupported file transfer protocol",
+)
+_CONNECTING = "--> Connecting to hosts"
+# What a failed host's cause starts with when pyinfra could not connect to it.
+COULD_NOT_CONNECT = "could not connect"
+# pyinfra's last words when every host failed (to connect, or later): no deploy code ran.
+NO_HOSTS_REMAINING = "No hosts remaining!"
+# An offline_ok host that could not be reached: the run summary's own words.
+OFFLINE = "unreachable, and offline_ok: not deployed this run"
 
 # Worst first: a host's status over several deploys is the worst of them.
 STATUS_ORDER = (
@@ -95,6 +116,17 @@ class DeployResult:
     error: str | None = None
     no_host_matched: bool = False
 
+    @property
+    def failed(self) -> bool:
+        """Whether the deploy as a whole failed: an error, or pyinfra exiting non-zero, except
+        when every host it had was ``offline``: pyinfra then stops with "No hosts remaining!",
+        and an owner's laptop away from home is no failure."""
+        if self.error:
+            return True
+        if self.returncode == 0:
+            return False
+        return not (self.hosts and all(o.status == "offline" for o in self.hosts.values()))
+
     def as_json(self) -> dict[str, Any]:
         return {
             "deploy": self.deploy,
@@ -122,13 +154,27 @@ def parse_pyinfra_json(stdout: str) -> dict[str, Any] | None:
 
 
 def connect_errors(log: str) -> dict[str, str]:
-    """Host -> pyinfra's connect error, from its log: ``Could not connect (timed out)``."""
+    """Host -> pyinfra's reason for not connecting to it, from its log:
+    ``Could not connect (timed out)``, ``Could not resolve hostname ([Errno -2] ...)``."""
     found: dict[str, str] = {}
+    connecting = False
     for line in _ANSI.sub("", log).splitlines():
-        match = _CONNECT_ERROR.match(line)
-        if match:
-            found.setdefault(match["host"], match["cause"].strip())
+        if line.startswith("--> "):
+            connecting = line.startswith(_CONNECTING)
+            continue
+        match = _HOST_LINE.match(line)
+        if match is None:
+            continue
+        said = match["said"].strip()
+        if said.startswith(_CONNECT_REASONS) or (connecting and not said.startswith("Connected")):
+            found.setdefault(match["host"], said)
     return found
+
+
+def could_not_connect(reason: str) -> str:
+    """A failed host's cause when pyinfra could not connect to it: ``could not connect:
+    Could not resolve hostname ([Errno -2] Name or service not known)``."""
+    return f"{COULD_NOT_CONNECT}: {reason}"
 
 
 def last_error(log: str) -> str | None:
@@ -194,14 +240,20 @@ def host_outcomes(
     log: str,
     *,
     executed: bool,
+    offline_ok: Collection[str] = (),
 ) -> dict[str, HostOutcome]:
     """
-    Every host one deploy mentions, with its outcome.
+    Every host one deploy mentions, with its outcome. A host pyinfra could not connect to is
+    ``failed`` with its reason (``could not connect: ...``), whether or not deploy code ran
+    (when none could be reached, pyinfra stops with "No hosts remaining!" and no summary is
+    written), or ``offline`` when its data says ``offline_ok``.
 
     + summary: the run summary's report (``RunSummary.report``), None when the deploy wrote none
     + pyinfra_json: pyinfra's ``--json`` document, None when it printed none
     + log: pyinfra's log (stderr), for connect errors
     + executed: the deploy ran for real (``-y``); else a dry run, whose changes are drift
+    + offline_ok: the hosts whose data says ``offline_ok`` (needed only without a summary,
+      which says ``offline`` itself)
     """
     hosts: dict[str, HostOutcome] = {}
     changing = _changing_ops(pyinfra_json or {}, executed)
@@ -222,8 +274,8 @@ def host_outcomes(
             "skipped": "skipped",
         }.get(str(entry.get("status")), "failed")
         cause = str(entry.get("cause") or "")
-        if status == "failed" and cause == "could not connect" and name in connect:
-            cause = connect[name]
+        if status == "failed" and cause == COULD_NOT_CONNECT and name in connect:
+            cause = could_not_connect(connect[name])
         if status in ("unchanged", "skipped") and name in failed:
             status, cause = "failed", "an operation failed (see the log)"
         if status == "unchanged" and changing.get(name):
@@ -234,8 +286,12 @@ def host_outcomes(
     for name in sorted(set(changing) | failed | set(connect)):
         if name in hosts:
             continue
-        if name in failed or name in connect:
-            hosts[name] = HostOutcome("failed", connect.get(name, "an operation failed"))
+        if name in connect and name in offline_ok:
+            hosts[name] = HostOutcome("offline", OFFLINE)
+        elif name in connect:
+            hosts[name] = HostOutcome("failed", could_not_connect(connect[name]))
+        elif name in failed:
+            hosts[name] = HostOutcome("failed", "an operation failed")
         else:
             hosts[name] = HostOutcome(changed_status, ", ".join(changing[name]))
     return hosts
@@ -271,9 +327,7 @@ def exit_code(mode: str, deploys: Sequence[DeployResult], hosts: Mapping[str, An
     if any(d.no_host_matched for d in deploys):
         return ExitCode.USAGE
     statuses = {entry["status"] for entry in hosts.values()}
-    if statuses & {"failed", "rolled-back", "held"} or any(
-        d.returncode != 0 or d.error for d in deploys
-    ):
+    if statuses & {"failed", "rolled-back", "held"} or any(d.failed for d in deploys):
         return ExitCode.FAILED
     if mode == "check" and "drifted" in statuses:
         return ExitCode.DRIFT

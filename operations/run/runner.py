@@ -15,6 +15,7 @@ pyinfra, and pyinfra's log never holds a secret's value.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -40,6 +41,8 @@ from operations.core.lock import (
 )
 from operations.core.process import find_program, run_local
 from operations.core.unattended import DEFAULT_KEEP, DEFAULT_TIMEOUT, SCHEDULE
+from operations.data.fleet import read_fleet
+from operations.nixos.fragments import fleet_inventory
 from operations.push.evalcache import CACHE_DIR_ENV
 from operations.run import alerts, metrics, report
 from operations.run.report import DeployResult, ExitCode
@@ -173,7 +176,7 @@ def run_deploy(
     *,
     scratch: Path,
     timeout: float,
-    log: IO[str],
+    log: RunLog,
     state_dir: str = DEFAULT_STATE_DIR,
     lock_fd: int | None = None,
 ) -> tuple[DeployResult, Mapping[str, Any] | None]:
@@ -197,7 +200,6 @@ def run_deploy(
         stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else ""
     duration = time.monotonic() - started
     log.write(f"==> {' '.join(args[1:])} (exit {returncode}, {duration:.1f}s)\n{stderr}\n")
-    log.flush()
     sys.stderr.write(stderr)
 
     summary: Mapping[str, Any] | None = None
@@ -206,16 +208,24 @@ def run_deploy(
             summary = json.loads(summary_file.read_text())
         except json.JSONDecodeError:
             summary = None
+    # No summary, yet hosts pyinfra could not connect to: it stopped before any deploy code
+    # ran ("No hosts remaining!"), so which of them may be away is read from the inventory.
+    away = offline_ok_hosts(inventory) if summary is None and report.connect_errors(stderr) else ()
     hosts = report.host_outcomes(
-        summary, report.parse_pyinfra_json(stdout), stderr, executed=mode == "deploy"
-    )
+        summary, report.parse_pyinfra_json(stdout), stderr, executed=mode == "deploy",
+        offline_ok=away,
+    )  # fmt: skip
     no_match = NO_HOST_MATCHED in stderr
     error: str | None = None
     if timed_out:
         error = f"timed out after {timeout:g}s"
     elif no_match:
         error = f"{NO_HOST_MATCHED} {' '.join(limit)}"
-    elif returncode != 0 and not any(o.status == "failed" for o in hosts.values()):
+    elif (
+        returncode != 0
+        and not any(o.status == "failed" for o in hosts.values())
+        and not (hosts and all(o.status == "offline" for o in hosts.values()))
+    ):
         error = report.last_error(stderr) or f"pyinfra exited {returncode}"
     return (
         DeployResult(
@@ -228,6 +238,60 @@ def run_deploy(
         ),
         summary,
     )
+
+
+class RunLog:
+    """The run's ``.log`` (pyinfra's output, deploy by deploy). A disk that fills up loses the
+    rest of the log, never the run: the deploys went on, and what they did is reported."""
+
+    def __init__(self, path: Path) -> None:
+        self._handle: IO[str] | None = None
+        try:
+            self._handle = create_text_file(path, report.REPORT_MODE)
+        except OSError:
+            pass
+
+    def write(self, text: str) -> None:
+        if self._handle is None:
+            return
+        try:
+            self._handle.write(text)
+            self._handle.flush()
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with contextlib.suppress(OSError):  # what it could not flush is lost already
+                handle.close()
+
+
+def scratch_dir(state_dir: str) -> tempfile.TemporaryDirectory[str]:
+    """Where the deploys write their run summaries: in the state directory, or, when it cannot
+    take a file (a full disk), the system's temporary directory: the summaries are most of what
+    the run knows, and it reports them even when its report cannot be written."""
+    try:
+        scratch = tempfile.TemporaryDirectory(prefix=".run-", dir=state_dir)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix="nixpush-run-")
+    try:
+        (Path(scratch.name) / ".probe").write_text("x" * 4096)
+    except OSError:
+        scratch.cleanup()
+        return tempfile.TemporaryDirectory(prefix="nixpush-run-")
+    return scratch
+
+
+def offline_ok_hosts(inventory: str) -> set[str]:
+    """The inventory's hosts whose data says ``offline_ok``, for a deploy that wrote no summary;
+    none when the inventory cannot be read (its unreachable hosts are then failed: the safe
+    side)."""
+    try:
+        specs, _ = read_fleet(fleet_inventory(inventory))
+    except Exception:  # the owner's file, run again here: whatever it raises, report failed
+        return set()
+    return {name for name, spec in specs.items() if spec.offline_ok}
 
 
 def run(args: argparse.Namespace, started: datetime, lock_fd: int | None = None) -> dict[str, Any]:
@@ -243,8 +307,8 @@ def run(args: argparse.Namespace, started: datetime, lock_fd: int | None = None)
     deploys: list[DeployResult] = []
     summaries: list[Mapping[str, Any] | None] = []
     with (
-        create_text_file(reports / f"{run_id}.log", report.REPORT_MODE) as log,
-        tempfile.TemporaryDirectory(prefix=".run-", dir=args.state_dir) as scratch,
+        contextlib.closing(RunLog(reports / f"{run_id}.log")) as log,
+        scratch_dir(args.state_dir) as scratch,
     ):
         for deploy in args.deploy or SCHEDULE[args.mode]:
             result, summary = run_deploy(
@@ -302,13 +366,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return ExitCode.LOCKED
             result = run(args, datetime.now(UTC), held.fd)
+            reports = Path(args.state_dir) / "reports"
+            path = reports / f"{result['id']}.json"
+            unwritten: OSError | None = None
             try:
-                path: Path | None = report.write_report(Path(args.state_dir) / "reports", result)
-                report.prune_reports(Path(args.state_dir) / "reports", args.keep)
-                unwritten: OSError | None = None
-                record_metrics(args, result)  # under the lock: it reads what the last run kept
+                report.write_report(reports, result)
+                report.prune_reports(reports, args.keep)
             except OSError as error:  # the deploys ran: say what they did, and fail
-                path, unwritten = None, error
+                unwritten = error
+                if result["exit_code"] in (ExitCode.OK, ExitCode.DRIFT):
+                    result = {**result, "exit_code": int(ExitCode.FAILED)}
+            # Under the lock (it reads what the last run kept); with what is known, even when
+            # the report is missing: the monitor must see the run that could not record itself.
+            record_metrics(args, result)
     except LockError as error:
         print(
             f"nixpush-run: error: cannot lock {lock_path(args.state_dir)} ({error}); keep "
@@ -321,17 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     for line in report.human_summary(result):
         print(line)
+    missing: str | None = None
     if unwritten is not None:
-        print(
-            f"nixpush-run: error: the report could not be written in "
-            f"{Path(args.state_dir) / 'reports'}: {unwritten}",
-            file=sys.stderr,
-        )
-        return ExitCode.FAILED
-    print(f"report: {path}")
+        missing = f"the report could not be written in {reports}: {unwritten}"
+        print(f"nixpush-run: error: {missing}", file=sys.stderr)
+    else:
+        print(f"report: {path}")
     if args.on_failure and alerts.wants_alert(result):
-        assert path is not None
-        problem = alerts.alert_error(args.on_failure, result, path)
+        try:
+            problem = alerts.alert_error(args.on_failure, result, path, missing=missing)
+        except Exception as error:  # nothing the alert does changes the run's exit code
+            problem = f"on_failure failed: {type(error).__name__}: {error}"
         print(f"nixpush-run: {problem or 'on_failure ran'}", file=sys.stderr)
     return int(result["exit_code"])
 
@@ -342,6 +412,8 @@ def record_metrics(args: argparse.Namespace, result: Mapping[str, Any]) -> None:
     if args.metrics_dir:
         try:
             metrics.write_metrics(Path(args.metrics_dir), Path(args.state_dir), result)
+        except metrics.TimesNotKept as error:
+            print(f"nixpush-run: error: metrics written, but {error}", file=sys.stderr)
         except OSError as error:
             print(f"nixpush-run: error: metrics not written: {error}", file=sys.stderr)
 

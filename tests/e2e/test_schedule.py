@@ -494,3 +494,45 @@ def test_schedule_unit_files_pass_systemd_analyze_verify(ready, tmp_path, no_sch
 
     assert result.returncode == 0, result.stderr
     assert "nixpush" not in result.stderr, result.stderr
+
+
+@pytest.fixture
+def full_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state directory on a small tmpfs, filled up: nothing more can be written there."""
+    state = tmp_path / "full-state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state)], check=True)
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={state}/filler", "bs=4k"], capture_output=True)
+        yield state
+    finally:
+        subprocess.run(["umount", str(state)], check=False)
+
+
+def test_a_full_state_dir_still_gives_metrics_and_an_alert_saying_the_report_is_missing(
+    ready, full_state_dir, tmp_path, alert
+):
+    flags, calls = alert
+    textfiles = tmp_path / "textfiles"
+    result = nixpush_run(
+        "deploy", full_state_dir, "--deploy", "deploys/pi.py", "--limit", "pi4",
+        "--metrics-dir", str(textfiles), *flags,
+    )  # fmt: skip
+    text = output(result)
+    assert result.returncode == 1, text  # the run left no record: a failure
+    assert "nixpush-run: error: the report could not be written in" in result.stderr
+    assert "No space left on device" in result.stderr
+    assert not (full_state_dir / "reports" / "latest.json").exists()
+    found = metric_samples(textfiles / "nixpush_deploy.prom")
+    assert metric(found, "nixpush_run_exit_code", mode="deploy") == 1
+    # What the deploy said is known still: pi4 is reported, with its status.
+    statuses = {
+        labels: value for (name, labels), value in found.items() if name == "nixpush_host_status"
+    }
+    assert any(dict(labels)["host"] == "pi4" and value == 1 for labels, value in statuses.items())
+    ((argv, stdin),) = alert_calls(calls)
+    assert argv[0] == "-d"
+    assert "nixpush deploy: FAILED (exit 1)" in stdin
+    assert "report: missing: the report could not be written in" in stdin
+    assert "  pi4: " in stdin
+    assert "nixpush-run: on_failure ran" in result.stderr

@@ -2,7 +2,10 @@
 Activation waves (deploy_wave, wave_soak) on a bench of four Pis, two per wave: a good
 configuration deploys wave 0, soaks, checks it again, then deploys wave 1 (the launch times
 read on the targets prove the order); a configuration that fails in wave 0 rolls back there
-and leaves wave 1 untouched and ``held`` (its closures copied ahead, nothing activated), exit 1.
+and leaves wave 1 untouched and ``held`` (its closures copied ahead, nothing activated), exit 1;
+so does a canary that cannot be reached (its link down) or whose configuration does not
+evaluate: pyinfra runs no deploy code for the first, and the second is never planned, yet each
+counts as its wave failing.
 """
 
 from __future__ import annotations
@@ -118,3 +121,53 @@ def test_a_failing_configuration_in_wave_0_holds_wave_1_untouched(inventory, tmp
     assert hosts["pis"]["status"] == "held"
     assert hosts["pis"]["cause"] == "wave 0 failed (pi4 rolled back)"
     assert hosts["pi4"]["status"] == "rolled-back"
+
+
+def held_untouched(before: dict[str, str | None], runs_before: dict[str, int]) -> None:
+    """Wave 1 (pis, pi6) still runs what it ran, and no activation was launched on it."""
+    for pi in ("pis", "pi6"):
+        assert current(pi) == before[pi]
+        assert run_dirs(pi) == runs_before[pi]
+
+
+def test_a_canary_whose_link_is_down_holds_wave_1_untouched(inventory, tmp_path):
+    before = {pi: current(pi) for pi in PIS}
+    runs_before = {pi: run_dirs(pi) for pi in ("pis", "pi6")}
+    wanted = {pi: configure(pi) for pi in PIS}
+    fleet.set_link(fleet.host("pi4"), up=False)
+    try:
+        report = tmp_path / "report.json"
+        result = deploy(inventory, "-y", report=report)
+    finally:
+        fleet.set_link(fleet.host("pi4"), up=True)
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "pi4: failed: could not connect" in text
+    assert "pis: held: wave 0 failed (pi4 could not connect)" in text
+    assert "pi6: held: wave 0 failed (pi4 could not connect)" in text
+    assert current("pi4") == before["pi4"]
+    assert current("pi5") == wanted["pi5"]  # wave 0's other host deployed
+    held_untouched(before, runs_before)
+    hosts = json.loads(report.read_text())["hosts"]
+    assert hosts["pi4"]["status"] == "failed"
+    assert {hosts[pi]["status"] for pi in ("pis", "pi6")} == {"held"}
+
+
+def test_a_canary_that_does_not_evaluate_holds_wave_1_untouched(inventory, tmp_path):
+    before = {pi: current(pi) for pi in PIS}
+    runs_before = {pi: run_dirs(pi) for pi in ("pis", "pi6")}
+    wanted = {pi: configure(pi) for pi in ("pi5", "pis", "pi6")}
+    configs = fleet.flake_configs()
+    fleet.set_flake_configs({**configs, "pi4": {**configs["pi4"], "failEval": "throw"}})
+    try:
+        result = deploy(inventory, "-y")
+    finally:
+        fleet.set_flake_configs(configs)
+    text = output(result)
+    assert result.returncode == 1, text
+    assert "pi4: failed: " in text
+    assert "pis: held: wave 0 failed (pi4 failed before its activation)" in text
+    assert "pi6: held: wave 0 failed (pi4 failed before its activation)" in text
+    assert current("pi4") == before["pi4"]
+    assert current("pi5") == wanted["pi5"]
+    held_untouched(before, runs_before)

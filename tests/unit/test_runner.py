@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyinfra_cli.util
 import pytest
 
 from operations.run import report, runner
@@ -91,7 +92,7 @@ def test_failed_host_has_no_known_after_and_gets_pyinfras_connect_error():
     )
     assert hosts["pi5"] == HostOutcome(
         "failed",
-        "Could not connect (timed out)",
+        "could not connect: Could not connect (timed out)",
         {
             "action": "switch",
             "desired": NEW,
@@ -508,3 +509,174 @@ def test_metrics_that_cannot_be_written_are_reported_not_a_failure(checkout, mon
     )
     assert code == 0
     assert "nixpush-run: error: metrics not written:" in capsys.readouterr().err
+
+
+# -- hosts pyinfra could not connect to --------------------------------------------------
+
+# pyinfra 3.10's log when none of the hosts could be reached (padding, colours, a traceback).
+NO_HOSTS_LOG = (
+    "--> Loading config...\n--> Loading inventory...\n--> Connecting to hosts...\n"
+    "    Failed to load host keys from /root/.ssh/known_hosts: [Errno 2] No such file\n"
+    "    [\x1b[1mpi4\x1b[0m]    \x1b[31mCould not resolve hostname ([Errno -2] Name or service "
+    "not known)\x1b[0m\n"
+    "    [\x1b[1mgrill\x1b[0m]  \x1b[31mCould not connect ([Errno 101] Network is unreachable)"
+    "\x1b[0m\n"
+    "Exception (client): Error reading SSH protocol banner\nTraceback (most recent call last):\n"
+    "EOFError\n"
+    "    [\x1b[1mlaptop\x1b[0m] \x1b[31mSSH error (Error reading SSH protocol banner)\x1b[0m\n"
+    "    [\x1b[1mnas\x1b[0m]    \x1b[31mAuthentication error (key=/root/.ssh/id) "
+    "(Authentication failed.)\x1b[0m\n"
+    "--> Disconnecting from hosts...\n--> pyinfra error: No hosts remaining!\n"
+)
+
+
+def test_connect_errors_reads_every_reason_pyinfra_gives():
+    assert report.connect_errors(NO_HOSTS_LOG) == {
+        "pi4": "Could not resolve hostname ([Errno -2] Name or service not known)",
+        "grill": "Could not connect ([Errno 101] Network is unreachable)",
+        "laptop": "SSH error (Error reading SSH protocol banner)",
+        "nas": "Authentication error (key=/root/.ssh/id) (Authentication failed.)",
+    }
+    # Connected hosts and a host's own lines after connecting are no connect errors; a
+    # builder connected later (at prepare time) is, by pyinfra's words.
+    later = (
+        "--> Connecting to hosts...\n    [pi4] Connected\n--> Preparing operations...\n"
+        "    [pi4] cannot deploy: builder nas is unreachable\n"
+        "    [nas] Could not connect (timed out)\n"
+    )
+    assert report.connect_errors(later) == {"nas": "Could not connect (timed out)"}
+
+
+def test_without_a_summary_every_host_pyinfra_could_not_reach_is_failed_or_offline():
+    hosts = report.host_outcomes(None, None, NO_HOSTS_LOG, executed=True, offline_ok={"laptop"})
+    assert hosts["pi4"] == HostOutcome(
+        "failed", "could not connect: Could not resolve hostname ([Errno -2] Name or service "
+        "not known)"
+    )  # fmt: skip
+    assert hosts["grill"].cause == (
+        "could not connect: Could not connect ([Errno 101] Network is unreachable)"
+    )
+    assert hosts["laptop"] == HostOutcome("offline", report.OFFLINE)
+
+
+def test_no_hosts_remaining_still_reports_every_host_everywhere(checkout, monkeypatch, capsys):
+    # `nixpush-run deploy --limit pi4` with pi4's name gone: pyinfra stops before any deploy
+    # code runs, so no summary; the host is still failed, with why, everywhere.
+    log = "--> Connecting to hosts...\n    [pi4] Could not resolve hostname (gaierror)\n" + (
+        "--> pyinfra error: No hosts remaining!\n"
+    )
+    fake_pyinfra(monkeypatch, {name: (1, None, log) for name in runner.SCHEDULE["deploy"]})
+    alert = checkout / "alert.sh"
+    alert.write_text(f"#!/bin/sh\ncat > {checkout}/stdin\n")
+    alert.chmod(0o755)
+    state, textfiles = checkout / "state", checkout / "textfiles"
+    code = runner.main([
+        "deploy", "--limit", "pi4", "--state-dir", str(state), "--metrics-dir", str(textfiles),
+        f"--on-failure={alert}",
+    ])  # fmt: skip
+    assert code == ExitCode.FAILED
+    cause = "could not connect: Could not resolve hostname (gaierror)"
+    latest = json.loads((state / "reports" / "latest.json").read_text())
+    assert latest["hosts"]["pi4"]["status"] == "failed"
+    assert latest["hosts"]["pi4"]["cause"].endswith(cause)
+    assert all(d["error"] is None for d in latest["deploys"])  # the host says why
+    out = capsys.readouterr().out
+    assert "nixpush deploy: FAILED (exit 1)" in out and ", 1 hosts" in out
+    line = next(line for line in out.splitlines() if line.startswith("  pi4: "))
+    assert line.startswith("  pi4: failed: deploys/") and line.endswith(cause)
+    assert line.strip() in (checkout / "stdin").read_text()
+    prom = (textfiles / "nixpush_deploy.prom").read_text()
+    assert 'nixpush_host_status{host="pi4",mode="deploy",status="failed"} 1.0' in prom
+
+
+def test_a_lone_offline_ok_host_away_is_offline_and_no_failure(checkout, monkeypatch, capsys):
+    (checkout / "inventory.py").write_text(
+        "hosts = [('laptop', {'offline_ok': True, 'ssh_strict_host_key_checking': 'yes'})]\n"
+    )
+    # pyinfra's CLI keeps each file's code by its name: another test's inventory.py was empty.
+    monkeypatch.setattr(pyinfra_cli.util, "PYTHON_CODES", {})
+    assert runner.offline_ok_hosts("inventory.py") == {"laptop"}
+    assert runner.offline_ok_hosts("missing.py") == set()
+    log = "--> Connecting to hosts...\n    [laptop] Could not connect (timed out)\n" + (
+        "--> pyinfra error: No hosts remaining!\n"
+    )
+    fake_pyinfra(monkeypatch, {name: (1, None, log) for name in runner.SCHEDULE["deploy"]})
+    state = checkout / "state"
+    assert runner.main(["deploy", "--limit", "laptop", "--state-dir", str(state)]) == 0
+    latest = json.loads((state / "reports" / "latest.json").read_text())
+    assert latest["hosts"]["laptop"]["status"] == "offline"
+
+
+# -- alerts that cannot change the result --------------------------------------------------
+
+
+def test_an_alert_printing_undecodable_bytes_keeps_the_exit_code(checkout, monkeypatch, capsys):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (1, summary(pi4=target("failed", "boom")), "")})
+    alert = checkout / "alert.sh"
+    alert.write_text("#!/bin/sh\nprintf 'bad \\377\\376 bytes\\n' >&2\nexit 3\n")
+    alert.chmod(0o755)
+    code = runner.main(["deploy", "--state-dir", str(checkout / "state"), f"--on-failure={alert}"])
+    assert code == ExitCode.FAILED
+    assert f"nixpush-run: on_failure {alert} exited 3: bad \ufffd\ufffd bytes" in (
+        capsys.readouterr().err
+    )
+    # An argument no process can take (a NUL) is said, not raised.
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (1, summary(pi4=target("failed", "boom")), "")})
+    assert runner.main(["deploy", "--state-dir", str(checkout / "state"), "--on-failure=a\0b"]) == 1
+    assert "nixpush-run: on_failure a\0b could not run:" in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_be_written_still_gives_metrics_and_the_alert(
+    checkout, monkeypatch, capsys
+):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(pi4=target("unchanged")), "")})
+
+    def full_disk(reports, result):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full_disk)
+    alert = checkout / "alert.sh"
+    alert.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {checkout}/argv\ncat > {checkout}/stdin\n')
+    alert.chmod(0o755)
+    state, textfiles = checkout / "state", checkout / "textfiles"
+    code = runner.main([
+        "deploy", "--state-dir", str(state), "--metrics-dir", str(textfiles),
+        f"--on-failure={alert}",
+    ])  # fmt: skip
+    assert code == ExitCode.FAILED  # every host was fine, but the run left no record
+    prom = (textfiles / "nixpush_deploy.prom").read_text()
+    assert 'nixpush_run_exit_code{mode="deploy"} 1.0' in prom
+    assert 'nixpush_host_status{host="pi4",mode="deploy",status="unchanged"} 1.0' in prom
+    stdin = (checkout / "stdin").read_text()
+    assert "nixpush deploy: FAILED (exit 1)" in stdin
+    assert (
+        f"report: missing: the report could not be written in {state / 'reports'}: "
+        "[Errno 28] No space left on device"
+    ) in stdin
+    assert (checkout / "argv").read_text().strip().startswith(str(state / "reports"))
+    assert "nixpush-run: on_failure ran" in capsys.readouterr().err
+
+
+def test_metrics_are_written_even_when_the_success_times_cannot_be_kept(
+    checkout, monkeypatch, capsys
+):
+    fake_pyinfra(monkeypatch, {"deploys/pi.py": (0, summary(pi4=target("unchanged")), "")})
+    state, textfiles = checkout / "state", checkout / "textfiles"
+    (state / "metrics-deploy.json").mkdir(parents=True)  # cannot be replaced by a file
+    code = runner.main(["deploy", "--state-dir", str(state), "--metrics-dir", str(textfiles)])
+    assert code == 0
+    assert (
+        'nixpush_run_exit_code{mode="deploy"} 0.0'
+        in (textfiles / "nixpush_deploy.prom").read_text()
+    )
+    assert "nixpush-run: error: metrics written, but the success times were not kept in" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_full_state_dir_loses_the_log_not_the_run(tmp_path):
+    log = runner.RunLog(tmp_path / "missing-dir" / "x.log")  # cannot even be created
+    log.write("anything")
+    log.close()
+    with runner.scratch_dir(str(tmp_path / "missing-dir")) as scratch:
+        assert Path(scratch).is_dir()  # the system's temporary directory instead

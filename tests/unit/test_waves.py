@@ -14,7 +14,7 @@ from operations.core.models import Safety
 from operations.core.summary import RunSummary
 from operations.data.fleet import host_spec
 from operations.data.health import HealthCheck
-from operations.push import activate, waves
+from operations.push import activate, start, waves
 from operations.push.activate import Activation
 from operations.push.runcache import RunCache
 from operations.push.waves import Waves
@@ -103,6 +103,80 @@ def test_the_first_report_holds():
     w.report("pi4", "pi4 failed before its activation")
     w.report("pi4", None)
     assert w.troubles(0) == ["pi4 failed before its activation"]
+
+
+def test_an_expected_host_that_never_joined_fails_its_wave():
+    # pi4 was expected (a target in --limit) but never planned: it could not connect, or its
+    # planning failed. At execute time that is a failed wave, not an absent one.
+    w = Waves()
+    w.expect("pi4", 0)
+    w.join("pi5", 1, worst=600)
+    assert w.many
+    assert w.wait_turn("pi5", 1, nothing_dropped) == (
+        "wave 0 failed (pi4 failed before its activation)"
+    )
+
+
+def test_a_canary_that_could_not_connect_names_why():
+    w = Waves()
+    w.expect("pi4", 0)
+    w.report("pi4", "pi4 could not connect")
+    w.join("pi5", 1, worst=600)
+    assert w.wait_turn("pi5", 1, nothing_dropped) == "wave 0 failed (pi4 could not connect)"
+
+
+def test_an_excused_host_holds_nothing_and_a_lone_wave_stays_lone():
+    w = Waves()
+    w.expect("laptop", 0)  # offline_ok and away, or nothing to activate
+    w.expect("pi4", 0)
+    w.join("pi4", 0, worst=600)
+    w.join("pi5", 1, worst=600)
+    w.excuse("laptop")
+    w.report("pi4", None)
+    assert w.wait_turn("pi5", 1, nothing_dropped) is None
+    unchanged = Waves()
+    unchanged.expect("pi4", 0)
+    unchanged.join("pi5", 1, worst=600)
+    unchanged.excuse("pi4")
+    assert not unchanged.many  # as before: one wave activates, nothing waits or soaks
+
+
+def test_a_wave_whose_later_hosts_all_failed_to_plan_does_not_soak():
+    w = Waves()
+    w.join("pi4", 0, worst=600)
+    w.expect("pi5", 1)
+    assert w.many and not w.has_later(0)
+
+
+def _targets(**waves_of: int) -> tuple[Any, dict[str, Any], RunSummary]:
+    hosts = [SimpleNamespace(name=name) for name in [*waves_of, "nas"]]
+    limit = {name for name in waves_of if name != "away"}
+    state = SimpleNamespace(
+        inventory=hosts, failed_hosts=set(), is_host_in_limit=lambda h: h.name in limit
+    )
+    specs = {
+        name: SimpleNamespace(
+            name=name, is_target=True, deploy_action=SimpleNamespace(activates=True),
+            deploy_wave=wave,
+        )
+        for name, wave in waves_of.items()
+    }  # fmt: skip
+    specs["nas"] = SimpleNamespace(name="nas", is_target=False)
+    return state, specs, RunSummary(state)  # type: ignore[arg-type]
+
+
+def test_start_expects_every_target_in_limit_before_planning():
+    state, specs, summary = _targets(pi4=0, laptop=0, pi5=1, pis=1, away=0)
+    summary.unreachable = {"pi4", "laptop"}
+    summary.offline = {"laptop"}
+    w = Waves()
+    start.expect_waves(state, specs, summary, w)
+    # pi4 is down: its wave failed before anything was planned; the laptop is offline_ok and
+    # holds nothing; a host outside --limit is in no wave; nas builds and activates in none.
+    assert w.members == {0: {"pi4"}, 1: {"pi5", "pis"}}
+    assert w.results == {"pi4": "pi4 could not connect"}
+    w.join("pi5", 1, worst=600)
+    assert w.wait_turn("pi5", 1, nothing_dropped) == "wave 0 failed (pi4 could not connect)"
 
 
 def test_the_run_cache_has_one_gate():
