@@ -68,6 +68,8 @@ _EXTLINUX_SYSTEMS = ("aarch64-linux", "armv7l-linux")
 _MAX_SAFETY_SECONDS = 86400
 # Waves are a handful (canary, the rest, the builder); a bigger number is a typo.
 _MAX_WAVE = 99
+# keep_generations: more generations than anyone keeps, far below what sh's numbers hold.
+MAX_KEEP_GENERATIONS = 1000
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
 _MAX_SESSIONS = 64
 # The one key that lets a pushed-to or building host skip host key checks; its name says so.
@@ -327,15 +329,20 @@ class _Reader:
         return Margin.parse(DEFAULT_MIN_FREE_SPACE)
 
     def keep_generations(self) -> int | None:
-        keep = self.positive_int("keep_generations", unit="a number of generations")
-        if keep == 1:
+        value = self.host.data.get("keep_generations")
+        if str(value).strip() == "1" and isinstance(value, int | str):
             # deploy_action=rollback goes back to the previous generation: keep it.
             self.problem(
                 "keep_generations", "is 1, which leaves no generation to roll back to; set it "
-                "to 2 or more, or leave it out to keep every generation",
+                f"to 2 or more (at most {MAX_KEEP_GENERATIONS}), or leave it out to keep every "
+                "generation",
             )  # fmt: skip
             return None
-        return keep
+        # Bounded: the target compares it in sh, whose numbers stop at 2^63 (past it, dash and
+        # bash disagree, and a failed comparison must never read as "delete").
+        return self.number(
+            "keep_generations", 2, MAX_KEEP_GENERATIONS, unit="a number of generations"
+        )
 
     def boot_dir(self, nix_system: str) -> str | None:
         if self.host.data.get("boot_dir") is None:

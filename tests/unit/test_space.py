@@ -57,6 +57,17 @@ def test_bad_min_free_space_and_boot_dir_stop_the_run_naming_host_key_and_fix(wr
     assert problem.startswith("pi: keep_generations is 0; set it to a number of generations")
     problem = only_problem(write_inventory(fleet(pi={"keep_generations": 1}), filename="one.py"))
     assert problem.startswith("pi: keep_generations is 1, which leaves no generation to roll")
+    for n, keep in enumerate((2**63, 1001, "1001", "-3", True)):
+        problem = only_problem(
+            write_inventory(fleet(pi={"keep_generations": keep}), filename=f"big{n}.py")
+        )
+        assert problem == (
+            f"pi: keep_generations is {keep!r}; set it to a number of generations from 2 to 1000"
+        )
+    from operations.data.fleet import check_fleet
+
+    specs = check_fleet(write_inventory(fleet(pi={"keep_generations": "1000"}), filename="m.py"))
+    assert specs["pi"].keep_generations == 1000
     problem = only_problem(write_inventory(fleet(pi={"gc_after_deploy": "yes"}), filename="g.py"))
     assert problem.startswith("pi: gc_after_deploy is 'yes'; set it to True or False")
 
