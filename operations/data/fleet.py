@@ -83,7 +83,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
-    "keep_generations", "gc_after_deploy", INSECURE_KEY,
+    "keep_generations", "gc_after_deploy", INSECURE_KEY, "nixpush_sops_recipients",
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -156,6 +156,9 @@ class HostSpec:
       ``boot_dir/nixos``), checked for room before a switch or boot; None: not checked
     + keep_generations: after a confirmed switch, the system generations kept (None: all)
     + gc_after_deploy: collect garbage after pruning generations
+    + nixpush_sops_recipients: master keys (an age recipient, a PGP fingerprint, ...) allowed
+      to read the file of this builder's push and signing keys besides the controller's age
+      key, e.g. a backup key kept offline
     """
 
     name: str
@@ -193,6 +196,7 @@ class HostSpec:
     boot_dir: str | None = None
     keep_generations: int | None = None
     gc_after_deploy: bool = False
+    nixpush_sops_recipients: tuple[str, ...] = ()
 
     @property
     def is_target(self) -> bool:
@@ -224,6 +228,23 @@ class HostSpec:
         """Systems this host can build: ``"aarch64-linux" in host_spec(nas).builder_systems``."""
         systems = [*natively_built(self.nix_system), *self.binfmt_emulated_systems]
         return tuple(dict.fromkeys(systems))
+
+
+def parse_sops_recipients(value: Any) -> tuple[tuple[str, ...], str | None]:
+    """``nixpush_sops_recipients``: a list of one-line names of master keys (``age1...``, a PGP
+    fingerprint, a KMS ARN, ...); ``()`` when unset. The problem's text (after the key) when it
+    is anything else, and then ``()``: no key is allowed."""
+    if value is None:
+        return (), None
+    if isinstance(value, list | tuple) and all(
+        isinstance(v, str) and v.strip() and "\n" not in v and "\0" not in v for v in value
+    ):
+        return tuple(v.strip() for v in value), None
+    return (), (
+        f"is {value!r}; set it to a list of the master keys besides yours that may read the "
+        "push-key sops file (age recipients like 'age1...', PGP fingerprints), e.g. a backup "
+        "key: ['age1...']"
+    )
 
 
 class _Reader:
@@ -343,6 +364,12 @@ class _Reader:
         return self.number(
             "keep_generations", 2, MAX_KEEP_GENERATIONS, unit="a number of generations"
         )
+
+    def sops_recipients(self) -> tuple[str, ...]:
+        recipients, problem = parse_sops_recipients(self.host.data.get("nixpush_sops_recipients"))
+        if problem is not None:
+            self.problem("nixpush_sops_recipients", problem)
+        return recipients
 
     def boot_dir(self, nix_system: str) -> str | None:
         if self.host.data.get("boot_dir") is None:
@@ -567,6 +594,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         boot_dir=read.boot_dir(nix_system),
         keep_generations=read.keep_generations(),
         gc_after_deploy=read.boolean("gc_after_deploy"),
+        nixpush_sops_recipients=read.sops_recipients(),
     )
     return spec, read.problems
 
