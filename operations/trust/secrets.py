@@ -276,7 +276,7 @@ def check_push_key_file(host: Host, secret: Secret, file: str) -> None:
         return
     allowed, _ = parse_sops_recipients(host.data.get("nixpush_sops_recipients"))
     controller = controller_age_recipients(os.environ, Path.home())
-    host_keys = {o.name: o.data.get("ssh_host_key") for o in host.inventory if o is not host}
+    host_keys = {o.name: o.data.get("ssh_host_key") for o in host.inventory if o.name != host.name}
     readers = unexpected_readers(sops_recipients(text), controller, allowed, host_keys)
     if readers:
         which = "it" if len(readers) == 1 else "any of them"
