@@ -68,6 +68,8 @@ _EXTLINUX_SYSTEMS = ("aarch64-linux", "armv7l-linux")
 _MAX_SAFETY_SECONDS = 86400
 # Waves are a handful (canary, the rest, the builder); a bigger number is a typo.
 _MAX_WAVE = 99
+# keep_generations: more generations than anyone keeps, far below what sh's numbers hold.
+MAX_KEEP_GENERATIONS = 1000
 # More would only queue in sshd: its MaxSessions is 10 unless raised.
 _MAX_SESSIONS = 64
 # The one key that lets a pushed-to or building host skip host key checks; its name says so.
@@ -81,7 +83,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
-    "keep_generations", "gc_after_deploy", INSECURE_KEY,
+    "keep_generations", "gc_after_deploy", INSECURE_KEY, "nixpush_sops_recipients",
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -154,6 +156,9 @@ class HostSpec:
       ``boot_dir/nixos``), checked for room before a switch or boot; None: not checked
     + keep_generations: after a confirmed switch, the system generations kept (None: all)
     + gc_after_deploy: collect garbage after pruning generations
+    + nixpush_sops_recipients: master keys (an age recipient, a PGP fingerprint, ...) allowed
+      to read the file of this builder's push and signing keys besides the controller's age
+      key, e.g. a backup key kept offline
     """
 
     name: str
@@ -191,6 +196,7 @@ class HostSpec:
     boot_dir: str | None = None
     keep_generations: int | None = None
     gc_after_deploy: bool = False
+    nixpush_sops_recipients: tuple[str, ...] = ()
 
     @property
     def is_target(self) -> bool:
@@ -222,6 +228,23 @@ class HostSpec:
         """Systems this host can build: ``"aarch64-linux" in host_spec(nas).builder_systems``."""
         systems = [*natively_built(self.nix_system), *self.binfmt_emulated_systems]
         return tuple(dict.fromkeys(systems))
+
+
+def parse_sops_recipients(value: Any) -> tuple[tuple[str, ...], str | None]:
+    """``nixpush_sops_recipients``: a list of one-line names of master keys (``age1...``, a PGP
+    fingerprint, a KMS ARN, ...); ``()`` when unset. The problem's text (after the key) when it
+    is anything else, and then ``()``: no key is allowed."""
+    if value is None:
+        return (), None
+    if isinstance(value, list | tuple) and all(
+        isinstance(v, str) and v.strip() and "\n" not in v and "\0" not in v for v in value
+    ):
+        return tuple(v.strip() for v in value), None
+    return (), (
+        f"is {value!r}; set it to a list of the master keys besides yours that may read the "
+        "push-key sops file (age recipients like 'age1...', PGP fingerprints), e.g. a backup "
+        "key: ['age1...']"
+    )
 
 
 class _Reader:
@@ -327,15 +350,26 @@ class _Reader:
         return Margin.parse(DEFAULT_MIN_FREE_SPACE)
 
     def keep_generations(self) -> int | None:
-        keep = self.positive_int("keep_generations", unit="a number of generations")
-        if keep == 1:
+        value = self.host.data.get("keep_generations")
+        if str(value).strip() == "1" and isinstance(value, int | str):
             # deploy_action=rollback goes back to the previous generation: keep it.
             self.problem(
                 "keep_generations", "is 1, which leaves no generation to roll back to; set it "
-                "to 2 or more, or leave it out to keep every generation",
+                f"to 2 or more (at most {MAX_KEEP_GENERATIONS}), or leave it out to keep every "
+                "generation",
             )  # fmt: skip
             return None
-        return keep
+        # Bounded: the target compares it in sh, whose numbers stop at 2^63 (past it, dash and
+        # bash disagree, and a failed comparison must never read as "delete").
+        return self.number(
+            "keep_generations", 2, MAX_KEEP_GENERATIONS, unit="a number of generations"
+        )
+
+    def sops_recipients(self) -> tuple[str, ...]:
+        recipients, problem = parse_sops_recipients(self.host.data.get("nixpush_sops_recipients"))
+        if problem is not None:
+            self.problem("nixpush_sops_recipients", problem)
+        return recipients
 
     def boot_dir(self, nix_system: str) -> str | None:
         if self.host.data.get("boot_dir") is None:
@@ -560,6 +594,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         boot_dir=read.boot_dir(nix_system),
         keep_generations=read.keep_generations(),
         gc_after_deploy=read.boolean("gc_after_deploy"),
+        nixpush_sops_recipients=read.sops_recipients(),
     )
     return spec, read.problems
 

@@ -57,7 +57,11 @@ class Pruned:
 
 
 def prune_command(mode: str, keep: int, gc: bool) -> StringCommand:
-    """``sh -s`` with the program on stdin: ``mode`` is ``prune`` or ``dry``."""
+    """``sh -s`` with the program on stdin: ``mode`` is ``prune`` or ``dry``; ``keep`` from 1
+    to ``KEEP_ALL`` (fleet.py bounds keep_generations; the program refuses anything else
+    too)."""
+    if not 1 <= keep <= KEEP_ALL:
+        raise ValueError(f"keep is {keep}, not from 1 to {KEEP_ALL}")
     return StringCommand("sh", "-s", "--", QuoteString(mode), str(keep), "1" if gc else "0")
 
 

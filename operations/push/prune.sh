@@ -6,6 +6,15 @@
 nixpush_prune() {
 if [ "$#" != 3 ]; then echo "nixpush: 3 arguments expected, $# given" >&2; exit 2; fi
 mode=$1 keep=$2 gc=$3
+# keep: 1 to 10 digits, no leading zero (sh reads 010 as octal, and numbers past 2^63 differ
+# from shell to shell), so every comparison below is exact in dash, bash and busybox sh alike.
+case $keep in
+  ''|0*|*[!0-9]*|???????????*) echo "nixpush: keep is '$keep', not a number from 1 to 9999999999" >&2; exit 2 ;;
+esac
+case $mode in
+  prune|dry) ;;
+  *) echo "nixpush: mode is '$mode', not prune or dry" >&2; exit 2 ;;
+esac
 profile=/nix/var/nix/profiles/system
 lock=/run/nixpush/lock
 PATH=$PATH:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
@@ -35,7 +44,8 @@ done | sort -rn)
 n=0 doomed=''
 for g in $numbers; do
   n=$((n + 1))
-  [ "$n" -le "$keep" ] && continue
+  # Deleted only past a comparison that succeeded: one that fails (an error) keeps it.
+  [ "$n" -gt "$keep" ] || continue
   system=$(readlink -f "$profile-$g-link")
   if [ "$g" = "$chosen" ]; then echo "nixpush-kept $g (the profile's)"; continue; fi
   if [ -n "$booted" ] && [ "$system" = "$booted" ]; then echo "nixpush-kept $g (booted)"; continue; fi

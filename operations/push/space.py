@@ -6,16 +6,20 @@ What the copy adds is the closure's paths the target lacks, each at its NAR size
 ``nix path-info`` on the builder says; unpacked, a path takes about that much). Two reads:
 
 - on the builder, once per system (``RunCache.closures``): ``closure_command``, every path of
-  the closure with its NAR size, and the toplevel's ``kernel`` and ``initrd`` (their real
-  paths and sizes);
+  the closure with its NAR size, and what the boot loader's builder copies from the toplevel:
+  its ``kernel``, ``initrd`` and, when it has them, ``dtbs`` (the device trees, a directory;
+  NixOS's extlinux builder copies all three): their real paths, bytes and number of files;
 - on the target, one round trip: ``target_space_command``, the free space of the filesystems
-  holding ``/nix/store`` and ``boot_dir``, which of the closure's paths it lacks (the paths
-  go on stdin: a real closure's list is longer than one argument may be), and whether the
-  kernel and initrd are already in ``boot_dir/nixos`` (where NixOS's extlinux installs them,
-  named after their store path).
+  holding ``/nix/store`` and ``boot_dir`` and the latter's block size, which of the closure's
+  paths it lacks (the paths go on stdin: a real closure's list is longer than one argument
+  may be), and which boot files are already in ``boot_dir/nixos`` (where NixOS's extlinux
+  installs them, named after their store path).
 
-The store keeps ``min_free_space`` free besides (``Margin``); the boot partition needs only
-the files' sizes. When both are one filesystem, the needs add up.
+The store keeps ``min_free_space`` free besides (``Margin``). In the boot partition every file
+is counted up to a whole block (a FAT cluster; an upper bound: the builder sends each item's
+total, not each file's size), and ``BOOT_MARGIN`` stays free besides, for what the boot loader
+writes next to them (its menu, written to a temporary file first). When both are one
+filesystem, the needs add up (the store's margin then covers the boot loader's).
 
 .. code:: python
 
@@ -41,15 +45,36 @@ _BOOT_FILE = "nixpush-boot-file"
 _DF = "nixpush-df"
 _PRESENT = "nixpush-boot-present"
 _INVALID = "nixpush-invalid"
+_BLOCK = "nixpush-boot-block"
+# What the boot loader's builder copies from a toplevel, in its order (extlinux: all three).
+BOOT_ITEMS = ("kernel", "initrd", "dtbs")
+_BOOT_WORDS = {"dtbs": "device trees (dtbs)"}
+# Kept free in boot_dir's filesystem besides the new files: the boot loader's menu and its
+# temporary copy, directory entries.
+BOOT_MARGIN = 1024**2
+# When the target cannot say its boot filesystem's block size: ext4's and most FATs' cluster.
+DEFAULT_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class BootFile:
+    """One item the boot loader copies into ``boot_dir/nixos``: its name in the toplevel
+    (``kernel``, ``initrd``, ``dtbs``), its real store path, its bytes and how many files it
+    holds (a directory's, for ``dtbs``)."""
+
+    item: str
+    path: str
+    size: int
+    files: int = 1
 
 
 @dataclass(frozen=True)
 class Closure:
-    """A system's closure as its builder has it: every path's NAR size, and the files the boot
-    loader installs (kernel, initrd): their real store paths and sizes."""
+    """A system's closure as its builder has it: every path's NAR size, and what the boot
+    loader installs (kernel, initrd, dtbs)."""
 
     sizes: dict[str, int]
-    boot_files: tuple[tuple[str, int], ...] = ()
+    boot_files: tuple[BootFile, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,30 +89,39 @@ class Filesystem:
 @dataclass(frozen=True)
 class TargetSpace:
     """What the target answered: its store's filesystem, its boot directory's (None: no such
-    directory), the closure's bytes it lacks, and the bytes of the boot files not there yet."""
+    directory), the closure's bytes it lacks, the bytes the boot files not there yet take
+    (each file up to a whole block) and which items they are."""
 
     store: Filesystem
     boot: Filesystem | None
     missing: int
     missing_paths: int
     boot_needed: int
+    boot_items: tuple[str, ...] = ()
 
 
 def closure_command(path: str) -> StringCommand:
     """On the builder: ``nix path-info`` of ``path``'s closure as JSON, then
-    ``nixpush-boot-file SIZE REALPATH`` for its kernel and initrd (when it has them)."""
-    quoted = (QuoteString(f"{path}/kernel"), QuoteString(f"{path}/initrd"))
+    ``nixpush-boot-file ITEM BYTES FILES REALPATH`` for each of ``BOOT_ITEMS`` it has (a
+    directory's files summed, links followed, as the boot loader's ``cp -r`` of the real path
+    copies them)."""
+    item_path = StringCommand(QuoteString(path), '/"$item"', _separator="")
     return StringCommand(
         # Nix prints its JSON without a newline after it.
-        *NIX, "path-info", "--json", "--recursive", QuoteString(path), "&& echo && { readlink -e",
-        *quoted, "|| true; } | xargs -r stat -L -c", QuoteString(f"{_BOOT_FILE} %s %n"),
+        *NIX, "path-info", "--json", "--recursive", QuoteString(path), "&& echo &&",
+        "for item in", *BOOT_ITEMS, "; do real=$(readlink -e", item_path, ") || continue;",
+        "echo", _BOOT_FILE, '"$item"',
+        # Two words: the item's bytes and files.
+        "$(find -L \"$real\" -type f -printf '%s\\n'",
+        "| awk '{ b += $1; n++ } END { print b + 0, n + 0 }')",
+        '"$real"; done',
     )  # fmt: skip
 
 
 def parse_closure(lines: Sequence[str]) -> Closure | None:
     """``closure_command``'s answer; None when it holds no path-info (the read failed)."""
     sizes: dict[str, int] | None = None
-    boot: list[tuple[str, int]] = []
+    boot: list[BootFile] = []
     for line in lines:
         if line.startswith("["):
             try:
@@ -100,8 +134,11 @@ def parse_closure(lines: Sequence[str]) -> Closure | None:
                 if isinstance(info, dict) and "path" in info
             }
         elif line.startswith(_BOOT_FILE + " "):
-            _, size, real = line.split(" ", 2)
-            boot.append((real.strip(), int(size)))
+            fields = line.split(" ", 4)
+            if len(fields) != 5 or not (fields[2].isdecimal() and fields[3].isdecimal()):
+                return None
+            _, item, size, files, real = fields
+            boot.append(BootFile(item, real.strip(), int(size), int(files)))
     return None if sizes is None else Closure(sizes, tuple(boot))
 
 
@@ -121,8 +158,9 @@ def target_space_command(closure: Closure, boot_dir: str | None) -> StringComman
     if boot_dir is not None and closure.boot_files:
         quoted = QuoteString(boot_dir)
         parts += ["if [ -d", quoted, "]; then echo", _DF, "boot; df -Pk", quoted, "| tail -n 1;"]
-        for real, _ in closure.boot_files:
-            name = boot_name(real)
+        parts += ["echo", _BLOCK, "$(stat -f -c %S", quoted, "2>/dev/null);"]
+        for boot_file in closure.boot_files:
+            name = boot_name(boot_file.path)
             parts += ["[ -e", QuoteString(f"{boot_dir}/nixos/{name}"), "] && echo", _PRESENT]
             parts += [QuoteString(name), ";"]
         parts += ["fi;"]
@@ -145,6 +183,7 @@ def parse_target_space(
     filesystems: dict[str, Filesystem | None] = {}
     present: set[str] = set()
     invalid: list[str] | None = None
+    block = DEFAULT_BLOCK
     index = 0
     while index < len(lines):
         line = lines[index].strip()
@@ -153,6 +192,8 @@ def parse_target_space(
             index += 1
         elif line.startswith(_PRESENT + " "):
             present.add(line.split(" ", 1)[1])
+        elif line.startswith(_BLOCK + " ") and line.split()[-1].isdecimal():
+            block = int(line.split()[-1]) or DEFAULT_BLOCK
         elif line == _INVALID:
             invalid = [rest.strip() for rest in lines[index + 1 :] if rest.startswith(STORE)]
             break
@@ -161,14 +202,22 @@ def parse_target_space(
     if store is None or invalid is None:
         return None
     boot = filesystems.get("boot") if boot_dir is not None else None
-    boot_needed = sum(size for real, size in closure.boot_files if boot_name(real) not in present)
+    new = [f for f in closure.boot_files if boot_name(f.path) not in present] if boot else []
     return TargetSpace(
         store=store,
         boot=boot,
         missing=sum(closure.sizes.get(path, 0) for path in invalid),
         missing_paths=len(invalid),
-        boot_needed=boot_needed if boot is not None else 0,
+        # Each file may end in a part block: count it whole (the partition's unit is a block).
+        boot_needed=sum(f.size + f.files * block for f in new),
+        boot_items=tuple(f.item for f in new),
     )
+
+
+def _items_text(items: Sequence[str]) -> str:
+    """``kernel, initrd and device trees (dtbs)``."""
+    words = [_BOOT_WORDS.get(item, item) for item in items] or ["boot files"]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
 
 
 def human(size: int) -> str:
@@ -190,7 +239,7 @@ def shortfall(target: str, space: TargetSpace, margin: Margin, boot_dir: str | N
     problems = []
     if needed and needed + kept > store.free:
         what = "the copy" + (
-            " and the new kernel and initrd" if shared and space.boot_needed else ""
+            f" and the new {_items_text(space.boot_items)}" if shared and space.boot_needed else ""
         )
         problems.append(
             f"{target}: {store.mount} has {human(store.free)} free, {what} needs "
@@ -198,10 +247,12 @@ def shortfall(target: str, space: TargetSpace, margin: Margin, boot_dir: str | N
             f"free {human(needed + kept - store.free)} on {target} (`nix-collect-garbage -d`, "
             "or set keep_generations and gc_after_deploy) or lower min_free_space"
         )
-    if boot is not None and not shared and space.boot_needed > boot.free:
+    boot_short = bool(space.boot_needed) and space.boot_needed + BOOT_MARGIN > (boot or store).free
+    if boot is not None and not shared and boot_short:
         problems.append(
-            f"{target}: {boot_dir} has {human(boot.free)} free, the new kernel and initrd need "
-            f"{human(space.boot_needed)}: remove old generations (keep_generations) and their "
-            f"kernels in {boot_dir}/nixos, or set boot_dir to where they go"
+            f"{target}: {boot_dir} has {human(boot.free)} free, the boot loader's new "
+            f"{_items_text(space.boot_items)} need {human(space.boot_needed)} and "
+            f"{human(BOOT_MARGIN)} stays free besides: remove old generations (keep_generations) "
+            f"and their files in {boot_dir}/nixos, or set boot_dir to where they go"
         )
     return "; ".join(problems) or None

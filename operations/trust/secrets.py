@@ -29,10 +29,12 @@ compare: it is printed by facts at ``-vvv``, like any fact output.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
@@ -51,8 +53,13 @@ from operations.core.files import (
     chown_file,
     write_file,
 )
-from operations.data.fleet import merged_entries
-from operations.trust.recipients import file_recipients, pushed_readers
+from operations.data.fleet import merged_entries, parse_sops_recipients
+from operations.trust.recipients import (
+    Reader,
+    controller_age_recipients,
+    sops_recipients,
+    unexpected_readers,
+)
 from operations.trust.sops import (
     KeyPath,
     Plaintext,
@@ -256,44 +263,65 @@ def sops_file(host: Host, secret: Secret) -> str:
 
 def check_push_key_file(host: Host, secret: Secret, file: str) -> None:
     """
-    ``SecretError`` when ``file`` (holding ``host``'s push or signing key) is encrypted to the
-    age key of a host ``host`` pushes to (its ``ssh_host_key`` as sops-nix derives one): sops
-    encrypts a whole file with one data key, so that host could decrypt the key that opens
-    every host ``host`` pushes to. A file that cannot be read is left to sops to report.
+    ``SecretError`` when ``file`` (holding ``host``'s push or signing key) can be decrypted
+    with any master key but the controller's age key and ``host``'s
+    ``nixpush_sops_recipients``: sops encrypts a whole file with one data key, so whoever holds
+    one could decrypt the key that opens every host ``host`` pushes to. Every recipient counts
+    (``key_groups`` too); one that an inventory host's SSH host key gives (sops-nix's) is named
+    after it and is never allowed. A file that cannot be read is left to sops to report.
     """
-    pushed = {
-        other.name: other.data.get("ssh_host_key")
-        for other in host.inventory
-        if other.data.get("builder_host") == host.name and other.name != host.name
-    }
     try:
-        recipients = file_recipients(file)
+        text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return
-    readers = pushed_readers(recipients, pushed)
+    allowed, _ = parse_sops_recipients(host.data.get("nixpush_sops_recipients"))
+    controller = controller_age_recipients(os.environ, Path.home())
+    host_keys = {o.name: o.data.get("ssh_host_key") for o in host.inventory if o.name != host.name}
+    readers = unexpected_readers(sops_recipients(text), controller, allowed, host_keys)
     if readers:
-        names = ", ".join(readers)
+        which = "it" if len(readers) == 1 else "any of them"
+        unknown = (
+            ""
+            if controller
+            else " (the controller holds no age key nixpush can read in SOPS_AGE_KEY, "
+            "SOPS_AGE_KEY_FILE or ~/.config/sops/age/keys.txt)"
+        )
         raise SecretError(
             host.name,
             f"{secret.label} ({secret.dest})",
-            f"{file} is also encrypted to the age key of {names}'s SSH host key (sops-nix's), "
-            f"and sops encrypts a whole file with one data key, so {names} could decrypt the "
-            f"key that opens every host {host.name} pushes to",
+            f"{file} is also encrypted to {', '.join(map(_reader_text, readers))}, besides the "
+            f"controller's age key{unknown}, and sops encrypts a whole file with one data key, "
+            f"so whoever holds {which} could decrypt the key that opens every host {host.name} "
+            "pushes to",
             f"keep nixpush's push and signing keys in a sops file of their own, encrypted only "
             f"to your age key (set {NIXPUSH_SOPS_FILE_KEY} to it, with a .sops.yaml creation "
-            f"rule listing only your key), and remove them from {file}",
+            f"rule listing only your key), and remove them from {file}; a key of your own "
+            f"besides (a backup kept offline) goes in {host.name}'s nixpush_sops_recipients "
+            "(a host's key never does)",
         )
+
+
+def _reader_text(reader: Reader) -> str:
+    """``the age key of pi4's SSH host key (sops-nix's)``, ``age key age1...``."""
+    if reader.host is not None:
+        return f"the age key of {reader.host}'s SSH host key (sops-nix's)"
+    kind = {"pgp": "PGP"}.get(reader.recipient.kind, reader.recipient.kind)
+    return f"{kind} key {reader.recipient.name}"
 
 
 def decrypt_secret(host: Host, secret: Secret) -> Plaintext:
     """``secret``'s value from ``host``'s sops file (once per run), or ``SecretError``; for the
-    push and signing keys, only from a file no pushed host can decrypt."""
+    push and signing keys, only from a file no key but the controller's (and the allowed ones)
+    can decrypt."""
     label = f"{secret.label} ({secret.dest})"
     try:
         file = sops_file(host, secret)
+        # Decrypted first (in memory): a controller without the file's key gets sops's answer,
+        # not a list of every recipient as readers.
+        value = decrypt(file, secret.key)
         if secret.dest in PUSH_KEY_DESTS:
             check_push_key_file(host, secret, file)
-        return decrypt(file, secret.key)
+        return value
     except SopsError as e:
         raise SecretError(host.name, label, e.problem, e.fix) from None
 

@@ -731,7 +731,7 @@ FLAKE_DIR = BENCH_DIR / "flake"
 # Nix system -> the flake's directory of its busybox (flake.nix's ``busybox``).
 BUSYBOX_DIRS = {"aarch64-linux": "aarch64", "armv7l-linux": "armv7l", "x86_64-linux": "x86_64"}
 # A configuration's attributes in hosts.nix: system, version, failActivation,
-# failDryActivation, padding,
+# failDryActivation, padding, dtbs,
 # failEval ("throw" or "missing"), failBuild, slowBuild (seconds, a string).
 FlakeConfig = dict[str, str | bool]
 

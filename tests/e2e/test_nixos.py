@@ -528,3 +528,37 @@ def test_a_push_key_file_a_pushed_host_can_decrypt_is_refused_before_anything_ru
     finally:
         pi_key_file.unlink()
         shared.unlink()
+
+
+def test_a_push_key_file_also_encrypted_to_a_second_age_key_is_refused_until_allowed(bench):
+    """Every recipient of the push-key file is a reader, not only the hosts' keys: one also
+    encrypted to a second age key (no host's) is refused before anything runs, naming that
+    key; listed in nixpush_sops_recipients (a backup key), it is accepted."""
+    from tests.bench import nixos_sops
+
+    second_key = bench_sops.SOPS_DIR / "second-age-key.txt"
+    second_key.unlink(missing_ok=True)
+    bench_sops.new_age_key(second_key)
+    second = bench_sops.age_recipient(second_key)
+    shared = bench_sops.SOPS_DIR / "also-a-second-key.yaml"
+    nixos_sops.write_push_keys(shared, [second])
+    env = {**bench_sops.env(), "NIXPUSH_BENCH_OWNER_SOPS": str(shared)}
+    limits = ("--limit", NAS, "--limit", PI)
+    try:
+        before = nixos.Snapshot(fleet.host(NAS), [DEPLOY_KEY_PATH, SIGNING_KEY_PATH])
+        result = pyinfra("-y", OWNER_INVENTORY, "deploys/secrets.py", *limits, env=env,
+                         timeout=600)  # fmt: skip
+        text = output(result)
+        assert result.returncode != 0, text
+        assert (
+            f"{shared} is also encrypted to age key {second}, besides the controller's age key"
+        ) in text, text
+        assert "goes in nas's nixpush_sops_recipients" in text
+        assert before.unchanged()
+        allowed = f'nixpush_sops_recipients=["{second}"]'
+        ok = pyinfra("-y", OWNER_INVENTORY, "deploys/secrets.py", *limits, "--data", allowed,
+                     env=env, timeout=600)  # fmt: skip
+        assert ok.returncode == 0, output(ok)[-3000:]
+    finally:
+        second_key.unlink(missing_ok=True)
+        shared.unlink(missing_ok=True)

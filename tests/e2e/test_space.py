@@ -106,6 +106,79 @@ def test_a_pi_with_room_deploys_once_space_is_freed(push_ready):
     assert current("pi5") == desired_path("pi5")
 
 
+SMALL_BOOT = "/run/nixpush-small-boot"
+
+
+@contextlib.contextmanager
+def small_boot(pi: fleet.BenchHost, spare_kib: int) -> Iterator[None]:
+    """The Pi's /boot on a tmpfs with ``spare_kib`` KiB to spare, while the block runs (its
+    own /boot, with what the block wrote there, is back afterwards)."""
+    try:
+        in_namespace(
+            pi,
+            f"mkdir -p {SMALL_BOOT} && mount -t tmpfs -o size=64m,mode=0755 nixpush-small-boot "
+            f"{SMALL_BOOT} && cp -a /boot/. {SMALL_BOOT}/ && "
+            f"used=$(df -Pk {SMALL_BOOT} | tail -n 1 | awk '{{print $3}}') && "
+            f"mount -o remount,size=$((used + {spare_kib}))k {SMALL_BOOT} && "
+            f"mount --bind {SMALL_BOOT} /boot",
+        )
+        yield
+    finally:
+        # Only the tmpfs comes off /boot: the host's own /boot is a bind mount under it.
+        in_namespace(
+            pi,
+            f"if grep -q ' /boot .* - tmpfs nixpush-small-boot ' /proc/self/mountinfo; then "
+            f"umount /boot; fi; "
+            f"if [ -d {SMALL_BOOT} ]; then umount {SMALL_BOOT}; rmdir {SMALL_BOOT}; fi",
+        )
+
+
+def test_a_boot_partition_without_room_for_the_device_trees_is_refused_before_anything(
+    push_ready,
+):
+    """A system with device trees (768 KiB in 48 files) for a Pi whose /boot has 512 KiB free:
+    the kernel and initrd alone would fit, the dtbs directory the boot loader copies with them
+    does not. Refused before the copy, with the numbers; nothing on the Pi changes."""
+    new_versions("pi5")
+    assert deploy("--limit", "pi5").returncode == 0
+    before = {"current": current("pi5"), "profile": profile("pi5")}
+    new_versions("pi5", dtbs=True)
+    wanted = desired_path("pi5")
+    try:
+        with small_boot(fleet.host("pi5"), spare_kib=512):
+            free = ssh("pi5", "df -Pk /boot | tail -n 1").stdout.split()[3]
+            assert int(free) < 768, f"the small /boot has {free} KiB free"
+            store_before = ssh("pi5", "ls /nix/store").stdout
+            boot_before = ssh("pi5", "sudo ls -lR /boot").stdout
+            result = deploy("--limit", "pi5")
+            text = output(result)
+            assert ssh("pi5", "sudo ls -lR /boot").stdout == boot_before
+            assert ssh("pi5", "ls /nix/store").stdout == store_before
+        assert result.returncode != 0, text
+        refusal = re.search(
+            r"pi5: /boot has [\d.]+ KiB free, the boot loader's new kernel, initrd and device "
+            r"trees \(dtbs\) need (9\d\d\.\d) KiB and 1\.0 MiB stays free besides: remove old "
+            r"generations \(keep_generations\) and their files in /boot/nixos, or set boot_dir "
+            r"to where they go",
+            text,
+        )
+        assert refusal, text
+        # Every file counted, each up to a whole 4 KiB block: 48 x 16 KiB and 2 small files.
+        assert float(refusal.group(1)) == pytest.approx(48 * 20 + 2 * 4, abs=0.2)
+        assert not re.search(r"\[pi5\].*copied", text), text
+        assert {"current": current("pi5"), "profile": profile("pi5")} == before
+
+        # With its own /boot back, the same system deploys and its device trees are installed.
+        result = deploy("--limit", "pi5")
+        assert result.returncode == 0, output(result)
+        assert current("pi5") == wanted
+        name = wanted.removeprefix("/nix/store/")
+        listing = ssh("pi5", f"sudo ls /boot/nixos/{name}-dtbs/broadcom").stdout.split()
+        assert len(listing) == 24, listing
+    finally:
+        new_versions("pi5", dtbs=False)
+
+
 def generations(host_name: str) -> dict[int, str]:
     """The host's system generations: number -> system."""
     listing = ssh(

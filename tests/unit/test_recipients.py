@@ -1,5 +1,6 @@
 """ssh-to-age's mapping (SSH ed25519 host key -> the age recipient sops-nix decrypts with), a
-sops file's recipients, and the refusal of a push-key file a pushed host could decrypt."""
+sops file's recipients (every kind, key groups too), the controller's own age keys, and the
+refusal of a push-key file anyone else could decrypt."""
 
 from __future__ import annotations
 
@@ -14,8 +15,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from operations.data.fleet import check_fleet
 from operations.trust import secrets, sops
-from operations.trust.recipients import bech32_encode, file_recipients, pushed_readers, ssh_to_age
+from operations.trust.recipients import (
+    Reader,
+    Recipient,
+    age_identity_recipient,
+    bech32_decode,
+    bech32_encode,
+    controller_age_recipients,
+    file_recipients,
+    pushed_readers,
+    sops_recipients,
+    ssh_to_age,
+    unexpected_readers,
+    x25519_public,
+)
 from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
 from operations.trust.sops import Plaintext
 
@@ -83,8 +98,19 @@ sops:
             -----END AGE ENCRYPTED FILE-----
     version: 3.11.0
 """
-OWNER = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
+# The controller's age identity in these tests (SOPS_AGE_KEY): the owner's key.
+OWNER_IDENTITY = bech32_encode("age-secret-key-", bytes(range(32))).upper()
+OWNER = age_identity_recipient(OWNER_IDENTITY) or ""
+BACKUP = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"
 PI4_KEY = next(iter(VECTORS))
+
+
+@pytest.fixture(autouse=True)
+def controller_key(monkeypatch, tmp_path):
+    """The controller decrypts with the owner's key, and with nothing else on this machine."""
+    monkeypatch.setenv("SOPS_AGE_KEY", OWNER_IDENTITY)
+    monkeypatch.delenv("SOPS_AGE_KEY_FILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
 
 
 def test_a_sops_files_recipients_come_from_its_metadata(tmp_path: Path):
@@ -97,10 +123,14 @@ def test_a_sops_files_recipients_come_from_its_metadata(tmp_path: Path):
     assert pushed_readers([OWNER, VECTORS[PI4_KEY]], {"pi4": PI4_KEY, "pi5": None}) == ["pi4"]
 
 
-def _builder(write_inventory, tmp_path: Path, recipients: str, own: Path | None = None):
+def _builder(
+    write_inventory, tmp_path: Path, recipients: str, own: Path | None = None,
+    pi4_data: dict | None = None, nas_data: dict | None = None, text: str | None = None,
+    filename: str = "inventory.py",
+):  # fmt: skip
     shared = tmp_path / "secrets.yaml"
-    shared.write_text(SOPS_YAML.format(owner=OWNER, host=recipients))
-    data = {"nix_system": "x86_64-linux", "sops_file": str(shared)}
+    shared.write_text(text or SOPS_YAML.format(owner=OWNER, host=recipients))
+    data = {"nix_system": "x86_64-linux", "sops_file": str(shared), **(nas_data or {})}
     if own is not None:
         data["nixpush_sops_file"] = str(own)
     pi4 = {
@@ -108,11 +138,13 @@ def _builder(write_inventory, tmp_path: Path, recipients: str, own: Path | None 
         "builder_host": "nas",
         "ssh_hostname": "192.168.1.122",
         "ssh_host_key": PI4_KEY,
+        **(pi4_data or {}),
     }
     entry = {"key": "ssh/nas_deploy", "dest": secrets.DEPLOY_KEY_PATH}
     inventory = write_inventory(
-        {"server": [("nas", data)], "network": [("pi4", pi4)]},
+        {"server": [("nas", data)], "network": [("pi4", {k: v for k, v in pi4.items() if v})]},
         group_data={"server": f"secrets = [{entry!r}]"},
+        filename=filename,
     )
     host = inventory.get_host("nas")
     (secret,) = host_secrets(host)
@@ -142,3 +174,182 @@ def test_the_push_key_comes_from_nixpushs_own_file_when_set(write_inventory, tmp
     decrypt_secret(host, secret)
     assert calls == [str(own)]
     sops.clear_cache()
+
+
+def test_an_age_identity_gives_the_recipient_age_keygen_prints():
+    scalar = hashlib.sha256(b"nixpush").digest()
+    public = X25519PrivateKey.from_private_bytes(scalar).public_key()
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    assert x25519_public(scalar) == raw
+    identity = bech32_encode("age-secret-key-", scalar).upper()
+    assert age_identity_recipient(identity) == bech32_encode("age", raw)
+    assert bech32_decode(identity) == ("age-secret-key-", scalar)
+    assert bech32_decode(identity[:-1] + ("Q" if identity[-1] != "Q" else "P")) is None
+    assert age_identity_recipient("AGE-PLUGIN-YUBIKEY-1QQQ") is None
+    assert age_identity_recipient("# created: 2024") is None
+    keygen = shutil.which("age-keygen")
+    if keygen:
+        shown = subprocess.run([keygen, "-y"], input=identity, capture_output=True, text=True)
+        assert shown.stdout.strip() == age_identity_recipient(identity), shown.stderr
+
+
+def test_the_controllers_age_keys_come_from_where_sops_reads_them(tmp_path: Path):
+    keys = [bech32_encode("age-secret-key-", bytes([n]) * 32).upper() for n in (1, 2, 3)]
+    public = [age_identity_recipient(key) for key in keys]
+    key_file = tmp_path / "key.txt"
+    key_file.write_text(f"# created: now\n# public key: {public[1]}\n{keys[1]}\n")
+    default = tmp_path / ".config" / "sops" / "age" / "keys.txt"
+    default.parent.mkdir(parents=True)
+    default.write_text(keys[2] + "\n")
+    env = {"SOPS_AGE_KEY": keys[0], "SOPS_AGE_KEY_FILE": str(key_file)}
+    assert controller_age_recipients(env, tmp_path) == public  # ~/.config by default
+    env = {"SOPS_AGE_KEY_FILE": str(tmp_path / "gone.txt"), "XDG_CONFIG_HOME": str(key_file)}
+    assert controller_age_recipients(env, tmp_path) == []
+
+
+PGP = "FBC7B9E2A4F9289AC0C1D4843D16CEE4A27381B4"
+ARN = "arn:aws:kms:us-east-1:656532927350:key/920aff2e-c5f1-4040-943a-047fa387b27e"
+
+
+def test_every_master_key_of_a_sops_file_is_a_recipient_key_groups_too():
+    text = f"""\
+a: ENC[AES256_GCM,data:abc,type:str]
+sops:
+    kms:
+        - arn: {ARN}
+          enc: x
+    pgp:
+        - fp: {PGP}
+          enc: x
+    hc_vault:
+        - vault_address: http://127.0.0.1:8200
+          engine_path: sops
+          key_name: backup
+          enc: x
+    key_groups:
+        - age:
+            - recipient: {OWNER}
+              enc: x
+          hc_vault: []
+        - age:
+            - recipient: {BACKUP}
+              enc: x
+    shamir_threshold: 2
+"""
+    assert sops_recipients(text) == [
+        Recipient("kms", ARN),
+        Recipient("pgp", PGP),
+        Recipient("hc_vault", "http://127.0.0.1:8200/v1/sops/keys/backup"),
+        Recipient("age", OWNER),
+        Recipient("age", BACKUP),
+    ]
+    flat = f"A=ENC[...]\nsops_key_groups__list_1__map_age__list_0__map_recipient={BACKUP}\n"
+    flat += f"sops_pgp__list_0__map_fp={PGP}\nsops_pgp__list_0__map_enc=x\n"
+    assert sops_recipients(flat) == [Recipient("age", BACKUP), Recipient("pgp", PGP)]
+
+
+@pytest.mark.skipif(shutil.which("sops") is None and sops.find_program("sops") is None,
+                    reason="needs sops")  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "plain"),
+    [("x.yaml", "a: 1\n"), ("x.env", "A=1\n"), ("x.ini", "[s]\na = 1\n"), ("x.json", '{"a": 1}')],
+)
+def test_a_real_sops_files_key_groups_are_read_in_every_format(tmp_path: Path, name, plain):
+    (tmp_path / ".sops.yaml").write_text(
+        f"creation_rules:\n  - shamir_threshold: 2\n    key_groups:\n"
+        f"      - age: ['{OWNER}']\n      - age: ['{BACKUP}']\n"
+    )
+    (tmp_path / name).write_text(plain)
+    program = sops.find_program("sops") or "sops"
+    encrypted = subprocess.run(
+        [program, "--disable-version-check", "-e", name], cwd=tmp_path,
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    found = sops_recipients(encrypted)
+    assert sorted(found, key=lambda r: r.name) == sorted(
+        [Recipient("age", OWNER), Recipient("age", BACKUP)], key=lambda r: r.name
+    )
+
+
+def test_every_reader_but_the_controllers_key_and_the_allowed_ones_is_named():
+    recipients = [Recipient("age", OWNER), Recipient("age", BACKUP), Recipient("pgp", PGP)]
+    hosts = {"pi4": PI4_KEY, "pi5": None, "rsa": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDH"}
+    assert unexpected_readers(recipients, [OWNER], [], hosts) == [
+        Reader(Recipient("age", BACKUP)), Reader(Recipient("pgp", PGP)),
+    ]  # fmt: skip
+    # The allow-list (a PGP fingerprint in any case, in groups); nothing left.
+    grouped = " ".join(PGP[i : i + 4] for i in range(0, 40, 4)).lower()
+    assert unexpected_readers(recipients, [OWNER], [BACKUP, grouped], hosts) == []
+    # With no controller key, the owner's is a reader too.
+    assert Reader(Recipient("age", OWNER)) in unexpected_readers(recipients, [], [], hosts)
+    # A host's key is named after it, and neither the controller nor the allow-list excuses it.
+    pi4 = Recipient("age", VECTORS[PI4_KEY])
+    assert unexpected_readers([pi4], [pi4.name], [pi4.name], hosts) == [Reader(pi4, "pi4")]
+
+
+def _refusal(host, secret) -> str:
+    with pytest.raises(SecretError) as caught:
+        decrypt_secret(host, secret)
+    return caught.value.message
+
+
+@pytest.mark.parametrize(
+    "case", ["rsa-pinned pi4", "pi4 built elsewhere", "pi4 without ssh_host_key", "key groups"]
+)
+def test_a_push_key_file_any_other_key_can_read_is_refused(
+    write_inventory, tmp_path, monkeypatch, case
+):
+    """What the host-by-host check missed: the file is encrypted to a key beside the owner's
+    that no pushed host's ed25519 key gives."""
+    monkeypatch.setattr(secrets, "decrypt", lambda f, k: Plaintext("ssh/nas_deploy", "x"))
+    pi4: dict = {
+        "rsa-pinned pi4": {"ssh_host_key": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDH"},
+        "pi4 built elsewhere": {"builder_host": "pi4", "ssh_host_key": PI4_KEY},
+        "pi4 without ssh_host_key": {"ssh_host_key": None},
+        "key groups": {},
+    }[case]
+    text = None
+    if case == "key groups":
+        text = (
+            f"a: ENC[x]\nsops:\n    key_groups:\n        - age:\n            - recipient: {OWNER}\n"
+            f"        - pgp:\n            - fp: {PGP}\n    shamir_threshold: 2\n"
+        )
+    host, secret, shared = _builder(write_inventory, tmp_path, BACKUP, pi4_data=pi4, text=text)
+    message = _refusal(host, secret)
+    named = f"PGP key {PGP}" if case == "key groups" else f"age key {BACKUP}"
+    assert f"{shared} is also encrypted to {named}, besides the controller's age key" in message
+    assert (
+        "so whoever holds it could decrypt the key that opens every host nas pushes to" in message
+    )
+    assert "goes in nas's nixpush_sops_recipients" in message
+    sops.clear_cache()
+
+
+def test_an_allowed_backup_key_is_accepted_and_a_host_key_never(
+    write_inventory, tmp_path, monkeypatch
+):
+    calls: list[str] = []
+    monkeypatch.setattr(secrets, "decrypt", lambda f, k: calls.append(f) or Plaintext("k", "x"))
+    allow = {"nixpush_sops_recipients": [BACKUP]}
+    host, secret, shared = _builder(write_inventory, tmp_path, BACKUP, nas_data=allow)
+    decrypt_secret(host, secret)
+    assert calls == [str(shared)]
+    # The same list naming pi4's key does not let pi4 read it.
+    allow = {"nixpush_sops_recipients": [BACKUP, VECTORS[PI4_KEY]]}
+    host, secret, _ = _builder(write_inventory, tmp_path, VECTORS[PI4_KEY], nas_data=allow)
+    assert "the age key of pi4's SSH host key (sops-nix's)" in _refusal(host, secret)
+    sops.clear_cache()
+
+
+def test_a_bad_allow_list_stops_the_run_naming_the_key(write_inventory, tmp_path):
+    from operations.data.fleet import FleetError
+
+    for n, value in enumerate((BACKUP, [""], ["age1x\ny"], [3])):
+        data = {"nixpush_sops_recipients": value}
+        host, _, _ = _builder(write_inventory, tmp_path, OWNER, nas_data=data, filename=f"{n}.py")
+        with pytest.raises(FleetError) as caught:
+            check_fleet(host.inventory)
+        assert any(
+            p.startswith(f"nas: nixpush_sops_recipients is {value!r}; set it to a list of")
+            for p in caught.value.problems
+        ), (n, caught.value.problems)

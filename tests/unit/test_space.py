@@ -11,6 +11,8 @@ import pytest
 
 from operations.core.models import Margin
 from operations.push.space import (
+    BOOT_MARGIN,
+    BootFile,
     Closure,
     Filesystem,
     TargetSpace,
@@ -28,6 +30,7 @@ GIB, MIB = 1024**3, 1024**2
 TOP = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-pi4"
 KERNEL = "/nix/store/kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk-linux-6.1/Image"
 INITRD = "/nix/store/iiiiiiiiiiiiiiiiiiiiiiiiiiiiiiii-initrd-linux-6.1/initrd"
+DTBS = "/nix/store/kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk-linux-6.1/dtbs"
 
 
 @pytest.mark.parametrize(
@@ -57,6 +60,17 @@ def test_bad_min_free_space_and_boot_dir_stop_the_run_naming_host_key_and_fix(wr
     assert problem.startswith("pi: keep_generations is 0; set it to a number of generations")
     problem = only_problem(write_inventory(fleet(pi={"keep_generations": 1}), filename="one.py"))
     assert problem.startswith("pi: keep_generations is 1, which leaves no generation to roll")
+    for n, keep in enumerate((2**63, 1001, "1001", "-3", True)):
+        problem = only_problem(
+            write_inventory(fleet(pi={"keep_generations": keep}), filename=f"big{n}.py")
+        )
+        assert problem == (
+            f"pi: keep_generations is {keep!r}; set it to a number of generations from 2 to 1000"
+        )
+    from operations.data.fleet import check_fleet
+
+    specs = check_fleet(write_inventory(fleet(pi={"keep_generations": "1000"}), filename="m.py"))
+    assert specs["pi"].keep_generations == 1000
     problem = only_problem(write_inventory(fleet(pi={"gc_after_deploy": "yes"}), filename="g.py"))
     assert problem.startswith("pi: gc_after_deploy is 'yes'; set it to True or False")
 
@@ -77,30 +91,41 @@ def test_a_pi_checks_its_boot_dir_by_default_and_an_x86_host_does_not(write_inve
 def test_the_builder_answers_each_paths_nar_size_and_the_boot_files():
     lines = [
         json.dumps([{"path": TOP, "narSize": 1000}, {"path": KERNEL[:-6], "narSize": 9 * MIB}]),
-        f"nixpush-boot-file {8 * MIB} {KERNEL}",
-        f"nixpush-boot-file {20 * MIB} {INITRD}",
+        f"nixpush-boot-file kernel {8 * MIB} 1 {KERNEL}",
+        f"nixpush-boot-file initrd {20 * MIB} 1 {INITRD}",
+        f"nixpush-boot-file dtbs {30 * MIB} 1200 {DTBS}",
     ]
     closure = parse_closure(lines)
     assert closure == Closure(
-        {TOP: 1000, KERNEL[:-6]: 9 * MIB}, ((KERNEL, 8 * MIB), (INITRD, 20 * MIB))
+        {TOP: 1000, KERNEL[:-6]: 9 * MIB},
+        (
+            BootFile("kernel", KERNEL, 8 * MIB),
+            BootFile("initrd", INITRD, 20 * MIB),
+            BootFile("dtbs", DTBS, 30 * MIB, 1200),
+        ),
     )
     assert parse_closure(["error: path '/nix/store/x' is not valid"]) is None
+    assert parse_closure([lines[0], f"nixpush-boot-file dtbs 1 {DTBS}"]) is None  # cut short
     assert boot_name(KERNEL) == "kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk-linux-6.1-Image"
 
 
 def test_commands_quote_every_value():
     hostile = "/nix/store/x-a b; whoami $(id)"
     builder = closure_command(hostile).get_raw_value()
-    assert "'/nix/store/x-a b; whoami $(id)/kernel'" in builder
-    target = target_space_command(Closure({}, ((hostile, 1),)), "/bo ot;id").get_raw_value()
+    assert "--recursive '/nix/store/x-a b; whoami $(id)' &&" in builder
+    assert "readlink -e '/nix/store/x-a b; whoami $(id)'/\"$item\" )" in builder
+    closure = Closure({}, (BootFile("kernel", hostile, 1),))
+    target = target_space_command(closure, "/bo ot;id").get_raw_value()
     assert "df -Pk '/bo ot;id'" in target
+    assert "stat -f -c %S '/bo ot;id'" in target
     assert "[ -e '/bo ot;id/nixos/x-a b; whoami $(id)' ]" in target
     assert "echo nixpush-boot-present 'x-a b; whoami $(id)' ;" in target
 
 
 def _space(free, missing, *, boot=None, boot_needed=0, total=16 * GIB):
     store = Filesystem(total, free, "/nix")
-    return TargetSpace(store, boot, missing, 3, boot_needed)
+    items = ("kernel", "initrd", "dtbs") if boot_needed else ()
+    return TargetSpace(store, boot, missing, 3, boot_needed, items)
 
 
 def test_a_copy_that_fits_with_the_margin_passes_and_one_that_does_not_gives_the_numbers():
@@ -126,35 +151,51 @@ def test_a_full_boot_partition_is_refused_and_a_shared_one_adds_to_the_store():
     problem = shortfall("pi4", _space(GIB, MIB, boot=small_boot, boot_needed=28 * MIB), margin,
                         "/boot")  # fmt: skip
     assert problem == (
-        "pi4: /boot has 10.0 MiB free, the new kernel and initrd need 28.0 MiB: remove old "
-        "generations (keep_generations) and their kernels in /boot/nixos, or set boot_dir to "
-        "where they go"
+        "pi4: /boot has 10.0 MiB free, the boot loader's new kernel, initrd and device trees "
+        "(dtbs) need 28.0 MiB and 1.0 MiB stays free besides: remove old generations "
+        "(keep_generations) and their files in /boot/nixos, or set boot_dir to where they go"
     )
+    # The margin: files that fill the partition exactly do not fit, one MiB less does.
+    full = Filesystem(64 * MIB, 28 * MIB, "/boot")
+    assert shortfall("pi4", _space(GIB, MIB, boot=full, boot_needed=28 * MIB), margin, "/boot")
+    fits = _space(GIB, MIB, boot=full, boot_needed=28 * MIB - BOOT_MARGIN)
+    assert shortfall("pi4", fits, margin, "/boot") is None
     shared = Filesystem(16 * GIB, 30 * MIB, "/nix")
     problem = shortfall("pi4", _space(30 * MIB, 10 * MIB, boot=shared, boot_needed=28 * MIB),
                         margin, "/boot")  # fmt: skip
     assert problem is not None
-    assert "the copy and the new kernel and initrd needs 38.0 MiB more" in problem
+    assert "the copy and the new kernel, initrd and device trees (dtbs) needs 38.0 MiB" in problem
     assert human(512) == "0.5 KiB"
 
 
 def test_the_target_answer_counts_missing_paths_and_boot_files_not_there_yet():
-    closure = Closure({TOP: 5 * MIB, "/nix/store/b-x": 7 * MIB}, ((KERNEL, 8 * MIB), (INITRD, MIB)))
+    boot_files = (
+        BootFile("kernel", KERNEL, 8 * MIB),
+        BootFile("initrd", INITRD, MIB),
+        BootFile("dtbs", DTBS, 30 * MIB, 1200),
+    )
+    closure = Closure({TOP: 5 * MIB, "/nix/store/b-x": 7 * MIB}, boot_files)
     lines = [
         "nixpush-df store",
         "/dev/mmcblk0p2 15000000 9000000 1000000 90% /",
         "nixpush-df boot",
         "/dev/mmcblk0p1 250000 100000 150000 40% /boot",
+        "nixpush-boot-block 2048",
         f"nixpush-boot-present {boot_name(INITRD)}",
         "nixpush-invalid",
         TOP,
     ]
     space = parse_target_space(lines, closure, "/boot")
+    # Every file up to a whole block of 2 KiB: the kernel's one, the device trees' 1200.
     assert space == TargetSpace(
         Filesystem(15000000 * 1024, 1000000 * 1024, "/"),
         Filesystem(250000 * 1024, 150000 * 1024, "/boot"),
-        5 * MIB, 1, 8 * MIB,
+        5 * MIB, 1, 8 * MIB + 2048 + 30 * MIB + 1200 * 2048, ("kernel", "dtbs"),
     )  # fmt: skip
+    # No block size read: 4 KiB.
+    space = parse_target_space([*lines[:4], *lines[5:]], closure, "/boot")
+    assert space is not None
+    assert space.boot_needed == 38 * MIB + 1201 * 4096
     assert parse_target_space(lines[:-2], closure, "/boot") is None  # cut short
 
 
@@ -169,7 +210,8 @@ def test_the_target_command_runs_in_sh_against_a_real_store(tmp_path):
     present = "/nix/store/pppppppppppppppppppppppppppppppp-linux/Image"
     (tmp_path / "nixos" / boot_name(present)).write_text("k")
     closure = Closure({fake: 3 * MIB, **dict.fromkeys(valid, MIB)},
-                      ((present, 5), ("/nix/store/q-initrd/initrd", 7)))  # fmt: skip
+                      (BootFile("kernel", present, 5),
+                       BootFile("initrd", "/nix/store/q-initrd/initrd", 7)))  # fmt: skip
     command = target_space_command(closure, str(tmp_path)).get_raw_value()
     result = subprocess.run(
         ["sh", "-c", command], input="\n".join(closure.sizes) + "\n",
@@ -177,8 +219,48 @@ def test_the_target_command_runs_in_sh_against_a_real_store(tmp_path):
     )  # fmt: skip
     space = parse_target_space(result.stdout.splitlines(), closure, str(tmp_path))
     assert space is not None
-    assert (space.missing, space.missing_paths, space.boot_needed) == (3 * MIB, 1, 7)
+    block = int(subprocess.check_output(["stat", "-f", "-c", "%S", str(tmp_path)], text=True))
+    assert (space.missing, space.missing_paths, space.boot_needed) == (3 * MIB, 1, 7 + block)
     assert space.store.free > 0 and space.boot is not None
+    assert space.boot_items == ("initrd",)
+
+
+def test_the_builder_command_counts_a_toplevels_kernel_initrd_and_every_device_tree(tmp_path):
+    """closure_command run by sh, ``nix`` a stand-in answering an empty closure, against a
+    toplevel laid out like NixOS's: kernel and dtbs links into the kernel's path."""
+    kernel_dir, top, bin_dir = tmp_path / "linux", tmp_path / "top", tmp_path / "bin"
+    for directory in (kernel_dir / "dtbs" / "broadcom", top, bin_dir):
+        directory.mkdir(parents=True)
+    (kernel_dir / "Image").write_bytes(b"k" * 1000)
+    (kernel_dir / "dtbs" / "broadcom" / "a.dtb").write_bytes(b"d" * 300)
+    (kernel_dir / "dtbs" / "broadcom" / "b.dtb").write_bytes(b"d" * 200)
+    (kernel_dir / "dtbs" / "c.dtb").write_bytes(b"d" * 100)
+    (top / "kernel").symlink_to(kernel_dir / "Image")
+    (top / "dtbs").symlink_to(kernel_dir / "dtbs")
+    (top / "initrd").write_bytes(b"i" * 70)
+    (bin_dir / "nix").write_text("#!/bin/sh\nprintf '[]'\n")
+    (bin_dir / "nix").chmod(0o755)
+    result = subprocess.run(
+        ["sh", "-c", closure_command(str(top)).get_raw_value()],
+        capture_output=True, text=True, check=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )  # fmt: skip
+    closure = parse_closure(result.stdout.splitlines())
+    assert closure is not None
+    assert closure.boot_files == (
+        BootFile("kernel", str(kernel_dir / "Image"), 1000),
+        BootFile("initrd", str(top / "initrd"), 70),
+        BootFile("dtbs", str(kernel_dir / "dtbs"), 600, 3),
+    )
+    (top / "dtbs").unlink()  # a toplevel without device trees: two items
+    result = subprocess.run(
+        ["sh", "-c", closure_command(str(top)).get_raw_value()],
+        capture_output=True, text=True, check=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )  # fmt: skip
+    closure = parse_closure(result.stdout.splitlines())
+    assert closure is not None
+    assert [boot_file.item for boot_file in closure.boot_files] == ["kernel", "initrd"]
 
 
 def test_a_copy_that_does_not_fit_fails_the_target_before_copying(monkeypatch):

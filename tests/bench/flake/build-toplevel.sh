@@ -18,6 +18,16 @@ echo "$hostName" > "$out/hostname"
 # /boot/nixos (nixpush checks they fit there before a switch or boot).
 echo "bench kernel of $hostName $version" > "$out/kernel"
 echo "bench initrd of $hostName $version" > "$out/initrd"
+# dtbs: device trees, as a Pi's toplevel links its kernel's (the extlinux builder copies the
+# directory to /boot/nixos too): 48 files of 16 KiB in two directories.
+if [ -n "$dtbs" ]; then
+  for d in broadcom overlays; do
+    $bb mkdir -p "$out/dtbs/$d"
+    for i in 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23; do
+      $bb dd if=/dev/urandom of="$out/dtbs/$d/bench-$i.dtb" bs=1024 count=16 2>/dev/null
+    done
+  done
+fi
 if [ -n "$padding" ]; then
   $bb dd if=/dev/urandom of="$out/padding" bs=1024 count=4096 2>/dev/null
 fi

@@ -35,6 +35,8 @@
         breakSsh = if cfg.breakSsh or false then "1" else "";
         # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
         padding = if cfg.padding or false then "1" else "";
+        # Device trees (a dtbs directory of 768 KiB) for the boot loader to copy to /boot.
+        dtbs = if cfg.dtbs or false then "1" else "";
         switchScript = ./switch-to-configuration.sh;
         # Depending on the whole library and the host's own part makes evaluating the toplevel
         # force them, as a real toplevel forces nixpkgs. failEval: "throw" (caught by

@@ -39,10 +39,12 @@ if [ "$action" = dry-activate ]; then
 fi
 if [ "$action" = switch ] || [ "$action" = boot ]; then
   echo "$top" > /boot/default-system
-  # Like NixOS's extlinux: the kernel and initrd under their store path's name, slashes as dashes.
+  # Like NixOS's extlinux: the kernel, initrd and device trees under their store path's name,
+  # slashes as dashes.
   $bb mkdir -p -m 0755 /boot/nixos
-  for f in kernel initrd; do
-    $bb cp "$top/$f" "/boot/nixos/${top#/nix/store/}-$f"
+  for f in kernel initrd dtbs; do
+    [ -e "$top/$f" ] || continue
+    [ -e "/boot/nixos/${top#/nix/store/}-$f" ] || $bb cp -r "$top/$f" "/boot/nixos/${top#/nix/store/}-$f"
   done
 fi
 if [ "$action" = boot ]; then
