@@ -11,9 +11,11 @@ nixpush_switch() {
 if [ "$#" != 8 ]; then echo "nixpush: 8 arguments expected, $# given" >&2; exit 2; fi
 dir=$1 action=$2 new=$3 generation=$4 rollback=$5 confirm_timeout=$6 activation_timeout=$7
 controller=$8
-profile=/nix/var/nix/profiles/system
-running=/run/current-system
-gcroots=/nix/var/nix/gcroots
+# The fixed paths, overridable by the environment for the tests (neither sudo nor
+# systemd-run passes such variables on).
+profile=${NIXPUSH_PROFILE:-/nix/var/nix/profiles/system}
+running=${NIXPUSH_RUNNING:-/run/current-system}
+gcroots=${NIXPUSH_GCROOTS:-/nix/var/nix/gcroots}
 # One activation per host: the run directories' parent holds the host's lock (flock: the
 # kernel releases it when the program ends, however it ends); what it says names the holder.
 lock=${dir%/*}/lock

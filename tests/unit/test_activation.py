@@ -4,6 +4,7 @@ protocol, the outcome logic, data parsing, and the rolled-back status in summari
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 import subprocess
 import time
@@ -538,3 +539,29 @@ def test_a_fresh_login_closes_every_proxyjump_hop():
     client = SimpleNamespace(get_transport=lambda: target, close=lambda: closed.append("client"))
     process._close_login(client)
     assert closed == ["client", "hop2", "hop1"]
+
+
+# -- the state names: switch.py's, the programs' and the README's -----------------------
+
+
+def _shell(name: str) -> str:
+    return (Path(switch.__file__).parent / name).read_text()
+
+
+def test_the_states_the_program_writes_are_switch_pys():
+    written = set(re.findall(r'^\s*(?:\[.*\] && )?status "?([a-z-]+)"?', _shell("switch.sh"), re.M))
+    assert written == set(switch.STATES) - {"missing"}
+    assert set(switch.STATES) == {*switch.TRANSIENT, switch.AWAITING, *switch.TERMINAL}
+    assert len(switch.STATES) == len(set(switch.STATES))
+
+
+def test_the_follow_program_names_the_transient_and_terminal_states_of_switch_py():
+    cases = re.findall(r"^\s*(?:case \$now in )?([a-z|-]+)\)", _shell("follow.sh"), re.M)
+    assert [case.split("|") for case in cases] == [list(switch.TRANSIENT), list(switch.TERMINAL)]
+
+
+def test_the_code_readme_lists_every_state():
+    readme = (Path(switch.__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("| state | who writes it |") :].split("\n\n")[0]
+    listed = re.findall(r"^\| `([a-z-]+)` \|", table, re.M)
+    assert listed == list(switch.STATES)

@@ -72,9 +72,10 @@ class Target:
     def __post_init__(self) -> None:
         for sub in ("profiles", "gcroots", "runs", "fakebin"):
             (self.root / sub).mkdir()
-        self.program = program_for(self.root, switch.PROGRAM)
+        self.program = switch.PROGRAM
         self.env = {
             **os.environ,
+            **paths_env(self.root),
             "PATH": f"{self.root / 'fakebin'}:{os.environ['PATH']}",
             "LOG": str(self.root / "log"),
             "RUNNING": str(self.root / "current-system"),
@@ -129,13 +130,13 @@ class Target:
         return process, run_dir
 
 
-def program_for(root: Path, program: str) -> str:
-    """The program with its fixed paths pointed into ``root``."""
-    return (
-        program.replace("/nix/var/nix/profiles/system", str(root / "profiles" / "system"))
-        .replace("running=/run/current-system", f"running={root / 'current-system'}")
-        .replace("gcroots=/nix/var/nix/gcroots", f"gcroots={root / 'gcroots'}")
-    )
+def paths_env(root: Path) -> dict[str, str]:
+    """The programs' fixed paths (profile, /run/current-system, GC roots) moved into ``root``."""
+    return {
+        "NIXPUSH_PROFILE": str(root / "profiles" / "system"),
+        "NIXPUSH_RUNNING": str(root / "current-system"),
+        "NIXPUSH_GCROOTS": str(root / "gcroots"),
+    }
 
 
 def state_of(run_dir: Path) -> str:
@@ -365,12 +366,7 @@ def test_a_launch_waits_for_the_pending_run_then_gives_up_naming_it(target, syst
 def test_the_planner_reads_the_pending_run_with_the_links(target, systems):
     a, b = systems["A"], systems["B"]
     target.install(a)
-    read = (
-        LinksAndPending()
-        .command()
-        .get_raw_value()
-        .replace(switch.LOCK, str(target.root / "runs" / "lock"))
-    )
+    read = LinksAndPending().command(lock=str(target.root / "runs" / "lock")).get_raw_value()
 
     def fact() -> tuple[str | None, str | None, str | None]:
         out = subprocess.run(["sh", "-c", read], capture_output=True, text=True, check=True)
