@@ -64,7 +64,9 @@ from operations.push.switch import (
     TOO_LATE,
     ActivationRun,
     confirm_and_follow_command,
+    decode_output,
     dry_activate_and_launch_command,
+    encoded_command,
     follow_command,
     parse_follow,
     pending_activation,
@@ -107,11 +109,11 @@ def dry_activate(plan: Plan, sudo: bool) -> Generator[PyinfraCommand, None, None
 def _dry_activate(state: State, host: Host, plan: Plan, sudo: bool) -> bool:
     ok, lines = run_on(
         host,
-        switch_command(plan.desired, "dry-activate"),
+        encoded_command(switch_command(plan.desired, "dry-activate")),
         sudo=sudo,
         doing=f"dry-activating {plan.desired}",
     )
-    problem = _show_dry_activation(host, plan, ok, lines)
+    problem = _show_dry_activation(host, plan, ok, decode_output(lines))
     return fail(host, problem) if problem else True
 
 
@@ -456,7 +458,7 @@ def _launch(channel: Channel, run: ActivationRun, plan: Plan) -> Outcome | Follo
     if launched is None:  # no answer: it may have started; following tells
         return Following()
     ok, lines = launched
-    report, launch_lines = split_at_mark(lines, DRY_ACTIVATED_MARK)
+    report, launch_lines = split_at_mark(decode_output(lines), DRY_ACTIVATED_MARK)
     problem = _show_dry_activation(host, plan, launch_lines is not None, report)
     if launch_lines is None:
         return Outcome("failed", problem or "dry-activate failed")
@@ -507,6 +509,9 @@ def _follow(
             _say(host, f"reconnected after {time.monotonic() - lost_at:.1f}s")
             lost_at = None
         progress = parse_follow(answer[1])
+        if not progress.status:
+            # No state came back (an answer cut short): wait before asking again, never spin.
+            gevent.sleep(1)
         for line in progress.lines:
             _say(host, f"activate: {line}")
         following.seen += len(progress.lines)

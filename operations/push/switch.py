@@ -30,6 +30,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
+import re
 import socket
 import time
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ LAUNCHED_MARK = "@@nixpush-launched@@"
 CONFIRMED_MARK = "@@nixpush-confirmed@@"
 DRY_ACTIVATED_MARK = "@@nixpush-dry-activated@@"
 PENDING_MARK = "@@nixpush-pending@@"
+BYTES_MARK = "@@nixpush-bytes@@"
 LOCK = f"{RUN_ROOT}/lock"
 AWAITING = "awaiting-confirmation"
 TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "missing")
@@ -82,6 +84,9 @@ INSTALL = script("install.sh")
 
 # Answers with the news since the last answer (follow.sh says how).
 FOLLOW = script("follow.sh")
+
+# Runs a command and prints its output as hex after BYTES_MARK (encoded.sh says why).
+ENCODED = script("encoded.sh")
 
 # The confirmation and the rejection race the program's own timeout for one rename: exactly
 # one of confirmed, rejected, expired wins. A confirmation sent again (its answer was lost)
@@ -305,13 +310,19 @@ def launch_and_follow_command(run: ActivationRun, wait: int) -> StringCommand:
     return then_follow(launch_command(run), LAUNCHED_MARK, run, 0, "", wait)
 
 
+def encoded_command(command: StringCommand) -> StringCommand:
+    """``command`` (its stdin empty, its stderr in its stdout) with its output as hex after
+    ``BYTES_MARK``: any bytes reach the controller (``decode_output`` reads them)."""
+    return StringCommand("sh", "-c", QuoteString(ENCODED), "nixpush-encoded", command)
+
+
 def dry_activate_and_launch_command(run: ActivationRun, wait: int) -> StringCommand:
-    """``switch-to-configuration dry-activate`` of the new system (its report first, its stdin
-    kept from the program's), then ``DRY_ACTIVATED_MARK`` and ``launch_and_follow_command``:
-    nothing is launched unless the dry activation passed."""
+    """``switch-to-configuration dry-activate`` of the new system (its report first, encoded,
+    its stdin kept from the program's), then ``DRY_ACTIVATED_MARK`` and
+    ``launch_and_follow_command``: nothing is launched unless the dry activation passed."""
     return StringCommand(
-        switch_command(run.desired, "dry-activate"), "</dev/null && echo", DRY_ACTIVATED_MARK,
-        "&&", launch_and_follow_command(run, wait),
+        encoded_command(switch_command(run.desired, "dry-activate")), "&& echo",
+        DRY_ACTIVATED_MARK, "&&", launch_and_follow_command(run, wait),
     )  # fmt: skip
 
 
@@ -371,9 +382,32 @@ class Progress:
         return self.status.get("state", "starting")
 
 
+_HEX_LINE = re.compile(r"( +[0-9a-f]{2})+ *")
+
+
+def decode_output(output: Sequence[str]) -> list[str]:
+    """Output lines with every ``BYTES_MARK`` block (the mark, then ``od``'s hex lines) read
+    back into the lines it encodes, bytes that are not UTF-8 replaced (U+FFFD)."""
+    lines: list[str] = []
+    hex_lines: list[str] | None = None
+    for line in [*output, ""]:
+        if hex_lines is not None and _HEX_LINE.fullmatch(line):
+            hex_lines.append(line)
+            continue
+        if hex_lines is not None:
+            text = bytes.fromhex("".join(hex_lines)).decode("utf-8", errors="replace")
+            lines += text.removesuffix("\n").split("\n") if text else []
+            hex_lines = None
+        if line.strip() == BYTES_MARK:
+            hex_lines = []
+        else:
+            lines.append(line)
+    return lines[:-1]
+
+
 def parse_follow(output: Sequence[str]) -> Progress:
-    """Split a follow answer at its last STATUS_MARK."""
-    lines = list(output)
+    """Split a follow answer at its last STATUS_MARK (its lines decoded: ``decode_output``)."""
+    lines = decode_output(output)
     marks = [i for i, line in enumerate(lines) if line.strip() == STATUS_MARK]
     if not marks:
         return Progress(lines, {})

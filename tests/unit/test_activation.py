@@ -492,12 +492,85 @@ def test_dry_activation_comes_first_in_the_launch_round_trip(tmp_path, monkeypat
     program = stand_in_program(monkeypatch, 'printf "state=done\\n" > "$1/status"')
     done = _sh(switch.dry_activate_and_launch_command(run, 5), program)
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = switch.decode_output(done.stdout.splitlines())
     assert lines[0] == "would dry-activate: stdin 0 bytes"  # the program's stdin untouched
     report, launch = switch.split_at_mark(lines, switch.DRY_ACTIVATED_MARK)
     assert report == ["would dry-activate: stdin 0 bytes"]
     assert launch is not None and launch[0] == switch.LAUNCHED_MARK
     assert (tmp_path / "runs" / run.id / "program").read_text() == program
+
+
+NOT_UTF8 = b"caf\xe9 \xff\xfe line\n"
+
+
+def test_a_dry_activation_printing_bytes_that_are_not_utf8_still_launches(tmp_path, monkeypatch):
+    # Such a line once ended pyinfra's reading of the answer there: the marks after it were
+    # lost, and the launch reported as failed while the target activated.
+    monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
+    system = tmp_path / "system"
+    (system / "bin").mkdir(parents=True)
+    stc = system / "bin" / "switch-to-configuration"
+    stc.write_bytes(b"#!/bin/sh\nprintf 'would \\351 \\377\\n'; echo next >&2\n")
+    stc.chmod(0o755)
+    run = run_of(desired=str(system))
+    program = stand_in_program(monkeypatch, 'printf "state=done\n" > "$1/status"')
+    done = subprocess.run(
+        ["sh", "-c", switch.dry_activate_and_launch_command(run, 5).get_raw_value()],
+        input=program.encode(), capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    raw = done.stdout.decode("ascii")  # everything on the wire is ASCII: pyinfra reads it all
+    lines = switch.decode_output(raw.splitlines())
+    report, launch = switch.split_at_mark(lines, switch.DRY_ACTIVATED_MARK)
+    assert report == ["would \ufffd \ufffd", "next"]
+    assert launch is not None and launch[0] == switch.LAUNCHED_MARK
+
+
+def test_follow_sends_output_lines_of_any_bytes_and_counts_them_like_the_target(tmp_path):
+    (tmp_path / "output").write_bytes(b"one\n" + NOT_UTF8 + b"\xc3\xa9t\xc3\xa9\nlast\n")
+    (tmp_path / "status").write_text("state=done\n")
+    command = StringCommand(
+        "sh", "-c", QuoteString(switch.FOLLOW), "nixpush-follow", QuoteString(str(tmp_path)),
+        "1", "", "1", "",
+    )  # fmt: skip
+    done = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, check=True)
+    raw = done.stdout.decode("ascii")
+    progress = parse_follow(raw.splitlines())
+    assert progress.lines == ["caf\ufffd \ufffd\ufffd line", "\u00e9t\u00e9", "last"]
+    assert progress.state == "done"
+
+
+def test_decode_output_reads_back_only_marked_hex_blocks():
+    hexed = " 61 0a ff 0a"  # "a\n\xff\n"
+    assert switch.decode_output(["x", switch.BYTES_MARK, hexed, "ab cd", "@@m@@"]) == [
+        "x", "a", "\ufffd", "ab cd", "@@m@@",
+    ]  # fmt: skip
+    assert switch.decode_output([switch.BYTES_MARK, switch.STATUS_MARK]) == [switch.STATUS_MARK]
+    assert switch.decode_output(["61 62"]) == ["61 62"]  # unmarked hex stays text
+
+
+def test_a_follow_answer_without_a_state_waits_before_the_next(monkeypatch):
+    # A cut-short answer (no status) once made the controller ask again at once, for 41 min.
+    run = run_of()
+    answers = iter(
+        [(True, ["noise"]), (True, ["noise"]), (True, [switch.STATUS_MARK, "state=done"])]
+    )
+    sleeps: list[float] = []
+    monkeypatch.setattr(activate.gevent, "sleep", sleeps.append)
+
+    class Channel:
+        host = SimpleNamespace(name="pi4", log_styled=lambda *a, **k: None)
+        sudo = True
+
+        def run(self, command, timeout, stdin=None):
+            return next(answers)
+
+    activation = activate.Activation(
+        plan=plan(), safety=Safety(), checks=(), sudo=True, systemd=False
+    )
+    following = activate.Following()
+    assert activate._follow(Channel(), run, activation, following) is None  # type: ignore[arg-type]
+    assert following.known == "done" and sleeps == [1, 1]
 
 
 def test_a_failed_dry_activation_launches_nothing(tmp_path, monkeypatch):
