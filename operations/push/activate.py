@@ -227,11 +227,18 @@ class Outcome:
     cause: str = ""
 
 
-def judge(plan: Plan, status: dict[str, str], note: str = "", seen: bool = False) -> Outcome:
+def judge(
+    plan: Plan,
+    status: dict[str, str],
+    note: str = "",
+    seen: bool = False,
+    rolls_back: bool = False,
+) -> Outcome:
     """
     The outcome of a finished run from its last status (with the links read by the follow
-    command), the controller's own reason for not confirming (``note``) and whether the run
-    was ``seen`` on the target before (its run directory gone since: the host restarted).
+    command), the controller's own reason for not confirming (``note``), whether the run
+    was ``seen`` on the target before (its run directory gone since: the host restarted) and
+    whether it ``rolls_back`` (armed: a failure that leaves the new system is no choice).
     """
     state = status.get("state", "")
     current, profile = status.get("current") or None, status.get("profile") or None
@@ -257,7 +264,13 @@ def judge(plan: Plan, status: dict[str, str], note: str = "", seen: bool = False
     if state == "rollback-failed":
         return Outcome("failed", f"rolling back after {cause} failed; {runs}")
     if state == "failed":
-        kept = " (rollback is off: the new system stays)" if current == plan.desired else ""
+        kept = ""
+        if current == plan.desired:
+            kept = (
+                " (the new system runs, unconfirmed: it did not roll back)"
+                if rolls_back
+                else " (rollback is off: the new system stays)"
+            )
         return Outcome("failed", f"{cause}{kept}; {runs}")
     if state == "missing" and seen:
         # Its run directory (in /run) is gone: the host restarted (or /run was emptied).
@@ -541,7 +554,9 @@ def _finish(
         )  # fmt: skip
         if failed:
             return Outcome("failed", f"{failed} (rollback is off: it stays on {plan.desired})")
-    return judge(plan, following.status, following.note, seen=following.ran)
+    return judge(
+        plan, following.status, following.note, seen=following.ran, rolls_back=run.rolls_back
+    )
 
 
 def pending_cause(holder: str | None, run: ActivationRun) -> str:

@@ -285,6 +285,8 @@ def systemd_starter(run: ActivationRun) -> list[Any]:
         "--collect",
         "--no-ask-password",
         "--service-type=exec",
+        # A stop rolls back: time for it (two switch-to-configuration runs at worst).
+        f"--property=TimeoutStopSec={2 * run.safety.activation_timeout + 30}",
         "--quiet",
         "--setenv=PATH",
         "sh",

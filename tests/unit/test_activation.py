@@ -69,12 +69,14 @@ def test_setsid_launch_installs_the_program_then_starts_it_in_a_new_session():
 def test_systemd_launch_is_a_transient_unit_logging_to_the_journal():
     args = argv(switch.launch_command(run_of(systemd=True)))
     starter = args[7:]
-    assert starter[:8] == [
+    assert starter[:9] == [
         "systemd-run", "--unit=nixpush-switch-20250101T000000-abcd", "--collect",
-        "--no-ask-password", "--service-type=exec", "--quiet", "--setenv=PATH", "sh",
+        "--no-ask-password", "--service-type=exec",
+        "--property=TimeoutStopSec=1230",  # a stop rolls back: two activations' time
+        "--quiet", "--setenv=PATH", "sh",
     ]  # fmt: skip
     assert "--pipe" not in args and "--wait" not in args
-    assert starter[8:] == [
+    assert starter[9:] == [
         "/run/nixpush/20250101T000000-abcd/program",
         "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600", "",
     ]  # fmt: skip
@@ -279,6 +281,17 @@ def status(state: str, current: str = NEW, profile: str = NEW, cause: str = "") 
 )  # fmt: skip
 def test_judge(the_plan, the_status, note, expected):
     assert judge(the_plan, the_status, note) == expected
+
+
+def test_judge_names_rollback_off_only_when_it_is_off():
+    failed = status("failed", NEW, NEW, "the activation program was stopped (a signal) while x")
+    off = judge(plan(), failed)
+    assert off.cause.startswith(
+        "the activation program was stopped (a signal) while x (rollback is off"
+    )
+    armed = judge(plan(), failed, rolls_back=True)
+    assert "rollback is off" not in armed.cause
+    assert "(the new system runs, unconfirmed: it did not roll back)" in armed.cause
 
 
 # -- data, facts, --dry ----------------------------------------------------------------
