@@ -64,7 +64,9 @@ from operations.push.switch import (
     TOO_LATE,
     ActivationRun,
     confirm_and_follow_command,
+    decode_output,
     dry_activate_and_launch_command,
+    encoded_command,
     follow_command,
     parse_follow,
     pending_activation,
@@ -107,11 +109,11 @@ def dry_activate(plan: Plan, sudo: bool) -> Generator[PyinfraCommand, None, None
 def _dry_activate(state: State, host: Host, plan: Plan, sudo: bool) -> bool:
     ok, lines = run_on(
         host,
-        switch_command(plan.desired, "dry-activate"),
+        encoded_command(switch_command(plan.desired, "dry-activate")),
         sudo=sudo,
         doing=f"dry-activating {plan.desired}",
     )
-    problem = _show_dry_activation(host, plan, ok, lines)
+    problem = _show_dry_activation(host, plan, ok, decode_output(lines))
     return fail(host, problem) if problem else True
 
 
@@ -225,11 +227,18 @@ class Outcome:
     cause: str = ""
 
 
-def judge(plan: Plan, status: dict[str, str], note: str = "", seen: bool = False) -> Outcome:
+def judge(
+    plan: Plan,
+    status: dict[str, str],
+    note: str = "",
+    seen: bool = False,
+    rolls_back: bool = False,
+) -> Outcome:
     """
     The outcome of a finished run from its last status (with the links read by the follow
-    command), the controller's own reason for not confirming (``note``) and whether the run
-    was ``seen`` on the target before (its run directory gone since: the host restarted).
+    command), the controller's own reason for not confirming (``note``), whether the run
+    was ``seen`` on the target before (its run directory gone since: the host restarted) and
+    whether it ``rolls_back`` (armed: a failure that leaves the new system is no choice).
     """
     state = status.get("state", "")
     current, profile = status.get("current") or None, status.get("profile") or None
@@ -255,7 +264,13 @@ def judge(plan: Plan, status: dict[str, str], note: str = "", seen: bool = False
     if state == "rollback-failed":
         return Outcome("failed", f"rolling back after {cause} failed; {runs}")
     if state == "failed":
-        kept = " (rollback is off: the new system stays)" if current == plan.desired else ""
+        kept = ""
+        if current == plan.desired:
+            kept = (
+                " (the new system runs, unconfirmed: it did not roll back)"
+                if rolls_back
+                else " (rollback is off: the new system stays)"
+            )
         return Outcome("failed", f"{cause}{kept}; {runs}")
     if state == "missing" and seen:
         # Its run directory (in /run) is gone: the host restarted (or /run was emptied).
@@ -409,99 +424,139 @@ def _soak(host: Host, activation: Activation, wave: int) -> str | None:
     return f"{problem}, {soak}s after its confirmation (wave_soak): it stays on {plan.desired}"
 
 
+@dataclass
+class Following:
+    """What the controller knows of one activation run while it follows it.
+
+    + seen: output lines shown so far
+    + known: the last state read (``""`` before any)
+    + status: the last status read
+    + note: why the controller did not confirm (for the outcome), else ``""``
+    + ran: the run is known to have started on the target (its run directory gone since
+      means the host restarted): once the launch answered, or a follow saw it
+    + pending: an answer already in hand (the launch's or the confirmation's first follow)
+    """
+
+    seen: int = 0
+    known: str = ""
+    status: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+    ran: bool = False
+    pending: tuple[bool, list[str]] | None = None
+
+
 def _follow_activation(host: Host, activation: Activation) -> Outcome:
-    plan, safety, checks = activation.plan, activation.safety, activation.checks
-    systemd = activation.systemd
-    run = ActivationRun.create(plan, safety, systemd)
+    run = ActivationRun.create(activation.plan, activation.safety, activation.systemd)
     channel = Channel(host, activation.sudo)
+    launched = _launch(channel, run, activation.plan)
+    if isinstance(launched, Outcome):
+        return launched
+    lost = _follow(channel, run, activation, launched)
+    return lost or _finish(channel, run, activation, launched)
 
-    def say(text: str, **style: Any) -> None:
-        host.log_styled(text, log_func=logger.info, **style)
 
-    # Dry-activate, launch and the first follow: one round trip; no launch unless the dry
-    # activation passed.
+def _say(host: Host, text: str, **style: Any) -> None:
+    host.log_styled(text, log_func=logger.info, **style)
+
+
+def _launch(channel: Channel, run: ActivationRun, plan: Plan) -> Outcome | Following:
+    """Dry-activate, launch and the first follow: one round trip; no launch unless the dry
+    activation passed. How following starts, or the outcome when nothing started."""
+    host = channel.host
     launched = channel.run(
         dry_activate_and_launch_command(run, FOLLOW_WAIT),
-        timeout=safety.activation_timeout + 60 + FOLLOW_WAIT + run.lock_wait,
+        timeout=run.safety.activation_timeout + 60 + FOLLOW_WAIT + run.lock_wait,
         stdin=PROGRAM,
     )
-    pending: tuple[bool, list[str]] | None = None
-    # Whether the run is known to have started on the target (its run directory gone since
-    # means the host restarted): once the launch answered, or a follow saw it.
-    ran = False
-    if launched is not None:
-        ok, lines = launched
-        report, launch_lines = split_at_mark(lines, DRY_ACTIVATED_MARK)
-        problem = _show_dry_activation(host, plan, launch_lines is not None, report)
-        if launch_lines is None:
-            return Outcome("failed", problem or "dry-activate failed")
-        how = f"systemd unit {run.unit}" if systemd else f"setsid, output in {run.dir}/output"
-        say(f"activating detached from this session ({how})")
-        lines = launch_lines
-        _, first_answer = split_at_mark(lines, LAUNCHED_MARK)
-        _, holder = split_at_mark(lines, PENDING_MARK)
-        if first_answer is None and holder is not None:
-            return Outcome("failed", pending_cause(pending_activation(holder, held=True), run))
-        if first_answer is None:
-            detail = next((x.strip() for x in reversed(lines) if x.strip()), "no output")
-            return Outcome("failed", f"could not start the activation: {detail}")
-        ran = True
-        if ok:  # its output after the mark is the first follow's answer
-            pending = (ok, first_answer)
+    if launched is None:  # no answer: it may have started; following tells
+        return Following()
+    ok, lines = launched
+    report, launch_lines = split_at_mark(decode_output(lines), DRY_ACTIVATED_MARK)
+    problem = _show_dry_activation(host, plan, launch_lines is not None, report)
+    if launch_lines is None:
+        return Outcome("failed", problem or "dry-activate failed")
+    how = f"systemd unit {run.unit}" if run.systemd else f"setsid, output in {run.dir}/output"
+    _say(host, f"activating detached from this session ({how})")
+    _, first_answer = split_at_mark(launch_lines, LAUNCHED_MARK)
+    _, holder = split_at_mark(launch_lines, PENDING_MARK)
+    if first_answer is None and holder is not None:
+        return Outcome("failed", pending_cause(pending_activation(holder, held=True), run))
+    if first_answer is None:
+        detail = next((x.strip() for x in reversed(launch_lines) if x.strip()), "no output")
+        return Outcome("failed", f"could not start the activation: {detail}")
+    # Its output after the mark is the first follow's answer.
+    return Following(ran=True, pending=(ok, first_answer) if ok else None)
 
+
+def _follow(
+    channel: Channel, run: ActivationRun, activation: Activation, following: Following
+) -> Outcome | None:
+    """Follow the run to a terminal state, confirming once it awaits confirmation; None then,
+    else the outcome when contact was lost for good."""
+    host, safety = channel.host, run.safety
     # At worst: the activation, the window, making it the boot default, and a rollback of
     # that (the old boot default, then the old system), each bounded by activation_timeout.
-    budget = 4 * safety.activation_timeout + safety.confirm_timeout + GRACE
-    deadline = time.monotonic() + budget
-    seen, known, note = 0, "", ""
-    status: dict[str, str] = {}
+    deadline = time.monotonic() + 4 * safety.activation_timeout + safety.confirm_timeout + GRACE
     confirming_done = False
     lost_at: float | None = None
-    while True:
+    while following.known not in TERMINAL:
         if time.monotonic() > deadline:
-            last = known or "unknown"
             return Outcome(
                 "failed",
-                f"lost contact for good (last state {last}); the target rolls itself back "
-                "unless it was confirmed: check it once it is reachable",
+                f"lost contact for good (last state {following.known or 'unknown'}); the "
+                "target rolls itself back unless it was confirmed: check it once it is reachable",
             )
-        answer = pending or channel.run(
-            follow_command(run, seen, known, FOLLOW_WAIT), FOLLOW_WAIT + 5
+        answer = following.pending or channel.run(
+            follow_command(run, following.seen, following.known, FOLLOW_WAIT), FOLLOW_WAIT + 5
         )
-        pending = None
+        following.pending = None
         if answer is None or not answer[0]:
             if lost_at is None:
                 lost_at = time.monotonic()
-                say(
-                    "lost contact; the activation carries on on the target "
-                    f"({'it rolls back unless confirmed' if run.rolls_back else 'no rollback'})"
-                    "; reconnecting",
-                    fg="yellow",
-                )
+                guard = "it rolls back unless confirmed" if run.rolls_back else "no rollback"
+                _say(host, f"lost contact; the activation carries on on the target ({guard})"
+                     "; reconnecting", fg="yellow")  # fmt: skip
             gevent.sleep(1)
             continue
         if lost_at is not None:
-            say(f"reconnected after {time.monotonic() - lost_at:.1f}s")
+            _say(host, f"reconnected after {time.monotonic() - lost_at:.1f}s")
             lost_at = None
         progress = parse_follow(answer[1])
+        if not progress.status:
+            # No state came back (an answer cut short): wait before asking again, never spin.
+            gevent.sleep(1)
         for line in progress.lines:
-            say(f"activate: {line}")
-        seen += len(progress.lines)
-        status, known = progress.status or status, progress.state
-        ran = ran or known != "missing"
-        if known == AWAITING and not confirming_done:
+            _say(host, f"activate: {line}")
+        following.seen += len(progress.lines)
+        following.status = progress.status or following.status
+        following.known = progress.state
+        following.ran = following.ran or following.known != "missing"
+        if following.known == AWAITING and not confirming_done:
             confirming_done = True
-            problem, pending = _check_and_confirm(channel, run, checks, systemd, say, seen)
-            note = problem or ""
-        if known in TERMINAL:
-            break
-    if known == "done" and not run.rolls_back and plan.action.confirmable:
+            problem, following.pending = _check_and_confirm(
+                channel, run, activation.checks, activation.systemd,
+                lambda text, **style: _say(host, text, **style), following.seen,
+            )  # fmt: skip
+            following.note = problem or ""
+    return None
+
+
+def _finish(
+    channel: Channel, run: ActivationRun, activation: Activation, following: Following
+) -> Outcome:
+    """The outcome of a run that reached a terminal state: without a rollback, the health
+    checks run now (nothing would have undone a failure before)."""
+    plan = activation.plan
+    if following.known == "done" and not run.rolls_back and plan.action.confirmable:
         failed = run_checks(
-            checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m)
-        )
+            activation.checks, systemd=activation.systemd,
+            run=lambda c, t: channel.run(c, t), log=lambda m: _say(channel.host, m),
+        )  # fmt: skip
         if failed:
             return Outcome("failed", f"{failed} (rollback is off: it stays on {plan.desired})")
-    return judge(plan, status, note, seen=ran)
+    return judge(
+        plan, following.status, following.note, seen=following.ran, rolls_back=run.rolls_back
+    )
 
 
 def pending_cause(holder: str | None, run: ActivationRun) -> str:

@@ -14,12 +14,10 @@ from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.hiddenvalue import HiddenValue
 
 from operations.data.health import RETRY_INTERVAL, HealthCheck, redacted
+from operations.push.switch import script
 
-# curl where there is one (NixOS usually), else wget (busybox has one); positional values only.
-_FETCH = (
-    'if command -v curl >/dev/null 2>&1; then exec curl -fsS -o /dev/null --max-time "$2" -- "$1"; '
-    'else exec wget -q -O /dev/null -T "$2" -- "$1"; fi'
-)
+# One GET of a URL on the target (fetch.sh: curl, else wget); positional values only.
+_FETCH = script("fetch.sh")
 
 
 def _without_credentials(text: str, check: HealthCheck) -> str:

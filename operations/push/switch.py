@@ -30,6 +30,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import os
+import re
 import socket
 import time
 from collections.abc import Sequence
@@ -50,9 +51,16 @@ LAUNCHED_MARK = "@@nixpush-launched@@"
 CONFIRMED_MARK = "@@nixpush-confirmed@@"
 DRY_ACTIVATED_MARK = "@@nixpush-dry-activated@@"
 PENDING_MARK = "@@nixpush-pending@@"
+BYTES_MARK = "@@nixpush-bytes@@"
 LOCK = f"{RUN_ROOT}/lock"
 AWAITING = "awaiting-confirmation"
 TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "missing")
+# States the program passes through on its own; every other one wants the controller (it
+# confirms, or reports the outcome). follow.sh names them and TERMINAL too (a test compares).
+TRANSIENT = ("starting", "activating", "committing", "rolling-back")
+# Every state a run can be in: those the program writes (``status <state>`` in switch.sh) and
+# ``missing`` (no run directory). The README's table of states lists the same.
+STATES = ("starting", "activating", AWAITING, "committing", "rolling-back", *TERMINAL)
 
 # -- the program that runs on the target -----------------------------------------------
 
@@ -60,76 +68,25 @@ TERMINAL = ("confirmed", "done", "failed", "rolled-back", "rollback-failed", "mi
 PROGRAM = (resources.files("operations.push") / "switch.sh").read_text(encoding="utf-8")
 PROGRAM_SHA256 = hashlib.sha256(PROGRAM.encode()).hexdigest()
 
-# Waits up to $3 s for the host's lock to be free (another activation's program holds it until
-# it ends), else prints PENDING_MARK and its holder and fails; then installs the program
-# (stdin) in a new root-only run directory, checks it against its SHA-256 ($2: an upload cut
-# short starts nothing), and execs the starter given as the remaining arguments, with no tie
-# to the session's stdin/stdout. The lock file and its directory are world-readable: the
-# planner reads the holder without sudo. Polled with `flock -n` (busybox's flock has no -w).
-INSTALL = r"""set -e; umask 077; d=$1 sum=$2 wait=$3; shift 3
-mkdir -p "${d%/*}"; chmod 0755 "${d%/*}"; l=${d%/*}/lock
-[ -e "$l" ] || { : >> "$l"; chmod 0644 "$l"; }
-command -v flock >/dev/null || { echo "nixpush: the target has no flock command"; exit 3; }
-i=0
-until flock -n "$l" true; do
-  if [ "$i" -ge "$wait" ]; then echo "@@nixpush-pending@@"; cat "$l"; exit 3; fi
-  sleep 1; i=$((i + 1))
-done
-mkdir -m 0700 "$d"; cat > "$d/program"
-got=$(sha256sum < "$d/program")
-if [ "${got%% *}" != "$sum" ]; then
-  echo "nixpush: the program arrived cut short ($(wc -c < "$d/program") bytes): nothing started"
-  rm -rf "$d"; exit 3
-fi
-exec "$@" </dev/null >>"$d/output" 2>&1"""
 
-# States the program passes through on its own; every other one wants the controller (it
-# confirms, or reports the outcome).
-TRANSIENT = ("starting", "activating", "committing", "rolling-back")
+def script(name: str) -> str:
+    """A shell program beside this module (package data, shellchecked), without its leading
+    comment block: it travels in the command line (``sh -c``) of every call."""
+    text = (resources.files("operations.push") / name).read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    return "".join(lines)
 
-# Answers once the state is another than $3 and not TRANSIENT, or after $4 s with what there
-# is: the output lines after the first $2 (read after the state: the program writes its lines
-# before the state they lead to), STATUS_MARK, the status and, once the run is over
-# (TERMINAL), what the links point at. Polled five times a second: shell builtins and sleep,
-# nothing else (a real Pi pays for every process while it activates).
-FOLLOW = (
-    r"""dir=$1 seen=$2 known=$3 wait=$4 unit=$5
-state() {
-  text= now=
-  if [ -f "$dir/status" ]; then
-    while IFS= read -r line; do
-      text="$text$line
-"
-      case $line in state=*) now=${line#state=} ;; esac
-    done < "$dir/status"
-  elif [ -d "$dir" ]; then now=starting; else now=missing; fi
-}
-polls=0
-while :; do
-  state
-  case $now in @TRANSIENT@) ;; *) [ "$now" != "$known" ] && break ;; esac
-  [ "$polls" -ge $((wait * 5)) ] && break
-  sleep 0.2; polls=$((polls + 1))
-done
-if [ -n "$unit" ]; then
-  journalctl -q -u "$unit" -o cat --no-pager 2>/dev/null | sed -n "$((seen + 1)),\$p"
-elif [ -f "$dir/output" ]; then
-  n=0
-  while IFS= read -r line; do
-    n=$((n + 1))
-    [ "$n" -gt "$seen" ] && printf '%s\n' "$line"
-  done < "$dir/output"
-fi
-echo "@@nixpush-status@@"
-if [ -n "$text" ]; then printf '%s' "$text"; else echo "state=$now"; fi
-case $now in @TERMINAL@)
-  echo "current=$(readlink -f /run/current-system 2>/dev/null)"
-  echo "profile=$(readlink -f /nix/var/nix/profiles/system 2>/dev/null)" ;;
-esac
-"""
-    .replace("@TRANSIENT@", "|".join(TRANSIENT))
-    .replace("@TERMINAL@", "|".join(TERMINAL))
-)  # fmt: skip
+
+# Installs the program and starts it once the host's lock is free (install.sh says how).
+INSTALL = script("install.sh")
+
+# Answers with the news since the last answer (follow.sh says how).
+FOLLOW = script("follow.sh")
+
+# Runs a command and prints its output as hex after BYTES_MARK (encoded.sh says why).
+ENCODED = script("encoded.sh")
 
 # The confirmation and the rejection race the program's own timeout for one rename: exactly
 # one of confirmed, rejected, expired wins. A confirmation sent again (its answer was lost)
@@ -189,7 +146,7 @@ def generation_number(link: str) -> int | None:
 # The lock file's holder (world-readable), each line prefixed ``pending-``, and whether its
 # program still runs; nothing when no activation holds it. Shell builtins only.
 PENDING_READ = (
-    f'l={LOCK}; if [ -s "$l" ]; then while IFS= read -r x; do echo "pending-$x"; '
+    'if [ -s "$l" ]; then while IFS= read -r x; do echo "pending-$x"; '
     'case $x in pid=*) if [ -d "/proc/${x#pid=}" ]; then echo pending-alive=1; fi ;; esac; '
     'done < "$l"; fi'
 )
@@ -198,11 +155,14 @@ PENDING_READ = (
 class LinksAndPending(FactBase[tuple[str | None, str | None, str | None]]):
     """
     ``SystemLinks`` and the activation pending on the target (``pending_activation``), in one
-    command: ``(current, profile, pending)``.
+    command: ``(current, profile, pending)``. ``lock``: the host's lock file (tests move it).
     """
 
-    def command(self) -> StringCommand:
-        return StringCommand(SystemLinks().command(), ";", PENDING_READ)
+    def command(self, lock: str = LOCK) -> StringCommand:
+        return StringCommand(
+            SystemLinks().command(), ";", StringCommand("l=", QuoteString(lock), _separator=""),
+            ";", PENDING_READ,
+        )  # fmt: skip
 
     @staticmethod
     def default() -> tuple[str | None, str | None, str | None]:
@@ -325,6 +285,8 @@ def systemd_starter(run: ActivationRun) -> list[Any]:
         "--collect",
         "--no-ask-password",
         "--service-type=exec",
+        # A stop rolls back: time for it (two switch-to-configuration runs at worst).
+        f"--property=TimeoutStopSec={2 * run.safety.activation_timeout + 30}",
         "--quiet",
         "--setenv=PATH",
         "sh",
@@ -350,13 +312,19 @@ def launch_and_follow_command(run: ActivationRun, wait: int) -> StringCommand:
     return then_follow(launch_command(run), LAUNCHED_MARK, run, 0, "", wait)
 
 
+def encoded_command(command: StringCommand) -> StringCommand:
+    """``command`` (its stdin empty, its stderr in its stdout) with its output as hex after
+    ``BYTES_MARK``: any bytes reach the controller (``decode_output`` reads them)."""
+    return StringCommand("sh", "-c", QuoteString(ENCODED), "nixpush-encoded", command)
+
+
 def dry_activate_and_launch_command(run: ActivationRun, wait: int) -> StringCommand:
-    """``switch-to-configuration dry-activate`` of the new system (its report first, its stdin
-    kept from the program's), then ``DRY_ACTIVATED_MARK`` and ``launch_and_follow_command``:
-    nothing is launched unless the dry activation passed."""
+    """``switch-to-configuration dry-activate`` of the new system (its report first, encoded,
+    its stdin kept from the program's), then ``DRY_ACTIVATED_MARK`` and
+    ``launch_and_follow_command``: nothing is launched unless the dry activation passed."""
     return StringCommand(
-        switch_command(run.desired, "dry-activate"), "</dev/null && echo", DRY_ACTIVATED_MARK,
-        "&&", launch_and_follow_command(run, wait),
+        encoded_command(switch_command(run.desired, "dry-activate")), "&& echo",
+        DRY_ACTIVATED_MARK, "&&", launch_and_follow_command(run, wait),
     )  # fmt: skip
 
 
@@ -416,9 +384,32 @@ class Progress:
         return self.status.get("state", "starting")
 
 
+_HEX_LINE = re.compile(r"( +[0-9a-f]{2})+ *")
+
+
+def decode_output(output: Sequence[str]) -> list[str]:
+    """Output lines with every ``BYTES_MARK`` block (the mark, then ``od``'s hex lines) read
+    back into the lines it encodes, bytes that are not UTF-8 replaced (U+FFFD)."""
+    lines: list[str] = []
+    hex_lines: list[str] | None = None
+    for line in [*output, ""]:
+        if hex_lines is not None and _HEX_LINE.fullmatch(line):
+            hex_lines.append(line)
+            continue
+        if hex_lines is not None:
+            text = bytes.fromhex("".join(hex_lines)).decode("utf-8", errors="replace")
+            lines += text.removesuffix("\n").split("\n") if text else []
+            hex_lines = None
+        if line.strip() == BYTES_MARK:
+            hex_lines = []
+        else:
+            lines.append(line)
+    return lines[:-1]
+
+
 def parse_follow(output: Sequence[str]) -> Progress:
-    """Split a follow answer at its last STATUS_MARK."""
-    lines = list(output)
+    """Split a follow answer at its last STATUS_MARK (its lines decoded: ``decode_output``)."""
+    lines = decode_output(output)
     marks = [i for i, line in enumerate(lines) if line.strip() == STATUS_MARK]
     if not marks:
         return Progress(lines, {})

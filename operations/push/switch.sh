@@ -11,9 +11,11 @@ nixpush_switch() {
 if [ "$#" != 8 ]; then echo "nixpush: 8 arguments expected, $# given" >&2; exit 2; fi
 dir=$1 action=$2 new=$3 generation=$4 rollback=$5 confirm_timeout=$6 activation_timeout=$7
 controller=$8
-profile=/nix/var/nix/profiles/system
-running=/run/current-system
-gcroots=/nix/var/nix/gcroots
+# The fixed paths, overridable by the environment for the tests (neither sudo nor
+# systemd-run passes such variables on).
+profile=${NIXPUSH_PROFILE:-/nix/var/nix/profiles/system}
+running=${NIXPUSH_RUNNING:-/run/current-system}
+gcroots=${NIXPUSH_GCROOTS:-/nix/var/nix/gcroots}
 # One activation per host: the run directories' parent holds the host's lock (flock: the
 # kernel releases it when the program ends, however it ends); what it says names the holder.
 lock=${dir%/*}/lock
@@ -46,8 +48,25 @@ release() {
   if [ "$locked" = 1 ]; then : > "$lock"; fi
 }
 trap release EXIT
-trap 'status failed "cause=the activation program was stopped (a signal) while $state"; exit 0' \
-  HUP INT TERM
+# A stop (`systemctl stop`, a hangup, a TERM) once anything changed rolls back, as a missing
+# confirmation does: the new system was never confirmed. A confirmation racing the stop finds
+# `awaiting` gone and is too late. Before (starting) nothing changed; during a rollback the
+# rollback goes on (stop_later: its children must still take TERM, so it is not ignored).
+# shellcheck disable=SC2317  # called by the traps
+stopped() {
+  why="the activation program was stopped (a signal) while $state"
+  case $state in activating|awaiting-confirmation|committing)
+    if [ "$rollback" = 1 ]; then
+      mv "$dir/awaiting" "$dir/stopped" 2>/dev/null
+      roll_back "$why"
+    fi ;;
+  esac
+  status failed "cause=$why"
+  exit 0
+}
+# shellcheck disable=SC2317  # called by the traps
+stop_later() { echo "nixpush: a signal during the rollback: rolling back goes on"; }
+trap stopped HUP INT TERM
 status starting
 exec 9>>"$lock"
 tries=0
@@ -82,25 +101,31 @@ done
 first=$action
 commit=''
 if [ "$action" = switch ] && [ "$rollback" = 1 ]; then first=test commit=1; fi
+# The generation this run created, if any: `--set` reuses the newest generation when it holds
+# the same system (not this run's to delete).
+created_generation() {
+  for g in $(generations); do case $before in *" $g "*) ;; *) echo "$g" ;; esac; done
+}
 set_profile() {
   before=" $(generations | tr '\n' ' ') "
+  # Marked before nix-env runs: a stop (the trap runs once nix-env returns) still restores it.
+  profile_set=1
   if [ -n "$generation" ]; then
     nix-env -p "$profile" --switch-generation "$generation" 9>&-
   else
     nix-env -p "$profile" --set "$new" 9>&-
   fi
   rc=$?
-  [ "$rc" = 0 ] || return "$rc"
-  profile_set=1
-  new_gen=$(generation_of "$(readlink "$profile" 2>/dev/null)")
-  # `--set` reuses the newest generation when it holds the same system: not this run's.
-  case $before in *" $new_gen "*) created= ;; *) created=$new_gen ;; esac
+  created=$(created_generation)
+  return "$rc"
 }
 roll_back() {
+  trap stop_later HUP INT TERM
   status rolling-back "cause=$1"
   echo "nixpush: rolling back: $1"
   ok=1
   if [ -n "$profile_set" ]; then
+    [ -n "$created" ] || created=$(created_generation)
     if [ -n "$prev_gen" ]; then
       nix-env -p "$profile" --switch-generation "$prev_gen" 9>&- || ok=0
       if [ -n "$created" ]; then

@@ -423,3 +423,33 @@ def test_without_the_age_key_the_deploy_stops_before_touching_anything(push_read
     assert "no key can decrypt" in text and "set SOPS_AGE_KEY_FILE" in text
     assert "Beginning operation run" not in text
     assert {name: current(name) for name in ("pi4", "pi5")} == before
+
+
+@pytest.fixture
+def odd_bytes() -> Iterator[None]:
+    """No configuration prints odd bytes after the test."""
+    yield
+    configs = current_configs()
+    for attrs in configs.values():
+        attrs.pop("oddBytes", None)  # type: ignore[misc]
+    fleet.set_flake_configs(configs)
+
+
+def test_an_activation_printing_bytes_that_are_not_utf8_deploys_and_confirms(push_ready, odd_bytes):
+    # Such a line once ended pyinfra's reading of every answer holding it: the launch read as
+    # failed, or the follows spun for 41 minutes and the target rolled back. pi4 runs it with
+    # setsid (its output file), pis as a systemd unit (the journal).
+    sd = next(h.name for h in fleet.PIS if h.systemd)
+    new_versions("pi4", sd, oddBytes=True)
+    wanted = {name: desired_path(name) for name in ("pi4", sd)}
+    started = time.monotonic()
+    result = deploy("--limit", "pi4", "--limit", sd)
+    text = output(result)
+    assert result.returncode == 0, text
+    assert time.monotonic() - started < 120, text
+    for name, path in wanted.items():
+        assert current(name) == path and profile(name) == path
+        assert f"{name}: deployed: switch {path}" in text
+    assert "dry-activate: dry-activate: caf\ufffd \ufffd\ufffd odd bytes" in text
+    assert "activate: test: caf\ufffd \ufffd\ufffd odd bytes" in text
+    assert "confirmed over a new SSH connection" in text

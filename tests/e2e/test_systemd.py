@@ -352,3 +352,26 @@ def test_ctrl_c_in_the_window_then_run_again_on_the_systemd_pi(ready, tmp_path):
     assert current(SD.name) == wanted and profile(SD.name) == wanted
     assert in_pi(SD.name, "cat /run/nixpush/lock") == ""
     assert in_pi(SD.name, "ls /nix/var/nix/gcroots | grep -c nixpush-").strip() == "0"
+
+
+def test_systemctl_stop_in_the_window_rolls_the_systemd_pi_back(ready, tmp_path):
+    # Stopping the program's unit (or its hangup) is no decision to keep an unconfirmed system:
+    # the program rolls back, as without a confirmation, and the run says why.
+    old = current(SD.name)
+    new_versions(SD.name)
+    wanted = desired_path(SD.name)
+    inventory = inventory_with_checks(tmp_path, [SLOW_CHECK], name=SD.name)
+    args = ("--limit", SD.name, "--data", "confirm_timeout=20")
+    with start_deploy_with(*args, inventory=inventory) as run:
+        wait_for_state(SD.name, "awaiting-confirmation", 120)
+        run_id = latest_run(SD.name).rsplit("/", 1)[-1]
+        assert current(SD.name) == wanted  # activated as test
+        sudo(["systemctl", "stop", f"nixpush-switch-{run_id}"])
+        out, _ = run.communicate(timeout=120)
+    assert run.returncode == 1, out
+    cause = "the activation program was stopped (a signal) while awaiting-confirmation"
+    assert f"{SD.name}: rolled back: {cause}" in out
+    assert "rollback is off" not in out
+    assert current(SD.name) == old and profile(SD.name) == old
+    assert on_host(SD.name).file("/boot/default-system").content_string.strip() == old
+    assert in_pi(SD.name, "cat /run/nixpush/lock") == ""

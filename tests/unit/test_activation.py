@@ -4,6 +4,7 @@ protocol, the outcome logic, data parsing, and the rolled-back status in summari
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 import subprocess
 import time
@@ -68,12 +69,14 @@ def test_setsid_launch_installs_the_program_then_starts_it_in_a_new_session():
 def test_systemd_launch_is_a_transient_unit_logging_to_the_journal():
     args = argv(switch.launch_command(run_of(systemd=True)))
     starter = args[7:]
-    assert starter[:8] == [
+    assert starter[:9] == [
         "systemd-run", "--unit=nixpush-switch-20250101T000000-abcd", "--collect",
-        "--no-ask-password", "--service-type=exec", "--quiet", "--setenv=PATH", "sh",
+        "--no-ask-password", "--service-type=exec",
+        "--property=TimeoutStopSec=1230",  # a stop rolls back: two activations' time
+        "--quiet", "--setenv=PATH", "sh",
     ]  # fmt: skip
     assert "--pipe" not in args and "--wait" not in args
-    assert starter[8:] == [
+    assert starter[9:] == [
         "/run/nixpush/20250101T000000-abcd/program",
         "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600", "",
     ]  # fmt: skip
@@ -278,6 +281,17 @@ def status(state: str, current: str = NEW, profile: str = NEW, cause: str = "") 
 )  # fmt: skip
 def test_judge(the_plan, the_status, note, expected):
     assert judge(the_plan, the_status, note) == expected
+
+
+def test_judge_names_rollback_off_only_when_it_is_off():
+    failed = status("failed", NEW, NEW, "the activation program was stopped (a signal) while x")
+    off = judge(plan(), failed)
+    assert off.cause.startswith(
+        "the activation program was stopped (a signal) while x (rollback is off"
+    )
+    armed = judge(plan(), failed, rolls_back=True)
+    assert "rollback is off" not in armed.cause
+    assert "(the new system runs, unconfirmed: it did not roll back)" in armed.cause
 
 
 # -- data, facts, --dry ----------------------------------------------------------------
@@ -491,12 +505,85 @@ def test_dry_activation_comes_first_in_the_launch_round_trip(tmp_path, monkeypat
     program = stand_in_program(monkeypatch, 'printf "state=done\\n" > "$1/status"')
     done = _sh(switch.dry_activate_and_launch_command(run, 5), program)
     assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = switch.decode_output(done.stdout.splitlines())
     assert lines[0] == "would dry-activate: stdin 0 bytes"  # the program's stdin untouched
     report, launch = switch.split_at_mark(lines, switch.DRY_ACTIVATED_MARK)
     assert report == ["would dry-activate: stdin 0 bytes"]
     assert launch is not None and launch[0] == switch.LAUNCHED_MARK
     assert (tmp_path / "runs" / run.id / "program").read_text() == program
+
+
+NOT_UTF8 = b"caf\xe9 \xff\xfe line\n"
+
+
+def test_a_dry_activation_printing_bytes_that_are_not_utf8_still_launches(tmp_path, monkeypatch):
+    # Such a line once ended pyinfra's reading of the answer there: the marks after it were
+    # lost, and the launch reported as failed while the target activated.
+    monkeypatch.setattr(switch, "RUN_ROOT", str(tmp_path / "runs"))
+    system = tmp_path / "system"
+    (system / "bin").mkdir(parents=True)
+    stc = system / "bin" / "switch-to-configuration"
+    stc.write_bytes(b"#!/bin/sh\nprintf 'would \\351 \\377\\n'; echo next >&2\n")
+    stc.chmod(0o755)
+    run = run_of(desired=str(system))
+    program = stand_in_program(monkeypatch, 'printf "state=done\n" > "$1/status"')
+    done = subprocess.run(
+        ["sh", "-c", switch.dry_activate_and_launch_command(run, 5).get_raw_value()],
+        input=program.encode(), capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    raw = done.stdout.decode("ascii")  # everything on the wire is ASCII: pyinfra reads it all
+    lines = switch.decode_output(raw.splitlines())
+    report, launch = switch.split_at_mark(lines, switch.DRY_ACTIVATED_MARK)
+    assert report == ["would \ufffd \ufffd", "next"]
+    assert launch is not None and launch[0] == switch.LAUNCHED_MARK
+
+
+def test_follow_sends_output_lines_of_any_bytes_and_counts_them_like_the_target(tmp_path):
+    (tmp_path / "output").write_bytes(b"one\n" + NOT_UTF8 + b"\xc3\xa9t\xc3\xa9\nlast\n")
+    (tmp_path / "status").write_text("state=done\n")
+    command = StringCommand(
+        "sh", "-c", QuoteString(switch.FOLLOW), "nixpush-follow", QuoteString(str(tmp_path)),
+        "1", "", "1", "",
+    )  # fmt: skip
+    done = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, check=True)
+    raw = done.stdout.decode("ascii")
+    progress = parse_follow(raw.splitlines())
+    assert progress.lines == ["caf\ufffd \ufffd\ufffd line", "\u00e9t\u00e9", "last"]
+    assert progress.state == "done"
+
+
+def test_decode_output_reads_back_only_marked_hex_blocks():
+    hexed = " 61 0a ff 0a"  # "a\n\xff\n"
+    assert switch.decode_output(["x", switch.BYTES_MARK, hexed, "ab cd", "@@m@@"]) == [
+        "x", "a", "\ufffd", "ab cd", "@@m@@",
+    ]  # fmt: skip
+    assert switch.decode_output([switch.BYTES_MARK, switch.STATUS_MARK]) == [switch.STATUS_MARK]
+    assert switch.decode_output(["61 62"]) == ["61 62"]  # unmarked hex stays text
+
+
+def test_a_follow_answer_without_a_state_waits_before_the_next(monkeypatch):
+    # A cut-short answer (no status) once made the controller ask again at once, for 41 min.
+    run = run_of()
+    answers = iter(
+        [(True, ["noise"]), (True, ["noise"]), (True, [switch.STATUS_MARK, "state=done"])]
+    )
+    sleeps: list[float] = []
+    monkeypatch.setattr(activate.gevent, "sleep", sleeps.append)
+
+    class Channel:
+        host = SimpleNamespace(name="pi4", log_styled=lambda *a, **k: None)
+        sudo = True
+
+        def run(self, command, timeout, stdin=None):
+            return next(answers)
+
+    activation = activate.Activation(
+        plan=plan(), safety=Safety(), checks=(), sudo=True, systemd=False
+    )
+    following = activate.Following()
+    assert activate._follow(Channel(), run, activation, following) is None  # type: ignore[arg-type]
+    assert following.known == "done" and sleeps == [1, 1]
 
 
 def test_a_failed_dry_activation_launches_nothing(tmp_path, monkeypatch):
@@ -538,3 +625,29 @@ def test_a_fresh_login_closes_every_proxyjump_hop():
     client = SimpleNamespace(get_transport=lambda: target, close=lambda: closed.append("client"))
     process._close_login(client)
     assert closed == ["client", "hop2", "hop1"]
+
+
+# -- the state names: switch.py's, the programs' and the README's -----------------------
+
+
+def _shell(name: str) -> str:
+    return (Path(switch.__file__).parent / name).read_text()
+
+
+def test_the_states_the_program_writes_are_switch_pys():
+    written = set(re.findall(r'^\s*(?:\[.*\] && )?status "?([a-z-]+)"?', _shell("switch.sh"), re.M))
+    assert written == set(switch.STATES) - {"missing"}
+    assert set(switch.STATES) == {*switch.TRANSIENT, switch.AWAITING, *switch.TERMINAL}
+    assert len(switch.STATES) == len(set(switch.STATES))
+
+
+def test_the_follow_program_names_the_transient_and_terminal_states_of_switch_py():
+    cases = re.findall(r"^\s*(?:case \$now in )?([a-z|-]+)\)", _shell("follow.sh"), re.M)
+    assert [case.split("|") for case in cases] == [list(switch.TRANSIENT), list(switch.TERMINAL)]
+
+
+def test_the_code_readme_lists_every_state():
+    readme = (Path(switch.__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("| state | who writes it |") :].split("\n\n")[0]
+    listed = re.findall(r"^\| `([a-z-]+)` \|", table, re.M)
+    assert listed == list(switch.STATES)

@@ -72,9 +72,10 @@ class Target:
     def __post_init__(self) -> None:
         for sub in ("profiles", "gcroots", "runs", "fakebin"):
             (self.root / sub).mkdir()
-        self.program = program_for(self.root, switch.PROGRAM)
+        self.program = switch.PROGRAM
         self.env = {
             **os.environ,
+            **paths_env(self.root),
             "PATH": f"{self.root / 'fakebin'}:{os.environ['PATH']}",
             "LOG": str(self.root / "log"),
             "RUNNING": str(self.root / "current-system"),
@@ -129,13 +130,13 @@ class Target:
         return process, run_dir
 
 
-def program_for(root: Path, program: str) -> str:
-    """The program with its fixed paths pointed into ``root``."""
-    return (
-        program.replace("/nix/var/nix/profiles/system", str(root / "profiles" / "system"))
-        .replace("running=/run/current-system", f"running={root / 'current-system'}")
-        .replace("gcroots=/nix/var/nix/gcroots", f"gcroots={root / 'gcroots'}")
-    )
+def paths_env(root: Path) -> dict[str, str]:
+    """The programs' fixed paths (profile, /run/current-system, GC roots) moved into ``root``."""
+    return {
+        "NIXPUSH_PROFILE": str(root / "profiles" / "system"),
+        "NIXPUSH_RUNNING": str(root / "current-system"),
+        "NIXPUSH_GCROOTS": str(root / "gcroots"),
+    }
 
 
 def state_of(run_dir: Path) -> str:
@@ -365,12 +366,7 @@ def test_a_launch_waits_for_the_pending_run_then_gives_up_naming_it(target, syst
 def test_the_planner_reads_the_pending_run_with_the_links(target, systems):
     a, b = systems["A"], systems["B"]
     target.install(a)
-    read = (
-        LinksAndPending()
-        .command()
-        .get_raw_value()
-        .replace(switch.LOCK, str(target.root / "runs" / "lock"))
-    )
+    read = LinksAndPending().command(lock=str(target.root / "runs" / "lock")).get_raw_value()
 
     def fact() -> tuple[str | None, str | None, str | None]:
         out = subprocess.run(["sh", "-c", read], capture_output=True, text=True, check=True)
@@ -439,3 +435,57 @@ def test_an_activation_program_args_carry_the_controller():
     )  # fmt: skip
     assert [a.obj for a in switch.program_args(run)][-1] == "me@box pid 1"
     assert run.lock_wait == Safety().confirm_timeout + Safety().activation_timeout
+
+
+# -- a stop inside the window rolls back -------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_while_awaiting_confirmation_rolls_back(target, systems, signum):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    process, run_dir = target.start(b)
+    wait_for(run_dir, "awaiting-confirmation")
+    process.send_signal(signum)
+    assert process.wait(timeout=15) == 0
+    status = (run_dir / "status").read_text()
+    assert state_of(run_dir) == "rolled-back", status
+    assert "cause=the activation program was stopped (a signal) while awaiting-confirmation" in (
+        status
+    )
+    assert target.running() == a and target.profiled() == a and target.booted() == a
+    assert not (run_dir / "awaiting").exists()  # a confirmation now is too late
+    assert target.generations() == {1: a}
+
+
+def test_a_stop_while_committing_restores_the_profile_and_boot_default(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    slow = target.root / "fakebin" / "nix-env"
+    slow.write_text(f'#!/bin/sh\nsleep 2\nexec {shutil.which("nix-env")} "$@"\n')
+    slow.chmod(0o755)
+    process, run_dir = target.start(b)
+    wait_for(run_dir, "awaiting-confirmation")
+    confirm(run_dir)
+    wait_for(run_dir, "committing")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert state_of(run_dir) == "rolled-back", (run_dir / "output").read_text()
+    assert target.running() == a and target.profiled() == a and target.booted() == a
+
+
+def test_a_stop_with_rollback_off_fails_and_leaves_the_new_system(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    # A slow activation (`timeout` first on PATH sleeps first): time to stop it.
+    slow = target.root / "fakebin" / "timeout"
+    slow.write_text('#!/bin/sh\nshift\nsleep 3\nexec "$@"\n')
+    slow.chmod(0o755)
+    process, run_dir = target.start(b, rollback=False)
+    wait_for(run_dir, "activating")
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
+    status = (run_dir / "status").read_text()
+    assert state_of(run_dir) == "failed" and "stopped (a signal) while activating" in status
+    assert target.running() == b  # rollback off: what it did stays

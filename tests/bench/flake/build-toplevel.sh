@@ -40,6 +40,7 @@ fi
   echo "slow_activation=$slowActivation"
   echo "break_network=$breakNetwork"
   echo "break_ssh=$breakSsh"
+  echo "odd_bytes=$oddBytes"
   $bb cat "$switchScript"
 } > "$out/bin/switch-to-configuration"
 $bb chmod 0555 "$out/bin/switch-to-configuration"

@@ -33,6 +33,8 @@
         slowActivation = cfg.slowActivation or "";
         breakNetwork = if cfg.breakNetwork or false then "1" else "";
         breakSsh = if cfg.breakSsh or false then "1" else "";
+        # oddBytes: dry-activate and the activation each print a line that is not UTF-8.
+        oddBytes = if cfg.oddBytes or false then "1" else "";
         # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
         padding = if cfg.padding or false then "1" else "";
         # Device trees (a dtbs directory of 768 KiB) for the boot loader to copy to /boot.

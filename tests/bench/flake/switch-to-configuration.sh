@@ -10,6 +10,8 @@
 #   fail_activation:   exits 4 after making itself current, like a unit that failed to start
 #   fail_dry_activation: dry-activate exits 2, like an activation script that cannot even
 #                      tell what it would do
+#   odd_bytes:         dry-activate and the activation each print a line that is not UTF-8
+#                      (Latin-1 and stray bytes, as a unit's own output may hold)
 # A configuration without them repairs what they broke (and only that), as activating a good
 # NixOS generation re-applies its network and sshd settings.
 action="$1"
@@ -24,6 +26,9 @@ if [ ! -w /run ]; then  # root's alone: what an activation writes
   exit 1
 fi
 current=$($bb readlink /run/current-system 2>/dev/null || true)
+if [ -n "$odd_bytes" ]; then
+  printf '%s: caf\351 \377\376 odd bytes\n' "$action"
+fi
 if [ "$action" = dry-activate ]; then
   if [ -n "$fail_dry_activation" ]; then
     echo "error: dry-activate: cannot read the units of $top" >&2
