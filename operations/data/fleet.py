@@ -141,7 +141,7 @@ class HostSpec:
     + image_dest: where the controller keeps the image file (None: it stays on the builder)
     + sudo: pyinfra's ``_sudo``: commands nixpush runs itself on the host (on a builder, over
       another host's operation) need it too
-    + rollback: the target rolls back unless its activation is confirmed (``safety_for``)
+    + rollback: the target rolls back unless its activation is confirmed (``HostSpec.safety``)
     + confirm_timeout, activation_timeout: seconds the target waits for the confirmation, and
       ``switch-to-configuration`` may take
     + health_checks: what must pass before confirming (``operations.data.health``), merged across

@@ -1,6 +1,6 @@
 """
 Health checks: what must hold on a target after its activation before the deploy confirms it
-(see ``operations.activation``). A failed check means no confirmation, so the target rolls back.
+(see ``operations.push.activate``). A failed check means no confirmation, so the target rolls back.
 
 Checks are data (``health_checks``, per host or per root) like:
 

@@ -18,7 +18,7 @@ passed); then the activation itself, safely (``activate_safely``):
 Only one activation runs on a host at a time (the program holds the host's lock): a launch
 waits for a pending one up to ``ActivationRun.lock_wait`` seconds, then fails naming it. A
 host whose health checks may outlast the confirmation window is refused when its safety is
-read (``safety_for``), with the numbers.
+checked at plan time (``check_window``), with the numbers.
 
 With more than one ``deploy_wave`` in the run, the activation launches only once every host
 of the earlier waves deployed and, ``wave_soak`` seconds later, passed its health checks again

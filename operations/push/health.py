@@ -44,7 +44,7 @@ def check_command(check: HealthCheck) -> StringCommand:
 
 
 # Runs a command on the target: (success, output lines), or None when the target could not be
-# reached (operations.activation's channel).
+# reached (``operations.push.activate``'s channel).
 Runner = Callable[[StringCommand, float], "tuple[bool, list[str]] | None"]
 
 

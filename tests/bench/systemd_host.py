@@ -6,7 +6,7 @@ cgroup namespace, and besides the overlay ``/etc`` and its own ``/nix``, ``/root
 ``StateDirectory=``). Its init script mounts all that, then becomes ``systemd --system`` booting
 ``nixpush-bench.target``: journald, the host's own sshd (a unit of the bench's, on the host's
 port) and Debian's ``nix-daemon.socket``. So ``systemctl``, ``systemd-run``, the journal and
-timers are the real ones (see ../shared/BENCH.md, "systemd as PID 1").
+timers are the real ones.
 
 Keeping it off the rest of the machine (it runs as root in the initial user namespace):
 

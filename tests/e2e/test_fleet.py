@@ -1,5 +1,5 @@
 """
-The whole fleet on the bench (issue 13): the NAS deploying itself, an x86_64 desktop built on
+The whole fleet on the bench: the NAS deploying itself, an x86_64 desktop built on
 the NAS and pushed, a host that may be offline, images built for a host that is never
 connected, and selecting hosts by root.
 """

@@ -326,7 +326,7 @@ def test_url_health_checks_are_fetched_on_the_target(good, web_on_pi4, tmp_path)
     assert_back_on("pi4", wanted, broken)
 
 
-# -- issue 23: one activation per host, reboots, GC, slow checks ---------------------------
+# -- one activation per host, reboots, GC, slow checks ---------------------------
 
 
 def inventory_with_checks(

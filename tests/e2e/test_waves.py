@@ -19,9 +19,9 @@ import pytest
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
 from tests.bench.client import pyinfra
+from tests.e2e.test_many_targets import PIS
 from tests.e2e.test_pi import current, output
 from tests.e2e.test_safe import FAST, KNOBS, configure, in_pi, run_dirs
-from tests.e2e.test_scale import PIS
 
 WAVES = {"pi4": 0, "pi5": 0, "pis": 1, "pi6": 1}
 SOAK = 4

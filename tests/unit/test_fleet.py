@@ -99,7 +99,7 @@ def test_builder_host_not_in_inventory(write_inventory):
 
 
 def test_builder_host_naming_itself_builds_itself(write_inventory):
-    # The NAS deploying itself: evaluated and built there, nothing pushed (issue 13).
+    # The NAS deploying itself: evaluated and built there, nothing pushed.
     specs = check_fleet(write_inventory(fleet(nas={"builder_host": "nas", "ssh_hostname": "n"})))
     assert specs["nas"].is_target and specs["nas"].builds_itself
     assert specs["nas"].pushed_by is None
@@ -234,7 +234,7 @@ def test_cli_prints_fleet_error_as_a_message_not_a_traceback(tmp_path):
     assert "Traceback" not in run.stderr
 
 
-# Hardening (issue 12): builders, addresses, references, keys and misspelt data
+# Refusals: builders, addresses, references, keys and misspelt data
 
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDhT8yrRU+3V2oxL5d3S9E2gDxNgUOsLCs8D3Zc5Lz+x"

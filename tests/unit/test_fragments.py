@@ -21,6 +21,7 @@ from operations.nixos import checks as nixos_checks
 from operations.nixos import fragments
 from operations.trust.keys import BuilderTrust
 from tests.bench import nixos
+from tests.shared import shared_candidates
 from tests.unit.conftest import REPO, load_inventory
 
 NIX = shutil.which("nix-instantiate")
@@ -123,16 +124,10 @@ def test_a_multi_line_string_renders_as_an_indented_string():
     assert multi == "{\n  x = ''\n    Host a\n    Port 22\n  '';\n}"
 
 
-NIXOS_EVAL_CANDIDATES = (
-    REPO.parent / "shared" / "nixos-eval" / "check",
-    REPO.parent.parent / "shared" / "nixos-eval" / "check",
-    Path("/work/shared/nixos-eval/check"),
-)
-
-
 def nixos_eval_check() -> Path | None:
-    """``shared/nixos-eval/check`` beside the checkout (CI) or the project's shared folder."""
-    return next((path for path in NIXOS_EVAL_CANDIDATES if path.is_file()), None)
+    """``nixos-eval/check`` in the project's shared folder: ``$NIXPUSH_SHARED`` (which
+    ``.ci/run`` sets for its clone under /tmp), else ``../shared`` beside the checkout."""
+    return next((path for path in shared_candidates("nixos-eval", "check") if path.is_file()), None)
 
 
 def required_nixos_eval_check() -> Path:

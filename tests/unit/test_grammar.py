@@ -1,4 +1,4 @@
-"""Names, addresses and paths by grammar (issue 25): every value nixpush puts into a command,
+"""Names, addresses and paths by grammar: every value nixpush puts into a command,
 a store URL, a Nix file or a file name is checked whole, so no trailing newline, no ``?``/``&``
 and no ``../`` gets through."""
 

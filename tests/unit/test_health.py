@@ -122,7 +122,7 @@ def test_owner_roots_declare_valid_checks():
             assert parse_check(entry)[1] == [], (root, entry)
 
 
-# -- issue 25: credentials in URLs never logged; values checked whole ---------------------
+# -- credentials in URLs never logged; values checked whole ---------------------
 
 SECRET_URL = "https://monitor:s3cret@127.0.0.1:8443/health?x=1"
 

@@ -1,4 +1,4 @@
-"""No host key accepted blind (issue 25): an unset ``ssh_strict_host_key_checking`` is pyinfra's
+"""No host key accepted blind: an unset ``ssh_strict_host_key_checking`` is pyinfra's
 accept-new and is refused like it on every host nixpush connects to; a host with
 ``ssh_host_key`` is pinned to it (``operations.trust.hostkeys``)."""
 

@@ -1,5 +1,5 @@
 """Image files confined to their store path, and copies to the controller that leave no
-world-readable file, no leftovers and no misleading error (issue 25)."""
+world-readable file, no leftovers and no misleading error."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The lock's edges (issue 25): nixpush-run's deploys hold its lock themselves (an orphaned one
+"""The lock's edges: nixpush-run's deploys hold its lock themselves (an orphaned one
 is never unlocked), a lock file that cannot be locked is a clear error, and a ``--dry`` run
 never takes the deploy lock."""
 

@@ -1,4 +1,4 @@
-"""Nix strings from Python strings (issue 25): the indented form only where Nix reads it back
+"""Nix strings from Python strings: the indented form only where Nix reads it back
 as the same string, checked by the machine's Nix on random strings full of what Nix treats
 specially (leading spaces, ``${``, ``''``, ``\\``)."""
 

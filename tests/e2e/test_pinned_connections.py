@@ -1,5 +1,5 @@
 """
-Hardening, second pass (issue 25), end to end on the bench: the controller's own connections
+Pinned connections, end to end on the bench: the controller's own connections
 pinned to the inventory's host keys (operations/trust/hostkeys.py: with no known_hosts file and no
 strict checking in the data, a bench host with ``ssh_host_key`` is reached only when it answers
 with that key, and nothing is accepted on first contact), and no Nix access token in pyinfra's

@@ -1,4 +1,4 @@
-"""Issue 13's pure logic: self-building hosts, offline_ok, image hosts and image plans, the
+"""Host kinds without a fleet: self-building hosts, offline_ok, image hosts and image plans, the
 offline status in the run summary and nixpush-run's report."""
 
 from __future__ import annotations
