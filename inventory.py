@@ -8,8 +8,10 @@ Root data lives in ``group_data/<root>.py``; the keys are described in the READM
 
 from operations.trust.hostkeys import pin_host_keys
 
-# The owner's flake checkout, as the builder (nas) resolves it.
-_FLAKE = "path:/home/beau/nixos-config"
+# The owner's flake checkout, as the builder (nas) resolves it: git+file builds what is
+# committed there and each report names its revision (path: would take the working tree,
+# uncommitted edits included, with no revision).
+_FLAKE = "git+file:///home/beau/nixos-config"
 # The sops-encrypted secrets file, as the controller (where pyinfra runs) finds it.
 _SOPS_FILE = "/home/beau/nixos-config/secrets.yaml"
 # nixpush's own keys (nas's push and signing keys, group_data/server.py) in a sops file of

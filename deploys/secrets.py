@@ -44,13 +44,14 @@ targets = [
     for other in specs.values()
     if other.pushed_by == host.name and state.is_host_in_limit(inventory.get_host(other.name))
 ]
-unknown = [t.name for t in targets if t.ssh_host_key is None or t.ssh_hostname is None]
+unknown = [t for t in targets if t.ssh_host_key is None or t.ssh_hostname is None]
 if unknown:
     raise FleetError(
         [
-            f"{name}: ssh_host_key is missing, so {host.name} can't verify it when pushing; "
-            "set it to the host's public key (`ssh-keyscan -t ed25519 HOST`, checked out of band)"
-            for name in unknown
+            f"{t.name}: ssh_host_key is missing, so {host.name} can't verify it when pushing; "
+            f"set it to the host's public key (`ssh-keyscan -p {t.ssh_port or 22} -t ed25519 "
+            f"{t.ssh_hostname or 'HOST'}`, checked out of band)"
+            for t in unknown
         ]
     )
 pushes = any(other.pushed_by == host.name for other in specs.values())

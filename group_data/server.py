@@ -42,9 +42,10 @@ secrets = [
 schedule = {
     "enabled": False,
     "checkout": "/home/beau/nixpush",
-    # Debian's units run this; NixOS's run `python -m operations.run.runner` of the Nix
-    # environment written beside the fragments (nixpush-env.nix), from `checkout`.
-    "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
+    # Debian's units run `program`; NixOS's (the owner's) need none: they run
+    # `python -m operations.run.runner` of the Nix environment written beside the fragments
+    # (env/default.nix), from `checkout`.
+    # "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
     "user": "beau",
     "age_key_file": "/home/beau/.config/sops/age/keys.txt",
     "inventory": "inventory.py",

@@ -243,7 +243,9 @@ def build_machine_for(target: HostSpec, builder: HostSpec) -> BuildMachine:
         "ssh_host_key": (
             builder.ssh_host_key,
             "verify",
-            "set it to its public host key (`ssh-keyscan -t ed25519 HOST`, checked out of band)",
+            "set it to its public host key (`ssh-keyscan -p "
+            f"{builder.ssh_port or 22} -t ed25519 {builder.ssh_hostname or 'HOST'}`, checked "
+            "out of band)",
         ),
     }
     problems = [

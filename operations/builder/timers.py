@@ -198,6 +198,16 @@ def cron_line(schedule: Schedule) -> str:
     return f"0 * * * * {schedule.user} cd {shlex.quote(schedule.checkout)} && {key}{args}"
 
 
+def no_program_reason(host_name: str) -> str:
+    """Why a host that is not NixOS gets no schedule without ``program``."""
+    return (
+        f"{host_name}: schedule has no program, which its units run here (it is not NixOS, "
+        "whose units run nixpush from the fragment's Nix environment); set schedule program "
+        "to the nixpush-run of the checkout's virtualenv, e.g. "
+        "/home/beau/nixpush/.venv/bin/nixpush-run"
+    )
+
+
 def no_systemd_reason(host_name: str, schedule: Schedule) -> str:
     """Why a host without systemd gets no schedule, and the cron line to use instead."""
     return (

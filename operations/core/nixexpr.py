@@ -113,7 +113,8 @@ def nix_value(value: object, indent: int | None = None, level: int = 0, used: in
       parts) or names (``Attr``)
     + indent: spaces per level, laid out as nixfmt (RFC 166 style) does: a list or set of two
       or more elements one element per line, a single element on one line when it fits in
-      ``WIDTH`` columns; None renders everything on one line
+      ``WIDTH`` columns (a set that is a binding's value is always expanded: ``nix_binding``);
+      None renders everything on one line
     + used: columns of the line already taken before the value (its key, for a binding)
     """
     if isinstance(value, Raw):
@@ -142,19 +143,20 @@ def nix_value(value: object, indent: int | None = None, level: int = 0, used: in
 
 def nix_binding(key: str, value: object, indent: int | None = None, level: int = 0) -> str:
     """
-    ``key = value;`` at ``level`` (``indent * level`` columns in). As nixfmt lays it out, a
-    value that is no list, set or multi-line string and does not fit in ``WIDTH`` columns
-    goes on the next line, one level deeper: ``key =\n    "...";``.
+    ``key = value;`` at ``level`` (``indent * level`` columns in), laid out as nixfmt's
+    binders (RFC 166): a non-empty set is always expanded, one attribute a line, even a
+    single one (``unitConfig = {\n  Description = "...";\n};``); every value nixpush writes
+    (a string, a number, a name) is "simple" and stays on the ``=`` line however long it is.
     """
     if indent is None:
         return f"{key} = {nix_value(value)};"
+    if isinstance(value, Mapping) and value:
+        items = [nix_binding(_key(k), item, indent, level + 1) for k, item in value.items()]
+        inner = " " * (indent * (level + 1))
+        body = "".join(f"\n{inner}{item}" for item in items)
+        return f"{key} = {{{body}\n{' ' * (indent * level)}}};"
     start = indent * level + len(key) + len(" = ")
-    rendered = nix_value(value, indent, level, start)
-    absorbed = isinstance(value, Mapping | list | tuple) or "\n" in rendered
-    if not absorbed and start + len(rendered) + 1 > WIDTH:
-        deeper = " " * (indent * (level + 1))
-        return f"{key} =\n{deeper}{nix_value(value, indent, level + 1, len(deeper))};"
-    return f"{key} = {rendered};"
+    return f"{key} = {nix_value(value, indent, level, start)};"
 
 
 # nixfmt's line width.

@@ -541,7 +541,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
     if host_key is not None and not grammar.is_host_key(host_key):
         read.problem(
             "ssh_host_key", f"{host_key!r} is not an SSH public key 'TYPE BASE64 [comment]'; "
-            "copy it from `ssh-keyscan -t ed25519 HOST` (without the host name)",
+            "copy it from `ssh-keyscan -p PORT -t ed25519 HOST` (without the host name)",
         )  # fmt: skip
     builder_user = read.string("builder_user")
     if builder_user is not None and (

@@ -9,7 +9,7 @@ The data, checked once into a ``Schedule`` (``parse_schedule``), with the fix na
     schedule = {
         "enabled": True,
         "checkout": "/home/beau/nixpush",                  # WorkingDirectory
-        "program": "/home/beau/nixpush/.venv/bin/nixpush-run",
+        "program": "/home/beau/nixpush/.venv/bin/nixpush-run",  # not needed on NixOS
         "user": "beau",                                    # User= of the service
         "age_key_file": "/home/beau/.config/sops/age/keys.txt",  # SOPS_AGE_KEY_FILE
         "inventory": "inventory.py",
@@ -27,6 +27,10 @@ The data, checked once into a ``Schedule`` (``parse_schedule``), with the fix na
         "on_failure": ["/bin/sh", "-c", "curl -fsS -m 30 --data-binary @- ntfy.sh/beau", "sh"],
         "node_exporter": True,  # NixOS fragment: the node exporter reads metrics_dir
     }
+
+``program`` is the ``nixpush-run`` a Debian host's units run; a NixOS host's units run
+``python -m operations.run.runner`` of the fragment's Nix environment instead, so it may be
+left out there (``deploys/schedule.py`` fails a host that is not NixOS without it).
 
 Values go into unit files, which systemd parses: every value is checked (no control
 characters, absolute paths, a user name, a calendar and a time span made of the characters
@@ -179,9 +183,10 @@ def parse_schedule(host_name: str, data: Any) -> Schedule:
     if not enabled:
         return Schedule(enabled=False, activate=activate)
     path = "an absolute path without spaces, quotes, backslashes, % or $"
-    for key in ("checkout", "program"):
-        if key not in data:
-            raise ScheduleError(f"{host_name}: schedule has no {key}; set it ({path})")
+    # No program is fine at parse time: a NixOS host's units run nixpush from its Nix
+    # environment; deploys/schedule.py fails a Debian host that lacks it, naming the key.
+    if "checkout" not in data:
+        raise ScheduleError(f"{host_name}: schedule has no checkout; set it ({path})")
     age_key = data.get("age_key_file")
     runs_data = data.get("runs") or {}
     if not isinstance(runs_data, Mapping) or not runs_data:
@@ -221,7 +226,9 @@ def parse_schedule(host_name: str, data: Any) -> Schedule:
     return Schedule(
         enabled=True,
         checkout=_text(host_name, "checkout", data["checkout"], _PATH, path),
-        program=_text(host_name, "program", data["program"], _PATH, path),
+        program=""
+        if data.get("program") is None
+        else _text(host_name, "program", data["program"], _PATH, path),
         user=_text(host_name, "user", data.get("user", "root"), ACCOUNT_NAME, "a user name"),
         age_key_file=None
         if age_key is None

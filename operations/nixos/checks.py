@@ -146,7 +146,7 @@ def same_unit_line(wanted: str, have: set[str], program: str | None) -> bool:
     ``ExecStart=`` of ``program``, as the NixOS fragment runs it."""
     if wanted in have:
         return True
-    quoted = exec_quote(program) if program else None
+    quoted = exec_quote(program) if program is not None else None
     if quoted is None or not wanted.startswith(f"ExecStart={quoted}"):
         return False
     args = re.escape(wanted.removeprefix(f"ExecStart={quoted}"))

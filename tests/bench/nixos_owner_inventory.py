@@ -9,7 +9,8 @@ and data, only the addresses, accounts and files made the bench's.
 - ``laptop``: an address nothing answers on (down), ``offline_ok`` as the owner's.
 
 With ``NIXPUSH_BENCH_OWNER_LATER=1`` in the environment, grill and laptop have their
-``ssh_host_key`` too: the checklist's later step, which adds them.
+``ssh_host_key`` too: the checklist's later step, which adds them. The schedule is shipped
+disabled; ``NIXPUSH_BENCH_OWNER_SCHEDULE=1`` enables it (the checklist's step 9).
 
 The roots' data is the shipped ``group_data/`` (pyinfra reads it from the directory it runs in),
 except what the bench cannot have: health checks of services it does not run, and the
@@ -40,12 +41,13 @@ _SERVER = _runpy.run_path(str(_fleet.REPO / "group_data" / "server.py"))
 # Owner host -> the bench host standing in for it (the laptop has none: it is down).
 _STAND_IN = {"nas": "nas", "pi4": "pi4", "grill": "pc1"}
 
-# The shipped schedule, enabled, with the bench's checkout and age key (and the runs as shipped).
+SCHEDULED = _os.environ.get("NIXPUSH_BENCH_OWNER_SCHEDULE") == "1"
+# The shipped schedule with the bench's checkout and age key (and the runs as shipped), enabled
+# from step 9 on; no program, as the owner's NixOS data has none.
 SCHEDULE = {
     **_SERVER["schedule"],
-    "enabled": True,
+    "enabled": SCHEDULED,
     "checkout": str(_fleet.REPO),
-    "program": str(_fleet.REPO / ".venv" / "bin" / "nixpush-run"),
     "user": "root",
     "age_key_file": str(_sops.AGE_KEY_FILE),
     "inventory": "tests/bench/nixos_owner_inventory.py",

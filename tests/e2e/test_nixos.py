@@ -12,6 +12,7 @@ put back afterwards, and /etc/NIXOS removed.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from tests.bench.client import pyinfra
 from tests.checklist import checklist_steps
 from tests.e2e.test_pi import current, desired_path, new_versions
 from tests.unit.conftest import REPO, load_inventory
+from tests.unit.test_fragments import required_nixfmt, required_nixos_eval_check
 
 INVENTORY = "tests/bench/nixos_inventory.py"
 NAS, PI = "nas", "pi4"
@@ -52,14 +54,9 @@ def fragments(push_ready: None) -> Iterator[dict[str, Path]]:
     fragments_dir = bench_nixos.FRAGMENTS_DIR
     result = run("@local", "deploys/nixos_config.py", "--data", f"nixpush_inventory={INVENTORY}")
     assert result.returncode == 0, output(result)
-    yield {
-        path.stem: path
-        for path in sorted(fragments_dir.glob("*.nix"))
-        if path.name != "nixpush-env.nix"  # the Nix environment the NAS's units run nixpush with
-    }
-    for path in fragments_dir.glob("*.nix"):
-        path.unlink()
-    fragments_dir.rmdir()
+    # The hosts' modules only: the Nix environment the NAS's units run nixpush with is in env/.
+    yield {path.stem: path for path in sorted(fragments_dir.glob("*.nix"))}
+    shutil.rmtree(fragments_dir)
 
 
 def secret_values() -> list[str]:
@@ -109,7 +106,7 @@ def test_fragments_parse_hold_the_derived_keys_and_no_secret(fragments):
         *(f"{nixos.STUB_STORE}-{name}" for name in ("sops", "openssh", "git")),
     ]
     assert check["serviceConfig"]["ExecStart"].startswith(f'"{nixos.STUB_ENV}/bin/python" "-m"')
-    assert (fragments[NAS].parent / "nixpush-env.nix").is_file()
+    assert (fragments[NAS].parent / "env" / "default.nix").is_file()
 
     pi = nixos.evaluate(fragments[PI])
     signing = bench_sops.value("nix/nas_signing_key").strip()
@@ -174,9 +171,10 @@ def pi_files(options: dict, user: str) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def nixos_hosts(fragments: dict[str, Path]) -> Iterator[dict[str, nixos.Snapshot]]:
-    """The NAS and pi4 marked NixOS, their fragments applied by hand; put back afterwards."""
+    """The NAS and pi4 marked NixOS, their fragments applied by hand; put back after each test
+    (the checklist's test starts from hosts without them: no schedule before its step 9)."""
     nas, pi = fleet.host(NAS), fleet.host(PI)
     nas_options, pi_options = nixos.evaluate(fragments[NAS]), nixos.evaluate(fragments[PI])
     written = {NAS: nas_files(nas_options), PI: pi_files(pi_options, pi.user)}
@@ -340,9 +338,10 @@ def test_fragments_are_written_with_every_host_of_the_fleet_down(bench):
         result = pyinfra("-y", *owner_command(["pyinfra", "@local", "deploys/nixos_config.py"]),
                          env=env, timeout=600)  # fmt: skip
         assert result.returncode == 0, output(result)[-3000:]
-        written = sorted(path.name for path in owner.FRAGMENTS_DIR.glob("*.nix"))
-        # Every host's, and the Nix environment the NAS's scheduled units import.
-        assert written == ["grill.nix", "laptop.nix", "nas.nix", "nixpush-env.nix", "pi4.nix"]
+        written = sorted(str(p.relative_to(owner.FRAGMENTS_DIR))
+                         for p in owner.FRAGMENTS_DIR.rglob("*.nix"))  # fmt: skip
+        # Every host's, and the Nix environment (always, in a directory of its own).
+        assert written == ["env/default.nix", "grill.nix", "laptop.nix", "nas.nix", "pi4.nix"]
         for name in ("nas", "pi4", "grill", "laptop"):
             assert f"Write {name}'s NixOS fragment ({name}.nix)" in output(result)
         # Run over the fleet's inventory, pyinfra itself stops with every host down ("No hosts
@@ -354,8 +353,7 @@ def test_fragments_are_written_with_every_host_of_the_fleet_down(bench):
         assert refused.returncode != 0
         assert "run `pyinfra @local deploys/nixos_config.py`" in output(refused)
     finally:
-        for path in owner.FRAGMENTS_DIR.glob("*.nix"):
-            path.unlink()
+        shutil.rmtree(owner.FRAGMENTS_DIR, ignore_errors=True)
 
 
 def target_files(options: dict, user: str) -> dict[str, str]:
@@ -451,6 +449,13 @@ def test_the_first_deploy_checklist_passes_command_by_command_on_the_owners_layo
 
     bench_sops.ensure()
     nixos_sops.write_push_keys(owner.OWN_SOPS_FILE)  # nixpush's own file: the owner's key only
+    nixfmt, nixos_eval = required_nixfmt(), required_nixos_eval_check()
+    # Step 1's environment: nothing here can enter it (no nixpkgs); what it is made of parses,
+    # is nixfmt-clean, and is what the fragments run writes beside the fragments.
+    step1 = [str(REPO / "shell.nix"), str(REPO / "default.nix")]
+    for check in (["nix-instantiate", "--parse"], [nixfmt, "--check"]):
+        checked = subprocess.run([*check, *step1], capture_output=True, text=True)
+        assert checked.returncode == 0, (check, checked.stderr)
     steps = checklist_steps()
     assert [number for number, _ in steps] == ["6", "7", "8", "9", "10", "11"]
     env = bench_sops.env()
@@ -461,20 +466,43 @@ def test_the_first_deploy_checklist_passes_command_by_command_on_the_owners_layo
             if number == "7":  # the bootstrap: nas and pi4 rebuilt with their fragments
                 bootstrap.apply("nas", owner.FRAGMENTS_DIR / "nas.nix")
                 bootstrap.apply("pi4", owner.FRAGMENTS_DIR / "pi4.nix")
+            if number == "9":  # the schedule enabled in group_data/server.py
+                env = {**env, "NIXPUSH_BENCH_OWNER_SCHEDULE": "1"}
             if number == "10":  # grill's and laptop's ssh_host_key in the inventory
                 env = {**env, "NIXPUSH_BENCH_OWNER_LATER": "1"}
             if number == "11":  # grill rebuilt with its fragment (the laptop sleeps)
                 bootstrap.apply("grill", owner.FRAGMENTS_DIR / "grill.nix")
             for command in commands:
+                if number == "9" and "deploys/schedule.py" in command:
+                    # nas rebuilt with its regenerated fragment: the timers
+                    bootstrap.apply("nas", owner.FRAGMENTS_DIR / "nas.nix")
                 args = owner_command(command)
                 result = pyinfra("-y", *args, env=env, timeout=900)
                 assert result.returncode == 0, (number, command, output(result)[-4000:])
+                if "deploys/nixos_config.py" in command:
+                    check_generated(owner.FRAGMENTS_DIR, nixfmt, nixos_eval)
+                    nas_text = (owner.FRAGMENTS_DIR / "nas.nix").read_text()
+                    assert ("systemd.timers" in nas_text) == (number != "6"), number
+                if number == "10":  # regenerating after adding host keys changes no file
+                    text = output(result)
+                    assert re.search(r"Grand total\s+(\d+)\s+-\s+-\s+\1\s", text), text
         assert current("pi4") == desired_path("pi4")
         assert current("pc1") == desired_path("pc1")
     finally:
         bootstrap.undo()
-        for path in owner.FRAGMENTS_DIR.glob("*.nix"):
-            path.unlink()
+        shutil.rmtree(owner.FRAGMENTS_DIR, ignore_errors=True)
+
+
+def check_generated(directory: Path, nixfmt: str, nixos_eval: Path) -> None:
+    """Every generated file as the owner's pre-commit sees it (nixfmt --check), the same
+    environment as the checkout's default.nix, and every host's module through nixos-eval."""
+    generated = sorted(str(path) for path in directory.rglob("*.nix"))
+    formatted = subprocess.run([nixfmt, "--check", *generated], capture_output=True, text=True)
+    assert formatted.returncode == 0, formatted.stdout + formatted.stderr
+    assert (directory / "env" / "default.nix").read_text() == (REPO / "default.nix").read_text()
+    hosts = sorted(str(path) for path in directory.glob("*.nix"))
+    evaluated = subprocess.run([str(nixos_eval), *hosts], capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
 
 
 def test_a_push_key_file_a_pushed_host_can_decrypt_is_refused_before_anything_runs(bench):

@@ -78,6 +78,12 @@ def test_unit_files_round_trip_into_nixos_options():
     assert "Install" not in timer
 
 
+def _write_env(directory: Path) -> None:
+    """The environment beside fragments written in ``directory``, as the deploy writes it."""
+    (directory / fragments.ENV_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (directory / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
+
+
 def _fragment(value: str = "aarch64-linux") -> fragments.Fragment:
     nas = HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas",
                    binfmt_emulated_systems=(value,), nix_max_jobs=8)  # fmt: skip
@@ -95,7 +101,7 @@ def _fragment(value: str = "aarch64-linux") -> fragments.Fragment:
 def test_a_fragment_parses_and_evaluates_against_a_stub_module(tmp_path: Path):
     path = tmp_path / "nas.nix"
     path.write_text(_fragment().render())
-    (tmp_path / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
+    _write_env(tmp_path)
 
     parsed = subprocess.run([str(NIX), "--parse", str(path)], capture_output=True, text=True)
     assert parsed.returncode == 0, parsed.stderr
@@ -192,7 +198,7 @@ def test_a_fragment_with_metrics_on_failure_and_the_node_exporter_passes_the_nix
     }.items():
         (tmp_path / name).write_text(fragment.render())
     # The env expression the units import is checked through them.
-    (tmp_path / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
+    _write_env(tmp_path)
     files = [str(tmp_path / "exporter.nix"), str(tmp_path / "elsewhere.nix")]
 
     result = subprocess.run(
@@ -263,7 +269,7 @@ def test_every_shipped_fragment_passes_nixos_eval(shipped, tmp_path: Path):
     assert nas.uses_env
     (tmp_path / "scheduled").mkdir()
     (tmp_path / "scheduled" / "nas.nix").write_text(nas.render())
-    (tmp_path / "scheduled" / fragments.ENV_FILE).write_text(fragments.ENV_EXPRESSION)
+    _write_env(tmp_path / "scheduled")
     paths.append(str(tmp_path / "scheduled" / "nas.nix"))
     result = subprocess.run([str(check), *paths], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -304,9 +310,15 @@ def test_lists_of_two_or_more_go_one_per_line_and_a_lone_element_stays_when_it_f
     assert nix_binding("x", [], 2, 1) == "x = [ ];"
 
 
-def test_sets_of_two_or_more_go_one_per_line_and_a_lone_attribute_stays():
-    # nixfmt's test/diff/attr_set: `{ a = 1; }` stays; a set in a list is laid out inside it.
-    assert nix_binding("a", {"b": 1}, 2, 1) == "a = { b = 1; };"
+def test_a_set_bound_to_a_name_is_always_expanded_and_one_in_a_list_stays_when_it_fits():
+    # RFC 166 "Binders" and nixfmt 1.4.0: `a = { b = 1; };` becomes `a = {\n  b = 1;\n};`;
+    # `[ { a = 1; } ]` stays; a set of two or more goes one attribute a line anywhere.
+    assert nix_binding("a", {"b": 1}, 2, 1) == "a = {\n    b = 1;\n  };"
+    assert nix_binding("a", {}, 2, 1) == "a = { };"
+    assert nix_binding("x", [{"a": 1}], 2, 1) == "x = [ { a = 1; } ];"
+    assert nix_binding("x", [{"a": {"b": 1}}], 2, 1) == (
+        "x = [\n    {\n      a = {\n        b = 1;\n      };\n    }\n  ];"
+    )
     rule = {"users": ["beau"], "commands": [{"command": "ALL", "options": ["NOPASSWD"]}]}
     assert nix_binding("r", [rule], 2, 1) == "\n".join(
         [
@@ -325,10 +337,10 @@ def test_sets_of_two_or_more_go_one_per_line_and_a_lone_attribute_stays():
     )
 
 
-def test_a_value_too_long_for_its_line_goes_on_the_next_line_one_level_deeper():
-    # nixfmt's test/diff/lambda: `things ?\n        if null then true else "looo...ong",`.
+def test_a_simple_string_stays_on_the_line_of_its_name_however_long():
+    # RFC 166 "Binders": a simple string is never moved to the next line.
     long = "x" * 120
-    assert nix_binding("ExecStart", long, 2, 2) == f'ExecStart =\n      "{long}";'
+    assert nix_binding("ExecStart", long, 2, 2) == f'ExecStart = "{long}";'
     assert nix_binding("ExecStart", "short", 2, 2) == 'ExecStart = "short";'
 
 
@@ -339,7 +351,7 @@ def test_a_fragment_declares_only_the_arguments_it_uses():
     assert "\n{ ... }:\n{\n" in plain.render()
     text = _fragment().render()
     assert (
-        "\n{ pkgs, ... }:\nlet\n  nixpushPython = import ./nixpush-env.nix { inherit pkgs; };\n"
+        "\n{ pkgs, ... }:\nlet\n  nixpushPython = import ./env/default.nix { inherit pkgs; };\n"
         "in\n{\n"
     ) in text
     assert "config" not in text.split("{ pkgs")[1].split("\n")[0]
@@ -390,3 +402,111 @@ def test_a_target_with_keep_generations_gets_the_limit_in_its_fragment():
     specs = {"nas": replace(spec, builder_host="nas", keep_generations=4)}
     fragment = fragments.host_fragment(_Inventory({}), specs, "nas")  # type: ignore[arg-type]
     assert fragment.options["boot.loader.grub.configurationLimit"] == 4
+
+
+# -- the real formatter: nixfmt (RFC 166), built from its source in shared/nixfmt ----------
+
+NIXFMT_CANDIDATES = (
+    REPO.parent / "shared" / "nixfmt" / "nixfmt",
+    REPO.parent.parent / "shared" / "nixfmt" / "nixfmt",
+    Path("/work/shared/nixfmt/nixfmt"),
+)
+
+
+def required_nixfmt() -> str:
+    """nixfmt beside the checkout (``../shared/nixfmt/nixfmt``) or on PATH (tests/install.sh
+    installs it); a test needing it fails under CI without it, else is skipped."""
+    found = next((str(path) for path in NIXFMT_CANDIDATES if path.is_file()), None)
+    found = found or shutil.which("nixfmt")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("nixfmt is missing: run tests/install.sh (it installs ../shared/nixfmt)")
+        pytest.skip("no nixfmt here, nor ../shared/nixfmt beside this checkout")
+    return found
+
+
+def test_every_generated_nix_file_is_left_alone_by_nixfmt(shipped, tmp_path: Path):
+    """nixfmt --check (nixfmt 1.4.0, what nixpkgs ships as nixfmt-rfc-style's successor)
+    passes every file nixpush generates or ships: each shipped host's fragment with the
+    schedule, its metrics, alert and node exporter on, a pulling target's and builder's, the
+    environment, and the checkout's default.nix and shell.nix."""
+    nixfmt = required_nixfmt()
+    scheduled_data = {
+        **runpy.run_path(str(REPO / "group_data" / "server.py"))["schedule"],
+        "enabled": True,
+        "metrics_dir": "/run/nixpush-metrics",
+        "node_exporter": True,
+        "on_failure": ["/bin/sh", "-c", "curl -fsS --data-binary @- https://ntfy.sh/T", "sh"],
+    }
+    scheduled = load_inventory(REPO / "inventory.py", REPO, {"schedule": scheduled_data})
+    specs = check_fleet(scheduled)
+    paths = [REPO / "default.nix", REPO / "shell.nix"]
+    for name in specs:
+        fragment = fragments.host_fragment(scheduled, specs, name)
+        if fragment.sections:
+            paths.append(tmp_path / f"{name}.nix")
+            paths[-1].write_text(fragment.render())
+    nas = replace(specs["nas"], ssh_host_key=HOST_KEY)
+    pi = replace(specs["pi4"], builder_user="nix-ssh")
+    pulling = fragments.Fragment("pi4", tuple(fragments.target_sections(
+        pi, SSH_KEY, NIX_KEY, fragments.pull_client_options(pi, nas))))  # fmt: skip
+    (tmp_path / "pulling.nix").write_text(pulling.render())
+    (tmp_path / "serving.nix").write_text(_fragment().render())
+    _write_env(tmp_path)
+    paths += [tmp_path / "pulling.nix", tmp_path / "serving.nix", tmp_path / fragments.ENV_FILE]
+
+    result = subprocess.run([nixfmt, "--check", *map(str, paths)], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "programs.ssh.extraConfig = ''" in pulling.render()  # a multi-line string, too
+    assert "unitConfig = {\n      Description" in (tmp_path / "nas.nix").read_text()
+
+
+def test_the_checkouts_default_nix_is_the_environment_written_beside_the_fragments():
+    assert (REPO / "default.nix").read_text(encoding="utf-8") == fragments.ENV_EXPRESSION
+    shell = (REPO / "shell.nix").read_text(encoding="utf-8")
+    assert "(import ./default.nix { inherit pkgs; })" in shell
+
+
+# nixpkgs-unstable's pyinfra 3.9.2 recipe (pkgs/development/python-modules/pyinfra/default.nix):
+# what the environment gives an older nixpkgs' recipe.
+RECIPE_BUILD_SYSTEM = ["hatchling", "uv-dynamic-versioning"]
+RECIPE_DEPENDENCIES = ["click", "distro", "gevent", "jinja2", "packaging", "paramiko", "pydantic",
+                       "python-dateutil", "typeguard", "types-paramiko"]  # fmt: skip
+
+
+@pytest.mark.skipif(NIX is None, reason="no Nix here")
+@pytest.mark.parametrize("version", ["3.2", "3.4.1", "3.9.2"])
+def test_the_environment_builds_pyinfra_3_9_2_on_a_nixpkgs_whose_pyinfra_is_older(version):
+    """default.nix against a stand-in nixpkgs whose pyinfra is ``version`` (25.05: 3.2, 25.11:
+    3.4.1, unstable: 3.9.2): an older one is overridden with 3.9.2's source and every build
+    input and dependency of nixpkgs' 3.9.2 recipe, by its nixpkgs attribute name."""
+    names = sorted({*RECIPE_BUILD_SYSTEM, *RECIPE_DEPENDENCIES, "pyyaml"})
+    expression = (
+        "let ps = builtins.listToAttrs (map (name: { inherit name; value = name; }) "
+        f"[ {' '.join(nix_string(n) for n in names)} ]) // {{"
+        f' pyinfra = {{ version = "{version}"; }} // (if "{version}" == "3.9.2" then {{ }} else'
+        " { overridePythonAttrs = f: f { }; });"
+        " buildPythonPackage = x: x; };"
+        " pkgs = { lib.versionAtLeast = a: b: builtins.compareVersions a b >= 0;"
+        ' fetchFromGitHub = x: x; python3 = { pkgs = ps; sitePackages = "lib";'
+        " withPackages = f: f ps; }; };"
+        f" in import {REPO / 'default.nix'} {{ inherit pkgs; }}"
+    )
+    result = subprocess.run(
+        ["nix-instantiate", "--eval", "--strict", "--json", "--expr", expression],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    import json
+
+    pyinfra, pyyaml, nixpush = json.loads(result.stdout)
+    assert pyyaml == "pyyaml" and nixpush["pname"] == "nixpush"
+    if version == "3.9.2":
+        assert pyinfra["version"] == "3.9.2" and "dependencies" not in pyinfra  # nixpkgs' own
+        return
+    assert pyinfra["version"] == "3.9.2"
+    assert pyinfra["src"]["tag"] == "v3.9.2"
+    assert pyinfra["build-system"] == RECIPE_BUILD_SYSTEM
+    assert pyinfra["dependencies"] == RECIPE_DEPENDENCIES
+    assert pyinfra["UV_DYNAMIC_VERSIONING_BYPASS"] == "3.9.2"

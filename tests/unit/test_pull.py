@@ -143,7 +143,7 @@ def test_build_machine_for_names_missing_builder_data():
         "nas: ssh_hostname is missing, so pi4 can't reach it for pull builds; "
         "set it to the builder's address",
         "nas: ssh_host_key is missing, so pi4 can't verify it for pull builds; set it to its "
-        "public host key (`ssh-keyscan -t ed25519 HOST`, checked out of band)",
+        "public host key (`ssh-keyscan -p 22 -t ed25519 HOST`, checked out of band)",
     )
 
 

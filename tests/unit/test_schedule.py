@@ -85,6 +85,22 @@ def test_missing_checkout_names_the_fix():
         parse_schedule("nas", data)
 
 
+def test_no_program_is_accepted_for_nixos_whose_units_run_the_nix_environment():
+    from operations.builder import timers
+    from operations.nixos import fragments
+
+    schedule = parse_schedule("nas", {k: v for k, v in DATA.items() if k != "program"})
+    assert schedule.program == ""
+    options = fragments.schedule_options(timers.unit_files(schedule), schedule.program)
+    (service,) = [v for k, v in options.items() if k[1] == "services"][:1]
+    exec_start = service["serviceConfig"]["ExecStart"].render()
+    assert exec_start.startswith('"\\"${nixpushPython}/bin/python\\" \\"-m\\"')
+    # A Debian host's deploys/schedule.py fails it, naming the key and an example.
+    reason = timers.no_program_reason("nas")
+    assert reason.startswith("nas: schedule has no program")
+    assert "set schedule program to" in reason
+
+
 # -- rendering -------------------------------------------------------------------------
 
 
