@@ -24,7 +24,6 @@ from tests.unit.fake_host import FakeHost, FakeState, on_host
 from tests.unit.test_activation import NEW, OLD
 from tests.unit.test_activation import plan as make_plan
 from tests.unit.test_fleet import PI_DATA, fleet
-from tests.unit.test_whole_fleet import with_image
 
 TRUST = keys.BuilderTrust(ssh_public_key="ssh-ed25519 AAAA deploy", nix_public_key="nas-1:KEY=")
 
@@ -175,7 +174,9 @@ def test_the_deploy_user_and_port_reach_the_pushing_steps(monkeypatch, write_inv
 
 
 def test_an_image_host_is_skipped(monkeypatch, write_inventory):
-    run = run_of(monkeypatch, write_inventory, with_image())
+    groups = fleet()
+    groups["images"] = [("@image/iso", {"nix_system": "x86_64-linux", "builder_host": "nas"})]
+    run = run_of(monkeypatch, write_inventory, groups)
     run.go("iso")
     assert run.calls == []
     assert run.deploy.summary.skipped == {"iso": "an image: deploys/image.py builds it"}
@@ -354,3 +355,17 @@ def test_unreachable_hosts_the_run_does_not_need_are_forgiven(monkeypatch, write
     run.deploy.summary.state.failed_hosts.add(pi)
     run.go("nas")
     assert run.deploy.summary.forgiven == {"pi"} and not run.deploy.summary.state.failed_hosts
+
+
+def test_the_builders_keys_are_decrypted_before_planning(monkeypatch, write_inventory):
+    # A missing or wrong age key stops the run (bad input) before anything is evaluated.
+    run = run_of(monkeypatch, write_inventory)
+    run.plans["pi"] = make_plan(target="pi")
+
+    def no_age_key(builder: Any, for_host: str) -> keys.BuilderTrust:
+        raise FleetError(["nas: secrets: no age key can decrypt secrets.yaml"])
+
+    monkeypatch.setattr(keys, "builder_trust", no_age_key)
+    with pytest.raises(FleetError, match="no age key"):
+        run.go("pi")
+    assert run.calls == []
