@@ -280,6 +280,16 @@ def test_gc_alone_keeps_every_generation(monkeypatch, write_inventory):
     assert run.arguments("prune")["keep"] == prune.KEEP_ALL
 
 
+def test_a_target_with_nothing_to_activate_holds_no_wave_up(monkeypatch, write_inventory):
+    # start_deploy expects every activating target of the run in its wave before any plan.
+    run = run_of(monkeypatch, write_inventory, two_waves())
+    run.deploy.cache.waves.expect("pi", 1)
+    run.deploy.cache.waves.expect("pi2", 0)
+    run.plans["pi2"] = make_plan(target="pi2", current=NEW, profile=NEW)
+    run.go("pi2")
+    assert run.deploy.cache.waves.members == {1: {"pi"}}
+
+
 def two_waves() -> dict[str, Any]:
     groups = fleet(pi={"deploy_wave": 1, "wave_soak": 60})
     groups["minimal"].append(("pi2", {**PI_DATA, "ssh_hostname": "pi2.test"}))
