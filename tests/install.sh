@@ -8,15 +8,17 @@ cd "$(dirname "$0")/.."
 python3 -m tests.bench install
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
-# nixfmt 1.4.0, built from upstream's source (../shared/nixfmt beside the checkout; its README):
-# the tests run `nixfmt --check` over every Nix file nixpush generates.
+# nixfmt 1.4.0, built from upstream's source (the project's shared folder: $NIXPUSH_SHARED,
+# which .ci/run sets for its clone, else ../shared beside the checkout; its README): the tests
+# run `nixfmt --check` over every Nix file nixpush generates.
+shared=${NIXPUSH_SHARED:-../shared}
 if ! command -v nixfmt >/dev/null 2>&1; then
-  if [ -x ../shared/nixfmt/nixfmt ]; then
-    install -m 755 ../shared/nixfmt/nixfmt /usr/local/bin/nixfmt
-  elif [ -x ../shared/nixfmt/build.sh ]; then
-    ../shared/nixfmt/build.sh /usr/local/bin/nixfmt
+  if [ -x "$shared/nixfmt/nixfmt" ]; then
+    install -m 755 "$shared/nixfmt/nixfmt" /usr/local/bin/nixfmt
+  elif [ -x "$shared/nixfmt/build.sh" ]; then
+    "$shared/nixfmt/build.sh" /usr/local/bin/nixfmt
   else
-    echo "tests/install.sh: no nixfmt, and no ../shared/nixfmt beside $PWD to install it from" >&2
+    echo "tests/install.sh: no nixfmt, and no $shared/nixfmt to install it from (set NIXPUSH_SHARED)" >&2
     exit 1
   fi
 fi

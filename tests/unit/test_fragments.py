@@ -406,17 +406,11 @@ def test_a_target_with_keep_generations_gets_the_limit_in_its_fragment():
 
 # -- the real formatter: nixfmt (RFC 166), built from its source in shared/nixfmt ----------
 
-NIXFMT_CANDIDATES = (
-    REPO.parent / "shared" / "nixfmt" / "nixfmt",
-    REPO.parent.parent / "shared" / "nixfmt" / "nixfmt",
-    Path("/work/shared/nixfmt/nixfmt"),
-)
-
-
 def required_nixfmt() -> str:
-    """nixfmt beside the checkout (``../shared/nixfmt/nixfmt``) or on PATH (tests/install.sh
+    """nixfmt in the project's shared folder (``tests/shared.py``) or on PATH (tests/install.sh
     installs it); a test needing it fails under CI without it, else is skipped."""
-    found = next((str(path) for path in NIXFMT_CANDIDATES if path.is_file()), None)
+    candidates = shared_candidates("nixfmt", "nixfmt")
+    found = next((str(path) for path in candidates if path.is_file()), None)
     found = found or shutil.which("nixfmt")
     if found is None:
         if os.environ.get("CI"):
