@@ -314,29 +314,27 @@ def emulated_systems(
 
     require_root("registering binfmt handlers needs root")
     changed = False
+    for command in _emulation_commands(names):
+        changed = True
+        yield command
 
-    # The interpreters: install Debian's package when a handler file or interpreter is missing.
-    registrations = _package_registrations(names)
-    interpreters = [r.interpreter for r in (registrations or {}).values()]
-    if registrations is None or (interpreters and host.get_fact(MissingPaths, paths=interpreters)):
-        if not host.get_fact(Which, command="apt-get"):
-            yield fail_host(
-                f"{host.name}: no apt-get to install {QEMU_PACKAGE}; install QEMU user-mode "
-                f"emulators and the binfmt.d files {', '.join(names)} by hand"
+    if not changed:
+        if names:
+            host.noop(
+                f"binfmt handlers {', '.join(names)} are enabled with flag F "
+                f"and persisted in {LOCAL_BINFMT_DIR}",
             )
-            return
-        for command in apt.packages._inner(packages=[QEMU_PACKAGE], update=True):
-            changed = True
-            yield command
-        # At execute time this runs after the install, so the files are read again.
-        registrations = _package_registrations(names)
-        if registrations is None:
-            yield fail_host(
-                f"{host.name}: {QEMU_PACKAGE} is installed but has no "
-                f"{', '.join(package_conf_path(name) for name in names)}; reinstall it"
-            )
-            return
+        else:
+            host.noop("no systems to emulate and no binfmt handlers managed by nixpush")
 
+
+def _emulation_commands(names: Sequence[str]) -> Generator[PyinfraCommand, None, None]:
+    """What makes the handlers ``names`` registered and persisted, in order: the interpreters
+    installed, a foreign ``/etc/binfmt.d`` file refused, binfmt_misc mounted, each handler
+    registered and its file written, handlers nixpush no longer manages removed."""
+    registrations = yield from _installed_registrations(names)
+    if registrations is None:
+        return
     # A /etc/binfmt.d file someone else wrote fails the host before anything is registered.
     local_confs = {
         name: host.get_fact(FileContents, path=local_conf_path(name)) for name in registrations
@@ -353,48 +351,67 @@ def emulated_systems(
 
     handlers = host.get_fact(BinfmtHandlers)
     if handlers is None:
-        changed = True
         yield mount_binfmt_misc()
         handlers = host.get_fact(BinfmtHandlers) or {}
 
     for name, registration in registrations.items():
-        handler = handlers.get(name)
-        if handler is None:
-            changed = True
-            yield register_handler(registration)
-        elif not registration.matches(handler):
-            changed = True
-            yield unregister_handler(name)
-            yield register_handler(registration)
-        elif not handler.enabled:
-            changed = True
-            yield enable_handler(name)
-
-        wanted = local_conf_text(registration)
-        current = local_confs[name]
-        if _is_foreign(current):
-            continue  # written by hand with the very same registration: left as it is
-        if current != wanted.splitlines():
-            changed = True
-            path = local_conf_path(name)
-            yield from files.put._inner(src=StringIO(wanted), dest=path, mode="644")
+        yield from _handler_registered(registration, handlers.get(name), local_confs[name])
 
     for name in host.get_fact(ManagedBinfmtConfs):
         if name in registrations:
             continue
-        changed = True
         if name in handlers:
             yield unregister_handler(name)
         yield remove_file(local_conf_path(name))
 
-    if not changed:
-        if names:
-            host.noop(
-                f"binfmt handlers {', '.join(names)} are enabled with flag F "
-                f"and persisted in {LOCAL_BINFMT_DIR}",
-            )
-        else:
-            host.noop("no systems to emulate and no binfmt handlers managed by nixpush")
+
+def _installed_registrations(
+    names: Sequence[str],
+) -> Generator[PyinfraCommand, None, dict[str, BinfmtRegistration] | None]:
+    """The wanted registration per handler, installing Debian's package first when a handler
+    file or interpreter is missing; None once the host has failed."""
+    registrations = _package_registrations(names)
+    interpreters = [r.interpreter for r in (registrations or {}).values()]
+    if registrations is not None and not (
+        interpreters and host.get_fact(MissingPaths, paths=interpreters)
+    ):
+        return registrations
+    if not host.get_fact(Which, command="apt-get"):
+        yield fail_host(
+            f"{host.name}: no apt-get to install {QEMU_PACKAGE}; install QEMU user-mode "
+            f"emulators and the binfmt.d files {', '.join(names)} by hand"
+        )
+        return None
+    yield from apt.packages._inner(packages=[QEMU_PACKAGE], update=True)
+    # At execute time this runs after the install, so the files are read again.
+    registrations = _package_registrations(names)
+    if registrations is None:
+        yield fail_host(
+            f"{host.name}: {QEMU_PACKAGE} is installed but has no "
+            f"{', '.join(package_conf_path(name) for name in names)}; reinstall it"
+        )
+    return registrations
+
+
+def _handler_registered(
+    registration: BinfmtRegistration,
+    handler: BinfmtHandler | None,
+    current: list[str] | None,
+) -> Generator[PyinfraCommand, None, None]:
+    """One handler registered as wanted (re-registered when its flags or interpreter differ,
+    enabled when disabled) and persisted in its ``/etc/binfmt.d`` file."""
+    name = registration.name
+    if handler is None:
+        yield register_handler(registration)
+    elif not registration.matches(handler):
+        yield unregister_handler(name)
+        yield register_handler(registration)
+    elif not handler.enabled:
+        yield enable_handler(name)
+    wanted = local_conf_text(registration)
+    # A file written by hand with the very same registration is left as it is.
+    if not _is_foreign(current) and current != wanted.splitlines():
+        yield from files.put._inner(src=StringIO(wanted), dest=local_conf_path(name), mode="644")
 
 
 def _is_foreign(lines: list[str] | None) -> bool:

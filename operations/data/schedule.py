@@ -188,38 +188,7 @@ def parse_schedule(host_name: str, data: Any) -> Schedule:
     if "checkout" not in data:
         raise ScheduleError(f"{host_name}: schedule has no checkout; set it ({path})")
     age_key = data.get("age_key_file")
-    runs_data = data.get("runs") or {}
-    if not isinstance(runs_data, Mapping) or not runs_data:
-        raise ScheduleError(
-            f"{host_name}: schedule runs must map a mode ({', '.join(MODES)}) to "
-            "{'on_calendar': ..., 'randomized_delay': ...}"
-        )
-    runs = []
-    for mode, run in sorted(runs_data.items()):
-        if mode not in MODES or not isinstance(run, Mapping):
-            raise ScheduleError(
-                f"{host_name}: schedule runs has {mode!r}; modes are {', '.join(MODES)}, each "
-                "a dict with on_calendar"
-            )
-        limit, deploys = run.get("limit", []), run.get("deploys", [])
-        if not isinstance(limit, Sequence) or not isinstance(deploys, Sequence):
-            raise ScheduleError(f"{host_name}: schedule runs {mode} limit and deploys are lists")
-        runs.append(
-            Run(
-                mode=mode,
-                on_calendar=_text(
-                    host_name, f"runs {mode} on_calendar", run.get("on_calendar"), _CALENDAR,
-                    "a systemd calendar (`systemd-analyze calendar` checks one)",
-                ),
-                randomized_delay=_text(
-                    host_name, f"runs {mode} randomized_delay",
-                    str(run.get("randomized_delay", "0")), _TIMESPAN,
-                    "a systemd time span such as 10min",
-                ),
-                limit=tuple(_argument(host_name, f"runs {mode} limit", h) for h in limit),
-                deploys=tuple(_argument(host_name, f"runs {mode} deploys", d) for d in deploys),
-            )
-        )  # fmt: skip
+    runs = _runs(host_name, data.get("runs") or {})
     state_dir = _normal_dir(
         host_name, "state_dir", data.get("state_dir", DEFAULT_STATE_DIR), "/var/lib/nixpush"
     )
@@ -238,7 +207,43 @@ def parse_schedule(host_name: str, data: Any) -> Schedule:
         keep=_count(host_name, "keep", data.get("keep", DEFAULT_KEEP), 1),
         wait=_count(host_name, "wait", data.get("wait", 0), 0),
         timeout=_count(host_name, "timeout", data.get("timeout", int(DEFAULT_TIMEOUT)), 1),
-        runs=tuple(runs),
+        runs=runs,
         activate=activate,
         **_alerting(host_name, data, state_dir),
     )
+
+
+def _runs(host_name: str, runs_data: Any) -> tuple[Run, ...]:
+    """The ``runs`` of a schedule: one ``Run`` per mode, sorted by mode."""
+    if not isinstance(runs_data, Mapping) or not runs_data:
+        raise ScheduleError(
+            f"{host_name}: schedule runs must map a mode ({', '.join(MODES)}) to "
+            "{'on_calendar': ..., 'randomized_delay': ...}"
+        )
+    return tuple(_run(host_name, mode, run) for mode, run in sorted(runs_data.items()))
+
+
+def _run(host_name: str, mode: str, run: Any) -> Run:
+    """One mode's run: its timer's calendar and delay, what it limits to and deploys."""
+    if mode not in MODES or not isinstance(run, Mapping):
+        raise ScheduleError(
+            f"{host_name}: schedule runs has {mode!r}; modes are {', '.join(MODES)}, each "
+            "a dict with on_calendar"
+        )
+    limit, deploys = run.get("limit", []), run.get("deploys", [])
+    if not isinstance(limit, Sequence) or not isinstance(deploys, Sequence):
+        raise ScheduleError(f"{host_name}: schedule runs {mode} limit and deploys are lists")
+    return Run(
+        mode=mode,
+        on_calendar=_text(
+            host_name, f"runs {mode} on_calendar", run.get("on_calendar"), _CALENDAR,
+            "a systemd calendar (`systemd-analyze calendar` checks one)",
+        ),
+        randomized_delay=_text(
+            host_name, f"runs {mode} randomized_delay",
+            str(run.get("randomized_delay", "0")), _TIMESPAN,
+            "a systemd time span such as 10min",
+        ),
+        limit=tuple(_argument(host_name, f"runs {mode} limit", h) for h in limit),
+        deploys=tuple(_argument(host_name, f"runs {mode} deploys", d) for d in deploys),
+    )  # fmt: skip

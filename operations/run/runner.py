@@ -186,28 +186,14 @@ def run_deploy(
     summary_file.unlink(missing_ok=True)
     args = pyinfra_args(program, mode, inventory, deploy, limit)
     started = time.monotonic()
-    try:
-        result = run_local(
-            args,
-            env=deploy_env(summary_file, state_dir, lock_fd),
-            timeout=timeout,
-            pass_fds=() if lock_fd is None else (lock_fd,),
-        )
-        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
-        timed_out = False
-    except subprocess.TimeoutExpired as expired:
-        returncode, stdout, timed_out = -1, "", True
-        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else ""
+    returncode, stdout, stderr, timed_out = _run_pyinfra(
+        args, deploy_env(summary_file, state_dir, lock_fd), timeout, lock_fd
+    )
     duration = time.monotonic() - started
     log.write(f"==> {' '.join(args[1:])} (exit {returncode}, {duration:.1f}s)\n{stderr}\n")
     sys.stderr.write(stderr)
 
-    summary: Mapping[str, Any] | None = None
-    if summary_file.exists():
-        try:
-            summary = json.loads(summary_file.read_text())
-        except json.JSONDecodeError:
-            summary = None
+    summary = _read_summary(summary_file)
     # No summary, yet hosts pyinfra could not connect to: it stopped before any deploy code
     # ran ("No hosts remaining!"), so which of them may be away is read from the inventory.
     away = offline_ok_hosts(inventory) if summary is None and report.connect_errors(stderr) else ()
@@ -216,17 +202,10 @@ def run_deploy(
         offline_ok=away,
     )  # fmt: skip
     no_match = NO_HOST_MATCHED in stderr
-    error: str | None = None
-    if timed_out:
-        error = f"timed out after {timeout:g}s"
-    elif no_match:
-        error = f"{NO_HOST_MATCHED} {' '.join(limit)}"
-    elif (
-        returncode != 0
-        and not any(o.status == "failed" for o in hosts.values())
-        and not (hosts and all(o.status == "offline" for o in hosts.values()))
-    ):
-        error = report.last_error(stderr) or f"pyinfra exited {returncode}"
+    error = _deploy_error(
+        returncode, stderr, hosts, timeout=timeout if timed_out else None,
+        no_match=f"{NO_HOST_MATCHED} {' '.join(limit)}" if no_match else None,
+    )  # fmt: skip
     return (
         DeployResult(
             deploy=deploy,
@@ -238,6 +217,54 @@ def run_deploy(
         ),
         summary,
     )
+
+
+def _run_pyinfra(
+    args: Sequence[str], env: Mapping[str, str], timeout: float, lock_fd: int | None
+) -> tuple[int, str, str, bool]:
+    """pyinfra's exit code, stdout and stderr, and whether it timed out (exit -1)."""
+    try:
+        result = run_local(
+            args, env=env, timeout=timeout, pass_fds=() if lock_fd is None else (lock_fd,)
+        )
+    except subprocess.TimeoutExpired as expired:
+        stderr = expired.stderr.decode() if isinstance(expired.stderr, bytes) else ""
+        return -1, "", stderr, True
+    return result.returncode, result.stdout, result.stderr, False
+
+
+def _read_summary(path: Path) -> Mapping[str, Any] | None:
+    """The run summary a deploy wrote; None when it wrote none or an unreadable one."""
+    if not path.exists():
+        return None
+    try:
+        summary: Mapping[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return summary
+
+
+def _deploy_error(
+    returncode: int,
+    stderr: str,
+    hosts: Mapping[str, report.HostOutcome],
+    *,
+    timeout: float | None,
+    no_match: str | None,
+) -> str | None:
+    """What went wrong with the deploy as a whole, beyond its hosts' own outcomes: a time-out,
+    no host matched, or a failed exit that no failed (or offline) host explains."""
+    if timeout is not None:
+        return f"timed out after {timeout:g}s"
+    if no_match is not None:
+        return no_match
+    if (
+        returncode != 0
+        and not any(o.status == "failed" for o in hosts.values())
+        and not (hosts and all(o.status == "offline" for o in hosts.values()))
+    ):
+        return report.last_error(stderr) or f"pyinfra exited {returncode}"
+    return None
 
 
 class RunLog:
@@ -368,14 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run(args, datetime.now(UTC), held.fd)
             reports = Path(args.state_dir) / "reports"
             path = reports / f"{result['id']}.json"
-            unwritten: OSError | None = None
-            try:
-                report.write_report(reports, result)
-                report.prune_reports(reports, args.keep)
-            except OSError as error:  # the deploys ran: say what they did, and fail
-                unwritten = error
-                if result["exit_code"] in (ExitCode.OK, ExitCode.DRIFT):
-                    result = {**result, "exit_code": int(ExitCode.FAILED)}
+            result, unwritten = _keep_report(reports, result, args.keep)
             # Under the lock (it reads what the last run kept); with what is known, even when
             # the report is missing: the monitor must see the run that could not record itself.
             record_metrics(args, result)
@@ -398,12 +418,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"report: {path}")
     if args.on_failure and alerts.wants_alert(result):
-        try:
-            problem = alerts.alert_error(args.on_failure, result, path, missing=missing)
-        except Exception as error:  # nothing the alert does changes the run's exit code
-            problem = f"on_failure failed: {type(error).__name__}: {error}"
-        print(f"nixpush-run: {problem or 'on_failure ran'}", file=sys.stderr)
+        _alert(args.on_failure, result, path, missing)
     return int(result["exit_code"])
+
+
+def _keep_report(
+    reports: Path, result: dict[str, Any], keep: int
+) -> tuple[dict[str, Any], OSError | None]:
+    """Write the run's report and prune old ones. One that cannot be written (a full disk)
+    fails the run, whose deploys went on: the result with exit 1, and the error."""
+    try:
+        report.write_report(reports, result)
+        report.prune_reports(reports, keep)
+    except OSError as error:  # the deploys ran: say what they did, and fail
+        if result["exit_code"] in (ExitCode.OK, ExitCode.DRIFT):
+            result = {**result, "exit_code": int(ExitCode.FAILED)}
+        return result, error
+    return result, None
+
+
+def _alert(
+    command: Sequence[str], result: Mapping[str, Any], path: Path, missing: str | None
+) -> None:
+    """Run ``on_failure`` and say how it went; nothing it does changes the run's exit code."""
+    try:
+        problem = alerts.alert_error(command, result, path, missing=missing)
+    except Exception as error:
+        problem = f"on_failure failed: {type(error).__name__}: {error}"
+    print(f"nixpush-run: {problem or 'on_failure ran'}", file=sys.stderr)
 
 
 def record_metrics(args: argparse.Namespace, result: Mapping[str, Any]) -> None:
