@@ -27,11 +27,11 @@ import sys
 import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from weakref import WeakKeyDictionary
 
 from operations.core.lock import hold_deploy_lock
 from operations.core.process import limit_sessions
-from operations.core.summary import RunSummary, summary_for
+from operations.core.runstate import run_of, summary_for
+from operations.core.summary import RunSummary
 from operations.data.fleet import FleetError, HostSpec, read_fleet
 from operations.push.runcache import RunCache
 from operations.trust.secrets import host_secrets
@@ -66,9 +66,6 @@ def check_inventory(inventory: Inventory) -> dict[str, HostSpec]:
     return specs
 
 
-_started: WeakKeyDictionary[State, Deploy] = WeakKeyDictionary()
-
-
 def register_deploy_file(filename: str) -> types.ModuleType:
     """
     Make the deploy file pyinfra runs (``exec``, never imported) known as a module.
@@ -95,8 +92,9 @@ def start_deploy(state: State) -> Deploy:
     its ``Deploy`` (checking the fleet costs CPU, and every greenlet waits while one spends it)."""
     if state.current_deploy_filename:  # each deploy file of the run, before any operation
         register_deploy_file(state.current_deploy_filename)
-    if state in _started:
-        return _started[state]
+    run = run_of(state)
+    if isinstance(run.deploy, Deploy):
+        return run.deploy
     specs = check_inventory(state.inventory)
     hold_deploy_lock()
     for inventory_host in state.inventory:
@@ -104,5 +102,6 @@ def start_deploy(state: State) -> Deploy:
     summary = summary_for(state)
     # A host that may be asleep (offline_ok) is offline, not failed, in every deploy.
     summary.excuse_offline(name for name, spec in specs.items() if spec.offline_ok)
-    deploy = _started[state] = Deploy(specs, summary, RunCache(specs))
+    deploy = Deploy(specs, summary, RunCache(specs))
+    run.deploy = deploy
     return deploy

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from operations.core.process import find_program, run_local
+from operations.core.runstate import current_run
 from operations.trust.secrets import DEPLOY_KEY_PATH as DEPLOY_KEY_PATH
 from operations.trust.secrets import SIGNING_KEY_PATH as SIGNING_KEY_PATH
 from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
@@ -36,9 +37,6 @@ PULL_KEY_PATH = "/root/.ssh/nixpush_builder"
 
 _KEY_TYPE = re.compile(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)")
 _SSH_KEY_FIX = "store an OpenSSH ed25519 private key there (ssh-keygen -t ed25519 -N '')"
-# Public halves already derived this run, by the SHA-256 of their private key: every target of
-# a builder asks for the same one (an ssh-keygen process each, otherwise).
-_ssh_public_keys: dict[str, str] = {}
 
 
 def parse_public_key(line: str) -> tuple[str, str] | None:
@@ -55,9 +53,11 @@ def ssh_public_key(private_key: Plaintext) -> str:
     The public key line (``ssh-ed25519 AAAA...``) of an OpenSSH private key, derived on the
     controller by ``ssh-keygen -y`` reading the key from its stdin. Raises ValueError.
     """
+    # Kept on the run by digest: every target of a builder asks for the same one.
+    derived = current_run().ssh_public_keys
     digest = hashlib.sha256(private_key.reveal().encode()).hexdigest()
-    if digest in _ssh_public_keys:
-        return _ssh_public_keys[digest]
+    if digest in derived:
+        return derived[digest]
     keygen = find_program("ssh-keygen")
     if keygen is None:
         raise ValueError("ssh-keygen is not installed on the controller; install OpenSSH's client")
@@ -71,7 +71,7 @@ def ssh_public_key(private_key: Plaintext) -> str:
         raise ValueError(
             f"{private_key} is not an unencrypted OpenSSH private key ({result.stderr.strip()})"
         )
-    _ssh_public_keys[digest] = public
+    derived[digest] = public
     return public
 
 

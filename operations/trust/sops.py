@@ -1,8 +1,9 @@
 """Decrypting values of a sops-encrypted file on the controller, by running the ``sops`` binary.
 
 The age key comes from ``SOPS_AGE_KEY_FILE`` (or sops's other usual places) in the controller's
-environment. Each (file, key path) is decrypted once per run and kept in memory only, wrapped in
-``Plaintext`` so that printing, logging or formatting it into a message shows a mask.
+environment. Each (file, key path) is decrypted once per run and kept in memory only, on the run
+(``operations.core.runstate``: dropped when it ends), wrapped in ``Plaintext`` so that printing,
+logging or formatting it into a message shows a mask.
 
 .. code:: python
 
@@ -12,23 +13,21 @@ environment. Each (file, key path) is decrypted once per run and kept in memory 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import re
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
 
+from operations.core.models import KeyPath as KeyPath
+from operations.core.models import Plaintext as Plaintext
 from operations.core.process import find_program, run_local
+from operations.core.runstate import current_run
 
 # sops exits with 128 when no master key (age, PGP, KMS, ...) decrypts the file's data key.
 SOPS_NO_KEY_EXIT = 128
-
-KeyPath = tuple[str | int, ...]
 
 _BRACKETED = re.compile(r'\[(?:"((?:[^"\\]|\\.)*)"|(\d+))\]')
 
@@ -76,37 +75,6 @@ def extract_expression(path: KeyPath) -> str:
     )
 
 
-@dataclass(frozen=True)
-class Plaintext:
-    """
-    A decrypted value. Its ``repr`` and ``str`` are a mask naming where it came from, so it
-    can't leak through a log line, an f-string or an exception by accident.
-
-    .. code:: python
-
-        str(value)  # "<secret headscale/pre_auth>"
-        value.reveal()  # the text itself
-    """
-
-    label: str
-    _text: str = field(repr=False)
-
-    def reveal(self) -> str:
-        """The decrypted text: hand it to a process's stdin and nowhere else."""
-        return self._text
-
-    @property
-    def sha256(self) -> str:
-        """Hex sha256 of the text's UTF-8 bytes, what ``sha256sum`` prints for the file."""
-        return hashlib.sha256(self._text.encode()).hexdigest()
-
-    def __str__(self) -> str:
-        return f"<secret {self.label}>"
-
-    def __repr__(self) -> str:
-        return f"Plaintext(<secret {self.label}>)"
-
-
 class SopsError(PyinfraError):
     """
     A value could not be decrypted. ``problem`` says what went wrong and ``fix`` what to do;
@@ -124,21 +92,10 @@ class SopsError(PyinfraError):
         return f"{self.problem}; {self.fix}"
 
 
-_cache: dict[tuple[str, KeyPath], Plaintext] = {}
-# pyinfra runs deploy code for each host in its own greenlet (gevent patches threading), so
-# two hosts asking for one value at once would both run sops without the lock.
-_lock = threading.Lock()
-
-
-def clear_cache() -> None:
-    """Forget every decrypted value (tests; a long-lived process between runs)."""
-    with _lock:
-        _cache.clear()
-
-
 def decrypt(sops_file: str | Path, path: KeyPath) -> Plaintext:
     """
-    The value at ``path`` in ``sops_file``, decrypted on the controller once per run.
+    The value at ``path`` in ``sops_file``, decrypted on the controller once per run (kept on
+    the run, ``Run.decrypted``, until it ends).
 
     + sops_file: the sops-encrypted file on the controller (relative to the current directory)
     + path: a key path from ``parse_key_path``
@@ -152,10 +109,11 @@ def decrypt(sops_file: str | Path, path: KeyPath) -> Plaintext:
     """
     file = Path(sops_file).expanduser().absolute()
     cache_key = (str(file), path)
-    with _lock:
-        cached = _cache.get(cache_key)
+    run = current_run()
+    with run.decrypting:
+        cached = run.decrypted.get(cache_key)
         if cached is None:
-            cached = _cache[cache_key] = _run_sops(file, path)
+            cached = run.decrypted[cache_key] = _run_sops(file, path)
         return cached
 
 

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from operations.trust import secrets, sops
+from operations.core.runstate import current_run
+from operations.trust import secrets
 from operations.trust.recipients import bech32_encode, file_recipients, pushed_readers, ssh_to_age
 from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
 from operations.trust.sops import Plaintext
@@ -141,4 +142,4 @@ def test_the_push_key_comes_from_nixpushs_own_file_when_set(write_inventory, tmp
     host, secret, _ = _builder(write_inventory, tmp_path, VECTORS[PI4_KEY], own=own)
     decrypt_secret(host, secret)
     assert calls == [str(own)]
-    sops.clear_cache()
+    current_run().drop_secrets()
