@@ -58,8 +58,7 @@ from operations.trust.keys import pull_client_key as _client_key
 from operations.trust.ssh import user_account
 
 if TYPE_CHECKING:
-    from pyinfra.api.host import Host
-    from pyinfra.api.inventory import Inventory
+    pass
 
 SSH_CONFIG_DIR = "/etc/ssh/ssh_config.d"
 PULL_FEATURES = ("nixos-test", "benchmark", "big-parallel")
@@ -271,18 +270,16 @@ def build_machine_for(target: HostSpec, builder: HostSpec) -> BuildMachine:
         raise FleetError([f"{target.name}: pull builds from {builder.name}: {e}"]) from None
 
 
-def pull_client_key(target: Host, for_host: str) -> str:
+def pull_client_key(specs: Mapping[str, HostSpec], target: str, for_host: str) -> str:
     """
     The public half of ``target``'s builder-client key (its secret installed at
     ``PULL_KEY_PATH``), derived in memory on the controller, with ``KEY_COMMENT`` naming
     the target. ``SecretError`` naming ``for_host``, the target and the fix.
     """
-    return _client_key(target, for_host, f"{KEY_COMMENT}{target.name}")
+    return _client_key(specs, target, for_host, f"{KEY_COMMENT}{target}")
 
 
-def client_keys_by_user(
-    inventory: Inventory, specs: Mapping[str, HostSpec], builder: str
-) -> dict[str, list[str]]:
+def client_keys_by_user(specs: Mapping[str, HostSpec], builder: str) -> dict[str, list[str]]:
     """
     For each ``builder_user`` of the targets pulling from ``builder``, their public client
     keys (``pull_client_key``, derived on the controller from sops): what the builder
@@ -291,7 +288,7 @@ def client_keys_by_user(
     keys: dict[str, list[str]] = {}
     for target in pulling_targets(specs, builder):
         assert target.builder_user is not None
-        key = pull_client_key(inventory.get_host(target.name), builder)
+        key = pull_client_key(specs, target.name, builder)
         keys.setdefault(target.builder_user, []).append(key)
     return keys
 

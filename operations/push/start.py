@@ -32,12 +32,10 @@ from operations.core.lock import hold_deploy_lock
 from operations.core.process import limit_sessions
 from operations.core.runstate import run_of, summary_for
 from operations.core.summary import RunSummary
-from operations.data.fleet import FleetError, HostSpec, read_fleet
+from operations.data.fleet import HostSpec, check_fleet
 from operations.push.runcache import RunCache
-from operations.trust.secrets import host_secrets
 
 if TYPE_CHECKING:
-    from pyinfra.api.inventory import Inventory
     from pyinfra.api.state import State
 
 
@@ -49,21 +47,6 @@ class Deploy:
     specs: dict[str, HostSpec]
     summary: RunSummary
     cache: RunCache
-
-
-def check_inventory(inventory: Inventory) -> dict[str, HostSpec]:
-    """``check_fleet``, plus every host's ``secrets`` entries (``host_secrets``): every deploy
-    refuses a broken entry at its start, not only deploys/secrets.py. ``FleetError`` lists
-    every problem."""
-    specs, problems = read_fleet(inventory)
-    for host in inventory:
-        try:
-            host_secrets(host)
-        except FleetError as error:
-            problems.extend(error.problems)
-    if problems:
-        raise FleetError(problems)
-    return specs
 
 
 def register_deploy_file(filename: str) -> types.ModuleType:
@@ -95,7 +78,7 @@ def start_deploy(state: State) -> Deploy:
     run = run_of(state)
     if isinstance(run.deploy, Deploy):
         return run.deploy
-    specs = check_inventory(state.inventory)
+    specs = check_fleet(state.inventory)
     hold_deploy_lock()
     for inventory_host in state.inventory:
         limit_sessions(inventory_host, specs[inventory_host.name].max_ssh_sessions)

@@ -4,7 +4,7 @@ derived in memory on the controller from the sops values (never from a host, nev
 
 .. code:: python
 
-    trust = builder_trust(inventory.get_host("nas"), for_host="pi4")
+    trust = builder_trust(specs, "nas", for_host="pi4")
     trust.ssh_public_key, trust.nix_public_key   # what pi4 authorizes and trusts
 """
 
@@ -14,7 +14,7 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,11 +22,11 @@ from operations.core.process import find_program, run_local
 from operations.core.runstate import current_run
 from operations.trust.secrets import DEPLOY_KEY_PATH as DEPLOY_KEY_PATH
 from operations.trust.secrets import SIGNING_KEY_PATH as SIGNING_KEY_PATH
-from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
+from operations.trust.secrets import SecretError, decrypt_secret
 from operations.trust.sops import Plaintext
 
 if TYPE_CHECKING:
-    from pyinfra.api.host import Host
+    from operations.data.fleet import HostSpec
 
 # DEPLOY_KEY_PATH and SIGNING_KEY_PATH, where the builder keeps what it pushes with, are defined
 # with the secrets (which decrypt them from nixpush's own sops file). Nix's `secret-key-files`
@@ -92,14 +92,16 @@ def nix_public_key(secret_key: Plaintext) -> str:
     return f"{name}:{base64.b64encode(raw[32:]).decode()}"
 
 
-def installed_secret(host: Host, dest: str, for_host: str, missing: str, fix: str) -> Plaintext:
+def installed_secret(
+    specs: Mapping[str, HostSpec], name: str, dest: str, for_host: str, missing: str, fix: str
+) -> Plaintext:
     """
-    The decrypted value of ``host``'s secret installed at ``dest``; ``SecretError`` naming
-    ``for_host`` with ``missing`` and ``fix`` when ``host`` has none there.
+    The decrypted value of host ``name``'s secret installed at ``dest``; ``SecretError``
+    naming ``for_host`` with ``missing`` and ``fix`` when ``name`` has none there.
     """
-    for secret in host_secrets(host):
+    for secret in specs[name].secrets:
         if secret.dest == dest:
-            return decrypt_secret(host, secret)
+            return decrypt_secret(specs[name], specs, secret)
     raise SecretError(for_host, dest, missing, fix)
 
 
@@ -121,51 +123,54 @@ class BuilderTrust:
     nix_public_key: str  # of the signing key, for the target's trusted-public-keys
 
 
-def builder_trust(builder: Host, for_host: str) -> BuilderTrust:
+def builder_trust(specs: Mapping[str, HostSpec], builder: str, for_host: str) -> BuilderTrust:
     """
     The public halves of ``builder``'s deploy key (``DEPLOY_KEY_PATH``) and Nix signing key
     (``SIGNING_KEY_PATH``), computed on the controller from their decrypted values. Raises
     ``SecretError`` naming ``for_host``, the secret and the fix.
 
-    + builder: the target's builder, ``inventory.get_host(spec.builder_host)``
+    + specs: the fleet's specs (``check_fleet``)
+    + builder: the target's builder (``spec.pushed_by``)
     + for_host: the target's name, for messages
     """
 
     def secret(dest: str) -> Plaintext:
         return installed_secret(
+            specs,
             builder,
             dest,
             for_host,
-            f"its builder {builder.name} has no secret installed at {dest}",
-            f"add one to {builder.name}'s secrets (group_data/server.py, for the server root)",
+            f"its builder {builder} has no secret installed at {dest}",
+            f"add one to {builder}'s secrets (group_data/server.py, for the server root)",
         )
 
     deploy, signing = secret(DEPLOY_KEY_PATH), secret(SIGNING_KEY_PATH)
     return BuilderTrust(
-        _derived(for_host, f"{deploy.label} (on {builder.name})", _SSH_KEY_FIX,
+        _derived(for_host, f"{deploy.label} (on {builder})", _SSH_KEY_FIX,
                  ssh_public_key, deploy),
         _derived(
-            for_host, f"{signing.label} (on {builder.name})",
+            for_host, f"{signing.label} (on {builder})",
             "store a key from `nix key generate-secret --key-name NAME` there",
             nix_public_key, signing,
         ),
     )  # fmt: skip
 
 
-def pull_client_key(target: Host, for_host: str, comment: str) -> str:
+def pull_client_key(specs: Mapping[str, HostSpec], target: str, for_host: str, comment: str) -> str:
     """
     The public half of ``target``'s builder-client key (its secret at ``PULL_KEY_PATH``),
     ``type base64 {comment}``. ``SecretError`` naming ``for_host``, the target and the fix.
     """
     value = installed_secret(
+        specs,
         target,
         PULL_KEY_PATH,
         for_host,
-        f"{target.name} pulls builds (builder_user) but has no secret installed at {PULL_KEY_PATH}",
-        f"add its builder-client key to {target.name}'s secrets with dest {PULL_KEY_PATH}, "
+        f"{target} pulls builds (builder_user) but has no secret installed at {PULL_KEY_PATH}",
+        f"add its builder-client key to {target}'s secrets with dest {PULL_KEY_PATH}, "
         "or remove builder_user",
     )
-    public = _derived(for_host, f"{value.label} (of {target.name})", _SSH_KEY_FIX,
+    public = _derived(for_host, f"{value.label} (of {target})", _SSH_KEY_FIX,
                       ssh_public_key, value)  # fmt: skip
     kind, blob = public.split()[:2]
     return f"{kind} {blob} {comment}"

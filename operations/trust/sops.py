@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
@@ -25,47 +24,11 @@ from operations.core.models import KeyPath as KeyPath
 from operations.core.models import Plaintext as Plaintext
 from operations.core.process import find_program, run_local
 from operations.core.runstate import current_run
+from operations.data.secret import key_path_text as key_path_text
+from operations.data.secret import parse_key_path as parse_key_path
 
 # sops exits with 128 when no master key (age, PGP, KMS, ...) decrypts the file's data key.
 SOPS_NO_KEY_EXIT = 128
-
-_BRACKETED = re.compile(r'\[(?:"((?:[^"\\]|\\.)*)"|(\d+))\]')
-
-
-def parse_key_path(text: str) -> KeyPath:
-    """
-    A sops key path from ``a/b`` or sops's own ``["a"]["b"]`` (``[0]`` indexes a list).
-    Raises ValueError naming the problem.
-
-    .. code:: python
-
-        parse_key_path("headscale/pre_auth") == ("headscale", "pre_auth")
-        parse_key_path('["ssh"]["nas_deploy"]') == ("ssh", "nas_deploy")
-    """
-    text = text.strip()
-    if not text:
-        raise ValueError("the key path is empty")
-    if text.startswith("["):
-        parts: list[str | int] = []
-        position = 0
-        for match in _BRACKETED.finditer(text):
-            if match.start() != position:
-                break
-            quoted, index = match.groups()
-            parts.append(json.loads(f'"{quoted}"') if quoted is not None else int(index))
-            position = match.end()
-        if position != len(text) or not parts:
-            raise ValueError(f'{text!r} is not a sops key path like ["headscale"]["pre_auth"]')
-        return tuple(parts)
-    segments = text.split("/")
-    if any(not segment for segment in segments):
-        raise ValueError(f"{text!r} has an empty part; write it like headscale/pre_auth")
-    return tuple(segments)
-
-
-def key_path_text(path: KeyPath) -> str:
-    """How nixpush names a key path in messages: ``key_path_text(("a", "b")) == "a/b"``."""
-    return "/".join(str(part) for part in path)
 
 
 def extract_expression(path: KeyPath) -> str:
@@ -92,13 +55,14 @@ class SopsError(PyinfraError):
         return f"{self.problem}; {self.fix}"
 
 
-def decrypt(sops_file: str | Path, path: KeyPath) -> Plaintext:
+def decrypt(sops_file: str | Path, path: KeyPath, *, data_key: str = "sops_file") -> Plaintext:
     """
     The value at ``path`` in ``sops_file``, decrypted on the controller once per run (kept on
     the run, ``Run.decrypted``, until it ends).
 
     + sops_file: the sops-encrypted file on the controller (relative to the current directory)
     + path: a key path from ``parse_key_path``
+    + data_key: the data key that names ``sops_file``, for the fix when it does not exist
 
     Raises ``SopsError`` when sops is missing, the file is missing, the key path is absent or
     no key decrypts the file.
@@ -113,7 +77,7 @@ def decrypt(sops_file: str | Path, path: KeyPath) -> Plaintext:
     with run.decrypting:
         cached = run.decrypted.get(cache_key)
         if cached is None:
-            cached = run.decrypted[cache_key] = _run_sops(file, path)
+            cached = run.decrypted[cache_key] = _run_sops(file, path, data_key)
         return cached
 
 
@@ -162,7 +126,7 @@ def sops_program() -> str | None:
     return str(binary)
 
 
-def _run_sops(file: Path, path: KeyPath) -> Plaintext:
+def _run_sops(file: Path, path: KeyPath, data_key: str) -> Plaintext:
     label = key_path_text(path)
     sops = sops_program()
     if sops is None:
@@ -173,7 +137,7 @@ def _run_sops(file: Path, path: KeyPath) -> Plaintext:
     if not file.is_file():
         raise SopsError(
             f"the secrets file {file} does not exist",
-            "set sops_file to the sops-encrypted secrets file on the controller",
+            f"set {data_key} to the sops-encrypted file on the controller",
         )
     try:
         result = run_local(

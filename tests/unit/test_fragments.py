@@ -9,7 +9,6 @@ import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -145,16 +144,6 @@ def required_nixos_eval_check() -> Path:
     return check
 
 
-class _Inventory:
-    """What ``host_fragment`` reads of a pyinfra inventory for a host that builds nothing."""
-
-    def __init__(self, data: dict[str, object]) -> None:
-        self.data = data
-
-    def get_host(self, name: str) -> _Inventory:
-        return self
-
-
 def _alerting_fragment(**changes: object) -> fragments.Fragment:
     data = {
         "enabled": True,
@@ -169,7 +158,7 @@ def _alerting_fragment(**changes: object) -> fragments.Fragment:
     }
     spec = HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas")
     specs = {"nas": replace(spec, schedule=parse_schedule("nas", data))}
-    return fragments.host_fragment(_Inventory({"schedule": data}), specs, "nas")  # type: ignore[arg-type]
+    return fragments.host_fragment(specs, "nas")
 
 
 def test_the_fragment_wires_metrics_and_on_failure_and_the_node_exporter_when_asked():
@@ -211,25 +200,24 @@ def test_a_fragment_with_metrics_on_failure_and_the_node_exporter_passes_the_nix
 
 
 @pytest.fixture
-def shipped(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, HostSpec]]:
+def shipped(monkeypatch: pytest.MonkeyPatch) -> dict[str, HostSpec]:
     """The repository's inventory.py and group_data, the builder's keys stand-ins (no sops)."""
-    monkeypatch.setattr(fragments, "builder_trust", lambda builder, for_host: BuilderTrust(
+    monkeypatch.setattr(fragments, "builder_trust", lambda specs, builder, for_host: BuilderTrust(
         SSH_KEY, NIX_KEY))  # fmt: skip
-    inventory = load_inventory(REPO / "inventory.py", REPO)
-    return inventory, check_fleet(inventory)
+    return check_fleet(load_inventory(REPO / "inventory.py", REPO))
 
 
 def test_every_host_nixpush_runs_sudo_on_gets_the_rule_as_root_only(shipped):
-    inventory, specs = shipped
+    specs = shipped
     rule = {
         "users": ["beau"],
         "runAs": "root",
         "commands": [{"command": "ALL", "options": ["NOPASSWD"]}],
     }
     for name in ("nas", "pi4", "grill", "laptop"):  # the NAS too: it builds and copies
-        options = fragments.host_fragment(inventory, specs, name).options
+        options = fragments.host_fragment(specs, name).options
         assert options["security.sudo.extraRules"] == [rule], name
-    assert not fragments.host_fragment(inventory, specs, "iso").sections  # an image: none
+    assert not fragments.host_fragment(specs, "iso").sections  # an image: none
 
 
 def test_a_builder_nixpush_logs_in_to_as_root_gets_no_sudo_rule(write_inventory):
@@ -241,7 +229,7 @@ def test_a_builder_nixpush_logs_in_to_as_root_gets_no_sudo_rule(write_inventory)
         "binfmt_emulated_systems": ["aarch64-linux"],
     }
     inventory = write_inventory({"server": [("nas", nas)]})
-    fragment = fragments.host_fragment(inventory, check_fleet(inventory), "nas")
+    fragment = fragments.host_fragment(check_fleet(inventory), "nas")
     assert "security.sudo.extraRules" not in fragment.options
     assert fragment.options["boot.binfmt.emulatedSystems"] == ["aarch64-linux"]
 
@@ -250,10 +238,10 @@ def test_every_shipped_fragment_passes_nixos_eval(shipped, tmp_path: Path):
     """NixOS's own module system (shared/nixos-eval) accepts every fragment of the shipped
     inventory: option names, types, sudo's rule, the units."""
     check = required_nixos_eval_check()
-    inventory, specs = shipped
+    specs = shipped
     paths = []
     for name in specs:
-        fragment = fragments.host_fragment(inventory, specs, name)
+        fragment = fragments.host_fragment(specs, name)
         if fragment.sections:
             path = tmp_path / f"{name}.nix"
             path.write_text(fragment.render())
@@ -264,7 +252,7 @@ def test_every_shipped_fragment_passes_nixos_eval(shipped, tmp_path: Path):
     shipped_schedule = runpy.run_path(str(REPO / "group_data" / "server.py"))["schedule"]
     scheduled = load_inventory(REPO / "inventory.py", REPO,
                                {"schedule": {**shipped_schedule, "enabled": True}})  # fmt: skip
-    nas = fragments.host_fragment(scheduled, check_fleet(scheduled), "nas")
+    nas = fragments.host_fragment(check_fleet(scheduled), "nas")
     assert nas.uses_env
     (tmp_path / "scheduled").mkdir()
     (tmp_path / "scheduled" / "nas.nix").write_text(nas.render())
@@ -393,5 +381,5 @@ def test_keep_generations_limits_every_boot_loader_and_passes_the_nixos_check(tm
 def test_a_target_with_keep_generations_gets_the_limit_in_its_fragment():
     spec = HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas")
     specs = {"nas": replace(spec, builder_host="nas", keep_generations=4)}
-    fragment = fragments.host_fragment(_Inventory({}), specs, "nas")  # type: ignore[arg-type]
+    fragment = fragments.host_fragment(specs, "nas")
     assert fragment.options["boot.loader.grub.configurationLimit"] == 4

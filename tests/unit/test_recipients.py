@@ -15,9 +15,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from operations.core.runstate import current_run
+from operations.data.fleet import host_secrets, read_fleet
 from operations.trust import secrets
 from operations.trust.recipients import bech32_encode, file_recipients, pushed_readers, ssh_to_age
-from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
+from operations.trust.secrets import SecretError, decrypt_secret
 from operations.trust.sops import Plaintext
 
 # Mic92/ssh-to-age's test vectors: cmd/ssh-to-age/test-assets/keyscan.txt's ed25519 keys and
@@ -98,6 +99,12 @@ def test_a_sops_files_recipients_come_from_its_metadata(tmp_path: Path):
     assert pushed_readers([OWNER, VECTORS[PI4_KEY]], {"pi4": PI4_KEY, "pi5": None}) == ["pi4"]
 
 
+def _fleet_of(host):  # type: ignore[no-untyped-def]
+    """The host's spec and its fleet's, as deploy code has them."""
+    specs = read_fleet(host.inventory)[0]
+    return specs[host.name], specs
+
+
 def _builder(write_inventory, tmp_path: Path, recipients: str, own: Path | None = None):
     shared = tmp_path / "secrets.yaml"
     shared.write_text(SOPS_YAML.format(owner=OWNER, host=recipients))
@@ -123,10 +130,10 @@ def _builder(write_inventory, tmp_path: Path, recipients: str, own: Path | None 
 def test_a_push_key_in_a_file_a_pushed_host_can_decrypt_is_refused_naming_the_fix(
     write_inventory, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(secrets, "decrypt", lambda f, k: Plaintext("ssh/nas_deploy", "x"))
+    monkeypatch.setattr(secrets, "decrypt", lambda f, k, **_: Plaintext("ssh/nas_deploy", "x"))
     host, secret, shared = _builder(write_inventory, tmp_path, VECTORS[PI4_KEY])
     with pytest.raises(SecretError) as caught:
-        decrypt_secret(host, secret)
+        decrypt_secret(*_fleet_of(host), secret)
     message = caught.value.message
     assert message.startswith(f"nas: secret ssh/nas_deploy ({secrets.DEPLOY_KEY_PATH}): {shared}")
     assert "age key of pi4's SSH host key" in message
@@ -135,11 +142,13 @@ def test_a_push_key_in_a_file_a_pushed_host_can_decrypt_is_refused_naming_the_fi
 
 def test_the_push_key_comes_from_nixpushs_own_file_when_set(write_inventory, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(secrets, "decrypt", lambda f, k: calls.append(f) or Plaintext("k", "x"))
+    monkeypatch.setattr(
+        secrets, "decrypt", lambda f, k, **_: calls.append(f) or Plaintext("k", "x")
+    )
     own = tmp_path / "nixpush.yaml"
     own.write_text(SOPS_YAML.format(owner=OWNER, host=OWNER))
     # The shared file is encrypted to pi4 (sops-nix's), nixpush's own file only to the owner.
     host, secret, _ = _builder(write_inventory, tmp_path, VECTORS[PI4_KEY], own=own)
-    decrypt_secret(host, secret)
+    decrypt_secret(*_fleet_of(host), secret)
     assert calls == [str(own)]
     current_run().drop_secrets()

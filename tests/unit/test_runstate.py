@@ -59,7 +59,7 @@ def decrypts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """sops stands in: each decryption is recorded, its value names the key path."""
     calls: list[str] = []
 
-    def run_sops(file: Any, path: Any) -> Plaintext:
+    def run_sops(file: Any, path: Any, data_key: str) -> Plaintext:
         calls.append(str(file))
         return Plaintext("/".join(path), f"value of {'/'.join(path)}")
 

@@ -26,14 +26,13 @@ from operations.core.files import (
     write_file,
 )
 from operations.core.runstate import current_run
-from operations.data.fleet import FleetError
+from operations.data.fleet import FleetError, host_secrets, read_fleet
 from operations.trust import keys, secrets, sops, ssh
 from operations.trust.keys import nix_public_key
 from operations.trust.secrets import (
     MissingAccounts,
     Secret,
     SecretError,
-    host_secrets,
     parse_mode,
     parse_secret,
     plan_secrets,
@@ -215,19 +214,19 @@ def _planned_inventory(write_inventory, missing=(), **data):
 
 def test_plan_decrypts_and_checks_accounts(write_inventory, monkeypatch):
     calls = []
-    monkeypatch.setattr(secrets, "decrypt", lambda f, k: calls.append((f, k)) or VALUE)
+    monkeypatch.setattr(secrets, "decrypt", lambda f, k, **_: calls.append((f, k)) or VALUE)
     host, asked = _planned_inventory(write_inventory)
-    (planned,) = plan_secrets(host)
+    (planned,) = plan_secrets(host, read_fleet(host.inventory)[0])
     assert planned.value is VALUE
     assert calls == [("/keys/secrets.yaml", ("headscale", "pre_auth"))]
     assert asked == [{"users": ["root"], "groups": ["root"]}]
 
 
 def test_plan_fails_for_a_missing_owner(write_inventory, monkeypatch):
-    monkeypatch.setattr(secrets, "decrypt", lambda f, k: VALUE)
+    monkeypatch.setattr(secrets, "decrypt", lambda f, k, **_: VALUE)
     host, _ = _planned_inventory(write_inventory, missing=["user:root"])
     with pytest.raises(SecretError) as caught:
-        plan_secrets(host)
+        plan_secrets(host, read_fleet(host.inventory)[0])
     assert caught.value.message == (
         "pi4: secret headscale/pre_auth (/run/secrets/headscale-pre-auth): its owner 'root' "
         "does not exist on the host; create the user on the host, or change the entry's owner"
@@ -235,13 +234,13 @@ def test_plan_fails_for_a_missing_owner(write_inventory, monkeypatch):
 
 
 def test_plan_names_host_and_secret_for_sops_errors(write_inventory, monkeypatch):
-    def fail(file, key):
+    def fail(file, key, **_):
         raise sops.SopsError("no key can decrypt /keys/secrets.yaml: ...", "set SOPS_AGE_KEY_FILE")
 
     monkeypatch.setattr(secrets, "decrypt", fail)
     host, asked = _planned_inventory(write_inventory)
     with pytest.raises(SecretError) as caught:
-        plan_secrets(host)
+        plan_secrets(host, read_fleet(host.inventory)[0])
     assert caught.value.message.startswith(
         "pi4: secret headscale/pre_auth (/run/secrets/headscale-pre-auth): no key can decrypt"
     )
@@ -253,8 +252,10 @@ def test_plan_without_sops_file(write_inventory):
     inventory = write_inventory(
         {"network": [("pi4", {})]}, group_data={"network": f"secrets = [{PRE_AUTH!r}]"}
     )
-    with pytest.raises(SecretError, match=r"pi4: secret headscale/pre_auth .*set sops_file"):
-        plan_secrets(inventory.get_host("pi4"))
+    with pytest.raises(
+        SecretError, match=r"pi4: secret headscale/pre_auth .*set sops_file in its host"
+    ):
+        plan_secrets(inventory.get_host("pi4"), read_fleet(inventory)[0])
 
 
 # Derived public keys
