@@ -405,6 +405,38 @@ class _Reader:
             return None
         return value
 
+    def nix_system(self) -> str:
+        """``nix_system``, one of ``KNOWN_SYSTEMS``; "" when missing."""
+        nix_system = self.string("nix_system")
+        if nix_system is None:
+            if self.host.data.get("nix_system") in (None, ""):
+                self.problem(
+                    "nix_system", f"is missing; set it to one of: {_listed(KNOWN_SYSTEMS)}"
+                )
+            return ""
+        if nix_system not in KNOWN_SYSTEMS:
+            self.problem(
+                "nix_system",
+                f"{nix_system!r} is unknown; set it to one of: {_listed(KNOWN_SYSTEMS)}",
+            )
+        return nix_system
+
+    def deploy_action(self) -> Action:
+        """``deploy_action``; switch when unset or wrong."""
+        if self.host.data.get("deploy_action") == "":
+            self.problem(
+                "deploy_action",
+                f"is empty; leave it out for switch, or set one of: {_listed(ACTIONS)}",
+            )
+        action_name = self.string("deploy_action") or Action.SWITCH.value
+        if action_name not in DEPLOY_ACTIONS:
+            self.problem(
+                "deploy_action",
+                f"{action_name!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
+            )
+            return Action.SWITCH
+        return Action(action_name)
+
     def host_name(self) -> None:
         """The host's name becomes file names, Nix attributes and SSH aliases. Names pyinfra's
         other connectors make (``@local``) are theirs, not checked."""
@@ -576,27 +608,8 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
     """The host's spec (with neutral values where data is wrong) and its problems."""
     read = _Reader(host)
 
-    nix_system = read.string("nix_system")
-    if nix_system is None:
-        if host.data.get("nix_system") in (None, ""):
-            read.problem("nix_system", f"is missing; set it to one of: {_listed(KNOWN_SYSTEMS)}")
-        nix_system = ""
-    elif nix_system not in KNOWN_SYSTEMS:
-        read.problem(
-            "nix_system", f"{nix_system!r} is unknown; set it to one of: {_listed(KNOWN_SYSTEMS)}"
-        )
-
-    if host.data.get("deploy_action") == "":
-        read.problem(
-            "deploy_action", f"is empty; leave it out for switch, or set one of: {_listed(ACTIONS)}"
-        )
-    action_name = read.string("deploy_action") or Action.SWITCH.value
-    deploy_action = Action(action_name) if action_name in DEPLOY_ACTIONS else Action.SWITCH
-    if action_name not in DEPLOY_ACTIONS:
-        read.problem(
-            "deploy_action",
-            f"{action_name!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
-        )
+    nix_system = read.nix_system()
+    deploy_action = read.deploy_action()
 
     is_image = IMAGE_CONNECTOR_GROUP in host.groups
     # A host naming itself builds its own system (the NAS): evaluated, built and activated

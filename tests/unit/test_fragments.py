@@ -14,7 +14,7 @@ import pytest
 
 from operations.builder import timers
 from operations.core.nixexpr import Attr, Raw, nix_binding, nix_string, nix_value
-from operations.data.fleet import HostSpec, check_fleet
+from operations.data.fleet import FleetError, HostSpec, check_fleet
 from operations.data.schedule import parse_schedule
 from operations.nixos import checks as nixos_checks
 from operations.nixos import fragments
@@ -383,3 +383,30 @@ def test_a_target_with_keep_generations_gets_the_limit_in_its_fragment():
     specs = {"nas": replace(spec, builder_host="nas", keep_generations=4)}
     fragment = fragments.host_fragment(specs, "nas")
     assert fragment.options["boot.loader.grub.configurationLimit"] == 4
+
+
+def test_a_missing_inventory_file_says_so_and_names_the_key(tmp_path):
+    with pytest.raises(FleetError) as caught:
+        fragments.fleet_inventory("fleet.py", str(tmp_path))
+    assert caught.value.problems == (
+        f"nixpush_inventory: {tmp_path / 'fleet.py'} does not exist; run from the directory "
+        "holding the fleet's inventory.py, or set --data nixpush_inventory=FILE to the fleet's "
+        "inventory (relative to where pyinfra runs, or absolute)",
+    )
+
+
+def test_an_inventory_outside_the_checkout_is_read_with_its_group_data(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "group_data").mkdir(parents=True)
+    (elsewhere / "fleet.py").write_text(
+        'nas = {"nix_system": "x86_64-linux", "ssh_strict_host_key_checking": "yes"}\n'
+        'server = [("nas", nas)]\n'
+    )
+    (elsewhere / "group_data" / "server.py").write_text('nixos_fragments_dir = "/srv/nixos"\n')
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+
+    inventory = fragments.fleet_inventory(str(elsewhere / "fleet.py"), str(checkout))
+
+    specs = check_fleet(inventory)
+    assert fragments.fragments_dir(specs["nas"]) == Path("/srv/nixos")

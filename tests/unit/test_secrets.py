@@ -258,6 +258,35 @@ def test_plan_without_sops_file(write_inventory):
         plan_secrets(inventory.get_host("pi4"), read_fleet(inventory)[0])
 
 
+def test_a_push_key_without_any_sops_file_names_nixpush_sops_file(write_inventory):
+    entry = {"key": "ssh/nas_deploy", "dest": secrets.DEPLOY_KEY_PATH}
+    inventory = write_inventory(
+        {"server": [("nas", {})]}, group_data={"server": f"secrets = [{entry!r}]"}
+    )
+    with pytest.raises(SecretError) as caught:
+        plan_secrets(inventory.get_host("nas"), read_fleet(inventory)[0])
+    assert caught.value.message == (
+        f"nas: secret ssh/nas_deploy ({secrets.DEPLOY_KEY_PATH}): nixpush_sops_file is not set, "
+        "so there is nothing to decrypt it from; set nixpush_sops_file in its host or group data "
+        "to the sops file holding only nixpush's push and signing keys"
+    )
+
+
+def test_a_push_key_comes_from_sops_file_without_nixpush_sops_file(write_inventory, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        secrets, "decrypt", lambda f, k, data_key: calls.append((f, data_key)) or VALUE
+    )
+    entry = {"key": "ssh/nas_deploy", "dest": secrets.DEPLOY_KEY_PATH}
+    inventory = write_inventory(
+        {"server": [("nas", {"sops_file": "/keys/all.yaml"})]},
+        group_data={"server": f"secrets = [{entry!r}]"},
+    )
+    specs = read_fleet(inventory)[0]
+    secrets.decrypt_secret(specs["nas"], specs, specs["nas"].secrets[0])
+    assert calls == [("/keys/all.yaml", "sops_file")]
+
+
 # Derived public keys
 
 

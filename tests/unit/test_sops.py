@@ -148,6 +148,12 @@ def test_secrets_file_missing(fake_sops, tmp_path):
     assert fake_sops.calls == []
 
 
+def test_a_missing_file_names_the_key_that_named_it(fake_sops, tmp_path):
+    with pytest.raises(SopsError) as caught:
+        decrypt(tmp_path / "nope.yaml", ("ssh", "nas_deploy"), data_key="nixpush_sops_file")
+    assert caught.value.fix.startswith("set nixpush_sops_file to the sops-encrypted file")
+
+
 def test_no_key_unset(fake_sops, secrets_file, monkeypatch):
     monkeypatch.delenv("SOPS_AGE_KEY_FILE", raising=False)
     fake_sops.returncode, fake_sops.stdout, fake_sops.stderr = 128, "", "Failed to get the data key"
