@@ -20,7 +20,7 @@ systems = list(spec.binfmt_emulated_systems)
 
 # Pull builds: targets with builder_user run their builds here over ssh-ng (deploys/pull.py
 # configures their side). Their client keys come from sops, decrypted now (prepare time).
-served = pull.client_keys_by_user(state.inventory, specs, host.name)
+served = pull.client_keys_by_user(specs, host.name)
 
 if host.name not in builders(specs):
     host.noop(f"{host.name} builds for nobody")

@@ -32,10 +32,10 @@ if not runs_nixos():
     host.noop(f"{host.name} is not NixOS")
 else:
     if host.name in builders(specs):
-        served = pull.client_keys_by_user(state.inventory, specs, host.name)
+        served = pull.client_keys_by_user(specs, host.name)
         nixos_checks.check_nixos_builder(spec, served)
         # Every build and copy runs under sudo; a target's sudo is checked with its key below.
-        user = nixos_checks.sudo_user(host.data, spec)
+        user = nixos_checks.sudo_user(spec)
         if user is not None and spec.pushed_by is None:
             nixos_checks.check_nixos_sudo(name="Check the builder's sudo (NixOS)", user=user)
     nixos_checks.check_nixos_timers(
@@ -44,7 +44,7 @@ else:
         program=wanted.program,
     )
     if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
-        trust = keys.builder_trust(state.inventory.get_host(spec.pushed_by), host.name)
+        trust = keys.builder_trust(specs, spec.pushed_by, host.name)
         nix.trusted_public_key(
             name=f"Check Nix trusts {spec.pushed_by}'s signing key (NixOS)",
             key=trust.nix_public_key,

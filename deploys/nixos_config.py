@@ -25,9 +25,8 @@ from __future__ import annotations
 from pyinfra import logger
 from pyinfra.context import host, state
 
-from operations.data.fleet import FleetError
+from operations.data.fleet import FleetError, check_fleet, inventory_file
 from operations.nixos import fragments
-from operations.push.start import check_inventory
 
 if host.name != "@local" or len(state.inventory) != 1:
     raise FleetError(
@@ -38,9 +37,9 @@ if host.name != "@local" or len(state.inventory) != 1:
         ]
     )
 
-fleet = fragments.fleet_inventory(str(host.data.get(fragments.INVENTORY_KEY) or "inventory.py"))
-specs = check_inventory(fleet)
-written = fragments.fleet_fragments(fleet, specs)
+fleet = fragments.fleet_inventory(inventory_file(host))
+specs = check_fleet(fleet)
+written = fragments.fleet_fragments(specs)
 if len(written.without) == len(specs):
     host.noop("nixpush configures nothing on any host: no fragment")
 for name in written.without:

@@ -28,7 +28,7 @@ if spec.builder_host is None or not pull.pulls(spec):
 else:
     machine = pull.build_machine_for(spec, specs[spec.builder_host])
     # Fails here, before any host changes, when the key is not declared or can't be read.
-    keys.pull_client_key(host, host.name)
+    keys.pull_client_key(specs, host.name, host.name)
     if runs_nixos():
         pull.check_nixos_pull_client(
             name=f"Check Nix builds on {spec.builder_host} (NixOS)", machine=machine

@@ -2,7 +2,7 @@
 
 Run with ``SOPS_AGE_KEY_FILE=~/.config/sops/age/keys.txt pyinfra inventory.py deploys/secrets.py``.
 
-- every host: its ``secrets`` (merged from all its roots, see ``host_secrets``), decrypted on
+- every host: its ``secrets`` (merged from all its roots, see ``fleet.host_secrets``), decrypted on
   the controller and written through stdin;
 - a target pushed by another host (its ``builder_host``, not itself): its ``ssh_user``
   authorizes the builder's deploy key and its Nix trusts the builder's signing key (both public
@@ -31,11 +31,11 @@ from operations.trust import keys, secrets, ssh
 specs = start_deploy(state).specs
 spec = specs[host.name]
 # An image host is never connected to: nothing is installed on it.
-planned = [] if spec.is_image else secrets.plan_secrets(host)
+planned = [] if spec.is_image else secrets.plan_secrets(host, specs)
 
 trust = None
 if spec.pushed_by is not None:  # a host that builds itself pushes to nobody but itself
-    trust = keys.builder_trust(inventory.get_host(spec.pushed_by), host.name)
+    trust = keys.builder_trust(specs, spec.pushed_by, host.name)
 
 # Targets of this run only (`--limit nas --limit pi4`): a target left out (a desktop not set up
 # yet) needs no host key until a run includes it.
@@ -55,7 +55,7 @@ if unknown:
         ]
     )
 pushes = any(other.pushed_by == host.name for other in specs.values())
-own = keys.builder_trust(host, host.name) if pushes else None
+own = keys.builder_trust(specs, host.name, host.name) if pushes else None
 # Pull builds: a target's builder-client key is one of its `secrets` (installed below like any
 # other); deploys/nas.py authorizes it on the builder, deploys/pull.py configures Nix to use it.
 

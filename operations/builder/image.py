@@ -46,7 +46,8 @@ from operations.builder.nix_commands import (
 from operations.core.failures import DeployFailed, fail, host_step
 from operations.core.models import Builder, ImagePlan
 from operations.core.process import LocalWriteError, fetch_from, read_on, run_on
-from operations.core.summary import RunSummary, summary_for
+from operations.core.runstate import summary_for
+from operations.core.summary import RunSummary
 from operations.data.fleet import HostSpec
 
 if TYPE_CHECKING:

@@ -28,7 +28,6 @@ import binascii
 import re
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.exceptions import OperationError
@@ -55,9 +54,6 @@ from operations.core.systems import KNOWN_SYSTEMS
 from operations.data.fleet import FleetError, HostSpec
 from operations.trust.keys import PULL_KEY_COMMENT, PULL_KEY_PATH, parse_public_key, pull_client_key
 from operations.trust.ssh import user_account
-
-if TYPE_CHECKING:
-    from pyinfra.api.inventory import Inventory
 
 SSH_CONFIG_DIR = "/etc/ssh/ssh_config.d"
 PULL_FEATURES = ("nixos-test", "benchmark", "big-parallel")
@@ -270,9 +266,7 @@ def build_machine_for(target: HostSpec, builder: HostSpec) -> BuildMachine:
         raise FleetError([f"{target.name}: pull builds from {builder.name}: {e}"]) from None
 
 
-def client_keys_by_user(
-    inventory: Inventory, specs: Mapping[str, HostSpec], builder: str
-) -> dict[str, list[str]]:
+def client_keys_by_user(specs: Mapping[str, HostSpec], builder: str) -> dict[str, list[str]]:
     """
     For each ``builder_user`` of the targets pulling from ``builder``, their public client
     keys (``pull_client_key``, derived on the controller from sops): what the builder
@@ -281,7 +275,7 @@ def client_keys_by_user(
     keys: dict[str, list[str]] = {}
     for target in pulling_targets(specs, builder):
         assert target.builder_user is not None
-        key = pull_client_key(inventory.get_host(target.name), builder)
+        key = pull_client_key(specs, target.name, builder)
         keys.setdefault(target.builder_user, []).append(key)
     return keys
 

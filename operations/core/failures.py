@@ -34,7 +34,7 @@ from pyinfra.api.operation import operation
 from pyinfra.context import host as current_host
 from pyinfra.facts.server import User
 
-from operations.core.summary import summary_for
+from operations.core.runstate import summary_for
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host

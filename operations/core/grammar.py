@@ -19,12 +19,6 @@ import base64
 import binascii
 import ipaddress
 import re
-from typing import TYPE_CHECKING
-
-from pyinfra.connectors.ssh import SSHConnector
-
-if TYPE_CHECKING:
-    from pyinfra.api.host import Host
 
 # An inventory host's name: it names files (fragments), Nix attributes and SSH aliases.
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -42,16 +36,6 @@ _MAX_DNS_NAME = 253
 _KEY_TYPE = re.compile(r"(ssh|ecdsa|sk)-[a-z0-9@.-]+")
 # Characters no path, name or address nixpush writes anywhere may hold.
 _LINE_BREAKS = ("\n", "\r", "\0")
-# What would make an address or a user name two words or an ssh option.
-_UNSAFE_ADDRESS = re.compile(r"^-|[\s@]")
-# Data keys holding a path on the controller (nixpush's and pyinfra's).
-PATH_KEYS = (
-    "sops_file",
-    "nixos_fragments_dir",
-    "ssh_key",
-    "ssh_known_hosts_file",
-    "ssh_config_file",
-)
 
 
 def is_host_name(name: str) -> bool:
@@ -111,46 +95,3 @@ def is_host_key(line: str) -> bool:
         return False
     size = int.from_bytes(blob[:4], "big")
     return blob[4 : 4 + size] == fields[0].encode() and is_one_line(line)
-
-
-def data_problems(host: Host) -> list[str]:
-    """
-    What is wrong with ``host``'s name, ``ssh_hostname``, ``ssh_user`` and path-like data
-    (``PATH_KEYS``; ``image_dest`` has its own check), one line each naming the host, the key
-    and the fix. Names pyinfra's other connectors make (``@local``) are theirs, not checked.
-    """
-    problems = []
-    named_by_user = not host.name.startswith("@") or issubclass(host.connector_cls, SSHConnector)
-    if named_by_user and not is_host_name(host.name):
-        problems.append(
-            f"{host.name!r}: the host name is not letters, digits, '.', '_' and '-' starting "
-            "with a letter or digit; rename the host (its name becomes file names, Nix "
-            "attributes and SSH aliases)"
-        )
-    for key in ("ssh_hostname", "ssh_user"):
-        value = host.data.get(key)
-        if not isinstance(value, str) or not value:
-            continue  # missing, or not a string: the fleet check says so
-        what = "address" if key == "ssh_hostname" else "user name"
-        if _UNSAFE_ADDRESS.search(value):
-            problems.append(
-                f"{host.name}: {key} {value!r} has whitespace, '@' or a leading '-'; "
-                f"set the bare {what}"
-            )
-        elif key == "ssh_hostname" and (problem := address_problem(value)) is not None:
-            problems.append(
-                f"{host.name}: {key} {value!r} {problem}; set the bare address: a DNS name or "
-                "an IPv4 address (no user@, :port, path or ?options)"
-            )
-        elif key == "ssh_user" and not is_account_name(value):
-            problems.append(
-                f"{host.name}: {key} {value!r} is not an account name; set the bare user name "
-                "(a letter or _, then letters, digits, '_', '.', '-')"
-            )
-    for key in PATH_KEYS:
-        value = host.data.get(key)
-        if isinstance(value, str) and not is_one_line(value):
-            problems.append(
-                f"{host.name}: {key} {value!r} has a line break or NUL; set it to a one-line path"
-            )
-    return problems

@@ -11,8 +11,9 @@ reaches its builder. Frozen and free of I/O; every other layer builds on them.
 
 from __future__ import annotations
 
+import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -257,3 +258,38 @@ class Margin:
     def of(self, total: int) -> int:
         """The bytes kept free on a filesystem of ``total`` bytes."""
         return int(total * self.percent / 100) if self.percent is not None else self.size
+
+
+# A sops key path: ("headscale", "pre_auth"); an int indexes a list.
+KeyPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Plaintext:
+    """
+    A decrypted value. Its ``repr`` and ``str`` are a mask naming where it came from, so it
+    can't leak through a log line, an f-string or an exception by accident.
+
+    .. code:: python
+
+        str(value)  # "<secret headscale/pre_auth>"
+        value.reveal()  # the text itself
+    """
+
+    label: str
+    _text: str = field(repr=False)
+
+    def reveal(self) -> str:
+        """The decrypted text: hand it to a process's stdin and nowhere else."""
+        return self._text
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the text's UTF-8 bytes, what ``sha256sum`` prints for the file."""
+        return hashlib.sha256(self._text.encode()).hexdigest()
+
+    def __str__(self) -> str:
+        return f"<secret {self.label}>"
+
+    def __repr__(self) -> str:
+        return f"Plaintext(<secret {self.label}>)"

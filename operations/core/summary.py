@@ -14,7 +14,6 @@ laptop), reported ``offline``.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import sys
@@ -24,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from pyinfra import logger
 from pyinfra.api.state import State, StateStage
-from pyinfra.context import ContextObject, ctx_state
 
 from operations.core.files import write_atomically
 
@@ -207,23 +205,3 @@ def _image_outcome(image: ImagePlan, executed: bool, done: str | None) -> tuple[
     if not executed:
         return ("planned", f"would {image.todo}")
     return ("deployed", done or image.path)
-
-
-_summaries: dict[int, RunSummary] = {}
-
-
-def summary_for(state: State) -> RunSummary:
-    """The run's summary, created (and set to print at exit) on first use."""
-    # Deploy code sees pyinfra's context proxy, commands the State itself: key by the latter.
-    real = state
-    if isinstance(real, ContextObject):
-        real = ctx_state.get()  # type: ignore[no-untyped-call]  # pyinfra leaves it untyped
-    key = id(real)
-    if key not in _summaries:
-        _summaries[key] = RunSummary(
-            real,
-            unreachable={h.name for h in real.failed_hosts if not h.connected},
-        )
-        atexit.register(_summaries[key].print)
-        atexit.register(_summaries[key].write_report)
-    return _summaries[key]

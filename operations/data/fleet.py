@@ -43,6 +43,7 @@ from operations.core.models import (
 from operations.core.systems import KNOWN_SYSTEMS, natively_built
 from operations.data.health import HealthCheck, parse_check
 from operations.data.schedule import Schedule, ScheduleError, parse_schedule
+from operations.data.secret import Secret, parse_secret
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -83,7 +84,8 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
-    "keep_generations", "gc_after_deploy", INSECURE_KEY, "nixpush_sops_recipients",
+    "keep_generations", "gc_after_deploy", "nixpush_inventory", INSECURE_KEY,
+    "nixpush_sops_recipients",
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -92,6 +94,17 @@ PYINFRA_KEYS: tuple[str, ...] = (
 )  # fmt: skip
 # Where nixpush glues a value into a command, URL or Nix attribute path.
 _UNSAFE_REF = re.compile(r'^-|[\s#"]')
+# What would make an address or a user name two words or an ssh option.
+_UNSAFE_ADDRESS = re.compile(r"^-|[\s@]")
+# Data keys holding a path on the controller (nixpush's and pyinfra's): one line each.
+PATH_KEYS = (
+    "sops_file", "nixpush_sops_file", "nixos_fragments_dir", "nixpush_inventory", "ssh_key",
+    "ssh_known_hosts_file", "ssh_config_file",
+)  # fmt: skip
+# Where fragments go (deploys/nixos_config.py), relative to where pyinfra runs.
+DEFAULT_FRAGMENTS_DIR = "nixos"
+# The fleet's inventory deploys/nixos_config.py reads, relative to where pyinfra runs.
+DEFAULT_INVENTORY = "inventory.py"
 
 
 class FleetError(PyinfraError):
@@ -159,6 +172,12 @@ class HostSpec:
     + nixpush_sops_recipients: master keys (an age recipient, a PGP fingerprint, ...) allowed
       to read the file of this builder's push and signing keys besides the controller's age
       key, e.g. a backup key kept offline
+    + secrets: the host's ``secrets`` entries, merged across its roots (``host_secrets``)
+    + sops_file: the sops file its secrets are decrypted from, on the controller
+    + nixpush_sops_file: the sops file its push and signing keys are decrypted from (None:
+      ``sops_file``)
+    + nixos_fragments_dir: where deploys/nixos_config.py writes its fragment, relative to
+      where pyinfra runs
     """
 
     name: str
@@ -197,6 +216,10 @@ class HostSpec:
     keep_generations: int | None = None
     gc_after_deploy: bool = False
     nixpush_sops_recipients: tuple[str, ...] = ()
+    secrets: tuple[Secret, ...] = ()
+    sops_file: str | None = None
+    nixpush_sops_file: str | None = None
+    nixos_fragments_dir: str = DEFAULT_FRAGMENTS_DIR
 
     @property
     def is_target(self) -> bool:
@@ -325,6 +348,13 @@ class _Reader:
             self.problems.extend(error.problems)
             return ()
 
+    def secrets(self) -> tuple[Secret, ...]:
+        try:
+            return tuple(host_secrets(self.host))
+        except FleetError as error:
+            self.problems.extend(error.problems)
+            return ()
+
     def schedule(self) -> Schedule:
         try:
             return parse_schedule(self.host.name, self.host.data.get("schedule"))
@@ -400,6 +430,92 @@ class _Reader:
         if value is not None and (not value.startswith("/") or "\n" in value):
             self.problem(key, f"is {value!r}; set it to an absolute path on the controller")
             return None
+        return value
+
+    def path(self, key: str) -> str | None:
+        """A path on the controller (``PATH_KEYS``): one line."""
+        value = self.string(key)
+        if value is not None and not grammar.is_one_line(value):
+            self.problem(key, f"{value!r} has a line break or NUL; set it to a one-line path")
+            return None
+        return value
+
+    def nix_system(self) -> str:
+        """``nix_system``, one of ``KNOWN_SYSTEMS``; "" when missing."""
+        nix_system = self.string("nix_system")
+        if nix_system is None:
+            if self.host.data.get("nix_system") in (None, ""):
+                self.problem(
+                    "nix_system", f"is missing; set it to one of: {_listed(KNOWN_SYSTEMS)}"
+                )
+            return ""
+        if nix_system not in KNOWN_SYSTEMS:
+            self.problem(
+                "nix_system",
+                f"{nix_system!r} is unknown; set it to one of: {_listed(KNOWN_SYSTEMS)}",
+            )
+        return nix_system
+
+    def deploy_action(self) -> Action:
+        """``deploy_action``; switch when unset or wrong."""
+        if self.host.data.get("deploy_action") == "":
+            self.problem(
+                "deploy_action",
+                f"is empty; leave it out for switch, or set one of: {_listed(ACTIONS)}",
+            )
+        action_name = self.string("deploy_action") or Action.SWITCH.value
+        if action_name not in DEPLOY_ACTIONS:
+            self.problem(
+                "deploy_action",
+                f"{action_name!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
+            )
+            return Action.SWITCH
+        return Action(action_name)
+
+    def host_name(self) -> None:
+        """The host's name becomes file names, Nix attributes and SSH aliases. Names pyinfra's
+        other connectors make (``@local``) are theirs, not checked."""
+        host = self.host
+        named_by_user = not host.name.startswith("@") or issubclass(
+            host.connector_cls, SSHConnector
+        )
+        if named_by_user and not grammar.is_host_name(host.name):
+            self.problems.append(
+                f"{host.name!r}: the host name is not letters, digits, '.', '_' and '-' "
+                "starting with a letter or digit; rename the host (its name becomes file "
+                "names, Nix attributes and SSH aliases)"
+            )
+
+    def address(self, value: str | None) -> None:
+        """``ssh_hostname``: a DNS name or an IPv4 address, nothing an ssh option or URL reads."""
+        if value is None:
+            return
+        if _UNSAFE_ADDRESS.search(value):
+            problem = "has whitespace, '@' or a leading '-'; set the bare address"
+        elif (wrong := grammar.address_problem(value)) is not None:
+            problem = (
+                f"{wrong}; set the bare address: a DNS name or an IPv4 address (no user@, "
+                ":port, path or ?options)"
+            )
+        else:
+            return
+        self.problem("ssh_hostname", f"{value!r} {problem}")
+
+    def account(self) -> str | None:
+        """``ssh_user``: an account name."""
+        value = self.string("ssh_user")
+        if value is None:
+            return None
+        if _UNSAFE_ADDRESS.search(value):
+            self.problem(
+                "ssh_user",
+                f"{value!r} has whitespace, '@' or a leading '-'; set the bare user name",
+            )
+        elif not grammar.is_account_name(value):
+            self.problem(
+                "ssh_user", f"{value!r} is not an account name; set the bare user name "
+                "(a letter or _, then letters, digits, '_', '.', '-')",
+            )  # fmt: skip
         return value
 
     def systems(self, key: str) -> tuple[str, ...]:
@@ -480,6 +596,45 @@ def merged_entries(
     return [entry for _, entry in merged.values()]
 
 
+def host_secrets(host: Host) -> list[Secret]:
+    """
+    Every secret ``host`` gets, merged from all the places its ``secrets`` can be set (what
+    ``HostSpec.secrets`` holds).
+
+    pyinfra replaces a data key set by two groups (the later group wins), which would give a
+    host in ``network`` and ``server`` only one root's secrets. So the lists are merged here:
+    the ``secrets`` of ``all`` data, of every group the host is in (its roots), of its host data
+    and of ``--data``, in that order, deduplicated by ``dest``. Host data and ``--data`` replace
+    an entry with the same ``dest``; two groups declaring one ``dest`` differently is an error.
+    Raises ``FleetError`` naming the host, the entry and the fix.
+
+    + host: a pyinfra ``Host``
+
+    .. code:: python
+
+        [s.dest for s in host_secrets(inventory.get_host("nas"))]
+        # ["/root/.nixpush/deploy_ed25519", "/root/.nixpush/signing-key.sec"]
+    """
+    return merged_entries(
+        host, "secrets", parse_secret, lambda s: s.dest, lambda s: f"installs {s.dest}"
+    )
+
+
+def inventory_file(host: Host) -> str:
+    """
+    The fleet's inventory deploys/nixos_config.py reads: ``nixpush_inventory`` (default
+    ``inventory.py``), a path relative to where pyinfra runs or absolute. ``FleetError`` when
+    it is not a one-line path.
+
+    + host: the pyinfra ``Host`` the deploy runs on (``@local``)
+    """
+    read = _Reader(host)
+    path = read.path("nixpush_inventory")
+    if read.problems:
+        raise FleetError(read.problems)
+    return path or DEFAULT_INVENTORY
+
+
 def _listed(names: Iterable[str]) -> str:
     return ", ".join(names) or "(none)"
 
@@ -488,27 +643,8 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
     """The host's spec (with neutral values where data is wrong) and its problems."""
     read = _Reader(host)
 
-    nix_system = read.string("nix_system")
-    if nix_system is None:
-        if host.data.get("nix_system") in (None, ""):
-            read.problem("nix_system", f"is missing; set it to one of: {_listed(KNOWN_SYSTEMS)}")
-        nix_system = ""
-    elif nix_system not in KNOWN_SYSTEMS:
-        read.problem(
-            "nix_system", f"{nix_system!r} is unknown; set it to one of: {_listed(KNOWN_SYSTEMS)}"
-        )
-
-    if host.data.get("deploy_action") == "":
-        read.problem(
-            "deploy_action", f"is empty; leave it out for switch, or set one of: {_listed(ACTIONS)}"
-        )
-    action_name = read.string("deploy_action") or Action.SWITCH.value
-    deploy_action = Action(action_name) if action_name in DEPLOY_ACTIONS else Action.SWITCH
-    if action_name not in DEPLOY_ACTIONS:
-        read.problem(
-            "deploy_action",
-            f"{action_name!r} is not an action; set it to one of: {_listed(DEPLOY_ACTIONS)}",
-        )
+    nix_system = read.nix_system()
+    deploy_action = read.deploy_action()
 
     is_image = IMAGE_CONNECTOR_GROUP in host.groups
     # A host naming itself builds its own system (the NAS): evaluated, built and activated
@@ -536,7 +672,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
                 key, f"{value!r} has whitespace, a leading '-', '#' or '\"'; write the bare "
                 "flake reference or attribute name (nixpush adds '#nixosConfigurations...')",
             )  # fmt: skip
-    read.problems.extend(grammar.data_problems(host))
+    read.host_name()
+    read.address(ssh_hostname)
+    ssh_user = read.account()
+    paths = {key: read.path(key) for key in PATH_KEYS}
     host_key = read.string("ssh_host_key")
     if host_key is not None and not grammar.is_host_key(host_key):
         read.problem(
@@ -566,7 +705,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         nix_max_jobs=read.positive_int("nix_max_jobs"),
         ssh_hostname=ssh_hostname,
         ssh_port=read.positive_int("ssh_port", _MAX_PORT) or 22,
-        ssh_user=read.string("ssh_user"),
+        ssh_user=ssh_user,
         ssh_host_key=read.string("ssh_host_key"),
         deploy_action=deploy_action,
         max_ssh_sessions=read.positive_int("max_ssh_sessions", _MAX_SESSIONS)
@@ -595,6 +734,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         keep_generations=read.keep_generations(),
         gc_after_deploy=read.boolean("gc_after_deploy"),
         nixpush_sops_recipients=read.sops_recipients(),
+        secrets=read.secrets(),
+        sops_file=paths["sops_file"],
+        nixpush_sops_file=paths["nixpush_sops_file"],
+        nixos_fragments_dir=paths["nixos_fragments_dir"] or DEFAULT_FRAGMENTS_DIR,
     )
     return spec, read.problems
 

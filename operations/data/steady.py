@@ -11,7 +11,6 @@ these same questions of every target. Both paths are world-readable: no sudo.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, TypeVar
-from weakref import WeakKeyDictionary
 
 from pyinfra.api.command import QuoteString, StringCommand
 from pyinfra.api.facts import FactBase
@@ -20,6 +19,7 @@ from typing_extensions import override
 
 from operations.core.models import NIXOS_MARKER, SYSTEMD_RUNNING
 from operations.core.process import read_lines_on
+from operations.core.runstate import current_run
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -47,16 +47,13 @@ class HostKind(FactBase[frozenset[str]]):
         return frozenset(line.strip() for line in output) & {"nixos", "systemd"}
 
 
-# Per host (pyinfra's Host: a new one each run): what it is.
-_kinds: WeakKeyDictionary[Any, frozenset[str]] = WeakKeyDictionary()
-
-
 def host_kind() -> frozenset[str]:
-    """The current host's ``HostKind``, read once per host per run."""
+    """The current host's ``HostKind``, read once per host per run (kept on the run)."""
     target = ctx_host.get()  # type: ignore[no-untyped-call]  # the Host, not the proxy
-    if target not in _kinds:
-        _kinds[target] = target.get_fact(HostKind, _sudo=False)
-    return _kinds[target]
+    kinds = current_run().host_kinds
+    if target.name not in kinds:
+        kinds[target.name] = target.get_fact(HostKind, _sudo=False)
+    return kinds[target.name]
 
 
 def read_with_host_kind(target: Host, fact: type[FactBase[T]], *, doing: str) -> T:
@@ -68,15 +65,14 @@ def read_with_host_kind(target: Host, fact: type[FactBase[T]], *, doing: str) ->
     instance, kind = fact(), HostKind()
     command = StringCommand(instance.command(), ";", kind.command())
     lines = read_lines_on(target, command, sudo=False, doing=doing)
-    # The Host itself (``target`` may be pyinfra's context proxy), as ``host_kind`` keys it.
-    _kinds[target.state.inventory.get_host(target.name)] = kind.process(lines)
+    current_run().host_kinds[target.name] = kind.process(lines)
     return instance.process(lines) if lines else instance.default()
 
 
 def known_nixos(target: Any) -> bool:
     """Whether ``target`` (a Host) is known to run NixOS: its kind was read this run. For
     advice after a step failed, where reading the host again is not worth a round trip."""
-    return "nixos" in _kinds.get(target, frozenset())
+    return "nixos" in current_run().host_kinds.get(target.name, frozenset())
 
 
 def runs_nixos() -> bool:

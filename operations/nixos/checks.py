@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Generator, Mapping, Sequence
-from typing import Any
 
 from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.exceptions import OperationError
@@ -59,11 +58,11 @@ def sudo_rule(user: str) -> dict[str, object]:
     }
 
 
-def sudo_user(data: Any, spec: HostSpec) -> str | None:
+def sudo_user(spec: HostSpec) -> str | None:
     """The account nixpush runs commands as under sudo on the host (``_sudo`` set, ``ssh_user``
-    not root), or None: ``sudo_user(host.data, spec) == "beau"``."""
+    not root), or None: ``sudo_user(spec) == "beau"``."""
     user = spec.ssh_user
-    return user if data.get("_sudo") and user not in (None, "root") else None
+    return user if spec.sudo and user not in (None, "root") else None
 
 
 def _sudo_option(user: str) -> str | None:

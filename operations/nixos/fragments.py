@@ -18,7 +18,7 @@ Only public halves go in, derived in memory (``operations.trust.keys``); no secr
 
 .. code:: python
 
-    fragment = host_fragment(state.inventory, specs, "pi4")
+    fragment = host_fragment(specs, "pi4")
     fragment.render()   # "# nixpush's settings for pi4 ... { pkgs, ... }: { ... }"
 """
 
@@ -52,9 +52,6 @@ if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.inventory import Inventory
 
-# Where fragments go: the ``nixos_fragments_dir`` data key, relative to where pyinfra runs.
-FRAGMENTS_DIR_KEY = "nixos_fragments_dir"
-DEFAULT_FRAGMENTS_DIR = "nixos"
 # The only account NixOS's nix.sshServe serves.
 NIXOS_SSH_SERVE_USER = "nix-ssh"
 # nixpush's Python environment from nixpkgs (``ENV_EXPRESSION``): the checkout's
@@ -378,7 +375,7 @@ def pull_client_options(target: HostSpec, builder: HostSpec) -> Options:
     }
 
 
-def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str) -> Fragment:
+def host_fragment(specs: Mapping[str, HostSpec], name: str) -> Fragment:
     """
     ``name``'s fragment, its keys derived on the controller from sops (``SecretError``,
     ``SopsError``) and its data checked (``FleetError``): bad input stops
@@ -386,7 +383,7 @@ def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str
     """
     spec = specs[name]
     builds = name in builders(specs)
-    pull_keys = client_keys_by_user(inventory, specs, name) if builds else {}
+    pull_keys = client_keys_by_user(specs, name) if builds else {}
     others = [user for user in pull_keys if user != NIXOS_SSH_SERVE_USER]
     if others:
         raise FleetError(
@@ -404,12 +401,12 @@ def host_fragment(inventory: Inventory, specs: Mapping[str, HostSpec], name: str
     if schedule.enabled and schedule.node_exporter and schedule.metrics_dir:
         sections.append(node_exporter_section(schedule.metrics_dir))
     if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
-        trust = builder_trust(inventory.get_host(spec.pushed_by), name)
+        trust = builder_trust(specs, spec.pushed_by, name)
         pull = pull_client_options(spec, specs[spec.pushed_by]) if pulls(spec) else None
         sections += target_sections(spec, trust.ssh_public_key, trust.nix_public_key, pull)
     if spec.is_target and spec.keep_generations is not None:
         sections.append(generations_section(spec.keep_generations))
-    user = sudo_user(inventory.get_host(name).data, spec)
+    user = sudo_user(spec)
     if sections and user is not None:
         sections.append(sudo_section(user))
     return Fragment(name, tuple(sections))
@@ -443,18 +440,20 @@ def sudo_section(user: str) -> Section:
 
 # -- the whole fleet's, from the controller ------------------------------------------------
 
-# deploys/nixos_config.py runs as `pyinfra @local`: the fleet's inventory file is data.
-INVENTORY_KEY = "nixpush_inventory"
-
 
 def fleet_inventory(path: str, cwd: str | None = None) -> Inventory:
     """The fleet's inventory as ``pyinfra PATH ...`` run from ``cwd`` (default: here) loads it,
-    ``group_data/`` included, without connecting to any host. ``FleetError`` when missing."""
+    ``group_data/`` included (``cwd``'s and the one beside the file), without connecting to any
+    host. ``path`` is relative to ``cwd`` or absolute, anywhere. ``FleetError`` when it is not a
+    file."""
     directory = cwd or os.getcwd()
-    if not Path(directory, path).is_file():
+    file = Path(directory, path)
+    if not file.is_file():
+        what = "is not a file" if file.exists() else "does not exist"
         raise FleetError(
-            [f"{INVENTORY_KEY}: {path} is not a file in {directory}; run from the nixpush "
-             f"checkout, or name the inventory with --data {INVENTORY_KEY}=FILE"]
+            [f"nixpush_inventory: {file} {what}; run from the directory holding the fleet's "
+             "inventory.py, or set --data nixpush_inventory=FILE to the fleet's inventory "
+             "(relative to where pyinfra runs, or absolute)"]
         )  # fmt: skip
     # The CLI's loader executes the files under a State of its own (it records the file it
     # runs); the deploy's state stays untouched.
@@ -472,7 +471,7 @@ class FleetFragments:
     without: tuple[str, ...]
 
 
-def fleet_fragments(inventory: Inventory, specs: Mapping[str, HostSpec]) -> FleetFragments:
+def fleet_fragments(specs: Mapping[str, HostSpec]) -> FleetFragments:
     """Each host's fragment (``host_fragment``) at its ``fragment_path``, and ``ENV_FILE`` in
     every hosts' fragment directory, whether or not a fragment imports it yet: a controller's
     ``shell.nix`` may use it from the first run, and enabling the schedule later adds no file
@@ -480,10 +479,10 @@ def fleet_fragments(inventory: Inventory, specs: Mapping[str, HostSpec]) -> Flee
     files: dict[Path, tuple[str, str]] = {}
     without: list[str] = []
     for name in specs:
-        directory = fragments_dir(inventory.get_host(name).data)
+        directory = fragments_dir(specs[name])
         env = directory / ENV_FILE
         files[env] = (f"Write nixpush's Nix environment ({ENV_FILE})", ENV_EXPRESSION)
-        fragment = host_fragment(inventory, specs, name)
+        fragment = host_fragment(specs, name)
         if not fragment.sections:
             without.append(name)
             continue
@@ -492,13 +491,10 @@ def fleet_fragments(inventory: Inventory, specs: Mapping[str, HostSpec]) -> Flee
     return FleetFragments(files, tuple(without))
 
 
-def fragments_dir(host_data: Any, cwd: str | None = None) -> Path:
-    """Where ``host``'s fragment goes: ``nixos_fragments_dir`` (default ``nixos``), relative
-    to ``cwd`` (default: where pyinfra runs). ``FleetError`` when it is not a path."""
-    value = host_data.get(FRAGMENTS_DIR_KEY) or DEFAULT_FRAGMENTS_DIR
-    if not isinstance(value, str) or "\0" in value or "\n" in value:
-        raise FleetError([f"{FRAGMENTS_DIR_KEY} is {value!r}; set it to a directory path"])
-    return Path(cwd or os.getcwd(), value)
+def fragments_dir(spec: HostSpec, cwd: str | None = None) -> Path:
+    """Where the host's fragment goes: its ``nixos_fragments_dir`` (default ``nixos``),
+    relative to ``cwd`` (default: where pyinfra runs)."""
+    return Path(cwd or os.getcwd(), spec.nixos_fragments_dir)
 
 
 def fragment_path(directory: Path, host_name: str) -> Path:

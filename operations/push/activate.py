@@ -47,7 +47,7 @@ from operations.builder.nix_commands import nix_error
 from operations.core.failures import fail, host_step
 from operations.core.models import Plan, Safety
 from operations.core.process import fresh_login_run, run_on
-from operations.core.summary import summary_for
+from operations.core.runstate import summary_for
 from operations.data.fleet import FleetError
 from operations.data.health import RETRY_INTERVAL, HealthCheck
 from operations.data.steady import runs_systemd

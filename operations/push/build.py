@@ -19,7 +19,7 @@ from pyinfra.context import host
 from operations.builder.nix_commands import nix_error
 from operations.core.failures import DeployFailed, fail, host_step
 from operations.core.models import Builder, Plan
-from operations.core.summary import summary_for
+from operations.core.runstate import summary_for
 from operations.push.commands import (
     build_all_command,
     build_progress,

@@ -110,7 +110,7 @@ def push_target(
     # A host that builds itself is pushed nothing, so it needs no trust in a builder.
     trust: keys.BuilderTrust | None = None
     if spec.pushed_by is not None:
-        trust = keys.builder_trust(state.inventory.get_host(spec.pushed_by), host.name)
+        trust = keys.builder_trust(deploy.specs, spec.pushed_by, host.name)
     planned = or_unable(f"planning {host.name}", partial(plan_target, host, spec, deploy))
     if planned is None:
         return

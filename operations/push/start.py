@@ -28,18 +28,16 @@ import sys
 import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from weakref import WeakKeyDictionary
 
 from operations.core.lock import hold_deploy_lock
 from operations.core.process import limit_sessions
-from operations.core.summary import RunSummary, summary_for
-from operations.data.fleet import FleetError, HostSpec, read_fleet
+from operations.core.runstate import run_of, summary_for
+from operations.core.summary import RunSummary
+from operations.data.fleet import HostSpec, check_fleet
 from operations.push.runcache import RunCache
 from operations.push.waves import Waves
-from operations.trust.secrets import host_secrets
 
 if TYPE_CHECKING:
-    from pyinfra.api.inventory import Inventory
     from pyinfra.api.state import State
 
 
@@ -51,24 +49,6 @@ class Deploy:
     specs: dict[str, HostSpec]
     summary: RunSummary
     cache: RunCache
-
-
-def check_inventory(inventory: Inventory) -> dict[str, HostSpec]:
-    """``check_fleet``, plus every host's ``secrets`` entries (``host_secrets``): every deploy
-    refuses a broken entry at its start, not only deploys/secrets.py. ``FleetError`` lists
-    every problem."""
-    specs, problems = read_fleet(inventory)
-    for host in inventory:
-        try:
-            host_secrets(host)
-        except FleetError as error:
-            problems.extend(error.problems)
-    if problems:
-        raise FleetError(problems)
-    return specs
-
-
-_started: WeakKeyDictionary[State, Deploy] = WeakKeyDictionary()
 
 
 def register_deploy_file(filename: str) -> types.ModuleType:
@@ -97,16 +77,18 @@ def start_deploy(state: State) -> Deploy:
     its ``Deploy`` (checking the fleet costs CPU, and every greenlet waits while one spends it)."""
     if state.current_deploy_filename:  # each deploy file of the run, before any operation
         register_deploy_file(state.current_deploy_filename)
-    if state in _started:
-        return _started[state]
-    specs = check_inventory(state.inventory)
+    run = run_of(state)
+    if isinstance(run.deploy, Deploy):
+        return run.deploy
+    specs = check_fleet(state.inventory)
     hold_deploy_lock()
     for inventory_host in state.inventory:
         limit_sessions(inventory_host, specs[inventory_host.name].max_ssh_sessions)
     summary = summary_for(state)
     # A host that may be asleep (offline_ok) is offline, not failed, in every deploy.
     summary.excuse_offline(name for name, spec in specs.items() if spec.offline_ok)
-    deploy = _started[state] = Deploy(specs, summary, RunCache(specs))
+    deploy = Deploy(specs, summary, RunCache(specs))
+    run.deploy = deploy
     expect_waves(state, specs, summary, deploy.cache.waves)
     return deploy
 

@@ -4,7 +4,7 @@ derived in memory on the controller from the sops values (never from a host, nev
 
 .. code:: python
 
-    trust = builder_trust(inventory.get_host("nas"), for_host="pi4")
+    trust = builder_trust(specs, "nas", for_host="pi4")
     trust.ssh_public_key, trust.nix_public_key   # what pi4 authorizes and trusts
 """
 
@@ -14,18 +14,19 @@ import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from operations.core.process import find_program, run_local
+from operations.core.runstate import current_run
 from operations.trust.secrets import DEPLOY_KEY_PATH as DEPLOY_KEY_PATH
 from operations.trust.secrets import SIGNING_KEY_PATH as SIGNING_KEY_PATH
-from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
+from operations.trust.secrets import SecretError, decrypt_secret
 from operations.trust.sops import Plaintext
 
 if TYPE_CHECKING:
-    from pyinfra.api.host import Host
+    from operations.data.fleet import HostSpec
 
 # DEPLOY_KEY_PATH and SIGNING_KEY_PATH, where the builder keeps what it pushes with, are defined
 # with the secrets (which decrypt them from nixpush's own sops file). Nix's `secret-key-files`
@@ -38,9 +39,6 @@ PULL_KEY_COMMENT = "nixpush-pull:"
 
 _KEY_TYPE = re.compile(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)")
 _SSH_KEY_FIX = "store an OpenSSH ed25519 private key there (ssh-keygen -t ed25519 -N '')"
-# Public halves already derived this run, by the SHA-256 of their private key: every target of
-# a builder asks for the same one (an ssh-keygen process each, otherwise).
-_ssh_public_keys: dict[str, str] = {}
 
 
 def parse_public_key(line: str) -> tuple[str, str] | None:
@@ -57,9 +55,11 @@ def ssh_public_key(private_key: Plaintext) -> str:
     The public key line (``ssh-ed25519 AAAA...``) of an OpenSSH private key, derived on the
     controller by ``ssh-keygen -y`` reading the key from its stdin. Raises ValueError.
     """
+    # Kept on the run by digest: every target of a builder asks for the same one.
+    derived = current_run().ssh_public_keys
     digest = hashlib.sha256(private_key.reveal().encode()).hexdigest()
-    if digest in _ssh_public_keys:
-        return _ssh_public_keys[digest]
+    if digest in derived:
+        return derived[digest]
     keygen = find_program("ssh-keygen")
     if keygen is None:
         raise ValueError("ssh-keygen is not installed on the controller; install OpenSSH's client")
@@ -73,7 +73,7 @@ def ssh_public_key(private_key: Plaintext) -> str:
         raise ValueError(
             f"{private_key} is not an unencrypted OpenSSH private key ({result.stderr.strip()})"
         )
-    _ssh_public_keys[digest] = public
+    derived[digest] = public
     return public
 
 
@@ -94,14 +94,16 @@ def nix_public_key(secret_key: Plaintext) -> str:
     return f"{name}:{base64.b64encode(raw[32:]).decode()}"
 
 
-def installed_secret(host: Host, dest: str, for_host: str, missing: str, fix: str) -> Plaintext:
+def installed_secret(
+    specs: Mapping[str, HostSpec], name: str, dest: str, for_host: str, missing: str, fix: str
+) -> Plaintext:
     """
-    The decrypted value of ``host``'s secret installed at ``dest``; ``SecretError`` naming
-    ``for_host`` with ``missing`` and ``fix`` when ``host`` has none there.
+    The decrypted value of host ``name``'s secret installed at ``dest``; ``SecretError``
+    naming ``for_host`` with ``missing`` and ``fix`` when ``name`` has none there.
     """
-    for secret in host_secrets(host):
+    for secret in specs[name].secrets:
         if secret.dest == dest:
-            return decrypt_secret(host, secret)
+            return decrypt_secret(specs[name], specs, secret)
     raise SecretError(for_host, dest, missing, fix)
 
 
@@ -123,38 +125,40 @@ class BuilderTrust:
     nix_public_key: str  # of the signing key, for the target's trusted-public-keys
 
 
-def builder_trust(builder: Host, for_host: str) -> BuilderTrust:
+def builder_trust(specs: Mapping[str, HostSpec], builder: str, for_host: str) -> BuilderTrust:
     """
     The public halves of ``builder``'s deploy key (``DEPLOY_KEY_PATH``) and Nix signing key
     (``SIGNING_KEY_PATH``), computed on the controller from their decrypted values. Raises
     ``SecretError`` naming ``for_host``, the secret and the fix.
 
-    + builder: the target's builder, ``inventory.get_host(spec.builder_host)``
+    + specs: the fleet's specs (``check_fleet``)
+    + builder: the target's builder (``spec.pushed_by``)
     + for_host: the target's name, for messages
     """
 
     def secret(dest: str) -> Plaintext:
         return installed_secret(
+            specs,
             builder,
             dest,
             for_host,
-            f"its builder {builder.name} has no secret installed at {dest}",
-            f"add one to {builder.name}'s secrets (group_data/server.py, for the server root)",
+            f"its builder {builder} has no secret installed at {dest}",
+            f"add one to {builder}'s secrets (group_data/server.py, for the server root)",
         )
 
     deploy, signing = secret(DEPLOY_KEY_PATH), secret(SIGNING_KEY_PATH)
     return BuilderTrust(
-        _derived(for_host, f"{deploy.label} (on {builder.name})", _SSH_KEY_FIX,
+        _derived(for_host, f"{deploy.label} (on {builder})", _SSH_KEY_FIX,
                  ssh_public_key, deploy),
         _derived(
-            for_host, f"{signing.label} (on {builder.name})",
+            for_host, f"{signing.label} (on {builder})",
             "store a key from `nix key generate-secret --key-name NAME` there",
             nix_public_key, signing,
         ),
     )  # fmt: skip
 
 
-def pull_client_key(target: Host, for_host: str) -> str:
+def pull_client_key(specs: Mapping[str, HostSpec], target: str, for_host: str) -> str:
     """
     The public half of ``target``'s builder-client key (its secret at ``PULL_KEY_PATH``),
     derived in memory on the controller: ``type base64 nixpush-pull:<target>``
@@ -162,14 +166,15 @@ def pull_client_key(target: Host, for_host: str) -> str:
     and the fix.
     """
     value = installed_secret(
+        specs,
         target,
         PULL_KEY_PATH,
         for_host,
-        f"{target.name} pulls builds (builder_user) but has no secret installed at {PULL_KEY_PATH}",
-        f"add its builder-client key to {target.name}'s secrets with dest {PULL_KEY_PATH}, "
+        f"{target} pulls builds (builder_user) but has no secret installed at {PULL_KEY_PATH}",
+        f"add its builder-client key to {target}'s secrets with dest {PULL_KEY_PATH}, "
         "or remove builder_user",
     )
-    public = _derived(for_host, f"{value.label} (of {target.name})", _SSH_KEY_FIX,
+    public = _derived(for_host, f"{value.label} (of {target})", _SSH_KEY_FIX,
                       ssh_public_key, value)  # fmt: skip
     kind, blob = public.split()[:2]
-    return f"{kind} {blob} {PULL_KEY_COMMENT}{target.name}"
+    return f"{kind} {blob} {PULL_KEY_COMMENT}{target}"

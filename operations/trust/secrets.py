@@ -30,8 +30,6 @@ compare: it is printed by facts at ``-vvv``, like any fact output.
 from __future__ import annotations
 
 import os
-import posixpath
-import re
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +43,6 @@ from typing_extensions import override
 
 from operations.core.failures import fail_host
 from operations.core.files import (
-    ACCOUNT_NAME,
     LinesFact,
     SecretFile,
     UnsafeDirectories,
@@ -53,26 +50,25 @@ from operations.core.files import (
     chown_file,
     write_file,
 )
-from operations.data.fleet import merged_entries, parse_sops_recipients
+from operations.core.models import Plaintext
+from operations.data.secret import DEFAULT_MODE as DEFAULT_MODE
+from operations.data.secret import Secret as Secret
+from operations.data.secret import is_clean_absolute
+from operations.data.secret import parse_mode as parse_mode
+from operations.data.secret import parse_secret as parse_secret
 from operations.trust.recipients import (
     Reader,
     controller_age_recipients,
     sops_recipients,
     unexpected_readers,
 )
-from operations.trust.sops import (
-    KeyPath,
-    Plaintext,
-    SopsError,
-    decrypt,
-    key_path_text,
-    parse_key_path,
-)
+from operations.trust.sops import SopsError, decrypt
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
-DEFAULT_MODE = 0o600
+    from operations.data.fleet import HostSpec
+
 # Where the builder keeps what it pushes with (group_data/server.py declares them): nixpush's own
 # keys, which open every host the builder pushes to. They are decrypted from
 # ``NIXPUSH_SOPS_FILE_KEY``'s file when the host's data sets it (else from ``sops_file``), and
@@ -84,30 +80,6 @@ DEPLOY_KEY_PATH = "/root/.nixpush/deploy_ed25519"
 SIGNING_KEY_PATH = "/root/.nixpush/signing-key.sec"
 PUSH_KEY_DESTS = (DEPLOY_KEY_PATH, SIGNING_KEY_PATH)
 NIXPUSH_SOPS_FILE_KEY = "nixpush_sops_file"
-_ENTRY_KEYS = ("key", "dest", "owner", "group", "mode")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Secret:
-    """
-    One secret to install, parsed from a ``secrets`` entry by ``host_secrets``.
-
-    + key: the sops key path, e.g. ``("headscale", "pre_auth")``
-    + dest: absolute path on the host
-    + owner, group: the file's owner and group (default ``root``)
-    + mode: permission bits (default ``0o600``)
-    """
-
-    key: KeyPath
-    dest: str
-    owner: str = "root"
-    group: str = "root"
-    mode: int = DEFAULT_MODE
-
-    @property
-    def label(self) -> str:
-        """The key path as messages show it: ``secret.label == "headscale/pre_auth"``."""
-        return key_path_text(self.key)
 
 
 @dataclass(frozen=True)
@@ -137,147 +109,54 @@ class SecretError(PyinfraError):
         return f"{self.host_name}: secret {self.secret}: {self.problem}; {self.fix}"
 
 
-# Data: parsing and merging
-
-
-def parse_mode(value: Any) -> int:
-    """
-    Permission bits from data, written as a string: ``"0600"`` or ``"600"``. Raises ValueError.
-
-    A number is refused: Python reads ``0o640`` as 416, whose digits would pass for mode 0416,
-    and pyinfra's style ``640`` means octal digits; a string means one thing only.
-    """
-    if isinstance(value, int) and not isinstance(value, bool):
-        python = f"0o{value:o}" if 0 <= value <= 0o777 else "no permission"
-        raise ValueError(
-            f"mode {value!r} is a number, which reads two ways (as Python's {python}, or "
-            f'as the digits "{value}")'
-        )
-    text = value.strip() if isinstance(value, str) else ""
-    if not re.fullmatch(r"0?[0-7]{3}", text):
-        raise ValueError(f'mode {value!r} is not a permission like "0600"')
-    return int(text, 8)
-
-
-def parse_secret(entry: Any) -> tuple[Secret | None, list[str]]:
-    """One ``secrets`` entry as a ``Secret``, or None and what is wrong with it (each a fix)."""
-    if not isinstance(entry, Mapping):
-        return None, [
-            f'entry {entry!r} is not a mapping; write it like {{"key": ..., "dest": ...}}'
-        ]
-    problems: list[str] = []
-    unknown = [str(k) for k in entry if k not in _ENTRY_KEYS]
-    if unknown:
-        problems.append(
-            f"has unknown fields {', '.join(unknown)}; use only {', '.join(_ENTRY_KEYS)}"
-        )
-
-    key: KeyPath = ()
-    raw_key = entry.get("key")
-    if not isinstance(raw_key, str):
-        problems.append(f'key is {raw_key!r}; set it to a sops key path like "headscale/pre_auth"')
-    else:
-        try:
-            key = parse_key_path(raw_key)
-        except ValueError as e:
-            problems.append(f"key: {e}")
-
-    dest = entry.get("dest")
-    if not isinstance(dest, str) or not _is_clean_absolute(dest):
-        problems.append(
-            f"dest is {dest!r}; set it to an absolute, normalised file path like "
-            '"/run/secrets/name"'
-        )
-
-    accounts: dict[str, str] = {}
-    for field in ("owner", "group"):
-        value = entry.get(field, "root")
-        if not isinstance(value, str) or not ACCOUNT_NAME.fullmatch(value):
-            problems.append(f"{field} is {value!r}; set it to a user or group name")
-        else:
-            accounts[field] = value
-
-    mode = DEFAULT_MODE
-    if "mode" in entry:
-        try:
-            mode = parse_mode(entry["mode"])
-        except ValueError as e:
-            problems.append(f'{e}; write it as a string like "0600"')
-
-    if problems:
-        return None, problems
-    assert isinstance(dest, str)
-    return Secret(key=key, dest=dest, mode=mode, **accounts), []
-
-
-def _is_clean_absolute(path: str) -> bool:
-    return (
-        path.startswith("/")
-        and path != "/"
-        and posixpath.normpath(path) == path
-        and not any(c in path for c in "\0\n\r")
-    )
-
-
-def host_secrets(host: Host) -> list[Secret]:
-    """
-    Every secret ``host`` gets, merged from all the places its ``secrets`` can be set.
-
-    pyinfra replaces a data key set by two groups (the later group wins), which would give a
-    host in ``network`` and ``server`` only one root's secrets. So the lists are merged here:
-    the ``secrets`` of ``all`` data, of every group the host is in (its roots), of its host data
-    and of ``--data``, in that order, deduplicated by ``dest``. Host data and ``--data`` replace
-    an entry with the same ``dest``; two groups declaring one ``dest`` differently is an error.
-    Raises ``FleetError`` naming the host, the entry and the fix.
-
-    + host: a pyinfra ``Host``
-
-    .. code:: python
-
-        [s.dest for s in host_secrets(inventory.get_host("nas"))]
-        # ["/root/.nixpush/deploy_ed25519", "/root/.nixpush/signing-key.sec"]
-    """
-    return merged_entries(
-        host, "secrets", parse_secret, lambda s: s.dest, lambda s: f"installs {s.dest}"
-    )
-
-
 # Planning: decrypt and check on the controller before anything runs
 
 
-def sops_file(host: Host, secret: Secret) -> str:
-    """The sops file ``secret`` is decrypted from: the host's ``nixpush_sops_file`` for the
-    builder's push and signing keys when set, else its ``sops_file``; ``SecretError`` saying
-    to set it."""
-    own = host.data.get(NIXPUSH_SOPS_FILE_KEY) if secret.dest in PUSH_KEY_DESTS else None
-    path = own or host.data.get("sops_file")
-    if not isinstance(path, str) or not path:
-        raise SecretError(
-            host.name,
-            f"{secret.label} ({secret.dest})",
-            "sops_file is not set, so there is nothing to decrypt it from",
-            "set sops_file in its host or group data to the sops-encrypted secrets file",
-        )
-    return path
+def sops_file(spec: HostSpec, secret: Secret) -> tuple[str, str]:
+    """The sops file ``secret`` is decrypted from and the data key naming it: the host's
+    ``nixpush_sops_file`` for the builder's push and signing keys when set, else its
+    ``sops_file``; ``SecretError`` naming the key to set."""
+    pushes = secret.dest in PUSH_KEY_DESTS
+    if pushes and spec.nixpush_sops_file is not None:
+        return spec.nixpush_sops_file, NIXPUSH_SOPS_FILE_KEY
+    if spec.sops_file is not None:
+        return spec.sops_file, "sops_file"
+    key = NIXPUSH_SOPS_FILE_KEY if pushes else "sops_file"
+    what = (
+        "the sops file holding only nixpush's push and signing keys"
+        if pushes
+        else ("the sops-encrypted secrets file")
+    )
+    raise SecretError(
+        spec.name,
+        f"{secret.label} ({secret.dest})",
+        f"{key} is not set, so there is nothing to decrypt it from",
+        f"set {key} in its host or group data to {what}",
+    )
 
 
-def check_push_key_file(host: Host, secret: Secret, file: str) -> None:
+def check_push_key_file(
+    spec: HostSpec, specs: Mapping[str, HostSpec], secret: Secret, file: str
+) -> None:
     """
-    ``SecretError`` when ``file`` (holding ``host``'s push or signing key) can be decrypted
-    with any master key but the controller's age key and ``host``'s
+    ``SecretError`` when ``file`` (holding ``spec``'s push or signing key) can be decrypted
+    with any master key but the controller's age key and ``spec``'s
     ``nixpush_sops_recipients``: sops encrypts a whole file with one data key, so whoever holds
-    one could decrypt the key that opens every host ``host`` pushes to. Every recipient counts
+    one could decrypt the key that opens every host ``spec`` pushes to. Every recipient counts
     (``key_groups`` too); one that an inventory host's SSH host key gives (sops-nix's) is named
     after it and is never allowed. A file that cannot be read is left to sops to report.
+
+    + spec: the builder's spec; specs: the fleet's (``check_fleet``)
     """
     try:
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return
-    allowed, _ = parse_sops_recipients(host.data.get("nixpush_sops_recipients"))
     controller = controller_age_recipients(os.environ, Path.home())
-    host_keys = {o.name: o.data.get("ssh_host_key") for o in host.inventory if o.name != host.name}
-    readers = unexpected_readers(sops_recipients(text), controller, allowed, host_keys)
+    host_keys = {o.name: o.ssh_host_key for o in specs.values() if o.name != spec.name}
+    readers = unexpected_readers(
+        sops_recipients(text), controller, spec.nixpush_sops_recipients, host_keys
+    )
     if readers:
         which = "it" if len(readers) == 1 else "any of them"
         unknown = (
@@ -287,16 +166,16 @@ def check_push_key_file(host: Host, secret: Secret, file: str) -> None:
             "SOPS_AGE_KEY_FILE or ~/.config/sops/age/keys.txt)"
         )
         raise SecretError(
-            host.name,
+            spec.name,
             f"{secret.label} ({secret.dest})",
             f"{file} is also encrypted to {', '.join(map(_reader_text, readers))}, besides the "
             f"controller's age key{unknown}, and sops encrypts a whole file with one data key, "
-            f"so whoever holds {which} could decrypt the key that opens every host {host.name} "
+            f"so whoever holds {which} could decrypt the key that opens every host {spec.name} "
             "pushes to",
             f"keep nixpush's push and signing keys in a sops file of their own, encrypted only "
             f"to your age key (set {NIXPUSH_SOPS_FILE_KEY} to it, with a .sops.yaml creation "
             f"rule listing only your key), and remove them from {file}; a key of your own "
-            f"besides (a backup kept offline) goes in {host.name}'s nixpush_sops_recipients "
+            f"besides (a backup kept offline) goes in {spec.name}'s nixpush_sops_recipients "
             "(a host's key never does)",
         )
 
@@ -309,34 +188,38 @@ def _reader_text(reader: Reader) -> str:
     return f"{kind} key {reader.recipient.name}"
 
 
-def decrypt_secret(host: Host, secret: Secret) -> Plaintext:
-    """``secret``'s value from ``host``'s sops file (once per run), or ``SecretError``; for the
+def decrypt_secret(spec: HostSpec, specs: Mapping[str, HostSpec], secret: Secret) -> Plaintext:
+    """``secret``'s value from ``spec``'s sops file (once per run), or ``SecretError``; for the
     push and signing keys, only from a file no key but the controller's (and the allowed ones)
     can decrypt."""
     label = f"{secret.label} ({secret.dest})"
     try:
-        file = sops_file(host, secret)
+        file, key = sops_file(spec, secret)
         # Decrypted first (in memory): a controller without the file's key gets sops's answer,
         # not a list of every recipient as readers.
-        value = decrypt(file, secret.key)
+        value = decrypt(file, secret.key, data_key=key)
         if secret.dest in PUSH_KEY_DESTS:
-            check_push_key_file(host, secret, file)
+            check_push_key_file(spec, specs, secret, file)
         return value
     except SopsError as e:
-        raise SecretError(host.name, label, e.problem, e.fix) from None
+        raise SecretError(spec.name, label, e.problem, e.fix) from None
 
 
-def plan_secrets(host: Host, secrets: Sequence[Secret] | None = None) -> list[PlannedSecret]:
+def plan_secrets(
+    host: Host, specs: Mapping[str, HostSpec], secrets: Sequence[Secret] | None = None
+) -> list[PlannedSecret]:
     """
-    ``host``'s secrets (``host_secrets`` unless given) decrypted, after checking that every
-    owner and group exists on the host. Call it from deploy code: it raises ``SecretError`` or
-    ``FleetError`` at prepare time, before any host is changed.
+    ``host``'s secrets (its spec's unless given) decrypted, after checking that every owner
+    and group exists on the host. Call it from deploy code: it raises ``SecretError`` at
+    prepare time, before any host is changed.
 
     + host: the pyinfra ``Host`` the secrets are for
+    + specs: the fleet's specs (``start_deploy(state).specs``)
     + secrets: the secrets to plan; by default all of the host's
     """
-    chosen = host_secrets(host) if secrets is None else list(secrets)
-    planned = [PlannedSecret(secret, decrypt_secret(host, secret)) for secret in chosen]
+    spec = specs[host.name]
+    chosen = list(spec.secrets if secrets is None else secrets)
+    planned = [PlannedSecret(secret, decrypt_secret(spec, specs, secret)) for secret in chosen]
     users = sorted({s.owner for s in chosen})
     groups = sorted({s.group for s in chosen})
     if chosen:
@@ -423,7 +306,7 @@ def secret_file(
             content=decrypt("secrets.yaml", ("headscale", "pre_auth")),
         )
     """
-    if not _is_clean_absolute(dest):
+    if not is_clean_absolute(dest):
         raise OperationError(f"{host.name}: secret destination {dest!r} is not an absolute path")
     current = host.get_fact(SecretFile, path=dest)
     if current is not None and not current.regular:

@@ -1,8 +1,9 @@
 """Decrypting values of a sops-encrypted file on the controller, by running the ``sops`` binary.
 
 The age key comes from ``SOPS_AGE_KEY_FILE`` (or sops's other usual places) in the controller's
-environment. Each (file, key path) is decrypted once per run and kept in memory only, wrapped in
-``Plaintext`` so that printing, logging or formatting it into a message shows a mask.
+environment. Each (file, key path) is decrypted once per run and kept in memory only, on the run
+(``operations.core.runstate``: dropped when it ends), wrapped in ``Plaintext`` so that printing,
+logging or formatting it into a message shows a mask.
 
 .. code:: python
 
@@ -12,61 +13,22 @@ environment. Each (file, key path) is decrypted once per run and kept in memory 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import re
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyinfra.api.exceptions import PyinfraError
 
+from operations.core.models import KeyPath as KeyPath
+from operations.core.models import Plaintext as Plaintext
 from operations.core.process import find_program, run_local
+from operations.core.runstate import current_run
+from operations.data.secret import key_path_text as key_path_text
+from operations.data.secret import parse_key_path as parse_key_path
 
 # sops exits with 128 when no master key (age, PGP, KMS, ...) decrypts the file's data key.
 SOPS_NO_KEY_EXIT = 128
-
-KeyPath = tuple[str | int, ...]
-
-_BRACKETED = re.compile(r'\[(?:"((?:[^"\\]|\\.)*)"|(\d+))\]')
-
-
-def parse_key_path(text: str) -> KeyPath:
-    """
-    A sops key path from ``a/b`` or sops's own ``["a"]["b"]`` (``[0]`` indexes a list).
-    Raises ValueError naming the problem.
-
-    .. code:: python
-
-        parse_key_path("headscale/pre_auth") == ("headscale", "pre_auth")
-        parse_key_path('["ssh"]["nas_deploy"]') == ("ssh", "nas_deploy")
-    """
-    text = text.strip()
-    if not text:
-        raise ValueError("the key path is empty")
-    if text.startswith("["):
-        parts: list[str | int] = []
-        position = 0
-        for match in _BRACKETED.finditer(text):
-            if match.start() != position:
-                break
-            quoted, index = match.groups()
-            parts.append(json.loads(f'"{quoted}"') if quoted is not None else int(index))
-            position = match.end()
-        if position != len(text) or not parts:
-            raise ValueError(f'{text!r} is not a sops key path like ["headscale"]["pre_auth"]')
-        return tuple(parts)
-    segments = text.split("/")
-    if any(not segment for segment in segments):
-        raise ValueError(f"{text!r} has an empty part; write it like headscale/pre_auth")
-    return tuple(segments)
-
-
-def key_path_text(path: KeyPath) -> str:
-    """How nixpush names a key path in messages: ``key_path_text(("a", "b")) == "a/b"``."""
-    return "/".join(str(part) for part in path)
 
 
 def extract_expression(path: KeyPath) -> str:
@@ -74,37 +36,6 @@ def extract_expression(path: KeyPath) -> str:
     return "".join(
         f"[{part}]" if isinstance(part, int) else f"[{json.dumps(part)}]" for part in path
     )
-
-
-@dataclass(frozen=True)
-class Plaintext:
-    """
-    A decrypted value. Its ``repr`` and ``str`` are a mask naming where it came from, so it
-    can't leak through a log line, an f-string or an exception by accident.
-
-    .. code:: python
-
-        str(value)  # "<secret headscale/pre_auth>"
-        value.reveal()  # the text itself
-    """
-
-    label: str
-    _text: str = field(repr=False)
-
-    def reveal(self) -> str:
-        """The decrypted text: hand it to a process's stdin and nowhere else."""
-        return self._text
-
-    @property
-    def sha256(self) -> str:
-        """Hex sha256 of the text's UTF-8 bytes, what ``sha256sum`` prints for the file."""
-        return hashlib.sha256(self._text.encode()).hexdigest()
-
-    def __str__(self) -> str:
-        return f"<secret {self.label}>"
-
-    def __repr__(self) -> str:
-        return f"Plaintext(<secret {self.label}>)"
 
 
 class SopsError(PyinfraError):
@@ -124,24 +55,14 @@ class SopsError(PyinfraError):
         return f"{self.problem}; {self.fix}"
 
 
-_cache: dict[tuple[str, KeyPath], Plaintext] = {}
-# pyinfra runs deploy code for each host in its own greenlet (gevent patches threading), so
-# two hosts asking for one value at once would both run sops without the lock.
-_lock = threading.Lock()
-
-
-def clear_cache() -> None:
-    """Forget every decrypted value (tests; a long-lived process between runs)."""
-    with _lock:
-        _cache.clear()
-
-
-def decrypt(sops_file: str | Path, path: KeyPath) -> Plaintext:
+def decrypt(sops_file: str | Path, path: KeyPath, *, data_key: str = "sops_file") -> Plaintext:
     """
-    The value at ``path`` in ``sops_file``, decrypted on the controller once per run.
+    The value at ``path`` in ``sops_file``, decrypted on the controller once per run (kept on
+    the run, ``Run.decrypted``, until it ends).
 
     + sops_file: the sops-encrypted file on the controller (relative to the current directory)
     + path: a key path from ``parse_key_path``
+    + data_key: the data key that names ``sops_file``, for the fix when it does not exist
 
     Raises ``SopsError`` when sops is missing, the file is missing, the key path is absent or
     no key decrypts the file.
@@ -152,10 +73,11 @@ def decrypt(sops_file: str | Path, path: KeyPath) -> Plaintext:
     """
     file = Path(sops_file).expanduser().absolute()
     cache_key = (str(file), path)
-    with _lock:
-        cached = _cache.get(cache_key)
+    run = current_run()
+    with run.decrypting:
+        cached = run.decrypted.get(cache_key)
         if cached is None:
-            cached = _cache[cache_key] = _run_sops(file, path)
+            cached = run.decrypted[cache_key] = _run_sops(file, path, data_key)
         return cached
 
 
@@ -204,7 +126,7 @@ def sops_program() -> str | None:
     return str(binary)
 
 
-def _run_sops(file: Path, path: KeyPath) -> Plaintext:
+def _run_sops(file: Path, path: KeyPath, data_key: str) -> Plaintext:
     label = key_path_text(path)
     sops = sops_program()
     if sops is None:
@@ -215,7 +137,7 @@ def _run_sops(file: Path, path: KeyPath) -> Plaintext:
     if not file.is_file():
         raise SopsError(
             f"the secrets file {file} does not exist",
-            "set sops_file to the sops-encrypted secrets file on the controller",
+            f"set {data_key} to the sops-encrypted file on the controller",
         )
     try:
         result = run_local(

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from operations.data.fleet import host_secrets
 from operations.trust import keys, ssh
-from operations.trust.secrets import Secret, host_secrets
+from operations.trust.secrets import Secret
 from tests.bench import fleet
 from tests.bench import sops as bench_sops
 from tests.bench.client import BENCH_INVENTORY, on_host, pyinfra

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,14 @@ from pyinfra_cli.inventory import make_inventory
 REPO = Path(__file__).resolve().parents[2]
 
 Member = tuple[str, dict[str, Any]]
+
+
+@pytest.fixture(autouse=True)
+def _own_run() -> Iterator[None]:
+    """Every test is a pyinfra run of its own: what a run keeps (``operations.core.runstate``)
+    lives on the current State, so nothing carries over from one test to the next."""
+    with ctx_state.use(State()):
+        yield
 
 
 def load_inventory(path: Path, cwd: Path, override_data: dict[str, Any] | None = None) -> Inventory:

@@ -33,6 +33,10 @@ class FakeState:
         # What the run summary reads (operations/core/summary.py).
         self.failed_hosts: set[Any] = set()
         self.inventory: list[Any] = []
+        self.callback_handlers: list[Any] = []
+
+    def add_callback_handler(self, handler: Any) -> None:
+        self.callback_handlers.append(handler)
 
 
 class FakeHost:

@@ -16,7 +16,7 @@ from operations.builder.binfmt import (
     MissingPaths,
     emulated_systems,
 )
-from operations.core.summary import summary_for
+from operations.core.runstate import summary_for
 from tests.unit.fake_host import FakeHost, FakeState, failure, nix_host, run, shell
 
 # /usr/lib/binfmt.d/qemu-aarch64.conf and qemu-arm.conf from Debian 12's qemu-user-static.

@@ -17,7 +17,6 @@ from operations.data.fleet import (
     host_spec,
 )
 from operations.data.schedule import Schedule
-from operations.push.start import check_inventory
 from tests.unit.conftest import REPO
 
 # Every host nixpush connects to checks host keys (unset is pyinfra's accept-new: refused).
@@ -406,7 +405,7 @@ def test_bad_safety_checks_schedule_and_sudo_stop_every_deploy_at_its_start(writ
         "schedule": {"enabled": True, "checkout": "relative", "program": "/p"},
     }
     with pytest.raises(FleetError) as error:
-        check_inventory(write_inventory(fleet(pi=data)))
+        check_fleet(write_inventory(fleet(pi=data)))
     assert error.value.problems == (
         "pi: _sudo is 'yes'; set it to True or False",
         "pi: rollback is 'maybe'; set it to True or False",

@@ -9,13 +9,12 @@ import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from operations.builder import timers
 from operations.core.nixexpr import Attr, Raw, nix_binding, nix_string, nix_value
-from operations.data.fleet import HostSpec, check_fleet
+from operations.data.fleet import FleetError, HostSpec, check_fleet
 from operations.data.schedule import parse_schedule
 from operations.nixos import checks as nixos_checks
 from operations.nixos import fragments
@@ -146,16 +145,6 @@ def required_nixos_eval_check() -> Path:
     return check
 
 
-class _Inventory:
-    """What ``host_fragment`` reads of a pyinfra inventory for a host that builds nothing."""
-
-    def __init__(self, data: dict[str, object]) -> None:
-        self.data = data
-
-    def get_host(self, name: str) -> _Inventory:
-        return self
-
-
 def _alerting_fragment(**changes: object) -> fragments.Fragment:
     data = {
         "enabled": True,
@@ -170,7 +159,7 @@ def _alerting_fragment(**changes: object) -> fragments.Fragment:
     }
     spec = HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas")
     specs = {"nas": replace(spec, schedule=parse_schedule("nas", data))}
-    return fragments.host_fragment(_Inventory({"schedule": data}), specs, "nas")  # type: ignore[arg-type]
+    return fragments.host_fragment(specs, "nas")
 
 
 def test_the_fragment_wires_metrics_and_on_failure_and_the_node_exporter_when_asked():
@@ -212,25 +201,24 @@ def test_a_fragment_with_metrics_on_failure_and_the_node_exporter_passes_the_nix
 
 
 @pytest.fixture
-def shipped(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, HostSpec]]:
+def shipped(monkeypatch: pytest.MonkeyPatch) -> dict[str, HostSpec]:
     """The repository's inventory.py and group_data, the builder's keys stand-ins (no sops)."""
-    monkeypatch.setattr(fragments, "builder_trust", lambda builder, for_host: BuilderTrust(
+    monkeypatch.setattr(fragments, "builder_trust", lambda specs, builder, for_host: BuilderTrust(
         SSH_KEY, NIX_KEY))  # fmt: skip
-    inventory = load_inventory(REPO / "inventory.py", REPO)
-    return inventory, check_fleet(inventory)
+    return check_fleet(load_inventory(REPO / "inventory.py", REPO))
 
 
 def test_every_host_nixpush_runs_sudo_on_gets_the_rule_as_root_only(shipped):
-    inventory, specs = shipped
+    specs = shipped
     rule = {
         "users": ["beau"],
         "runAs": "root",
         "commands": [{"command": "ALL", "options": ["NOPASSWD"]}],
     }
     for name in ("nas", "pi4", "grill", "laptop"):  # the NAS too: it builds and copies
-        options = fragments.host_fragment(inventory, specs, name).options
+        options = fragments.host_fragment(specs, name).options
         assert options["security.sudo.extraRules"] == [rule], name
-    assert not fragments.host_fragment(inventory, specs, "iso").sections  # an image: none
+    assert not fragments.host_fragment(specs, "iso").sections  # an image: none
 
 
 def test_a_builder_nixpush_logs_in_to_as_root_gets_no_sudo_rule(write_inventory):
@@ -242,7 +230,7 @@ def test_a_builder_nixpush_logs_in_to_as_root_gets_no_sudo_rule(write_inventory)
         "binfmt_emulated_systems": ["aarch64-linux"],
     }
     inventory = write_inventory({"server": [("nas", nas)]})
-    fragment = fragments.host_fragment(inventory, check_fleet(inventory), "nas")
+    fragment = fragments.host_fragment(check_fleet(inventory), "nas")
     assert "security.sudo.extraRules" not in fragment.options
     assert fragment.options["boot.binfmt.emulatedSystems"] == ["aarch64-linux"]
 
@@ -251,10 +239,10 @@ def test_every_shipped_fragment_passes_nixos_eval(shipped, tmp_path: Path):
     """NixOS's own module system (shared/nixos-eval) accepts every fragment of the shipped
     inventory: option names, types, sudo's rule, the units."""
     check = required_nixos_eval_check()
-    inventory, specs = shipped
+    specs = shipped
     paths = []
     for name in specs:
-        fragment = fragments.host_fragment(inventory, specs, name)
+        fragment = fragments.host_fragment(specs, name)
         if fragment.sections:
             path = tmp_path / f"{name}.nix"
             path.write_text(fragment.render())
@@ -265,7 +253,7 @@ def test_every_shipped_fragment_passes_nixos_eval(shipped, tmp_path: Path):
     shipped_schedule = runpy.run_path(str(REPO / "group_data" / "server.py"))["schedule"]
     scheduled = load_inventory(REPO / "inventory.py", REPO,
                                {"schedule": {**shipped_schedule, "enabled": True}})  # fmt: skip
-    nas = fragments.host_fragment(scheduled, check_fleet(scheduled), "nas")
+    nas = fragments.host_fragment(check_fleet(scheduled), "nas")
     assert nas.uses_env
     (tmp_path / "scheduled").mkdir()
     (tmp_path / "scheduled" / "nas.nix").write_text(nas.render())
@@ -400,11 +388,12 @@ def test_keep_generations_limits_every_boot_loader_and_passes_the_nixos_check(tm
 def test_a_target_with_keep_generations_gets_the_limit_in_its_fragment():
     spec = HostSpec(name="nas", nix_system="x86_64-linux", nixos_config="nas")
     specs = {"nas": replace(spec, builder_host="nas", keep_generations=4)}
-    fragment = fragments.host_fragment(_Inventory({}), specs, "nas")  # type: ignore[arg-type]
+    fragment = fragments.host_fragment(specs, "nas")
     assert fragment.options["boot.loader.grub.configurationLimit"] == 4
 
 
 # -- the real formatter: nixfmt (RFC 166), built from its source in shared/nixfmt ----------
+
 
 def required_nixfmt() -> str:
     """nixfmt in the project's shared folder (``tests/shared.py``) or on PATH (tests/install.sh
@@ -436,7 +425,7 @@ def test_every_generated_nix_file_is_left_alone_by_nixfmt(shipped, tmp_path: Pat
     specs = check_fleet(scheduled)
     paths = [REPO / "default.nix", REPO / "shell.nix"]
     for name in specs:
-        fragment = fragments.host_fragment(scheduled, specs, name)
+        fragment = fragments.host_fragment(specs, name)
         if fragment.sections:
             paths.append(tmp_path / f"{name}.nix")
             paths[-1].write_text(fragment.render())
@@ -504,3 +493,30 @@ def test_the_environment_builds_pyinfra_3_9_2_on_a_nixpkgs_whose_pyinfra_is_olde
     assert pyinfra["build-system"] == RECIPE_BUILD_SYSTEM
     assert pyinfra["dependencies"] == RECIPE_DEPENDENCIES
     assert pyinfra["UV_DYNAMIC_VERSIONING_BYPASS"] == "3.9.2"
+
+
+def test_a_missing_inventory_file_says_so_and_names_the_key(tmp_path):
+    with pytest.raises(FleetError) as caught:
+        fragments.fleet_inventory("fleet.py", str(tmp_path))
+    assert caught.value.problems == (
+        f"nixpush_inventory: {tmp_path / 'fleet.py'} does not exist; run from the directory "
+        "holding the fleet's inventory.py, or set --data nixpush_inventory=FILE to the fleet's "
+        "inventory (relative to where pyinfra runs, or absolute)",
+    )
+
+
+def test_an_inventory_outside_the_checkout_is_read_with_its_group_data(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "group_data").mkdir(parents=True)
+    (elsewhere / "fleet.py").write_text(
+        'nas = {"nix_system": "x86_64-linux", "ssh_strict_host_key_checking": "yes"}\n'
+        'server = [("nas", nas)]\n'
+    )
+    (elsewhere / "group_data" / "server.py").write_text('nixos_fragments_dir = "/srv/nixos"\n')
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+
+    inventory = fragments.fleet_inventory(str(elsewhere / "fleet.py"), str(checkout))
+
+    specs = check_fleet(inventory)
+    assert fragments.fragments_dir(specs["nas"]) == Path("/srv/nixos")

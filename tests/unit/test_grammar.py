@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from operations.core import grammar
-from operations.data.fleet import FleetError, fleet_errors
+from operations.data.fleet import FleetError, check_fleet, fleet_errors
 from operations.nixos.fragments import fragment_path
 from tests.unit.test_fleet import NAS_DATA, fleet, only_problem
 
@@ -87,7 +87,15 @@ def test_builder_user_with_a_trailing_newline_is_refused(write_inventory):
 
 @pytest.mark.parametrize(
     "key",
-    ["sops_file", "nixos_fragments_dir", "ssh_key", "ssh_known_hosts_file", "ssh_config_file"],
+    [
+        "sops_file",
+        "nixpush_sops_file",
+        "nixos_fragments_dir",
+        "nixpush_inventory",
+        "ssh_key",
+        "ssh_known_hosts_file",
+        "ssh_config_file",
+    ],
 )
 @pytest.mark.parametrize("value", ["/srv/x\n/y", "/srv/x\r", "/srv/x\0"])
 def test_path_like_values_with_a_line_break_are_refused(write_inventory, key, value):
@@ -105,10 +113,9 @@ def test_image_attr_with_a_trailing_newline_is_refused(write_inventory):
     assert problem.startswith("pi: image_attr 'sdImage\\n' is not an attribute name;")
 
 
-def test_fragments_dir_refusal_is_unchanged_outside_the_fleet_check(tmp_path):
-    # fragments_dir's own check stays: a caller that skips check_fleet still gets a refusal.
+def test_the_fragments_dir_comes_from_the_checked_spec(write_inventory, tmp_path):
     from operations.nixos.fragments import fragments_dir
 
-    with pytest.raises(FleetError):
-        fragments_dir({"nixos_fragments_dir": "/x\n"})
-    assert fragments_dir({"nixos_fragments_dir": "/x"}, str(tmp_path)) == Path("/x")
+    specs = check_fleet(write_inventory(fleet(pi={"nixos_fragments_dir": "/x"})))
+    assert fragments_dir(specs["pi"], str(tmp_path)) == Path("/x")
+    assert fragments_dir(specs["nas"], str(tmp_path)) == tmp_path / "nixos"

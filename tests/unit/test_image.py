@@ -16,7 +16,7 @@ from operations.builder import image
 from operations.core import process
 from operations.core.failures import DeployFailed
 from operations.core.models import Builder, ImagePlan
-from operations.core.summary import summary_for
+from operations.core.runstate import summary_for
 from tests.unit.fake_host import FakeState
 
 

@@ -9,8 +9,7 @@ from pyinfra.api.inventory import Inventory
 
 from operations.builder.connector import ImageConnector
 from operations.builder.pull import pulling_targets
-from operations.data.fleet import ROOTS, builders, check_fleet, host_spec
-from operations.trust.secrets import host_secrets
+from operations.data.fleet import ROOTS, builders, check_fleet, host_secrets, host_spec
 from tests.unit.conftest import REPO, load_inventory
 
 # The roots table from the owner's notes (seeds/000): root -> hosts.

@@ -118,7 +118,7 @@ def test_read_on_quotes_the_fact_arguments():
 
 def test_a_step_that_raises_fails_only_its_host_in_one_line():
     from operations.core.failures import host_step
-    from operations.core.summary import summary_for
+    from operations.core.runstate import summary_for
     from tests.unit.fake_host import FakeState
 
     logged: list[str] = []

@@ -15,10 +15,10 @@ from operations.core import failures
 from operations.core.failures import DeployFailed
 from operations.core.models import NIXOS_MARKER, SYSTEMD_RUNNING, Builder, Safety
 from operations.core.summary import RunSummary
-from operations.data.fleet import FleetError
+from operations.data.fleet import FleetError, check_fleet
 from operations.push import activate, build, copy, flow, plan, prune
 from operations.push.runcache import RunCache
-from operations.push.start import Deploy, check_inventory
+from operations.push.start import Deploy
 from operations.trust import keys, ssh
 from tests.unit.fake_host import FakeHost, FakeState, on_host
 from tests.unit.test_activation import NEW, OLD
@@ -49,7 +49,7 @@ class Run:
         self.state = SimpleNamespace(
             inventory=inventory, is_host_in_limit=lambda h: h.name in limit
         )
-        specs = check_inventory(inventory)
+        specs = check_fleet(inventory)
         self.deploy = Deploy(specs, RunSummary(FakeState()), RunCache(specs))  # type: ignore[arg-type]
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.plans: dict[str, Any] = {}
@@ -71,8 +71,8 @@ class Run:
 
         return record
 
-    def builder_trust(self, builder: Any, for_host: str) -> keys.BuilderTrust:
-        self.calls.append(("decrypt trust", {"builder": builder.name, "for": for_host}))
+    def builder_trust(self, specs: Any, builder: str, for_host: str) -> keys.BuilderTrust:
+        self.calls.append(("decrypt trust", {"builder": builder, "for": for_host}))
         return TRUST
 
     def reach_builder(self, target: Any, spec: Any, cache: RunCache) -> Builder:
@@ -372,7 +372,7 @@ def test_the_builders_keys_are_decrypted_before_planning(monkeypatch, write_inve
     run = run_of(monkeypatch, write_inventory)
     run.plans["pi"] = make_plan(target="pi")
 
-    def no_age_key(builder: Any, for_host: str) -> keys.BuilderTrust:
+    def no_age_key(specs: Any, builder: str, for_host: str) -> keys.BuilderTrust:
         raise FleetError(["nas: secrets: no age key can decrypt secrets.yaml"])
 
     monkeypatch.setattr(keys, "builder_trust", no_age_key)

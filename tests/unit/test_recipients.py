@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from operations.data.fleet import check_fleet
+from operations.core.runstate import current_run
+from operations.data.fleet import check_fleet, host_secrets, read_fleet
 from operations.trust import secrets, sops
 from operations.trust.recipients import (
     Reader,
@@ -31,7 +32,7 @@ from operations.trust.recipients import (
     unexpected_readers,
     x25519_public,
 )
-from operations.trust.secrets import SecretError, decrypt_secret, host_secrets
+from operations.trust.secrets import SecretError, decrypt_secret
 from operations.trust.sops import Plaintext
 
 # Mic92/ssh-to-age's test vectors: cmd/ssh-to-age/test-assets/keyscan.txt's ed25519 keys and
@@ -123,6 +124,12 @@ def test_a_sops_files_recipients_come_from_its_metadata(tmp_path: Path):
     assert pushed_readers([OWNER, VECTORS[PI4_KEY]], {"pi4": PI4_KEY, "pi5": None}) == ["pi4"]
 
 
+def _fleet_of(host):  # type: ignore[no-untyped-def]
+    """The host's spec and its fleet's, as deploy code has them."""
+    specs = read_fleet(host.inventory)[0]
+    return specs[host.name], specs
+
+
 def _builder(
     write_inventory, tmp_path: Path, recipients: str, own: Path | None = None,
     pi4_data: dict | None = None, nas_data: dict | None = None, text: str | None = None,
@@ -154,10 +161,10 @@ def _builder(
 def test_a_push_key_in_a_file_a_pushed_host_can_decrypt_is_refused_naming_the_fix(
     write_inventory, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(secrets, "decrypt", lambda f, k: Plaintext("ssh/nas_deploy", "x"))
+    monkeypatch.setattr(secrets, "decrypt", lambda f, k, **_: Plaintext("ssh/nas_deploy", "x"))
     host, secret, shared = _builder(write_inventory, tmp_path, VECTORS[PI4_KEY])
     with pytest.raises(SecretError) as caught:
-        decrypt_secret(host, secret)
+        decrypt_secret(*_fleet_of(host), secret)
     message = caught.value.message
     assert message.startswith(f"nas: secret ssh/nas_deploy ({secrets.DEPLOY_KEY_PATH}): {shared}")
     assert "age key of pi4's SSH host key" in message
@@ -166,14 +173,16 @@ def test_a_push_key_in_a_file_a_pushed_host_can_decrypt_is_refused_naming_the_fi
 
 def test_the_push_key_comes_from_nixpushs_own_file_when_set(write_inventory, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(secrets, "decrypt", lambda f, k: calls.append(f) or Plaintext("k", "x"))
+    monkeypatch.setattr(
+        secrets, "decrypt", lambda f, k, **_: calls.append(f) or Plaintext("k", "x")
+    )
     own = tmp_path / "nixpush.yaml"
     own.write_text(SOPS_YAML.format(owner=OWNER, host=OWNER))
     # The shared file is encrypted to pi4 (sops-nix's), nixpush's own file only to the owner.
     host, secret, _ = _builder(write_inventory, tmp_path, VECTORS[PI4_KEY], own=own)
-    decrypt_secret(host, secret)
+    decrypt_secret(*_fleet_of(host), secret)
     assert calls == [str(own)]
-    sops.clear_cache()
+    current_run().drop_secrets()
 
 
 def test_an_age_identity_gives_the_recipient_age_keygen_prints():
@@ -289,7 +298,7 @@ def test_every_reader_but_the_controllers_key_and_the_allowed_ones_is_named():
 
 def _refusal(host, secret) -> str:
     with pytest.raises(SecretError) as caught:
-        decrypt_secret(host, secret)
+        decrypt_secret(*_fleet_of(host), secret)
     return caught.value.message
 
 
@@ -301,7 +310,7 @@ def test_a_push_key_file_any_other_key_can_read_is_refused(
 ):
     """What the host-by-host check missed: the file is encrypted to a key beside the owner's
     that no pushed host's ed25519 key gives."""
-    monkeypatch.setattr(secrets, "decrypt", lambda f, k: Plaintext("ssh/nas_deploy", "x"))
+    monkeypatch.setattr(secrets, "decrypt", lambda f, k, **_: Plaintext("ssh/nas_deploy", "x"))
     pi4: dict = {
         "rsa-pinned pi4": {"ssh_host_key": "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDH"},
         "pi4 built elsewhere": {"builder_host": "pi4", "ssh_host_key": PI4_KEY},
@@ -322,23 +331,25 @@ def test_a_push_key_file_any_other_key_can_read_is_refused(
         "so whoever holds it could decrypt the key that opens every host nas pushes to" in message
     )
     assert "goes in nas's nixpush_sops_recipients" in message
-    sops.clear_cache()
+    current_run().drop_secrets()
 
 
 def test_an_allowed_backup_key_is_accepted_and_a_host_key_never(
     write_inventory, tmp_path, monkeypatch
 ):
     calls: list[str] = []
-    monkeypatch.setattr(secrets, "decrypt", lambda f, k: calls.append(f) or Plaintext("k", "x"))
+    monkeypatch.setattr(
+        secrets, "decrypt", lambda f, k, **_: calls.append(f) or Plaintext("k", "x")
+    )
     allow = {"nixpush_sops_recipients": [BACKUP]}
     host, secret, shared = _builder(write_inventory, tmp_path, BACKUP, nas_data=allow)
-    decrypt_secret(host, secret)
+    decrypt_secret(*_fleet_of(host), secret)
     assert calls == [str(shared)]
     # The same list naming pi4's key does not let pi4 read it.
     allow = {"nixpush_sops_recipients": [BACKUP, VECTORS[PI4_KEY]]}
     host, secret, _ = _builder(write_inventory, tmp_path, VECTORS[PI4_KEY], nas_data=allow)
     assert "the age key of pi4's SSH host key (sops-nix's)" in _refusal(host, secret)
-    sops.clear_cache()
+    current_run().drop_secrets()
 
 
 def test_a_bad_allow_list_stops_the_run_naming_the_key(write_inventory, tmp_path):

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from operations.core import process
+from operations.core.runstate import current_run
 from operations.trust import sops
 from operations.trust.sops import (
     Plaintext,
@@ -22,13 +23,6 @@ from operations.trust.sops import (
 )
 
 SOPS = "/opt/bin/sops"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    sops.clear_cache()
-    yield
-    sops.clear_cache()
 
 
 class FakeSops:
@@ -132,7 +126,7 @@ def test_decrypt_caches_per_file_and_key(fake_sops, secrets_file):
     assert len(fake_sops.calls) == 1
     decrypt(secrets_file, ("ssh", "nas_deploy"))
     assert len(fake_sops.calls) == 2
-    sops.clear_cache()
+    current_run().drop_secrets()
     decrypt(secrets_file, ("headscale", "pre_auth"))
     assert len(fake_sops.calls) == 3
 
@@ -152,6 +146,12 @@ def test_secrets_file_missing(fake_sops, tmp_path):
     assert f"the secrets file {tmp_path / 'nope.yaml'} does not exist" in caught.value.message
     assert "set sops_file" in caught.value.message
     assert fake_sops.calls == []
+
+
+def test_a_missing_file_names_the_key_that_named_it(fake_sops, tmp_path):
+    with pytest.raises(SopsError) as caught:
+        decrypt(tmp_path / "nope.yaml", ("ssh", "nas_deploy"), data_key="nixpush_sops_file")
+    assert caught.value.fix.startswith("set nixpush_sops_file to the sops-encrypted file")
 
 
 def test_no_key_unset(fake_sops, secrets_file, monkeypatch):
@@ -245,7 +245,7 @@ def test_real_sops_round_trip_and_wrong_key(tmp_path, monkeypatch):
     with pytest.raises(SopsError, match="has no key nope/x"):
         decrypt(file, ("nope", "x"))
 
-    sops.clear_cache()
+    current_run().drop_secrets()
     monkeypatch.setenv("SOPS_AGE_KEY_FILE", str(wrong))
     with pytest.raises(SopsError, match="holds none of the age keys") as caught:
         decrypt(file, parse_key_path("headscale/pre_auth"))

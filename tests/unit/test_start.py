@@ -15,9 +15,9 @@ from pyinfra.api.state import State
 
 from operations.core import lock
 from operations.core.summary import RunSummary
-from operations.data.fleet import FleetError
+from operations.data.fleet import FleetError, check_fleet
 from operations.push import start
-from operations.push.start import check_inventory, register_deploy_file
+from operations.push.start import register_deploy_file
 from tests.unit.test_fleet import fleet
 
 
@@ -25,7 +25,7 @@ def test_a_broken_secrets_entry_stops_every_deploy_at_its_start(write_inventory)
     entry = {"key": "headscale/pre_auth", "dest": "relative/path", "mode": 0o640}
     inventory = write_inventory(fleet(pi={"secrets": [entry]}))
     with pytest.raises(FleetError) as caught:
-        check_inventory(inventory)
+        check_fleet(inventory)
     problems = caught.value.problems
     assert any(
         p.startswith("pi: secrets[0] in host data dest is 'relative/path'") for p in problems
@@ -36,12 +36,12 @@ def test_a_broken_secrets_entry_stops_every_deploy_at_its_start(write_inventory)
 def test_fleet_and_secrets_problems_are_listed_together(write_inventory):
     inventory = write_inventory(fleet(nas={"nix_max_jobs": "many"}, pi={"secrets": "x"}))
     with pytest.raises(FleetError) as caught:
-        check_inventory(inventory)
+        check_fleet(inventory)
     assert [p.split(":")[0] for p in caught.value.problems] == ["nas", "pi"]
 
 
 def test_a_sound_inventory_gives_its_specs(write_inventory):
-    assert sorted(check_inventory(write_inventory(fleet()))) == ["nas", "pi"]
+    assert sorted(check_fleet(write_inventory(fleet()))) == ["nas", "pi"]
 
 
 def _hold(path: str, ready: Any, release: Any) -> None:
