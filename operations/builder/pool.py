@@ -117,26 +117,30 @@ def _alias_of(line: str) -> str | None:
 
 @dataclass(frozen=True)
 class PoolFile:
-    """What a builder's machines file should hold: ``machines``, and no line for another of
-    ``managed`` (the aliases of inventory hosts nixpush may have listed there before)."""
+    """What a builder's machines file should hold: ``machines``, and no other line nixpush
+    wrote for a pool (an ``ssh-ng://...@nixpush-builder-<host>`` line), except for ``keep``
+    (the alias of the builder's own builder, when it pulls: ``deploys/pull.py``'s line)."""
 
     machines: tuple[BuildMachine, ...]
-    managed: frozenset[str]
+    keep: frozenset[str] = frozenset()
 
     def lines(self, current: Sequence[str]) -> list[str]:
-        mine = {m.alias for m in self.machines}
-        kept = [
-            line for line in current if line.strip() and _alias_of(line) not in mine | self.managed
-        ]
+        def foreign(line: str) -> bool:
+            alias = _alias_of(line)
+            return alias is None or not alias.startswith(_PREFIX) or alias in self.keep
+
+        kept = [line for line in current if line.strip() and foreign(line)]
         return [*kept, *(m.machines_line() for m in self.machines)]
 
 
+_PREFIX = builder_alias("")
+
+
 def pool_file(specs: Mapping[str, HostSpec], builder: str) -> PoolFile:
-    """``builder``'s ``PoolFile``: every other inventory host's alias is managed, except its
-    own builder's (a builder that pulls from another keeps that line, ``deploys/pull.py``'s)."""
+    """``builder``'s ``PoolFile``."""
     own = specs[builder].builder_host
-    managed = frozenset(builder_alias(name) for name in specs if name not in (builder, own))
-    return PoolFile(tuple(pool_machines(specs, builder)), managed)
+    keep = frozenset({builder_alias(own)} if own not in (None, builder) else ())
+    return PoolFile(tuple(pool_machines(specs, builder)), keep)
 
 
 @operation()

@@ -563,7 +563,8 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         builder_user=read.string("builder_user"),
         builder_port=read.positive_int("builder_port", _MAX_PORT),
         binfmt_emulated_systems=read.systems("binfmt_emulated_systems"),
-        nix_max_jobs=read.positive_int("nix_max_jobs"),
+        # 0: a builder with a pool builds nothing itself (checked in _pool_problems).
+        nix_max_jobs=read.number("nix_max_jobs", 0, None, "a whole number"),
         ssh_hostname=ssh_hostname,
         ssh_port=read.positive_int("ssh_port", _MAX_PORT) or 22,
         ssh_user=read.string("ssh_user"),
@@ -753,6 +754,11 @@ def _pool_problems(spec: HostSpec, specs: Mapping[str, HostSpec]) -> list[str]:
             f"build (it builds: {_listed(spec.builder_systems)}); remove them, or add them to "
             "its binfmt_emulated_systems"
         )
+    if spec.nix_max_jobs == 0 and not spec.remote_builders:
+        problems.append(
+            f"{spec.name}: nix_max_jobs is 0, so it builds nothing itself, and it has no "
+            "remote_builders to build for it; set it to 1 or more, or give it a pool"
+        )
     for name in spec.remote_builders:
         member = specs.get(name)
         if member is None or member.is_image or name == spec.name:
@@ -763,6 +769,11 @@ def _pool_problems(spec: HostSpec, specs: Mapping[str, HostSpec]) -> list[str]:
                 f"inventory that build for it, among: {_listed(others)}"
             )
             continue
+        if member.nix_max_jobs == 0:
+            problems.append(
+                f"{name}: nix_max_jobs is 0, so as a member of {spec.name}'s pool it would take "
+                "no build; set it to 1 or more, or take it out of remote_builders"
+            )
         if member.remote_builders:
             problems.append(
                 f"{spec.name}: remote_builders names {name!r}, which has a pool of its own, a "

@@ -11,6 +11,7 @@ from operations.builder import pool
 from operations.builder.pool import PoolFile, pool_file, pool_machines
 from operations.core.files import FileState, LineFile, LinesOfFile, SecretFile
 from operations.data.fleet import check_fleet, fleet_errors, pool_members
+from operations.push import where
 from tests.unit.fake_host import FakeHost, run
 from tests.unit.test_fleet import NAS_DATA, STRICT
 
@@ -164,5 +165,68 @@ def test_without_the_pool_key_the_builder_fails_before_the_file_changes(write_in
 
 def test_no_pool_and_no_machines_file_is_a_noop():
     host = builder(None)
-    assert run(host, pool.pool_machines_file, pool=PoolFile((), frozenset())) == []
+    assert run(host, pool.pool_machines_file, pool=PoolFile(())) == []
     assert host.noops == ["nas has no pool and no /etc/nix/machines"]
+
+
+def test_no_local_jobs_with_a_pool(write_inventory):
+    assert check_fleet(write_inventory(pooled(nas={"nix_max_jobs": 0})))["nas"].nix_max_jobs == 0
+
+
+def test_no_local_jobs_needs_a_pool(write_inventory):
+    alone = pooled(nas={"nix_max_jobs": 0, "remote_builders": None})
+    (problem,) = fleet_errors(write_inventory(alone))
+    assert problem == (
+        "nas: nix_max_jobs is 0, so it builds nothing itself, and it has no remote_builders to "
+        "build for it; set it to 1 or more, or give it a pool"
+    )
+
+
+# Where it was built: Nix 2.8's own log lines, as recorded on the bench
+
+DRV = "/nix/store/d7lyv379q0vx3b3b8gi5yak7pjzzpb22-nixos-system-pi4-pool-try-2.drv"
+OUT = "/nix/store/5w95ai738f6l4ifly1jxdq7k3r8765sd-nixos-system-pi4-pool-try-2"
+URI = "ssh-ng://nix-ssh@nixpush-builder-bld"
+REMOTE = (
+    f'@nix {{"action":"start","fields":["{DRV}","{URI}",1,1],"id":1,"level":3,'
+    f'"text":"building \'{DRV}\' on \'{URI}\'","type":105}}'
+)
+# The member's own log of the same build, forwarded: no machine.
+FORWARDED = (
+    f'@nix {{"action":"start","fields":["{DRV}","",1,1],"id":2,"level":3,'
+    f'"text":"building \'{DRV}\'","type":105}}'
+)
+SKIPPED = (
+    '@nix {"action":"msg","level":0,"msg":"cannot build on \'ssh-ng://nix-ssh@nixpush-builder-'
+    "bld': \\u001b[31;1merror:\\u001b[0m cannot open connection to remote store "
+    "'ssh-ng://nix-ssh@nixpush-builder-bld': \\u001b[35;1m\\u001b[31;1merror:\\u001b[0m "
+    'unexpected end-of-file\\u001b[0m"}'
+)
+
+
+def test_remote_builds_name_the_member_and_ignore_its_forwarded_log():
+    assert where.remote_builds([REMOTE, FORWARDED]) == {DRV: "bld"}
+    assert where.built_on(DRV, OUT, "nas", {DRV: "bld"}) == "bld"
+    assert where.built_on(None, OUT, "nas", {DRV: "bld"}) == "bld"  # by name
+    assert where.built_on(None, OUT, "nas", {}) == "nas"
+    assert where.machine_name("ssh://builder@big") == "ssh://builder@big"
+
+
+def test_skipped_members_say_why_without_colours():
+    assert where.skipped_members([SKIPPED]) == {
+        "bld": "cannot open connection to remote store 'ssh-ng://nix-ssh@nixpush-builder-bld': "
+        "unexpected end-of-file"
+    }
+
+
+def test_progress_names_the_members_building():
+    line = where.progress_with_machines("0 of 1 derivations built", [REMOTE])
+    assert line == "0 of 1 derivations built; sent to the pool (bld: 1)"
+    assert where.progress_with_machines("0 of 1 derivations built", []) == (
+        "0 of 1 derivations built"
+    )
+
+
+def test_the_host_key_check_quotes_the_member():
+    command = where.host_key_check_command("a b; whoami").get_raw_value()
+    assert command.startswith("set -- 'nixpush-builder-a b; whoami' ; a=$1; ")
