@@ -56,6 +56,10 @@ class RunSummary:
     # deploys/image.py: each image's plan, and what was done (store path, size, copy).
     images: dict[str, ImagePlan] = field(default_factory=dict)
     images_done: dict[str, str] = field(default_factory=dict)
+    # A builder's pool (operations/builder/pool.py): the machine that built each target's
+    # system (the builder's name or a member's), and the members a build could not use.
+    built_on: dict[str, str] = field(default_factory=dict)
+    skipped_members: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def wants_report(self) -> bool:
@@ -70,6 +74,14 @@ class RunSummary:
 
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
+
+    def built(self, host_name: str, machine: str) -> None:
+        """``machine`` built the host's system this run."""
+        self.built_on[host_name] = machine
+
+    def pool_skipped(self, builder: str, member: str, why: str) -> None:
+        """Nix could not build on ``builder``'s pool member ``member`` this run."""
+        self.skipped_members.setdefault(builder, {}).setdefault(member, why)
 
     def rolled_back(self, host_name: str, cause: str) -> None:
         """The host is back on its previous system (pyinfra counts it failed: exit 1)."""
@@ -144,7 +156,9 @@ class RunSummary:
                     f"would {plan.action} {plan.desired} (now {plan.current})",
                 )
             else:
-                result[name] = ("deployed", f"{plan.action} {plan.desired}")
+                machine = self.built_on.get(name)
+                via = f" (built on {machine})" if machine and machine != plan.builder else ""
+                result[name] = ("deployed", f"{plan.action} {plan.desired}{via}")
         return result
 
     def report(self) -> dict[str, Any]:
@@ -170,11 +184,15 @@ class RunSummary:
                     profile=plan.profile,
                     desired=plan.desired,
                 )
+                if name in self.built_on:
+                    entry["built_on"] = self.built_on[name]
             hosts[name] = entry
         return {
             "executed": self.state.current_stage >= StateStage.Execute,
             "hosts": hosts,
             "flakes": self.flakes,
+            # builder -> pool member -> why Nix could not build on it this run
+            "skipped_members": self.skipped_members,
         }
 
     def write_report(self) -> None:
@@ -189,6 +207,10 @@ class RunSummary:
             # "rolled-back" reads "rolled back" here; the report keeps the token.
             f"{name}: {status.replace('-', ' ')}: {detail}"
             for name, (status, detail) in self.outcomes().items()
+        ] + [
+            f"{builder}: pool member {member} skipped: {why}"
+            for builder, members in self.skipped_members.items()
+            for member, why in members.items()
         ]
 
     def print(self) -> None:

@@ -85,7 +85,8 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
     "keep_generations", "gc_after_deploy", "nixpush_inventory", INSECURE_KEY,
-    "nixpush_sops_recipients",
+    "nixpush_sops_recipients", "remote_builders", "builder_systems", "speed_factor",
+    "builder_features",
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -178,6 +179,12 @@ class HostSpec:
       ``sops_file``)
     + nixos_fragments_dir: where deploys/nixos_config.py writes its fragment, relative to
       where pyinfra runs
+    + remote_builders: as a builder, the inventory hosts of its pool: Nix's build hook sends
+      them the derivations of the systems they offer (``operations.builder.pool``)
+    + pool_systems: as a pool member, the systems it offers (data key ``builder_systems``;
+      empty: every system it builds, ``offered_systems``)
+    + speed_factor: as a pool member, Nix's ``speedFactor``: the faster member is chosen first
+    + builder_features: as a pool member, Nix's ``supportedFeatures`` (empty: the defaults)
     """
 
     name: str
@@ -220,6 +227,10 @@ class HostSpec:
     sops_file: str | None = None
     nixpush_sops_file: str | None = None
     nixos_fragments_dir: str = DEFAULT_FRAGMENTS_DIR
+    remote_builders: tuple[str, ...] = ()
+    pool_systems: tuple[str, ...] = ()
+    speed_factor: int = 1
+    builder_features: tuple[str, ...] = ()
 
     @property
     def is_target(self) -> bool:
@@ -251,6 +262,12 @@ class HostSpec:
         """Systems this host can build: ``"aarch64-linux" in host_spec(nas).builder_systems``."""
         systems = [*natively_built(self.nix_system), *self.binfmt_emulated_systems]
         return tuple(dict.fromkeys(systems))
+
+    @property
+    def offered_systems(self) -> tuple[str, ...]:
+        """Systems this host builds for its pool's builder: its ``builder_systems`` data, else
+        every system it builds."""
+        return self.pool_systems or self.builder_systems
 
 
 def parse_sops_recipients(value: Any) -> tuple[tuple[str, ...], str | None]:
@@ -532,6 +549,23 @@ class _Reader:
                 self.problem(key, f"has unknown system {system!r}; known: {_listed(KNOWN_SYSTEMS)}")
         return tuple(s for s in value if s in KNOWN_SYSTEMS)
 
+    def names(self, key: str, what: str, pattern: re.Pattern[str]) -> tuple[str, ...]:
+        """A list of plain names (``remote_builders``, ``builder_features``); () when unset."""
+        value = self.host.data.get(key)
+        if value is None:
+            return ()
+        if isinstance(value, str):  # `--data remote_builders=bld,pi9`
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) and pattern.fullmatch(v) for v in value
+        ):
+            self.problem(key, f"is {value!r}; set it to a list of {what}")
+            return ()
+        return tuple(dict.fromkeys(value))
+
+
+_FEATURE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
 
 def data_sources(host: Host, key: str) -> list[tuple[str, Any, bool]]:
     """
@@ -702,7 +736,8 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         builder_user=read.string("builder_user"),
         builder_port=read.positive_int("builder_port", _MAX_PORT),
         binfmt_emulated_systems=read.systems("binfmt_emulated_systems"),
-        nix_max_jobs=read.positive_int("nix_max_jobs"),
+        # 0: a builder with a pool builds nothing itself (checked in _pool_problems).
+        nix_max_jobs=read.number("nix_max_jobs", 0, None, "a whole number"),
         ssh_hostname=ssh_hostname,
         ssh_port=read.positive_int("ssh_port", _MAX_PORT) or 22,
         ssh_user=ssh_user,
@@ -738,6 +773,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         sops_file=paths["sops_file"],
         nixpush_sops_file=paths["nixpush_sops_file"],
         nixos_fragments_dir=paths["nixos_fragments_dir"] or DEFAULT_FRAGMENTS_DIR,
+        remote_builders=read.names("remote_builders", "inventory host names", _FEATURE),
+        pool_systems=read.systems("builder_systems"),
+        speed_factor=read.positive_int("speed_factor", unit="a whole number") or 1,
+        builder_features=read.names("builder_features", "Nix feature names", _FEATURE),
     )
     return spec, read.problems
 
@@ -883,6 +922,55 @@ def _builder_problems(spec: HostSpec, specs: Mapping[str, HostSpec]) -> list[str
     ]
 
 
+def _pool_problems(spec: HostSpec, specs: Mapping[str, HostSpec]) -> list[str]:
+    """A builder's ``remote_builders``: hosts of the inventory that can be reached, verified
+    and build what they offer."""
+    problems: list[str] = []
+    if spec.pool_systems and not set(spec.pool_systems) <= set(spec.builder_systems):
+        problems.append(
+            f"{spec.name}: builder_systems {list(spec.pool_systems)!r} has systems it does not "
+            f"build (it builds: {_listed(spec.builder_systems)}); remove them, or add them to "
+            "its binfmt_emulated_systems"
+        )
+    if spec.nix_max_jobs == 0 and not spec.remote_builders:
+        problems.append(
+            f"{spec.name}: nix_max_jobs is 0, so it builds nothing itself, and it has no "
+            "remote_builders to build for it; set it to 1 or more, or give it a pool"
+        )
+    for name in spec.remote_builders:
+        member = specs.get(name)
+        if member is None or member.is_image or name == spec.name:
+            others = [m for m, s in specs.items() if m != spec.name and not s.is_image]
+            why = "is the builder itself" if name == spec.name else "is not in the inventory"
+            problems.append(
+                f"{spec.name}: remote_builders names {name!r}, which {why}; name hosts of the "
+                f"inventory that build for it, among: {_listed(others)}"
+            )
+            continue
+        if member.nix_max_jobs == 0:
+            problems.append(
+                f"{name}: nix_max_jobs is 0, so as a member of {spec.name}'s pool it would take "
+                "no build; set it to 1 or more, or take it out of remote_builders"
+            )
+        if member.remote_builders:
+            problems.append(
+                f"{spec.name}: remote_builders names {name!r}, which has a pool of its own, a "
+                f"chain nixpush does not follow; remove {name}'s remote_builders"
+            )
+        if member.ssh_hostname is None:
+            problems.append(
+                f"{name}: ssh_hostname is missing, so {spec.name} can't reach it as a remote "
+                "builder; set it to the member's address"
+            )
+        if member.ssh_host_key is None:
+            problems.append(
+                f"{name}: ssh_host_key is missing, so {spec.name} can't verify it as a remote "
+                "builder; set it to its public host key (`ssh-keyscan -t ed25519 HOST`, "
+                "checked out of band)"
+            )
+    return problems
+
+
 def read_fleet(inventory: Inventory) -> tuple[dict[str, HostSpec], list[str]]:
     """Every host's spec by name, and every problem in the fleet's data (``fleet_errors``):
     one pass over the inventory."""
@@ -894,6 +982,7 @@ def read_fleet(inventory: Inventory) -> tuple[dict[str, HostSpec], list[str]]:
         problems.extend(host_problems)
     for spec in specs.values():
         problems.extend(_builder_problems(spec, specs))
+        problems.extend(_pool_problems(spec, specs))
     problems.extend(_address_problems(inventory, specs))
     return specs, problems
 
@@ -912,7 +1001,11 @@ def _address_problems(inventory: Inventory, specs: Mapping[str, HostSpec]) -> li
                     f"are also {other}'s, and the builder's known_hosts holds one host key per "
                     "address; give each target its own address or port"
                 )
-    involved = {*builders(specs), *(name for name, spec in specs.items() if spec.is_target)}
+    involved = {
+        *builders(specs),
+        *pool_members(specs),
+        *(name for name, spec in specs.items() if spec.is_target),
+    }
     for host in inventory:
         problems.extend(_host_key_problems(host))
         if host.name not in involved:
@@ -988,3 +1081,17 @@ def builders(specs: Mapping[str, HostSpec]) -> list[str]:
     """
     named = {spec.builder_host for spec in specs.values()}
     return [name for name, spec in specs.items() if name in named or spec.binfmt_emulated_systems]
+
+
+def pool_members(specs: Mapping[str, HostSpec]) -> list[str]:
+    """
+    Hosts in some builder's ``remote_builders``, in inventory order.
+
+    + specs: ``check_fleet(...)``'s result
+
+    .. code:: python
+
+        pool_members(check_fleet(state.inventory))  # ["bld"]
+    """
+    named = {name for spec in specs.values() for name in spec.remote_builders}
+    return [name for name in specs if name in named]

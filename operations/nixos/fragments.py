@@ -37,7 +37,8 @@ from pyinfra.api.state import State
 from pyinfra.context import ctx_state, host
 from pyinfra_cli.inventory import make_inventory
 
-from operations.builder.pull import build_machine_for, client_keys_by_user, nixos_ssh_serve, pulls
+from operations.builder.pool import is_pool_member, pool_machines, served_keys
+from operations.builder.pull import build_machine_for, nixos_ssh_serve, pulls
 from operations.builder.timers import exec_quote, unit_files
 from operations.core.failures import host_step
 from operations.core.files import write_atomically
@@ -382,8 +383,9 @@ def host_fragment(specs: Mapping[str, HostSpec], name: str) -> Fragment:
     the run before anything is written. A host nixpush configures nothing on has no sections.
     """
     spec = specs[name]
-    builds = name in builders(specs)
-    pull_keys = client_keys_by_user(specs, name) if builds else {}
+    builds = name in builders(specs) or is_pool_member(specs, name)
+    # A pool member serves its builders through the same nix.sshServe as pulling targets.
+    pull_keys = served_keys(specs, name) if builds else {}
     others = [user for user in pull_keys if user != NIXOS_SSH_SERVE_USER]
     if others:
         raise FleetError(
@@ -400,6 +402,8 @@ def host_fragment(specs: Mapping[str, HostSpec], name: str) -> Fragment:
     sections = builder_sections(spec if builds else None, pull_keys, units, schedule.program)
     if schedule.enabled and schedule.node_exporter and schedule.metrics_dir:
         sections.append(node_exporter_section(schedule.metrics_dir))
+    if spec.remote_builders:
+        sections.append(pool_section(spec, specs))
     if spec.pushed_by is not None:  # a host that builds itself is pushed nothing
         trust = builder_trust(specs, spec.pushed_by, name)
         pull = pull_client_options(spec, specs[spec.pushed_by]) if pulls(spec) else None
@@ -410,6 +414,27 @@ def host_fragment(specs: Mapping[str, HostSpec], name: str) -> Fragment:
     if sections and user is not None:
         sections.append(sudo_section(user))
     return Fragment(name, tuple(sections))
+
+
+def pool_section(builder: HostSpec, specs: Mapping[str, HostSpec]) -> Section:
+    """A builder's pool (``remote_builders``): each member in ``nix.buildMachines``, reached
+    through an ssh alias whose host key root's ssh knows (its pinned ``ssh_host_key``)."""
+    machines = pool_machines(specs, builder.name)
+    options: Options = {
+        "nix.distributedBuilds": True,
+        "nix.buildMachines": [machine.nixos_build_machine() for machine in machines],
+        "programs.ssh.extraConfig": "".join(machine.nixos_ssh_config() for machine in machines),
+    }
+    for machine in machines:
+        options[("programs", "ssh", "knownHosts", machine.alias)] = {
+            "hostNames": [machine.alias, known_hosts_name(machine.hostname, machine.port)],
+            "publicKey": machine.host_key,
+        }
+    return Section(
+        "The build pool (deploys/nas.py): Nix's build hook sends derivations to these\n"
+        "machines, with the pool key deploys/secrets.py installs from sops.",
+        options,
+    )
 
 
 def generations_section(keep: int) -> Section:

@@ -9,6 +9,7 @@ progress (derivations built of the total, the current ones); ``build_timeout`` s
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pyinfra import logger
@@ -19,6 +20,7 @@ from pyinfra.context import host
 from operations.builder.nix_commands import nix_error
 from operations.core.failures import DeployFailed, fail, host_step
 from operations.core.models import Builder, Plan
+from operations.core.process import run_on
 from operations.core.runstate import summary_for
 from operations.push.commands import (
     build_all_command,
@@ -32,6 +34,15 @@ from operations.push.commands import (
 )
 from operations.push.progress import run_watched, shower
 from operations.push.runcache import RunCache
+from operations.push.where import (
+    OTHER_KEY,
+    REFUSED,
+    built_on,
+    host_key_check_command,
+    progress_with_machines,
+    remote_builds,
+    skipped_members,
+)
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
@@ -80,22 +91,48 @@ def _build(state: State, host: Host, plan: Plan, builder: Builder, cache: RunCac
                 and (plan.builder, p.desired) not in outcomes
             }
             batch[plan.desired] = plan
-            outcomes.update(
-                {(plan.builder, path): cause for path, cause in build_all(builder, batch).items()}
-            )
+            result = build_all(builder, batch)
+            outcomes.update({(plan.builder, path): c for path, c in result.causes.items()})
+            summary = summary_for(state)
+            for path, machine in result.machines.items():
+                summary.built(batch[path].target, machine)
+            for member, why in result.skipped.items():
+                summary.pool_skipped(plan.builder, member, _refused_or(builder, member, why))
     cause = outcomes[key]
     if cause is not None:
         reason = f"building {plan.attr} on {plan.builder} failed: {cause}"
         if host.name != plan.target:  # built from the builder's run: the target's failure
             summary_for(state).fail(plan.target, reason)
         return fail(host, reason)
-    host.log_styled(f"built {plan.desired} on {plan.builder}", log_func=logger.info)
+    machine = summary_for(state).built_on.get(plan.target, plan.builder)
+    via = f" (on pool member {machine})" if machine != plan.builder else ""
+    host.log_styled(f"built {plan.desired} on {plan.builder}{via}", log_func=logger.info)
     return True
 
 
-def build_all(builder: Builder, plans: dict[str, Plan]) -> dict[str, str | None]:
-    """Build every plan's toplevel (by desired path) in one ``nix build``; per path None when
-    it is in the store afterwards, else why not."""
+def _refused_or(builder: Builder, member: str, why: str) -> str:
+    """``why`` Nix skipped ``member``, or ``REFUSED`` when its host key is another's."""
+    ok, lines = run_on(
+        builder.host, host_key_check_command(member), sudo=builder.sudo,
+        doing=f"checking {member}'s host key",
+    )  # fmt: skip
+    return REFUSED if ok and OTHER_KEY in (line.strip() for line in lines) else why
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """One ``nix build`` of a builder's toplevels: per desired path None when it is in the
+    store afterwards, else why not (``causes``); per path built, the machine that built it (the
+    builder's name, or its pool member's: ``machines``); the pool members Nix could not use,
+    and why (``skipped``)."""
+
+    causes: dict[str, str | None]
+    machines: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def build_all(builder: Builder, plans: dict[str, Plan]) -> BuildResult:
+    """Build every plan's toplevel (by desired path) in one ``nix build``."""
     paths = sorted(plans)
     installables = [plans[path].derivation or plans[path].attr for path in paths]
     targets = ", ".join(sorted(p.target for p in plans.values()))
@@ -106,7 +143,7 @@ def build_all(builder: Builder, plans: dict[str, Plan]) -> dict[str, str | None]
                 build_all_command(installables), log, builder.build_timeout,
                 then=missing_outputs_command(paths),
             ),
-            describe=build_progress,
+            describe=lambda log: progress_with_machines(build_progress(log), log),
             show=shower(builder.host, f"building for {targets}"),
             sudo=builder.sudo,
             doing=f"building {len(paths)} toplevels",
@@ -115,11 +152,21 @@ def build_all(builder: Builder, plans: dict[str, Plan]) -> dict[str, str | None]
             read=read_build_log_command,
         )  # fmt: skip
     except DeployFailed as failure:
-        return dict.fromkeys(paths, str(failure))
+        return BuildResult(dict.fromkeys(paths, str(failure)))
+    skipped = skipped_members(lines)
     missing = not_built(lines)
     if missing is None:  # it never got as far as checking
-        return dict.fromkeys(paths, nix_error(plain_output(lines)))
-    return {path: _why_not_built(plans[path], lines) if path in missing else None for path in paths}
+        return BuildResult(dict.fromkeys(paths, nix_error(plain_output(lines))), skipped=skipped)
+    builds = remote_builds(lines)
+    return BuildResult(
+        {path: _why_not_built(plans[path], lines) if path in missing else None for path in paths},
+        {
+            path: built_on(plans[path].derivation, path, builder.host.name, builds)
+            for path in paths
+            if path not in missing
+        },
+        skipped,
+    )
 
 
 def _why_not_built(plan: Plan, lines: Sequence[str]) -> str:

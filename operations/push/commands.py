@@ -188,6 +188,9 @@ def logged(
         "umask 077; set -C;", "timeout", "--kill-after=10", str(timeout), command,
         "--log-format", "internal-json", "2>", quoted, "; rc=$?;",
         "grep", "-v", "-F", *_PROGRESS_ENTRIES, quoted, ">&2;",
+        # The builds Nix's build hook sent to a remote builder, whose machine the run reports.
+        "grep", "-F", QuoteString("' on '"), quoted,
+        "| grep -F", QuoteString(f'"type":{_ACT_BUILD}'), ">&2;",
         "rm", "-f", quoted, "; if [ $rc -eq 124 ]; then echo", TIMED_OUT_MARK, "; fi;",
         *((then, ";") if then is not None else ()), "exit $rc",
     )  # fmt: skip

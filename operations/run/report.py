@@ -231,7 +231,10 @@ def _paths(entry: Mapping[str, Any], status: str) -> dict[str, Any]:
         after = dict(before)  # nothing was done, or it was undone (verified by the deploy)
     else:
         after = None  # failed: not known what the host runs now
-    return {"action": action, "desired": desired, "before": before, "after": after}
+    paths = {"action": action, "desired": desired, "before": before, "after": after}
+    if "built_on" in entry:  # the machine that built it: the builder, or a pool member
+        paths["built_on"] = entry["built_on"]
+    return paths
 
 
 def host_outcomes(

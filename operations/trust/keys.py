@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 PULL_KEY_PATH = "/root/.ssh/nixpush_builder"
 # Ends each pulling target's key line on its builder: the key's owner, and nixpush's mark.
 PULL_KEY_COMMENT = "nixpush-pull:"
+# Where a builder with a pool (remote_builders) keeps its client key for the members (its
+# `secrets` data installs it). Its line on a member ends in PULL_KEY_COMMENT too: the member's
+# restricted account serves pulling targets and pool builders alike.
+POOL_KEY_PATH = "/root/.ssh/nixpush_pool"
 
 _KEY_TYPE = re.compile(r"(ssh-[a-z0-9-]+|ecdsa-sha2-[a-z0-9-]+|sk-[a-z0-9@.-]+)")
 _SSH_KEY_FIX = "store an OpenSSH ed25519 private key there (ssh-keygen -t ed25519 -N '')"
@@ -178,3 +182,25 @@ def pull_client_key(specs: Mapping[str, HostSpec], target: str, for_host: str) -
                       ssh_public_key, value)  # fmt: skip
     kind, blob = public.split()[:2]
     return f"{kind} {blob} {PULL_KEY_COMMENT}{target}"
+
+
+def pool_client_key(specs: Mapping[str, HostSpec], builder: str, member: str) -> str:
+    """
+    The public half of ``builder``'s client key for its pool (its secret at ``POOL_KEY_PATH``),
+    derived in memory on the controller: ``type base64 nixpush-pull:<builder>``. ``SecretError``
+    naming ``member``, the builder and the fix.
+    """
+    value = installed_secret(
+        specs,
+        builder,
+        POOL_KEY_PATH,
+        member,
+        f"{builder} builds on {member} (remote_builders) but has no secret installed at "
+        f"{POOL_KEY_PATH}",
+        f"add its pool client key to {builder}'s secrets with dest {POOL_KEY_PATH}, or "
+        f"remove {member} from its remote_builders",
+    )
+    public = _derived(member, f"{value.label} (of {builder})", _SSH_KEY_FIX,
+                      ssh_public_key, value)  # fmt: skip
+    kind, blob = public.split()[:2]
+    return f"{kind} {blob} {PULL_KEY_COMMENT}{builder}"

@@ -27,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the NAS's sshd MaxSessions (sessions per SSH connection; OpenSSH's default is 10, "
         f"the bench's {dict(fleet.SSHD_DEFAULTS)['MaxSessions']}); default: as recorded",
     )
+    up.add_argument(
+        "--pool",
+        action=argparse.BooleanOptionalAction,
+        help=f"run the NAS's builder-pool member {fleet.POOL_MEMBER.name} (tests/bench/"
+        "pool_inventory.py), or stop it; default: as recorded",
+    )
     down = sub.add_parser("down", help="stop every host, remove namespaces and links")
     down.add_argument("--purge", action="store_true", help="also delete the bench's state")
     sub.add_parser("status", help="say which hosts are up")
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--pis must be 1 to {fleet.MAX_PIS}")
         if args.max_sessions is not None and args.max_sessions < 1:
             parser.error("--max-sessions must be at least 1")
-        fleet.up(pis=args.pis, max_sessions=args.max_sessions)
+        fleet.up(pis=args.pis, max_sessions=args.max_sessions, pool=args.pool)
         return _print_status()
     elif args.command == "down":
         fleet.down(purge=args.purge)

@@ -79,6 +79,8 @@ class BenchHost:
     sshd_options: tuple[tuple[str, str], ...] = ()
     # Boots a real systemd as PID 1 (tests/bench/systemd_host.py) instead of sshd.
     systemd: bool = False
+    # A member of the NAS's builder pool (``up --pool``): builds for it, is no push target.
+    pool_member: bool = False
 
     @property
     def netns(self) -> str:
@@ -171,13 +173,23 @@ def _extra_pi(index: int) -> BenchHost:
     )
 
 
-def fleet_of(pis: int) -> tuple[BenchHost, ...]:
-    """The NAS, ``pis`` Pis (pi4, pi5 and pis as in the default fleet, then pi6, pi7, ...) and
-    the desktop."""
+# A second builder, a member of the NAS's builder pool (``up --pool``, tests/bench/
+# pool_inventory.py): a stand-in for a spare Pi 5 that builds aarch64 "natively" (its Nix's
+# `system` is aarch64-linux, as the Pis'; the kernel runs that code under QEMU, as for them).
+# Its own store, sshd and nix-daemon; root, as the NAS. Three letters, as the others.
+POOL_MEMBER = BenchHost(
+    "bld", f"{SUBNET}.12", 22, "root", "aarch64-linux", ("minimal",), pool_member=True
+)
+
+
+def fleet_of(pis: int, pool: bool = False) -> tuple[BenchHost, ...]:
+    """The NAS, ``pis`` Pis (pi4, pi5 and pis as in the default fleet, then pi6, pi7, ...), the
+    desktop and, with ``pool``, the NAS's pool member."""
     if not 1 <= pis <= MAX_PIS:
         raise ValueError(f"a bench fleet has 1 to {MAX_PIS} Pis, not {pis}")
     defaults = _DEFAULT_HOSTS[: 1 + min(pis, DEFAULT_PIS)]
-    return (*defaults, *(_extra_pi(i) for i in range(pis - DEFAULT_PIS)), DESKTOP)
+    members = (POOL_MEMBER,) if pool else ()
+    return (*defaults, *(_extra_pi(i) for i in range(pis - DEFAULT_PIS)), DESKTOP, *members)
 
 
 def _load_fleet() -> tuple[BenchHost, ...]:
@@ -201,12 +213,14 @@ def _load_fleet() -> tuple[BenchHost, ...]:
 
 def _use_fleet(hosts: tuple[BenchHost, ...], *, save: bool) -> None:
     """Make ``hosts`` this process's fleet (``HOSTS``, ``PIS``); ``save`` records it."""
-    global HOSTS, PIS, DESKTOPS
+    global HOSTS, PIS, DESKTOPS, POOL
     HOSTS = hosts
-    # The Pis: every host of an emulated system. The x86_64 hosts besides the builder are
-    # desktops. The builder deploys itself.
-    PIS = tuple(h for h in hosts if h.name != BUILDER and h.system != "x86_64-linux")
-    DESKTOPS = tuple(h for h in hosts if h.name != BUILDER and h.system == "x86_64-linux")
+    # The Pis: every target of an emulated system. The x86_64 targets besides the builder are
+    # desktops. The builder deploys itself; its pool members are no targets.
+    targets = [h for h in hosts if h.name != BUILDER and not h.pool_member]
+    PIS = tuple(h for h in targets if h.system != "x86_64-linux")
+    DESKTOPS = tuple(h for h in targets if h.system == "x86_64-linux")
+    POOL = tuple(h for h in hosts if h.pool_member)
     if save:
         BENCH_DIR.mkdir(parents=True, exist_ok=True)
         partial = FLEET_FILE.with_suffix(".json.partial")
@@ -217,6 +231,7 @@ def _use_fleet(hosts: tuple[BenchHost, ...], *, save: bool) -> None:
 HOSTS: tuple[BenchHost, ...] = ()
 PIS: tuple[BenchHost, ...] = ()
 DESKTOPS: tuple[BenchHost, ...] = ()
+POOL: tuple[BenchHost, ...] = ()
 _use_fleet(_load_fleet(), save=False)
 
 
@@ -344,12 +359,13 @@ def registered_binfmt() -> tuple[str, ...]:
 # -- bring-up --------------------------------------------------------------------------
 
 
-def up(pis: int | None = None, max_sessions: int | None = None) -> None:
+def up(pis: int | None = None, max_sessions: int | None = None, pool: bool | None = None) -> None:
     """Bring the bench up; hosts already running are left as they are.
 
     ``pis``: how many Pis (default: the fleet ``up`` recorded last, else ``DEFAULT_PIS``);
     Pis beyond it are stopped. ``max_sessions``: the NAS's sshd ``MaxSessions`` (default: as
-    recorded; the bench's own default is ``SSHD_DEFAULTS``'). Running hosts whose sshd_config
+    recorded; the bench's own default is ``SSHD_DEFAULTS``'). ``pool``: the NAS's pool member
+    (``POOL_MEMBER``) up or stopped (default: as recorded). Running hosts whose sshd_config
     changed reload it.
     """
     if not _busybox_debs_present() or not shutil.which("nix-daemon"):
@@ -357,7 +373,12 @@ def up(pis: int | None = None, max_sessions: int | None = None) -> None:
     mount_binfmt_misc()
     register_binfmt(tuple(QEMU_HANDLERS))
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
-    hosts = HOSTS if pis is None else _keep_sshd_options(fleet_of(pis))
+    if pis is not None or pool is not None:
+        count = pis if pis is not None else len(PIS)
+        members = pool if pool is not None else bool(POOL)
+        hosts = _keep_sshd_options(fleet_of(count, pool=members))
+    else:
+        hosts = HOSTS
     if max_sessions is not None:
         hosts = tuple(
             _with_sshd_option(h, "MaxSessions", str(max_sessions)) if h.name == BUILDER else h
@@ -763,7 +784,7 @@ def write_flake(configs: dict[str, FlakeConfig] | None = None) -> None:
         # Keep what is there (tests bump versions); add the fleet's Pis it lacks.
         existing = flake_configs()
         defaults: dict[str, FlakeConfig] = {
-            h.name: {"system": h.system, "version": "1"} for h in HOSTS
+            h.name: {"system": h.system, "version": "1"} for h in HOSTS if not h.pool_member
         }
         defaults["armv7"] = {"system": "armv7l-linux", "version": "1"}
         configs = {**defaults, **existing}

@@ -61,7 +61,9 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
 
 
 def _members(root: str) -> list[tuple[str, dict[str, object]]]:
-    return [(h.name, _data(h)) for h in _fleet.HOSTS if root in h.roots]
+    # The NAS's pool member (``up --pool``) is in tests/bench/pool_inventory.py only: runs of
+    # this inventory stay what they were.
+    return [(h.name, _data(h)) for h in _fleet.HOSTS if root in h.roots and not h.pool_member]
 
 
 def _overlay(

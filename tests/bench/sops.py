@@ -34,6 +34,10 @@ def pull_key(pi: str) -> str:
     return f"ssh/{pi}_builder"
 
 
+# The sops key path of the NAS's client key for its builder pool (tests/bench/pool_inventory.py).
+POOL_KEY = "ssh/nas_pool"
+
+
 def keys() -> tuple[str, ...]:
     """Every sops key path the bench's secrets file holds for the current fleet (group_data
     and the bench inventories declare where each goes)."""
@@ -41,6 +45,7 @@ def keys() -> tuple[str, ...]:
         "headscale/pre_auth",
         "ssh/nas_deploy",
         "nix/nas_signing_key",
+        POOL_KEY,
         *(pull_key(h.name) for h in fleet.PIS),
     )
 
