@@ -520,3 +520,27 @@ def test_an_inventory_outside_the_checkout_is_read_with_its_group_data(tmp_path)
 
     specs = check_fleet(inventory)
     assert fragments.fragments_dir(specs["nas"]) == Path("/srv/nixos")
+
+
+def test_a_builders_pool_passes_nixfmt_and_nixos_module_system(shipped, tmp_path: Path):
+    """A pool (``remote_builders``) in the builder's fragment: ``nix.buildMachines`` with the
+    member's systems, speed and features, the ssh alias and its pinned host key, as nixfmt
+    leaves it and NixOS's module system accepts it."""
+    nixfmt, check = required_nixfmt(), required_nixos_eval_check()
+    member = replace(
+        shipped["grill"], name="bld", ssh_hostname="10.0.0.9", ssh_host_key=HOST_KEY,
+        builder_host=None, pool_systems=("aarch64-linux",), speed_factor=4,
+    )  # fmt: skip
+    builder = replace(shipped["nas"], remote_builders=("bld",))
+    section = fragments.pool_section(builder, {**shipped, "nas": builder, "bld": member})
+    path = tmp_path / "nas.nix"
+    path.write_text(fragments.Fragment("nas", (section,)).render())
+
+    formatted = subprocess.run([nixfmt, "--check", str(path)], capture_output=True, text=True)
+    evaluated = subprocess.run([str(check), str(path)], capture_output=True, text=True)
+
+    assert formatted.returncode == 0, formatted.stdout + formatted.stderr
+    assert evaluated.returncode == 0, evaluated.stdout + evaluated.stderr
+    text = path.read_text()
+    assert 'systems = [ "aarch64-linux" ];' in text and "speedFactor = 4;" in text
+    assert "nix.distributedBuilds = true;" in text
