@@ -42,6 +42,7 @@ from operations.core.models import (
 )
 from operations.core.systems import KNOWN_SYSTEMS, natively_built
 from operations.data.health import HealthCheck, parse_check
+from operations.data.reboot import REBOOT_KEYS, Reboot, parse_reboot
 from operations.data.schedule import Schedule, ScheduleError, parse_schedule
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "activation_timeout", "health_checks", "max_parallel_copies", "build_timeout",
     "copy_timeout", "offline_ok", "image_attr", "image_dest", "nixos_fragments_dir",
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
-    "keep_generations", "gc_after_deploy", INSECURE_KEY,
+    "keep_generations", "gc_after_deploy", INSECURE_KEY, *REBOOT_KEYS,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -154,6 +155,7 @@ class HostSpec:
       ``boot_dir/nixos``), checked for room before a switch or boot; None: not checked
     + keep_generations: after a confirmed switch, the system generations kept (None: all)
     + gc_after_deploy: collect garbage after pruning generations
+    + reboot: whether and how a confirmed switch reboots the host (``operations.data.reboot``)
     """
 
     name: str
@@ -191,6 +193,7 @@ class HostSpec:
     boot_dir: str | None = None
     keep_generations: int | None = None
     gc_after_deploy: bool = False
+    reboot: Reboot = field(default_factory=Reboot)
 
     @property
     def is_target(self) -> bool:
@@ -560,6 +563,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         boot_dir=read.boot_dir(nix_system),
         keep_generations=read.keep_generations(),
         gc_after_deploy=read.boolean("gc_after_deploy"),
+        reboot=parse_reboot(read.host.data.get, read.problem),
     )
     return spec, read.problems
 

@@ -18,6 +18,9 @@ echo "$hostName" > "$out/hostname"
 # /boot/nixos (nixpush checks they fit there before a switch or boot).
 echo "bench kernel of $hostName $version" > "$out/kernel"
 echo "bench initrd of $hostName $version" > "$out/initrd"
+if [ -n "$failBoot" ]; then
+  echo "bench: $hostName $version does not boot (failBoot)" > "$out/bench-does-not-boot"
+fi
 if [ -n "$padding" ]; then
   $bb dd if=/dev/urandom of="$out/padding" bs=1024 count=4096 2>/dev/null
 fi
@@ -30,6 +33,7 @@ fi
   echo "slow_activation=$slowActivation"
   echo "break_network=$breakNetwork"
   echo "break_ssh=$breakSsh"
+  echo "systemd_boot=$systemdBoot"
   $bb cat "$switchScript"
 } > "$out/bin/switch-to-configuration"
 $bb chmod 0555 "$out/bin/switch-to-configuration"

@@ -33,6 +33,12 @@
         slowActivation = cfg.slowActivation or "";
         breakNetwork = if cfg.breakNetwork or false then "1" else "";
         breakSsh = if cfg.breakSsh or false then "1" else "";
+        # failBoot: the system does not boot (the bench's boot loader, tests/bench/standins/
+        # boot.sh, falls back from a one-shot entry, or the host stays down); systemdBoot: its
+        # switch-to-configuration installs systemd-boot entries (UEFI hosts) instead of
+        # extlinux's layout.
+        failBoot = if cfg.failBoot or false then "1" else "";
+        systemdBoot = if cfg.systemdBoot or false then "1" else "";
         # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
         padding = if cfg.padding or false then "1" else "";
         switchScript = ./switch-to-configuration.sh;
