@@ -29,7 +29,7 @@ from pyinfra.context import host, state
 from operations.builder import nix
 from operations.core.failures import Unable, attempt, or_unable
 from operations.core.models import Builder, Plan
-from operations.push import activate, build, copy, plan, prune, waves
+from operations.push import activate, build, copy, plan, prune, reboot, waves
 from operations.push.start import start_deploy
 from operations.trust import keys, ssh
 
@@ -135,6 +135,14 @@ else:
                 address=spec.ssh_hostname,
                 port=spec.ssh_port,
                 user=spec.ssh_user or "root",
+            )
+        if builder is not None and target_plan.booted and target_plan.new_boot is None:
+            # Not built when planning: whether it needs a reboot is read once it is.
+            reboot.note_reboot_needed(
+                name="Whether the new system needs a reboot",
+                plan=target_plan,
+                builder=builder,
+                summary=deploy.summary,
             )
         sudo = spec.sudo
         if not target_plan.action.activates:  # an activation dry-activates first itself

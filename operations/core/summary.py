@@ -26,6 +26,7 @@ from pyinfra import logger
 from pyinfra.api.state import State, StateStage
 from pyinfra.context import ContextObject, ctx_state
 
+from operations.core.boot import describe
 from operations.core.files import write_atomically
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class RunSummary:
     # deploys/image.py: each image's plan, and what was done (store path, size, copy).
     images: dict[str, ImagePlan] = field(default_factory=dict)
     images_done: dict[str, str] = field(default_factory=dict)
+    # Targets whose new system needs a reboot to be fully in effect: what differs (empty: none).
+    reboots: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def wants_report(self) -> bool:
@@ -69,6 +72,12 @@ class RunSummary:
 
     def planned(self, plan: Plan) -> None:
         self.plans[plan.target] = plan
+        if plan.reboot_changes is not None:
+            self.reboots[plan.target] = plan.reboot_changes
+
+    def reboot_needed(self, host_name: str, changes: tuple[str, ...]) -> None:
+        """What only a reboot of the host brings into effect (empty: nothing), once known."""
+        self.reboots[host_name] = changes
 
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
@@ -147,6 +156,9 @@ class RunSummary:
                 )
             else:
                 result[name] = ("deployed", f"{plan.action} {plan.desired}")
+            status, detail = result.get(name, ("", ""))
+            if self.reboots.get(name) and status in ("deployed", "unchanged", "planned"):
+                result[name] = (status, f"{detail}; {describe(self.reboots[name])}")
         return result
 
     def report(self) -> dict[str, Any]:
@@ -171,6 +183,11 @@ class RunSummary:
                     current=plan.current,
                     profile=plan.profile,
                     desired=plan.desired,
+                )
+            if name in self.reboots:
+                entry.update(
+                    reboot_required=bool(self.reboots[name]),
+                    reboot_changes=list(self.reboots[name]),
                 )
             hosts[name] = entry
         return {

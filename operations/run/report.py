@@ -185,7 +185,12 @@ def _paths(entry: Mapping[str, Any], status: str) -> dict[str, Any]:
         after = dict(before)  # nothing was done, or it was undone (verified by the deploy)
     else:
         after = None  # failed: not known what the host runs now
-    return {"action": action, "desired": desired, "before": before, "after": after}
+    paths = {"action": action, "desired": desired, "before": before, "after": after}
+    if "reboot_required" in entry:  # known: the new (or running) system's boot files were read
+        paths.update(
+            reboot_required=entry["reboot_required"], reboot_changes=entry["reboot_changes"]
+        )
+    return paths
 
 
 def host_outcomes(

@@ -16,6 +16,15 @@
         "armv7l-linux" = ./bb/armv7l;
         "x86_64-linux" = ./bb/x86_64;
       };
+      # The kernel, initrd and modules a system boots with, a package of their own as in
+      # nixpkgs: systems of one kernel version (the `kernel` knob, default "1") share it, so
+      # only a new version (or kernelParams) needs a reboot (tests/bench/flake/build-kernel.sh).
+      kernel = system: version: derivation {
+        name = "bench-linux-${version}";
+        inherit system version;
+        builder = "${busybox.${system}}/busybox";
+        args = [ "sh" ./build-kernel.sh ];
+      };
       toplevel = name: cfg: derivation {
         name = "nixos-system-${name}-${cfg.version}";
         system = cfg.system;
@@ -41,6 +50,8 @@
         systemdBoot = if cfg.systemdBoot or false then "1" else "";
         # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
         padding = if cfg.padding or false then "1" else "";
+        kernel = kernel cfg.system (cfg.kernel or "1");
+        kernelParams = cfg.kernelParams or "console=ttyS0";
         switchScript = ./switch-to-configuration.sh;
         # Depending on the whole library and the host's own part makes evaluating the toplevel
         # force them, as a real toplevel forces nixpkgs. failEval: "throw" (caught by

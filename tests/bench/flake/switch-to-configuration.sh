@@ -63,7 +63,9 @@ if [ "$action" = switch ] || [ "$action" = boot ]; then
   # Like NixOS's extlinux: the kernel and initrd under their store path's name, slashes as dashes.
   $bb mkdir -p -m 0755 /boot/nixos
   for f in kernel initrd; do
-    $bb cp "$top/$f" "/boot/nixos/${top#/nix/store/}-$f"
+    real=$($bb readlink -f "$top/$f")
+    name=${real#/nix/store/}
+    $bb cp "$real" "/boot/nixos/$(echo "$name" | $bb tr / -)"
   done
 fi
 if [ "$action" = boot ]; then
