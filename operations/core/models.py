@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from operations.core.boot import BootFiles
+
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
 
@@ -95,6 +97,8 @@ class Plan:
     + built: whether the builder already has ``desired`` (looked up only when it matters)
     + derivation: the ``.drv`` that builds ``desired`` (None: build from ``attr``)
     + pending: another activation the target has not finished (who, when), else None
+    + booted: the boot files of the system the target booted (None: unknown, or none)
+    + new_boot: the desired system's boot files (None: not known yet: read after the build)
     """
 
     target: str
@@ -107,6 +111,16 @@ class Plan:
     built: bool = False
     derivation: str | None = None
     pending: str | None = None
+    booted: BootFiles | None = None
+    new_boot: BootFiles | None = None
+
+    @property
+    def reboot_changes(self) -> tuple[str, ...] | None:
+        """What only a reboot brings into effect once the desired system runs (empty: nothing;
+        None: not known, e.g. not built yet): ``("kernel A → B",)``."""
+        if self.booted is None or self.new_boot is None:
+            return None
+        return self.booted.changes_to(self.new_boot)
 
     @property
     def up_to_date(self) -> bool:

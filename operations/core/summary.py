@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pyinfra import logger
 from pyinfra.api.state import State, StateStage
 
+from operations.core.boot import describe
 from operations.core.files import write_atomically
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ class RunSummary:
     # system (the builder's name or a member's), and the members a build could not use.
     built_on: dict[str, str] = field(default_factory=dict)
     skipped_members: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Targets whose new system needs a reboot to be fully in effect: what differs (empty: none).
+    reboots: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def wants_report(self) -> bool:
@@ -71,6 +74,12 @@ class RunSummary:
 
     def planned(self, plan: Plan) -> None:
         self.plans[plan.target] = plan
+        if plan.reboot_changes is not None:
+            self.reboots[plan.target] = plan.reboot_changes
+
+    def reboot_needed(self, host_name: str, changes: tuple[str, ...]) -> None:
+        """What only a reboot of the host brings into effect (empty: nothing), once known."""
+        self.reboots[host_name] = changes
 
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
@@ -159,6 +168,9 @@ class RunSummary:
                 machine = self.built_on.get(name)
                 via = f" (built on {machine})" if machine and machine != plan.builder else ""
                 result[name] = ("deployed", f"{plan.action} {plan.desired}{via}")
+            status, detail = result.get(name, ("", ""))
+            if self.reboots.get(name) and status in ("deployed", "unchanged", "planned"):
+                result[name] = (status, f"{detail}; {describe(self.reboots[name])}")
         return result
 
     def report(self) -> dict[str, Any]:
@@ -186,6 +198,11 @@ class RunSummary:
                 )
                 if name in self.built_on:
                     entry["built_on"] = self.built_on[name]
+            if name in self.reboots:
+                entry.update(
+                    reboot_required=bool(self.reboots[name]),
+                    reboot_changes=list(self.reboots[name]),
+                )
             hosts[name] = entry
         return {
             "executed": self.state.current_stage >= StateStage.Execute,

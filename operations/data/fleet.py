@@ -42,6 +42,7 @@ from operations.core.models import (
 )
 from operations.core.systems import KNOWN_SYSTEMS, natively_built
 from operations.data.health import HealthCheck, parse_check
+from operations.data.reboot import REBOOT_KEYS, Reboot, parse_reboot
 from operations.data.schedule import Schedule, ScheduleError, parse_schedule
 from operations.data.secret import Secret, parse_secret
 
@@ -86,7 +87,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
     "keep_generations", "gc_after_deploy", "nixpush_inventory", INSECURE_KEY,
     "nixpush_sops_recipients", "remote_builders", "builder_systems", "speed_factor",
-    "builder_features",
+    "builder_features", *REBOOT_KEYS,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -185,6 +186,7 @@ class HostSpec:
       empty: every system it builds, ``offered_systems``)
     + speed_factor: as a pool member, Nix's ``speedFactor``: the faster member is chosen first
     + builder_features: as a pool member, Nix's ``supportedFeatures`` (empty: the defaults)
+    + reboot: whether and how a confirmed switch reboots the host (``operations.data.reboot``)
     """
 
     name: str
@@ -231,6 +233,7 @@ class HostSpec:
     pool_systems: tuple[str, ...] = ()
     speed_factor: int = 1
     builder_features: tuple[str, ...] = ()
+    reboot: Reboot = field(default_factory=Reboot)
 
     @property
     def is_target(self) -> bool:
@@ -777,6 +780,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         pool_systems=read.systems("builder_systems"),
         speed_factor=read.positive_int("speed_factor", unit="a whole number") or 1,
         builder_features=read.names("builder_features", "Nix feature names", _FEATURE),
+        reboot=parse_reboot(read.host.data.get, read.problem),
     )
     return spec, read.problems
 

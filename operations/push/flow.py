@@ -40,13 +40,14 @@ from pyinfra import logger
 from operations.builder import nix
 from operations.core.failures import Unable, attempt, or_unable
 from operations.core.models import Builder, Plan, Safety
-from operations.push import activate, build, copy, plan, prune, waves
+from operations.push import activate, build, copy, plan, prune, reboot, waves
 from operations.trust import keys, ssh
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
 
+    from operations.core.summary import RunSummary
     from operations.data.fleet import HostSpec
     from operations.push.runcache import RunCache
     from operations.push.start import Deploy
@@ -126,6 +127,7 @@ def push_target(
         return
     let_builder_push(spec, target_plan, trust)
     build_and_copy(spec, address, target_plan, builder, trust, deploy.cache)
+    note_reboot_needed(target_plan, builder, deploy.summary)
     activate_target(spec, target_plan, safety, deploy.cache)
     prune_target(host, spec, target_plan)
 
@@ -205,6 +207,18 @@ def build_and_copy(
         port=spec.ssh_port,
         user=spec.ssh_user or "root",
     )
+
+
+def note_reboot_needed(target_plan: Plan, builder: Builder | None, summary: RunSummary) -> None:
+    """Whether the new system needs a reboot, read once it is built when planning could not
+    (it was not built yet); the booted system's boot files came with the plan."""
+    if builder is not None and target_plan.booted and target_plan.new_boot is None:
+        reboot.note_reboot_needed(
+            name="Whether the new system needs a reboot",
+            plan=target_plan,
+            builder=builder,
+            summary=summary,
+        )
 
 
 def activate_target(spec: HostSpec, target_plan: Plan, safety: Safety, cache: RunCache) -> None:

@@ -32,13 +32,14 @@ from operations.builder.nix_commands import (
     path_info_command,
     toplevel_attr,
 )
+from operations.core.boot import BootFiles
 from operations.core.failures import DeployFailed
 from operations.core.models import CURRENT_SYSTEM, SYSTEM_PROFILE, Action, Builder, Plan
 from operations.core.process import read_on, run_on
 from operations.core.summary import RunSummary
 from operations.data.fleet import HostSpec
 from operations.data.steady import read_with_host_kind
-from operations.push import evalcache
+from operations.push import evalcache, reboot
 from operations.push.commands import Evaluated, batch_eval_command, parse_batch_eval
 from operations.push.progress import report_progress, shower
 from operations.push.runcache import RunCache
@@ -365,12 +366,13 @@ def plan_deploy(
     attr = toplevel_attr(spec.flake, spec.nixos_config)
     action = spec.deploy_action
 
-    def links() -> tuple[str | None, str | None, str | None]:
+    def links() -> tuple[tuple[str | None, str | None, str | None], dict[str, BootFiles]]:
         if not action.contacts_target:  # `build`: the target may be off or away
-            return None, None, None
+            return (None, None, None), {}
         # With the target's kind: the activation asks for it (one round trip less); with the
-        # activation pending there, if any: it may still roll the links back.
-        return read_with_host_kind(target, LinksAndPending, doing=READING_LINKS)
+        # activation pending there, if any: it may still roll the links back; with the booted
+        # and current systems' boot files (whether a reboot is needed: reboot.py).
+        return read_with_host_kind(target, reboot.LinksPendingAndBoot, doing=READING_LINKS)
 
     # A target already on what this flake state evaluated to last time needs no evaluation;
     # any other evaluates afresh (evalcache). Read the target while the builder evaluates.
@@ -379,7 +381,8 @@ def plan_deploy(
     known = evalcache.remembered(fingerprint, spec.nixos_config) if fingerprint else None
     if known is None:
         start_evaluation(target, builder, spec.flake, spec.nixos_config, cache, fingerprint)
-    current, profile, pending = links()
+    (current, profile, pending), boot = links()
+    booted, current_boot = reboot.booted_and_current(boot)
 
     def plan_for(evaluated: Evaluated) -> Plan:
         return Plan(
@@ -392,6 +395,8 @@ def plan_deploy(
             action=action,
             derivation=evaluated.derivation,
             pending=pending,
+            booted=booted,
+            new_boot=current_boot if evaluated.path == current else None,
         )
 
     plan = plan_for(known) if known is not None else None
@@ -402,6 +407,8 @@ def plan_deploy(
     if not plan.action.contacts_target or not plan.up_to_date:
         # Whether the builder has it matters only when something will be built or copied.
         plan = replace(plan, built=is_built(builder, desired, cache))
+    if plan.booted is not None and plan.new_boot is None and plan.built:
+        plan = replace(plan, new_boot=reboot.read_boot_files(builder.host, desired))
     summary.planned(plan)
     cache.planned(plan)
     if summary.wants_report:
@@ -422,6 +429,7 @@ def plan_deploy(
         if plan.before:
             for line in diff_closures(builder, plan.before, desired, cache):
                 target.log_styled(f"  {line}", log_func=logger.info)
+    reboot.log_reboot(target, plan)
     return plan
 
 

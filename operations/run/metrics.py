@@ -52,6 +52,10 @@ HELP = {
     ),
     "nixpush_host_drift": "1 when the host differs from what the flake and data say.",
     "nixpush_host_generation_info": "The system the host runs after the last run (label path).",
+    "nixpush_host_reboot_required": (
+        "1 when the host's new system needs a reboot to be fully in effect (kernel, initrd, "
+        "modules or kernel parameters differ from the booted system's)."
+    ),
 }
 
 
@@ -153,6 +157,8 @@ def render(report: Mapping[str, Any], last: LastSuccess) -> str:
         if host_name in durations:
             add("nixpush_host_duration_seconds", labels, durations[host_name])
         add("nixpush_host_drift", labels, 1.0 if entry["status"] == "drifted" else 0.0)
+        if "reboot_required" in entry:
+            add("nixpush_host_reboot_required", labels, 1.0 if entry["reboot_required"] else 0.0)
         running = (entry.get("after") or {}).get("current")
         if running:
             add("nixpush_host_generation_info", {**labels, "path": str(running)}, 1.0)

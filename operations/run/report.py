@@ -234,6 +234,10 @@ def _paths(entry: Mapping[str, Any], status: str) -> dict[str, Any]:
     paths = {"action": action, "desired": desired, "before": before, "after": after}
     if "built_on" in entry:  # the machine that built it: the builder, or a pool member
         paths["built_on"] = entry["built_on"]
+    if "reboot_required" in entry:  # known: the new (or running) system's boot files were read
+        paths.update(
+            reboot_required=entry["reboot_required"], reboot_changes=entry["reboot_changes"]
+        )
     return paths
 
 

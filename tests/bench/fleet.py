@@ -104,8 +104,26 @@ class BenchHost:
         return SSH_CONTROL_DIR / f"{self.user}@{self.name}"
 
     @property
+    def second_ip(self) -> str | None:
+        """A second address of every host but the builder (its tailnet address, say): the
+        first one plus 100 (``drop_address`` takes the first away)."""
+        if self.name == BUILDER:
+            return None
+        network, last = self.ip.rsplit(".", 1)
+        return f"{network}.{int(last) + 100}"
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        """Every address of the host, the first one first."""
+        return (self.ip,) if self.second_ip is None else (self.ip, self.second_ip)
+
+    @property
     def known_hosts_name(self) -> str:
         return self.ip if self.port == 22 else f"[{self.ip}]:{self.port}"
+
+    @property
+    def known_hosts_names(self) -> tuple[str, ...]:
+        return tuple(ip if self.port == 22 else f"[{ip}]:{self.port}" for ip in self.ips)
 
 
 PI_ROOTS = ("minimal", "common", "network")
@@ -389,6 +407,7 @@ def up(pis: int | None = None, max_sessions: int | None = None, pool: bool | Non
     _use_fleet(hosts, save=True)
     _controller_key()
     _bridge()
+    _install_stand_ins()
     write_flake()
     for h in HOSTS:
         sshd_changed = _prepare_host_dir(h)
@@ -448,9 +467,33 @@ def _bridge() -> None:
     run(["ip", "link", "set", BRIDGE, "up"])
 
 
+# The bench's stand-ins (tests/bench/standins/), where every host finds them: the boot loader
+# and stage 2 its init runs (boot.sh), the reboot its data's ``reboot_command`` names, and a
+# bootctl on its PATH (this directory is its /usr/local/sbin).
+STAND_INS_DIR = BENCH_DIR / "bench-bin"
+STAND_INS = {"boot.sh": "boot.sh", "reboot.sh": "bench-reboot", "bootctl.sh": "bootctl"}
+REBOOT_STAND_IN = STAND_INS_DIR / "bench-reboot"
+# What the reboot stand-in leaves in a host's /boot for its launcher (``_launch_script``).
+REBOOT_REQUEST = "bench-reboot-requested"
+
+
+def _install_stand_ins() -> None:
+    STAND_INS_DIR.mkdir(parents=True, exist_ok=True)
+    for source, name in STAND_INS.items():
+        text = (Path(__file__).resolve().parent / "standins" / source).read_text()
+        dest = STAND_INS_DIR / name
+        if not dest.exists() or dest.read_text() != text:
+            partial = dest.with_suffix(".partial")
+            partial.write_text(text)
+            partial.chmod(0o755)
+            partial.replace(dest)
+
+
 def _network(h: BenchHost) -> None:
     if h.netns not in _netns_list():
         run(["ip", "netns", "add", h.netns])
+    if h.second_ip is not None and h.veth in _links():
+        _second_address(h)
     if run(["ip", "link", "show", h.veth], check=False).returncode != 0:
         run(["ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.netns])
         run(["ip", "link", "set", h.veth, "master", BRIDGE, "up"])
@@ -462,6 +505,35 @@ def _network(h: BenchHost) -> None:
         run([*ns, "ip", "link", "set", "eth0", "up"])
         run([*ns, "ip", "link", "set", "lo", "up"])
         run([*ns, "ip", "route", "add", "default", "via", CONTROLLER_IP])
+        if h.second_ip is not None:
+            _second_address(h)
+
+
+def _links() -> str:
+    return run(["ip", "-o", "link", "show"]).stdout
+
+
+def _second_address(h: BenchHost) -> None:
+    """Give the host its second address (idempotent), the one a test reaches it by once its
+    first is dropped (``drop_address``)."""
+    assert h.second_ip is not None
+    ns = ["ip", "netns", "exec", h.netns]
+    if f" {h.second_ip}/" not in run([*ns, "ip", "-o", "addr", "show", "dev", "eth0"]).stdout:
+        # Without promotion, removing the first address of the subnet removes the second too.
+        run([*ns, "sysctl", "-q", "-w", "net.ipv4.conf.eth0.promote_secondaries=1"])
+        run([*ns, "ip", "addr", "add", f"{h.second_ip}/24", "dev", "eth0"])
+
+
+def drop_address(h: BenchHost, dropped: bool = True) -> None:
+    """Take the host's first address away (a laptop away from its LAN: its tailnet address,
+    ``second_ip``, still answers), or give it back. sshd stays bound to it meanwhile."""
+    ns = ["ip", "netns", "exec", h.netns]
+    present = f" {h.ip}/" in run([*ns, "ip", "-o", "addr", "show", "dev", "eth0"]).stdout
+    if dropped and present:
+        run([*ns, "ip", "addr", "del", f"{h.ip}/24", "dev", "eth0"])
+    elif not dropped and not present:
+        run([*ns, "ip", "addr", "add", f"{h.ip}/24", "dev", "eth0"])
+    run([*ns, "ip", "route", "replace", "default", "via", CONTROLLER_IP])
 
 
 def _mac_of(ip: str) -> str:
@@ -506,10 +578,11 @@ def _prepare_host_dir(h: BenchHost) -> bool:
         # Units there run nixpush-run from the bench's inventories: they need this bench.
         environment = {"NIXPUSH_BENCH_INSTANCE": str(INSTANCE), "NIXPUSH_BENCH_DIR": str(BENCH_DIR)}
         systemd_host.prepare(h, environment)
-        script = systemd_host.init_script(h, BENCH_DIR, _account_script(h))
+        script = systemd_host.init_script(h, BENCH_DIR, _account_script(h), host_guards(h))
         (h.dir / "init.sh").write_text(script)
     else:
         (h.dir / "init.sh").write_text(_init_script(h))
+    (h.dir / "launch.sh").write_text(_launch_script(h))
     return write_sshd_config(h)
 
 
@@ -542,7 +615,7 @@ def sshd_config_text(h: BenchHost) -> str:
     options = sshd_options(h)
     lines = [
         f"Port {h.port}",
-        f"ListenAddress {h.ip}",
+        *(f"ListenAddress {ip}" for ip in h.ips),
         f"HostKey {h.dir / 'ssh' / 'ssh_host_ed25519_key'}",
         *(f"{key} {value}" for key, value in options.items()),
     ]
@@ -635,6 +708,45 @@ chmod 0700 {h.home}/.ssh
 chmod 0600 {h.home}/.ssh/authorized_keys"""
 
 
+def host_guards(h: BenchHost) -> str:
+    """Shell every host's init runs after its mounts: what keeps the machine safe from the host
+    (besides its launcher's bounding set, ``_launch_script``), its identity, the bench's
+    stand-ins, and the boot loader's choice (the system it boots, or it stays down)."""
+    return f"""# sysrq's trigger would reach the machine's kernel (b reboots it): read-only here.
+if [ -e /proc/sysrq-trigger ]; then
+  mount --bind /proc/sysrq-trigger /proc/sysrq-trigger
+  mount -o remount,bind,ro /proc/sysrq-trigger
+fi
+# The bench's bootctl on PATH (and sudo's secure_path); the reboot stand-in checks this file.
+mount --bind {STAND_INS_DIR} /usr/local/sbin
+echo {h.name} > /etc/nixpush-bench-host
+hostname {h.name}
+echo {h.name} > /etc/hostname
+printf '127.0.0.1 localhost\\n{h.ip} {h.name}\\n' > /etc/hosts
+sh {STAND_INS_DIR / "boot.sh"} || exit 1"""
+
+
+def _launch_script(h: BenchHost) -> str:
+    """The host's launcher: in the host's network namespace, outside its PID namespace, it
+    starts the init, and again when the reboot stand-in asked for it (a file in the host's
+    /boot). Started without CAP_SYS_BOOT in its bounding set, so nothing of the host has it:
+    reboot(2) fails with EPERM inside, whatever the command (a reboot(2) in a PID namespace
+    would only end that namespace, yet it must not even be possible)."""
+    d = h.dir
+    # A systemd host also gets its own cgroup namespace (see systemd_host.start).
+    cgroup = " --cgroup" if h.systemd else ""
+    return f"""#!/bin/sh
+# Launcher of bench host {h.name}.
+while :; do
+  rm -f {d}/boot/{REBOOT_REQUEST}
+  unshare --mount --uts --pid --fork{cgroup} --mount-proc --propagation private \\
+    sh {d}/init.sh || true
+  [ -e {d}/boot/{REBOOT_REQUEST} ] || exit 0
+  echo "launcher: {h.name} reboots"
+done
+"""
+
+
 def _init_script(h: BenchHost) -> str:
     d = h.dir
     return f"""#!/bin/sh
@@ -648,24 +760,25 @@ mkdir -p {SHARED_VAR_LEFTOVER}
 mount --bind {d}/{_OWN_VAR_DIR} {SHARED_VAR_LEFTOVER}
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p /run/sshd
-hostname {h.name}
-echo {h.name} > /etc/hostname
-printf '127.0.0.1 localhost\\n{h.ip} {h.name}\\n' > /etc/hosts
+{host_guards(h)}
 {_account_script(h)}
 setsid nix-daemon >>{d}/nix-daemon.log 2>&1 < /dev/null &
 exec /usr/sbin/sshd -D -e -f {d}/ssh/sshd_config
 """
 
 
-def _start(h: BenchHost) -> None:
-    # A systemd host also gets its own cgroup namespace (see systemd_host.start).
-    cgroup = ["--cgroup"] if h.systemd else []
-    argv = [
+def launcher_argv(h: BenchHost) -> list[str]:
+    """How the host is started: no CAP_SYS_BOOT from here down (the launcher, the host's init
+    and all it starts)."""
+    return [
         "ip", "netns", "exec", h.netns,
-        "unshare", "--mount", "--uts", "--pid", "--fork", *cgroup, "--mount-proc",
-        "--propagation", "private",
-        "sh", str(h.dir / "init.sh"),
+        "setpriv", "--bounding-set", "-sys_boot",
+        "sh", str(h.dir / "launch.sh"),
     ]  # fmt: skip
+
+
+def _start(h: BenchHost) -> None:
+    argv = launcher_argv(h)
     if h.systemd:
         systemd_host.start(h, argv)
         return
@@ -718,7 +831,7 @@ def _write_known_hosts() -> None:
     lines = []
     for h in HOSTS:
         key = (h.dir / "ssh" / "ssh_host_ed25519_key.pub").read_text().split()
-        lines.append(f"{h.known_hosts_name} {key[0]} {key[1]}")
+        lines += [f"{name} {key[0]} {key[1]}" for name in h.known_hosts_names]
     (BENCH_DIR / "known_hosts").write_text("\n".join(lines) + "\n")
 
 
@@ -891,6 +1004,8 @@ def _remove_shared_var_leftover() -> None:
 
 def _stop(h: BenchHost) -> None:
     """Stop one host: its processes (by PID), its namespace and its link."""
+    # A reboot asked for just now must not start it again behind our back.
+    (h.dir / "boot" / REBOOT_REQUEST).unlink(missing_ok=True)
     if h.systemd:
         systemd_host.stop(h, init_pid(h))
     _remove_netns(h.netns)
@@ -972,3 +1087,41 @@ def status() -> dict[str, str]:
 def set_link(h: BenchHost, up: bool) -> None:
     """Cut or restore a host's link, from inside its namespace."""
     run(["ip", "netns", "exec", h.netns, "ip", "link", "set", "eth0", "up" if up else "down"])
+
+
+def wait_until_up(h: BenchHost, timeout: float = 60.0, *, other_than: int | None = None) -> int:
+    """Wait until the host's init (another one than ``other_than``: it rebooted) runs and its
+    sshd answers on its first address; its init's PID."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = init_pid(h)
+        if pid is not None and pid != other_than:
+            try:
+                with socket.create_connection((h.ip, h.port), timeout=1):
+                    h.ssh_control.unlink(missing_ok=True)  # the connection to the host that was
+                    return pid
+            except OSError:
+                pass
+        time.sleep(0.2)
+    log = (h.dir / "init.log").read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"bench host {h.name} did not come up in {timeout:.0f}s:\n{log}")
+
+
+def is_down(h: BenchHost) -> bool:
+    """True when the host's init is gone and its launcher ended (it stays down until ``up``)."""
+    return init_pid(h) is None and not any(
+        b"launch.sh" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        for pid in _netns_pids(h.netns)
+        if Path(f"/proc/{pid}/cmdline").exists()
+    )
+
+
+def manual_switch(h: BenchHost, system: str) -> None:
+    """What the owner's ``nixos-rebuild switch`` (or ``just deploy-pi4``) does on the host,
+    without nixpush: ``system`` (already in its store) becomes the profile's new generation,
+    the boot default and the running system."""
+    script = (
+        'nix-env -p /nix/var/nix/profiles/system --set "$1" && '
+        '"$1/bin/switch-to-configuration" switch'
+    )
+    run(in_host(h, ["sh", "-c", script, "manual-switch", system]))

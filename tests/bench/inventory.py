@@ -31,6 +31,9 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
     }
     if h.user != "root":
         data["_sudo"] = True
+    # Never the real reboot: the bench's stand-in ends the host's namespaces and starts it
+    # again (tests/bench/standins/reboot.sh); the hosts lack CAP_SYS_BOOT besides.
+    data["reboot_command"] = [str(_fleet.REBOOT_STAND_IN)]
     # Every host is built on the NAS, the NAS itself included (it deploys itself: nothing is
     # copied). Push only; tests/bench/pull_inventory.py adds builder_user (pull builds).
     data.update(builder_host=_fleet.BUILDER)

@@ -175,12 +175,13 @@ def write_units(h: BenchHost, environment: Mapping[str, str]) -> None:
         machine_id.write_text(uuid.uuid4().hex + "\n")
 
 
-def init_script(h: BenchHost, bench_dir: Path, account_setup: str) -> str:
+def init_script(h: BenchHost, bench_dir: Path, account_setup: str, guards: str) -> str:
     """
     The host's init: its mounts and accounts, then ``exec`` systemd booting ``TARGET``.
 
     + bench_dir: the bench's state directory, kept visible (same path) under the own /var
     + account_setup: shell that creates the deploy user and authorizes the controller's key
+    + guards: shell every bench host's init runs after its mounts (``fleet.host_guards``)
     """
     d = h.dir
     bench_in_var = d / "var" / bench_dir.relative_to("/var")
@@ -202,9 +203,7 @@ mount --bind /proc/sys /proc/sys
 mount -o remount,bind,ro /proc/sys
 touch {d}/console
 mount --bind {d}/console /dev/console
-hostname {h.name}
-echo {h.name} > /etc/hostname
-printf '127.0.0.1 localhost\\n{h.ip} {h.name}\\n' > /etc/hosts
+{guards}
 {account_setup}
 exec env -i container={CONTAINER} PATH={PATH} \\
   /lib/systemd/systemd --system --unit={TARGET} --log-target=journal

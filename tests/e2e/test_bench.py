@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import shlex
+import shutil
+import socket
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +143,133 @@ def test_up_with_more_pis_adds_an_armv7l_pi_everywhere_and_back_leaves_nothing(b
         fleet.up(pis=default_pis)
     assert [h.name for h in fleet.HOSTS] == default
     assert not any("pi6" in item for item in fleet.leftovers())
+
+
+# reboot(2) with LINUX_REBOOT_CMD_CAD_OFF (0): harmless wherever it ran (it only says what
+# Ctrl-Alt-Del does), EPERM without CAP_SYS_BOOT. glibc's reboot() adds the magic numbers.
+CAD_OFF_PROBE = (
+    "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+    "print(libc.reboot(0), os.strerror(ctypes.get_errno()))"
+)
+CAP_SYS_BOOT = 22
+
+
+def test_no_bench_host_can_reach_reboot_or_the_machines_init(bench):
+    for h in fleet.HOSTS:
+        sudo = "" if h.user == "root" else "sudo "
+        probe = ssh(h.name, f"{sudo}python3 -c {shlex.quote(CAD_OFF_PROBE)}").stdout.strip()
+        assert probe == "-1 Operation not permitted", (h.name, probe)
+        # Nothing of the host has CAP_SYS_BOOT: its init, nor a root shell, nor its launcher.
+        launcher = [
+            pid
+            for pid in fleet._netns_pids(h.netns)
+            if b"launch.sh" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(launcher) == 1, h.name
+        for status in (
+            ssh(h.name, f"{sudo}cat /proc/1/status").stdout,
+            ssh(h.name, f"{sudo}cat /proc/self/status").stdout,
+            *(Path(f"/proc/{pid}/status").read_text() for pid in launcher),
+        ):
+            (bounding,) = [line.split()[1] for line in status.splitlines() if "CapBnd" in line]
+            assert not int(bounding, 16) >> CAP_SYS_BOOT & 1, (h.name, status)
+        # Its PID 1 is its own init, not the machine's.
+        assert ssh(h.name, "cat /proc/1/comm").stdout.strip() in ("sshd", "systemd"), h.name
+
+
+def in_bench_host(name: str, script: str) -> str:
+    return fleet.run(fleet.in_host(fleet.host(name), ["sh", "-c", script])).stdout
+
+
+def fake_system(name: str, *, boots: bool) -> str:
+    """A store path standing for a system (what the boot stand-in reads of it), on ``name``."""
+    marker = "" if boots else "touch $d/bench-does-not-boot; "
+    return in_bench_host(
+        name, f"d=$(mktemp -d); touch $d/kernel; {marker}nix-store --add $d; rm -rf $d"
+    ).strip()
+
+
+def reboot(name: str) -> int:
+    """The stand-in reboot over ssh, as nixpush runs it; the new init's PID (or 0: down)."""
+    h = fleet.host(name)
+    before = fleet.init_pid(h)
+    sudo = "" if h.user == "root" else "sudo "
+    ssh(name, f"{sudo}{fleet.REBOOT_STAND_IN}")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if fleet.is_down(h):
+            return 0
+        pid = fleet.init_pid(h)
+        if pid not in (None, before):
+            try:  # up, or a boot that fails and leaves it down
+                return fleet.wait_until_up(h, timeout=1, other_than=before)
+            except RuntimeError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"{name} neither rebooted nor went down")
+
+
+@pytest.fixture
+def boot_restored() -> Iterator[None]:
+    yield
+    for h in fleet.PIS + fleet.DESKTOPS:
+        for leftover in ("default-system", "loader"):
+            path = h.dir / "boot" / leftover
+            if path.is_dir():
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)
+    fleet.up()
+
+
+def test_the_reboot_stand_in_boots_the_default_or_a_one_shot_entry_once(bench, boot_restored):
+    for name in ("pi4", "pis"):  # sshd as init, and systemd
+        good, bad = fake_system(name, boots=True), fake_system(name, boots=False)
+        in_bench_host(name, f"echo {good} > /boot/default-system; touch /run/left-behind")
+        old_pid = fleet.init_pid(fleet.host(name))
+        assert reboot(name) not in (0, old_pid)
+        assert in_bench_host(name, "readlink /run/booted-system /run/current-system").split() == [
+            good, good,
+        ]  # fmt: skip
+        assert in_bench_host(name, "ls /run/left-behind 2>&1 || true").count("No such") == 1
+        # A default that does not boot: the host stays down, until the default is fixed.
+        in_bench_host(name, f"echo {bad} > /boot/default-system")
+        assert reboot(name) == 0
+        (fleet.host(name).dir / "boot" / "default-system").write_text(good + "\n")
+        fleet.up()
+    # systemd-boot: a one-shot entry boots once; one that does not boot falls back.
+    good, new, bad = (fake_system("pc1", boots=b) for b in (True, True, False))
+    entries = "".join(
+        f"echo 'options init={system}/init' > /boot/loader/entries/nixos-generation-{g}.conf; "
+        for g, system in ((1, good), (2, new), (3, bad))
+    )
+    in_bench_host(
+        "pc1", f"mkdir -p /boot/loader/entries; {entries}"
+        "echo 'default nixos-generation-1.conf' > /boot/loader/loader.conf",
+    )  # fmt: skip
+    ssh("pc1", "sudo bootctl set-oneshot nixos-generation-2.conf")
+    reboot("pc1")
+    assert in_bench_host("pc1", "readlink /run/booted-system").strip() == new
+    reboot("pc1")  # once only
+    assert in_bench_host("pc1", "readlink /run/booted-system").strip() == good
+    ssh("pc1", "sudo bootctl set-oneshot nixos-generation-3.conf")
+    reboot("pc1")
+    assert in_bench_host("pc1", "readlink /run/booted-system").strip() == good
+    assert (
+        "the one-shot entry nixos-generation-3.conf does not boot"
+        in (fleet.host("pc1").dir / "init.log").read_text()
+    )
+
+
+def test_a_second_address_answers_when_the_first_is_dropped(bench):
+    pi4 = fleet.host("pi4")
+    assert pi4.second_ip is not None
+    try:
+        fleet.drop_address(pi4)
+        with pytest.raises(OSError):
+            socket.create_connection((pi4.ip, pi4.port), timeout=1).close()
+        with socket.create_connection((pi4.second_ip, pi4.port), timeout=2):
+            pass
+    finally:
+        fleet.drop_address(pi4, dropped=False)
+    with socket.create_connection((pi4.ip, pi4.port), timeout=2):
+        pass

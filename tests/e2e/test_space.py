@@ -93,10 +93,12 @@ def test_a_pi_without_room_for_the_copy_is_refused_before_it_and_the_others_depl
     assert ssh("pi5", "sudo ls -lR /boot").stdout == boot_before
     # The other Pi deployed, its new kernel and initrd installed where NixOS's extlinux puts them.
     assert current("pi4") == profile("pi4") == wanted["pi4"]
-    name = wanted["pi4"].removeprefix("/nix/store/")
-    assert (
-        ssh("pi4", f"sudo ls /boot/nixos/{name}-kernel /boot/nixos/{name}-initrd").returncode == 0
+    # Named as extlinux names them: the kernel package's store path, slashes as dashes.
+    files = ssh("pi4", f"readlink -f {wanted['pi4']}/kernel {wanted['pi4']}/initrd").stdout.split()
+    names = " ".join(
+        "/boot/nixos/" + f.removeprefix("/nix/store/").replace("/", "-") for f in files
     )
+    assert len(files) == 2 and ssh("pi4", f"sudo ls {names}").returncode == 0
 
 
 def test_a_pi_with_room_deploys_once_space_is_freed(push_ready):

@@ -417,3 +417,48 @@ def test_bad_safety_checks_schedule_and_sudo_stop_every_deploy_at_its_start(writ
         "pi: schedule runs must map a mode (check, deploy) to {'on_calendar': ..., "
         "'randomized_delay': ...}",
     )
+
+
+def _reboot_of(data):
+    from operations.data.reboot import parse_reboot
+
+    problems: list[str] = []
+    parsed = parse_reboot(data.get, lambda key, text: problems.append(f"{key} {text}"))
+    return parsed, problems
+
+
+def test_reboot_data_defaults_to_never_and_the_real_command():
+    from operations.data.reboot import Reboot, RebootPolicy
+
+    assert _reboot_of({}) == (Reboot(), [])
+    assert Reboot().command == ("systemctl", "reboot")
+    assert Reboot().policy is RebootPolicy.NEVER and not Reboot().wanted(True)
+    assert Reboot(RebootPolicy.WHEN_NEEDED).wanted(True)
+    assert not Reboot(RebootPolicy.WHEN_NEEDED).wanted(False)
+    assert Reboot(RebootPolicy.ALWAYS).wanted(False)
+
+
+def test_reboot_command_is_a_list_of_words_kept_apart():
+    parsed, problems = _reboot_of({"reboot_command": ["sh", "/x/bench-reboot; whoami"]})
+    assert parsed.command == ("sh", "/x/bench-reboot; whoami") and problems == []
+    for bad in ("systemctl reboot", [], ["a\nb"], [""], [1]):
+        parsed, problems = _reboot_of({"reboot_command": bad})
+        assert parsed.command == ("systemctl", "reboot")
+        assert problems == [
+            f"reboot_command is {bad!r}; set it to the command as a list of words, "
+            "e.g. ['systemctl', 'reboot']"
+        ]
+
+
+def test_bench_hosts_reboot_with_the_stand_in_and_start_without_cap_sys_boot():
+    from tests.bench import fleet as bench
+    from tests.bench.inventory import _data
+
+    pi4 = bench.host("pi4")
+    assert _data(pi4)["reboot_command"] == [str(bench.REBOOT_STAND_IN)]
+    launch = bench._launch_script(pi4)
+    assert "unshare --mount --uts --pid --fork --mount-proc" in launch
+    assert bench.REBOOT_REQUEST in launch
+    assert bench.launcher_argv(pi4)[4:7] == ["setpriv", "--bounding-set", "-sys_boot"]
+    guards = bench.host_guards(pi4)
+    assert "boot.sh" in guards and "/proc/sysrq-trigger" in guards

@@ -169,9 +169,9 @@ def _planning(write_inventory, monkeypatch, tmp_path, pis: dict[str, dict[str, A
     monkeypatch.setattr(push_plan, "run_on", builder_answers.run_on)
     links_read: list[str] = []
 
-    def links(target: Any, fact: Any, **kw: Any) -> tuple[str, str, None]:
+    def links(target: Any, fact: Any, **kw: Any) -> tuple[tuple[str, str, None], dict[str, Any]]:
         links_read.append(target.name)
-        return B, B, None
+        return (B, B, None), {}  # no boot files: not booted from a known system
 
     monkeypatch.setattr(push_plan, "read_with_host_kind", links)
     return specs, RunCache(specs), builder_answers, links_read
@@ -221,7 +221,9 @@ def test_a_target_on_what_the_flake_evaluated_to_last_run_needs_no_evaluation(
 ):
     specs, cache, builder, _ = _planning(write_inventory, monkeypatch, tmp_path, {"pi4": {}})
     _plan_all(specs, cache, ["pi4"])  # the run before: evaluates, remembers C
-    monkeypatch.setattr(push_plan, "read_with_host_kind", lambda target, fact, **kw: (C, C, None))
+    monkeypatch.setattr(
+        push_plan, "read_with_host_kind", lambda target, fact, **kw: ((C, C, None), {})
+    )
     builder.asked.clear()
 
     plans, targets = _plan_all(specs, RunCache(specs), ["pi4"])

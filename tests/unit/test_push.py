@@ -176,3 +176,55 @@ def test_an_untrusted_copy_points_a_nixos_target_at_its_fragment(monkeypatch, ni
     (cause,) = failed
     assert "pi4's Nix does not trust nas's signing key: " + fix in cause
     assert ("deploys/secrets.py" in cause) is not nixos
+
+
+def test_boot_files_compare_as_nixos_auto_upgrade_does_plus_kernel_params():
+    from operations.core.boot import BootFiles, describe, parse_boot_lines
+
+    lines = [
+        "nixpush-boot /run/booted-system kernel /nix/store/a-linux-6.1/Image",
+        "nixpush-boot /run/booted-system initrd /nix/store/i-initrd/initrd",
+        "nixpush-boot /run/booted-system kernel-modules /nix/store/m-modules/lib/modules",
+        "nixpush-boot /run/booted-system kernel-params console=ttyS0 quiet",
+        "nixpush-boot /run/current-system absent",
+        "current=/nix/store/x",
+    ]
+    files = parse_boot_lines(lines)
+    assert list(files) == ["/run/booted-system"]
+    booted = files["/run/booted-system"]
+    assert booted.kernel_params == "console=ttyS0 quiet"
+    assert booted.changes_to(booted) == ()
+    new = BootFiles("/nix/store/b-linux-6.2/Image", booted.initrd, booted.kernel_modules, "")
+    changes = booted.changes_to(new)
+    assert changes == (
+        "kernel /nix/store/a-linux-6.1/Image → /nix/store/b-linux-6.2/Image",
+        "kernel-params console=ttyS0 quiet → none",
+    )
+    assert describe(changes).startswith("reboot needed: kernel /nix/store/a-linux-6.1/Image")
+
+
+def test_boot_files_command_quotes_the_system_path():
+    from operations.push.reboot import boot_files_command
+
+    command = boot_files_command(["/nix/store/x; whoami"]).get_raw_value()
+    assert "'/nix/store/x; whoami'" in command
+    assert "readlink -f" in command and "kernel-params" in command
+
+
+def test_metrics_say_whether_a_reboot_is_required():
+    from operations.run.metrics import LastSuccess, render
+
+    report = {
+        "mode": "check",
+        "exit_code": 0,
+        "started": "2025-01-01T00:00:00+00:00",
+        "duration_s": 1.0,
+        "deploys": [],
+        "hosts": {
+            "pi4": {"status": "unchanged", "cause": "", "reboot_required": True},
+            "pi5": {"status": "unchanged", "cause": ""},
+        },
+    }
+    text = render(report, LastSuccess(None, {}))
+    assert 'nixpush_host_reboot_required{host="pi4",mode="check"} 1' in text
+    assert 'nixpush_host_reboot_required{host="pi5"' not in text

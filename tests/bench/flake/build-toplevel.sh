@@ -14,10 +14,16 @@ $bb mkdir -p "$out/bin"
 $bb uname -m > "$out/build-arch"
 echo "$version" > "$out/nixos-version"
 echo "$hostName" > "$out/hostname"
-# What a real toplevel links to its kernel and initrd: the boot loader installs them in
-# /boot/nixos (nixpush checks they fit there before a switch or boot).
-echo "bench kernel of $hostName $version" > "$out/kernel"
-echo "bench initrd of $hostName $version" > "$out/initrd"
+# What a real toplevel links to its kernel package: the boot loader installs kernel and initrd
+# in /boot/nixos (nixpush checks they fit there before a switch or boot); a reboot is needed
+# when they, the modules or kernel-params differ from the booted system's.
+$bb ln -s "$kernel/bzImage" "$out/kernel"
+$bb ln -s "$kernel/initrd" "$out/initrd"
+$bb ln -s "$kernel/lib/modules" "$out/kernel-modules"
+echo "$kernelParams" > "$out/kernel-params"
+if [ -n "$failBoot" ]; then
+  echo "bench: $hostName $version does not boot (failBoot)" > "$out/bench-does-not-boot"
+fi
 # dtbs: device trees, as a Pi's toplevel links its kernel's (the extlinux builder copies the
 # directory to /boot/nixos too): 48 files of 16 KiB in two directories.
 if [ -n "$dtbs" ]; then
@@ -41,6 +47,7 @@ fi
   echo "break_network=$breakNetwork"
   echo "break_ssh=$breakSsh"
   echo "odd_bytes=$oddBytes"
+  echo "systemd_boot=$systemdBoot"
   $bb cat "$switchScript"
 } > "$out/bin/switch-to-configuration"
 $bb chmod 0555 "$out/bin/switch-to-configuration"

@@ -16,6 +16,15 @@
         "armv7l-linux" = ./bb/armv7l;
         "x86_64-linux" = ./bb/x86_64;
       };
+      # The kernel, initrd and modules a system boots with, a package of their own as in
+      # nixpkgs: systems of one kernel version (the `kernel` knob, default "1") share it, so
+      # only a new version (or kernelParams) needs a reboot (tests/bench/flake/build-kernel.sh).
+      kernel = system: version: derivation {
+        name = "bench-linux-${version}";
+        inherit system version;
+        builder = "${busybox.${system}}/busybox";
+        args = [ "sh" ./build-kernel.sh ];
+      };
       toplevel = name: cfg: derivation {
         name = "nixos-system-${name}-${cfg.version}";
         system = cfg.system;
@@ -35,8 +44,16 @@
         breakSsh = if cfg.breakSsh or false then "1" else "";
         # oddBytes: dry-activate and the activation each print a line that is not UTF-8.
         oddBytes = if cfg.oddBytes or false then "1" else "";
+        # failBoot: the system does not boot (the bench's boot loader, tests/bench/standins/
+        # boot.sh, falls back from a one-shot entry, or the host stays down); systemdBoot: its
+        # switch-to-configuration installs systemd-boot entries (UEFI hosts) instead of
+        # extlinux's layout.
+        failBoot = if cfg.failBoot or false then "1" else "";
+        systemdBoot = if cfg.systemdBoot or false then "1" else "";
         # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
         padding = if cfg.padding or false then "1" else "";
+        kernel = kernel cfg.system (cfg.kernel or "1");
+        kernelParams = cfg.kernelParams or "console=ttyS0";
         # Device trees (a dtbs directory of 768 KiB) for the boot loader to copy to /boot.
         dtbs = if cfg.dtbs or false then "1" else "";
         switchScript = ./switch-to-configuration.sh;

@@ -44,13 +44,38 @@ if [ "$action" = dry-activate ]; then
 fi
 if [ "$action" = switch ] || [ "$action" = boot ]; then
   echo "$top" > /boot/default-system
-  # Like NixOS's extlinux: the kernel, initrd and device trees under their store path's name,
-  # slashes as dashes.
+  if [ -n "$systemd_boot" ]; then
+    # Like NixOS's systemd-boot builder: an entry per system generation, loader.conf's default
+    # the profile's generation (bootctl set-default and set-oneshot override it).
+    $bb mkdir -p /boot/loader/entries
+    for link in /nix/var/nix/profiles/system-*-link; do
+      [ -e "$link" ] || continue
+      g=${link##*/system-}
+      g=${g%-link}
+      printf 'title NixOS\nversion Generation %s\noptions init=%s/init\n' \
+        "$g" "$($bb readlink -f "$link")" > "/boot/loader/entries/nixos-generation-$g.conf"
+    done
+    for entry in /boot/loader/entries/nixos-generation-*.conf; do
+      g=${entry##*/nixos-generation-}
+      g=${g%.conf}
+      [ -e "/nix/var/nix/profiles/system-$g-link" ] || $bb rm -f "$entry"
+    done
+    profile=$($bb readlink /nix/var/nix/profiles/system 2>/dev/null || true)
+    g=${profile#system-}
+    g=${g%-link}
+    [ -n "$g" ] && echo "default nixos-generation-$g.conf" > /boot/loader/loader.conf
+  fi
+  # Like NixOS's extlinux: the kernel and initrd under their store path's name, slashes as dashes.
   $bb mkdir -p -m 0755 /boot/nixos
-  for f in kernel initrd dtbs; do
-    [ -e "$top/$f" ] || continue
-    [ -e "/boot/nixos/${top#/nix/store/}-$f" ] || $bb cp -r "$top/$f" "/boot/nixos/${top#/nix/store/}-$f"
+  for f in kernel initrd; do
+    real=$($bb readlink -f "$top/$f")
+    name=${real#/nix/store/}
+    $bb cp "$real" "/boot/nixos/$(echo "$name" | $bb tr / -)"
   done
+  # ... and the device trees, a directory, under the system's store path's name.
+  if [ -e "$top/dtbs" ]; then
+    [ -e "/boot/nixos/${top#/nix/store/}-dtbs" ] || $bb cp -r "$top/dtbs" "/boot/nixos/${top#/nix/store/}-dtbs"
+  fi
 fi
 if [ "$action" = boot ]; then
   echo "$action: done"
