@@ -16,6 +16,11 @@ def bench() -> Iterator[None]:
     """The bench fleet, up for the whole session; torn down afterwards, leaving nothing."""
     if os.geteuid() != 0:
         pytest.skip("the bench fleet needs root (network namespaces, mounts)")
+    # The controller's state dir (nixpush-run's lock, which every deploy takes) is the bench's
+    # own: benches side by side on one machine would otherwise wait on each other's deploys.
+    state = fleet.BENCH_DIR / "controller-state"
+    state.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("NIXPUSH_STATE_DIR", str(state))
     fleet.up()
     yield
     if os.environ.get("NIXPUSH_BENCH_KEEP") != "1":
