@@ -331,7 +331,8 @@ def test_url_health_checks_are_fetched_on_the_target(good, web_on_pi4, tmp_path)
 # line of its own shows them) and, while it holds each request (the check's curl waits for
 # the answer), prints pi4's process table as JSON, then `auth=ok` or `auth=bad`.
 AUTH_SERVER = r"""
-import base64, http.server, json, pathlib, sys
+import base64, http.server, json, os, pathlib, sys
+print(os.getpid(), flush=True)  # its pid inside pi4: nsenter's end does not end it
 want = "Basic " + base64.b64encode(sys.stdin.readline().rstrip("\n").encode()).decode()
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -358,17 +359,18 @@ def test_url_credentials_reach_curl_on_stdin_never_a_command_line(good, tmp_path
         fleet.in_host(fleet.host("pi4"), ["/usr/bin/python3", "-c", AUTH_SERVER, "18386"]),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
-    assert server.stdin is not None
+    assert server.stdin is not None and server.stdout is not None
     server.stdin.write(f"{user}:{password}\n")
     server.stdin.close()
+    inner = server.stdout.readline().strip()
     try:
         url = f"http://{user}:{quote(password, safe='')}@127.0.0.1:18386/health"
         check = {"name": "web", "url": url, "timeout": 5, "retries": 1}
         wanted = configure("pi4")
         result = deploy("--limit", "pi4", inventory=inventory_with_checks(tmp_path, [check]))
     finally:
-        server.kill()
-        answers = server.stdout.read() if server.stdout else ""
+        in_pi("pi4", f"kill {inner}")
+        answers = server.stdout.read()
         server.wait()
     text = output(result)
     assert result.returncode == 0, text
