@@ -10,9 +10,10 @@
 # nothing), and runs the starter (the remaining arguments) with no tie to the session's
 # stdin/stdout. A setsid program inherits the held descriptor (9): the lock is its from the
 # start. A systemd unit cannot inherit it (handover=1): the launch lets go once the program
-# has started (its pid file), and until the program takes the lock, whoever takes it in between finds
-# the holder marked `handover=1` with a live program and lets go again (handed_over). The lock
-# file and its directory are world-readable: the planner reads the holder without sudo.
+# has started (its pid file), and until the program takes the lock, whoever takes it in
+# between finds the holder marked `handover=1` with a live program and lets go again
+# (handed_over). The lock file and its directory are world-readable: the planner reads the
+# holder without sudo.
 set -e; umask 077; d=$1 sum=$2 wait=$3 controller=$4 handover=$5; shift 5
 mkdir -p "${d%/*}"; chmod 0755 "${d%/*}"; l=${d%/*}/lock
 [ -e "$l" ] || { : >> "$l"; chmod 0644 "$l"; }
