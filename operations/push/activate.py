@@ -52,7 +52,7 @@ from operations.data.fleet import FleetError
 from operations.data.health import RETRY_INTERVAL, HealthCheck
 from operations.data.steady import runs_systemd
 from operations.push.commands import switch_command
-from operations.push.health import run_checks
+from operations.push.health import CURL_PROBE, curl_problem, has_credentials, run_checks
 from operations.push.switch import (
     AWAITING,
     CONFIRMED_MARK,
@@ -411,7 +411,7 @@ def _soak(host: Host, activation: Activation, wave: int) -> str | None:
     problem = run_checks(
         activation.checks,
         systemd=activation.systemd,
-        run=lambda c, t: channel.run(c, t),
+        run=channel.run,
         log=lambda m: host.log_styled(f"after the soak: {m}", log_func=logger.info),
     )
     if problem is None and plan.action.makes_current:
@@ -448,11 +448,27 @@ class Following:
 def _follow_activation(host: Host, activation: Activation) -> Outcome:
     run = ActivationRun.create(activation.plan, activation.safety, activation.systemd)
     channel = Channel(host, activation.sudo)
+    refused = _lacks_curl(channel, activation.checks)
+    if refused is not None:
+        return Outcome("failed", f"{refused}; nothing was activated")
     launched = _launch(channel, run, activation.plan)
     if isinstance(launched, Outcome):
         return launched
     lost = _follow(channel, run, activation, launched)
     return lost or _finish(channel, run, activation, launched)
+
+
+def _lacks_curl(channel: Channel, checks: Sequence[HealthCheck]) -> str | None:
+    """Before anything changes: why a URL check with credentials could not run on the target
+    (it has no curl, the one fetcher that takes them on stdin), else None. A target that does
+    not answer goes on to the launch, which finds out what it can."""
+    needing = [check for check in checks if has_credentials(check)]
+    if not needing:
+        return None
+    answer = channel.run(CURL_PROBE, 20)
+    if answer is None or answer[0]:
+        return None
+    return curl_problem(needing[0])
 
 
 def _say(host: Host, text: str, **style: Any) -> None:
@@ -550,7 +566,7 @@ def _finish(
     if following.known == "done" and not run.rolls_back and plan.action.confirmable:
         failed = run_checks(
             activation.checks, systemd=activation.systemd,
-            run=lambda c, t: channel.run(c, t), log=lambda m: _say(channel.host, m),
+            run=channel.run, log=lambda m: _say(channel.host, m),
         )  # fmt: skip
         if failed:
             return Outcome("failed", f"{failed} (rollback is off: it stays on {plan.desired})")
@@ -584,7 +600,7 @@ def _check_and_confirm(
     started = time.monotonic()
     window = run.safety.confirm_timeout
     problem = run_checks(
-        checks, systemd=systemd, run=lambda c, t: channel.run(c, t), log=lambda m: say(m),
+        checks, systemd=systemd, run=channel.run, log=lambda m: say(m),
         window=(started + window, time.monotonic),
     )  # fmt: skip
     took = time.monotonic() - started

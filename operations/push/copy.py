@@ -6,7 +6,9 @@ others queue); a long copy shows its progress (paths and bytes), ``copy_timeout`
 
 Before a copy, ``push.space`` checks that it fits on the target (and, for switch and boot,
 that the new kernel and initrd fit in its boot directory): a target without the room fails
-before anything on it changes.
+before anything on it changes. Then, for a system to be activated, the target gets a GC root
+for it (``switch.pin_copy_command``) that lasts until the activation's program pins the system
+itself: a garbage collection in between (while a later wave waits) cannot delete it.
 
 Why sign: ``nix copy`` to a user the target's Nix does not trust is accepted only with a
 signature by a key in the target's ``trusted-public-keys`` (``deploys/pi.py`` makes the target
@@ -41,6 +43,7 @@ from operations.push.commands import (
 )
 from operations.push.progress import run_watched, shower
 from operations.push.runcache import RunCache
+from operations.push.switch import pin_copy_command
 from operations.trust.keys import SIGNING_KEY_PATH
 
 if TYPE_CHECKING:
@@ -145,7 +148,7 @@ def _copy(
     closure = _closure(plan, builder, cache)
     if isinstance(closure, str):
         return fail(host, closure)
-    problem = _room_problem(host, plan, closure, cache)
+    problem = _room_problem(host, plan, closure, cache) or _pin_copy(host, plan, cache)
     if problem is not None:
         return fail(host, problem)
     slots = copy_slots(builder, cache)
@@ -209,6 +212,24 @@ def _closure(plan: Plan, builder: Builder, cache: RunCache) -> space.Closure | s
         return closure
 
     return cache.closures((plan.builder, plan.desired), read)
+
+
+def _pin_copy(host: Host, plan: Plan, cache: RunCache) -> str | None:
+    """Before the copy of a system to be activated: its GC root on the target, held until the
+    activation's program pins it (``switch.COPIED_ROOTS``), so that a garbage collection in
+    between (the wave wait) cannot delete it. Why it could not be made, else None."""
+    if not plan.action.activates:
+        return None  # no program would take the root over
+    ok, lines = run_on(
+        host,
+        pin_copy_command(plan.desired),
+        sudo=cache.specs[plan.target].sudo,
+        doing=f"making a GC root for {plan.desired}",
+    )
+    if ok:
+        return None
+    detail = next((line.strip() for line in reversed(lines) if line.strip()), "no output")
+    return f"making a GC root for {plan.desired} on {plan.target} failed: {detail}"
 
 
 def _room_problem(host: Host, plan: Plan, closure: space.Closure, cache: RunCache) -> str | None:

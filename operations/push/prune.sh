@@ -15,17 +15,38 @@ case $mode in
   prune|dry) ;;
   *) echo "nixpush: mode is '$mode', not prune or dry" >&2; exit 2 ;;
 esac
-profile=/nix/var/nix/profiles/system
-lock=/run/nixpush/lock
+# The fixed paths, overridable by the environment for the tests (as switch.sh's; sudo passes
+# no such variables on).
+profile=${NIXPUSH_PROFILE:-/nix/var/nix/profiles/system}
+runs=${NIXPUSH_RUNS:-/run/nixpush}
+lock=$runs/lock l=$runs/lock
+booted_link=${NIXPUSH_BOOTED:-/run/booted-system}
+running_link=${NIXPUSH_RUNNING:-/run/current-system}
 PATH=$PATH:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export PATH
 if [ "$mode" = prune ]; then
   # The host's activation lock (switch.sh's): no activation starts, and none awaits its
   # confirmation, while generations go. Polled: busybox's flock has no -w.
-  mkdir -p /run/nixpush
+  # The same function in install.sh and switch.sh (a unit test compares them): the lock, just
+  # taken, is still being handed to the program of run `id` (not `me`), which is alive.
+  handed_over() {
+    h='' o=''
+    while IFS= read -r x; do
+      case $x in id=*) h=${x#id=} ;; handover=1) o=1 ;; esac
+    done < "$l"
+    [ -n "$o" ] && [ -n "$h" ] && [ "$h" != "${me:-}" ] && [ -f "${l%/*}/$h/pid" ] || return 1
+    read -r p < "${l%/*}/$h/pid" || return 1
+    [ -n "$p" ] && [ -d "/proc/$p" ]
+  }
+  taken() {
+    flock -n 9 || return 1
+    handed_over || return 0
+    flock -u 9; return 1
+  }
+  mkdir -p "$runs"
   exec 9>>"$lock"
   tries=0
-  until flock -n 9; do
+  until taken; do
     tries=$((tries + 1))
     if [ "$tries" -ge 50 ]; then echo "nixpush-busy $(tr '\n' ' ' < "$lock")"; exit 0; fi
     sleep 0.2
@@ -33,8 +54,8 @@ if [ "$mode" = prune ]; then
 else
   keep=$((keep - 1))  # the switch to come adds one
 fi
-booted=$(readlink -f /run/booted-system 2>/dev/null)
-running=$(readlink -f /run/current-system 2>/dev/null)
+booted=$(readlink -f "$booted_link" 2>/dev/null)
+running=$(readlink -f "$running_link" 2>/dev/null)
 chosen=$(readlink "$profile" 2>/dev/null)
 chosen=${chosen#system-} chosen=${chosen%-link}
 numbers=$(for link in "$profile"-*-link; do

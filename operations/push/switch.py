@@ -3,22 +3,24 @@ What runs on the target during an activation, detached from the SSH session: the
 commands that start it, follow it, confirm or reject it, and how their answers read.
 
 1. ``launch_command`` waits (up to ``ActivationRun.lock_wait``) until no other activation holds
-   the host's lock (``/run/nixpush/lock``), installs ``PROGRAM`` (``switch.sh``, given on
-   stdin, checked against its SHA-256: a truncated upload starts nothing) into a root-only run
-   directory, ``/run/nixpush/<id>/``, and starts it detached: a transient systemd unit
+   the host's lock (``/run/nixpush/lock``) and holds it until the program holds it (install.sh
+   says how, for a unit too), installs ``PROGRAM`` (``switch.sh``, given on stdin, checked
+   against its SHA-256: a truncated upload starts nothing) into a root-only run directory,
+   ``/run/nixpush/<id>/``, and starts it detached: a transient systemd unit
    ``nixpush-switch-<id>`` where the target has systemd (output in its journal), else a
    ``setsid`` process (output in ``<run dir>/output``). Neither belongs to the session, so a
    dropped link, Ctrl-C or a killed controller cannot interrupt it.
 2. The program holds the host's lock until it ends (its holder, id, start and controller, is
    written in the lock file, world-readable: the planner reads it with the links). It pins the
    previous and the new system as GC roots (``/nix/var/nix/gcroots/nixpush-<id>``, removed at
-   its end) and is its own watchdog, armed before anything changes: it records what the target
-   runs and boots, runs ``switch-to-configuration`` (bounded by ``activation_timeout``), then
-   waits up to ``confirm_timeout`` seconds, measured on the time since boot (the wall clock
-   steps), for a confirmation (``confirm_command``). With a rollback armed, ``switch``
-   activates as ``test`` and only once confirmed sets the system profile and runs the new
-   system's ``switch-to-configuration boot``: a reboot in the window comes back on the old
-   system. Without a confirmation, on a rejection (``reject_command``) or when
+   its end), then removes the root the copy made (``COPIED_ROOTS``), and is its own watchdog,
+   armed before anything changes: it records what the target runs and boots, runs
+   ``switch-to-configuration`` (bounded by ``activation_timeout``), then waits up to
+   ``confirm_timeout`` seconds, measured on the time since boot (the wall clock steps), for a
+   confirmation (``confirm_command``). With a rollback armed, ``switch`` activates as ``test``
+   and only once confirmed sets the system profile and runs the new system's
+   ``switch-to-configuration boot``: a reboot in the window comes back on the old system.
+   Without a confirmation, on a rejection (``reject_command``) or when
    ``switch-to-configuration`` exits non-zero, it rolls back: the previous system's
    ``switch-to-configuration test``, and when it had set the profile, the profile back and only
    the generation this run created deleted, the previous boot default restored. Its state is in
@@ -194,6 +196,36 @@ def pending_activation(lines: Sequence[str], held: bool = False) -> str | None:
     return f"{text} (its program is gone: it never finished)"
 
 
+# -- the copied closure, held from the copy until the program holds it --------------------
+
+# Direct GC roots (symlinks into the store; Nix 2.8 reads them anywhere under gcroots, and a
+# dangling one until the copy ends is skipped) that the copy makes before it starts: a
+# `nix-store --gc` between the copy and the activation (another controller's gc_after_deploy,
+# the owner's, while a later wave waits) cannot delete the closure. The program removes its
+# own once it pins the new system itself; its sweep of dead runs' roots skips this directory,
+# except for roots a day old (a run that never launched: held, failed, stopped).
+COPIED_ROOTS = "/nix/var/nix/gcroots/nixpush-copied"
+
+
+def controller_name() -> str:
+    """Who runs this controller: ``user@machine pid N``."""
+    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def copy_root_name(desired: str) -> str:
+    """The name of the copy's GC root for ``desired``, under ``COPIED_ROOTS``: this controller's
+    own (two controllers copying one system never share a root one of them removes)."""
+    return hashlib.sha256(f"{controller_name()}\n{desired}".encode()).hexdigest()[:32]
+
+
+def pin_copy_command(desired: str) -> StringCommand:
+    """Make the copy's GC root for ``desired`` (run as root, before the copy)."""
+    root = f"{COPIED_ROOTS}/{copy_root_name(desired)}"
+    return StringCommand(
+        "mkdir", "-p", COPIED_ROOTS, "&&", "ln", "-sfn", QuoteString(desired), QuoteString(root)
+    )
+
+
 # -- one activation run and its commands -----------------------------------------------
 
 
@@ -209,6 +241,8 @@ class ActivationRun:
     + safety: the timers and whether the target rolls back
     + systemd: start it as a transient unit (the target has systemd), else with ``setsid``
     + controller: who launched it (``user@machine pid N``), for a run that finds it pending
+    + copied: the name of the GC root the copy made (``copy_root_name``), which the program
+      removes once it holds the system itself; empty: none
     """
 
     id: str
@@ -218,6 +252,7 @@ class ActivationRun:
     safety: Safety
     systemd: bool
     controller: str = ""
+    copied: str = ""
 
     @classmethod
     def create(cls, plan: Plan, safety: Safety, systemd: bool) -> ActivationRun:
@@ -231,7 +266,8 @@ class ActivationRun:
             generation=generation,
             safety=safety,
             systemd=systemd,
-            controller=f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}",
+            controller=controller_name(),
+            copied=copy_root_name(plan.desired),
         )
 
     @property
@@ -264,6 +300,7 @@ def program_args(run: ActivationRun) -> list[QuoteString]:
         str(run.safety.confirm_timeout),
         str(run.safety.activation_timeout),
         run.controller,
+        run.copied,
     )
     return [QuoteString(value) for value in values]
 
@@ -301,7 +338,8 @@ def launch_command(run: ActivationRun) -> StringCommand:
     starter = systemd_starter(run) if run.systemd else setsid_starter(run)
     return StringCommand(
         "sh", "-c", QuoteString(INSTALL), "nixpush-launch", QuoteString(run.dir),
-        PROGRAM_SHA256, str(run.lock_wait), *starter,
+        PROGRAM_SHA256, str(run.lock_wait), QuoteString(run.controller),
+        "1" if run.systemd else "0", *starter,
     )  # fmt: skip
 
 

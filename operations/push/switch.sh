@@ -1,16 +1,19 @@
 # nixpush activation (operations/push/switch.sh), detached from the SSH session.
 # shellcheck shell=sh
 # POSIX sh, run as root, every value positional: dir action new generation rollback
-# confirm_timeout activation_timeout controller. `generation` (a number) switches the profile
-# to an existing generation (deploy_action=rollback) instead of adding one for `new`.
+# confirm_timeout activation_timeout controller copied. `generation` (a number) switches the
+# profile to an existing generation (deploy_action=rollback) instead of adding one for `new`;
+# `copied` names the GC root the copy made for `new` (under <gcroots>/nixpush-copied), removed
+# once this run pins `new` itself.
 #
 # The whole program is one function, called on the last line: sh parses a function whole
 # before it runs any of it, so a truncated copy runs nothing (the launch checks its checksum
 # first too).
 nixpush_switch() {
-if [ "$#" != 8 ]; then echo "nixpush: 8 arguments expected, $# given" >&2; exit 2; fi
+if [ "$#" != 9 ]; then echo "nixpush: 9 arguments expected, $# given" >&2; exit 2; fi
 dir=$1 action=$2 new=$3 generation=$4 rollback=$5 confirm_timeout=$6 activation_timeout=$7
-controller=$8
+controller=$8 copied=$9
+case $copied in */*|.*) copied='' ;; esac  # a name, never a path
 # The fixed paths, overridable by the environment for the tests (neither sudo nor
 # systemd-run passes such variables on).
 profile=${NIXPUSH_PROFILE:-/nix/var/nix/profiles/system}
@@ -18,8 +21,8 @@ running=${NIXPUSH_RUNNING:-/run/current-system}
 gcroots=${NIXPUSH_GCROOTS:-/nix/var/nix/gcroots}
 # One activation per host: the run directories' parent holds the host's lock (flock: the
 # kernel releases it when the program ends, however it ends); what it says names the holder.
-lock=${dir%/*}/lock
-roots=$gcroots/nixpush-${dir##*/}
+lock=${dir%/*}/lock l=$lock me=${dir##*/}
+roots=$gcroots/nixpush-${dir##*/} copies=$gcroots/nixpush-copied
 PATH=$PATH:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
 export PATH
 cd /
@@ -67,11 +70,32 @@ stopped() {
 # shellcheck disable=SC2317  # called by the traps
 stop_later() { echo "nixpush: a signal during the rollback: rolling back goes on"; }
 trap stopped HUP INT TERM
+# The same function in install.sh and prune.sh (a unit test compares them): the lock, just
+# taken, is still being handed to the program of run `id` (not `me`), which is alive.
+handed_over() {
+  h='' o=''
+  while IFS= read -r x; do
+    case $x in id=*) h=${x#id=} ;; handover=1) o=1 ;; esac
+  done < "$l"
+  [ -n "$o" ] && [ -n "$h" ] && [ "$h" != "${me:-}" ] && [ -f "${l%/*}/$h/pid" ] || return 1
+  read -r p < "${l%/*}/$h/pid" || return 1
+  [ -n "$p" ] && [ -d "/proc/$p" ]
+}
+taken() {
+  flock -n 9 || return 1
+  handed_over || return 0
+  flock -u 9; return 1
+}
 status starting
-exec 9>>"$lock"
+# The launch (install.sh) held the lock from its look until it started this program: started
+# by setsid, the program inherits that descriptor (9) and so the lock; a systemd unit cannot,
+# and takes it once the launch lets go (the holder says handover=1 meanwhile: see handed_over).
+if [ "$(readlink "/proc/$$/fd/9" 2>/dev/null)" != "$(readlink -f "$lock")" ]; then
+  exec 9>>"$lock"
+fi
 tries=0
-# A moment's wait: another launch's look at the lock holds it for an instant.
-until flock -n 9; do
+# A moment's wait: another launch's or a prune's look at the lock holds it for an instant.
+until taken; do
   tries=$((tries + 1))
   if [ "$tries" -ge 25 ]; then
     holder=$(tr '\n' ' ' < "$lock")
@@ -89,13 +113,20 @@ printf 'id=%s\nstarted=%s\ncontroller=%s\npid=%s\n' "${dir##*/}" \
   "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$controller" "$$" > "$lock"
 # Holding the lock, no other run is alive: another run's GC roots are left over (its program
 # was killed, or the host restarted).
+# The copies' roots are not runs': only one a day old is a dead one's (a copy whose
+# activation never launched: held, failed, stopped), and the rest wait for their programs.
 for other in "$gcroots"/nixpush-*; do
-  if [ "$other" != "$roots" ] && [ -d "$other" ]; then rm -rf "$other"; fi
+  if [ "$other" != "$roots" ] && [ "$other" != "$copies" ] && [ -d "$other" ]; then
+    rm -rf "$other"
+  fi
 done
 mkdir -p "$roots"
 for pin in "previous:$prev_current" "previous-profile:$prev_profile" "new:$new"; do
   if [ -n "${pin#*:}" ]; then ln -sfn "${pin#*:}" "$roots/${pin%%:*}"; fi
 done
+# `new` is pinned by this run now: the copy's root is no longer needed.
+if [ -n "$copied" ]; then rm -f "$copies/$copied"; fi
+if [ -d "$copies" ]; then find "$copies" -type l -mtime +0 -exec rm -f {} \; 9>&-; fi
 # What survives a reboot (profile, boot default) points at the new system only once it is
 # confirmed: with a rollback armed, `switch` activates as `test` first.
 first=$action

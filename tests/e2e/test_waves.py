@@ -11,6 +11,9 @@ counts as its wave failing.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +174,40 @@ def test_a_canary_that_does_not_evaluate_holds_wave_1_untouched(inventory, tmp_p
     assert current("pi4") == before["pi4"]
     assert current("pi5") == wanted["pi5"]
     held_untouched(before, runs_before)
+
+
+def test_a_gc_while_wave_1_waits_keeps_its_copied_closure_and_it_deploys(inventory):
+    # Wave 0 activates slowly, so wave 1's closures sit copied and not yet activated; a
+    # `nix-store --gc` on them then (another controller's gc_after_deploy, the owner's) must
+    # leave them, and wave 1 still deploys.
+    wanted = {pi: configure(pi) for pi in PIS}
+    wanted["pi4"] = configure("pi4", slowActivation="10")
+    runs_before = {pi: run_dirs(pi) for pi in ("pis", "pi6")}
+    exe = str(Path(sys.executable).with_name("pyinfra"))
+    with subprocess.Popen(
+        [exe, inventory, "deploys/pi.py", *LIMIT, *FAST, "-y"], cwd=fleet.REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+        env=bench_sops.env(),
+    ) as run:  # fmt: skip
+        deadline = time.monotonic() + 300
+        copied = False
+        while not copied and time.monotonic() < deadline and run.poll() is None:
+            copied = all(
+                in_pi(pi, f"test -e {wanted[pi]} && echo there").strip() == "there"
+                for pi in ("pis", "pi6")
+            )
+            time.sleep(0.5)
+        assert copied, "wave 1's closures were never copied"
+        for pi in ("pis", "pi6"):
+            # Between the copy and the activation: no run launched there yet.
+            assert run_dirs(pi) == runs_before[pi]
+            pinned = in_pi(pi, "readlink /nix/var/nix/gcroots/nixpush-copied/*")
+            assert wanted[pi] in pinned.split(), pinned
+            in_pi(pi, "nix-store --gc >/dev/null 2>&1")
+            assert in_pi(pi, f"test -e {wanted[pi]} && echo there").strip() == "there"
+            assert run_dirs(pi) == runs_before[pi]  # the GC ran before the activation
+        text, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, text
+    assert {pi: current(pi) for pi in PIS} == wanted
+    for pi in ("pis", "pi6"):  # the programs took the copies' roots over
+        assert wanted[pi] not in in_pi(pi, "readlink /nix/var/nix/gcroots/nixpush-copied/*")

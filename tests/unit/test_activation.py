@@ -61,14 +61,16 @@ def test_setsid_launch_installs_the_program_then_starts_it_in_a_new_session():
     assert args[:2] == ["sh", "-c"] and args[2] == switch.INSTALL
     assert args[3:] == [
         "nixpush-launch", "/run/nixpush/20250101T000000-abcd", switch.PROGRAM_SHA256, "630",
+        "", "0",  # the controller; no handover: setsid's program inherits the launch's lock
         "setsid", "-f", "sh", "/run/nixpush/20250101T000000-abcd/program",
-        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600", "",
+        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600", "", "",
     ]  # fmt: skip
 
 
 def test_systemd_launch_is_a_transient_unit_logging_to_the_journal():
     args = argv(switch.launch_command(run_of(systemd=True)))
-    starter = args[7:]
+    assert args[7:9] == ["", "1"]  # the controller; a unit takes the lock over (handover)
+    starter = args[9:]
     assert starter[:9] == [
         "systemd-run", "--unit=nixpush-switch-20250101T000000-abcd", "--collect",
         "--no-ask-password", "--service-type=exec",
@@ -78,7 +80,7 @@ def test_systemd_launch_is_a_transient_unit_logging_to_the_journal():
     assert "--pipe" not in args and "--wait" not in args
     assert starter[9:] == [
         "/run/nixpush/20250101T000000-abcd/program",
-        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600", "",
+        "/run/nixpush/20250101T000000-abcd", "switch", NEW, "", "1", "30", "600", "", "",
     ]  # fmt: skip
 
 
@@ -99,7 +101,7 @@ def test_the_launch_really_runs_hostile_values_as_data(tmp_path):
     command = StringCommand(
         "sh", "-c", QuoteString(switch.INSTALL), "nixpush-launch",
         QuoteString(str(tmp_path / "runs" / "x")), sha256("echo program"), "1",
-        "sh", "-c", QuoteString('printf "%s\\n" "$@" > "$0"'),
+        QuoteString(HOSTILE), "0", "sh", "-c", QuoteString('printf "%s\\n" "$@" > "$0"'),
         QuoteString(str(tmp_path / "args")), *switch.program_args(run),
     )  # fmt: skip
     subprocess.run(

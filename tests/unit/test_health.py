@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import shlex
+import shutil
+import threading
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from operations.data import health
 from operations.data.fleet import FleetError, host_spec
 from operations.data.health import HealthCheck, parse_check
-from operations.push.health import check_command, run_checks
+from operations.push.health import check_command, check_input, run_checks
 
 PI = ("pi4", {"nix_system": "aarch64-linux"})
 
@@ -78,7 +84,7 @@ def test_commands_quote_hostile_values():
     hostile = "http://x/'; touch /tmp/pwned; echo '"
     command = check_command(HealthCheck(name="w", kind="url", url=hostile, timeout=4))
     args = shlex.split(command.get_raw_value())
-    assert args[:2] == ["sh", "-c"] and args[3:] == ["nixpush-health", hostile, "4"]
+    assert args[:2] == ["sh", "-c"] and args[3:] == ["nixpush-health", hostile, "4", "0"]
     units = check_command(HealthCheck(name="u", kind="units", units=("a.service", "b@x.service")))
     assert shlex.split(units.get_raw_value()) == [
         "timeout", "10", "systemctl", "is-active", "--quiet", "--", "a.service", "b@x.service",
@@ -93,7 +99,7 @@ def test_run_checks_retries_skips_units_without_systemd_and_names_the_failure():
     answers = iter([(False, ["connection refused"]), (True, []), None, (False, [])])
     calls, logged, slept = [], [], []
 
-    def run(command, timeout):
+    def run(command, timeout, stdin):
         calls.append(command)
         return next(answers)
 
@@ -136,13 +142,14 @@ def test_a_urls_userinfo_is_never_logged_nor_printed():
         "url https://***@127.0.0.1:8443/health?x=1: GET https://***@127.0.0.1:8443/health?x=1"
     )
     command = check_command(check)
-    assert SECRET_URL in shlex.split(command.get_raw_value())  # run with the credentials
-    assert "s3cret" not in str(command) and "s3cret" not in repr(command)  # printed without
-    assert "https://***@127.0.0.1:8443/health?x=1" in str(command)
+    args = shlex.split(command.get_raw_value())
+    assert args[-3:] == ["https://127.0.0.1:8443/health?x=1", "10", "1"]  # on stdin: check_input
+    assert check_input(check) == 'user = "monitor:s3cret"\n'
+    assert "s3cret" not in command.get_raw_value() and "monitor" not in str(command)
 
     logged: list[str] = []
     answer = (False, [f"wget: server returned error for {SECRET_URL}: HTTP/1.1 500"])
-    cause = run_checks([check], systemd=True, run=lambda c, t: answer, log=logged.append)
+    cause = run_checks([check], systemd=True, run=lambda c, t, s: answer, log=logged.append)
     assert cause is not None and "s3cret" not in cause and "monitor" not in cause
     assert cause.endswith("for https://***@127.0.0.1:8443/health?x=1: HTTP/1.1 500")
 
@@ -167,3 +174,118 @@ def test_values_with_a_trailing_newline_are_refused(entry):
     check, problems = parse_check({"name": "named", **entry})
     assert check is None and len(problems) == 1, problems
     assert problems[0].startswith(("url is ", "units is "))
+
+
+# -- a URL's credentials reach curl on stdin, never a command line ------------------------
+
+# Every character curl's config or a URL could trip on: quotes, backslashes, colons, @, %.
+HOSTILE_USER, HOSTILE_PASSWORD = 'mon "it" or', 'p\\a"s:s@w%rd $(id)'
+
+
+def _fetch(args: list[str], stdin: str, env: dict[str, str] | None = None):
+    import subprocess
+
+    from operations.push.health import _FETCH
+
+    return subprocess.run(
+        ["/bin/sh", "-c", _FETCH, "nixpush-health", *args],
+        input=stdin, capture_output=True, text=True, timeout=30, env=env, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+def test_credentials_reach_curl_on_stdin_and_no_command_line():
+    seen: dict[str, object] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            # While curl waits for this answer: every command line on the machine.
+            lines = []
+            for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:
+                    continue
+            seen["cmdlines"] = lines
+            seen["authorization"] = self.headers.get("Authorization")
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        quoted = f"{quote(HOSTILE_USER, safe='')}:{quote(HOSTILE_PASSWORD, safe='')}"
+        url = f"http://{quoted}@127.0.0.1:{server.server_port}/health"
+        check = HealthCheck(name="web", kind="url", url=url, timeout=5)
+        args = shlex.split(check_command(check).get_raw_value())[4:]
+        assert args == [f"http://127.0.0.1:{server.server_port}/health", "5", "1"]
+        result = _fetch(args, check_input(check) or "")
+        thread.join(10)
+    finally:
+        server.server_close()
+    assert result.returncode == 0, result.stderr
+    token = base64.b64encode(f"{HOSTILE_USER}:{HOSTILE_PASSWORD}".encode()).decode()
+    assert seen["authorization"] == f"Basic {token}"
+    cmdlines = seen["cmdlines"]
+    assert isinstance(cmdlines, list)
+    assert any("curl" in line and "-K -" in line for line in cmdlines)
+    for secret in ("s:s@w", "%rd", "w%25rd", quote(HOSTILE_PASSWORD, safe="")):
+        assert not [line for line in cmdlines if secret in line]
+
+
+def test_a_target_without_curl_refuses_a_url_with_credentials(tmp_path):
+    # No curl on PATH (sh's builtins are all fetch.sh needs to refuse).
+    result = _fetch(
+        ["http://127.0.0.1:1/", "3", "1"], 'user = "u:p"\n', env={"PATH": str(tmp_path)}
+    )
+    assert result.returncode == 3
+    assert result.stdout.strip() == (
+        "nixpush: the target has no curl, which a URL check with a user and password needs"
+    )
+
+
+def test_the_activation_refuses_credentials_without_curl_before_anything_changes():
+    from operations.push.activate import _lacks_curl
+    from operations.push.health import CURL_PROBE
+
+    plain = HealthCheck(name="plain", kind="url", url="http://127.0.0.1/")
+    secret = HealthCheck(name="web", kind="url", url=SECRET_URL)
+    calls: list[object] = []
+
+    class Channel:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def run(self, command, timeout, stdin=None):
+            calls.append(command)
+            return self.answer
+
+    assert _lacks_curl(Channel((False, [])), [plain]) is None and calls == []  # type: ignore[arg-type]
+    assert _lacks_curl(Channel((True, ["/usr/bin/curl"])), [plain, secret]) is None  # type: ignore[arg-type]
+    assert _lacks_curl(Channel(None), [secret]) is None  # type: ignore[arg-type]
+    assert calls == [CURL_PROBE, CURL_PROBE]
+    assert _lacks_curl(Channel((False, [])), [plain, secret]) == (  # type: ignore[arg-type]
+        "health check 'web' sends a user and password, which nixpush gives only to curl (on "
+        "stdin), and the target has no curl (busybox wget takes them only in its command line, "
+        "which every user and sudo's log see): add curl to the target's system, or drop the "
+        "URL's user:password@"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "bare", "config"),
+    [
+        ("http://127.0.0.1/", "http://127.0.0.1/", ""),
+        ("http://user@host/x", "http://host/x", 'user = "user:"\n'),
+        ("http://a:b@c@host:80/p?q=@", "http://host:80/p?q=@", 'user = "a:b@c"\n'),
+        ("https://u:%22%5C%0A@[::1]:8/", "https://[::1]:8/", 'user = "u:\\"\\\\\\n"\n'),
+    ],
+)
+def test_urls_split_into_a_bare_url_and_curls_config(url, bare, config):
+    from operations.push.health import curl_config, without_userinfo
+
+    assert (without_userinfo(url), curl_config(url)) == (bare, config)

@@ -3,6 +3,7 @@ the program run for real by sh against a stand-in profile."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,14 +58,9 @@ def test_the_program_keeps_the_newest_the_profiles_the_booted_and_the_running(tm
     (profiles / "system").symlink_to("system-7-link")
     (run / "booted-system").symlink_to(tmp_path / "system2")
     (run / "current-system").symlink_to(tmp_path / "system4")
-    program = (
-        prune.PROGRAM.replace("/nix/var/nix/profiles", str(profiles))
-        .replace("/run/booted-system", str(run / "booted-system"))
-        .replace("/run/current-system", str(run / "current-system"))
-    )
     result = subprocess.run(
-        ["sh", "-s", "--", "dry", str(keep + 1), "0"], input=program,
-        capture_output=True, text=True, check=True,
+        ["sh", "-s", "--", "dry", str(keep + 1), "0"], input=prune.PROGRAM,
+        capture_output=True, text=True, check=True, env={**os.environ, **paths_env(tmp_path)},
     )  # fmt: skip
     pruned = prune.parse_pruned(result.stdout.splitlines())
     # dry keeps one fewer: the switch to come adds one.
@@ -72,6 +68,17 @@ def test_the_program_keeps_the_newest_the_profiles_the_booted_and_the_running(tm
     assert set(map(int, pruned.doomed)) == set(range(1, 8)) - newest - {2, 4}
     assert "2 (booted)" in pruned.kept and "4 (running)" in pruned.kept
     assert Path(profiles / "system-1-link").is_symlink()  # dry: nothing deleted
+
+
+def paths_env(root: Path) -> dict[str, str]:
+    """prune.sh's fixed paths (profile, booted and running links, run directories) moved into
+    ``root``, as ``_stand_in_host`` lays them out."""
+    return {
+        "NIXPUSH_PROFILE": str(root / "profiles" / "system"),
+        "NIXPUSH_BOOTED": str(root / "run" / "booted-system"),
+        "NIXPUSH_RUNNING": str(root / "run" / "current-system"),
+        "NIXPUSH_RUNS": str(root / "run" / "nixpush"),
+    }
 
 
 SHELLS = [shell for shell in ("dash", "bash") if shutil.which(shell)]
@@ -101,17 +108,11 @@ def _stand_in_host(tmp_path: Path, generations: int, booted: int) -> tuple[str, 
     nix_env = stubs / "nix-env"
     nix_env.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     nix_env.chmod(0o755)
-    program = (
-        prune.PROGRAM.replace("/nix/var/nix/profiles", str(profiles))
-        .replace("/run/booted-system", str(run / "booted-system"))
-        .replace("/run/current-system", str(run / "current-system"))
-        .replace("/run/nixpush", str(run / "nixpush"))
-    )
-    return program, log
+    return prune.PROGRAM, log
 
 
 def _run(shell: str, program: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", **paths_env(tmp_path)}
     return subprocess.run(
         [shell, "-s", "--", *args], input=program, capture_output=True, text=True, env=env,
         check=False,

@@ -167,6 +167,7 @@ def test_an_untrusted_copy_points_a_nixos_target_at_its_fragment(monkeypatch, ni
     monkeypatch.setattr(copy, "run_watched", lambda *a, **k: (False, lines))
     monkeypatch.setattr(copy, "_closure", lambda *a: copy.space.Closure({}))
     monkeypatch.setattr(copy, "_room_problem", lambda *a: None)
+    monkeypatch.setattr(copy, "_pin_copy", lambda *a: None)
     monkeypatch.setattr(copy, "known_nixos", lambda target: nixos)
     monkeypatch.setattr(copy, "fail", lambda host, reason: failed.append(reason) or False)
     target = FakeHost("pi4")
@@ -228,3 +229,36 @@ def test_metrics_say_whether_a_reboot_is_required():
     text = render(report, LastSuccess(None, {}))
     assert 'nixpush_host_reboot_required{host="pi4",mode="check"} 1' in text
     assert 'nixpush_host_reboot_required{host="pi5"' not in text
+
+
+@pytest.mark.parametrize(("action", "pinned"), [("switch", True), ("test", True),
+                                                ("dry-activate", False)])  # fmt: skip
+def test_a_copy_to_be_activated_gets_a_gc_root_first_as_root(monkeypatch, action, pinned):
+    from types import SimpleNamespace
+
+    from operations.push.switch import pin_copy_command
+
+    calls: list[tuple[str, bool]] = []
+
+    def run_on(host, command, *, sudo, doing):
+        calls.append((command.get_raw_value(), sudo))
+        return True, []
+
+    monkeypatch.setattr(copy, "run_on", run_on)
+    cache = RunCache({"pi4": SimpleNamespace(sudo=True)})  # type: ignore[dict-item]
+    assert copy._pin_copy(FakeHost("pi4"), plan(action), cache) is None
+    assert calls == ([(pin_copy_command(NEW).get_raw_value(), True)] if pinned else [])
+
+    monkeypatch.setattr(copy, "run_on", lambda *a, **k: (False, ["ln: Permission denied"]))
+    if pinned:
+        assert copy._pin_copy(FakeHost("pi4"), plan(action), cache) == (
+            f"making a GC root for {NEW} on pi4 failed: ln: Permission denied"
+        )
+
+
+def test_the_activation_names_the_copys_gc_root():
+    from operations.push.switch import ActivationRun, copy_root_name, program_args
+
+    run = ActivationRun.create(plan(), Safety(), systemd=False)
+    assert run.copied == copy_root_name(NEW)
+    assert program_args(run)[-1].obj == copy_root_name(NEW)

@@ -11,6 +11,7 @@ truncated program running nothing, GC roots for the run's systems.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyinfra.api.command import QuoteString, StringCommand
@@ -114,7 +116,7 @@ class Target:
 
     def start(
         self, new: str, action: str = "switch", *, generation: str = "", rollback: bool = True,
-        confirm: int = 30, program: str | None = None,
+        confirm: int = 30, program: str | None = None, copied: str = "",
     ) -> tuple[subprocess.Popen[str], Path]:  # fmt: skip
         """The program started for a new run (not detached: the test holds it)."""
         self.runs += 1
@@ -122,7 +124,7 @@ class Target:
         run_dir.mkdir(mode=0o700)
         (run_dir / "program").write_text(self.program if program is None else program)
         args = [str(run_dir), action, new, generation, "1" if rollback else "0", str(confirm),
-                "60", f"tester@here pid {os.getpid()}"]  # fmt: skip
+                "60", f"tester@here pid {os.getpid()}", copied]  # fmt: skip
         process = subprocess.Popen(
             ["sh", str(run_dir / "program"), *args], env=self.env, text=True,
             stdout=(run_dir / "output").open("w"), stderr=subprocess.STDOUT,
@@ -323,14 +325,25 @@ def test_a_second_program_fails_naming_the_pending_one_and_changes_nothing(targe
 
 
 def launch(
-    target: Target, run_id: str, wait: int, program: str
+    target: Target,
+    run_id: str,
+    wait: int,
+    program: str,
+    starter: list[Any] | None = None,
+    handover: str = "0",
 ) -> subprocess.CompletedProcess[str]:
     """The real launch command (lock wait ``wait`` s, ``program`` on stdin) with a stand-in
-    starter that only says it started."""
+    starter that only says it started (and writes a pid file, as the program does first)."""
     run_dir = target.root / "runs" / run_id
+    stand_in = [
+        "sh",
+        "-c",
+        QuoteString('echo started; echo "$$" > "$0/pid"'),
+        QuoteString(str(run_dir)),
+    ]
     command = StringCommand(
         "sh", "-c", QuoteString(switch.INSTALL), "nixpush-launch", QuoteString(str(run_dir)),
-        switch.PROGRAM_SHA256, str(wait), "sh", "-c", QuoteString("echo started"),
+        switch.PROGRAM_SHA256, str(wait), "tester@here", handover, *(starter or stand_in),
     )  # fmt: skip
     return subprocess.run(
         ["sh", "-c", command.get_raw_value()], input=program, capture_output=True, text=True,
@@ -433,7 +446,7 @@ def test_an_activation_program_args_carry_the_controller():
         id="x", action="switch", desired="/nix/store/b", generation=None, safety=Safety(),
         systemd=False, controller="me@box pid 1",
     )  # fmt: skip
-    assert [a.obj for a in switch.program_args(run)][-1] == "me@box pid 1"
+    assert [a.obj for a in switch.program_args(run)][-2:] == ["me@box pid 1", ""]
     assert run.lock_wait == Safety().confirm_timeout + Safety().activation_timeout
 
 
@@ -489,3 +502,154 @@ def test_a_stop_with_rollback_off_fails_and_leaves_the_new_system(target, system
     status = (run_dir / "status").read_text()
     assert state_of(run_dir) == "failed" and "stopped (a signal) while activating" in status
     assert target.running() == b  # rollback off: what it did stays
+
+
+# -- one lock from the launch's look to the program; the copy's GC root -------------------
+
+
+def program_starter(target: Target, run_id: str, new: str, *, inherit: bool) -> list[Any]:
+    """A starter for the real program in the background: keeping the launch's descriptor of
+    the lock (as ``setsid -f`` does), or closing it (as a systemd unit gets none)."""
+    run_dir = target.root / "runs" / run_id
+    args = [str(run_dir), "switch", new, "", "1", "30", "60", "tester@here", ""]
+    close = "" if inherit else "exec 9>&-; "
+    script = f'{close}sh "$0/program" "$@" </dev/null >"$0/output" 2>&1 &'
+    return ["sh", "-c", QuoteString(script), *(QuoteString(a) for a in [str(run_dir), *args])]
+
+
+def holder(target: Target) -> dict[str, str]:
+    lines = (target.root / "runs" / "lock").read_text().splitlines()
+    return dict(line.partition("=")[::2] for line in lines)
+
+
+def lock_is_free(target: Target) -> bool:
+    lock = target.root / "runs" / "lock"
+    return subprocess.run(["flock", "-n", str(lock), "true"], check=False).returncode == 0
+
+
+def test_a_launch_holds_the_lock_from_its_look_to_the_start(target):
+    # The first launch's starter takes a second: the lock stays held all along, so a second
+    # launch looking meanwhile finds it taken (it used to find it free between the look and
+    # the program's own flock, and both passed).
+    run_dir = target.root / "runs" / "first"
+    slow = ["sh", "-c", QuoteString('sleep 1; echo "$$" > "$0/pid"'), QuoteString(str(run_dir))]
+    with subprocess.Popen(
+        ["sh", "-c", StringCommand(
+            "sh", "-c", QuoteString(switch.INSTALL), "nixpush-launch", QuoteString(str(run_dir)),
+            switch.PROGRAM_SHA256, "5", "me@first", "0", *slow,
+        ).get_raw_value()],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=target.env,
+    ) as first:  # fmt: skip
+        assert first.stdin is not None
+        first.stdin.write(switch.PROGRAM)
+        first.stdin.close()
+        deadline = time.monotonic() + 10
+        while not (run_dir / "program").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        named = holder(target)  # the launch itself (pid: its shell), handing over
+        assert named == {
+            "id": "first", "started": named["started"], "controller": "me@first",
+            "pid": named["pid"], "handover": "1",
+        }  # fmt: skip
+        second = launch(target, "second", 0, switch.PROGRAM)
+        assert second.returncode == 3
+        _, pending = switch.split_at_mark(second.stdout.splitlines(), switch.PENDING_MARK)
+        assert pending is not None
+        assert switch.pending_activation(pending, held=True).startswith("activation first, ")
+        assert first.wait(timeout=15) == 0
+    assert not (target.root / "runs" / "second").exists()
+
+
+def test_a_lock_handed_to_a_live_program_counts_as_held(target):
+    # What a launch leaves between its end and a systemd unit's flock: the holder marked
+    # handover=1, naming a run whose program runs. Whoever takes the lock then lets go.
+    ghost = target.root / "runs" / "ghost"
+    ghost.mkdir()
+    (target.root / "runs" / "lock").write_text("id=ghost\nstarted=x\ncontroller=c\nhandover=1\n")
+    with subprocess.Popen(["sleep", "30"]) as alive:
+        (ghost / "pid").write_text(f"{alive.pid}\n")
+        refused = launch(target, "second", 1, switch.PROGRAM)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert switch.PENDING_MARK in refused.stdout and "id=ghost" in refused.stdout
+        alive.kill()
+    # Its program is gone: the handover is stale, and the launch goes ahead.
+    done = launch(target, "third", 1, switch.PROGRAM)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert holder(target)["id"] == "third"
+
+
+@pytest.mark.parametrize("inherit", [True, False], ids=["setsid", "systemd-unit"])
+def test_the_program_takes_the_lock_over_from_the_launch(target, systems, inherit):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    starter = program_starter(target, "run", b, inherit=inherit)
+    done = launch(target, "run", 5, switch.PROGRAM, starter, handover="0" if inherit else "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = target.root / "runs" / "run"
+    if inherit:  # the program holds the launch's descriptor: the lock is never free
+        assert not lock_is_free(target)
+    wait_for(run_dir, "awaiting-confirmation")
+    pid = (run_dir / "pid").read_text().strip()
+    assert holder(target) == {
+        "id": "run", "started": holder(target)["started"], "controller": "tester@here",
+        "pid": pid,
+    }  # fmt: skip
+    assert not lock_is_free(target)
+    confirm(run_dir)
+    wait_for(run_dir, "confirmed")
+    assert target.running() == b and target.profiled() == b
+
+
+def test_the_copys_gc_root_lasts_until_the_program_pins_the_system(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    copies = target.root / "gcroots" / "nixpush-copied"
+    copies.mkdir()
+    for name, system in (("mine", b), ("another-controllers", a), ("a-day-old", a)):
+        (copies / name).symlink_to(system)
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(copies / "a-day-old", (two_days_ago, two_days_ago), follow_symlinks=False)
+    stale = target.root / "gcroots" / "nixpush-killed-long-ago"
+    stale.mkdir()
+    process, run_dir = target.start(b, copied="mine")
+    wait_for(run_dir, "awaiting-confirmation")
+    roots = target.root / "gcroots" / f"nixpush-{run_dir.name}"
+    assert os.readlink(roots / "new") == b  # pinned by the run, then the copy's root went
+    assert sorted(p.name for p in copies.iterdir()) == ["another-controllers"]
+    assert not stale.exists()  # a dead run's roots go, the copies' directory stays
+    confirm(run_dir)
+    assert process.wait(timeout=15) == 0
+    assert sorted(p.name for p in (target.root / "gcroots").iterdir()) == ["nixpush-copied"]
+
+
+def test_a_copied_name_with_a_slash_removes_nothing(target, systems):
+    a, b = systems["A"], systems["B"]
+    target.install(a)
+    (target.root / "gcroots" / "keep").symlink_to(a)
+    process, _ = target.start(b, copied="../keep", rollback=False)
+    assert process.wait(timeout=15) == 0
+    assert (target.root / "gcroots" / "keep").is_symlink()
+
+
+def test_the_scripts_that_take_the_lock_share_one_handed_over():
+    from operations.push import prune
+
+    def function(text: str) -> list[str]:
+        lines = [line.strip() for line in text.splitlines()]
+        start = lines.index("handed_over() {")
+        return lines[start : lines.index("}", start) + 1]
+
+    install = function(switch.INSTALL)
+    assert function(switch.PROGRAM) == install and function(prune.PROGRAM) == install
+
+
+def test_the_copy_root_is_per_controller_and_system_and_its_command_quotes():
+    hostile = "/nix/store/x-a b; touch /tmp/pwned"
+    name = switch.copy_root_name(hostile)
+    assert len(name) == 32 and name == switch.copy_root_name(hostile)
+    assert name != switch.copy_root_name("/nix/store/y")
+    command = switch.pin_copy_command(hostile).get_raw_value()
+    assert shlex.split(command) == [
+        "mkdir", "-p", switch.COPIED_ROOTS, "&&", "ln", "-sfn", hostile,
+        f"{switch.COPIED_ROOTS}/{name}",
+    ]  # fmt: skip
