@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,91 +56,18 @@ if TYPE_CHECKING:
 
 # The only account NixOS's nix.sshServe serves.
 NIXOS_SSH_SERVE_USER = "nix-ssh"
-# nixpush's Python environment from nixpkgs (``ENV_EXPRESSION``): the checkout's
-# ``default.nix``, which its ``shell.nix`` uses, and the same text written beside the fragments
-# in a directory of its own (``ENV_FILE``), so a directory's ``*.nix`` are the hosts' modules
-# only. A fragment that runs nixpush (the schedule's units) binds it to ``ENV_NAME``.
+# nixpush's Python environment from nixpkgs (``ENV_EXPRESSION``, ``env.nix`` here): what the
+# checkout's ``default.nix`` imports (its ``shell.nix`` uses it), and the same text written
+# beside the fragments in a directory of its own (``ENV_FILE``), so a directory's ``*.nix`` are
+# the hosts' modules only. A fragment that runs nixpush (the schedule's units) binds it to
+# ``ENV_NAME``.
 ENV_FILE = "env/default.nix"
 ENV_NAME = "nixpushPython"
 # What nixpush-run needs on its PATH under systemd on NixOS: pyinfra (the environment's), sops
 # (decrypting), ssh-keygen (public halves), git (the report's revision).
 SCHEDULE_PATH = (Raw(ENV_NAME), Raw("pkgs.sops"), Raw("pkgs.openssh"), Raw("pkgs.git"))
-# The checkout's default.nix, verbatim (a unit test keeps the two equal): a non-editable
-# install has no checkout to read it from.
-ENV_EXPRESSION = r"""# nixpush's Python environment from nixpkgs:
-# pyinfra 3.9 or later (nixpush's floor), PyYAML, and the entry point of nixpush's pyinfra
-# connector (@image). nixpush's own code is the checkout's: pyinfra and
-# `python -m operations.run.runner` import it from the directory they run in.
-# This is the checkout's default.nix (shell.nix uses it); `pyinfra @local
-# deploys/nixos_config.py` writes the same text to env/default.nix beside the fragments,
-# which the NixOS timer units run nixpush with.
-{
-  pkgs ? import <nixpkgs> { },
-}:
-let
-  python = pkgs.python3;
-  ps = python.pkgs;
-  # nixpkgs-unstable's pyinfra is 3.9.2 or later; 25.05 ships 3.2 and 25.11 ships 3.4.1, which
-  # lack pyinfra.api.hiddenvalue. Then 3.9.2 is built from nixpkgs' own older recipe, given
-  # what 3.9.2's recipe (nixpkgs-unstable) has: its source, build system and dependencies.
-  # Its tests need packages 25.05 lacks (pyinfra-testgen): not run.
-  pyinfra =
-    if pkgs.lib.versionAtLeast ps.pyinfra.version "3.9" then
-      ps.pyinfra
-    else
-      ps.pyinfra.overridePythonAttrs (_: rec {
-        version = "3.9.2";
-        src = pkgs.fetchFromGitHub {
-          owner = "pyinfra-dev";
-          repo = "pyinfra";
-          tag = "v${version}";
-          hash = "sha256-5qgPfBtPqysEtNCLFAgGAxlVK/CRH9VYmiC/98VWomI=";
-        };
-        # uv-dynamic-versioning reads the version from git, which a source tarball lacks.
-        UV_DYNAMIC_VERSIONING_BYPASS = version;
-        build-system = [
-          ps.hatchling
-          ps.uv-dynamic-versioning
-        ];
-        dependencies = [
-          ps.click
-          ps.distro
-          ps.gevent
-          ps.jinja2
-          ps.packaging
-          ps.paramiko
-          ps.pydantic
-          ps.python-dateutil
-          ps.typeguard
-          ps.types-paramiko
-        ];
-        pythonRelaxDeps = [
-          "paramiko"
-          "types-paramiko"
-        ];
-        doCheck = false;
-      });
-  # Metadata only: pyinfra finds connectors by their entry point; the code is the checkout's.
-  nixpush = ps.buildPythonPackage {
-    pname = "nixpush";
-    version = "0.1.0";
-    format = "other";
-    dontUnpack = true;
-    installPhase = ''
-      dist=$out/${python.sitePackages}/nixpush-0.1.0.dist-info
-      mkdir -p $dist
-      printf 'Metadata-Version: 2.1\nName: nixpush\nVersion: 0.1.0\n' > $dist/METADATA
-      printf '[pyinfra.connectors]\nimage = operations.builder.connector:ImageConnector\n' \
-        > $dist/entry_points.txt
-    '';
-  };
-in
-python.withPackages (_: [
-  pyinfra
-  ps.pyyaml
-  nixpush
-])
-"""
+# The environment's expression (package data: a non-editable install has it too).
+ENV_EXPRESSION = (resources.files(__package__) / "env.nix").read_text(encoding="utf-8")
 # How a unit runs nixpush-run from that environment: the module, from the checkout.
 RUNNER = ("-m", "operations.run.runner")
 

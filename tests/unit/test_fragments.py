@@ -423,7 +423,7 @@ def test_every_generated_nix_file_is_left_alone_by_nixfmt(shipped, tmp_path: Pat
     }
     scheduled = load_inventory(REPO / "inventory.py", REPO, {"schedule": scheduled_data})
     specs = check_fleet(scheduled)
-    paths = [REPO / "default.nix", REPO / "shell.nix"]
+    paths = [REPO / "default.nix", REPO / "shell.nix", REPO / "operations" / "nixos" / "env.nix"]
     for name in specs:
         fragment = fragments.host_fragment(specs, name)
         if fragment.sections:
@@ -446,7 +446,10 @@ def test_every_generated_nix_file_is_left_alone_by_nixfmt(shipped, tmp_path: Pat
 
 
 def test_the_checkouts_default_nix_is_the_environment_written_beside_the_fragments():
-    assert (REPO / "default.nix").read_text(encoding="utf-8") == fragments.ENV_EXPRESSION
+    env = REPO / "operations" / "nixos" / "env.nix"
+    assert env.read_text(encoding="utf-8") == fragments.ENV_EXPRESSION
+    default = (REPO / "default.nix").read_text(encoding="utf-8")
+    assert "import ./operations/nixos/env.nix { inherit pkgs; }" in default
     shell = (REPO / "shell.nix").read_text(encoding="utf-8")
     assert "(import ./default.nix { inherit pkgs; })" in shell
 
