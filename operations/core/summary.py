@@ -63,6 +63,8 @@ class RunSummary:
     skipped_members: dict[str, dict[str, str]] = field(default_factory=dict)
     # Targets whose new system needs a reboot to be fully in effect: what differs (empty: none).
     reboots: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Hosts reached by an address other than their first (``ssh_hostname`` a list): which.
+    via: dict[str, str] = field(default_factory=dict)
 
     @property
     def wants_report(self) -> bool:
@@ -80,6 +82,10 @@ class RunSummary:
     def reboot_needed(self, host_name: str, changes: tuple[str, ...]) -> None:
         """What only a reboot of the host brings into effect (empty: nothing), once known."""
         self.reboots[host_name] = changes
+
+    def reached_via(self, host_name: str, address: str) -> None:
+        """The host answered on ``address``, not on its first address."""
+        self.via[host_name] = address
 
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
@@ -171,6 +177,9 @@ class RunSummary:
             status, detail = result.get(name, ("", ""))
             if self.reboots.get(name) and status in ("deployed", "unchanged", "planned"):
                 result[name] = (status, f"{detail}; {describe(self.reboots[name])}")
+            if name in self.via and name in result:
+                status, detail = result[name]
+                result[name] = (status, f"{detail}; via {self.via[name]}")
         return result
 
     def report(self) -> dict[str, Any]:
@@ -198,6 +207,8 @@ class RunSummary:
                 )
                 if name in self.built_on:
                     entry["built_on"] = self.built_on[name]
+            if name in self.via:
+                entry["address"] = self.via[name]
             if name in self.reboots:
                 entry.update(
                     reboot_required=bool(self.reboots[name]),

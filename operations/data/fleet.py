@@ -87,7 +87,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
     "keep_generations", "gc_after_deploy", "nixpush_inventory", INSECURE_KEY,
     "nixpush_sops_recipients", "remote_builders", "builder_systems", "speed_factor",
-    "builder_features", *REBOOT_KEYS,
+    "builder_features", "ssh_addresses", *REBOOT_KEYS,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -200,6 +200,7 @@ class HostSpec:
     binfmt_emulated_systems: tuple[str, ...] = ()
     nix_max_jobs: int | None = None
     ssh_hostname: str | None = None
+    ssh_addresses: tuple[str, ...] = ()
     ssh_port: int = 22
     ssh_user: str | None = None
     ssh_host_key: str | None = None
@@ -506,6 +507,43 @@ class _Reader:
                 "names, Nix attributes and SSH aliases)"
             )
 
+    def hostname(self) -> str | None:
+        """``ssh_hostname``: one address, or (before the inventory chose one) a list."""
+        value = self.host.data.get("ssh_hostname")
+        if isinstance(value, (list, tuple)):
+            for address in value:
+                if isinstance(address, str):
+                    self.address(address)
+                else:
+                    self.problem("ssh_hostname", f"holds {address!r}, not an address string")
+            self.problem(
+                "ssh_hostname",
+                f"is the list {list(value)!r}, but no address was chosen from it; build the "
+                "inventory's groups with pin_host_keys or choose_addresses "
+                "(operations/trust/hostkeys.py), which try them in order",
+            )
+            return None
+        return self.string("ssh_hostname")
+
+    def addresses(self, chosen: str | None) -> tuple[str, ...]:
+        """``ssh_addresses`` (``choose_addresses`` sets it): every address, in order, each one
+        as ``ssh_hostname`` must be, the chosen one among them."""
+        value = self.host.data.get("ssh_addresses")
+        if value is None:
+            return ()
+        if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
+            self.problem("ssh_addresses", f"is {value!r}, not a list of addresses")
+            return ()
+        for address in value:
+            self.address(address)
+        if chosen not in value:
+            self.problem(
+                "ssh_addresses",
+                f"{list(value)!r} lacks ssh_hostname {chosen!r}; give ssh_hostname the list "
+                "instead and let choose_addresses set both",
+            )
+        return tuple(value)
+
     def address(self, value: str | None) -> None:
         """``ssh_hostname``: a DNS name or an IPv4 address, nothing an ssh option or URL reads."""
         if value is None:
@@ -694,8 +732,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
             "set builder_host to the host that builds it (e.g. nas)",
         )
 
-    ssh_hostname = read.string("ssh_hostname")
-    if builder_host is not None and ssh_hostname is None and not is_image:
+    ssh_hostname = read.hostname()
+    ssh_addresses = read.addresses(ssh_hostname)
+    listed = isinstance(host.data.get("ssh_hostname"), (list, tuple))  # refused above
+    if builder_host is not None and ssh_hostname is None and not is_image and not listed:
         read.problem(
             "ssh_hostname",
             f"is missing, so builder {builder_host!r} has no address to push to; "
@@ -742,6 +782,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         # 0: a builder with a pool builds nothing itself (checked in _pool_problems).
         nix_max_jobs=read.number("nix_max_jobs", 0, None, "a whole number"),
         ssh_hostname=ssh_hostname,
+        ssh_addresses=ssh_addresses,
         ssh_port=read.positive_int("ssh_port", _MAX_PORT) or 22,
         ssh_user=ssh_user,
         ssh_host_key=read.string("ssh_host_key"),
