@@ -87,7 +87,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
     "keep_generations", "gc_after_deploy", "nixpush_inventory", INSECURE_KEY,
     "nixpush_sops_recipients", "remote_builders", "builder_systems", "speed_factor",
-    "builder_features", "ssh_addresses", *REBOOT_KEYS,
+    "builder_features", "ssh_addresses", "provenance_file", *REBOOT_KEYS,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -103,6 +103,8 @@ PATH_KEYS = (
     "sops_file", "nixpush_sops_file", "nixos_fragments_dir", "nixpush_inventory", "ssh_key",
     "ssh_known_hosts_file", "ssh_config_file",
 )  # fmt: skip
+# Where a target records what nixpush deployed there (provenance_file).
+DEFAULT_PROVENANCE_FILE = "/var/lib/nixpush/deployed.json"
 # Where fragments go (deploys/nixos_config.py), relative to where pyinfra runs.
 DEFAULT_FRAGMENTS_DIR = "nixos"
 # The fleet's inventory deploys/nixos_config.py reads, relative to where pyinfra runs.
@@ -201,6 +203,8 @@ class HostSpec:
     nix_max_jobs: int | None = None
     ssh_hostname: str | None = None
     ssh_addresses: tuple[str, ...] = ()
+    # Where a target records what nixpush deployed (operations/push/provenance.py).
+    provenance_file: str = DEFAULT_PROVENANCE_FILE
     ssh_port: int = 22
     ssh_user: str | None = None
     ssh_host_key: str | None = None
@@ -450,6 +454,20 @@ class _Reader:
         value = self.string(key)
         if value is not None and (not value.startswith("/") or "\n" in value):
             self.problem(key, f"is {value!r}; set it to an absolute path on the controller")
+            return None
+        return value
+
+    def target_path(self, key: str) -> str | None:
+        """An absolute one-line path on the target, not under ``/etc`` (NixOS owns it)."""
+        value = self.string(key)
+        if value is None:
+            return None
+        if not value.startswith("/") or not grammar.is_one_line(value) or value.endswith("/"):
+            self.problem(key, f"is {value!r}; set it to an absolute file path on the target")
+            return None
+        if value == "/etc" or value.startswith("/etc/"):
+            self.problem(key, f"is {value!r}, under /etc, which NixOS rewrites; set a path "
+                         "under /var/lib")  # fmt: skip
             return None
         return value
 
@@ -783,6 +801,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         nix_max_jobs=read.number("nix_max_jobs", 0, None, "a whole number"),
         ssh_hostname=ssh_hostname,
         ssh_addresses=ssh_addresses,
+        provenance_file=read.target_path("provenance_file") or DEFAULT_PROVENANCE_FILE,
         ssh_port=read.positive_int("ssh_port", _MAX_PORT) or 22,
         ssh_user=ssh_user,
         ssh_host_key=read.string("ssh_host_key"),

@@ -37,6 +37,7 @@ from operations.core.failures import fail, host_step
 from operations.core.lock import is_dry_run
 from operations.core.models import Action, Builder, Plan
 from operations.core.process import run_local, run_on
+from operations.data.fleet import DEFAULT_PROVENANCE_FILE as PROVENANCE_FILE
 from operations.push.plan import flake_metadata
 
 if TYPE_CHECKING:
@@ -46,13 +47,10 @@ if TYPE_CHECKING:
     from operations.data.fleet import HostSpec
     from operations.push.start import Deploy
 
-PROVENANCE_FILE = "/var/lib/nixpush/deployed.json"
 # Writes stdin to "$1" atomically: a temporary file beside it (same filesystem), then rename.
-# The directory and the file are root's alone (umask 077; an older directory is tightened).
-_WRITE = (
-    'umask 077 && d=$(dirname "$1") && mkdir -p "$d" && chmod 700 "$d" && '
-    'cat > "$1.new" && mv -f "$1.new" "$1"'
-)
+# The file is root's alone (umask 077: 0600), and so is a directory made for it; one already
+# there is left as it is (/var/lib/nixpush may be nixpush-run's state directory too).
+_WRITE = 'umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1.new" && mv -f "$1.new" "$1"'
 # Reads "$1" if it is there; a line saying it is not, else (so no answer is taken for "none").
 _READ = 'if [ -e "$1" ]; then cat "$1"; else echo nixpush-no-record; fi'
 _NO_RECORD = "nixpush-no-record"
@@ -82,12 +80,13 @@ def parse_record(lines: Sequence[str]) -> dict[str, Any] | None:
 
 @functools.cache
 def nixpush_revision() -> str:
-    """This nixpush's git revision (its checkout's ``HEAD``, ``-dirty`` with uncommitted
-    edits), else its package version: read once per process."""
+    """This nixpush's revision as ``nixpush-run``'s report names it (``git describe --always
+    --dirty`` of the checkout), else its package version: read once per process."""
     checkout = Path(__file__).resolve().parents[2]
     if (checkout / ".git").exists():
-        result = run_local(["git", "-C", str(checkout), "describe", "--always", "--dirty",
-                            "--abbrev=40"], timeout=10)  # fmt: skip
+        result = run_local(
+            ["git", "-C", str(checkout), "describe", "--always", "--dirty"], timeout=10
+        )
         if result.returncode == 0 and result.stdout.strip():
             return result.stdout.strip()
     try:
@@ -128,7 +127,7 @@ def records(plan: Plan) -> bool:
 
 @operation(is_idempotent=False)
 def record_deployment(
-    plan: Plan, record: Mapping[str, Any], sudo: bool
+    plan: Plan, record: Mapping[str, Any], sudo: bool, path: str = PROVENANCE_FILE
 ) -> Generator[PyinfraCommand, None, None]:
     """
     After a confirmed switch, write what was deployed to ``/var/lib/nixpush/deployed.json`` on
@@ -138,6 +137,7 @@ def record_deployment(
     + plan: the target's plan
     + record: ``record_for(spec, plan, flake)``
     + sudo: write it with sudo (a non-root deploy user)
+    + path: where (``provenance_file``)
 
     **Example:**
 
@@ -148,18 +148,18 @@ def record_deployment(
     if not records(plan):
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: nothing recorded")
         return
-    yield FunctionCommand(_record, (dict(record), sudo), {})
+    yield FunctionCommand(_record, (dict(record), sudo, path), {})
 
 
 @host_step
-def _record(state: State, host: Host, record: dict[str, Any], sudo: bool) -> bool:
-    doing = f"recording the deployment in {PROVENANCE_FILE}"
+def _record(state: State, host: Host, record: dict[str, Any], sudo: bool, path: str) -> bool:
+    doing = f"recording the deployment in {path}"
     stamped = {**record, "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     text = json.dumps(stamped, indent=2, sort_keys=True) + "\n"
-    ok, lines = run_on(host, write_command(), sudo=sudo, stdin=text, doing=doing)
+    ok, lines = run_on(host, write_command(path), sudo=sudo, stdin=text, doing=doing)
     if not ok:
         return fail(host, f"{doing} failed: {lines[-1].strip() if lines else 'no output'}")
-    host.log_styled(f"recorded in {PROVENANCE_FILE}", log_func=logger.info)
+    host.log_styled(f"recorded in {path}", log_func=logger.info)
     return True
 
 
@@ -170,11 +170,9 @@ def outside_change(running: str | None, record: Mapping[str, Any] | None) -> str
     return f"changed outside nixpush: runs {running}, nixpush deployed {record.get('system')}"
 
 
-def read_record(target: Host, sudo: bool) -> dict[str, Any] | None:
+def read_record(target: Host, sudo: bool, path: str = PROVENANCE_FILE) -> dict[str, Any] | None:
     """The target's record (deploy code, prepare time), or None when it has none."""
-    ok, lines = run_on(
-        target, read_command(), sudo=sudo, doing=f"reading {PROVENANCE_FILE}"
-    )  # fmt: skip
+    ok, lines = run_on(target, read_command(path), sudo=sudo, doing=f"reading {path}")
     return parse_record(lines) if ok else None
 
 
@@ -190,7 +188,7 @@ def check_target(
         if revision is not None:
             summary.deployed_from(spec.name, revision)
     if is_dry_run() and plan.action.contacts_target and plan.current is not None:
-        finding = outside_change(plan.current, read_record(target, spec.sudo))
+        finding = outside_change(plan.current, read_record(target, spec.sudo, spec.provenance_file))
         if finding is not None:
             summary.changed_outside(spec.name, finding)
             target.log_styled(finding, fg="yellow", log_func=logger.warning)
@@ -204,5 +202,5 @@ def record_target(spec: HostSpec, plan: Plan, builder: Builder | None, deploy: D
     flake = flake_metadata(builder, spec.flake, deploy.cache) if builder and spec.flake else {}
     record_deployment(
         name="Record what was deployed", plan=plan, record=record_for(spec, plan, flake),
-        sudo=spec.sudo,
+        sudo=spec.sudo, path=spec.provenance_file,
     )  # fmt: skip

@@ -39,6 +39,9 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
     # Never the real reboot: the bench's stand-in ends the host's namespaces and starts it
     # again (tests/bench/standins/reboot.sh); the hosts lack CAP_SYS_BOOT besides.
     data["reboot_command"] = [str(_fleet.REBOOT_STAND_IN)]
+    # The hosts share the machine's /var (each has its own /nix): each keeps its record of what
+    # nixpush deployed in its own store's state directory.
+    data["provenance_file"] = "/nix/var/nixpush/deployed.json"
     # Every host is built on the NAS, the NAS itself included (it deploys itself: nothing is
     # copied). Push only; tests/bench/pull_inventory.py adds builder_user (pull builds).
     data.update(builder_host=_fleet.BUILDER)

@@ -18,7 +18,8 @@ def test_the_record_is_written_root_only_and_atomically_with_the_path_quoted():
     command = provenance.write_command(hostile).get_raw_value()
     assert command.endswith("nixpush-record '/var/lib/nix push/$(whoami); x'"), command
     script = provenance._WRITE
-    assert script.startswith("umask 077 && ") and 'chmod 700 "$d"' in script
+    assert script.startswith("umask 077 && ")  # the file (and a directory made for it): 0600
+    assert "chmod" not in script  # a directory already there is left as it is
     assert script.endswith('cat > "$1.new" && mv -f "$1.new" "$1"')  # renamed whole
     read = provenance.read_command().get_raw_value()
     assert read.endswith(f"nixpush-record {provenance.PROVENANCE_FILE}"), read
@@ -102,3 +103,17 @@ def test_the_report_and_metrics_carry_the_deploys_revision_and_the_address_used(
     found = samples(metrics.render(run, metrics.LastSuccess().updated(run)))
     labels = {"mode": "deploy", "host": "pi4", "revision": "0123abcd"}
     assert value(found, "nixpush_host_revision_info", **labels) == 1
+
+
+def test_the_record_goes_where_provenance_file_says_never_under_etc(write_inventory):
+    from tests.unit.test_fleet import fleet, only_problem
+
+    problem = only_problem(write_inventory(fleet(pi={"provenance_file": "/etc/nixpush.json"})))
+    assert problem.startswith("pi: provenance_file is '/etc/nixpush.json', under /etc"), problem
+
+
+def test_a_relative_provenance_file_is_refused(write_inventory):
+    from tests.unit.test_fleet import fleet, only_problem
+
+    problem = only_problem(write_inventory(fleet(pi={"provenance_file": "deployed.json"})))
+    assert "set it to an absolute file path on the target" in problem, problem
