@@ -65,6 +65,8 @@ class RunSummary:
     reboots: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Hosts reached by an address other than their first (``ssh_hostname`` a list): which.
     via: dict[str, str] = field(default_factory=dict)
+    # Hosts with several addresses that answered on none: every address tried, in order.
+    tried: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # The flake revision (or narHash) each target's system comes from this run.
     revisions: dict[str, str] = field(default_factory=dict)
     # Checks: targets switched outside nixpush since it last deployed them (the finding).
@@ -98,6 +100,10 @@ class RunSummary:
     def reached_via(self, host_name: str, address: str) -> None:
         """The host answered on ``address``, not on its first address."""
         self.via[host_name] = address
+
+    def tried_addresses(self, host_name: str, addresses: tuple[str, ...]) -> None:
+        """The host answered on none of ``addresses`` (its failure, unless excused, names them)."""
+        self.tried[host_name] = addresses
 
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
@@ -165,8 +171,10 @@ class RunSummary:
                 result[name] = ("offline", "unreachable, and offline_ok: not deployed this run")
             elif name in failed or name in self.causes:
                 cause = self.causes.get(name) or (
-                    "could not connect" if name in self.unreachable else "an operation failed"
-                )
+                    "an operation failed" if name not in self.unreachable
+                    else f"could not connect (tried {', '.join(self.tried[name])})"
+                    if name in self.tried else "could not connect"
+                )  # fmt: skip
                 result[name] = ("failed", cause)
             elif name in self.forgiven and plan is None:
                 result[name] = ("skipped", "unreachable, not needed by this deploy")

@@ -103,8 +103,7 @@ def note_addresses(specs: dict[str, HostSpec], summary: RunSummary) -> None:
         if len(addresses) < 2 or spec.ssh_hostname is None:
             continue
         if name in summary.unreachable:
-            if name not in summary.offline:
-                summary.fail(name, f"could not connect (tried {', '.join(addresses)})")
+            summary.tried_addresses(name, addresses)
         elif spec.ssh_hostname != addresses[0]:
             summary.reached_via(name, spec.ssh_hostname)
 

@@ -117,3 +117,17 @@ def test_a_relative_provenance_file_is_refused(write_inventory):
 
     problem = only_problem(write_inventory(fleet(pi={"provenance_file": "deployed.json"})))
     assert "set it to an absolute file path on the target" in problem, problem
+
+
+def test_a_host_answering_on_none_of_its_addresses_names_them_unless_excused():
+    summary = _summary(executed=True)
+    pi4, pi5 = summary.state.inventory
+    pi4.connected = pi5.connected = False
+    summary.state.failed_hosts.update({pi4, pi5})
+    summary.unreachable.update({"pi4", "pi5"})
+    summary.tried_addresses("pi4", ("pi4.lan", "pi4.ts.net"))
+    summary.tried_addresses("pi5", ("pi5.lan", "pi5.ts.net"))
+    summary.forgive(["pi4"])  # pi5 is a bystander this deploy does not need
+    outcomes = summary.outcomes()
+    assert outcomes["pi4"] == ("failed", "could not connect (tried pi4.lan, pi4.ts.net)")
+    assert outcomes["pi5"] == ("skipped", "unreachable, not needed by this deploy")
