@@ -96,8 +96,11 @@ if own is not None:
 
 for target in targets:
     assert target.ssh_hostname is not None and target.ssh_host_key is not None
-    ssh.known_host(
-        name=f"Know {target.name}'s host key",
-        host_pattern=ssh.known_hosts_name(target.ssh_hostname, target.ssh_port),
-        key=target.ssh_host_key,
-    )
+    # Every address the target may be reached by (ssh_hostname a list): the builder pushes to
+    # whichever answered this run, with the same pinned key.
+    for address in target.ssh_addresses or (target.ssh_hostname,):
+        ssh.known_host(
+            name=f"Know {target.name}'s host key at {address}",
+            host_pattern=ssh.known_hosts_name(address, target.ssh_port),
+            key=target.ssh_host_key,
+        )

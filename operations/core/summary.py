@@ -63,6 +63,14 @@ class RunSummary:
     skipped_members: dict[str, dict[str, str]] = field(default_factory=dict)
     # Targets whose new system needs a reboot to be fully in effect: what differs (empty: none).
     reboots: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Hosts reached by an address other than their first (``ssh_hostname`` a list): which.
+    via: dict[str, str] = field(default_factory=dict)
+    # Hosts with several addresses that answered on none: every address tried, in order.
+    tried: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # The flake revision (or narHash) each target's system comes from this run.
+    revisions: dict[str, str] = field(default_factory=dict)
+    # Checks: targets switched outside nixpush since it last deployed them (the finding).
+    outside: dict[str, str] = field(default_factory=dict)
 
     @property
     def wants_report(self) -> bool:
@@ -80,6 +88,22 @@ class RunSummary:
     def reboot_needed(self, host_name: str, changes: tuple[str, ...]) -> None:
         """What only a reboot of the host brings into effect (empty: nothing), once known."""
         self.reboots[host_name] = changes
+
+    def deployed_from(self, host_name: str, revision: str) -> None:
+        """The host's system comes from the flake at ``revision`` (git revision or narHash)."""
+        self.revisions[host_name] = revision
+
+    def changed_outside(self, host_name: str, finding: str) -> None:
+        """A check found the host running another system than nixpush last deployed there."""
+        self.outside[host_name] = finding
+
+    def reached_via(self, host_name: str, address: str) -> None:
+        """The host answered on ``address``, not on its first address."""
+        self.via[host_name] = address
+
+    def tried_addresses(self, host_name: str, addresses: tuple[str, ...]) -> None:
+        """The host answered on none of ``addresses`` (its failure, unless excused, names them)."""
+        self.tried[host_name] = addresses
 
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
@@ -131,7 +155,7 @@ class RunSummary:
 
     def outcomes(self) -> dict[str, tuple[str, str]]:
         """Host -> (status, detail): unchanged, deployed, rolled-back, held, failed, planned,
-        offline, skipped."""
+        drifted (a check: switched outside nixpush), offline, skipped."""
         executed = self.state.current_stage >= StateStage.Execute
         failed = {host.name for host in self.state.failed_hosts}
         result: dict[str, tuple[str, str]] = {}
@@ -147,8 +171,10 @@ class RunSummary:
                 result[name] = ("offline", "unreachable, and offline_ok: not deployed this run")
             elif name in failed or name in self.causes:
                 cause = self.causes.get(name) or (
-                    "could not connect" if name in self.unreachable else "an operation failed"
-                )
+                    "an operation failed" if name not in self.unreachable
+                    else f"could not connect (tried {', '.join(self.tried[name])})"
+                    if name in self.tried else "could not connect"
+                )  # fmt: skip
                 result[name] = ("failed", cause)
             elif name in self.forgiven and plan is None:
                 result[name] = ("skipped", "unreachable, not needed by this deploy")
@@ -168,9 +194,20 @@ class RunSummary:
                 machine = self.built_on.get(name)
                 via = f" (built on {machine})" if machine and machine != plan.builder else ""
                 result[name] = ("deployed", f"{plan.action} {plan.desired}{via}")
-            status, detail = result.get(name, ("", ""))
-            if self.reboots.get(name) and status in ("deployed", "unchanged", "planned"):
-                result[name] = (status, f"{detail}; {describe(self.reboots[name])}")
+            if name not in result:
+                continue
+            status, detail = result[name]
+            reboot_note = describe(self.reboots[name]) if self.reboots.get(name) else None
+            if name in self.outside and status in ("unchanged", "planned"):
+                # Drift of its own kind: someone switched the host without nixpush.
+                finding = self.outside[name]
+                detail = finding if status == "unchanged" else f"{detail}; {finding}"
+                status = "drifted" if status == "unchanged" else status
+            if reboot_note and status in ("deployed", "unchanged", "planned", "drifted"):
+                detail = f"{detail}; {reboot_note}"
+            if name in self.via:
+                detail = f"{detail}; via {self.via[name]}"
+            result[name] = (status, detail)
         return result
 
     def report(self) -> dict[str, Any]:
@@ -198,6 +235,10 @@ class RunSummary:
                 )
                 if name in self.built_on:
                     entry["built_on"] = self.built_on[name]
+            if name in self.via:
+                entry["address"] = self.via[name]
+            if name in self.revisions:
+                entry["revision"] = self.revisions[name]
             if name in self.reboots:
                 entry.update(
                     reboot_required=bool(self.reboots[name]),

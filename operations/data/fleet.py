@@ -87,7 +87,7 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
     "keep_generations", "gc_after_deploy", "nixpush_inventory", INSECURE_KEY,
     "nixpush_sops_recipients", "remote_builders", "builder_systems", "speed_factor",
-    "builder_features", *REBOOT_KEYS,
+    "builder_features", "ssh_addresses", "provenance_file", *REBOOT_KEYS,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -103,6 +103,8 @@ PATH_KEYS = (
     "sops_file", "nixpush_sops_file", "nixos_fragments_dir", "nixpush_inventory", "ssh_key",
     "ssh_known_hosts_file", "ssh_config_file",
 )  # fmt: skip
+# Where a target records what nixpush deployed there (provenance_file).
+DEFAULT_PROVENANCE_FILE = "/var/lib/nixpush/deployed.json"
 # Where fragments go (deploys/nixos_config.py), relative to where pyinfra runs.
 DEFAULT_FRAGMENTS_DIR = "nixos"
 # The fleet's inventory deploys/nixos_config.py reads, relative to where pyinfra runs.
@@ -200,6 +202,9 @@ class HostSpec:
     binfmt_emulated_systems: tuple[str, ...] = ()
     nix_max_jobs: int | None = None
     ssh_hostname: str | None = None
+    ssh_addresses: tuple[str, ...] = ()
+    # Where a target records what nixpush deployed (operations/push/provenance.py).
+    provenance_file: str = DEFAULT_PROVENANCE_FILE
     ssh_port: int = 22
     ssh_user: str | None = None
     ssh_host_key: str | None = None
@@ -452,6 +457,20 @@ class _Reader:
             return None
         return value
 
+    def target_path(self, key: str) -> str | None:
+        """An absolute one-line path on the target, not under ``/etc`` (NixOS owns it)."""
+        value = self.string(key)
+        if value is None:
+            return None
+        if not value.startswith("/") or not grammar.is_one_line(value) or value.endswith("/"):
+            self.problem(key, f"is {value!r}; set it to an absolute file path on the target")
+            return None
+        if value == "/etc" or value.startswith("/etc/"):
+            self.problem(key, f"is {value!r}, under /etc, which NixOS rewrites; set a path "
+                         "under /var/lib")  # fmt: skip
+            return None
+        return value
+
     def path(self, key: str) -> str | None:
         """A path on the controller (``PATH_KEYS``): one line."""
         value = self.string(key)
@@ -505,6 +524,43 @@ class _Reader:
                 "starting with a letter or digit; rename the host (its name becomes file "
                 "names, Nix attributes and SSH aliases)"
             )
+
+    def hostname(self) -> str | None:
+        """``ssh_hostname``: one address, or (before the inventory chose one) a list."""
+        value = self.host.data.get("ssh_hostname")
+        if isinstance(value, (list, tuple)):
+            for address in value:
+                if isinstance(address, str):
+                    self.address(address)
+                else:
+                    self.problem("ssh_hostname", f"holds {address!r}, not an address string")
+            self.problem(
+                "ssh_hostname",
+                f"is the list {list(value)!r}, but no address was chosen from it; build the "
+                "inventory's groups with pin_host_keys or choose_addresses "
+                "(operations/trust/hostkeys.py), which try them in order",
+            )
+            return None
+        return self.string("ssh_hostname")
+
+    def addresses(self, chosen: str | None) -> tuple[str, ...]:
+        """``ssh_addresses`` (``choose_addresses`` sets it): every address, in order, each one
+        as ``ssh_hostname`` must be, the chosen one among them."""
+        value = self.host.data.get("ssh_addresses")
+        if value is None:
+            return ()
+        if not isinstance(value, (list, tuple)) or not all(isinstance(a, str) for a in value):
+            self.problem("ssh_addresses", f"is {value!r}, not a list of addresses")
+            return ()
+        for address in value:
+            self.address(address)
+        if chosen not in value:
+            self.problem(
+                "ssh_addresses",
+                f"{list(value)!r} lacks ssh_hostname {chosen!r}; give ssh_hostname the list "
+                "instead and let choose_addresses set both",
+            )
+        return tuple(value)
 
     def address(self, value: str | None) -> None:
         """``ssh_hostname``: a DNS name or an IPv4 address, nothing an ssh option or URL reads."""
@@ -694,8 +750,10 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
             "set builder_host to the host that builds it (e.g. nas)",
         )
 
-    ssh_hostname = read.string("ssh_hostname")
-    if builder_host is not None and ssh_hostname is None and not is_image:
+    ssh_hostname = read.hostname()
+    ssh_addresses = read.addresses(ssh_hostname)
+    listed = isinstance(host.data.get("ssh_hostname"), (list, tuple))  # refused above
+    if builder_host is not None and ssh_hostname is None and not is_image and not listed:
         read.problem(
             "ssh_hostname",
             f"is missing, so builder {builder_host!r} has no address to push to; "
@@ -742,6 +800,8 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         # 0: a builder with a pool builds nothing itself (checked in _pool_problems).
         nix_max_jobs=read.number("nix_max_jobs", 0, None, "a whole number"),
         ssh_hostname=ssh_hostname,
+        ssh_addresses=ssh_addresses,
+        provenance_file=read.target_path("provenance_file") or DEFAULT_PROVENANCE_FILE,
         ssh_port=read.positive_int("ssh_port", _MAX_PORT) or 22,
         ssh_user=ssh_user,
         ssh_host_key=read.string("ssh_host_key"),

@@ -40,7 +40,7 @@ from pyinfra import logger
 from operations.builder import nix
 from operations.core.failures import Unable, attempt, or_unable
 from operations.core.models import Builder, Plan, Safety
-from operations.push import activate, build, copy, plan, prune, reboot, waves
+from operations.push import activate, build, copy, plan, provenance, prune, reboot, waves
 from operations.trust import keys, ssh
 
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ def push_target(
     target_plan, builder = planned
     safety = spec.safety(target_plan.action)
     announce_target(host, spec, target_plan, safety, deploy, in_run)
+    provenance.check_target(host, spec, target_plan, builder, deploy)
     if target_plan.up_to_date or not target_plan.action.activates:
         deploy.cache.waves.excuse(host.name)  # nothing to activate: it holds no wave up
     # A target already on its system (planning logged it) gets no operations: each would be a
@@ -130,6 +131,7 @@ def push_target(
     note_reboot_needed(target_plan, builder, deploy.summary)
     activate_target(spec, target_plan, safety, deploy.cache)
     prune_target(host, spec, target_plan)
+    provenance.record_target(spec, target_plan, builder, deploy)
 
 
 def plan_target(host: Host, spec: HostSpec, deploy: Deploy) -> tuple[Plan, Builder | None]:

@@ -87,10 +87,25 @@ def start_deploy(state: State) -> Deploy:
     summary = summary_for(state)
     # A host that may be asleep (offline_ok) is offline, not failed, in every deploy.
     summary.excuse_offline(name for name, spec in specs.items() if spec.offline_ok)
+    note_addresses(specs, summary)
     deploy = Deploy(specs, summary, RunCache(specs))
     run.deploy = deploy
     expect_waves(state, specs, summary, deploy.cache.waves)
     return deploy
+
+
+def note_addresses(specs: dict[str, HostSpec], summary: RunSummary) -> None:
+    """For hosts with several addresses (``choose_addresses`` tried them before pyinfra
+    connected): which one was used when it was not the first, or every address tried when
+    none answered (an ``offline_ok`` host is ``offline`` instead)."""
+    for name, spec in specs.items():
+        addresses = spec.ssh_addresses
+        if len(addresses) < 2 or spec.ssh_hostname is None:
+            continue
+        if name in summary.unreachable:
+            summary.tried_addresses(name, addresses)
+        elif spec.ssh_hostname != addresses[0]:
+            summary.reached_via(name, spec.ssh_hostname)
 
 
 def expect_waves(

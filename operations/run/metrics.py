@@ -51,6 +51,9 @@ HELP = {
         "Wall time of the last run's deploys that included the host (hosts run in parallel)."
     ),
     "nixpush_host_drift": "1 when the host differs from what the flake and data say.",
+    "nixpush_host_revision_info": (
+        "1, labelled with the flake revision (or narHash) of the host's system this run."
+    ),
     "nixpush_host_generation_info": "The system the host runs after the last run (label path).",
     "nixpush_host_reboot_required": (
         "1 when the host's new system needs a reboot to be fully in effect (kernel, initrd, "
@@ -159,6 +162,9 @@ def render(report: Mapping[str, Any], last: LastSuccess) -> str:
         add("nixpush_host_drift", labels, 1.0 if entry["status"] == "drifted" else 0.0)
         if "reboot_required" in entry:
             add("nixpush_host_reboot_required", labels, 1.0 if entry["reboot_required"] else 0.0)
+        if entry.get("revision"):
+            revision = {**labels, "revision": str(entry["revision"])}
+            add("nixpush_host_revision_info", revision, 1.0)
         running = (entry.get("after") or {}).get("current")
         if running:
             add("nixpush_host_generation_info", {**labels, "path": str(running)}, 1.0)

@@ -234,6 +234,8 @@ def _paths(entry: Mapping[str, Any], status: str) -> dict[str, Any]:
     paths = {"action": action, "desired": desired, "before": before, "after": after}
     if "built_on" in entry:  # the machine that built it: the builder, or a pool member
         paths["built_on"] = entry["built_on"]
+    if "revision" in entry:  # the flake's git revision (or narHash) the system comes from
+        paths["revision"] = entry["revision"]
     if "reboot_required" in entry:  # known: the new (or running) system's boot files were read
         paths.update(
             reboot_required=entry["reboot_required"], reboot_changes=entry["reboot_changes"]
@@ -274,6 +276,7 @@ def host_outcomes(
             "unchanged": "unchanged",
             "deployed": "changed",
             "planned": changed_status,
+            "drifted": "drifted",  # a check: the host was switched outside nixpush
             "failed": "failed",
             "rolled-back": "rolled-back",
             "held": "held",

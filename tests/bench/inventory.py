@@ -6,16 +6,21 @@ The bench must be up (``python -m tests.bench up``); its hosts are the fleet ``u
 """
 
 # Module-level lists are groups to pyinfra: keep helpers behind underscores.
+import os as _os
 from collections.abc import Mapping as _Mapping
 
+from operations.trust.hostkeys import choose_addresses as _choose_addresses
 from tests.bench import fleet as _fleet
 from tests.bench import sops as _sops
 from tests.bench import systemd_host as _systemd_host
 
 
 def _data(h: _fleet.BenchHost) -> dict[str, object]:
+    # NIXPUSH_BENCH_ADDRESSES=1: every host with a second address (a stand-in for its tailnet
+    # address) lists both, tried in order (fleet.drop_address takes the first away).
+    several = _os.environ.get("NIXPUSH_BENCH_ADDRESSES") == "1" and h.second_ip is not None
     data: dict[str, object] = {
-        "ssh_hostname": h.ip,
+        "ssh_hostname": list(h.ips) if several else h.ip,
         "ssh_port": h.port,
         "ssh_user": h.user,
         "ssh_key": str(_fleet.BENCH_DIR / "id_ed25519"),
@@ -34,6 +39,9 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
     # Never the real reboot: the bench's stand-in ends the host's namespaces and starts it
     # again (tests/bench/standins/reboot.sh); the hosts lack CAP_SYS_BOOT besides.
     data["reboot_command"] = [str(_fleet.REBOOT_STAND_IN)]
+    # The hosts share the machine's /var (each has its own /nix): each keeps its record of what
+    # nixpush deployed in its own store's state directory.
+    data["provenance_file"] = "/nix/var/nixpush/deployed.json"
     # Every host is built on the NAS, the NAS itself included (it deploys itself: nothing is
     # copied). Push only; tests/bench/pull_inventory.py adds builder_user (pull builds).
     data.update(builder_host=_fleet.BUILDER)
@@ -66,7 +74,9 @@ def _data(h: _fleet.BenchHost) -> dict[str, object]:
 def _members(root: str) -> list[tuple[str, dict[str, object]]]:
     # The NAS's pool member (``up --pool``) is in tests/bench/pool_inventory.py only: runs of
     # this inventory stay what they were.
-    return [(h.name, _data(h)) for h in _fleet.HOSTS if root in h.roots and not h.pool_member]
+    return _choose_addresses(
+        [(h.name, _data(h)) for h in _fleet.HOSTS if root in h.roots and not h.pool_member]
+    )
 
 
 def _overlay(

@@ -126,3 +126,76 @@ def test_the_owners_inventory_pins_every_host_that_has_a_key(tmp_path):
     assert known_hosts.read_text() == f"grill.lan {HOST_KEY}\n"
     assert grill.data.get("ssh_strict_host_key_checking") == "yes"
     assert inventory.get_host("laptop").data.get("ssh_known_hosts_file") is None
+
+
+# -- several addresses, tried in order -------------------------------------------------
+
+
+def test_the_first_address_that_answers_is_chosen_and_all_are_tried_at_once():
+    from operations.core.addresses import answering
+
+    tried = []
+
+    def probe(address, port, timeout):
+        tried.append((address, port))
+        return address in ("b.lan", "c.lan", "z.lan")
+
+    hosts = {"laptop": (("a.lan", "b.lan", "c.lan"), 22), "pi": (("x.lan", "z.lan"), 8023)}
+    assert answering(hosts, probe) == {"laptop": "b.lan", "pi": "z.lan"}
+    assert sorted(tried) == sorted(
+        [("a.lan", 22), ("b.lan", 22), ("c.lan", 22), ("x.lan", 8023), ("z.lan", 8023)]
+    )
+    assert answering({"away": (("a.lan", "b.lan"), 22)}, lambda *_: False) == {"away": None}
+
+
+def test_a_host_with_one_address_is_not_probed():
+    from operations.core.addresses import answering
+
+    def probe(*_):
+        raise AssertionError("probed")
+
+    assert answering({"pi4": (("pi4.lan",), 22)}, probe) == {"pi4": "pi4.lan"}
+    # Nor is one whose ssh_hostname is a string (the inventory's usual case).
+    data = {"ssh_hostname": "pi4.lan", "ssh_host_key": HOST_KEY}
+    assert hostkeys.choose_addresses([("pi4", data)]) == [("pi4", data)]
+
+
+def test_choose_addresses_sets_the_answering_address_and_keeps_the_list(monkeypatch):
+    import operations.core.addresses as addresses
+
+    monkeypatch.setattr(hostkeys, "_ANSWERED", {})
+    answers = {"10.0.0.2": False, "100.64.0.2": True}
+    monkeypatch.setattr(addresses, "tcp_answers", lambda a, p, t: answers[a])
+    monkeypatch.setattr(
+        hostkeys, "answering", lambda hosts: addresses.answering(hosts, addresses.tcp_answers)
+    )
+    data = {"ssh_hostname": ["10.0.0.2", "100.64.0.2"], "ssh_port": 8023, "ssh_host_key": HOST_KEY}
+    ((_, chosen),) = hostkeys.pin_host_keys([("pi4", data)])
+    assert chosen["ssh_hostname"] == "100.64.0.2"
+    assert chosen["ssh_addresses"] == ["10.0.0.2", "100.64.0.2"]
+    # The pinned line names every address: the host keeps its key on either.
+    assert Path(chosen["ssh_known_hosts_file"]).read_text() == (
+        f"[10.0.0.2]:8023,[100.64.0.2]:8023 {HOST_KEY}\n"
+    )
+    # None answers: the first, which pyinfra then fails to connect to.
+    answers["100.64.0.2"] = False
+    data2 = {**data, "ssh_hostname": ["10.0.0.3", "100.64.0.2"]}
+    answers["10.0.0.3"] = False
+    ((_, first),) = hostkeys.choose_addresses([("pi5", data2)])
+    assert first["ssh_hostname"] == "10.0.0.3"
+
+
+def test_every_address_goes_through_the_grammar(write_inventory):
+    problem = only_problem(
+        write_inventory(fleet(pi={"ssh_hostname": "pi.test", "ssh_addresses": ["pi.test", "x?y"]}))
+    )
+    assert problem.startswith("pi: ssh_hostname 'x?y' is not a DNS name or an IPv4 address"), (
+        problem
+    )
+
+
+def test_a_list_no_address_was_chosen_from_is_refused_with_the_fix(write_inventory):
+    problem = only_problem(write_inventory(fleet(pi={"ssh_hostname": ["pi.test", "pi.ts.net"]})))
+    assert "no address was chosen from it; build the inventory's groups with pin_host_keys" in (
+        problem
+    )

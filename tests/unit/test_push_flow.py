@@ -16,7 +16,7 @@ from operations.core.failures import DeployFailed
 from operations.core.models import NIXOS_MARKER, SYSTEMD_RUNNING, Builder, Safety
 from operations.core.summary import RunSummary
 from operations.data.fleet import FleetError, check_fleet
-from operations.push import activate, build, copy, flow, plan, prune
+from operations.push import activate, build, copy, flow, plan, provenance, prune
 from operations.push.runcache import RunCache
 from operations.push.start import Deploy
 from operations.trust import keys, ssh
@@ -37,7 +37,10 @@ OPERATIONS = {
     "dry-activate": (activate, "dry_activate"),
     "activate": (activate, "activate_safely"),
     "prune": (prune, "prune_generations"),
+    "record": (provenance, "record_deployment"),
 }
+# What the builder resolved the flake to, for the provenance record.
+FLAKE = {"revision": "0123abcd", "narHash": "sha256-x"}
 
 
 class Run:
@@ -57,6 +60,7 @@ class Run:
         for step, (module, name) in OPERATIONS.items():
             monkeypatch.setattr(module, name, self.recorder(step))
         monkeypatch.setattr(prune, "announce", self.recorder("announce pruning", positional=True))
+        monkeypatch.setattr(provenance, "flake_metadata", lambda *_: FLAKE)
         monkeypatch.setattr(keys, "builder_trust", self.builder_trust)
         monkeypatch.setattr(plan, "reach_builder", self.reach_builder)
         monkeypatch.setattr(plan, "check_builder", self.recorder("check builder", positional=True))
@@ -126,7 +130,7 @@ def test_a_switch_trusts_builds_copies_and_activates_in_order(monkeypatch, write
     run = run_of(monkeypatch, write_inventory)
     target_plan = run.plans["pi"] = make_plan(target="pi")
     host = run.go("pi")
-    assert run.steps() == [*PUSH, "activate"]
+    assert run.steps() == [*PUSH, "activate", "record"]
     assert run.arguments("decrypt trust") == {"builder": "nas", "for": "pi"}
     assert run.arguments("authorize") == {
         "name": "Authorize the builder's deploy key", "user": "root", "key": TRUST.ssh_public_key,
@@ -155,6 +159,10 @@ def test_a_switch_trusts_builds_copies_and_activates_in_order(monkeypatch, write
         "sudo": False, "waves": cache.waves, "soak": 0,
     }  # fmt: skip
     assert cache.waves.members == {0: {"pi"}}
+    # Once confirmed (the last step), the target records what was deployed, from what.
+    record = run.arguments("record")["record"]
+    assert record["system"] == target_plan.desired and record["action"] == "switch"
+    assert {"nixpush_revision", "controller", "flake", "configuration"} <= set(record)
     assert host.logged == [
         "rollback armed: the target rolls back unless confirmed within 30s over a new SSH login"
         " (activated as test; what it boots changes only once confirmed); activation timeout"
@@ -245,7 +253,7 @@ def test_a_host_building_itself_needs_no_trust_and_copies_nothing(monkeypatch, w
                                                           "ssh_hostname": "nas.test"}))  # fmt: skip
     run.plans["nas"] = make_plan(target="nas")
     run.go("nas")
-    assert run.steps() == ["check builder", "plan", "build", "activate"]
+    assert run.steps() == ["check builder", "plan", "build", "activate", "record"]
     assert run.arguments("build")["builder"].host.name == "nas"
 
 
@@ -254,9 +262,22 @@ def test_a_rollback_plans_on_the_target_and_only_activates(monkeypatch, write_in
     rollback = run.plans["pi"] = make_plan("rollback", target="pi", desired=OLD, current=NEW)
     run.go("pi")
     # The trust is decrypted first (a wrong age key stops the run) but not applied.
-    assert run.steps() == ["decrypt trust", "plan", "activate"]
+    assert run.steps() == ["decrypt trust", "plan", "activate", "record"]
     assert run.arguments("activate")["plan"] is rollback
     assert run.deploy.cache.waves.members == {0: {"pi"}}
+
+
+def test_the_record_names_the_flakes_revision_and_the_report_carries_it(
+    monkeypatch, write_inventory
+):
+    run = run_of(monkeypatch, write_inventory, flake="git+file:///home/beau/nixos-config")
+    target_plan = run.plans["pi"] = make_plan(target="pi")
+    run.go("pi")
+    record = run.arguments("record")["record"]
+    assert record["system"] == target_plan.desired
+    assert record["flake"] == "git+file:///home/beau/nixos-config"
+    assert record["flake_revision"] == "0123abcd" and record["flake_nar_hash"] == "sha256-x"
+    assert run.deploy.summary.revisions == {"pi": "0123abcd"}
 
 
 def test_pruning_follows_the_activation(monkeypatch, write_inventory):
@@ -264,7 +285,7 @@ def test_pruning_follows_the_activation(monkeypatch, write_inventory):
     run = run_of(monkeypatch, write_inventory, **data)
     target_plan = run.plans["pi"] = make_plan(target="pi")
     run.go("pi")
-    assert run.steps() == [*PUSH, "activate", "announce pruning", "prune"]
+    assert run.steps() == [*PUSH, "activate", "announce pruning", "prune", "record"]
     announced = run.arguments("announce pruning")["args"]
     assert announced[1:] == (target_plan, 3, True, True)
     assert run.arguments("prune") == {
