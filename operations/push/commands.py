@@ -61,8 +61,14 @@ def copy_command(path: str, user: str, address: str, substitute: bool = False) -
     # its trusted-public-keys, hence the explicit signing before.
     # With `substitute` (substitute_on_target), the target's daemon first fetches the missing
     # paths its own substituters have (from its nix.conf, trusted whoever asks); what it could
-    # not fetch, for any reason, is sent by the builder as without it.
-    flag = ("--substitute-on-destination",) if substitute else ()
+    # not fetch, for any reason, is sent by the builder as without it. Nix 2.8's ssh-ng client
+    # tells the daemon to substitute by sending its builders-use-substitutes setting, not the
+    # flag (RemoteStore::queryValidPaths), so the copy sets both.
+    flag = (
+        ("--substitute-on-destination", "--option", "builders-use-substitutes", "true")
+        if substitute
+        else ()
+    )
     return StringCommand(
         *NIX, "copy", *flag, "--to", QuoteString(f"ssh-ng://{user}@{address}"), QuoteString(path)
     )

@@ -144,8 +144,14 @@ def trust(h: fleet.BenchHost) -> None:
 
 
 def untrust(h: fleet.BenchHost) -> None:
-    """Take the cache out of ``h``'s nix.conf again and restart its daemon."""
-    _as_root(
-        h,
-        f"sed -i '/^{MARK}$/,+2d' /etc/nix/nix.conf; " + restart_daemon(h.systemd).get_raw_value(),
-    )
+    """Take the cache out of ``h``'s nix.conf again and restart its daemon. Word by word: a
+    deploy meanwhile may have added the builder's key to the same ``extra-trusted-public-keys``
+    line (``nix.trusted_public_key`` extends the line it finds)."""
+    sed = [
+        f"/^{MARK}$/d",
+        f"\\|^extra-substituters = {URL}$|d",
+        f"s| *{public_key()}||",
+        "/^extra-trusted-public-keys = *$/d",
+    ]
+    script = " ".join(f"-e {shlex.quote(expression)}" for expression in sed)
+    _as_root(h, f"sed -i {script} /etc/nix/nix.conf; " + restart_daemon(h.systemd).get_raw_value())

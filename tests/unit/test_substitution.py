@@ -30,7 +30,8 @@ def test_the_copy_asks_the_target_to_substitute_first_only_when_set():
     assert "--substitute-on-destination" not in plain
     assert copy_command(NEW, "beau; id", "10.0.0.2", substitute=True).get_raw_value() == (
         "nix --extra-experimental-features 'nix-command flakes' copy "
-        f"--substitute-on-destination --to 'ssh-ng://beau; id@10.0.0.2' {NEW}"
+        "--substitute-on-destination --option builders-use-substitutes true "
+        f"--to 'ssh-ng://beau; id@10.0.0.2' {NEW}"
     )
 
 
@@ -53,5 +54,5 @@ def _copied_command(monkeypatch: Any, substitute: bool) -> str:
 
 
 def test_the_copy_step_passes_the_hosts_choice_on(monkeypatch):
-    assert "copy --substitute-on-destination --to" in _copied_command(monkeypatch, True)
+    assert "copy --substitute-on-destination --option" in _copied_command(monkeypatch, True)
     assert "--substitute-on-destination" not in _copied_command(monkeypatch, False)

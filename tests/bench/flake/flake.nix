@@ -32,7 +32,7 @@
         name = "bench-blob-${tag}";
         inherit system tag;
         builder = "${busybox.${system}}/busybox";
-        args = [ "sh" "-c" "$builder mkdir $out && $builder dd if=/dev/urandom of=$out/blob bs=1024 count=4096 2>/dev/null" ];
+        args = [ "sh" ./build-blob.sh ];
       };
       toplevel = name: cfg: derivation {
         name = "nixos-system-${name}-${cfg.version}";
