@@ -61,7 +61,8 @@ from operations.data.secret import parse_mode as parse_mode
 from operations.data.secret import parse_secret as parse_secret
 from operations.trust.recipients import (
     Reader,
-    controller_age_recipients,
+    controller_age_identities,
+    identities_recipients,
     sops_recipients,
     unexpected_readers,
 )
@@ -155,15 +156,18 @@ def check_push_key_file(
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return
-    controller = controller_age_recipients(os.environ, Path.home())
+    identities = controller_age_identities(os.environ, Path.home())
     host_keys = {o.name: o.ssh_host_key for o in specs.values() if o.name != spec.name}
-    # Every target of a builder decrypts its keys: the answer is kept for the run, by all it
-    # depends on (parsing the file's metadata for each target cost ~20 ms a target).
-    inputs = [spec.name, text, controller, spec.nixpush_sops_recipients, sorted(host_keys.items())]
+    # Every target of a builder decrypts its keys: a pass is kept for the run, by the digest
+    # of all it depends on (parsing the file's metadata and deriving the controller's age
+    # recipients cost ~20 ms a target). The identities enter only hashed, as for
+    # ``Run.ssh_public_keys``.
+    inputs = [spec.name, text, identities, spec.nixpush_sops_recipients, sorted(host_keys.items())]
     digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
     passed = current_run().push_key_files_checked
     if digest in passed:
         return
+    controller = identities_recipients(identities)
     readers = unexpected_readers(
         sops_recipients(text), controller, spec.nixpush_sops_recipients, host_keys
     )
