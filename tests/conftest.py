@@ -16,11 +16,11 @@ def bench() -> Iterator[None]:
     """The bench fleet, up for the whole session; torn down afterwards, leaving nothing."""
     if os.geteuid() != 0:
         pytest.skip("the bench fleet needs root (network namespaces, mounts)")
-    # The controller's state dir (nixpush-run's lock, which every deploy takes) is the bench's
-    # own: benches side by side on one machine would otherwise wait on each other's deploys.
-    state = fleet.BENCH_DIR / "controller-state"
-    state.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("NIXPUSH_STATE_DIR", str(state))
+    # The controller's state dir (nixpush-run's, whose lock a deploy takes when the dir exists)
+    # is one of the bench's that does not exist, as on a machine where nixpush-run never ran:
+    # a /var/lib/nixpush left on this machine would make side-by-side benches, and two
+    # controllers of one test, wait on each other's deploys. nixpush-run's tests pass their own.
+    os.environ.setdefault("NIXPUSH_STATE_DIR", str(fleet.BENCH_DIR / "no-nixpush-run-here"))
     fleet.up()
     yield
     if os.environ.get("NIXPUSH_BENCH_KEEP") != "1":

@@ -48,6 +48,8 @@ class Run:
     + ssh_public_keys: public halves derived this run, by the SHA-256 of their private key
       (every target of a builder asks for the same one: an ssh-keygen process each, otherwise)
     + host_kinds: per host name, what it is (``operations.data.steady``)
+    + push_key_files_checked: ``check_push_key_file``'s passes this run, by the digest of all
+      it read (the builder, the file, the allowed and the controller's keys, the host keys)
     + deploy: the push deploy's ``Deploy`` (``operations.push.start``), once started
     """
 
@@ -56,6 +58,7 @@ class Run:
     decrypting: threading.Lock = field(default_factory=threading.Lock)
     ssh_public_keys: dict[str, str] = field(default_factory=dict)
     host_kinds: dict[str, frozenset[str]] = field(default_factory=dict)
+    push_key_files_checked: set[str] = field(default_factory=set)
     deploy: object | None = None
     _summary: RunSummary | None = None
 

@@ -87,7 +87,8 @@ NIXPUSH_KEYS: tuple[str, ...] = (
     "nixpush_sops_file", "deploy_wave", "wave_soak", "min_free_space", "boot_dir",
     "keep_generations", "gc_after_deploy", "nixpush_inventory", INSECURE_KEY,
     "nixpush_sops_recipients", "remote_builders", "builder_systems", "speed_factor",
-    "builder_features", "ssh_addresses", "provenance_file", *REBOOT_KEYS,
+    "builder_features", "ssh_addresses", "provenance_file", "substitute_on_target",
+    *REBOOT_KEYS,
 )  # fmt: skip
 # pyinfra's own connection keys nixpush reads; other keys of pyinfra's connectors are known too.
 PYINFRA_KEYS: tuple[str, ...] = (
@@ -173,6 +174,8 @@ class HostSpec:
       ``boot_dir/nixos``), checked for room before a switch or boot; None: not checked
     + keep_generations: after a confirmed switch, the system generations kept (None: all)
     + gc_after_deploy: collect garbage after pruning generations
+    + substitute_on_target: as a target, the copy asks it to fetch first what its own
+      substituters have (``nix copy --substitute-on-destination``); the builder sends the rest
     + nixpush_sops_recipients: master keys (an age recipient, a PGP fingerprint, ...) allowed
       to read the file of this builder's push and signing keys besides the controller's age
       key, e.g. a backup key kept offline
@@ -229,6 +232,7 @@ class HostSpec:
     boot_dir: str | None = None
     keep_generations: int | None = None
     gc_after_deploy: bool = False
+    substitute_on_target: bool = False
     nixpush_sops_recipients: tuple[str, ...] = ()
     secrets: tuple[Secret, ...] = ()
     sops_file: str | None = None
@@ -831,6 +835,7 @@ def _read_host(host: Host) -> tuple[HostSpec, list[str]]:
         boot_dir=read.boot_dir(nix_system),
         keep_generations=read.keep_generations(),
         gc_after_deploy=read.boolean("gc_after_deploy"),
+        substitute_on_target=read.boolean("substitute_on_target"),
         nixpush_sops_recipients=read.sops_recipients(),
         secrets=read.secrets(),
         sops_file=paths["sops_file"],

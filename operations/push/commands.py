@@ -55,12 +55,22 @@ def sign_command(path: str, key_file: str = SIGNING_KEY_PATH) -> StringCommand:
     )  # fmt: skip
 
 
-def copy_command(path: str, user: str, address: str) -> StringCommand:
+def copy_command(path: str, user: str, address: str, substitute: bool = False) -> StringCommand:
     # ssh-ng runs `nix-daemon --stdio` on the target as the deploy user: for a user the
     # target's daemon does not trust, paths are accepted only with a signature by a key in
     # its trusted-public-keys, hence the explicit signing before.
+    # With `substitute` (substitute_on_target), the target's daemon first fetches the missing
+    # paths its own substituters have (from its nix.conf, trusted whoever asks); what it could
+    # not fetch, for any reason, is sent by the builder as without it. Nix 2.8's ssh-ng client
+    # tells the daemon to substitute by sending its builders-use-substitutes setting, not the
+    # flag (RemoteStore::queryValidPaths), so the copy sets both.
+    flag = (
+        ("--substitute-on-destination", "--option", "builders-use-substitutes", "true")
+        if substitute
+        else ()
+    )
     return StringCommand(
-        *NIX, "copy", "--to", QuoteString(f"ssh-ng://{user}@{address}"), QuoteString(path)
+        *NIX, "copy", *flag, "--to", QuoteString(f"ssh-ng://{user}@{address}"), QuoteString(path)
     )
 
 

@@ -10,6 +10,11 @@ before anything on it changes. Then, for a system to be activated, the target ge
 for it (``switch.pin_copy_command``) that lasts until the activation's program pins the system
 itself: a garbage collection in between (while a later wave waits) cannot delete it.
 
+With ``substitute_on_target`` the copy runs with ``--substitute-on-destination``: the target's
+daemon first fetches the missing paths its own substituters have (a cache near it, or
+cache.nixos.org), and the builder sends only the rest, signed as always. A substituter that is
+down or lacks a path costs nothing but its query: the builder sends that path.
+
 Why sign: ``nix copy`` to a user the target's Nix does not trust is accepted only with a
 signature by a key in the target's ``trusted-public-keys`` (``deploys/pi.py`` makes the target
 trust the builder's key before it copies).
@@ -109,6 +114,7 @@ def copy_closure(
     address: str,
     port: int,
     user: str,
+    substitute: bool = False,
 ) -> Generator[PyinfraCommand, None, None]:
     """
     Copy the plan's signed closure from the builder to the target over ssh-ng.
@@ -116,6 +122,8 @@ def copy_closure(
     + plan, builder, cache: as for ``build.build_toplevel``
     + address, port, user: how the builder reaches the target (its inventory SSH data); the
       builder verifies the target's host key against its known_hosts (never accept-new)
+    + substitute: the target fetches first what its own substituters have
+      (``substitute_on_target``); the builder sends the rest
 
     **Example:**
 
@@ -127,16 +135,18 @@ def copy_closure(
     if plan.up_to_date or not plan.action.copies:
         host.noop(plan.noop_reason if plan.up_to_date else "build only: nothing to copy")
         return
-    yield FunctionCommand(_copy, (plan, builder, cache, Destination(address, port, user)), {})
+    to = Destination(address, port, user, substitute)
+    yield FunctionCommand(_copy, (plan, builder, cache, to), {})
 
 
 @dataclass(frozen=True)
 class Destination:
-    """Where a copy goes: the target as its builder reaches it."""
+    """Where a copy goes: the target as its builder reaches it, and whether it substitutes."""
 
     address: str
     port: int
     user: str
+    substitute: bool = False
 
 
 @host_step
@@ -166,7 +176,9 @@ def _copy(
         ok, lines = run_watched(
             builder.host,
             lambda log: logged(
-                copy_command(plan.desired, user, address), log, builder.copy_timeout
+                copy_command(plan.desired, user, address, to.substitute),
+                log,
+                builder.copy_timeout,
             ),
             describe=describe,
             show=shower(host, f"copying from {plan.builder}"),
@@ -248,8 +260,9 @@ def _room_problem(host: Host, plan: Plan, closure: space.Closure, cache: RunCach
     room = space.parse_target_space(lines, closure, boot_dir) if ok else None
     if room is None:
         return f"{doing} failed: {nix_error(lines)}"
+    source = " (its substituters first)" if spec.substitute_on_target else ""
     host.log_styled(
-        f"{room.missing_paths} of {len(closure.sizes)} paths to copy; "
+        f"{room.missing_paths} of {len(closure.sizes)} paths to copy{source}; "
         f"{room.store.mount} has {space.human(room.store.free)} free",
         log_func=logger.info,
     )

@@ -208,6 +208,7 @@ def build_and_copy(
         address=address,
         port=spec.ssh_port,
         user=spec.ssh_user or "root",
+        substitute=spec.substitute_on_target,
     )
 
 

@@ -15,6 +15,12 @@ What the copy adds is the closure's paths the target lacks, each at its NAR size
   may be), and which boot files are already in ``boot_dir/nixos`` (where NixOS's extlinux
   installs them, named after their store path).
 
+With ``substitute_on_target`` a missing path comes from the target's substituters or from the
+builder, never both: it is counted once, at its NAR size, whichever way it arrives, since it
+takes the same room in the store either way. Which paths the substituters have is not asked
+(Nix 2.8 answers that only by querying each cache from the target, a round trip per path and
+cache): it changes the bytes the builder sends, not the room the copy needs.
+
 The store keeps ``min_free_space`` free besides (``Margin``). In the boot partition every file
 is counted up to a whole block (a FAT cluster; an upper bound: the builder sends each item's
 total, not each file's size), and ``BOOT_MARGIN`` stays free besides, for what the boot loader

@@ -276,6 +276,12 @@ def controller_age_recipients(environ: Mapping[str, str], home: Path) -> list[st
     (``$XDG_CONFIG_HOME/sops/age/keys.txt``, else ``~/.config/sops/age/keys.txt``). A file
     that cannot be read gives none. Only the public halves leave this function.
     """
+    return identities_recipients(controller_age_identities(environ, home))
+
+
+def controller_age_identities(environ: Mapping[str, str], home: Path) -> list[str]:
+    """The texts ``controller_age_recipients`` reads its identities from (secret: keep them
+    in memory only)."""
     texts = [environ.get("SOPS_AGE_KEY", "")]
     config = environ.get("XDG_CONFIG_HOME") or str(home / ".config")
     for path in (environ.get("SOPS_AGE_KEY_FILE"), os.path.join(config, "sops/age/keys.txt")):
@@ -284,6 +290,11 @@ def controller_age_recipients(environ: Mapping[str, str], home: Path) -> list[st
                 texts.append(Path(path).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError):
                 pass
+    return texts
+
+
+def identities_recipients(texts: Sequence[str]) -> list[str]:
+    """The recipients of the age identities in ``texts`` (one per line, ``#`` comments)."""
     found: list[str] = []
     for text in texts:
         for line in text.splitlines():

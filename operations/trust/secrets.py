@@ -29,6 +29,8 @@ compare: it is printed by facts at ``-vvv``, like any fact output.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +53,7 @@ from operations.core.files import (
     write_file,
 )
 from operations.core.models import Plaintext
+from operations.core.runstate import current_run
 from operations.data.secret import DEFAULT_MODE as DEFAULT_MODE
 from operations.data.secret import Secret as Secret
 from operations.data.secret import is_clean_absolute
@@ -58,7 +61,8 @@ from operations.data.secret import parse_mode as parse_mode
 from operations.data.secret import parse_secret as parse_secret
 from operations.trust.recipients import (
     Reader,
-    controller_age_recipients,
+    controller_age_identities,
+    identities_recipients,
     sops_recipients,
     unexpected_readers,
 )
@@ -152,11 +156,23 @@ def check_push_key_file(
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return
-    controller = controller_age_recipients(os.environ, Path.home())
+    identities = controller_age_identities(os.environ, Path.home())
     host_keys = {o.name: o.ssh_host_key for o in specs.values() if o.name != spec.name}
+    # Every target of a builder decrypts its keys: a pass is kept for the run, by the digest
+    # of all it depends on (parsing the file's metadata and deriving the controller's age
+    # recipients cost ~20 ms a target). The identities enter only hashed, as for
+    # ``Run.ssh_public_keys``.
+    inputs = [spec.name, text, identities, spec.nixpush_sops_recipients, sorted(host_keys.items())]
+    digest = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
+    passed = current_run().push_key_files_checked
+    if digest in passed:
+        return
+    controller = identities_recipients(identities)
     readers = unexpected_readers(
         sops_recipients(text), controller, spec.nixpush_sops_recipients, host_keys
     )
+    if not readers:
+        passed.add(digest)
     if readers:
         which = "it" if len(readers) == 1 else "any of them"
         unknown = (

@@ -1,4 +1,4 @@
-"""``python -m tests.bench install|up|down [--purge]|status|env``: drive the bench fleet."""
+"""``python -m tests.bench install|up|down [--purge]|status|env|cache``: drive the bench fleet."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     down = sub.add_parser("down", help="stop every host, remove namespaces and links")
     down.add_argument("--purge", action="store_true", help="also delete the bench's state")
     sub.add_parser("status", help="say which hosts are up")
+    cache_parser = sub.add_parser(
+        "cache", help="the bench's binary cache (tests/bench/cache.py): start, stop or show it"
+    )
+    cache_parser.add_argument("action", choices=("up", "down", "status"))
     sub.add_parser("env", help="print shell exports for using the bench by hand (age key too)")
     args = parser.parse_args(argv)
 
@@ -56,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if left else 0
     elif args.command == "status":
         return _print_status()
+    elif args.command == "cache":
+        from tests.bench import cache
+
+        if args.action == "up":
+            cache.up()
+        elif args.action == "down":
+            cache.down()
+        state = f"up at {cache.URL}, key {cache.public_key()}" if cache.running() else "down"
+        print(f"{cache.NAME}: {state}")
     elif args.command == "env":
         from tests.bench import sops
 

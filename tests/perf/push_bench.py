@@ -129,12 +129,20 @@ def shared_inventory(configs: Configs) -> str:
     return str(path)
 
 
-def nixpush(configs: Configs, inventory: str, limit: bool, cache: bool = True) -> Run:
+def nixpush(
+    configs: Configs,
+    inventory: str,
+    limit: bool,
+    cache: bool = True,
+    extra_env: Mapping[str, str] | None = None,
+    command: Sequence[str] = ("deploys/pi.py",),
+) -> Run:
     """``pyinfra -y <inventory> deploys/pi.py`` as a user runs it, timed, with its peak RSS;
-    without ``cache``, with an empty evaluation cache."""
+    without ``cache``, with an empty evaluation cache; ``command`` instead of the deploy
+    (``exec -- true``: pyinfra's own floor on the same hosts)."""
     limits = [arg for pi in configs for arg in ("--limit", pi)] if limit else []
-    argv = pyinfra_argv("-y", inventory, "deploys/pi.py", *limits)
-    env = dict(bench_sops.env())
+    argv = pyinfra_argv("-y", inventory, *command, *limits)
+    env = {**bench_sops.env(), **(extra_env or {})}
     with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryDirectory() as empty:
         if not cache:
             env["NIXPUSH_CACHE_DIR"] = empty
@@ -285,6 +293,185 @@ def scale(sizes: Sequence[int], rounds: int, weight: str) -> None:
         print(f"failed: {failure}")
 
 
+MIB = 1024**2
+
+
+def substitution_bytes(rounds: int) -> list[tuple[int, int, int]]:
+    """Per round: bytes the NAS sent to a Pi without ``substitute_on_target``, to one with it,
+    and what the bench cache served that one. Both Pis' closures share a new 4 MiB package
+    (the flake's ``blob``) only the NAS and the cache hold; the Pis swap roles each round."""
+    from tests.bench import cache
+
+    nas = fleet.host(fleet.BUILDER)
+    pair = ("pi4", "pi5")
+    cache.up()
+    for pi in pair:
+        cache.trust(fleet.host(pi))
+    figures = []
+    try:
+        for n in range(rounds):
+            plain, substituting = pair if n % 2 == 0 else pair[::-1]
+            tag = uuid.uuid4().hex[:8]
+            flake = fleet.flake_configs()
+            for pi in pair:
+                flake[pi] = {**flake[pi], "version": f"perf-{tag}", "blob": tag}
+            fleet.set_flake_configs(flake)
+            tops = desired_systems(own_configs(pair))
+            attrs = " ".join(
+                shlex.quote(f"{fleet.flake_ref()}#nixosConfigurations.{pi}.config.system.build"
+                            ".toplevel") for pi in pair
+            )  # fmt: skip
+            ssh(fleet.BUILDER, f"{NIX} build --no-link {attrs}")
+            closure = ssh(fleet.BUILDER, f"{NIX} path-info -r {tops[plain]}").stdout.split()
+            cache.fill([p for p in closure if "-bench-blob-" in p])
+            sent = []
+            for pi, data in ((plain, []), (substituting, ["--data", "substitute_on_target=True"])):
+                before, served = cache.sent_bytes(nas.veth), cache.sent_bytes()
+                run = nixpush({pi: pi}, BENCH_INVENTORY, True, command=("deploys/pi.py", *data))
+                if not run.passed or current_system(pi) != tops[pi]:
+                    raise SystemExit(f"substitution round {n}: {pi} failed: {run.why}")
+                sent.append((cache.sent_bytes(nas.veth) - before, cache.sent_bytes() - served))
+            figures.append((sent[0][0], sent[1][0], sent[1][1]))
+    finally:
+        for pi in pair:
+            cache.untrust(fleet.host(pi))
+        cache.down()
+    return figures
+
+
+def floor(sizes: Sequence[int], rounds: int, weight: str) -> None:
+    """The no-change run at each fleet size against pyinfra's own floor on the same hosts
+    (``pyinfra -y INV exec -- true``), rounds interleaved, with both peak RSS."""
+    print(f"{'Pis':>4}{'no change s':>13}{'floor s':>9}{'ratio':>7}{'ok':>5}"
+          f"{'nixpush RSS':>13}{'floor RSS':>11}")  # fmt: skip
+    for size in sizes:
+        fleet.up(pis=size, pool=False)
+        prepare_push()
+        fleet.set_library_weight(weight)
+        configs = own_configs(tuple(h.name for h in fleet.PIS))
+        nixpush(configs, BENCH_INVENTORY, limit=False)  # untimed: the cache keeps its evaluation
+        ours: list[Run] = []
+        theirs: list[Run] = []
+        for _ in range(rounds):
+            ours.append(nixpush(configs, BENCH_INVENTORY, limit=False))
+            theirs.append(nixpush(configs, BENCH_INVENTORY, False, command=("exec", "--", "true")))
+        a = statistics.median(r.seconds for r in ours)
+        b = statistics.median(r.seconds for r in theirs)
+        ok = all(r.passed for r in (*ours, *theirs)) and not off_target(configs)
+        rss_a = max(r.peak_rss_kib or 0 for r in ours) / 1024
+        rss_b = max(r.peak_rss_kib or 0 for r in theirs) / 1024
+        print(f"{size:>4}{a:>13.2f}{b:>9.2f}{a / b:>7.2f}{'yes' if ok else 'NO':>5}"
+              f"{rss_a:>9.0f} MiB{rss_b:>7.0f} MiB", flush=True)  # fmt: skip
+        for r in (*ours, *theirs):
+            if not r.passed:
+                print(f"  failed: {'; '.join(r.why)}")
+
+
+def cold_shared(sizes: Sequence[int], rounds: int, weight: str) -> None:
+    """A cold deploy of N Pis sharing one configuration (per Nix system), each size against
+    the first."""
+    medians = {}
+    for size in sizes:
+        fleet.up(pis=size, pool=False)
+        prepare_push()
+        fleet.set_library_weight(weight)
+        pis = tuple(h.name for h in fleet.PIS)
+        ours, _ = measure_nixpush(Case("cold, shared", pis, cold=True, shared=True), rounds)
+        medians[size] = statistics.median(r.seconds for r in ours)
+        ok = "yes" if all(r.passed for r in ours) else "NO"
+        ratio = medians[size] / medians[sizes[0]]
+        print(f"cold, shared, {size:>2} Pis: {medians[size]:.2f} s ({ratio:.2f}x {sizes[0]}), "
+              f"ok {ok}", flush=True)  # fmt: skip
+
+
+def measure_nixpush(
+    case: Case,
+    rounds: int,
+    inventory: str | None = None,
+    extra_env: Mapping[str, str] | None = None,
+) -> tuple[list[Run], Configs]:
+    """``rounds`` cold runs of nixpush alone (no bare way), each checked."""
+    configs = shared_configs(case.pis) if case.shared else own_configs(case.pis)
+    if inventory is None:
+        inventory = shared_inventory(configs) if case.shared else BENCH_INVENTORY
+    runs = []
+    for _ in range(rounds):
+        bump(configs)
+        run = nixpush(configs, inventory, False, extra_env=extra_env)
+        wrong = off_target(configs)
+        if wrong:
+            run.passed = False
+            run.why += wrong
+        runs.append(run)
+    return runs, configs
+
+
+POOL_INVENTORY = "tests/bench/pool_inventory.py"
+
+
+def pool(pis: int, rounds: int, slow_build: int) -> None:
+    """A cold deploy of ``pis`` distinct Pis, each build sleeping ``slow_build`` s, with one
+    job per machine: the NAS alone, then the NAS and the member ``bld``."""
+    env = {"NIXPUSH_BENCH_NAS_MAX_JOBS": "1"}
+    medians = {}
+    for members in (False, True):
+        fleet.up(pis=pis, pool=members)
+        bench_sops.ensure()
+        prepare_push()
+        for deploy in ("deploys/secrets.py", "deploys/nas.py"):
+            subprocess.run(
+                pyinfra_argv("-y", POOL_INVENTORY, deploy), cwd=REPO, check=True,
+                env={**bench_sops.env(), **env}, capture_output=True,
+            )  # fmt: skip
+        names = tuple(h.name for h in fleet.PIS)
+        flake = fleet.flake_configs()
+        for pi in names:
+            flake[pi] = {**flake.get(pi, {"system": fleet.host(pi).system}),
+                         "slowBuild": str(slow_build)}  # fmt: skip
+        fleet.set_flake_configs(flake)
+        runs, _ = measure_nixpush(
+            Case("cold, distinct", names, cold=True), rounds,
+            inventory=POOL_INVENTORY, extra_env=env,
+        )  # fmt: skip
+        label = "NAS + bld" if members else "NAS alone"
+        medians[members] = statistics.median(r.seconds for r in runs)
+        ok = "yes" if all(r.passed for r in runs) else "NO"
+        print(f"cold, {pis} distinct Pis, slowBuild {slow_build} s, 1 job each, {label}: "
+              f"{medians[members]:.2f} s, ok {ok}", flush=True)  # fmt: skip
+        for r in runs:
+            if not r.passed:
+                print(f"  failed: {'; '.join(r.why)}")
+    print(f"pool: {medians[True] / medians[False]:.2f}x the NAS alone")
+    flake = fleet.flake_configs()
+    for config in flake.values():
+        config.pop("slowBuild", None)
+    fleet.set_flake_configs(flake)
+    fleet.up(pool=False)
+    prepare_push()
+
+
+def figures(args: argparse.Namespace) -> None:
+    """The issue's figures in one run, each with its ratio."""
+    steal = "the machine: 2 cores, shared with other benches while it ran"
+    print(f"figures ({steal}); {args.rounds} rounds, medians")
+    if "bytes" in args.figures:
+        fleet.up(pool=False)
+        prepare_push()
+        rows = substitution_bytes(args.rounds)
+        plain = statistics.median(r[0] for r in rows)
+        sub = statistics.median(r[1] for r in rows)
+        served = statistics.median(r[2] for r in rows)
+        print(f"bytes the NAS sent a Pi: {plain / MIB:.2f} MiB without substitute_on_target, "
+              f"{sub / MIB:.2f} MiB with it ({sub / plain:.2f}x; the cache served "
+              f"{served / MIB:.2f} MiB)", flush=True)  # fmt: skip
+    if "floor" in args.figures:
+        floor([int(n) for n in args.floor_sizes.split(",")], args.rounds, args.weight)
+    if "shared" in args.figures:
+        cold_shared([int(n) for n in args.shared_sizes.split(",")], args.rounds, args.weight)
+    if "pool" in args.figures:
+        pool(8, args.rounds, args.slow_build)
+
+
 def passed(runs: Sequence[Run]) -> str:
     ok = sum(r.passed for r in runs)
     return "yes" if ok == len(runs) else f"NO {ok}/{len(runs)}"
@@ -297,7 +484,18 @@ def main() -> None:
     parser.add_argument("--max-sessions", type=int, help="the builder's sshd MaxSessions")
     parser.add_argument("--scale", help="fleet sizes to run in turn, e.g. 1,2,4,8,16")
     parser.add_argument("--weight", default="heavy", choices=fleet.LIBRARY_WEIGHTS)
+    parser.add_argument(
+        "--figures",
+        help="comma-separated: bytes (substitute_on_target), floor (no change against pyinfra's "
+        "exec -- true), shared (cold, one shared configuration), pool (NAS alone vs with bld)",
+    )
+    parser.add_argument("--floor-sizes", default="1,16,64")
+    parser.add_argument("--shared-sizes", default="1,8")
+    parser.add_argument("--slow-build", type=int, default=3, help="seconds each pool build sleeps")
     args = parser.parse_args()
+    if args.figures:
+        figures(args)
+        return
     if args.scale:
         scale([int(n) for n in args.scale.split(",")], args.rounds, args.weight)
         return

@@ -126,6 +126,14 @@ def run_of(monkeypatch, write_inventory, groups=None, limit=None, **data) -> Run
 PUSH = ["decrypt trust", "check builder", "plan", "authorize", "trust", "build", "sign", "copy"]
 
 
+def test_a_target_that_substitutes_asks_for_it_in_its_copy(monkeypatch, write_inventory):
+    run = run_of(monkeypatch, write_inventory, substitute_on_target=True)
+    run.plans["pi"] = make_plan(target="pi")
+    run.go("pi")
+    assert run.steps() == [*PUSH, "activate", "record"]
+    assert run.arguments("copy")["substitute"] is True
+
+
 def test_a_switch_trusts_builds_copies_and_activates_in_order(monkeypatch, write_inventory):
     run = run_of(monkeypatch, write_inventory)
     target_plan = run.plans["pi"] = make_plan(target="pi")
@@ -151,7 +159,7 @@ def test_a_switch_trusts_builds_copies_and_activates_in_order(monkeypatch, write
     }  # fmt: skip
     assert run.arguments("copy") == {
         "name": "Copy the closure from the builder", "plan": target_plan, "builder": builder,
-        "cache": cache, "address": "pi.test", "port": 22, "user": "root",
+        "cache": cache, "address": "pi.test", "port": 22, "user": "root", "substitute": False,
     }  # fmt: skip
     assert run.arguments("activate") == {
         "name": "Activate (detached, confirmed, rolled back on failure)", "plan": target_plan,

@@ -364,3 +364,23 @@ def test_a_bad_allow_list_stops_the_run_naming_the_key(write_inventory, tmp_path
             p.startswith(f"nas: nixpush_sops_recipients is {value!r}; set it to a list of")
             for p in caught.value.problems
         ), (n, caught.value.problems)
+
+
+def test_a_push_key_file_that_passed_is_not_parsed_again_in_the_run(
+    write_inventory, tmp_path, monkeypatch
+):
+    """Every target of a builder decrypts its keys: the file's metadata is parsed once a run,
+    and again only when something the check read changed (here, the file)."""
+    monkeypatch.setattr(secrets, "decrypt", lambda f, k, **_: Plaintext("k", "x"))
+    parsed: list[str] = []
+    parse = secrets.sops_recipients
+    monkeypatch.setattr(secrets, "sops_recipients", lambda text: parsed.append(text) or parse(text))
+    allow = {"nixpush_sops_recipients": [BACKUP]}
+    host, secret, shared = _builder(write_inventory, tmp_path, BACKUP, nas_data=allow)
+    for _ in range(3):
+        decrypt_secret(*_fleet_of(host), secret)
+    assert len(parsed) == 1
+    shared.write_text(shared.read_text() + "\n")
+    decrypt_secret(*_fleet_of(host), secret)
+    assert len(parsed) == 2
+    current_run().drop_secrets()

@@ -34,6 +34,9 @@ if [ -n "$dtbs" ]; then
     done
   done
 fi
+if [ -n "$blob" ]; then
+  $bb ln -s "$blob" "$out/blob"
+fi
 if [ -n "$padding" ]; then
   $bb dd if=/dev/urandom of="$out/padding" bs=1024 count=4096 2>/dev/null
 fi

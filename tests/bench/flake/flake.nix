@@ -25,6 +25,15 @@
         builder = "${busybox.${system}}/busybox";
         args = [ "sh" ./build-kernel.sh ];
       };
+      # A 4 MiB package of its own (random bytes: no compression helps), shared by every
+      # configuration of one system naming the same `blob` tag: what a binary cache near the
+      # target can serve instead of the builder (tests/bench/cache.py, substitute_on_target).
+      blob = system: tag: derivation {
+        name = "bench-blob-${tag}";
+        inherit system tag;
+        builder = "${busybox.${system}}/busybox";
+        args = [ "sh" ./build-blob.sh ];
+      };
       toplevel = name: cfg: derivation {
         name = "nixos-system-${name}-${cfg.version}";
         system = cfg.system;
@@ -52,6 +61,7 @@
         systemdBoot = if cfg.systemdBoot or false then "1" else "";
         # Makes the closure a few MB, so a slowed link can be cut in the middle of a copy.
         padding = if cfg.padding or false then "1" else "";
+        blob = if (cfg.blob or "") != "" then blob cfg.system cfg.blob else "";
         kernel = kernel cfg.system (cfg.kernel or "1");
         kernelParams = cfg.kernelParams or "console=ttyS0";
         # Device trees (a dtbs directory of 768 KiB) for the boot loader to copy to /boot.
