@@ -63,6 +63,8 @@ class RunSummary:
     skipped_members: dict[str, dict[str, str]] = field(default_factory=dict)
     # Targets whose new system needs a reboot to be fully in effect: what differs (empty: none).
     reboots: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Targets rebooted into their new system after a confirmed switch (``reboot`` data).
+    rebooted_hosts: set[str] = field(default_factory=set)
 
     @property
     def wants_report(self) -> bool:
@@ -80,6 +82,11 @@ class RunSummary:
     def reboot_needed(self, host_name: str, changes: tuple[str, ...]) -> None:
         """What only a reboot of the host brings into effect (empty: nothing), once known."""
         self.reboots[host_name] = changes
+
+    def rebooted(self, host_name: str) -> None:
+        """The host rebooted into its new system and passed its checks: nothing more needed."""
+        self.rebooted_hosts.add(host_name)
+        self.reboots[host_name] = ()
 
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
@@ -167,7 +174,8 @@ class RunSummary:
             else:
                 machine = self.built_on.get(name)
                 via = f" (built on {machine})" if machine and machine != plan.builder else ""
-                result[name] = ("deployed", f"{plan.action} {plan.desired}{via}")
+                rebooted = "; rebooted into it" if name in self.rebooted_hosts else ""
+                result[name] = ("deployed", f"{plan.action} {plan.desired}{via}{rebooted}")
             status, detail = result.get(name, ("", ""))
             if self.reboots.get(name) and status in ("deployed", "unchanged", "planned"):
                 result[name] = (status, f"{detail}; {describe(self.reboots[name])}")
@@ -203,6 +211,8 @@ class RunSummary:
                     reboot_required=bool(self.reboots[name]),
                     reboot_changes=list(self.reboots[name]),
                 )
+            if name in self.rebooted_hosts:
+                entry["rebooted"] = True
             hosts[name] = entry
         return {
             "executed": self.state.current_stage >= StateStage.Execute,
