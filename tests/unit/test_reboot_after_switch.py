@@ -152,3 +152,21 @@ def test_dry_says_whether_it_would_reboot():
     always = describe_reboot(Reboot(RebootPolicy.ALWAYS, 90), ()) or ""
     assert always.startswith("reboot: after the confirmed switch, waiting up to 90s")
     assert "(extlinux) a new system that does not boot leaves the host down" in always
+
+
+def test_a_rebooted_host_says_so_and_needs_no_more_reboot():
+    from types import SimpleNamespace
+
+    from operations.core.summary import RunSummary
+
+    pi4 = SimpleNamespace(name="pi4")
+    state = SimpleNamespace(
+        inventory=[pi4], failed_hosts=set(), current_stage=99, is_host_in_limit=lambda h: True
+    )
+    summary = RunSummary(state)  # type: ignore[arg-type]
+    summary.planned(PLAN)
+    summary.reboot_needed("pi4", ("kernel a → b",))
+    summary.rebooted("pi4")
+    assert summary.outcomes()["pi4"] == ("deployed", f"switch {NEW}; rebooted into it")
+    entry = summary.report()["hosts"]["pi4"]
+    assert entry["rebooted"] is True and entry["reboot_required"] is False
