@@ -28,7 +28,8 @@ case $1 in
     if systemd_boot && [ -n "$previous" ] && new_entry=$(entry_of "$new") \
       && previous_entry=$(entry_of "$previous"); then
       bootctl set-default "$previous_entry" || exit 1
-      bootctl set-oneshot "$new_entry" || exit 1
+      # Failed half way: loader.conf's default (the new system, confirmed) applies again.
+      bootctl set-oneshot "$new_entry" || { bootctl set-default ''; exit 1; }
       echo "nixpush-reboot one-shot $new_entry $previous_entry"
     else
       echo "nixpush-reboot default"

@@ -170,3 +170,47 @@ def test_a_rebooted_host_says_so_and_needs_no_more_reboot():
     assert summary.outcomes()["pi4"] == ("deployed", f"switch {NEW}; rebooted into it")
     entry = summary.report()["hosts"]["pi4"]
     assert entry["rebooted"] is True and entry["reboot_required"] is False
+
+
+def _run_reboot_sh(tmp_path: Any, *args: str) -> tuple[str, list[str]]:
+    """reboot.sh under sh with a bootctl that records its calls and says ``tmp_path/boot``."""
+    import subprocess
+    from importlib import resources
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    bootctl = bin_dir / "bootctl"
+    bootctl.write_text(
+        f'#!/bin/sh\nif [ "$1" = --print-boot-path ]; then echo {tmp_path}/boot; exit 0; fi\n'
+        f'echo "$*" >> {calls}\n'
+    )
+    bootctl.chmod(0o755)
+    program = (resources.files("operations.push") / "reboot.sh").read_text()
+    result = subprocess.run(
+        ["sh", "-c", program, "nixpush-reboot", *args],
+        capture_output=True, text=True, check=True,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )  # fmt: skip
+    return result.stdout, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_reboot_sh_boots_the_new_entry_once_with_the_previous_the_default(tmp_path):
+    entries = tmp_path / "boot" / "loader" / "entries"
+    entries.mkdir(parents=True)
+    (tmp_path / "boot" / "loader" / "loader.conf").write_text("default nixos-generation-2.conf\n")
+    for g, system in ((1, OLD), (2, NEW), (3, NEW + "-other")):
+        (entries / f"nixos-generation-{g}.conf").write_text(f"options init={system}/init x\n")
+    mark = tmp_path / "run" / "reboot-x"
+    out, calls = _run_reboot_sh(tmp_path, "prepare", str(mark), NEW, OLD)
+    assert out == "nixpush-reboot one-shot nixos-generation-2.conf nixos-generation-1.conf\n"
+    assert calls == ["set-default nixos-generation-1.conf", "set-oneshot nixos-generation-2.conf"]
+    assert mark.exists()
+    _, calls = _run_reboot_sh(tmp_path, "commit")
+    assert calls[2:] == ["set-oneshot ", "set-default "]
+
+
+def test_reboot_sh_without_systemd_boot_reboots_into_the_default(tmp_path):
+    mark = tmp_path / "run" / "reboot-x"
+    out, calls = _run_reboot_sh(tmp_path, "prepare", str(mark), NEW, OLD)
+    assert out == "nixpush-reboot default\n" and calls == [] and mark.exists()
