@@ -400,6 +400,14 @@ def _run_unprompted(
     return stdout_buffer.channel.recv_exit_status() == 0, output.output_lines
 
 
+def drop_connection(target: Host) -> None:
+    """Close pyinfra's own connection to ``target`` (its sshd went away: a reboot) and mark it
+    disconnected; ``target.connect()`` makes a new one. pyinfra's ssh connector closes nothing
+    on ``disconnect``."""
+    _close_login(getattr(target.connector, "client", None))
+    target.disconnect()
+
+
 def _close_login(client: Any) -> None:
     """Close a new login's client and every ProxyJump hop it went through (paramiko closes
     only the last connection; each hop is a channel on the previous hop's transport)."""

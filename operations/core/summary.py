@@ -71,6 +71,8 @@ class RunSummary:
     revisions: dict[str, str] = field(default_factory=dict)
     # Checks: targets switched outside nixpush since it last deployed them (the finding).
     outside: dict[str, str] = field(default_factory=dict)
+    # Targets rebooted into their new system after a confirmed switch (``reboot`` data).
+    rebooted_hosts: set[str] = field(default_factory=set)
 
     @property
     def wants_report(self) -> bool:
@@ -104,6 +106,11 @@ class RunSummary:
     def tried_addresses(self, host_name: str, addresses: tuple[str, ...]) -> None:
         """The host answered on none of ``addresses`` (its failure, unless excused, names them)."""
         self.tried[host_name] = addresses
+
+    def rebooted(self, host_name: str) -> None:
+        """The host rebooted into its new system and passed its checks: nothing more needed."""
+        self.rebooted_hosts.add(host_name)
+        self.reboots[host_name] = ()
 
     def fail(self, host_name: str, cause: str) -> None:
         self.causes.setdefault(host_name, cause)
@@ -193,7 +200,8 @@ class RunSummary:
             else:
                 machine = self.built_on.get(name)
                 via = f" (built on {machine})" if machine and machine != plan.builder else ""
-                result[name] = ("deployed", f"{plan.action} {plan.desired}{via}")
+                rebooted = "; rebooted into it" if name in self.rebooted_hosts else ""
+                result[name] = ("deployed", f"{plan.action} {plan.desired}{via}{rebooted}")
             if name not in result:
                 continue
             status, detail = result[name]
@@ -244,6 +252,8 @@ class RunSummary:
                     reboot_required=bool(self.reboots[name]),
                     reboot_changes=list(self.reboots[name]),
                 )
+            if name in self.rebooted_hosts:
+                entry["rebooted"] = True
             hosts[name] = entry
         return {
             "executed": self.state.current_stage >= StateStage.Execute,

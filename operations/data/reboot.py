@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-REBOOT_KEYS = ("reboot_command",)
+REBOOT_KEYS = ("reboot", "reboot_timeout", "reboot_command")
 DEFAULT_REBOOT_COMMAND: tuple[str, ...] = ("systemctl", "reboot")
 # Long enough for a Pi's firmware, kernel and stage 2 (a minute or two); raise it for a host
 # with slow disks or a slow firmware.

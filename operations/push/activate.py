@@ -24,6 +24,10 @@ With more than one ``deploy_wave`` in the run, the activation launches only once
 of the earlier waves deployed and, ``wave_soak`` seconds later, passed its health checks again
 (``operations.push.waves``); otherwise the host is ``held`` and nothing starts on it.
 
+With ``reboot`` data (``when-needed``, ``always``), a confirmed ``switch`` is followed by a
+reboot, in the same step (``operations.push.reboot``): its outcome is the host's, and a later
+wave waits for it.
+
 ``boot`` gets no automatic rollback: nothing can be confirmed without a reboot.
 ``deploy_action=rollback`` (``plan.plan_rollback``) goes back to the previous generation, the
 same way.
@@ -45,14 +49,16 @@ from pyinfra.context import host
 
 from operations.builder.nix_commands import nix_error
 from operations.core.failures import fail, host_step
-from operations.core.models import Plan, Safety
-from operations.core.process import fresh_login_run, run_on
+from operations.core.models import Action, Plan, Safety
+from operations.core.process import drop_connection, fresh_login_run, run_on
 from operations.core.runstate import summary_for
 from operations.data.fleet import FleetError
 from operations.data.health import RETRY_INTERVAL, HealthCheck
+from operations.data.reboot import Reboot, RebootPolicy
 from operations.data.steady import runs_systemd
 from operations.push.commands import switch_command
 from operations.push.health import CURL_PROBE, curl_problem, has_credentials, run_checks
+from operations.push.reboot import RebootRun, reboot_after_switch
 from operations.push.switch import (
     AWAITING,
     CONFIRMED_MARK,
@@ -297,6 +303,7 @@ class Activation:
     + plan, safety, checks, sudo: as for ``activate_safely``
     + systemd: the target has systemd (a transient unit; ``units`` checks run)
     + waves, soak: the run's activation waves and the host's ``wave_soak`` (``activate_safely``)
+    + reboot: the host's ``reboot`` data (a confirmed ``switch`` may be followed by a reboot)
     """
 
     plan: Plan
@@ -306,6 +313,7 @@ class Activation:
     systemd: bool
     waves: Waves | None = None
     soak: int = 0
+    reboot: Reboot | None = None
 
 
 @operation(is_idempotent=False)
@@ -316,6 +324,7 @@ def activate_safely(
     sudo: bool,
     waves: Waves | None = None,
     soak: int = 0,
+    reboot: Reboot | None = None,
 ) -> Generator[PyinfraCommand, None, None]:
     """
     Activate the plan's system detached from the SSH session, with health checks, a
@@ -329,6 +338,8 @@ def activate_safely(
       host): launch only once the earlier waves passed, and report this host's result
     + soak: ``spec.wave_soak``: once deployed, when a later wave waits, seconds to wait before
       the health checks run again
+    + reboot: ``spec.reboot``: once a ``switch`` is confirmed, reboot when it asks for it
+      (``operations.push.reboot``), verify what booted and run the health checks again
 
     **Example:**
 
@@ -340,17 +351,25 @@ def activate_safely(
     if plan.up_to_date or not plan.action.activates:
         host.noop(plan.noop_reason if plan.up_to_date else f"{plan.action}: no activation")
         return
-    activation = Activation(plan, safety, tuple(checks), sudo, runs_systemd(), waves, soak)
+    activation = Activation(plan, safety, tuple(checks), sudo, runs_systemd(), waves, soak, reboot)
     yield FunctionCommand(_activate, (activation,), {})
 
 
-def worst_case(safety: Safety, checks: Sequence[HealthCheck], soak: int) -> float:
+def worst_case(
+    safety: Safety, checks: Sequence[HealthCheck], soak: int, reboot: Reboot | None = None
+) -> float:
     """The longest one activation may keep a later wave waiting: the launch (waiting for the
-    host's lock), following it to its outcome, the soak and its health checks."""
+    host's lock), following it to its outcome, a reboot and its checks, the soak and its
+    health checks."""
     lock_wait = safety.confirm_timeout + safety.activation_timeout
     launch = safety.activation_timeout + 60 + FOLLOW_WAIT + lock_wait
     follow = 4 * safety.activation_timeout + safety.confirm_timeout + GRACE
-    return launch + follow + soak + sum(check.worst_case for check in checks)
+    checking = sum(check.worst_case for check in checks)
+    rebooting = 0.0
+    if reboot is not None and reboot.policy is not RebootPolicy.NEVER:
+        # preparing, the command, the wait, the checks again, committing or rolling back
+        rebooting = 60 + 30 + reboot.timeout + checking + 120
+    return launch + follow + rebooting + soak + checking
 
 
 def _activate(state: State, host: Host, activation: Activation) -> bool:
@@ -388,12 +407,42 @@ def _activate_now(state: State, host: Host, activation: Activation) -> bool:
     if outcome.status == "deployed":
         verb = "runs" if plan.action.makes_current else "boots"
         host.log_styled(f"{plan.target} now {verb} {plan.desired}", log_func=logger.info)
+        outcome = _reboot_if_wanted(state, host, activation)
+    if outcome.status == "deployed":
         return True
     if outcome.status == "rolled-back":
         host.log_styled(f"rolled back: {outcome.cause}", fg="yellow", log_func=logger.error)
         summary_for(state).rolled_back(host.name, outcome.cause)
         return False
     return fail(host, outcome.cause)
+
+
+def _reboot_if_wanted(state: State, host: Host, activation: Activation) -> Outcome:
+    """After a confirmed ``switch``: reboot when the ``reboot`` data asks for it (``when-needed``
+    reboots only when the new system's boot files are known to differ), and the outcome."""
+    plan, reboot = activation.plan, activation.reboot
+    summary = summary_for(state)
+    if reboot is None or plan.action is not Action.SWITCH:
+        return Outcome("deployed")
+    if not reboot.wanted(bool(summary.reboots.get(host.name))):
+        return Outcome("deployed")
+    run = RebootRun(plan, reboot, activation.checks, activation.systemd, activation.sudo)
+    try:
+        after = reboot_after_switch(host, run, lambda m: _say(host, m))
+    except Exception as error:  # never a traceback out of a deploy
+        return Outcome("failed", f"the reboot broke off: {type(error).__name__}: {error}")
+    finally:
+        # Its sshd restarted (or went away): pyinfra's connection is dead either way.
+        drop_connection(host)
+    if after.status != "deployed":
+        return Outcome(after.status, after.cause)
+    summary.rebooted(host.name)
+    host.log_styled(f"{plan.target} rebooted into {plan.desired}, healthy", log_func=logger.info)
+    # Later steps (pruning) run over pyinfra's connection: a new one to the rebooted host.
+    host.connect(reason="after the reboot")
+    if not host.connected:
+        return Outcome("failed", f"it rebooted into {plan.desired}, but pyinfra could not connect")
+    return Outcome("deployed")
 
 
 def _soak(host: Host, activation: Activation, wave: int) -> str | None:

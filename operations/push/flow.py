@@ -9,8 +9,10 @@ builder -> target over ssh-ng; dry-activate and show its report, then (in the sa
 trip, only if that passed) activate safely: detached from the SSH session, health-checked,
 confirmed over a new SSH login, rolled back by the target itself otherwise. With more than
 one ``deploy_wave`` in the run, a wave activates only once the earlier ones deployed and stayed
-healthy for their ``wave_soak`` (``waves.py``); builds and copies do not wait. After a
-confirmed switch, old generations are pruned (``keep_generations``, ``gc_after_deploy``).
+healthy for their ``wave_soak`` (``waves.py``); builds and copies do not wait. A confirmed
+switch is followed by a reboot when the ``reboot`` data asks for it (``reboot.py``, in the
+activation's step: a later wave waits for it). After a confirmed switch, old generations are
+pruned (``keep_generations``, ``gc_after_deploy``).
 
 A host whose ``builder_host`` is itself (the NAS) evaluates and builds on itself, needs no
 trust and copies nothing, then activates with the same safety. A builder also plans and builds
@@ -39,7 +41,7 @@ from pyinfra import logger
 
 from operations.builder import nix
 from operations.core.failures import Unable, attempt, or_unable
-from operations.core.models import Builder, Plan, Safety
+from operations.core.models import Action, Builder, Plan, Safety
 from operations.push import activate, build, copy, plan, provenance, prune, reboot, waves
 from operations.trust import keys, ssh
 
@@ -158,6 +160,10 @@ def announce_target(
     checks = spec.health_checks
     activate.check_window(host, safety, checks if target_plan.action.activates else ())
     activate.announce(host, target_plan, safety, checks)
+    if target_plan.action is Action.SWITCH and not target_plan.up_to_date:
+        reboot_line = reboot.describe_reboot(spec.reboot, target_plan.reboot_changes)
+        if reboot_line:
+            host.log_styled(reboot_line, log_func=logger.info)
     if target_plan.action.activates and not target_plan.up_to_date:
         # The activation waves of this run's targets; hosts outside --limit have none.
         run_waves = {
@@ -232,7 +238,7 @@ def activate_target(spec: HostSpec, target_plan: Plan, safety: Safety, cache: Ru
     checks = spec.health_checks
     if target_plan.action.activates:
         # Its wave waits for the earlier ones at execute time; builds and copies do not.
-        worst = activate.worst_case(safety, checks, spec.wave_soak)
+        worst = activate.worst_case(safety, checks, spec.wave_soak, spec.reboot)
         cache.waves.join(spec.name, spec.deploy_wave, worst)
     activate.activate_safely(
         name="Activate (detached, confirmed, rolled back on failure)",
@@ -242,6 +248,7 @@ def activate_target(spec: HostSpec, target_plan: Plan, safety: Safety, cache: Ru
         sudo=spec.sudo,
         waves=cache.waves,
         soak=spec.wave_soak,
+        reboot=spec.reboot,
     )
 
 

@@ -27,7 +27,7 @@ from tests.e2e.test_pi import current, current_configs, desired_path, output, pr
 PI = "deploys/pi.py"
 KNOBS = (
     "failActivation", "failDryActivation", "slowActivation", "breakNetwork", "breakSsh",
-    "padding",
+    "padding", "failBoot", "systemdBoot",
 )  # fmt: skip
 FAST = ("--data", "confirm_timeout=10", "--data", "activation_timeout=60")
 _count = itertools.count(1)

@@ -16,6 +16,7 @@ from operations.core.failures import DeployFailed
 from operations.core.models import NIXOS_MARKER, SYSTEMD_RUNNING, Builder, Safety
 from operations.core.summary import RunSummary
 from operations.data.fleet import FleetError, check_fleet
+from operations.data.reboot import Reboot
 from operations.push import activate, build, copy, flow, plan, provenance, prune
 from operations.push.runcache import RunCache
 from operations.push.start import Deploy
@@ -164,7 +165,7 @@ def test_a_switch_trusts_builds_copies_and_activates_in_order(monkeypatch, write
     assert run.arguments("activate") == {
         "name": "Activate (detached, confirmed, rolled back on failure)", "plan": target_plan,
         "safety": Safety(confirm_timeout=30, activation_timeout=600), "checks": (),
-        "sudo": False, "waves": cache.waves, "soak": 0,
+        "sudo": False, "waves": cache.waves, "soak": 0, "reboot": Reboot(),
     }  # fmt: skip
     assert cache.waves.members == {0: {"pi"}}
     # Once confirmed (the last step), the target records what was deployed, from what.

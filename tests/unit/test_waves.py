@@ -14,8 +14,10 @@ from operations.core.models import Safety
 from operations.core.summary import RunSummary
 from operations.data.fleet import host_spec
 from operations.data.health import HealthCheck
+from operations.data.reboot import Reboot, RebootPolicy
 from operations.push import activate, start, waves
-from operations.push.activate import Activation
+from operations.push.activate import Activation, Outcome
+from operations.push.reboot import AfterReboot
 from operations.push.runcache import RunCache
 from operations.push.waves import Waves
 from operations.run import report
@@ -202,6 +204,9 @@ def test_worst_case_covers_the_activation_the_soak_and_the_checks():
     assert activate.worst_case(safety, [check], 60) == bare + 60 + check.worst_case
 
 
+# The real one, before ``Fleet`` fakes it.
+_REAL_ACTIVATE_NOW = activate._activate_now
+
 # -- activations at the gate --------------------------------------------------------------
 
 
@@ -213,6 +218,9 @@ class Host:
 
     def log_styled(self, text: str, **_: Any) -> None:
         self.logged.append(text)
+
+    def connect(self, **_: Any) -> None:
+        self.connected = True
 
 
 class Fleet:
@@ -252,10 +260,10 @@ class Fleet:
         self.soaked.append(host.name)
         return self.soak_problem
 
-    def run(self, *dropped: str) -> dict[str, bool]:
+    def run(self, *dropped: str, reboot: Reboot | None = None) -> dict[str, bool]:
         for name in dropped:
             self.state.failed_hosts.add(self.hosts[name])
-        activation = Activation(plan(), Safety(), (), False, True, self.waves, 60)
+        activation = Activation(plan(), Safety(), (), False, True, self.waves, 60, reboot)
         running = {
             name: gevent.spawn(activate._activate, self.state, host, activation)
             for name, host in self.hosts.items()
@@ -351,3 +359,36 @@ def test_wave_keys_default_and_parse(write_inventory):
 def test_bad_wave_keys_are_refused_at_start(write_inventory, key, value, wanted):
     problem = only_problem(write_inventory(fleet(pi={key: value})))
     assert problem == f"pi: {key} is {value!r}; set it to {wanted}"
+
+
+@pytest.mark.parametrize("after", ["deployed", "rolled-back"])
+def test_a_later_wave_waits_for_the_reboot_and_a_rollback_in_it_holds_the_rest(monkeypatch, after):
+    f = Fleet(monkeypatch, {"pi4": 0, "pi5": 1})
+    monkeypatch.setattr(activate, "_activate_now", _REAL_ACTIVATE_NOW)
+    events: list[str] = []
+
+    def follow(host: Host, activation: Activation) -> Outcome:
+        events.append(f"{host.name} switched")
+        return Outcome("deployed")
+
+    def reboot(host: Host, run: Any, say: Any) -> AfterReboot:
+        gevent.sleep(0.1)
+        events.append(f"{host.name} rebooted")
+        if host.name == "pi4" and after == "rolled-back":
+            return AfterReboot("rolled-back", "booted the previous system")
+        return AfterReboot("deployed")
+
+    monkeypatch.setattr(activate, "_follow_activation", follow)
+    monkeypatch.setattr(activate, "reboot_after_switch", reboot)
+    monkeypatch.setattr(activate, "drop_connection", lambda host: None)
+    results = f.run(reboot=Reboot(RebootPolicy.ALWAYS))
+    if after == "deployed":
+        assert results == {"pi4": True, "pi5": True}
+        assert events == ["pi4 switched", "pi4 rebooted", "pi5 switched", "pi5 rebooted"]
+        assert f.soaked == ["pi4"]  # after its reboot
+        assert f.summary.rebooted_hosts == {"pi4", "pi5"}
+    else:
+        assert results == {"pi4": False, "pi5": False}
+        assert events == ["pi4 switched", "pi4 rebooted"]
+        assert f.summary.outcomes()["pi4"] == ("rolled-back", "booted the previous system")
+        assert f.summary.held_back == {"pi5": "wave 0 failed (pi4 rolled back)"}
