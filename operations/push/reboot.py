@@ -283,6 +283,21 @@ def reboot_after_switch(
             f"{DID_NOT_COME_BACK} (no SSH login within reboot_timeout={run.reboot.timeout}s); "
             f"{after}",
         )
+    return _came_back(run, on_target, booted, one_shot=one_shot, say=say)
+
+
+def _came_back(
+    run: RebootRun,
+    on_target: Callable[..., tuple[bool, list[str]] | None],
+    booted: str,
+    *,
+    one_shot: bool,
+    say: Callable[[str], None],
+) -> AfterReboot:
+    """The outcome once the target answers again, by what it booted: the new system (health
+    checks again, then made the boot default), the previous one (the profile rolled back), or
+    anything else."""
+    new, previous = run.plan.desired, run.plan.current or ""
     if booted == new:
         say(f"came back on {new}")
         problem = run_checks(
