@@ -18,17 +18,8 @@ set -e; umask 077; d=$1 sum=$2 wait=$3 controller=$4 handover=$5; shift 5
 mkdir -p "${d%/*}"; chmod 0755 "${d%/*}"; l=${d%/*}/lock
 [ -e "$l" ] || { : >> "$l"; chmod 0644 "$l"; }
 command -v flock >/dev/null || { echo "nixpush: the target has no flock command"; exit 3; }
-# The same function in switch.sh and prune.sh (a unit test compares them): the lock, just
-# taken, is still being handed to the program of run `id` (not `me`), which is alive.
-handed_over() {
-  h='' o=''
-  while IFS= read -r x; do
-    case $x in id=*) h=${x#id=} ;; handover=1) o=1 ;; esac
-  done < "$l"
-  [ -n "$o" ] && [ -n "$h" ] && [ "$h" != "${me:-}" ] && [ -f "${l%/*}/$h/pid" ] || return 1
-  read -r p < "${l%/*}/$h/pid" || return 1
-  [ -n "$p" ] && [ -d "/proc/$p" ]
-}
+# The lock, just taken, may still be handed to a live program (handed_over: handover.sh).
+# nixpush: include handover.sh
 taken() {
   flock -n 9 || return 1
   handed_over || return 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import TYPE_CHECKING
 
 from pyinfra import logger
@@ -32,13 +31,14 @@ from operations.core.failures import fail, host_step
 from operations.core.lock import is_dry_run
 from operations.core.models import Action, Plan
 from operations.core.process import run_on
+from operations.push.programs import program
 
 if TYPE_CHECKING:
     from pyinfra.api.host import Host
     from pyinfra.api.state import State
 
 # The program (prune.sh beside this file, package data): POSIX sh, run as root, on stdin.
-PROGRAM = (resources.files("operations.push") / "prune.sh").read_text(encoding="utf-8")
+PROGRAM = program("prune.sh")
 # ``keep`` when only gc_after_deploy is set: every generation stays.
 KEEP_ALL = 2**31 - 1
 

@@ -19,6 +19,7 @@ esac
 # no such variables on).
 profile=${NIXPUSH_PROFILE:-/nix/var/nix/profiles/system}
 runs=${NIXPUSH_RUNS:-/run/nixpush}
+# shellcheck disable=SC2034 # l (and me) are read by handed_over (handover.sh)
 lock=$runs/lock l=$runs/lock
 booted_link=${NIXPUSH_BOOTED:-/run/booted-system}
 running_link=${NIXPUSH_RUNNING:-/run/current-system}
@@ -27,17 +28,8 @@ export PATH
 if [ "$mode" = prune ]; then
   # The host's activation lock (switch.sh's): no activation starts, and none awaits its
   # confirmation, while generations go. Polled: busybox's flock has no -w.
-  # The same function in install.sh and switch.sh (a unit test compares them): the lock, just
-  # taken, is still being handed to the program of run `id` (not `me`), which is alive.
-  handed_over() {
-    h='' o=''
-    while IFS= read -r x; do
-      case $x in id=*) h=${x#id=} ;; handover=1) o=1 ;; esac
-    done < "$l"
-    [ -n "$o" ] && [ -n "$h" ] && [ "$h" != "${me:-}" ] && [ -f "${l%/*}/$h/pid" ] || return 1
-    read -r p < "${l%/*}/$h/pid" || return 1
-    [ -n "$p" ] && [ -d "/proc/$p" ]
-  }
+  # The lock, just taken, may still be handed to a live program (handed_over: handover.sh).
+  # nixpush: include handover.sh
   taken() {
     flock -n 9 || return 1
     handed_over || return 0

@@ -37,7 +37,6 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from pyinfra.api.command import QuoteString, StringCommand
@@ -45,6 +44,7 @@ from pyinfra.api.facts import FactBase
 
 from operations.core.models import SYSTEM_PROFILE, Action, Plan, Safety
 from operations.push.commands import SystemLinks, switch_command
+from operations.push.programs import program
 
 RUN_ROOT = "/run/nixpush"
 UNIT_PREFIX = "nixpush-switch-"
@@ -67,15 +67,14 @@ STATES = ("starting", "activating", AWAITING, "committing", "rolling-back", *TER
 # -- the program that runs on the target -----------------------------------------------
 
 # The program (switch.sh beside this file, package data): POSIX sh, run as root.
-PROGRAM = (resources.files("operations.push") / "switch.sh").read_text(encoding="utf-8")
+PROGRAM = program("switch.sh")
 PROGRAM_SHA256 = hashlib.sha256(PROGRAM.encode()).hexdigest()
 
 
 def script(name: str) -> str:
     """A shell program beside this module (package data, shellchecked), without its leading
     comment block: it travels in the command line (``sh -c``) of every call."""
-    text = (resources.files("operations.push") / name).read_text(encoding="utf-8")
-    lines = text.splitlines(keepends=True)
+    lines = program(name).splitlines(keepends=True)
     while lines and lines[0].startswith("#"):
         lines.pop(0)
     return "".join(lines)

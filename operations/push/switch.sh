@@ -21,6 +21,7 @@ running=${NIXPUSH_RUNNING:-/run/current-system}
 gcroots=${NIXPUSH_GCROOTS:-/nix/var/nix/gcroots}
 # One activation per host: the run directories' parent holds the host's lock (flock: the
 # kernel releases it when the program ends, however it ends); what it says names the holder.
+# shellcheck disable=SC2034 # l (and me) are read by handed_over (handover.sh)
 lock=${dir%/*}/lock l=$lock me=${dir##*/}
 roots=$gcroots/nixpush-${dir##*/} copies=$gcroots/nixpush-copied
 PATH=$PATH:/run/current-system/sw/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin
@@ -70,17 +71,8 @@ stopped() {
 # shellcheck disable=SC2317  # called by the traps
 stop_later() { echo "nixpush: a signal during the rollback: rolling back goes on"; }
 trap stopped HUP INT TERM
-# The same function in install.sh and prune.sh (a unit test compares them): the lock, just
-# taken, is still being handed to the program of run `id` (not `me`), which is alive.
-handed_over() {
-  h='' o=''
-  while IFS= read -r x; do
-    case $x in id=*) h=${x#id=} ;; handover=1) o=1 ;; esac
-  done < "$l"
-  [ -n "$o" ] && [ -n "$h" ] && [ "$h" != "${me:-}" ] && [ -f "${l%/*}/$h/pid" ] || return 1
-  read -r p < "${l%/*}/$h/pid" || return 1
-  [ -n "$p" ] && [ -d "/proc/$p" ]
-}
+# The lock, just taken, may still be handed to a live program (handed_over: handover.sh).
+# nixpush: include handover.sh
 taken() {
   flock -n 9 || return 1
   handed_over || return 0
