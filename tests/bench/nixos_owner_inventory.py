@@ -70,6 +70,8 @@ def _data(name: str, shipped: dict[str, _Any]) -> dict[str, _Any]:
         nixos_fragments_dir=str(FRAGMENTS_DIR),
         ssh_key=str(_fleet.BENCH_DIR / "id_ed25519"),
         ssh_known_hosts_file=str(_fleet.BENCH_DIR / "known_hosts"),
+        # The hosts share the machine's /var: each records what nixpush deployed in its own /nix.
+        provenance_file="/nix/var/nixpush/deployed.json",
         # The bench runs neither Syncthing nor a tailnet (group_data/main.py, network.py).
         health_checks=[
             # Timed like the shipped checks they stand for: within the confirmation window.
